@@ -1,0 +1,3 @@
+from epmoe.cli import main
+
+raise SystemExit(main())

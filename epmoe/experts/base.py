@@ -1,0 +1,122 @@
+"""Expert weights and the runner interface.
+
+Weight layout (one MoE layer, this rank's experts, by local index):
+    w13: [E_local, 2I, H]  gate rows [0, I) then up rows [I, 2I)  (HF gate_proj; up_proj)
+    w2:  [E_local, H, I]   down projection                         (HF down_proj)
+    b13: [E_local, 2I] fp32 or None, b2: [E_local, H] fp32 or None  (GPT-OSS biases)
+A weight may be a plain Tensor (bf16/fp16/fp32) or a quantized tensor (see epmoe.quant) that
+offers `.dequantize(dtype)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from epmoe.comm.base import Dispatched
+from epmoe.config import MoEConfig
+
+
+def as_float(t: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A plain tensor in `dtype`: dequantizes quantized tensors, casts plain ones."""
+    if isinstance(t, torch.Tensor):
+        return t.to(dtype)
+    return t.dequantize(dtype)
+
+
+@dataclass
+class ExpertWeights:
+    """This rank's expert weights; see the module docstring for the layout."""
+
+    w13: Any
+    w2: Any
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    def check(self, cfg: MoEConfig, num_local: int) -> None:
+        """Raise ValueError unless the shapes match `cfg` with `num_local` experts."""
+        E, H, I = num_local, cfg.hidden, cfg.intermediate
+        expect = {"w13": (E, 2 * I, H), "w2": (E, H, I)}
+        if cfg.has_bias:
+            expect.update(b13=(E, 2 * I), b2=(E, H))
+        for name, shape in expect.items():
+            t = getattr(self, name)
+            if t is None:
+                raise ValueError(f"expert weight {name} is missing; {cfg.activation} experts need it")
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"expert weight {name} has shape {tuple(t.shape)}, expected {shape} "
+                    f"(E_local={E}, H={H}, I={I})"
+                )
+
+    @classmethod
+    def random(
+        cls,
+        cfg: MoEConfig,
+        num_local: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+        scale: float = 1.0,
+    ) -> ExpertWeights:
+        """Random weights with unit-variance outputs (for tests, demos and benchmarks)."""
+        E, H, I = num_local, cfg.hidden, cfg.intermediate
+
+        def rnd(*shape: int, fan_in: int) -> torch.Tensor:
+            t = torch.randn(*shape, generator=generator) * (scale / fan_in**0.5)
+            return t.to(device=device, dtype=dtype)
+
+        w13, w2 = rnd(E, 2 * I, H, fan_in=H), rnd(E, H, I, fan_in=I)
+        b13 = b2 = None
+        if cfg.has_bias:
+            b13 = rnd(E, 2 * I, fan_in=4).float()
+            b2 = rnd(E, H, fan_in=4).float()
+        return cls(w13, w2, b13, b2)
+
+    def select(self, local: torch.Tensor) -> ExpertWeights:
+        """The experts at local indices `local` (e.g. one rank's share of a full set)."""
+        pick = (lambda t: None if t is None else t[local])  # noqa: E731
+        return ExpertWeights(self.w13[local], self.w2[local], pick(self.b13), pick(self.b2))
+
+
+class ExpertRunner:
+    """Computes expert MLPs for the pairs of a `Dispatched`.
+
+    Built once per layer with the rank's weights; `runner(d)` returns out [M, H] in the
+    activation dtype, one row per pair (padding pairs: undefined rows), no router weights.
+    `formats` lists the weight formats it accepts (select.py reads it).
+    """
+
+    name: ClassVar[str] = ""
+    formats: ClassVar[tuple[str, ...]] = ()
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    def __init__(self, cfg: MoEConfig, weights: ExpertWeights) -> None:
+        self.cfg = cfg
+        self.weights = weights
+
+    def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+RUNNERS: dict[str, type[ExpertRunner]] = {}
+
+
+def register_runner(cls: type[ExpertRunner]) -> type[ExpertRunner]:
+    """Class decorator: make a runner available under `cls.name`."""
+    if not cls.name or cls.name in RUNNERS:
+        raise ValueError(f"runner name {cls.name!r} is empty or taken")
+    RUNNERS[cls.name] = cls
+    return cls
+
+
+def get_runner(name: str) -> type[ExpertRunner]:
+    if name not in RUNNERS:
+        raise ValueError(f"unknown expert runner {name!r}; available: {', '.join(sorted(RUNNERS))}")
+    return RUNNERS[name]

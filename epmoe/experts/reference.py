@@ -1,0 +1,62 @@
+"""Reference expert runner: plain torch, fp32 accumulation, one loop over local experts.
+
+    for each local expert e:
+        rows = pairs p with expert_ids[p] == e
+        h    = hidden[row_ids[rows]]                      # [n, H]
+        a    = act(h @ w13[e].T + b13[e])                 # [n, I]
+        out[rows] = a @ w2[e].T + b2[e]                   # [n, H]
+
+This is the oracle every fast runner is tested against. Quantized weights or payloads are
+dequantized to fp32 first, so the same runner is the reference for every format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epmoe.comm.base import Dispatched
+from epmoe.config import MoEConfig
+from epmoe.experts.activation import activate
+from epmoe.experts.base import ExpertRunner, ExpertWeights, as_float, register_runner
+
+
+def reference_experts(
+    hidden: torch.Tensor,
+    row_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: ExpertWeights,
+    cfg: MoEConfig,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """hidden [N, H] (or quantized), row_ids/expert_ids [M] -> out [M, H] in out_dtype
+    (default: hidden's dtype, fp32 for quantized payloads). Padding pairs get zero rows."""
+    x = as_float(hidden)  # [N, H] fp32
+    out_dtype = out_dtype or (hidden.dtype if isinstance(hidden, torch.Tensor) else torch.float32)
+    M, H = expert_ids.shape[0], x.shape[1]
+    out = torch.zeros(M, H, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out.to(out_dtype)
+    ids = expert_ids.long()
+    for e in ids[ids >= 0].unique().tolist():
+        rows = (ids == e).nonzero().flatten()  # [n]
+        h = x[row_ids[rows].long()]  # [n, H]
+        gate_up = h @ as_float(weights.w13[e]).T  # [n, 2I]
+        if weights.b13 is not None:
+            gate_up = gate_up + weights.b13[e].float()
+        y = activate(gate_up, cfg) @ as_float(weights.w2[e]).T  # [n, H]
+        if weights.b2 is not None:
+            y = y + weights.b2[e].float()
+        out[rows] = y
+    return out.to(out_dtype)
+
+
+@register_runner
+class ReferenceRunner(ExpertRunner):
+    name = "reference"
+    formats = ("bf16", "fp16", "fp32", "fp8", "fp8_block", "nvfp4")
+
+    def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
+        y = reference_experts(d.hidden, d.row_ids, d.expert_ids, self.weights, self.cfg)
+        if out is None:
+            return y
+        return out.copy_(y)

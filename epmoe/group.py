@@ -1,0 +1,291 @@
+"""Expert-parallel rank groups and expert placement.
+
+Comm backends talk to other ranks only through the small collective interface of `RankGroup`:
+`all_reduce`, `all_gather`, `all_gather_v`, `all_to_all_v`, `reduce_scatter_v`, `barrier`.
+
+- `EPGroup` implements it over a torch.distributed process group (NCCL on GPUs, gloo on CPU).
+- `VirtualGroup(W)` runs W ranks inside one process, one Python thread per rank, and
+  implements the same interface with a shared rendezvous, so the *same* backend code runs on
+  one GPU (or CPU) with W virtual ranks. `VirtualGroup.run(fn)` calls fn(rank_group) on every
+  virtual rank and returns the per-rank results.
+
+`Placement` maps each global expert to (rank, local index); kernels read the map and never
+recompute it, so replicated or rebalanced placements can come later.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each expert lives.
+
+    expert_rank:  [E] int32, rank owning expert e.
+    expert_local: [E] int32, index of expert e among its rank's local experts.
+    world:        number of EP ranks.
+    local_experts: experts per rank (every rank holds the same number).
+    """
+
+    expert_rank: torch.Tensor
+    expert_local: torch.Tensor
+    world: int
+    local_experts: int
+
+    @classmethod
+    def contiguous(cls, num_experts: int, world: int) -> Placement:
+        """Rank r owns experts [r * E/W, (r + 1) * E/W)."""
+        if world <= 0:
+            raise ValueError(f"world size must be positive, got {world}")
+        if num_experts % world:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the EP world size {world}; "
+                f"use a world size that divides it (e.g. one of "
+                f"{[w for w in range(1, num_experts + 1) if num_experts % w == 0][:8]})"
+            )
+        per = num_experts // world
+        e = torch.arange(num_experts, dtype=torch.int32)
+        return cls(e // per, e % per, world, per)
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_rank.numel()
+
+    def global_ids(self, rank: int) -> torch.Tensor:
+        """[local_experts] int64 global ids of `rank`'s experts, by local index."""
+        owned = (self.expert_rank == rank).nonzero().flatten()
+        return owned[self.expert_local[owned].argsort()]
+
+    def to(self, device: torch.device | str) -> Placement:
+        return Placement(
+            self.expert_rank.to(device), self.expert_local.to(device), self.world, self.local_experts
+        )
+
+
+class RankGroup:
+    """The collectives comm backends use. Counts and splits are host lists of ints."""
+
+    rank: int
+    world: int
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns t."""
+        raise NotImplementedError
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[W, *t.shape]: every rank's t (same shape on all ranks)."""
+        raise NotImplementedError
+
+    def all_to_all_v(
+        self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
+    ) -> torch.Tensor:
+        """Rows t[sum(send[:j]) : sum(send[:j+1])] go to rank j; returns the received rows in
+        rank order, [sum(recv_splits), *t.shape[1:]]."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    # Derived collectives, shared by every implementation.
+
+    def all_gather_v(self, t: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Concatenate every rank's rows in rank order; rank r holds counts[r] rows.
+
+        Implemented as one padded all-gather of max(counts) rows per rank, then a compaction:
+        one collective call instead of W broadcasts.
+        """
+        counts = [int(c) for c in counts]
+        if t.shape[0] != counts[self.rank]:
+            raise ValueError(f"rank {self.rank} holds {t.shape[0]} rows, counts say {counts[self.rank]}")
+        cap = max(counts) if counts else 0
+        padded = t.new_zeros((cap, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        gathered = self.all_gather(padded)  # [W, cap, ...]
+        return torch.cat([gathered[r, : counts[r]] for r in range(self.world)])
+
+    def reduce_scatter_v(self, t: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Sum over ranks of t [sum(counts), ...]; rank r keeps rows of block r.
+
+        Sums in rank order in t's dtype (pass fp32 for the combine rule), so the result does
+        not depend on the transport's reduction order.
+        """
+        counts = [int(c) for c in counts]
+        if t.shape[0] != sum(counts):
+            raise ValueError(f"reduce_scatter_v got {t.shape[0]} rows, counts sum to {sum(counts)}")
+        mine = counts[self.rank]
+        recv = self.all_to_all_v(t, counts, [mine] * self.world)
+        return recv.view(self.world, mine, *t.shape[1:]).sum(dim=0) if mine else recv[:0]
+
+    def all_gather_ints(self, values: Sequence[int], device: torch.device | str = "cpu") -> list[list[int]]:
+        """Exchange a short list of ints with every rank (one host sync)."""
+        t = torch.tensor(list(values), dtype=torch.int64, device=device)
+        return self.all_gather(t).tolist()
+
+
+class EPGroup(RankGroup):
+    """A `RankGroup` over a torch.distributed process group (default: the world group)."""
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "EPGroup needs torch.distributed to be initialised "
+                "(dist.init_process_group, e.g. under torchrun); for one process use world=1 "
+                "layers or VirtualGroup"
+            )
+        self.pg = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world = dist.get_world_size(process_group)
+        self.backend = dist.get_backend(process_group)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.pg)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        out = t.new_empty((self.world, *t.shape))
+        if self.backend == "gloo":
+            dist.all_gather(list(out.unbind(0)), t, group=self.pg)
+        else:
+            dist.all_gather_into_tensor(out, t, group=self.pg)
+        return out
+
+    def all_to_all_v(
+        self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
+    ) -> torch.Tensor:
+        send = [int(s) for s in send_splits]
+        recv = [int(s) for s in recv_splits]
+        if t.shape[0] != sum(send):
+            raise ValueError(f"all_to_all_v got {t.shape[0]} rows, send splits sum to {sum(send)}")
+        out = t.new_empty((sum(recv), *t.shape[1:]))
+        dist.all_to_all_single(out, t.contiguous(), recv, send, group=self.pg)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.pg)
+
+
+class VirtualGroupError(RuntimeError):
+    """A virtual rank failed or a rendezvous timed out."""
+
+
+class _Rendezvous:
+    """Exchange one object per rank; every rank gets the list of all W objects."""
+
+    def __init__(self, world: int, timeout: float) -> None:
+        self.world = world
+        self.timeout = timeout
+        self.slots: list[Any] = [None] * world
+        self.arrived: list[bool] = [False] * world
+        self.barrier = threading.Barrier(world)
+
+    def exchange(self, rank: int, value: Any) -> list[Any]:
+        self.slots[rank] = value
+        self.arrived[rank] = True
+        self._wait(rank)
+        values = list(self.slots)
+        self._wait(rank)  # nobody overwrites a slot before everyone has read it
+        self.arrived[rank] = False
+        return values
+
+    def _wait(self, rank: int) -> None:
+        try:
+            self.barrier.wait(self.timeout)
+        except threading.BrokenBarrierError:
+            missing = [r for r in range(self.world) if not self.arrived[r]]
+            raise VirtualGroupError(
+                f"virtual rank {rank}: collective did not complete; ranks {missing} never "
+                "arrived (they failed or called a different collective)"
+            ) from None
+
+    def abort(self) -> None:
+        self.barrier.abort()
+
+
+class _VirtualRank(RankGroup):
+    def __init__(self, rank: int, world: int, rdv: _Rendezvous) -> None:
+        self.rank = rank
+        self.world = world
+        self._rdv = rdv
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        parts = self._rdv.exchange(self.rank, t.clone())
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        t.copy_(total)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self._rdv.exchange(self.rank, t.contiguous()))
+
+    def all_to_all_v(
+        self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
+    ) -> torch.Tensor:
+        send = [int(s) for s in send_splits]
+        if t.shape[0] != sum(send):
+            raise ValueError(f"all_to_all_v got {t.shape[0]} rows, send splits sum to {sum(send)}")
+        chunks = self._rdv.exchange(self.rank, list(t.split(send)))
+        mine = [chunks[src][self.rank] for src in range(self.world)]
+        got = [c.shape[0] for c in mine]
+        if got != [int(s) for s in recv_splits]:
+            raise ValueError(f"rank {self.rank}: expected {list(recv_splits)} rows, peers sent {got}")
+        return torch.cat(mine).clone() if mine else t[:0]
+
+    def barrier(self) -> None:
+        self._rdv.exchange(self.rank, None)
+
+
+class VirtualGroup:
+    """W ranks inside one process (one thread each), sharing one device.
+
+    `run(fn)` calls fn(group) on each virtual rank concurrently and returns [result of rank 0,
+    ...]. A rank that raises aborts the others' pending collectives, and the first error is
+    re-raised naming its rank; a collective that waits longer than `timeout` seconds fails
+    naming the ranks that never arrived.
+    """
+
+    def __init__(self, world: int, timeout: float = 60.0) -> None:
+        if world <= 0:
+            raise ValueError(f"VirtualGroup world must be positive, got {world}")
+        self.world = world
+        self.timeout = timeout
+
+    def run(self, fn: Callable[[RankGroup], T]) -> list[T]:
+        rdv = _Rendezvous(self.world, self.timeout)
+        ranks = [_VirtualRank(r, self.world, rdv) for r in range(self.world)]
+        results: list[Any] = [None] * self.world
+        errors: list[BaseException | None] = [None] * self.world
+
+        def body(r: int) -> None:
+            try:
+                results[r] = fn(ranks[r])
+            except BaseException as exc:  # re-raised on the caller's thread below
+                errors[r] = exc
+                rdv.abort()
+
+        threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.timeout * 4)
+        alive = [r for r, t in enumerate(threads) if t.is_alive()]
+        if alive:
+            rdv.abort()
+            raise VirtualGroupError(f"virtual ranks {alive} did not finish within {self.timeout * 4}s")
+        # Report the root cause first: a rank's own error before the aborts it caused.
+        primary = [r for r, e in enumerate(errors) if e is not None and not isinstance(e, VirtualGroupError)]
+        failed = primary or [r for r, e in enumerate(errors) if e is not None]
+        if failed:
+            r = failed[0]
+            raise VirtualGroupError(f"virtual rank {r} failed: {errors[r]!r}") from errors[r]
+        return results

@@ -1,0 +1,181 @@
+"""MoELayer: route -> dispatch -> experts -> combine (+ shared experts).
+
+The layer only composes the stages; which comm backend and runner run is decided once, at
+construction, from the registries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from epmoe.comm import get_comm
+from epmoe.comm.base import CommBackend
+from epmoe.config import MoEConfig
+from epmoe.experts import ExpertWeights, get_runner
+from epmoe.experts.activation import activate
+from epmoe.group import Placement, RankGroup
+from epmoe.routing import Routing, RoutingCapture, check_routing, route
+
+LAYOUTS = ("dp", "tp")
+
+
+@dataclass
+class SharedExperts:
+    """The always-on shared expert MLP (all shared experts fused into one of width S).
+
+    w13: [2S, H] gate rows then up rows; w2: [H, S].
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+        h = activate(x.float() @ self.w13.float().T, cfg)  # [T, S]
+        return h @ self.w2.float().T  # [T, H] fp32
+
+    @classmethod
+    def random(
+        cls, cfg: MoEConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> SharedExperts:
+        S, H = cfg.shared_width, cfg.hidden
+        w13 = torch.randn(2 * S, H, generator=generator) / H**0.5
+        w2 = torch.randn(H, S, generator=generator) / S**0.5
+        return cls(w13.to(device=device, dtype=dtype), w2.to(device=device, dtype=dtype))
+
+
+class MoELayer(nn.Module):
+    """One MoE layer on one expert-parallel rank.
+
+    cfg:      shapes and routing.
+    weights:  this rank's experts (`ExpertWeights`, local indices of `placement`).
+    group:    the EP ranks (`EPGroup`, a `VirtualGroup` rank, or None for one rank).
+    comm:     comm backend name ("none", ...).
+    runner:   expert runner name ("reference", ...).
+    layout:   "dp" (each rank its own tokens) or "tp" (every rank the same tokens).
+    gate:     router weight [E, H] used when forward() gets neither logits nor routing.
+    correction_bias: [E] fp32 for sigmoid_bias / sigmoid_grouped routing.
+    shared:   shared experts, added to the output of every token.
+    capture:  a `RoutingCapture` that receives the ids of every call.
+    """
+
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        weights: ExpertWeights,
+        group: RankGroup | None = None,
+        comm: str = "none",
+        runner: str = "reference",
+        layout: str = "dp",
+        placement: Placement | None = None,
+        gate: torch.Tensor | None = None,
+        correction_bias: torch.Tensor | None = None,
+        shared: SharedExperts | None = None,
+        capture: RoutingCapture | None = None,
+    ) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+        world = group.world if group is not None else 1
+        self.cfg = cfg
+        self.layout = layout
+        self.placement = placement or Placement.contiguous(cfg.num_experts, world)
+        if self.placement.world != world or self.placement.num_experts != cfg.num_experts:
+            raise ValueError(
+                f"placement covers {self.placement.num_experts} experts on {self.placement.world} "
+                f"ranks, layer has {cfg.num_experts} experts on {world} ranks"
+            )
+        weights.check(cfg, self.placement.local_experts)
+        backend_cls = get_comm(comm)
+        if layout not in backend_cls.layouts:
+            raise ValueError(
+                f"comm backend {comm!r} does not serve the {layout!r} layout (it serves "
+                f"{backend_cls.layouts})"
+            )
+        if comm == "none" and layout == "dp" and world > 1:
+            raise ValueError(
+                f"comm='none' with the dp layout moves no tokens, so it needs world size 1 "
+                f"(got {world}); use layout='tp' if every rank holds the same tokens, or a "
+                "dispatching backend"
+            )
+        if cfg.uses_correction_bias and correction_bias is None:
+            raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
+        if gate is not None and tuple(gate.shape) != (cfg.num_experts, cfg.hidden):
+            raise ValueError(f"gate must be [{cfg.num_experts}, {cfg.hidden}], got {tuple(gate.shape)}")
+        if cfg.shared_experts and shared is None:
+            raise ValueError(f"cfg has {cfg.shared_experts} shared experts; pass shared=SharedExperts(...)")
+        if shared is not None:
+            S = cfg.shared_width
+            if tuple(shared.w13.shape) != (2 * S, cfg.hidden) or tuple(shared.w2.shape) != (cfg.hidden, S):
+                raise ValueError(
+                    f"shared experts must be w13 [{2 * S}, {cfg.hidden}], w2 [{cfg.hidden}, {S}]; got "
+                    f"{tuple(shared.w13.shape)}, {tuple(shared.w2.shape)}"
+                )
+        self.group = group
+        self.comm: CommBackend = backend_cls(cfg, group, self.placement)
+        self.runner = get_runner(runner)(cfg, weights)
+        self.gate = gate
+        self.correction_bias = correction_bias
+        self.shared = shared
+        self.capture = capture
+
+    @classmethod
+    def from_global(
+        cls,
+        cfg: MoEConfig,
+        all_weights: ExpertWeights,
+        group: RankGroup | None = None,
+        **kwargs,
+    ) -> MoELayer:
+        """Build the layer of `group.rank` from weights of all E experts (slices its share)."""
+        world = group.world if group is not None else 1
+        placement = kwargs.pop("placement", None) or Placement.contiguous(cfg.num_experts, world)
+        rank = group.rank if group is not None else 0
+        local = placement.global_ids(rank)
+        return cls(cfg, all_weights.select(local), group=group, placement=placement, **kwargs)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        router_logits: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        """x [T, H] -> y [T, H] in x's dtype.
+
+        Routing comes from `routing` (routed mode), else from `router_logits` [T, E], else
+        from the layer's `gate`.
+        """
+        cfg = self.cfg
+        if x.dim() != 2 or x.shape[1] != cfg.hidden:
+            raise ValueError(f"x must be [T, {cfg.hidden}], got {tuple(x.shape)}")
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+        if routing is None:
+            if router_logits is None:
+                if self.gate is None:
+                    raise ValueError("pass router_logits or routing, or build the layer with gate=")
+                router_logits = x.float() @ self.gate.float().T
+            routing = route(router_logits, cfg, self.correction_bias)
+        else:
+            if router_logits is not None:
+                raise ValueError("pass router_logits or routing, not both")
+            if routing.ids.shape != (x.shape[0], cfg.top_k):
+                raise ValueError(
+                    f"routing must be [{x.shape[0]}, {cfg.top_k}] for x of {x.shape[0]} tokens, "
+                    f"got {tuple(routing.ids.shape)}"
+                )
+            if not torch.cuda.is_current_stream_capturing():
+                check_routing(routing, cfg.num_experts)
+        if self.capture is not None:
+            self.capture.record(routing)
+        dispatched = self.comm.dispatch(x, routing)
+        expert_out = self.runner(dispatched)
+        if self.shared is None:
+            return self.comm.combine(expert_out, dispatched)
+        # Combine into fp32 so routed and shared outputs are added before the one cast.
+        acc = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        acc = self.comm.combine(expert_out, dispatched, out=acc)
+        return (acc + self.shared(x, cfg)).to(x.dtype)

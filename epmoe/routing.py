@@ -1,0 +1,195 @@
+"""Routing: pick each token's top-k experts and their weights.
+
+    logits [T, E] --route(cfg)--> Routing(ids [T, K] int32, weights [T, K] fp32)
+
+All modes compute in fp32. Ties break deterministically towards the lowest expert id (and the
+lowest group id for grouped top-k): `_topk` sorts stably instead of calling `torch.topk`,
+whose order among equal values is unspecified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epmoe.config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """The experts each token goes to.
+
+    ids:     [T, K] int32, global expert ids in [0, E), distinct within a row.
+    weights: [T, K] fp32, router weights applied at combine.
+    """
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.dtype != torch.int32:
+            raise ValueError(f"Routing.ids must be int32, got {self.ids.dtype}; use Routing.external")
+        if self.weights.dtype != torch.float32:
+            raise ValueError(f"Routing.weights must be float32, got {self.weights.dtype}")
+        if self.ids.dim() != 2 or self.ids.shape != self.weights.shape:
+            raise ValueError(
+                f"Routing ids and weights must both be [T, K], got {tuple(self.ids.shape)} and "
+                f"{tuple(self.weights.shape)}"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.ids.shape[1]
+
+    @classmethod
+    def external(
+        cls,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        num_experts: int,
+        validate: bool = True,
+    ) -> Routing:
+        """Routing given by the caller (routed mode, e.g. RL routing replay).
+
+        ids may be int32 or int64 (converted once here); weights any float dtype (converted to
+        fp32). With `validate` (the default) the ids are checked to lie in [0, num_experts) and
+        to be distinct per token, and the weights to be finite; this reads the values on the
+        host, so pass validate=False inside a CUDA graph capture.
+        """
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"routing ids must be int32 or int64, got {ids.dtype}")
+        if not weights.is_floating_point():
+            raise ValueError(f"routing weights must be floating point, got {weights.dtype}")
+        routing = cls(ids.to(torch.int32), weights.to(torch.float32))
+        if validate:
+            check_routing(routing, num_experts)
+        return routing
+
+
+def check_routing(routing: Routing, num_experts: int) -> None:
+    """Raise ValueError unless ids are in range and distinct per token and weights are finite."""
+    ids, weights = routing.ids, routing.weights
+    if routing.top_k > num_experts:
+        raise ValueError(f"top_k={routing.top_k} exceeds num_experts={num_experts}")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(
+            f"routing ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]"
+        )
+    if routing.top_k > 1:
+        ordered = ids.sort(dim=1).values
+        dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if bool(dup.any()):
+            token = int(dup.nonzero()[0, 0])
+            raise ValueError(
+                f"routing ids repeat an expert within token {token}: {ids[token].tolist()}; "
+                "each token's k experts must be distinct"
+            )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("routing weights contain NaN or inf")
+
+
+def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim; among equal values the lowest index wins."""
+    sorted_vals, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    return sorted_vals[..., :k], order[..., :k]
+
+
+def route(
+    router_logits: torch.Tensor,
+    cfg: MoEConfig,
+    correction_bias: torch.Tensor | None = None,
+) -> Routing:
+    """Route tokens from router logits [T, E] (any float dtype) by `cfg.routing`.
+
+    correction_bias: [E] fp32, required by the "sigmoid_bias" and "sigmoid_grouped" modes
+    (checkpoint name `e_score_correction_bias`); it changes which experts are picked, never the
+    weights.
+    """
+    if router_logits.dim() != 2 or router_logits.shape[1] != cfg.num_experts:
+        raise ValueError(
+            f"router_logits must be [T, {cfg.num_experts}], got {tuple(router_logits.shape)}"
+        )
+    if not router_logits.is_floating_point():
+        raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
+    logits = router_logits.float()
+    if logits.numel() and not bool(torch.isfinite(logits).all()):
+        raise ValueError("router_logits contain NaN or inf; check the router input")
+    k = cfg.top_k
+    if cfg.uses_correction_bias:
+        if correction_bias is None:
+            raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
+        if correction_bias.shape != (cfg.num_experts,):
+            raise ValueError(
+                f"correction_bias must be [{cfg.num_experts}], got {tuple(correction_bias.shape)}"
+            )
+        correction_bias = correction_bias.float()
+
+    if cfg.routing == "softmax":
+        probs = logits.softmax(dim=-1)  # [T, E]
+        weights, ids = _topk(probs, k)  # [T, K]
+    elif cfg.routing == "softmax_after_topk":
+        top, ids = _topk(logits, k)  # [T, K]
+        weights = top.softmax(dim=-1)
+    elif cfg.routing == "sigmoid_bias":
+        scores = logits.sigmoid()  # [T, E]
+        _, ids = _topk(scores + correction_bias, k)
+        weights = scores.gather(1, ids)
+    else:  # sigmoid_grouped
+        scores = logits.sigmoid()  # [T, E]
+        choice = scores + correction_bias  # [T, E]
+        T, E, G = logits.shape[0], cfg.num_experts, cfg.n_group
+        grouped = choice.view(T, G, E // G)  # [T, G, E/G]
+        group_scores = _topk(grouped, 2)[0].sum(dim=-1)  # [T, G]
+        _, keep = _topk(group_scores, cfg.topk_group)  # [T, topk_group]
+        group_mask = torch.zeros(T, G, dtype=torch.bool, device=logits.device)
+        group_mask.scatter_(1, keep, True)
+        expert_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+        masked = choice.masked_fill(~expert_mask, float("-inf"))
+        _, ids = _topk(masked, k)
+        weights = scores.gather(1, ids)
+
+    if cfg.norm_topk_prob and cfg.routing != "softmax_after_topk":
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    if cfg.routed_scaling_factor != 1.0:
+        weights = weights * cfg.routed_scaling_factor
+    return Routing(ids.to(torch.int32), weights.contiguous())
+
+
+class RoutingCapture:
+    """A preallocated buffer that a layer writes the routing ids it used into.
+
+    ids: [max_tokens, K] int32 on the layer's device. After each forward, `ids[:num_tokens]`
+    holds the ids of that call; `num_tokens` is a host int (outside CUDA graphs) and
+    `num_tokens_dev` a device int32 scalar written in the same stream, so replays of a
+    captured graph report their real token count too.
+    """
+
+    def __init__(self, max_tokens: int, top_k: int, device: torch.device | str = "cpu") -> None:
+        if max_tokens <= 0 or top_k <= 0:
+            raise ValueError("RoutingCapture needs max_tokens > 0 and top_k > 0")
+        self.ids = torch.full((max_tokens, top_k), -1, dtype=torch.int32, device=device)
+        self.num_tokens_dev = torch.zeros((), dtype=torch.int32, device=device)
+        self.num_tokens = 0
+
+    def record(self, routing: Routing) -> None:
+        t = routing.num_tokens
+        if t > self.ids.shape[0] or routing.top_k != self.ids.shape[1]:
+            raise ValueError(
+                f"RoutingCapture holds [{self.ids.shape[0]}, {self.ids.shape[1]}] ids, got "
+                f"[{t}, {routing.top_k}]; allocate it with a larger max_tokens or matching top_k"
+            )
+        self.ids[:t].copy_(routing.ids)
+        self.num_tokens_dev.fill_(t)
+        self.num_tokens = t
+
+    def captured(self) -> torch.Tensor:
+        """The ids of the last call: [num_tokens, K] int32 (reads the device count)."""
+        return self.ids[: int(self.num_tokens_dev)]
