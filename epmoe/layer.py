@@ -7,6 +7,7 @@ construction, from the registries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +21,11 @@ from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing, RoutingCapture, check_routing, route
 
 LAYOUTS = ("dp", "tp")
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's device (host reads are then illegal)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -60,6 +66,7 @@ class MoELayer(nn.Module):
     correction_bias: [E] fp32 for sigmoid_bias / sigmoid_grouped routing.
     shared:   shared experts, added to the output of every token.
     capture:  a `RoutingCapture` that receives the ids of every call.
+    comm_options: keyword options for the comm backend (e.g. max_tokens_per_rank, payload).
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class MoELayer(nn.Module):
         correction_bias: torch.Tensor | None = None,
         shared: SharedExperts | None = None,
         capture: RoutingCapture | None = None,
+        comm_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -115,7 +123,7 @@ class MoELayer(nn.Module):
                     f"{tuple(shared.w13.shape)}, {tuple(shared.w2.shape)}"
                 )
         self.group = group
-        self.comm: CommBackend = backend_cls(cfg, group, self.placement)
+        self.comm: CommBackend = backend_cls(cfg, group, self.placement, **(comm_options or {}))
         self.runner = get_runner(runner)(cfg, weights)
         self.gate = gate
         self.correction_bias = correction_bias
@@ -167,7 +175,7 @@ class MoELayer(nn.Module):
                     f"routing must be [{x.shape[0]}, {cfg.top_k}] for x of {x.shape[0]} tokens, "
                     f"got {tuple(routing.ids.shape)}"
                 )
-            if not torch.cuda.is_current_stream_capturing():
+            if not _capturing(x):
                 check_routing(routing, cfg.num_experts)
         if self.capture is not None:
             self.capture.record(routing)

@@ -82,9 +82,9 @@ def weighted_sum(
     Invalid rows are masked with `where`, not multiplied by zero, so garbage (NaN, inf) in
     padding rows never leaks into the sum.
     """
-    contrib = out.float().view(num_tokens, top_k, -1) * weights.unsqueeze(-1)
+    contrib = out.float().view(num_tokens, top_k, out.shape[-1]) * weights.unsqueeze(-1)
     contrib = torch.where(valid.unsqueeze(-1), contrib, torch.zeros((), device=out.device))
-    acc = contrib[:, 0].clone() if top_k else out.new_zeros(num_tokens, out.shape[-1]).float()
+    acc = contrib[:, 0].clone()
     for k in range(1, top_k):
         acc += contrib[:, k]
     return acc
@@ -105,7 +105,11 @@ class CommBackend:
     layouts: ClassVar[tuple[str, ...]] = ()
     needs_host_sync: ClassVar[bool] = False
 
-    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement) -> None:
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement, **options: Any) -> None:
+        if options:
+            raise ValueError(
+                f"comm backend {self.name!r} takes no options, got {sorted(options)}"
+            )
         self.cfg = cfg
         self.group = group
         self.rank = group.rank if group is not None else 0
@@ -115,7 +119,9 @@ class CommBackend:
     def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
         raise NotImplementedError
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
+    def combine(
+        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Weighted, reduced outputs [T, H] for this rank's tokens, in x's dtype (written into
         `out` when given)."""
         raise NotImplementedError

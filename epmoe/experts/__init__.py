@@ -5,13 +5,14 @@ Importing this package registers every runner; `get_runner(name)` returns its cl
 
 from epmoe.experts import reference  # noqa: F401  (registers "reference")
 from epmoe.experts.base import RUNNERS, ExpertRunner, ExpertWeights, get_runner, register_runner
-from epmoe.experts.reference import reference_experts
+from epmoe.experts.reference import naive_moe, reference_experts
 
 __all__ = [
     "RUNNERS",
     "ExpertRunner",
     "ExpertWeights",
     "get_runner",
+    "naive_moe",
     "reference_experts",
     "register_runner",
 ]

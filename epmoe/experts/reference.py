@@ -60,3 +60,30 @@ class ReferenceRunner(ExpertRunner):
         if out is None:
             return y
         return out.copy_(y)
+
+
+def naive_moe(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    experts: ExpertWeights,
+    cfg: MoEConfig,
+) -> torch.Tensor:
+    """The whole routed MoE, one token and one expert at a time, in fp32 (the test oracle).
+
+    x [T, H], ids [T, K] global expert ids, weights [T, K], experts: all E experts.
+    Returns [T, H] fp32: sum_k weights[t, k] * expert_{ids[t, k]}(x[t]).
+    """
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    for t in range(x.shape[0]):
+        h = x[t].float()  # [H]
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            gate_up = as_float(experts.w13[e]) @ h  # [2I]
+            if experts.b13 is not None:
+                gate_up = gate_up + experts.b13[e].float()
+            y = as_float(experts.w2[e]) @ activate(gate_up[None], cfg)[0]  # [H]
+            if experts.b2 is not None:
+                y = y + experts.b2[e].float()
+            out[t] += weights[t, k].float() * y
+    return out

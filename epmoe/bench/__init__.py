@@ -1,0 +1,1 @@
+"""Benchmarks behind `epmoe bench`: one timing helper (core.bench), one module per stage."""

@@ -1,0 +1,155 @@
+"""The one benchmark helper every `epmoe bench` command uses, and its output (table, JSON, plot).
+
+`bench(fn)` times a callable: warm-up, then either CUDA-graph replay (no launch overhead, the
+way a serving engine runs decode) or CUDA events around eager calls, with an L2 flush between
+iterations on the GPU so each iteration reads weights from HBM; `time.perf_counter` on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    buf = _L2_FLUSH.get(device)
+    if buf is None:
+        # 256 MiB: larger than any Hopper L2 (50-60 MB).
+        buf = _L2_FLUSH[device] = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)
+    buf.zero_()
+
+
+def bench(
+    fn: Callable[[], Any],
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    iters: int = 20,
+    graph: bool = False,
+    flush_l2: bool = True,
+) -> float:
+    """Median time of fn() in microseconds.
+
+    graph=True captures fn once in a CUDA graph and times replays (fn must be capturable).
+    On the CPU, fn is timed with perf_counter and `graph`/`flush_l2` are ignored.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+
+    run = fn
+    if graph:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(max(warmup, 1)):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(iters):
+        if flush_l2:
+            _flush_l2(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def progress(items: Sequence[Any], desc: str) -> Iterable[Any]:
+    """A progress bar on stderr (tqdm when installed, else a plain counter)."""
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+    except ImportError:  # tqdm is in the bench extra
+        return items
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A fixed-width text table (also valid Markdown)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    width = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, width)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in width) + "|"
+    return "\n".join([line(columns), sep, *(line(b) for b in body)])
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+
+def plot_time_vs_tokens(
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    series: str,
+    x: str = "tokens",
+    y: str = "us",
+    title: str = "",
+    roofline: dict[int, float] | None = None,
+) -> None:
+    """A log-log PNG of `y` against `x`, one line per value of `series` (+ an optional roofline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r[series] for r in rows):
+        pts = sorted((r[x], r[y]) for r in rows if r[series] == name and r.get(y) is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(name))
+    if roofline:
+        pts = sorted(roofline.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", label="roofline")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,311 @@
+"""`epmoe` command line: demo, doctor, bench.
+
+    epmoe demo                      # every comm backend on 2 ranks vs the single-rank reference
+    epmoe doctor                    # versions, GPUs and links, symmetric memory, default picks
+    epmoe bench comm|experts ...    # benchmarks (see `epmoe bench -h`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from epmoe.bench.core import device_name, format_table, plot_time_vs_tokens, write_json
+
+# ---------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------
+
+# Error bounds of the demo's check, relative to the largest reference value: fp32 on the CPU
+# differs from the reference only by summation order; bf16 on the GPU rounds x, the weights
+# and the output to 8 mantissa bits (~0.4% each), so 2% leaves room for accumulation.
+DEMO_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def _demo_setup(cfg: Any, rank: int, tokens: int, device: torch.device, dtype: torch.dtype):
+    from epmoe import ExpertWeights
+
+    g = torch.Generator().manual_seed(1234)
+    weights = ExpertWeights.random(cfg, cfg.num_experts, generator=g)  # identical on every rank
+    gr = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(tokens, cfg.hidden, generator=gr)
+    logits = torch.randn(tokens, cfg.num_experts, generator=gr)
+    return weights, x.to(device, dtype), logits.to(device)
+
+
+def _backend_options(cls: type, tokens: int) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {"max_tokens_per_rank": tokens} if "max_tokens_per_rank" in params else {}
+
+
+def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Run every registered comm backend on this rank; return one row per backend."""
+    from epmoe import MoELayer
+    from epmoe.comm import COMM_BACKENDS
+
+    rank, world = group.rank, group.world
+    weights, x, logits = _demo_setup(cfg, rank, tokens, device, dtype)
+    dev_weights = type(weights)(weights.w13.to(device, dtype), weights.w2.to(device, dtype))
+    reference = MoELayer(cfg, weights)(x.float().cpu(), logits.cpu())  # single rank, fp32, CPU
+    # The tp layout needs every rank to hold the same tokens: all ranks use rank 0's.
+    x_all, logits_all = _demo_setup(cfg, 0, tokens, device, dtype)[1:]
+    ref_all = MoELayer(cfg, weights)(x_all.float().cpu(), logits_all.cpu())
+    rows = []
+    for name, cls in sorted(COMM_BACKENDS.items()):
+        layout = "dp" if "dp" in cls.layouts and not (name == "none" and world > 1) else "tp"
+        xi, li, ref = (x, logits, reference) if layout == "dp" else (x_all, logits_all, ref_all)
+        layer = MoELayer.from_global(
+            cfg, dev_weights, group, comm=name, layout=layout,
+            comm_options=_backend_options(cls, tokens),
+        )
+        y = layer(xi, li)  # warm-up (and the checked output)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            layer(xi, li)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ms = (time.perf_counter() - t0) / 5 * 1e3
+        err = (y.float().cpu() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+        rows.append({"backend": name, "layout": layout, "rank": rank, "rel_err": err, "ms": ms})
+    return rows
+
+
+def _demo_worker(rank: int, world: int, port: int, cfg: Any, tokens: int, out: Any) -> None:
+    import torch.distributed as dist
+
+    from epmoe.group import EPGroup
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    use_cuda = torch.cuda.device_count() >= world
+    device = torch.device(f"cuda:{rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        world_size=world, timeout=timedelta(seconds=120),
+    )
+    try:
+        dtype = torch.bfloat16 if use_cuda else torch.float32
+        out.put((rank, demo_rank(EPGroup(), cfg, tokens, device, dtype), None))
+    except Exception as exc:  # reported by the parent
+        out.put((rank, None, repr(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from epmoe import MoEConfig, VirtualGroup
+
+    cfg = MoEConfig.from_preset(args.preset).scaled(args.hidden, args.intermediate, args.experts)
+    world, tokens = args.world, args.tokens
+    n_gpu = torch.cuda.device_count()
+    if n_gpu == 1 and world > 1:
+        where = f"{world} virtual ranks on {torch.cuda.get_device_name(0)}"
+        rows = [r for rank_rows in VirtualGroup(world).run(
+            lambda g: demo_rank(g, cfg, tokens, torch.device("cuda:0"), torch.bfloat16)) for r in rank_rows]
+        dtype = torch.bfloat16
+    else:
+        use_cuda = n_gpu >= world
+        where = f"{world} {'nccl' if use_cuda else 'gloo'} processes on {'GPUs' if use_cuda else 'CPU'}"
+        dtype = torch.bfloat16 if use_cuda else torch.float32
+        ctx = torch.multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_demo_worker, args=(r, world, port, cfg, tokens, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        rows, errors = [], []
+        deadline = time.monotonic() + args.timeout
+        for _ in range(world):
+            try:
+                rank, got, err = out.get(timeout=max(deadline - time.monotonic(), 1))
+            except Exception:
+                errors.append(f"ranks did not report within {args.timeout}s")
+                break
+            if err:
+                errors.append(f"rank {rank}: {err}")
+            else:
+                rows += got
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        if errors:
+            print("demo failed:\n  " + "\n  ".join(errors), file=sys.stderr)
+            return 1
+    tol = DEMO_TOL[dtype]
+    table = []
+    for name in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == name]
+        err = max(r["rel_err"] for r in mine)
+        table.append({
+            "backend": name, "layout": mine[0]["layout"], "max_rel_err": err,
+            "ms_per_call": max(r["ms"] for r in mine), "ok": "yes" if err <= tol else "NO",
+        })
+    print(f"epmoe demo: {args.preset} scaled to H={cfg.hidden}, I={cfg.intermediate}, E={cfg.num_experts}, "
+          f"top-{cfg.top_k}; {tokens} tokens per rank; {where}; {str(dtype).replace('torch.', '')}")
+    print(f"reference: single-rank fp32 layer; tolerance {tol:g} of the largest output")
+    print(format_table(table))
+    return 0 if all(r["ok"] == "yes" for r in table) else 1
+
+
+# ---------------------------------------------------------------------------------------
+# doctor
+# ---------------------------------------------------------------------------------------
+
+
+def _symmetric_memory_status() -> str:
+    try:
+        import torch.distributed._symmetric_memory as symm_mem  # noqa: F401
+    except ImportError as exc:
+        return f"not importable ({exc})"
+    if not torch.cuda.is_available():
+        return "importable; no GPU to allocate on"
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            store = dist.HashStore()
+            dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+        buf = symm_mem.empty(1024, dtype=torch.uint8, device="cuda")
+        handle = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+        return f"works (1-rank rendezvous, signal pad {handle.signal_pad_size} bytes)"
+    except Exception as exc:  # reported, not raised: doctor diagnoses
+        return f"fails: {exc!r}"
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from epmoe.comm import COMM_BACKENDS
+    from epmoe.experts import RUNNERS
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines = [
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("triton", triton_version),
+        ("CUDA (torch build)", torch.version.cuda or "none (CPU build)"),
+        ("GPUs", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
+        ("symmetric memory", _symmetric_memory_status()),
+        ("comm backends", ", ".join(f"{n} ({'/'.join(c.layouts)}{', host sync' if c.needs_host_sync else ''})"
+                                    for n, c in sorted(COMM_BACKENDS.items()))),
+        ("expert runners", ", ".join(sorted(RUNNERS))),
+    ]
+    gpu = torch.cuda.is_available()
+    runner = "triton" if gpu and "triton" in RUNNERS else "reference"
+    lines.append(("default runner", f"{runner} ({'GPU present' if gpu else 'CPU: the plain-torch reference'})"))
+    lines.append(("default comm", "none for one rank or the tp layout; "
+                  + ("symm_a2a on one NVLink node" if "symm_a2a" in COMM_BACKENDS and gpu else "nccl_a2a")
+                  + " for the dp layout"))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k.ljust(width)}  {v}")
+    if shutil.which("nvidia-smi"):
+        print("\nGPU links (nvidia-smi topo -m):")
+        res = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30)
+        print(res.stdout.strip() or res.stderr.strip())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _emit(rows: list[dict], args: argparse.Namespace, series: str, title: str, meta: dict) -> None:
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json, meta)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_time_vs_tokens(rows, args.plot, series=series, title=title)
+        print(f"wrote {args.plot}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    meta = {"command": "epmoe " + " ".join(sys.argv[1:]), "device": device_name(
+        "cuda" if torch.cuda.is_available() else "cpu"), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d")}
+    if args.what == "experts":
+        from epmoe.bench.experts import bench_experts
+
+        rows = bench_experts(args.preset, _ints(args.tokens), args.format.split(","))
+        _emit(rows, args, series="impl", title=f"experts stage, {args.preset}", meta=meta)
+        return 0
+    from epmoe.bench.comm import run_comm_bench
+
+    rows = run_comm_bench(args)
+    _emit(rows, args, series="backend", title=f"dispatch+combine, {args.preset}", meta=meta)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from epmoe.config import preset_names
+
+    p = argparse.ArgumentParser(prog="epmoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="run every comm backend on several ranks against the reference")
+    d.add_argument("--preset", default="qwen3-30b-a3b", choices=preset_names())
+    d.add_argument("--world", type=int, default=2, help="ranks (processes, or virtual ranks on one GPU)")
+    d.add_argument("--tokens", type=int, default=64, help="tokens per rank")
+    d.add_argument("--hidden", type=int, default=256)
+    d.add_argument("--intermediate", type=int, default=96)
+    d.add_argument("--experts", type=int, default=16)
+    d.add_argument("--timeout", type=float, default=300)
+    d.set_defaults(fn=cmd_demo)
+
+    doc = sub.add_parser("doctor", help="versions, GPUs and links, symmetric memory, default choices")
+    doc.set_defaults(fn=cmd_doctor)
+
+    b = sub.add_parser("bench", help="benchmarks: comm (dispatch/combine) or experts (runners)")
+    b.add_argument("what", choices=["comm", "experts"])
+    b.add_argument("--preset", default="deepseek-v3", choices=preset_names())
+    b.add_argument("--tokens", default="1,8,64,128,512,2048,4096", help="comma-separated tokens per rank")
+    b.add_argument("--backend", default="all", help="comm: comma-separated backends or 'all'")
+    b.add_argument("--world", type=int, default=2, help="comm: ranks (gloo processes on CPU, virtual on one GPU)")
+    b.add_argument("--payload", default="bf16", help="comm: payload format(s), comma-separated")
+    b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
+    b.add_argument("--json", help="write the rows as JSON here")
+    b.add_argument("--plot", help="write a PNG plot of time vs tokens here")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, Routing, RoutingCapture, SharedExperts, VirtualGroup
+from epmoe.experts import naive_moe
+from epmoe.group import VirtualGroupError
+from epmoe.routing import route
+from tests.dist import run_ranks
+
+# fp32 layer vs the fp32 per-token loop: same math, different summation order.
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: int
+    preset: str = "qwen3-30b-a3b"
+    experts: int = 16
+    skew: str = "uniform"  # "uniform" | "one_expert" | "power_law"
+
+
+CASES = [
+    Case("zero_tokens", 0),
+    Case("one_token", 1),
+    Case("uniform", 37),
+    Case("all_to_one_expert", 19, skew="one_expert"),
+    Case("power_law", 64, skew="power_law"),
+    Case("deepseek_grouped_shared", 23, preset="deepseek-v3"),
+    Case("gpt_oss_swiglu_bias", 17, preset="gpt-oss-120b"),
+    Case("minimax_sigmoid_bias", 13, preset="minimax-m2.5"),
+    Case("olmoe_unnormalised", 11, preset="olmoe-1b-7b"),
+]
+
+
+def _setup(case: Case, seed: int = 0):
+    cfg = MoEConfig.from_preset(case.preset).scaled(hidden=48, intermediate=24, num_experts=case.experts)
+    if cfg.routing == "sigmoid_grouped":
+        cfg = cfg.replace(n_group=4, topk_group=2)
+    g = torch.Generator().manual_seed(seed)
+    weights = ExpertWeights.random(cfg, cfg.num_experts, generator=g)
+    x = torch.randn(case.tokens, cfg.hidden, generator=g)
+    logits = torch.randn(case.tokens, cfg.num_experts, generator=g)
+    if case.skew == "one_expert":
+        logits[:, 5] += 100.0
+    elif case.skew == "power_law":
+        logits += 3.0 * torch.log1p(torch.arange(cfg.num_experts, dtype=torch.float32)).neg()
+    bias = torch.randn(cfg.num_experts, generator=g) * 0.1 if cfg.uses_correction_bias else None
+    shared = SharedExperts.random(cfg, generator=g) if cfg.shared_experts else None
+    return cfg, weights, x, logits, bias, shared
+
+
+def _expected(cfg, weights, x, logits, bias, shared):
+    r = route(logits, cfg, bias)
+    y = naive_moe(x, r.ids, r.weights, weights, cfg)
+    if shared is not None:
+        y = y + shared(x, cfg)
+    return y
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_single_rank_matches_naive_loop(case):
+    cfg, weights, x, logits, bias, shared = _setup(case)
+    layer = MoELayer(cfg, weights, correction_bias=bias, shared=shared)
+    y = layer(x, logits)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y, _expected(cfg, weights, x, logits, bias, shared), **TOL)
+    if case.skew == "one_expert":
+        assert bool((route(logits, cfg, bias).ids == 5).any(dim=1).all())
+
+
+def _tp_rank(group, case):
+    cfg, weights, x, logits, bias, shared = _setup(case)
+    layer = MoELayer.from_global(cfg, weights, group, layout="tp", correction_bias=bias, shared=shared)
+    return layer(x, logits)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_layout_over_gloo_matches_single_rank(world):
+    for case in CASES:
+        cfg, weights, x, logits, bias, shared = _setup(case)
+        expect = _expected(cfg, weights, x, logits, bias, shared)
+        outs = run_ranks(_tp_rank, world, args=(case,))
+        for rank, y in enumerate(outs):
+            torch.testing.assert_close(y, expect, **TOL, msg=f"{case.name} rank {rank}")
+        # every rank of a tp group ends with the same bits
+        assert all(torch.equal(outs[0], y) for y in outs[1:])
+
+
+def test_tp_layout_virtual_group_matches_single_rank():
+    case = Case("uniform", 29)
+    cfg, weights, x, logits, bias, shared = _setup(case)
+    single = MoELayer(cfg, weights)(x, logits)
+    outs = VirtualGroup(4).run(lambda g: MoELayer.from_global(cfg, weights, g, layout="tp")(x, logits))
+    for y in outs:
+        torch.testing.assert_close(y, single, **TOL)
+
+
+def test_virtual_group_reports_failing_rank():
+    def body(g):
+        if g.rank == 2:
+            raise RuntimeError("bad rank")
+        t = torch.ones(1)
+        return g.all_reduce(t)
+
+    with pytest.raises(VirtualGroupError, match="virtual rank 2 failed"):
+        VirtualGroup(4, timeout=5).run(body)
+
+
+def test_routed_mode_and_capture():
+    case = Case("uniform", 9)
+    cfg, weights, x, logits, _, _ = _setup(case)
+    cap = RoutingCapture(max_tokens=16, top_k=cfg.top_k)
+    layer = MoELayer(cfg, weights, capture=cap)
+    ids = torch.stack([torch.randperm(cfg.num_experts)[: cfg.top_k] for _ in range(9)]).long()
+    w = torch.rand(9, cfg.top_k)
+    y = layer(x, routing=Routing.external(ids, w, cfg.num_experts))
+    torch.testing.assert_close(y, naive_moe(x, ids, w, weights, cfg), **TOL)
+    assert torch.equal(cap.captured(), ids.int())
+    # gate path: the layer computes its own logits
+    gate = torch.randn(cfg.num_experts, cfg.hidden)
+    gated = MoELayer(cfg, weights, gate=gate, capture=cap)
+    y2 = gated(x)
+    r = route(x @ gate.T, cfg)
+    torch.testing.assert_close(y2, naive_moe(x, r.ids, r.weights, weights, cfg), **TOL)
+    assert torch.equal(cap.captured(), r.ids)
+
+
+def test_half_precision_inputs_keep_dtype():
+    case = Case("uniform", 8)
+    cfg, weights, x, logits, _, _ = _setup(case)
+    layer = MoELayer(cfg, ExpertWeights(weights.w13.half(), weights.w2.half()))
+    y = layer(x.half(), logits)
+    assert y.dtype == torch.float16
+    expect = naive_moe(x.half(), route(logits, cfg).ids, route(logits, cfg).weights,
+                       ExpertWeights(weights.w13.half(), weights.w2.half()), cfg)
+    torch.testing.assert_close(y.float(), expect, atol=2e-3, rtol=2e-3)
+
+
+def test_bad_input_raises_clear_errors():
+    case = Case("uniform", 4)
+    cfg, weights, x, logits, _, _ = _setup(case)
+    layer = MoELayer(cfg, weights)
+    with pytest.raises(ValueError, match=r"x must be \[T, 48\]"):
+        layer(x[:, :10], logits)
+    with pytest.raises(ValueError, match="x must be bf16, fp16 or fp32"):
+        layer(x.double(), logits)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer(x, torch.full_like(logits, float("nan")))
+    bad_ids = torch.zeros(4, cfg.top_k, dtype=torch.int32)
+    bad_ids[:, 1] = 99
+    with pytest.raises(ValueError, match="must lie in"):
+        layer(x, routing=Routing(bad_ids, torch.ones(4, cfg.top_k)))
+    dup = torch.zeros(4, cfg.top_k, dtype=torch.int32)
+    with pytest.raises(ValueError, match="repeat an expert"):
+        layer(x, routing=Routing(dup, torch.ones(4, cfg.top_k)))
+    with pytest.raises(ValueError, match="pass router_logits or routing"):
+        layer(x)
+    with pytest.raises(ValueError, match="expert weight w13 has shape"):
+        MoELayer(cfg, ExpertWeights(weights.w13[:, :5], weights.w2))
+    with pytest.raises(ValueError, match="not divisible by the EP world size 3"):
+        Placement.contiguous(16, 3)
+    with pytest.raises(ValueError, match="unknown comm backend 'nope'"):
+        MoELayer(cfg, weights, comm="nope")
+    with pytest.raises(ValueError, match="unknown expert runner 'nope'"):
+        MoELayer(cfg, weights, runner="nope")
+    with pytest.raises(ValueError, match="unknown layout"):
+        MoELayer(cfg, weights, layout="ep")
+
+
+def _dp_none_rank(group):
+    cfg = MoEConfig(hidden=8, intermediate=4, num_experts=4, top_k=2)
+    MoELayer.from_global(cfg, ExpertWeights.random(cfg, 4), group, comm="none", layout="dp")
+
+
+def test_none_backend_refuses_dp_with_several_ranks():
+    with pytest.raises(VirtualGroupError, match="needs world size 1"):
+        VirtualGroup(2).run(_dp_none_rank)
