@@ -3,6 +3,7 @@
     epmoe demo                      # every comm backend on 2 ranks vs the single-rank reference
     epmoe doctor                    # versions, GPUs and links, symmetric memory, default picks
     epmoe bench comm|experts ...    # benchmarks (see `epmoe bench -h`)
+    epmoe plan --gpus 8,64 ...      # cost model: predicted time per backend
 """
 
 from __future__ import annotations
@@ -266,6 +267,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from epmoe import MoEConfig
+    from epmoe.bench.plan import Links, plan
+
+    cfg = MoEConfig.from_preset(args.preset)
+    links = Links(nvlink_gbps=args.nvlink_gbps, net_gbps=args.net_gbps, gpus_per_node=args.gpus_per_node)
+    rows = plan(cfg, _ints(args.gpus), _ints(args.tokens), links, payload=args.payload, weights=args.weights)
+    print(f"cost model, {args.preset}: {links}")
+    print(format_table(rows))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -299,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the rows as JSON here")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")
     b.set_defaults(fn=cmd_bench)
+
+    pl = sub.add_parser("plan", help="predict each backend's time from bytes moved and link rates")
+    pl.add_argument("--preset", default="deepseek-v3", choices=preset_names())
+    pl.add_argument("--gpus", default="8,16,64,256")
+    pl.add_argument("--tokens", default="1,128,4096", help="tokens per rank")
+    pl.add_argument("--nvlink-gbps", type=float, default=450.0)
+    pl.add_argument("--net-gbps", type=float, default=50.0)
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--payload", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"])
+    pl.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"])
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 
