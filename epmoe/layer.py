@@ -19,6 +19,7 @@ from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.activation import activate
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing, RoutingCapture, check_routing, route
+from epmoe.select import Combo, ensure
 
 LAYOUTS = ("dp", "tp")
 
@@ -98,17 +99,13 @@ class MoELayer(nn.Module):
             )
         weights.check(cfg, self.placement.local_experts)
         backend_cls = get_comm(comm)
-        if layout not in backend_cls.layouts:
-            raise ValueError(
-                f"comm backend {comm!r} does not serve the {layout!r} layout (it serves "
-                f"{backend_cls.layouts})"
-            )
-        if comm == "none" and layout == "dp" and world > 1:
-            raise ValueError(
-                f"comm='none' with the dp layout moves no tokens, so it needs world size 1 "
-                f"(got {world}); use layout='tp' if every rank holds the same tokens, or a "
-                "dispatching backend"
-            )
+        get_runner(runner)  # unknown names fail here with the list of known ones
+        options = dict(comm_options or {})
+        self.combo = Combo(
+            comm=comm, runner=runner, payload=options.get("payload") or "bf16", weights=weights.format,
+            layout=layout, world=world, device=weights.device.type,
+        )
+        ensure(self.combo)
         if cfg.uses_correction_bias and correction_bias is None:
             raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
         if gate is not None and tuple(gate.shape) != (cfg.num_experts, cfg.hidden):
@@ -123,7 +120,7 @@ class MoELayer(nn.Module):
                     f"{tuple(shared.w13.shape)}, {tuple(shared.w2.shape)}"
                 )
         self.group = group
-        self.comm: CommBackend = backend_cls(cfg, group, self.placement, **(comm_options or {}))
+        self.comm: CommBackend = backend_cls(cfg, group, self.placement, **options)
         self.runner = get_runner(runner)(cfg, weights)
         self.gate = gate
         self.correction_bias = correction_bias

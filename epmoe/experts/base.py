@@ -39,6 +39,15 @@ class ExpertWeights:
     def num_experts(self) -> int:
         return self.w13.shape[0]
 
+    @property
+    def format(self) -> str:
+        """"bf16" for plain floating-point weights (any float dtype), else the quantized format."""
+        return "bf16" if isinstance(self.w13, torch.Tensor) else self.w13.format
+
+    @property
+    def device(self) -> torch.device:
+        return self.w13.device
+
     def check(self, cfg: MoEConfig, num_local: int) -> None:
         """Raise ValueError unless the shapes match `cfg` with `num_local` experts."""
         E, H, I = num_local, cfg.hidden, cfg.intermediate

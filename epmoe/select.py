@@ -1,0 +1,129 @@
+"""What works with what: one table, and `auto` choices.
+
+    check(Combo(comm="nccl_a2a", runner="triton", ...)) -> (ok, reason)
+
+Every rule lives in `_rules`, read off the registered classes' declared capabilities:
+
+CommBackend class attributes
+    layouts           attention layouts served ("dp", "tp")
+    needs_host_sync   reads device values on the host per call (not CUDA-graph capturable)
+    payloads          payload formats it can move ("bf16" = the activation dtype unquantized)
+    devices           "cpu" / "cuda"
+    single_node       needs every rank inside one NVLink domain
+ExpertRunner class attributes
+    formats           weight formats it computes
+    devices           "cpu" / "cuda"
+
+`ensure(combo)` raises a ValueError with the reason and the valid alternatives.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields, replace
+
+from epmoe.comm import COMM_BACKENDS
+from epmoe.experts import RUNNERS
+
+WEIGHT_FORMATS = ("bf16", "fp8", "fp8_block", "nvfp4")
+PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
+LAYOUTS = ("dp", "tp")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One way to run a layer.
+
+    comm, runner: registry names. payload: what dispatch moves ("bf16" = activations as they
+    are). weights: expert weight format. layout: "dp" or "tp". world: EP ranks. device:
+    "cpu" or "cuda". graph: captured in a CUDA graph. nodes: hosts the ranks span.
+    """
+
+    comm: str = "none"
+    runner: str = "reference"
+    payload: str = "bf16"
+    weights: str = "bf16"
+    layout: str = "dp"
+    world: int = 1
+    device: str = "cpu"
+    graph: bool = False
+    nodes: int = 1
+
+    def __str__(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+def _rules(c: Combo) -> str | None:
+    """The reason `c` cannot work, or None."""
+    if c.comm not in COMM_BACKENDS:
+        return f"unknown comm backend {c.comm!r}"
+    if c.runner not in RUNNERS:
+        return f"unknown expert runner {c.runner!r}"
+    comm, runner = COMM_BACKENDS[c.comm], RUNNERS[c.runner]
+    if c.layout not in comm.layouts:
+        return f"comm {c.comm!r} serves the {'/'.join(comm.layouts)} layout, not {c.layout!r}"
+    if c.comm == "none" and c.layout == "dp" and c.world > 1:
+        return "comm 'none' moves no tokens: with several ranks it needs the tp layout"
+    if c.layout == "tp" and c.comm != "none":
+        return "the tp layout holds every token on every rank: use comm 'none'"
+    if c.device not in getattr(comm, "devices", DEVICES):
+        return f"comm {c.comm!r} runs on {'/'.join(getattr(comm, 'devices', DEVICES))}, not {c.device}"
+    if c.device not in runner.devices:
+        return f"runner {c.runner!r} runs on {'/'.join(runner.devices)}, not {c.device}"
+    if c.weights not in runner.formats:
+        return f"runner {c.runner!r} computes {'/'.join(runner.formats)} weights, not {c.weights}"
+    payloads = getattr(comm, "payloads", ("bf16",))
+    if c.payload not in payloads:
+        return f"comm {c.comm!r} moves {'/'.join(payloads)} payloads, not {c.payload}"
+    if c.nodes > 1 and getattr(comm, "single_node", False):
+        return f"{c.comm} needs all ranks on one NVLink domain; use nccl_a2a across nodes"
+    if c.graph and c.device != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if c.graph and comm.needs_host_sync:
+        return f"comm {c.comm!r} exchanges token counts on the host each call, which a CUDA graph cannot hold"
+    if c.graph and getattr(runner, "needs_host_sync", False):
+        return f"runner {c.runner!r} reads counts on the host, which a CUDA graph cannot hold"
+    return None
+
+
+def check(combo: Combo) -> tuple[bool, str]:
+    """(True, "ok") or (False, the reason it cannot work)."""
+    reason = _rules(combo)
+    return (reason is None, reason or "ok")
+
+
+def alternatives(combo: Combo, limit: int = 6) -> list[Combo]:
+    """Valid combos that differ from `combo` in one field (comm, runner, payload or layout)."""
+    out = []
+    for name, values in (("comm", sorted(COMM_BACKENDS)), ("runner", sorted(RUNNERS)),
+                         ("payload", PAYLOADS), ("layout", LAYOUTS), ("graph", (False,))):
+        for v in values:
+            alt = replace(combo, **{name: v})
+            if alt != combo and _rules(alt) is None:
+                out.append(alt)
+    return out[:limit]
+
+
+def ensure(combo: Combo) -> None:
+    """Raise ValueError naming why `combo` cannot work and what would."""
+    reason = _rules(combo)
+    if reason is None:
+        return
+    alts = alternatives(combo)
+    base = {f.name: getattr(combo, f.name) for f in fields(combo)}
+    hint = "; ".join(
+        ", ".join(f"{k}={v}" for k, v in vars(a).items() if base[k] != v) for a in alts
+    ) or "none with one change"
+    raise ValueError(f"unsupported combination ({combo}): {reason}. Valid alternatives: {hint}")
+
+
+def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] = DEVICES) -> list[Combo]:
+    """Every combination of registered pieces (valid or not), for the combinatorial tests."""
+    return [
+        Combo(comm, runner, payload, weights, layout, world, device, graph)
+        for comm, runner, payload, weights, layout, world, device, graph in itertools.product(
+            sorted(COMM_BACKENDS), sorted(RUNNERS), PAYLOADS, WEIGHT_FORMATS, LAYOUTS, worlds, devices,
+            (False, True),
+        )
+    ]

@@ -1,0 +1,99 @@
+"""Every combination of the compatibility table: valid ones equal the single-rank reference,
+invalid ones raise the table's reason. A new backend, runner or format is covered by registering
+it; a new format needs one entry in `make_weights` / `TOL`."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from epmoe import ExpertWeights, MoEConfig, MoELayer
+from epmoe.select import Combo, all_combos, check
+from tests.dist import run_ranks
+
+CFG = MoEConfig.from_preset("qwen3-30b-a3b").scaled(hidden=32, intermediate=16, num_experts=12)
+TOKENS = [5, 0, 3, 1]  # per rank: uneven, and an empty rank
+
+# Relative error bound (max |y - ref| / max |ref|) per (payload, weights), fp32 activations.
+# Unquantized paths differ from the reference only by summation order.
+TOL = {("bf16", "bf16"): 1e-5}
+
+
+def make_weights(fmt: str, full: ExpertWeights):
+    if fmt == "bf16":
+        return full
+    pytest.skip(f"no weight builder for {fmt} in this test yet")
+
+
+def _inputs(rank: int, tokens: int):
+    g = torch.Generator().manual_seed(10 + rank)
+    return torch.randn(tokens, CFG.hidden, generator=g), torch.randn(tokens, CFG.num_experts, generator=g)
+
+
+def _full_weights():
+    return ExpertWeights.random(CFG, CFG.num_experts, generator=torch.Generator().manual_seed(0))
+
+
+def _options(combo: Combo) -> dict:
+    opts = {}
+    if combo.payload != "bf16":
+        opts["payload"] = combo.payload
+    return opts
+
+
+def _run_combos(group, combos):
+    full = _full_weights()
+    errors = []
+    for c in combos:
+        weights = make_weights(c.weights, full)
+        if c.layout == "tp":  # every rank holds the same tokens
+            x, logits = _inputs(0, 7)
+        else:
+            x, logits = _inputs(group.rank, TOKENS[group.rank])
+        layer = MoELayer.from_global(CFG, weights, group, comm=c.comm, runner=c.runner, layout=c.layout,
+                                     comm_options=_options(c))
+        y = torch.full_like(x, float("nan"))
+        y.copy_(layer(x, logits))
+        ref = MoELayer(CFG, full)(x, logits)
+        scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
+        err = (y - ref).abs().max().item() / scale if ref.numel() else 0.0
+        errors.append((str(c), err, bool(torch.isfinite(y).all())))
+    return errors
+
+
+def _valid_cpu(world):
+    return [c for c in all_combos(worlds=(world,), devices=("cpu",)) if not c.graph and check(c)[0]]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_valid_combos_match_reference(world):
+    combos = [c for c in _valid_cpu(world) if c.weights == "bf16" or (c.payload, c.weights) in TOL]
+    assert combos, "the table must hold at least one valid CPU combination per world size"
+    for rank_errors in run_ranks(_run_combos, world, args=(combos,)):
+        for (name, err, finite), c in zip(rank_errors, combos):
+            assert finite, f"{name}: non-finite output (unwritten rows?)"
+            assert err <= TOL.get((c.payload, c.weights), 1e-5), f"{name}: rel err {err:.3g}"
+
+
+def test_invalid_combos_raise_the_documented_reason():
+    full = _full_weights()
+    invalid = [c for c in all_combos(devices=("cpu",)) if not check(c)[0] and c.weights == "bf16"]
+    assert invalid
+    for c in invalid:
+        reason = check(c)[1]
+        group = SimpleNamespace(rank=0, world=c.world) if c.world > 1 else None
+        if c.graph:
+            continue  # graphs are chosen at capture time, not construction
+        with pytest.raises(ValueError, match="unsupported combination") as info:
+            MoELayer.from_global(CFG, full, group, comm=c.comm, runner=c.runner, layout=c.layout,
+                                 comm_options=_options(c))
+        assert reason in str(info.value), c
+        assert "Valid alternatives" in str(info.value)
+
+
+def test_check_reasons_name_the_fix():
+    ok, reason = check(Combo(comm="none", layout="dp", world=2))
+    assert not ok and "tp layout" in reason
+    ok, reason = check(Combo(graph=True, device="cpu"))
+    assert not ok and "CUDA device" in reason
+    assert check(Combo())[0]
