@@ -6,6 +6,7 @@ construction, from the registries.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,62 @@ class MoELayer(nn.Module):
         local = placement.global_ids(rank)
         return cls(cfg, all_weights.select(local), group=group, placement=placement, **kwargs)
 
+    def capture_graphs(self, max_tokens: int, buckets: list[int] | None = None) -> list[int]:
+        """Capture dispatch -> experts -> combine in CUDA graphs, one per token bucket.
+
+        Later forward() calls on CUDA with T <= max_tokens and router logits (or the gate)
+        replay the graph of the smallest bucket >= T: x and logits are copied into static
+        buffers, rows past T are zero tokens whose outputs are discarded, and the routing
+        capture (if any) reports T. Routed-mode calls and larger T run eagerly. Buckets default
+        to powers of two up to max_tokens. Returns the buckets. Every piece must be
+        capturable (select.py's table: no host-sync comm or runner).
+        """
+        device = self.runner.weights.device
+        if device.type != "cuda":
+            raise ValueError("capture_graphs needs the layer's weights on a CUDA device")
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        ensure(dataclasses.replace(self.combo, graph=True))
+        buckets = sorted(set(buckets or [min(2**i, max_tokens) for i in range(max_tokens.bit_length() + 1)]))
+        if buckets[-1] < max_tokens or buckets[0] <= 0:
+            raise ValueError(f"buckets {buckets} must be positive and reach max_tokens={max_tokens}")
+        dtype = self.runner.weights.w13.dtype if isinstance(self.runner.weights.w13, torch.Tensor) else torch.bfloat16
+        top = buckets[-1]
+        self._graph_x = torch.zeros(top, self.cfg.hidden, dtype=dtype, device=device)
+        self._graph_logits = torch.zeros(top, self.cfg.num_experts, dtype=torch.float32, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for b in buckets:  # warm up every shape outside the graph (allocations, autotuning)
+                self._eager(self._graph_x[:b], self._graph_logits[:b], None)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        pool = None
+        for b in reversed(buckets):  # largest first, so smaller graphs reuse its memory pool
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = self._eager(self._graph_x[:b], self._graph_logits[:b], None)
+            pool = g.pool()
+            self._graphs[b] = (g, out)
+        torch.cuda.synchronize(device)
+        return buckets
+
+    def _replay(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        bucket = min(b for b in self._graphs if b >= T)
+        if logits.numel() and not bool(torch.isfinite(logits).all()):
+            raise ValueError("router_logits contain NaN or inf; check the router input")
+        self._graph_x[:T].copy_(x)
+        self._graph_x[T:bucket].zero_()
+        self._graph_logits[:T].copy_(logits)
+        self._graph_logits[T:bucket].zero_()
+        graph, out = self._graphs[bucket]
+        graph.replay()
+        if self.capture is not None:
+            self.capture.num_tokens = T
+            self.capture.num_tokens_dev.fill_(T)
+        return out[:T].clone()
+
     def forward(
         self,
         x: torch.Tensor,
@@ -151,13 +208,29 @@ class MoELayer(nn.Module):
         """x [T, H] -> y [T, H] in x's dtype.
 
         Routing comes from `routing` (routed mode), else from `router_logits` [T, E], else
-        from the layer's `gate`.
+        from the layer's `gate`. After `capture_graphs`, calls that fit a bucket replay a graph.
         """
+        self._check_x(x)
+        graphs = getattr(self, "_graphs", None)
+        if graphs and routing is None and x.is_cuda and not _capturing(x) and x.shape[0] <= max(graphs):
+            if router_logits is None:
+                if self.gate is None:
+                    raise ValueError("pass router_logits or routing, or build the layer with gate=")
+                router_logits = x.float() @ self.gate.float().T
+            return self._replay(x, router_logits)
+        return self._eager(x, router_logits, routing)
+
+    def _check_x(self, x: torch.Tensor) -> None:
         cfg = self.cfg
         if x.dim() != 2 or x.shape[1] != cfg.hidden:
             raise ValueError(f"x must be [T, {cfg.hidden}], got {tuple(x.shape)}")
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+
+    def _eager(
+        self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None
+    ) -> torch.Tensor:
+        cfg = self.cfg
         if routing is None:
             if router_logits is None:
                 if self.gate is None:

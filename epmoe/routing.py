@@ -120,7 +120,8 @@ def route(
     if not router_logits.is_floating_point():
         raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
     logits = router_logits.float()
-    if logits.numel() and not bool(torch.isfinite(logits).all()):
+    capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
+    if logits.numel() and not capturing and not bool(torch.isfinite(logits).all()):
         raise ValueError("router_logits contain NaN or inf; check the router input")
     k = cfg.top_k
     if cfg.uses_correction_bias:

@@ -176,5 +176,5 @@ def _dp_none_rank(group):
 
 
 def test_none_backend_refuses_dp_with_several_ranks():
-    with pytest.raises(VirtualGroupError, match="comm 'none' moves no tokens: with several ranks it needs the tp layout"):
+    with pytest.raises(VirtualGroupError, match="comm 'none' moves no tokens: with several ranks it needs the tp"):
         VirtualGroup(2).run(_dp_none_rank)

@@ -99,12 +99,14 @@ class ExpertRunner:
 
     Built once per layer with the rank's weights; `runner(d)` returns out [M, H] in the
     activation dtype, one row per pair (padding pairs: undefined rows), no router weights.
-    `formats` lists the weight formats it accepts (select.py reads it).
+    `formats` lists the weight formats it accepts ("bf16" = any unquantized float dtype),
+    `needs_host_sync` whether a call reads device values on the host (select.py reads both).
     """
 
     name: ClassVar[str] = ""
     formats: ClassVar[tuple[str, ...]] = ()
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    needs_host_sync: ClassVar[bool] = False
 
     def __init__(self, cfg: MoEConfig, weights: ExpertWeights) -> None:
         self.cfg = cfg
