@@ -215,12 +215,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                                     for n, c in sorted(COMM_BACKENDS.items()))),
         ("expert runners", ", ".join(sorted(RUNNERS))),
     ]
+    from epmoe.select import Combo, comm_candidates, crossovers, pick_comm, pick_runner
+
     gpu = torch.cuda.is_available()
-    runner = "triton" if gpu and "triton" in RUNNERS else "reference"
-    lines.append(("default runner", f"{runner} ({'GPU present' if gpu else 'CPU: the plain-torch reference'})"))
-    lines.append(("default comm", "none for one rank or the tp layout; "
-                  + ("symm_a2a on one NVLink node" if "symm_a2a" in COMM_BACKENDS and gpu else "nccl_a2a")
-                  + " for the dp layout"))
+    device = "cuda" if gpu else "cpu"
+    runner = pick_runner(device, "bf16")
+    lines.append(("runner=auto", f"{runner} ({'GPU present' if gpu else 'no GPU: the plain-torch reference'})"))
+    world = max(torch.cuda.device_count(), 2)
+    cands = [n for n in comm_candidates(Combo(runner=runner, layout="dp", world=world, device=device)) if n != "none"]
+    ladder, source = crossovers(torch.cuda.get_device_name(0) if gpu else "cpu", world)
+    if cands:
+        picks = ", ".join(f"{t} tokens -> {pick_comm(t, cands, ladder)}" for t in (1, 128, 4096))
+        lines.append((f"comm=auto (dp, W={world})", f"{picks}; crossovers: {source}; candidates: {', '.join(cands)}"))
+    else:
+        lines.append((f"comm=auto (dp, W={world})", "no dp backend registered; one rank or tp layout use 'none'"))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")

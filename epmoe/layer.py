@@ -7,6 +7,7 @@ construction, from the registries.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,19 @@ from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.activation import activate
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing, RoutingCapture, check_routing, route
-from epmoe.select import Combo, ensure
+from epmoe.select import Combo, comm_candidates, crossovers, ensure, pick_comm, pick_runner
 
 LAYOUTS = ("dp", "tp")
+
+
+def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The options that `cls.__init__` names explicitly (auto passes each backend only its own)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in options.items() if k in params}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -61,8 +72,9 @@ class MoELayer(nn.Module):
     cfg:      shapes and routing.
     weights:  this rank's experts (`ExpertWeights`, local indices of `placement`).
     group:    the EP ranks (`EPGroup`, a `VirtualGroup` rank, or None for one rank).
-    comm:     comm backend name ("none", ...).
-    runner:   expert runner name ("reference", ...).
+    comm:     comm backend name ("none", "allgather", "nccl_a2a", "symm_a2a") or "auto" (picks
+              per call by token count from measured crossovers, see select.py).
+    runner:   expert runner name ("reference", "triton") or "auto" (fastest for the device).
     layout:   "dp" (each rank its own tokens) or "tp" (every rank the same tokens).
     gate:     router weight [E, H] used when forward() gets neither logits nor routing.
     correction_bias: [E] fp32 for sigmoid_bias / sigmoid_grouped routing.
@@ -99,14 +111,24 @@ class MoELayer(nn.Module):
                 f"ranks, layer has {cfg.num_experts} experts on {world} ranks"
             )
         weights.check(cfg, self.placement.local_experts)
-        backend_cls = get_comm(comm)
-        get_runner(runner)  # unknown names fail here with the list of known ones
         options = dict(comm_options or {})
-        self.combo = Combo(
-            comm=comm, runner=runner, payload=options.get("payload") or "bf16", weights=weights.format,
-            layout=layout, world=world, device=weights.device.type,
+        device = weights.device.type
+        if runner == "auto":
+            runner = pick_runner(device, weights.format)
+        get_runner(runner)  # unknown names fail here with the list of known ones
+        base = Combo(
+            comm="none", runner=runner, payload=options.get("payload") or "bf16", weights=weights.format,
+            layout=layout, world=world, device=device,
         )
-        ensure(self.combo)
+        if comm == "auto":
+            names = [n for n in comm_candidates(base) if n != "none" or world == 1 or layout == "tp"]
+            if not names:
+                ensure(base)  # raises with the reason and the alternatives
+        else:
+            get_comm(comm)
+            ensure(dataclasses.replace(base, comm=comm))
+            names = [comm]
+        self.combo = dataclasses.replace(base, comm=names[0])
         if cfg.uses_correction_bias and correction_bias is None:
             raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
         if gate is not None and tuple(gate.shape) != (cfg.num_experts, cfg.hidden):
@@ -121,7 +143,13 @@ class MoELayer(nn.Module):
                     f"{tuple(shared.w13.shape)}, {tuple(shared.w2.shape)}"
                 )
         self.group = group
-        self.comm: CommBackend = backend_cls(cfg, group, self.placement, **options)
+        # comm="auto" builds every candidate once and picks per call by token count.
+        self.comms: dict[str, CommBackend] = {}
+        for n in names:
+            cls = get_comm(n)
+            self.comms[n] = cls(cfg, group, self.placement, **(options if comm != "auto" else _accepted(cls, options)))
+        self.comm: CommBackend = self.comms[names[0]]
+        self._ladder = crossovers(_device_name(weights.device), world)[0] if len(names) > 1 else None
         self.runner = get_runner(runner)(cfg, weights)
         self.gate = gate
         self.correction_bias = correction_bias
@@ -220,6 +248,20 @@ class MoELayer(nn.Module):
             return self._replay(x, router_logits)
         return self._eager(x, router_logits, routing)
 
+    def _pick_comm(self, x: torch.Tensor) -> CommBackend:
+        """The backend for this call: fixed, or by the largest token count over ranks (auto).
+
+        Every rank must pick the same backend, so auto agrees on max(T) with one small
+        exchange; inside a CUDA graph capture the bucket size stands in for it.
+        """
+        if self._ladder is None:
+            return self.comm
+        tokens = x.shape[0]
+        if self.group is not None and self.group.world > 1 and not _capturing(x):
+            tokens = max(t for (t,) in self.group.all_gather_ints([tokens], device=x.device))
+        self.comm = self.comms[pick_comm(tokens, list(self.comms), self._ladder)]
+        return self.comm
+
     def _check_x(self, x: torch.Tensor) -> None:
         cfg = self.cfg
         if x.dim() != 2 or x.shape[1] != cfg.hidden:
@@ -249,11 +291,12 @@ class MoELayer(nn.Module):
                 check_routing(routing, cfg.num_experts)
         if self.capture is not None:
             self.capture.record(routing)
-        dispatched = self.comm.dispatch(x, routing)
+        comm = self._pick_comm(x)
+        dispatched = comm.dispatch(x, routing)
         expert_out = self.runner(dispatched)
         if self.shared is None:
-            return self.comm.combine(expert_out, dispatched)
+            return comm.combine(expert_out, dispatched)
         # Combine into fp32 so routed and shared outputs are added before the one cast.
         acc = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        acc = self.comm.combine(expert_out, dispatched, out=acc)
+        acc = comm.combine(expert_out, dispatched, out=acc)
         return (acc + self.shared(x, cfg)).to(x.dtype)

@@ -20,7 +20,9 @@ ExpertRunner class attributes
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from epmoe.comm import COMM_BACKENDS
 from epmoe.experts import RUNNERS
@@ -127,3 +129,55 @@ def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] 
             (False, True),
         )
     ]
+
+
+# ---------------------------------------------------------------------------------------
+# auto
+# ---------------------------------------------------------------------------------------
+
+# Used where no crossover was measured for the GPU model: one-sided puts win while latency
+# dominates (decode), NCCL's all-to-all once bandwidth does, all-gather for very large
+# batches. Thresholds are tokens per rank (the largest over ranks); replaced per GPU model by
+# `epmoe bench comm --store-crossovers`.
+DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [(512, "symm_a2a"), (None, "nccl_a2a")]
+
+
+def _crossover_file() -> Path:
+    return Path(__file__).parent / "tuning" / "crossovers.json"
+
+
+def crossovers(device_name: str, world: int) -> tuple[list[tuple[int | None, str]], str]:
+    """The (max tokens, backend) ladder for a GPU model and world size, and where it came from."""
+    path = _crossover_file()
+    if path.exists():
+        table = json.loads(path.read_text())
+        entry = table.get(device_name, {}).get(str(world))
+        if entry:
+            return [(row[0], row[1]) for row in entry], f"measured ({path.name}: {device_name}, W={world})"
+    return DEFAULT_CROSSOVERS, "defaults (nothing measured for this GPU and world size)"
+
+
+def pick_comm(tokens: int, candidates: list[str], ladder: list[tuple[int | None, str]]) -> str:
+    """The first backend of the ladder whose limit covers `tokens` and that is a candidate;
+    falls back along the ladder, then to the first candidate."""
+    for limit, name in ladder:
+        if (limit is None or tokens <= limit) and name in candidates:
+            return name
+    for _, name in reversed(ladder):
+        if name in candidates:
+            return name
+    return candidates[0]
+
+
+def pick_runner(device: str, weights: str, graph: bool = False) -> str:
+    """The fastest registered runner for the device and weight format (Triton on CUDA)."""
+    order = ["triton", "reference"] if device == "cuda" else ["reference"]
+    for name in order:
+        if name in RUNNERS and _rules(Combo(runner=name, weights=weights, device=device, graph=graph)) is None:
+            return name
+    raise ValueError(f"no registered runner computes {weights} weights on {device}")
+
+
+def comm_candidates(combo: Combo) -> list[str]:
+    """Registered backends that can run `combo` with its comm field replaced."""
+    return [n for n in sorted(COMM_BACKENDS) if _rules(replace(combo, comm=n)) is None]

@@ -97,3 +97,25 @@ def test_check_reasons_name_the_fix():
     ok, reason = check(Combo(graph=True, device="cpu"))
     assert not ok and "CUDA device" in reason
     assert check(Combo())[0]
+
+
+def test_pick_comm_follows_the_ladder_and_falls_back():
+    from epmoe.select import pick_comm
+
+    ladder = [(64, "symm_a2a"), (2048, "nccl_a2a"), (None, "allgather")]
+    cands = ["allgather", "nccl_a2a", "symm_a2a"]
+    assert [pick_comm(t, cands, ladder) for t in (1, 64, 65, 2048, 5000)] == [
+        "symm_a2a", "symm_a2a", "nccl_a2a", "nccl_a2a", "allgather"]
+    # symm_a2a not available (e.g. across nodes): small batches fall to the next rung
+    assert pick_comm(1, ["allgather", "nccl_a2a"], ladder) == "nccl_a2a"
+    assert pick_comm(1, ["none"], ladder) == "none"
+
+
+def test_auto_choices_on_one_rank():
+    from epmoe.select import pick_runner
+
+    assert pick_runner("cpu", "bf16") == "reference"
+    layer = MoELayer(CFG, _full_weights(), comm="auto", runner="auto")
+    assert layer.combo.comm == "none" and layer.combo.runner == "reference"
+    x, logits = _inputs(0, 6)
+    torch.testing.assert_close(layer(x, logits), MoELayer(CFG, _full_weights())(x, logits), atol=0, rtol=0)
