@@ -13,11 +13,9 @@ import inspect
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -84,33 +82,13 @@ def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: to
     return rows
 
 
-def _demo_worker(rank: int, world: int, port: int, cfg: Any, tokens: int, out: Any) -> None:
-    import torch.distributed as dist
-
-    from epmoe.group import EPGroup
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    use_cuda = torch.cuda.device_count() >= world
-    device = torch.device(f"cuda:{rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-        world_size=world, timeout=timedelta(seconds=120),
-    )
-    try:
-        dtype = torch.bfloat16 if use_cuda else torch.float32
-        out.put((rank, demo_rank(EPGroup(), cfg, tokens, device, dtype), None))
-    except Exception as exc:  # reported by the parent
-        out.put((rank, None, repr(exc)))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _demo_process(group: Any, cfg: Any, tokens: int) -> list[dict]:
+    """One process rank of the demo: its own GPU under NCCL, else the CPU under gloo."""
+    use_cuda = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
+    device = torch.device(f"cuda:{group.rank}") if use_cuda else torch.device("cpu")
+    if not use_cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // group.world))
+    return demo_rank(group, cfg, tokens, device, torch.bfloat16 if use_cuda else torch.float32)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -125,34 +103,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             lambda g: demo_rank(g, cfg, tokens, torch.device("cuda:0"), torch.bfloat16)) for r in rank_rows]
         dtype = torch.bfloat16
     else:
+        from epmoe.launch import DistError, DistTimeout, run_ranks
+
         use_cuda = n_gpu >= world
         where = f"{world} {'nccl' if use_cuda else 'gloo'} processes on {'GPUs' if use_cuda else 'CPU'}"
         dtype = torch.bfloat16 if use_cuda else torch.float32
-        ctx = torch.multiprocessing.get_context("spawn")
-        out = ctx.Queue()
-        port = _free_port()
-        procs = [ctx.Process(target=_demo_worker, args=(r, world, port, cfg, tokens, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        rows, errors = [], []
-        deadline = time.monotonic() + args.timeout
-        for _ in range(world):
-            try:
-                rank, got, err = out.get(timeout=max(deadline - time.monotonic(), 1))
-            except Exception:
-                errors.append(f"ranks did not report within {args.timeout}s")
-                break
-            if err:
-                errors.append(f"rank {rank}: {err}")
-            else:
-                rows += got
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        if errors:
-            print("demo failed:\n  " + "\n  ".join(errors), file=sys.stderr)
+        try:
+            per_rank = run_ranks(_demo_process, world, args=(cfg, tokens), timeout=args.timeout,
+                                 backend="nccl" if use_cuda else "gloo")
+        except (DistError, DistTimeout) as exc:
+            print(f"demo failed: {exc}", file=sys.stderr)
             return 1
+        rows = [r for rank_rows in per_rank for r in rank_rows]
     tol = DEMO_TOL[dtype]
     table = []
     for name in dict.fromkeys(r["backend"] for r in rows):

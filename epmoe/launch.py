@@ -1,0 +1,168 @@
+"""Run a function on W ranks in separate processes; fail, never hang.
+
+    results = run_ranks(fn, world=2, args=(cfg,))     # [fn(group, *args) on rank 0, ...]
+
+Ranks use NCCL with one GPU each when `backend="nccl"` (and enough GPUs exist), else gloo on
+the CPU. Used by the tests, `epmoe demo` and `epmoe bench` when not launched by torchrun.
+`fn` must be a module-level function (it is pickled by reference) taking an `EPGroup` first.
+Workers stay alive between calls (one pool per world size) because starting a process that
+imports torch costs seconds; a pool that failed or timed out is killed and started afresh.
+A rank that does not answer within `timeout` seconds makes the call raise `DistTimeout`
+naming it; a rank that raises makes the call raise `DistError` with its traceback.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+_CTX = mp.get_context("spawn")
+_POOLS: dict[tuple[int, str], _Pool] = {}
+
+
+class DistError(RuntimeError):
+    """A rank raised; the message holds its traceback."""
+
+
+class DistTimeout(RuntimeError):
+    """Some ranks did not finish in time; the message names them."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int, world: int, port: int, inbox: Any, outbox: Any, pg_timeout: float, backend: str
+) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=pg_timeout),
+    )
+    from epmoe.group import EPGroup
+
+    group = EPGroup()
+    while True:
+        job = inbox.get()
+        if job is None:
+            break
+        fn, args, kwargs = job
+        try:
+            outbox.put((rank, True, fn(group, *args, **kwargs)))
+        except BaseException:  # reported to the parent, which raises
+            outbox.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world: int, pg_timeout: float, backend: str) -> None:
+        self.world = world
+        self.outbox = _CTX.Queue()
+        self.inboxes = [_CTX.Queue() for _ in range(world)]
+        port = _free_port()
+        self.procs = [
+            _CTX.Process(
+                target=_worker,
+                args=(r, world, port, self.inboxes[r], self.outbox, pg_timeout, backend),
+                daemon=True,
+            )
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn: Callable, args: tuple, kwargs: dict, timeout: float) -> list[Any]:
+        for box in self.inboxes:
+            box.put((fn, args, kwargs))
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) + len(errors) < self.world:
+            left = deadline - time.monotonic()
+            dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in results]
+            if left <= 0 or (dead and not errors and left < timeout - 5):
+                missing = [r for r in range(self.world) if r not in results and r not in errors]
+                detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+                raise DistTimeout(
+                    f"{fn.__name__} on {self.world} ranks: ranks {missing} did not finish within "
+                    f"{timeout:.0f}s (dead processes: {dead}){detail}"
+                )
+            try:
+                rank, ok, value = self.outbox.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            (results if ok else errors)[rank] = value
+        if errors:
+            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            raise DistError(f"{fn.__name__} failed on ranks {sorted(errors)}:{detail}")
+        return [results[r] for r in range(self.world)]
+
+    def close(self) -> None:
+        for box in self.inboxes:
+            try:
+                box.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world: int,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    timeout: float = 120.0,
+    backend: str = "gloo",
+) -> list[Any]:
+    """Run fn(group, *args, **kwargs) on `world` ranks ("gloo" on the CPU, or "nccl" with one
+    GPU per rank); return the per-rank results."""
+    if not 1 <= world <= 8:
+        raise ValueError(f"world must be in 1..8, got {world}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl":
+        import torch
+
+        if torch.cuda.device_count() < world:
+            raise ValueError(f"nccl ranks need {world} GPUs, found {torch.cuda.device_count()}; use gloo")
+    key = (world, backend)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = _Pool(world, pg_timeout=min(timeout, 60.0), backend=backend)
+    try:
+        return pool.run(fn, args, kwargs or {}, timeout)
+    except BaseException:
+        # A failed collective can leave peers blocked or the group poisoned: start afresh.
+        pool.close()
+        _POOLS.pop(key, None)
+        raise
+
+
+@atexit.register
+def _shutdown() -> None:
+    for pool in list(_POOLS.values()):
+        pool.close()
+    _POOLS.clear()
