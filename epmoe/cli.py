@@ -2,14 +2,13 @@
 
     epmoe demo                      # every comm backend on 2 ranks vs the single-rank reference
     epmoe doctor                    # versions, GPUs and links, symmetric memory, default picks
-    epmoe bench comm|experts ...    # benchmarks (see `epmoe bench -h`)
+    epmoe bench comm|experts|layer  # benchmarks (see `epmoe bench -h`)
     epmoe plan --gpus 8,64 ...      # cost model: predicted time per backend
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import platform
 import shutil
@@ -43,15 +42,10 @@ def _demo_setup(cfg: Any, rank: int, tokens: int, device: torch.device, dtype: t
     return weights, x.to(device, dtype), logits.to(device)
 
 
-def _backend_options(cls: type, tokens: int) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
-    return {"max_tokens_per_rank": tokens} if "max_tokens_per_rank" in params else {}
-
-
 def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Run every registered comm backend on this rank; return one row per backend."""
     from epmoe import MoELayer
-    from epmoe.comm import COMM_BACKENDS
+    from epmoe.comm import COMM_BACKENDS, accepted_options
 
     rank, world = group.rank, group.world
     weights, x, logits = _demo_setup(cfg, rank, tokens, device, dtype)
@@ -66,7 +60,7 @@ def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: to
         xi, li, ref = (x, logits, reference) if layout == "dp" else (x_all, logits_all, ref_all)
         layer = MoELayer.from_global(
             cfg, dev_weights, group, comm=name, layout=layout,
-            comm_options=_backend_options(cls, tokens),
+            comm_options=accepted_options(cls, {"max_tokens_per_rank": tokens}),
         )
         y = layer(xi, li)  # warm-up (and the checked output)
         if device.type == "cuda":
@@ -216,7 +210,8 @@ def _emit(rows: list[dict], args: argparse.Namespace, series: str, title: str, m
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_time_vs_tokens(rows, args.plot, series=series, title=title)
+        roof = {r["tokens"]: r["expert_roofline_us"] for r in rows if "expert_roofline_us" in r} or None
+        plot_time_vs_tokens(rows, args.plot, series=series, title=title, roofline=roof)
         print(f"wrote {args.plot}")
 
 
@@ -224,6 +219,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     meta = {"command": "epmoe " + " ".join(sys.argv[1:]), "device": device_name(
         "cuda" if torch.cuda.is_available() else "cpu"), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d")}
+    if args.what == "layer":
+        from epmoe.bench.layer import bench_layer
+
+        rows = bench_layer(args.preset, _ints(args.tokens), comm=args.comm, runner=args.runner,
+                           world=args.world or 1)
+        _emit(rows, args, series="comm", title=f"MoE layer forward, {args.preset}", meta=meta)
+        return 0
     if args.what == "experts":
         from epmoe.bench.experts import bench_experts
 
@@ -271,12 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="versions, GPUs and links, symmetric memory, default choices")
     doc.set_defaults(fn=cmd_doctor)
 
-    b = sub.add_parser("bench", help="benchmarks: comm (dispatch/combine) or experts (runners)")
-    b.add_argument("what", choices=["comm", "experts"])
+    b = sub.add_parser("bench", help="benchmarks: comm (dispatch/combine), experts (runners), layer (whole forward)")
+    b.add_argument("what", choices=["comm", "experts", "layer"])
     b.add_argument("--preset", default="deepseek-v3", choices=preset_names())
     b.add_argument("--tokens", default="1,8,64,128,512,2048,4096", help="comma-separated tokens per rank")
     b.add_argument("--backend", default="all", help="comm: comma-separated backends or 'all'")
-    b.add_argument("--world", type=int, default=2, help="comm: ranks (gloo processes on CPU, virtual on one GPU)")
+    b.add_argument("--comm", default="all", help="layer: comma-separated backends, 'auto' or 'all' (each + auto)")
+    b.add_argument("--runner", default="auto", help="layer: expert runner or 'auto'")
+    b.add_argument("--world", type=int, default=None,
+                   help="ranks: processes (NCCL per GPU, or gloo on the CPU), or virtual ranks on one GPU "
+                        "(default: 2 for comm, 1 for layer)")
     b.add_argument("--payload", default="bf16", help="comm: payload format(s), comma-separated")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
     b.add_argument("--json", help="write the rows as JSON here")

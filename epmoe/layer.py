@@ -7,14 +7,13 @@ construction, from the registries.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from epmoe.comm import get_comm
+from epmoe.comm import accepted_options, get_comm
 from epmoe.comm.base import CommBackend
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights, get_runner
@@ -24,12 +23,6 @@ from epmoe.routing import Routing, RoutingCapture, check_routing, route
 from epmoe.select import Combo, comm_candidates, crossovers, ensure, pick_comm, pick_runner
 
 LAYOUTS = ("dp", "tp")
-
-
-def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The options that `cls.__init__` names explicitly (auto passes each backend only its own)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in options.items() if k in params}
 
 
 def _device_name(device: torch.device) -> str:
@@ -147,7 +140,8 @@ class MoELayer(nn.Module):
         self.comms: dict[str, CommBackend] = {}
         for n in names:
             cls = get_comm(n)
-            self.comms[n] = cls(cfg, group, self.placement, **(options if comm != "auto" else _accepted(cls, options)))
+            own = options if comm != "auto" else accepted_options(cls, options)
+            self.comms[n] = cls(cfg, group, self.placement, **own)
         self.comm: CommBackend = self.comms[names[0]]
         self._ladder = crossovers(_device_name(weights.device), world)[0] if len(names) > 1 else None
         self.runner = get_runner(runner)(cfg, weights)

@@ -32,3 +32,13 @@ def test_bench_helpers(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == rows
     plot_time_vs_tokens(rows, tmp_path / "p.png", series="backend", roofline={1: 1.0, 64: 10.0})
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_layer_writes_table_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "layer.json", tmp_path / "layer.png"
+    assert main(["bench", "layer", "--preset", "olmoe-1b-7b", "--tokens", "1,3",
+                 "--json", str(out_json), "--plot", str(out_png)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["comm"], r["tokens"]) for r in rows] == [("none", 1), ("none", 3)]
+    assert all(r["us"] > 0 and r["expert_roofline_us"] > 0 for r in rows)
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
