@@ -58,7 +58,7 @@ class Dispatched:
 
 def local_pairs(ids: torch.Tensor, placement: Placement, rank: int) -> torch.Tensor:
     """Map global expert ids (any shape) to this rank's local ids; -1 where another rank owns
-    the expert."""
+    the expert. `placement` should already live on ids' device (see CommBackend.placement_on)."""
     ids = ids.long()
     owner = placement.expert_rank.to(ids.device)[ids]
     local = placement.expert_local.to(ids.device)[ids]
@@ -115,6 +115,15 @@ class CommBackend:
         self.rank = group.rank if group is not None else 0
         self.world = group.world if group is not None else 1
         self.placement = placement
+        self._placements: dict[torch.device, Placement] = {}
+
+    def placement_on(self, device: torch.device) -> Placement:
+        """The placement map on `device`, copied once (the first call runs before any graph
+        capture, so no host-to-device copy happens inside one)."""
+        p = self._placements.get(device)
+        if p is None:
+            p = self._placements[device] = self.placement.to(device)
+        return p
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
         raise NotImplementedError

@@ -35,7 +35,7 @@ class NoComm(CommBackend):
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
         T, K = routing.ids.shape
-        expert_ids = local_pairs(routing.ids, self.placement, self.rank)  # [T, K]
+        expert_ids = local_pairs(routing.ids, self.placement_on(x.device), self.rank)  # [T, K]
         row_ids = torch.arange(T, dtype=torch.int32, device=x.device).repeat_interleave(K)
         flat = expert_ids.reshape(-1)
         return Dispatched(
