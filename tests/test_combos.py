@@ -17,6 +17,10 @@ TOKENS = [5, 0, 3, 1]  # per rank: uneven, and an empty rank
 # Relative error bound (max |y - ref| / max |ref|) per (payload, weights), fp32 activations.
 # Unquantized paths differ from the reference only by summation order.
 TOL = {("bf16", "bf16"): 1e-5}
+# bf16 activations and weights on the GPU: inputs and weights rounded to 8 mantissa bits
+# (2^-9 relative each), the output once more; 2% of the largest output covers their sum over
+# H = 32 and I = 16 terms with margin.
+GPU_TOL = {("bf16", "bf16"): 2e-2}
 
 
 def make_weights(fmt: str, full: ExpertWeights):
@@ -41,24 +45,29 @@ def _options(combo: Combo) -> dict:
     return opts
 
 
+def _one(group, c: Combo, full: ExpertWeights, device: torch.device, dtype: torch.dtype):
+    """Run combo `c` on this rank; return (name, relative error vs the fp32 reference, finite)."""
+    rank = group.rank if group is not None else 0
+    weights = make_weights(c.weights, full)
+    if c.layout == "tp":  # every rank holds the same tokens
+        x, logits = _inputs(0, 7)
+    else:
+        x, logits = _inputs(rank, TOKENS[rank])
+    on_dev = ExpertWeights(*(t.to(device, dtype) if t.is_floating_point() else t.to(device)
+                             for t in (weights.w13, weights.w2))) if isinstance(weights.w13, torch.Tensor) else weights
+    layer = MoELayer.from_global(CFG, on_dev, group, comm=c.comm, runner=c.runner, layout=c.layout,
+                                 comm_options=_options(c))
+    y = torch.full(x.shape, float("nan"), dtype=dtype, device=device)
+    y.copy_(layer(x.to(device, dtype), logits.to(device)))
+    ref = MoELayer(CFG, full)(x, logits)
+    scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
+    err = (y.float().cpu() - ref).abs().max().item() / scale if ref.numel() else 0.0
+    return str(c), err, bool(torch.isfinite(y).all())
+
+
 def _run_combos(group, combos):
     full = _full_weights()
-    errors = []
-    for c in combos:
-        weights = make_weights(c.weights, full)
-        if c.layout == "tp":  # every rank holds the same tokens
-            x, logits = _inputs(0, 7)
-        else:
-            x, logits = _inputs(group.rank, TOKENS[group.rank])
-        layer = MoELayer.from_global(CFG, weights, group, comm=c.comm, runner=c.runner, layout=c.layout,
-                                     comm_options=_options(c))
-        y = torch.full_like(x, float("nan"))
-        y.copy_(layer(x, logits))
-        ref = MoELayer(CFG, full)(x, logits)
-        scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
-        err = (y - ref).abs().max().item() / scale if ref.numel() else 0.0
-        errors.append((str(c), err, bool(torch.isfinite(y).all())))
-    return errors
+    return [_one(group, c, full, torch.device("cpu"), torch.float32) for c in combos]
 
 
 def _valid_cpu(world):
@@ -119,3 +128,23 @@ def test_auto_choices_on_one_rank():
     assert layer.combo.comm == "none" and layer.combo.runner == "reference"
     x, logits = _inputs(0, 6)
     torch.testing.assert_close(layer(x, logits), MoELayer(CFG, _full_weights())(x, logits), atol=0, rtol=0)
+
+
+def _run_virtual(group, combos):
+    full = _full_weights()
+    return [_one(group, c, full, torch.device("cuda"), torch.bfloat16) for c in combos]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_valid_gpu_combos_virtual_ranks_match_reference(world):
+    from epmoe import VirtualGroup
+
+    combos = [c for c in all_combos(worlds=(world,), devices=("cuda",))
+              if not c.graph and check(c)[0] and (c.payload, c.weights) in GPU_TOL]
+    assert combos
+    per_rank = VirtualGroup(world).run(lambda g: _run_virtual(g, combos))
+    for rank_errors in per_rank:
+        for (name, err, finite), c in zip(rank_errors, combos):
+            assert finite, f"{name}: non-finite output"
+            assert err <= GPU_TOL[(c.payload, c.weights)], f"{name}: rel err {err:.3g}"
