@@ -1,0 +1,1 @@
+"""Triton kernels (`@triton.jit` functions only; wrappers and policy live with their callers)."""
