@@ -1,0 +1,183 @@
+"""`allgather`: every rank receives every token, runs its local experts, and a reduce-scatter
+returns each token's per-rank partial sums to its home rank.
+
+    dispatch:  counts  = all_gather(T_r)                       (host sync; skipped by static_shapes)
+               wire    = [payload | scales | ids | weights] per row
+               rows    = every rank's rows, rank-major         (padded all-gather or all-to-all-v)
+               pairs   = (row, k) whose expert is local (static_shapes: every (row, k), -1 elsewhere)
+    combine:   part[n] = sum_k w[n, k] * out[n, k]  (fp32, k order, local pairs only)
+               back    = all_to_all_v(part rows of rank j -> rank j)
+               y[t]    = sum_r back[r, t]                      (fp32, rank order), cast once
+
+How the rows are gathered (`gather` option), after the counts are known:
+  "padded"  one all-gather of cap = max_r T_r rows per rank (NCCL `all_gather_into_tensor`);
+            moves W * cap rows, so the padding costs W * cap - sum_r T_r rows.
+  "a2a"     one all-to-all-v in which each rank sends its T rows to every rank: exactly
+            sum_r T_r rows, no padding (what grouped broadcasts move, in one collective).
+  "auto"    "padded" when the padding is at most 25% of the rows and the transport is not gloo,
+            else "a2a". static_shapes always gathers padded (the sizes must not depend on data).
+Measured (gloo on 2 CPU cores, 4 ranks, H = 2048 fp32 rows, median µs; padded / W broadcasts /
+a2a): counts 256x4: 33582 / 14171 / 13528; 512,512,512,0: 31695 / 14441 / 18390; 1024,0,0,0:
+132257 / 8702 / 29489; 1x4: 6210 / 5485 / 1372; 8,0,0,1: 3892 / 1094 / 1011. Gloo's all-gather is
+the slowest even when balanced, so gloo always takes "a2a"; the broadcasts were no faster than
+the all-to-all-v and need W collectives, so they were not kept. On NCCL the balanced case is
+expected to favour the single all-gather (ring/NVLS); that is not measured yet, and the 25%
+rule stands until `epmoe bench comm` on GPUs says otherwise.
+
+Bytes per rank: dispatch sends its cap rows to W - 1 peers ((W - 1) * cap * row bytes); combine
+sends each peer's T_j partial rows back. The token moves to every rank whether or not its
+experts live there, so this wins at large batches (no per-destination sort, one big collective)
+and loses at decode sizes to `nccl_a2a`, which moves each token only to the ranks it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epmoe.comm.base import Dispatched, count_experts
+from epmoe.comm.registry import register_comm
+from epmoe.comm.wire import (
+    Pairs,
+    WireBackend,
+    decode,
+    empty_rows,
+    encode,
+    local_experts_of,
+    make_pairs,
+    pack_rows,
+    partial_sums,
+    row_layout,
+    sum_in_rank_order,
+    unpack_rows,
+)
+from epmoe.config import MoEConfig
+from epmoe.group import Placement, RankGroup
+from epmoe.routing import Routing
+
+GATHER_MODES = ("auto", "padded", "a2a")
+
+
+@dataclass
+class AllGatherHandle:
+    """State combine needs.
+
+    pairs:   the (row, k) pairs computed here, with their router weights, of the W * cap
+             gathered rows.
+    counts:  tokens per rank (host ints; None under static_shapes, where every rank sends cap).
+    starts:  first gathered row of each rank (host ints): r * cap when padded, else prefix sums.
+    cap:     rows per rank in a padded gather (max T), else 0 when counts are known.
+    tokens:  this rank's T.
+    dtype:   output dtype (x's).
+    dispatch_bytes, combine_bytes: bytes this rank sends to other ranks in each phase.
+    """
+
+    pairs: Pairs
+    counts: list[int] | None
+    starts: list[int]
+    cap: int
+    tokens: int
+    dtype: torch.dtype
+    dispatch_bytes: int
+    combine_bytes: int
+
+
+@register_comm
+class AllGatherComm(WireBackend):
+    """All-gather-v dispatch, reduce-scatter-v combine (see the module docstring and
+    `WireBackend` for the options)."""
+
+    name = "allgather"
+
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        group: RankGroup | None,
+        placement: Placement,
+        *,
+        max_tokens_per_rank: int | None = None,
+        payload: str | None = None,
+        combine_dtype: torch.dtype | str = torch.float32,
+        static_shapes: bool = False,
+        gather: str = "auto",
+    ) -> None:
+        """gather: "auto", "padded" or "a2a" (see the module docstring); the other options are
+        `WireBackend`'s."""
+        super().__init__(cfg, group, placement, max_tokens_per_rank=max_tokens_per_rank, payload=payload,
+                         combine_dtype=combine_dtype, static_shapes=static_shapes)
+        if gather not in GATHER_MODES:
+            raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
+        self.gather = gather
+
+    def _padded(self, counts: list[int]) -> bool:
+        """Whether to gather padded rows (the same answer on every rank: counts are shared)."""
+        if self.gather != "auto":
+            return self.gather == "padded"
+        if getattr(self.group, "backend", None) == "gloo":
+            return False
+        return self.world * max(counts) <= 1.25 * sum(counts)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+        ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
+        self._check_local(x, ids)
+        T, H, W = x.shape[0], self.cfg.hidden, self.world
+        if self.static_shapes:
+            if not self._checked:  # once, before any graph capture
+                self._exchange(x, ids)
+                self._checked = True
+            counts, cap = None, self.max_tokens_per_rank
+        else:
+            counts = [row[0] for row in self._exchange(x, ids, [T])]
+            cap = max(counts) if self._padded(counts) else 0
+        layout = row_layout(self.cfg, self.payload, x.dtype)
+        wire = empty_rows(cap or T, layout, x.device, filled=T)  # [cap or T, B] uint8
+        if T:
+            pack_rows([*encode(x, self.payload), ids, w], layout, out=wire[:T])
+        if cap:
+            starts = [r * cap for r in range(W)]
+            gathered = self.group.all_gather(wire).view(W * cap, layout.nbytes) if W > 1 else wire
+            sent_rows = (W - 1) * cap
+        else:  # exact counts, no padding: each rank sends its T rows to every rank
+            starts = [sum(counts[:r]) for r in range(W)]
+            if W > 1 and sum(counts):
+                gathered = self.group.all_to_all_v(wire.repeat(W, 1), [T] * W, counts)  # [sum T, B]
+            else:
+                gathered = wire
+            sent_rows = (W - 1) * T
+        parts = unpack_rows(gathered, layout)
+        g_ids, g_w = parts[-2], parts[-1]  # [N, K] int32, fp32
+        local = local_experts_of(g_ids, self.placement_on(x.device), self.rank)  # [N, K]
+        pairs = make_pairs(local, g_w, compact=not self.static_shapes)
+        combine_rows = (W - 1) * cap if counts is None else sum(counts) - T
+        handle = AllGatherHandle(
+            pairs=pairs, counts=counts, starts=starts, cap=cap, tokens=T, dtype=x.dtype,
+            dispatch_bytes=sent_rows * layout.nbytes,
+            combine_bytes=combine_rows * H * self.combine_dtype.itemsize,
+        )
+        return Dispatched(
+            hidden=decode(parts[:-2], self.payload, H),
+            row_ids=pairs.row_ids,
+            expert_ids=pairs.expert_ids,
+            expert_counts=count_experts(pairs.expert_ids, self.placement.local_experts),
+            handle=handle,
+        )
+
+    def combine(
+        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h: AllGatherHandle = dispatched.handle
+        W, H, cap, T = self.world, self.cfg.hidden, h.cap, h.tokens
+        partial = partial_sums(expert_out, h.pairs, H)  # [N, H] fp32
+        if W == 1:
+            return self._finish(partial[:T], h.dtype, out)
+        partial = partial.to(self.combine_dtype)  # the combine wire
+        if h.counts is None:  # static: every rank gets all cap rows of its block back
+            back = self.group.all_to_all_v(partial, [cap] * W, [cap] * W).view(W, cap, H)[:, :T]
+        elif sum(h.counts) == 0:  # no rank holds a token: nothing to move
+            back = partial.new_zeros(W, 0, H)
+        else:
+            if cap:  # padded rows: keep each rank's first counts[j] rows
+                partial = torch.cat([partial[s : s + n] for s, n in zip(h.starts, h.counts)])  # [sum T, H]
+            back = self.group.all_to_all_v(partial, h.counts, [T] * W).view(W, T, H)
+        return self._finish(sum_in_rank_order(back), h.dtype, out)  # [T, H]

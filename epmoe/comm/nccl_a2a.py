@@ -1,0 +1,166 @@
+"""`nccl_a2a`: exchange the W x W count matrix, then `all_to_all_single` with splits, both ways.
+
+    dispatch:  hit[t, r]  = token t has an expert on rank r               [T, W] bool
+               C[s][r]    = rows rank s sends rank r = sum_t hit[t, r]      (all-gather of counts:
+                                                                           one host sync)
+               send       = rows grouped by destination rank, token order inside a group;
+                            a token goes once per destination *rank*, not once per expert
+               recv       = all_to_all_v(send, C[me][:], C[:][me])          rows from rank s, in
+                                                                           s's token order
+               pairs      = (row, k) whose expert is local (static_shapes: every (row, k),
+                            -1 elsewhere)
+    combine:   part[n]    = sum_k w[n, k] * out[n, k]    (fp32, k order, local pairs only)
+               back       = all_to_all_v(part, C[:][me], C[me][:])          one partial per
+                                                                           (token, rank) it hit
+               y[t]       = sum_{r: hit[t, r]} back[r, t]   (fp32, rank order), cast once
+
+Each row carries the token's ids and weights (8K bytes) so the receiver expands it to its local
+experts and applies the router weights itself. With top-8 of 256 experts over 4 ranks a token
+hits ~3.6 ranks on average instead of 8 experts: ~2.2x fewer bytes than one row per expert.
+
+static_shapes: every rank sends exactly max_tokens_per_rank rows to every rank (its hits first,
+then padding rows of 0xFF bytes whose ids read -1), so no count is read on the host; it moves
+the bytes of the bound, like `allgather`, and is meant for CUDA graphs at decode sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epmoe.comm.base import Dispatched, count_experts
+from epmoe.comm.registry import register_comm
+from epmoe.comm.wire import (
+    Pairs,
+    WireBackend,
+    decode,
+    empty_rows,
+    encode,
+    local_experts_of,
+    make_pairs,
+    pack_rows,
+    partial_sums,
+    row_layout,
+    unpack_rows,
+)
+from epmoe.routing import Routing
+
+
+@dataclass
+class A2AHandle:
+    """State combine needs.
+
+    hit:          [T, W] bool, token t sent to rank r.
+    slot:         [T, W] int64, the row of the send (and returned) buffer of (t, r); 0 where not hit.
+    send_splits:  rows sent to each rank (host ints).
+    recv_splits:  rows received from each rank (host ints).
+    moved:        whether any rank sends a row (else no rank calls the collectives).
+    pairs:        the (row, k) pairs of the R received rows computed here, with their weights.
+    dtype:        output dtype (x's).
+    dispatch_bytes, combine_bytes: bytes this rank sends to other ranks in each phase.
+    """
+
+    hit: torch.Tensor
+    slot: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    moved: bool
+    pairs: Pairs
+    dtype: torch.dtype
+    dispatch_bytes: int
+    combine_bytes: int
+
+
+@register_comm
+class NcclA2AComm(WireBackend):
+    """Count exchange + all-to-all with splits (see the module docstring and `WireBackend` for
+    the options)."""
+
+    name = "nccl_a2a"
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+        ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
+        self._check_local(x, ids)
+        T, H, W, me = x.shape[0], self.cfg.hidden, self.world, self.rank
+        dev = x.device
+        p = self.placement_on(dev)
+        # Out-of-range ids are reported by the count exchange below; until then they index nothing.
+        ok = (ids >= 0) & (ids < self.cfg.num_experts)
+        dest = torch.where(ok, p.expert_rank[torch.where(ok, ids, 0).long()], -1)  # [T, K]
+        ranks = torch.arange(W, dtype=dest.dtype, device=dev)
+        hit = (dest.unsqueeze(-1) == ranks).any(dim=1)  # [T, W]
+        pos = hit.long().cumsum(0) - 1  # [T, W] position of t among rank r's rows
+        if self.static_shapes:
+            if not self._checked:  # once, before any graph capture
+                self._exchange(x, ids, [0] * W)
+                self._checked = True
+            cap = self.max_tokens_per_rank
+            send_splits, recv_splits = [cap] * W, [cap] * W
+            moved = cap > 0
+        else:
+            send_splits = hit.sum(0).tolist()  # the host sync
+            matrix = self._exchange(x, ids, send_splits)  # [W][W]: matrix[s][r] rows s -> r
+            recv_splits = [matrix[s][me] for s in range(W)]
+            moved = any(any(row) for row in matrix)  # the same on every rank: all call, or none
+        # first send row of each destination, computed on the device (no host-to-device copy,
+        # so the static path can be captured in a CUDA graph)
+        if self.static_shapes:
+            per_dest = torch.full((W,), self.max_tokens_per_rank, dtype=torch.long, device=dev)  # [W]
+        else:
+            per_dest = hit.long().sum(0)  # [W]
+        offsets = per_dest.cumsum(0) - per_dest  # [W]
+        total = sum(send_splits)
+        slot = torch.where(hit, offsets + pos, torch.zeros_like(pos))  # [T, W]
+        layout = row_layout(self.cfg, self.payload, x.dtype)
+        # [total + 1, B]; the last row takes misses. Counted sends fill every row; static ones
+        # leave padding rows, which must read as -1 ids.
+        send = empty_rows(total + 1, layout, dev, filled=0 if self.static_shapes else total + 1)
+        if T:
+            rows = pack_rows([*encode(x, self.payload), ids, w], layout)  # [T, B]
+            for r in range(W):
+                send.index_copy_(0, torch.where(hit[:, r], slot[:, r], total), rows)
+        send = send[:total]
+        if W > 1 and moved:
+            recv = self.group.all_to_all_v(send, send_splits, recv_splits)  # [R, B]
+        else:
+            recv = send
+        parts = unpack_rows(recv, layout)
+        r_ids, r_w = parts[-2], parts[-1]  # [R, K]
+        local = local_experts_of(r_ids, p, me)  # [R, K]
+        R = recv.shape[0]
+        pairs = make_pairs(local, r_w, compact=not self.static_shapes)
+        out_elt = self.combine_dtype.itemsize
+        handle = A2AHandle(
+            hit=hit, slot=slot, send_splits=send_splits, recv_splits=recv_splits, moved=moved, pairs=pairs,
+            dtype=x.dtype,
+            dispatch_bytes=(total - send_splits[me]) * layout.nbytes,
+            combine_bytes=(R - recv_splits[me]) * H * out_elt,
+        )
+        return Dispatched(
+            hidden=decode(parts[:-2], self.payload, H),
+            row_ids=pairs.row_ids,
+            expert_ids=pairs.expert_ids,
+            expert_counts=count_experts(pairs.expert_ids, self.placement.local_experts),
+            handle=handle,
+        )
+
+    def combine(
+        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h: A2AHandle = dispatched.handle
+        W, H = self.world, self.cfg.hidden
+        T = h.hit.shape[0]
+        partial = partial_sums(expert_out, h.pairs, H)  # [R, H] fp32
+        total = sum(h.send_splits)
+        if W > 1 and h.moved:
+            partial = partial.to(self.combine_dtype)  # the combine wire
+            back = self.group.all_to_all_v(partial, h.recv_splits, h.send_splits)  # [total, H]
+        else:
+            back = partial
+        acc = torch.zeros(T, H, dtype=torch.float32, device=partial.device)  # [T, H]
+        if total:
+            for r in range(W):  # rank order; 0 + p == p, so tokens hitting one rank get it exactly
+                got = back[h.slot[:, r]].float()  # [T, H]
+                acc = torch.where(h.hit[:, r, None], acc + got, acc)
+        return self._finish(acc, h.dtype, out)

@@ -1,0 +1,410 @@
+"""The dp comm backends (allgather, nccl_a2a) against the single-rank reference.
+
+Every case runs dispatch -> reference runner -> combine on W ranks (gloo processes, and virtual
+ranks) and compares each rank's output for its own tokens with the reference MoE over the
+same expert choices. Outputs are pre-filled with NaN to catch unwritten rows; padding and masked
+pairs carry NaN weights to prove they are masked, never multiplied. One `run_ranks` call per
+world size runs every case (the results are cached for the tests that read them).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, VirtualGroup
+from epmoe.comm import accepted_options, get_comm
+from epmoe.comm.wire import row_layout
+from epmoe.experts.reference import ReferenceRunner, reference_experts
+from epmoe.group import VirtualGroupError
+from epmoe.routing import Routing, RoutingCapture
+from tests.dist import run_ranks
+
+CFG = MoEConfig.from_preset("qwen3-30b-a3b").scaled(hidden=32, intermediate=16, num_experts=24).replace(top_k=4)
+BACKENDS = ("allgather", "nccl_a2a")
+
+# Error bounds, relative to the largest reference value.
+# fp32 end to end: only the summation order differs (per-rank partial sums, then rank order).
+EXACT_TOL = 1e-5
+# bf16 combine wire: each per-rank partial sum is rounded once to bf16 (2^-9 relative); with at
+# most 4 partials per token, 1e-2 of the largest output leaves a 2x margin over 4 * 2^-9.
+BF16_COMBINE_TOL = 1e-2
+# Quantized payloads against the *unquantized* reference. e4m3 keeps 3 mantissa bits (2^-4
+# relative per element); with H = 32, I = 16 and as few as one token little of it averages
+# out: 15% (10% seen for one token); nvfp4 (e2m1, one scale
+# per 16 values) rounds up to 1/6 of a block's max per element, and H = 32 is only two blocks
+# per row, so little averages out: 50% (35% seen with 3 tokens). The tight check is against
+# the reference run on the same quantize -> dequantize of each rank's rows (EXACT_TOL).
+FORMAT_TOL = {"fp8": 0.15, "fp8_block": 0.15, "nvfp4": 0.5}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scenario. tokens: per rank (the first W entries are used)."""
+
+    name: str
+    tokens: tuple[int, ...]
+    routing: str = "uniform"  # uniform | powerlaw | one_expert | one_rank | masked
+    payload: str | None = None
+    combine_dtype: str = "fp32"
+    static: bool = False
+    top_k: int = 4
+    gather: str = "auto"  # allgather only
+
+    def cfg(self) -> MoEConfig:
+        return CFG.replace(top_k=self.top_k)
+
+    def options(self, backend: str) -> dict:
+        opts: dict = {"payload": self.payload, "combine_dtype": self.combine_dtype}
+        if backend == "allgather":
+            opts["gather"] = self.gather
+        if self.static:
+            opts.update(static_shapes=True, max_tokens_per_rank=max(max(self.tokens), 1))
+        return opts
+
+    def tol(self) -> float:
+        return BF16_COMBINE_TOL if self.combine_dtype == "bf16" else EXACT_TOL
+
+
+UNEVEN = (7, 0, 5, 3, 2, 6, 1, 4)
+CASES = [
+    Case("uniform", UNEVEN),
+    Case("gather_padded", UNEVEN, gather="padded"),
+    Case("gather_a2a", (3, 3, 3, 3, 3, 3, 3, 3), gather="a2a"),
+    Case("balanced", (4, 4, 4, 4, 4, 4, 4, 4)),
+    Case("fp8", UNEVEN, payload="fp8"),
+    Case("fp8_block", UNEVEN, payload="fp8_block"),
+    Case("nvfp4", UNEVEN, payload="nvfp4"),
+    Case("bf16_combine", UNEVEN, combine_dtype="bf16"),
+    Case("static", UNEVEN, static=True),
+    Case("static_nvfp4", (3, 1, 0, 2, 0, 1, 1, 2), payload="nvfp4", static=True),
+    Case("powerlaw", (16, 9, 0, 12, 3, 8, 5, 1), routing="powerlaw"),
+    Case("one_expert", (4, 3, 2, 1, 4, 3, 2, 1), routing="one_expert", top_k=1),
+    Case("one_rank", (6, 2, 0, 5, 1, 1, 3, 2), routing="one_rank", top_k=3),
+    Case("masked", (9, 4, 6, 0, 3, 3, 3, 3), routing="masked"),
+    Case("t1_rank0", (1, 0, 0, 0, 0, 0, 0, 0)),
+    Case("all_empty", (0,) * 8),
+    Case("static_t1", (1, 0, 0, 0, 0, 0, 0, 0), static=True),
+]
+
+
+def _gen(case: Case, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{case.name}/{rank}".encode()))
+
+
+def _inputs(case: Case, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] fp32, ids [T, K] int32 (-1 = masked pair), weights [T, K] fp32 of one rank."""
+    cfg, g = case.cfg(), _gen(case, rank)
+    T, E, K = case.tokens[rank], cfg.num_experts, cfg.top_k
+    x = torch.randn(T, cfg.hidden, generator=g)
+    weights = torch.rand(T, K, generator=g) + 0.1
+    if case.routing == "powerlaw":  # expert e drawn with probability ~ (e + 1)^-1.5
+        pop = (torch.arange(E, dtype=torch.float32) + 1) ** -1.5
+        ids = torch.multinomial(pop.expand(T, E), K, replacement=False, generator=g) if T else torch.zeros(0, K)
+    elif case.routing == "one_expert":
+        ids = torch.full((T, K), 5)
+    elif case.routing == "one_rank":  # every token's experts live on the last rank
+        per = E // world
+        ids = torch.rand(T, per, generator=g).argsort(dim=1)[:, :K] + per * (world - 1)
+    else:
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K]
+    ids = ids.to(torch.int32)
+    if case.routing == "masked" and T:
+        ids[::3] = -1  # whole tokens masked
+        ids[1::3, 1] = -1  # single pairs masked
+        weights = torch.where(ids < 0, torch.full_like(weights, float("nan")), weights)
+    return x, ids, weights
+
+
+def _dequantized(x: torch.Tensor, payload: str | None) -> torch.Tensor:
+    """What the receivers see of x: quantize -> dequantize on the sending rank (plain torch)."""
+    from epmoe import quant
+
+    if payload in (None, "bf16"):
+        return x
+    q = {"fp8": quant.quantize_fp8, "fp8_block": quant.quantize_fp8_groups_torch,
+         "nvfp4": quant.quantize_nvfp4_torch}[payload](x)
+    return q.dequantize(torch.float32)
+
+
+def reference_output(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, full: ExpertWeights,
+                     cfg: MoEConfig) -> torch.Tensor:
+    """Single-rank oracle: sum over unmasked k of weights * expert(x), fp32 [T, H]."""
+    T, K = ids.shape
+    rows = torch.arange(T, dtype=torch.int32).repeat_interleave(K)
+    out = reference_experts(x, rows, ids.reshape(-1), full, cfg).view(T, K, x.shape[1])  # [T, K, H]
+    contrib = torch.where((ids >= 0)[..., None], out * weights[..., None], torch.zeros(()))
+    return contrib.sum(dim=1)
+
+
+def _full(cfg: MoEConfig) -> ExpertWeights:
+    return ExpertWeights.random(cfg, cfg.num_experts, generator=torch.Generator().manual_seed(0))
+
+
+def _run_case(group, case: Case, name: str) -> dict:
+    """One case on this rank: outputs vs the reference, bytes and rows moved, determinism."""
+    rank = group.rank if group is not None else 0
+    world = group.world if group is not None else 1
+    cfg = case.cfg()
+    full = _full(cfg)
+    placement = Placement.contiguous(cfg.num_experts, world)
+    backend = get_comm(name)(cfg, group, placement, **case.options(name))
+    runner = ReferenceRunner(cfg, full.select(placement.global_ids(rank)))
+    x, ids, w = _inputs(case, rank, world)
+    outs, dispatched = [], None
+    for _ in range(2):  # twice: repeated runs must be bitwise equal
+        d = backend.dispatch(x, Routing(ids, w))
+        y = torch.full_like(x, float("nan"))
+        backend.combine(runner(d), d, out=y)
+        outs.append(y)
+        dispatched = d
+    # Everyone's inputs, to count what should have arrived here.
+    every = [_inputs(case, r, world) for r in range(world)]
+    owner = placement.expert_rank
+    expect_rows = sum(
+        int(((i >= 0) & (owner[i.clamp_min(0).long()] == rank)).any(dim=1).sum()) for _, i, _ in every
+    )
+    layout = row_layout(cfg, backend.payload, x.dtype)
+    ref_q = reference_output(_dequantized(x, case.payload), ids, w, full, cfg)
+    ref = reference_output(x, ids, w, full, cfg)
+    scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
+    err = lambda a, b: (a - b).abs().max().item() / scale if a.numel() else 0.0  # noqa: E731
+    h = dispatched.handle
+    return {
+        "case": case.name, "backend": name, "rank": rank,
+        "finite": bool(torch.isfinite(outs[0]).all()),
+        "err": err(outs[0], ref_q), "tol": case.tol(),
+        "format_err": err(outs[0], ref), "format_tol": FORMAT_TOL.get(case.payload or "", case.tol()),
+        "bitwise_repeat": torch.equal(outs[0], outs[1]),
+        "rows_received": dispatched.hidden.shape[0], "rows_expected": expect_rows,
+        "valid_pairs": int((dispatched.expert_ids >= 0).sum()), "num_pairs": dispatched.num_pairs,
+        "pairs_expected": sum(int(((i >= 0) & (owner[i.clamp_min(0).long()] == rank)).sum()) for _, i, _ in every),
+        "counts_match": bool((dispatched.expert_counts.sum() == (dispatched.expert_ids >= 0).sum()).item()),
+        "dispatch_bytes": h.dispatch_bytes, "row_bytes": layout.nbytes,
+        "padded": bool(getattr(h, "cap", 0)), "tokens": case.tokens[:world],
+    }
+
+
+def _layer_checks(group, name: str) -> dict:
+    """Through MoELayer: router logits with a routing capture, then routed mode."""
+    rank, world = group.rank, group.world
+    full = _full(CFG)
+    tokens = [5, 0, 3, 1][:world]
+    g = [torch.Generator().manual_seed(70 + r) for r in range(world)]
+    xs = [torch.randn(t, CFG.hidden, generator=g[r]) for r, t in enumerate(tokens)]
+    logits = [torch.randn(t, CFG.num_experts, generator=g[r]) for r, t in enumerate(tokens)]
+    lo, hi = sum(tokens[:rank]), sum(tokens[: rank + 1])
+    cap_ref = RoutingCapture(16, CFG.top_k)
+    ref = MoELayer(CFG, full, capture=cap_ref)(torch.cat(xs), torch.cat(logits))[lo:hi]
+    cap = RoutingCapture(16, CFG.top_k)
+    layer = MoELayer.from_global(CFG, full, group, comm=name, capture=cap,
+                                 comm_options={"max_tokens_per_rank": 16})
+    y = torch.full_like(xs[rank], float("nan"))
+    y.copy_(layer(xs[rank], logits[rank]))
+    same_ids = torch.equal(cap.captured(), cap_ref.captured()[lo:hi])
+    # routed mode: the caller's ids and weights (skewed), int64 ids converted at the edge
+    case = Case("layer_routed", (4, 2, 0, 3), routing="powerlaw")
+    x, ids, w = _inputs(case, rank, world)
+    y2 = MoELayer.from_global(CFG, full, group, comm=name)(x, routing=Routing.external(ids.long(), w, CFG.num_experts))
+    ref2 = reference_output(x, ids, w, full, CFG)
+    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1e-6)
+    return {
+        "err": (y - ref).abs().max().item() / scale if ref.numel() else 0.0,
+        "finite": bool(torch.isfinite(y).all()), "same_ids": same_ids,
+        "routed_err": (y2 - ref2).abs().max().item() / max(ref2.abs().max().item(), 1e-6) if ref2.numel() else 0.0,
+    }
+
+
+def _bad_inputs(group, name: str) -> dict[str, str]:
+    """Each bad input on one rank; every rank must raise (no rank left waiting). Returns the
+    message each rank got per scenario ('' = no error)."""
+    rank, world = group.rank, group.world
+    placement = Placement.contiguous(CFG.num_experts, world)
+    results = {}
+    scenarios = {
+        "hidden": (CFG.replace(hidden=48) if rank == 1 else CFG, {}),
+        "config": (CFG.replace(routed_scaling_factor=2.0) if rank == 0 else CFG, {}),
+        "payload": (CFG, {"payload": "fp8"} if rank == world - 1 else {}),
+        "ids": (CFG, {}),
+        "dtype": (CFG, {}),
+    }
+    for key, (cfg, opts) in scenarios.items():
+        x = torch.randn(3, cfg.hidden, dtype=torch.bfloat16 if key == "dtype" and rank == 0 else torch.float32)
+        ids = torch.arange(cfg.top_k, dtype=torch.int32).repeat(3, 1)
+        if key == "ids" and rank == world - 1:
+            ids[1, 2] = cfg.num_experts + 3
+        backend = get_comm(name)(cfg, group, placement, **opts)
+        try:
+            backend.dispatch(x, Routing(ids, torch.ones(3, cfg.top_k)))
+            results[key] = ""
+        except ValueError as exc:
+            results[key] = str(exc)
+    return results
+
+
+def _world_checks(group) -> dict:
+    world = group.world
+    cases = [_run_case(group, c, n) for c in CASES for n in BACKENDS]
+    layer = {n: _layer_checks(group, n) for n in BACKENDS}
+    bad = {n: _bad_inputs(group, n) for n in BACKENDS}
+    # the group still works after the errors above: one more clean case
+    after = _run_case(group, Case("after_errors", UNEVEN), "nccl_a2a") if world > 1 else None
+    return {"cases": cases, "layer": layer, "bad": bad, "after": after}
+
+
+@lru_cache(maxsize=None)
+def _gloo(world: int) -> tuple:
+    return tuple(run_ranks(_world_checks, world, timeout=300))
+
+
+def _check_cases(rows: list[dict], world: int) -> None:
+    for r in rows:
+        tag = f"W={world} {r['backend']} {r['case']} rank {r['rank']}"
+        assert r["finite"], f"{tag}: non-finite output (an unwritten row or leaked padding)"
+        assert r["err"] <= r["tol"], f"{tag}: rel err {r['err']:.3g} > {r['tol']}"
+        assert r["format_err"] <= r["format_tol"], f"{tag}: rel err vs unquantized {r['format_err']:.3g}"
+        assert r["bitwise_repeat"], f"{tag}: repeated runs differ"
+        assert r["valid_pairs"] == r["pairs_expected"], f"{tag}: computed {r['valid_pairs']} pairs"
+        assert r["counts_match"], f"{tag}: expert_counts disagree with expert_ids"
+        case = next(c for c in CASES + [Case("after_errors", UNEVEN)] if c.name == r["case"])
+        if not case.static:  # after a count exchange only the local pairs are handed over
+            assert r["num_pairs"] == r["pairs_expected"], f"{tag}: {r['num_pairs']} pairs incl. padding"
+        if r["backend"] == "nccl_a2a" and not case.static:
+            # once per destination rank: exactly the rows whose token has an expert here
+            assert r["rows_received"] == r["rows_expected"], f"{tag}: {r['rows_received']} rows"
+        if r["backend"] == "allgather" and not case.static:
+            tokens = r["tokens"]
+            if case.gather != "auto":
+                assert r["padded"] == (case.gather == "padded"), tag
+            per_rank = max(tokens) if r["padded"] else tokens[r["rank"]]
+            assert r["rows_received"] == (world * max(tokens) if r["padded"] else sum(tokens)), tag
+            assert r["dispatch_bytes"] == (world - 1) * per_rank * r["row_bytes"], tag
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_backends_match_reference_over_gloo(world):
+    results = _gloo(world)
+    for per_rank in results:
+        _check_cases(per_rank["cases"], world)
+        if per_rank["after"] is not None:
+            _check_cases([per_rank["after"]], world)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_layer_logits_capture_and_routed_mode(world):
+    for rank, per_rank in enumerate(_gloo(world)):
+        for name, r in per_rank["layer"].items():
+            assert r["finite"], f"{name} rank {rank}: NaN rows"
+            assert r["same_ids"], f"{name} rank {rank}: captured ids differ from the single-rank layer"
+            assert r["err"] <= EXACT_TOL, f"{name} rank {rank}: rel err {r['err']:.3g}"
+            assert r["routed_err"] <= EXACT_TOL, f"{name} rank {rank}: routed rel err {r['routed_err']:.3g}"
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_bad_inputs_raise_on_every_rank_naming_the_rank(world):
+    expect = {"hidden": ("hidden", "rank 1: 48"), "config": ("config", "rank 0"),
+              "payload": ("payload", f"rank {world - 1}: 1"), "ids": ("routing ids", f"[{world - 1}]"),
+              "dtype": ("x dtype", "rank 0: 1")}
+    for per_rank in _gloo(world):
+        for name, msgs in per_rank["bad"].items():
+            for key, words in expect.items():
+                for word in words:
+                    assert word in msgs[key], f"{name} {key}: {msgs[key]!r} lacks {word!r}"
+
+
+def test_virtual_ranks_match_gloo():
+    for world in (3, 6, 8):
+        per_rank = VirtualGroup(world, timeout=60).run(
+            lambda g: [_run_case(g, c, n) for c in CASES for n in BACKENDS])
+        for rows in per_rank:
+            _check_cases(rows, world)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_one_rank_without_a_group(name):
+    rows = [_run_case(None, c, name) for c in CASES]
+    _check_cases(rows, 1)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_static_shapes_over_the_bound_names_the_rank(name):
+    def body(g):
+        placement = Placement.contiguous(CFG.num_experts, g.world)
+        b = get_comm(name)(CFG, g, placement, static_shapes=True, max_tokens_per_rank=4)
+        assert not b.needs_host_sync
+        T = 6 if g.rank == 1 else 2
+        x, ids = torch.randn(T, CFG.hidden), torch.arange(CFG.top_k, dtype=torch.int32).repeat(T, 1)
+        b.dispatch(x, Routing(ids, torch.ones(T, CFG.top_k)))
+
+    with pytest.raises(VirtualGroupError, match=r"virtual rank 1 failed.*T=6 exceeds max_tokens_per_rank=4"):
+        VirtualGroup(2, timeout=5).run(body)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_construction_errors(name):
+    cls = get_comm(name)
+    assert cls.needs_host_sync and cls.layouts == ("dp",)
+    group = SimpleNamespace(rank=0, world=3)
+    with pytest.raises(ValueError, match="not divisible by the EP world size 3"):
+        MoELayer.from_global(CFG.replace(num_experts=10), _full(CFG.replace(num_experts=10)), group, comm=name)
+    with pytest.raises(ValueError, match="placement covers 24 experts on 2 ranks"):
+        cls(CFG, group, Placement.contiguous(24, 2))
+    with pytest.raises(ValueError, match="supported payloads: bf16, fp8, fp8_block, nvfp4"):
+        cls(CFG, group, Placement.contiguous(24, 3), payload="int4")
+    with pytest.raises(ValueError, match="static_shapes needs max_tokens_per_rank"):
+        cls(CFG, group, Placement.contiguous(24, 3), static_shapes=True)
+    with pytest.raises(ValueError, match="combine_dtype"):
+        cls(CFG, group, Placement.contiguous(24, 3), combine_dtype=torch.float16)
+    with pytest.raises(ValueError, match="nvfp4 payloads need hidden % 16"):
+        cls(CFG.replace(hidden=40), group, Placement.contiguous(24, 3), payload="nvfp4")
+    # options handed to several backends at once (comm="auto", benchmarks) reach this one
+    opts = {"max_tokens_per_rank": 8, "payload": "fp8", "combine_dtype": "bf16", "static_shapes": True, "x": 1}
+    assert accepted_options(cls, opts) == {k: v for k, v in opts.items() if k != "x"}
+    if name == "allgather":
+        with pytest.raises(ValueError, match="gather must be one of"):
+            cls(CFG, group, Placement.contiguous(24, 3), gather="ring")
+
+
+def test_once_per_destination_rank_moves_fewer_bytes_than_once_per_expert():
+    """Top-8 of 256 experts over 4 ranks: rows per token ~3.6, not 8 (the ~2.2x of the issue)."""
+    cfg = CFG.replace(num_experts=256, top_k=8)
+    case = replace(Case("bytes", (64, 64, 64, 64)), top_k=8)
+
+    def body(g):
+        p = Placement.contiguous(256, 4)
+        b = get_comm("nccl_a2a")(cfg, g, p)
+        gen = _gen(case, g.rank)
+        ids = torch.rand(64, 256, generator=gen).argsort(dim=1)[:, :8].to(torch.int32)
+        d = b.dispatch(torch.randn(64, cfg.hidden, generator=gen), Routing(ids, torch.ones(64, 8)))
+        return d.hidden.shape[0]
+
+    rows = sum(VirtualGroup(4).run(body))
+    ratio = 4 * 64 * 8 / rows
+    assert 2.0 < ratio < 2.4, ratio
+
+
+def test_bench_comm_rows_and_bytes():
+    from epmoe.bench.comm import bench_comm
+
+    W, tokens = 2, [1, 6]
+
+    def body(g):
+        return bench_comm(CFG, BACKENDS, tokens, g, torch.float32, payload="fp8", iters=2, warmup=1, link_gbps=100.0)
+
+    rows = VirtualGroup(W).run(body)[0]
+    assert [(r["backend"], r["tokens"]) for r in rows] == [(n, t) for n in BACKENDS for t in tokens]
+    row_bytes = row_layout(CFG, "fp8", torch.float32).nbytes
+    for r in rows:
+        assert r["payload"] == "fp8" and r["dispatch_us"] > 0 and r["combine_us"] > 0
+        assert r["bytes_per_rank"] == r["dispatch_bytes"] + r["combine_bytes"]
+        assert r["link_frac"] == pytest.approx(r["GB/s"] / 100.0)
+        if r["backend"] == "allgather":  # every token to the one other rank, fp32 partials back
+            assert r["dispatch_bytes"] == (W - 1) * r["tokens"] * row_bytes
+            assert r["combine_bytes"] == (W - 1) * r["tokens"] * CFG.hidden * 4
+        else:  # at most once per other rank
+            assert r["dispatch_bytes"] <= (W - 1) * r["tokens"] * row_bytes
