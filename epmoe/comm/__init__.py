@@ -3,7 +3,12 @@
 Importing this package registers every backend; `get_comm(name)` returns its class.
 """
 
-from epmoe.comm import none  # noqa: F401  (registers "none")
+from epmoe.comm import (
+    allgather,  # noqa: F401  (registers "allgather")
+    nccl_a2a,  # noqa: F401  (registers "nccl_a2a")
+    none,  # noqa: F401  (registers "none")
+    symmetric,  # noqa: F401  (registers "symm_a2a")
+)
 from epmoe.comm.base import CommBackend, Dispatched
 from epmoe.comm.registry import COMM_BACKENDS, accepted_options, get_comm, register_comm
 

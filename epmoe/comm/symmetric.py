@@ -1,0 +1,811 @@
+"""`symm_a2a`: one-sided all-to-all over memory every rank can write (symmetric memory).
+
+Each rank owns one workspace buffer that every peer can read and write: torch symmetric memory
+on GPUs of one node, plain device allocations shared in one table for a `VirtualGroup` (W ranks
+in one process), a file in /dev/shm mapped by every gloo process on the CPU. A call is
+
+    dispatch_send   home s, for every destination rank r (itself included):
+                      rows:  for each token t that picks an expert on r, copy x[t] once (bf16,
+                             or the quantized payload with its scales) into r's slot [s, t]
+                      meta:  for every t < T: the local expert ids on r (k order, -1 padded to
+                             Kl) and their router weights -> r's meta[s, t]
+                      count: T -> r's count[s];  then release-store seq -> r's dispatch flag[s]
+    dispatch_recv   rank r: acquire-wait until dispatch flag[s] == seq for every s (bounded);
+                      pairs (s, t, j) for t < count[s] with meta id >= 0 go to the experts
+    experts         out[(s * Tm + t) * Kl + j] for every pair (padding pairs ignored)
+    combine_send    rank r: partial[s, t] = sum_j w[s, t, j] * out[(s, t, j)]  (fp32, j order)
+                      into r's own comb_out[s, t]; then release-store seq -> s's combine flag[r]
+    combine_recv    home s: acquire-wait until combine flag[r] == seq for every r (bounded);
+                      y[t] = sum over r in rank order of r's comb_out[s, t] for the ranks t
+                      picked, in fp32, cast once
+
+Slots are indexed by the source token itself (slot [s, t]), so a sender needs no prefix sum
+over its tokens, the home knows where its partial sums sit without any handle state, and every
+kernel's grid is fixed by T and the workspace shape: a call can be captured in a CUDA graph.
+
+Sequence numbers instead of barriers: call n uses seq = n mod (2^31 - 1) + 1 (never 0, the value
+a fresh workspace holds). Waits test flag == seq, so nothing is reset and wrapping is safe: a
+flag a reader waits on is always either the previous call's value or this call's, because
+
+    * s writes r's slots for call n+1 only after s's combine_recv(n), which waited for r's
+      combine flag n, which r raised after its experts and combine_send(n) read those slots;
+    * r writes comb_out for call n+1 only after dispatch_recv(n+1) saw s's flag n+1, which s
+      raised after its combine_recv(n) had read r's comb_out.
+
+So a call is always dispatch followed by combine; a second dispatch without a combine raises.
+A rank with zero tokens still writes count 0 and raises its flags (no dummy token). Every wait
+is bounded by `timeout_s`: on the host (torch transport) a `SymmTimeoutError` names the ranks
+whose flags never showed the call's sequence number; in the Triton kernels the waiting program
+records the silent ranks in an error word, later waits of the call skip, and `check()` (run
+after every eager call unless check_errors=False) raises the same error. A backend that timed
+out is broken for good: its peers' state is unknown, so later calls raise at once.
+
+Workspace layout (one buffer per rank, each region aligned to 128 bytes; W ranks, Tm =
+max_tokens_per_rank, H hidden, Kl = min(top_k, E_local) local experts a token can pick on one
+rank):
+
+    flags     int32 [3, W]     [0, s] dispatch flag written by source s; [1, r] combine flag
+                               written by expert rank r; [2, s] token count of source s
+    meta_ids  int32 [W, Tm, Kl] local expert ids of slot [s, t] (-1 = none)
+    meta_w    fp32  [W, Tm, Kl] their router weights
+    data      [W * Tm, D] bytes row payload: bf16 -> H * itemsize; fp8/fp8_block -> H;
+                               nvfp4 -> H / 2 (two e2m1 codes a byte)
+    scales    [W * Tm, S] bytes fp8: 4 (fp32 per row); fp8_block: 4 * ceil(H / 128);
+                               nvfp4: H / 16 (e4m3 per 16 values); bf16: none
+    gscale    fp32 [W * Tm]    nvfp4 global scale per row (rows of several ranks are mixed)
+    comb_out  [W, Tm, H]       partial sums for home s, combine dtype (fp32 by default)
+
+    bytes per rank = 12 W + W * Tm * (8 Kl + D + S + G + H * c) (+ alignment)
+    G = 4 for nvfp4 else 0, c = combine dtype size (4 for fp32, 2 for bf16)
+
+e.g. DeepSeek-V3 (H 7168, Kl 8, W 8), per rank: Tm 128 with bf16 rows and fp32 combine 42.1 MiB
+(fp8 35.1, nvfp4 32.0; bf16 combine saves 14 MiB); Tm 4096: 1346 MiB (nvfp4 1024).
+`SymmA2A.workspace_bytes(...)` evaluates it without building anything.
+
+CPU memory ordering (shm transport): payload and meta are written by torch ops, then the flag by
+one aligned 4-byte store; the reader loads the flag, then the payload. x86-64 keeps stores in
+program order and loads in program order (TSO), and the torch calls are opaque to the compiler,
+so a reader that sees the flag sees the payload. On weakly ordered hosts (Arm) this transport
+would need fences; it exists to test the protocol on CPU, the GPU path uses release/acquire
+atomics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from epmoe.comm.base import CommBackend, Dispatched, count_experts, weighted_sum
+from epmoe.comm.registry import register_comm
+from epmoe.config import MoEConfig
+from epmoe.group import EPGroup, Placement, RankGroup
+from epmoe.routing import Routing
+
+PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
+SEQ_WRAP = 2**31 - 1  # sequence numbers run 1 .. SEQ_WRAP, then 1 again
+ALIGN = 128
+FP8_GROUP = 128
+NVFP4_BLOCK = 16
+DEFAULT_MAX_TOKENS = 128  # decode batches; prefill callers pass max_tokens_per_rank
+
+
+def next_seq(seq: int) -> int:
+    """The sequence number of the call after `seq` (0 = no call yet)."""
+    return seq % SEQ_WRAP + 1
+
+
+class SymmTimeoutError(RuntimeError):
+    """A wait for peers' flags ran past timeout_s; the message names the silent ranks."""
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def payload_row_bytes(payload: str, hidden: int, itemsize: int) -> tuple[int, int, int]:
+    """(data, scales, global scale) bytes per row on the wire for `payload`."""
+    if payload == "bf16":
+        return hidden * itemsize, 0, 0
+    if payload == "fp8":
+        return hidden, 4, 0
+    if payload == "fp8_block":
+        return hidden, 4 * math.ceil(hidden / FP8_GROUP), 0
+    if payload == "nvfp4":
+        if hidden % NVFP4_BLOCK:
+            raise ValueError(f"nvfp4 payloads need hidden % 16 == 0, got hidden={hidden}")
+        return hidden // 2, hidden // NVFP4_BLOCK, 4
+    raise ValueError(f"unknown payload {payload!r}; choose one of {PAYLOADS}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte offsets of the regions of one rank's workspace (identical on every rank)."""
+
+    world: int
+    max_tokens: int
+    hidden: int
+    slot_experts: int  # Kl
+    payload: str
+    dtype: torch.dtype  # activation dtype of bf16 payload rows
+    combine_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        d, s, g = payload_row_bytes(self.payload, self.hidden, self.dtype.itemsize)
+        W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
+        slots = W * Tm
+        sizes = [
+            ("flags", 3 * W * 4),
+            ("meta_ids", slots * Kl * 4),
+            ("meta_w", slots * Kl * 4),
+            ("data", slots * d),
+            ("scales", slots * s),
+            ("gscale", slots * g),
+            ("comb_out", slots * H * self.combine_dtype.itemsize),
+        ]
+        off = 0
+        offsets = {}
+        for name, n in sizes:
+            offsets[name] = off
+            off += _align(n)
+        object.__setattr__(self, "offsets", offsets)
+        object.__setattr__(self, "row_bytes", (d, s, g))
+        object.__setattr__(self, "nbytes", off)
+
+    offsets: dict = field(init=False, repr=False)  # region -> byte offset
+    row_bytes: tuple = field(init=False, repr=False)  # (D, S, G) bytes per row
+    nbytes: int = field(init=False)
+
+    def views(self, buf: torch.Tensor) -> RankViews:
+        """Typed views of one rank's workspace bytes `buf` [nbytes] uint8."""
+        W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
+        o, (d, s, g) = self.offsets, self.row_bytes
+
+        def region(name: str, nbytes: int) -> torch.Tensor:
+            return buf[o[name]: o[name] + nbytes]
+
+        slots = W * Tm
+        return RankViews(
+            flags=region("flags", 3 * W * 4).view(torch.int32).view(3, W),
+            meta_ids=region("meta_ids", slots * Kl * 4).view(torch.int32).view(W, Tm, Kl),
+            meta_w=region("meta_w", slots * Kl * 4).view(torch.float32).view(W, Tm, Kl),
+            data=region("data", slots * d).view(slots, d),
+            scales=region("scales", slots * s).view(slots, s),
+            gscale=region("gscale", slots * g).view(torch.float32).view(slots, g // 4),
+            comb_out=region("comb_out", slots * H * self.combine_dtype.itemsize)
+            .view(self.combine_dtype).view(W, Tm, H),
+        )
+
+
+@dataclass
+class RankViews:
+    """One rank's workspace as tensors (see the module docstring for each region)."""
+
+    flags: torch.Tensor  # int32 [3, W]
+    meta_ids: torch.Tensor  # int32 [W, Tm, Kl]
+    meta_w: torch.Tensor  # fp32 [W, Tm, Kl]
+    data: torch.Tensor  # uint8 [W*Tm, D]
+    scales: torch.Tensor  # uint8 [W*Tm, S]
+    gscale: torch.Tensor  # fp32 [W*Tm, G/4]
+    comb_out: torch.Tensor  # combine dtype [W, Tm, H]
+
+
+@dataclass
+class SymmHandle:
+    """What combine needs from a dispatch.
+
+    ids:        [T, K] int32 global expert ids of this rank's tokens (the ranks they went to;
+                -1 = a masked pair, sent nowhere).
+    num_tokens: T.
+    dtype:      the output dtype (x's).
+    seq:        the call's sequence number (host copy; the Triton path keeps its own on the
+                device so that graph replays advance it).
+    """
+
+    ids: torch.Tensor
+    num_tokens: int
+    dtype: torch.dtype
+    seq: int
+
+
+# ---------------------------------------------------------------------------------------
+# transports: how the W workspaces are created and mapped
+# ---------------------------------------------------------------------------------------
+
+_MAILBOX: dict[int, list[Any]] = {}
+_MAILBOX_LOCK = threading.Lock()
+
+
+def _shared_key(group: RankGroup | None) -> int:
+    """A random key every rank agrees on (rank 0's)."""
+    key = secrets.randbits(62)
+    if group is None or group.world == 1:
+        return key
+    return int(group.all_gather_ints([key])[0][0])
+
+
+def _exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
+    """Every rank's `value`, for ranks that live in one process (a VirtualGroup)."""
+    if group is None or group.world == 1:
+        return [value]
+    key = _shared_key(group)
+    with _MAILBOX_LOCK:
+        box = _MAILBOX.setdefault(key, [None] * group.world)
+        box[group.rank] = value
+    group.barrier()
+    values = list(_MAILBOX[key])
+    group.barrier()
+    if group.rank == 0:
+        with _MAILBOX_LOCK:
+            _MAILBOX.pop(key, None)
+    return values
+
+
+def _map_shm(group: RankGroup, nbytes: int) -> list[torch.Tensor]:
+    """W workspaces in one /dev/shm file that every process maps; unlinked once all mapped."""
+    key = _shared_key(group)
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+    path = os.path.join(root, f"epmoe-symm-{key:x}-w{group.world}")
+    total = nbytes * group.world
+    if group.rank == 0:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, total)  # zero-filled
+        finally:
+            os.close(fd)
+    group.barrier()
+    try:
+        buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+    finally:
+        group.barrier()  # everyone has mapped it
+        if group.rank == 0:
+            os.unlink(path)
+    return list(buf.view(group.world, nbytes).unbind(0))
+
+
+def _map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[list[torch.Tensor], Any]:
+    """W workspaces in torch symmetric memory (one GPU per rank, one NVLink domain)."""
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    buf.zero_()
+    pg = group.pg or dist.group.WORLD
+    handle = symm_mem.rendezvous(buf, pg.group_name)
+    peers = [buf if r == group.rank else handle.get_remote_tensor(r, (nbytes,), torch.uint8)
+             for r in range(group.world)]
+    return peers, handle
+
+
+# ---------------------------------------------------------------------------------------
+# the protocol in plain torch (the reference twin of kernels/symm_a2a.py)
+# ---------------------------------------------------------------------------------------
+
+
+def quantize_rows(x: torch.Tensor, payload: str, backend: str = "torch") -> tuple[torch.Tensor, ...]:
+    """x [T, H] -> (data, scales, gscale) byte/float rows as the wire carries them:
+    data uint8 [T, D], scales uint8 [T, S], gscale fp32 [T, G/4] (per-tensor scales repeated
+    per row, so rows from different ranks can sit side by side)."""
+    T = x.shape[0]
+    if payload == "bf16":
+        data = x.contiguous().view(torch.uint8).view(T, x.shape[1] * x.element_size())
+        return data, x.new_empty(T, 0, dtype=torch.uint8), x.new_empty(T, 0, dtype=torch.float32)
+    from epmoe.quant import quantize_activations
+
+    q = quantize_activations(x, payload, backend=backend)
+    data = q.data.contiguous().view(torch.uint8)
+    scales = q.scales.float() if payload != "nvfp4" else q.scales
+    rows = torch.empty((T, scales.shape[1]), dtype=scales.dtype, device=x.device)
+    rows.copy_(scales.expand(T, scales.shape[1]))  # per-tensor scales: one copy per row
+    scales = rows.view(torch.uint8).view(T, rows.shape[1] * rows.element_size())
+    g = x.new_empty(T, 0, dtype=torch.float32)
+    if payload == "nvfp4":
+        g = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+        g.copy_(q.global_scale.float().reshape(-1, 1).expand(T, 1))
+    return data, scales, g
+
+
+def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, world: int, kl: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per destination rank: (meta ids [W, T, Kl] int32 local ids in k order, -1 padded;
+    meta weights [W, T, Kl] fp32, 0 where padded; has [W, T] bool: t picks an expert on r)."""
+    T, K = ids.shape
+    ranks, local = _owners(ids, placement)  # [T, K] each, -1 for masked pairs
+    r = torch.arange(world, device=ids.device).view(world, 1, 1)
+    sel = ranks.unsqueeze(0) == r  # [W, T, K]
+    order = torch.sort((~sel).to(torch.int8), dim=2, stable=True).indices[..., :kl]  # selected first
+    valid = sel.gather(2, order)  # [W, T, Kl]
+    meta_ids = torch.where(valid, local.unsqueeze(0).expand(world, T, K).gather(2, order), -1)
+    meta_w = torch.where(valid, weights.unsqueeze(0).expand(world, T, K).gather(2, order), 0.0)
+    return meta_ids.to(torch.int32), meta_w.float(), sel.any(dim=2)
+
+
+def _owners(ids: torch.Tensor, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank, local index) of each id; -1 for masked pairs (id -1)."""
+    long = ids.long().clamp_min(0)
+    masked = ids < 0
+    ranks = placement.expert_rank.to(ids.device)[long].masked_fill(masked, -1)
+    local = placement.expert_local.to(ids.device)[long].masked_fill(masked, -1)
+    return ranks, local
+
+
+def wait_flags(flags: torch.Tensor, seq: int, timeout_s: float, what: str) -> None:
+    """Poll `flags` [W] until every entry equals seq; SymmTimeoutError naming the others."""
+    deadline = time.monotonic() + timeout_s
+    spins = 0
+    while True:
+        missing = [s for s, v in enumerate(flags.tolist()) if v != seq]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise SymmTimeoutError(
+                f"{what} (sequence number {seq}) timed out after {timeout_s}s: ranks {missing} never "
+                "signalled (they crashed, are slower than timeout_s, or did not make this call)"
+            )
+        spins += 1
+        time.sleep(0 if spins < 64 else 50e-6)
+
+
+def dispatch_send_torch(peers: list[RankViews], rank: int, rows: tuple[torch.Tensor, ...],
+                        meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seq: int, max_tokens: int) -> None:
+    """Write this rank's rows, meta and count into every peer's slots, then raise its flags."""
+    data, scales, gscale = rows
+    meta_ids, meta_w, has = meta
+    T = data.shape[0]
+    base = rank * max_tokens
+    for r, peer in enumerate(peers):
+        peer.meta_ids[rank, :T] = meta_ids[r]
+        peer.meta_w[rank, :T] = meta_w[r]
+        t = has[r].nonzero().flatten()
+        if t.numel():
+            peer.data[base + t] = data[t]
+            if scales.shape[1]:
+                peer.scales[base + t] = scales[t]
+            if gscale.shape[1]:
+                peer.gscale[base + t] = gscale[t]
+        peer.flags[2, rank] = T
+    for peer in peers:  # flags last: a peer that sees one sees everything above
+        peer.flags[0, rank] = seq
+
+
+def dispatch_recv_torch(own: RankViews, seq: int, timeout_s: float, rank: int) -> torch.Tensor:
+    """Wait for every source's flag; return the pair expert ids [W * Tm * Kl] (-1 = padding)."""
+    wait_flags(own.flags[0], seq, timeout_s, f"symm_a2a rank {rank}: dispatch")
+    W, Tm, Kl = own.meta_ids.shape
+    counts = own.flags[2].clone()  # [W]
+    live = torch.arange(Tm, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)  # [W, Tm]
+    return torch.where(live.unsqueeze(-1), own.meta_ids, -1).reshape(-1)
+
+
+def combine_send_torch(own: RankViews, peers: list[RankViews], rank: int, expert_out: torch.Tensor,
+                       seq: int) -> None:
+    """Weighted fp32 partial sums of every (source, token) slot into own comb_out, then flags."""
+    W, Tm, Kl = own.meta_ids.shape
+    out = expert_out.view(W, Tm, Kl, -1)
+    counts = own.flags[2].tolist()
+    for s in range(W):
+        n = counts[s]
+        if n:
+            ids = own.meta_ids[s, :n]  # [n, Kl]
+            acc = weighted_sum(out[s, :n].reshape(n * Kl, -1), own.meta_w[s, :n], ids >= 0, n, Kl)
+            own.comb_out[s, :n] = acc.to(own.comb_out.dtype)
+    for peer in peers:
+        peer.flags[1, rank] = seq
+
+
+def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: torch.Tensor,
+                       placement: Placement, seq: int, timeout_s: float) -> torch.Tensor:
+    """Wait for every expert rank's flag; y [T, H] fp32 = partial sums added in rank order."""
+    wait_flags(own.flags[1], seq, timeout_s, f"symm_a2a rank {rank}: combine")
+    T = ids.shape[0]
+    H = own.comb_out.shape[-1]
+    ranks = _owners(ids, placement)[0]  # [T, K]
+    acc = torch.zeros(T, H, dtype=torch.float32, device=ids.device)
+    for r, peer in enumerate(peers):
+        picked = (ranks == r).any(dim=1, keepdim=True)  # [T, 1]
+        acc += torch.where(picked, peer.comb_out[rank, :T].float(), 0.0)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------
+# the backend
+# ---------------------------------------------------------------------------------------
+
+
+@register_comm
+class SymmA2A(CommBackend):
+    """One-sided dispatch/combine through every rank's workspace (see the module docstring).
+
+    Options:
+    max_tokens_per_rank: T limit of one call on one rank; sizes the workspace (default 128).
+    payload:       "bf16" or None (rows as x holds them), "fp8" (per-tensor scale), "fp8_block"
+                   (a scale per 128 values), "nvfp4" (e4m3 scale per 16 values + global).
+    timeout_s:     bound of every wait for peers' flags (default 10 s).
+    device, dtype: where the workspace lives and the dtype of bf16 payload rows; when not
+                   given, taken from the first dispatch's x (whose setup is then collective).
+    combine_dtype: dtype of the partial sums peers read back: torch.float32 / "fp32" (default:
+                   the home rank casts once) or torch.bfloat16 / "bf16" (half the bytes, one
+                   more rounding).
+    impl:          "triton" (CUDA kernels; default on CUDA) or "torch" (the plain-torch twin;
+                   default on CPU; on CUDA it polls flags from the host).
+    check_errors:  read the kernels' error word after every eager combine (a host sync) and
+                   raise on timeouts; with False call `check()` yourself (e.g. after graph
+                   replays).
+    """
+
+    name = "symm_a2a"
+    layouts = ("dp",)
+    needs_host_sync = False
+    payloads = PAYLOADS
+    devices = ("cpu", "cuda")
+    single_node = True
+
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        group: RankGroup | None,
+        placement: Placement,
+        max_tokens_per_rank: int | None = None,
+        payload: str | None = None,
+        timeout_s: float = 10.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        combine_dtype: torch.dtype | str = torch.float32,
+        impl: str = "auto",
+        check_errors: bool = True,
+    ) -> None:
+        super().__init__(cfg, group, placement)
+        max_tokens_per_rank = DEFAULT_MAX_TOKENS if max_tokens_per_rank is None else max_tokens_per_rank
+        payload = payload or "bf16"
+        combine_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(combine_dtype, combine_dtype)
+        if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank <= 0:
+            raise ValueError(f"max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
+        payload_row_bytes(payload, cfg.hidden, 2)  # validates the payload name and H
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if combine_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
+        if impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        self.max_tokens = max_tokens_per_rank
+        self.payload = payload
+        self.timeout_s = float(timeout_s)
+        self.combine_dtype = combine_dtype
+        self.impl = impl
+        self.check_errors = check_errors
+        self.slot_experts = min(cfg.top_k, placement.local_experts)
+        self.seq = 0  # last completed call's sequence number (host copy)
+        self.layout: Layout | None = None
+        self._open: SymmHandle | None = None
+        self._broken: str | None = None
+        if device is not None:
+            device = torch.device(device)
+            self._setup(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+
+    # ---- sizing ----------------------------------------------------------------------------
+
+    @staticmethod
+    def workspace_bytes(cfg: MoEConfig, world: int, max_tokens_per_rank: int, payload: str = "bf16",
+                        dtype: torch.dtype = torch.bfloat16, combine_dtype: torch.dtype = torch.float32,
+                        local_experts: int | None = None) -> int:
+        """Bytes of one rank's workspace (the formula of the module docstring)."""
+        local = local_experts or cfg.num_experts // world
+        return Layout(world, max_tokens_per_rank, cfg.hidden, min(cfg.top_k, local), payload, dtype,
+                      combine_dtype).nbytes
+
+    @property
+    def workspace_nbytes(self) -> int:
+        """Bytes of this rank's workspace (0 before setup)."""
+        return self.layout.nbytes if self.layout is not None else 0
+
+    # ---- construction-time setup -------------------------------------------------------------
+
+    def _setup(self, device: torch.device, dtype: torch.dtype) -> None:
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"symm_a2a rows must be bf16, fp16 or fp32, got {dtype}")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        impl = self.impl if self.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
+        if impl == "triton" and device.type != "cuda" and not _interpreting():
+            raise ValueError("impl='triton' needs a CUDA device (or TRITON_INTERPRET=1); use impl='torch' on the CPU")
+        self.device, self.dtype, self._impl = device, dtype, impl
+        W = self.world
+        self.layout = lay = Layout(W, self.max_tokens, self.cfg.hidden, self.slot_experts, self.payload,
+                                   dtype, self.combine_dtype)
+        self._symm_handle = None
+        self.in_process = not isinstance(self.group, EPGroup)
+        if self.in_process:
+            own = torch.zeros(lay.nbytes, dtype=torch.uint8, device=device)
+            peers = _exchange_local(self.group, own)
+        elif device.type == "cpu":
+            peers = _map_shm(self.group, lay.nbytes)
+        else:
+            peers, self._symm_handle = _map_symmetric(self.group, lay.nbytes, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # zeroed before any peer may write
+        if self.group is not None and W > 1:
+            self.group.barrier()
+        self._buffers = peers  # keeps peer mappings alive as long as this backend
+        self.peers = [lay.views(b) for b in peers]
+        self.own = self.peers[self.rank]
+        Tm, Kl = self.max_tokens, self.slot_experts
+        self._row_ids = torch.arange(W * Tm, dtype=torch.int32, device=device).repeat_interleave(Kl)
+        self._placement_dev = self.placement.to(device)
+        if impl == "triton":
+            self._ptrs = torch.tensor([b.data_ptr() for b in peers], dtype=torch.int64, device=device)
+            # [seq, counter x3, err code, err seq, spare x2] then [2, W] silent-rank flags
+            self._state = torch.zeros(8 + 2 * W, dtype=torch.int32, device=device)
+            self._expert_ids = torch.full((W * Tm * Kl,), -1, dtype=torch.int32, device=device)
+            self._dummy = torch.zeros(4, dtype=torch.float32, device=device)  # stands in for absent planes
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+            self._max_programs = 4 * sms
+            self._use_timer = device.type == "cuda" and not _interpreting()
+            # the interpreter has no %globaltimer: bound its spins instead (about 10k per second)
+            self._timeout_arg = int(self.timeout_s * 1e9) if self._use_timer else max(1, int(self.timeout_s * 1e4))
+
+    def _ensure_setup(self, x: torch.Tensor) -> None:
+        if self.layout is None:
+            self._setup(x.device, x.dtype)
+
+    def destroy(self) -> None:
+        """Drop the workspace (collective: every rank calls it before any peer frees memory)."""
+        if self.layout is not None and self.group is not None and self.world > 1:
+            self.group.barrier()
+        self.layout = None
+        self.peers = []
+        self._buffers = []
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def _check_call(self, x: torch.Tensor, routing: Routing) -> None:
+        if self._broken:
+            raise RuntimeError(f"symm_a2a rank {self.rank} is unusable after an earlier failure: {self._broken}")
+        T = x.shape[0]
+        if T > self.max_tokens:
+            raise ValueError(
+                f"symm_a2a: {T} tokens on rank {self.rank} exceed max_tokens_per_rank={self.max_tokens}, "
+                "the size the workspace was built for; build the layer with a larger "
+                "comm_options['max_tokens_per_rank'] or split the batch"
+            )
+        if x.dim() != 2 or x.shape[1] != self.cfg.hidden:
+            raise ValueError(f"x must be [T, {self.cfg.hidden}], got {tuple(x.shape)}")
+        if routing.ids.shape != (T, self.cfg.top_k):
+            raise ValueError(f"routing must be [{T}, {self.cfg.top_k}], got {tuple(routing.ids.shape)}")
+        if self.layout is not None:
+            if x.device != self.device:
+                raise ValueError(f"x is on {x.device}, the symm_a2a workspace on {self.device}")
+            if self.payload == "bf16" and x.dtype != self.dtype:
+                raise ValueError(f"x is {x.dtype}, the workspace holds {self.dtype} rows; pass dtype= at construction")
+        if self._open is not None:
+            raise RuntimeError("symm_a2a: dispatch called again before combine; every dispatch needs its combine")
+
+    # ---- phases -------------------------------------------------------------------------------
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+        self.dispatch_send(x, routing)
+        if self._phase_barrier():
+            self.group.barrier()
+        return self.dispatch_recv()
+
+    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        self.combine_send(expert_out, dispatched)
+        if self._phase_barrier():
+            self.group.barrier()
+        y = self.combine_recv(dispatched, out)
+        if self.check_errors and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.check()
+        return y
+
+    def _phase_barrier(self) -> bool:
+        """Virtual ranks on one GPU share one stream: a receive kernel spinning ahead of a peer's
+        send would block it, so every rank's send is enqueued before any receive."""
+        return self.in_process and self.device.type == "cuda" and self.world > 1
+
+    def dispatch_send(self, x: torch.Tensor, routing: Routing) -> SymmHandle:
+        """Phase 1: write rows, meta, count and flags into every peer (returns the handle)."""
+        self._check_call(x, routing)
+        self._ensure_setup(x)
+        seq = next_seq(self.seq)
+        handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq)
+        if self._impl == "torch":
+            rows = quantize_rows(x, self.payload)
+            meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
+            dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
+        else:
+            _triton_dispatch_send(self, x, routing)
+        self._open = handle
+        return handle
+
+    def dispatch_recv(self) -> Dispatched:
+        """Phase 2: wait for every source, hand the landed rows to the experts."""
+        h = self._open
+        if h is None:
+            raise RuntimeError("symm_a2a: dispatch_recv without dispatch_send")
+        if self._impl == "torch":
+            try:
+                expert_ids = dispatch_recv_torch(self.own, h.seq, self.timeout_s, self.rank)
+            except SymmTimeoutError as exc:
+                self._broken = str(exc)
+                self._open = None
+                raise
+        else:
+            expert_ids = _triton_dispatch_recv(self)
+        return Dispatched(
+            hidden=self.received_rows(),
+            row_ids=self._row_ids,
+            expert_ids=expert_ids,
+            expert_counts=count_experts(expert_ids, self.placement.local_experts),
+            handle=h,
+        )
+
+    def received_rows(self) -> Any:
+        """[W * Tm, H] rows of the receive buffer (slot [s, t] is row s * Tm + t): a view of
+        the workspace, valid until the next call's dispatch; a QuantizedTensor for quantized
+        payloads (per-row scales)."""
+        v, H, N = self.own, self.cfg.hidden, self.world * self.max_tokens
+        if self.payload == "bf16":
+            return v.data.view(self.dtype)
+        from epmoe.quant import FP8_DTYPE, QuantizedTensor
+
+        if self.payload == "fp8":
+            return QuantizedTensor(v.data.view(FP8_DTYPE), v.scales.view(torch.float32), (1, H), "fp8")
+        if self.payload == "fp8_block":
+            return QuantizedTensor(v.data.view(FP8_DTYPE), v.scales.view(torch.float32), (1, FP8_GROUP),
+                                   "fp8_block")
+        return QuantizedTensor(v.data, v.scales.view(FP8_DTYPE), (1, NVFP4_BLOCK), "nvfp4",
+                               v.gscale.view(N, 1))
+
+    def combine_send(self, expert_out: torch.Tensor, dispatched: Dispatched) -> None:
+        """Phase 3 (expert rank): weighted partial sums into own buffer, flags to every home."""
+        h: SymmHandle = dispatched.handle
+        if h is not self._open:
+            raise RuntimeError("symm_a2a: combine got a Dispatched that is not this backend's open call")
+        M = self._row_ids.shape[0]
+        if expert_out.shape != (M, self.cfg.hidden):
+            raise ValueError(f"expert_out must be [{M}, {self.cfg.hidden}] (one row per pair), got "
+                             f"{tuple(expert_out.shape)}")
+        if self._impl == "torch":
+            combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq)
+        else:
+            _triton_combine_send(self, expert_out)
+
+    def combine_recv(self, dispatched: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Phase 4 (home rank): wait for every expert rank, add partial sums in rank order."""
+        h: SymmHandle = dispatched.handle
+        T, H = h.num_tokens, self.cfg.hidden
+        if out is not None and (out.shape != (T, H) or out.device != self.device):
+            raise ValueError(f"out must be [{T}, {H}] on {self.device}, got {tuple(out.shape)} on {out.device}")
+        try:
+            if self._impl == "torch":
+                acc = combine_recv_torch(self.own, self.peers, self.rank, h.ids, self._placement_dev, h.seq,
+                                         self.timeout_s)
+                y = acc.to(h.dtype) if out is None else out.copy_(acc)
+            else:
+                y = _triton_combine_recv(self, h, out)
+        except SymmTimeoutError as exc:
+            self._broken = str(exc)
+            raise
+        finally:
+            self._open = None
+        self.seq = h.seq
+        return y
+
+    def check(self) -> None:
+        """Raise SymmTimeoutError if a kernel of an earlier call timed out (a host sync on GPU)."""
+        if self._broken:
+            raise SymmTimeoutError(self._broken)
+        if self.layout is None or self._impl != "triton":
+            return
+        state = self._state.tolist()
+        code = state[4]
+        if code:
+            W = self.world
+            silent = state[8:]
+            parts = []
+            for phase, name in ((0, "dispatch"), (1, "combine")):
+                ranks = [r for r in range(W) if silent[phase * W + r]]
+                if ranks:
+                    parts.append(f"{name}: ranks {ranks} never signalled")
+            self._broken = (
+                f"symm_a2a rank {self.rank}: a wait (sequence number {state[5]}) timed out after "
+                f"{self.timeout_s}s; {'; '.join(parts)} (they crashed, are slower than timeout_s, or "
+                "did not make this call)"
+            )
+            raise SymmTimeoutError(self._broken)
+
+
+# ---------------------------------------------------------------------------------------
+# Triton launch wrappers (kernels: epmoe/kernels/symm_a2a.py)
+# ---------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (max(1, n) - 1).bit_length())
+
+
+def _row_warps(hidden: int) -> int:
+    """Warps of the combine kernels, which hold a whole fp32 row in registers: about 32 values
+    per thread (H = 7168 -> 8 warps)."""
+    return max(1, min(16, _pow2(hidden) // 1024))
+
+
+def _tl_dtype(dtype: torch.dtype) -> Any:
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> None:
+    from epmoe.kernels.symm_a2a import symm_dispatch_send_kernel
+
+    lay, o = b.layout, b.layout.offsets
+    T, K, Kl = x.shape[0], b.cfg.top_k, b.slot_experts
+    # the Triton quantizers need whole groups of 128 for fp8_block; the torch twin handles any H
+    fast = x.is_cuda and (b.payload != "fp8_block" or x.shape[1] % 128 == 0)
+    data, scales, gscale = quantize_rows(x, b.payload, backend="triton" if fast else "torch")
+    d_bytes, s_bytes, g_bytes = lay.row_bytes
+    if d_bytes % 4 == 0:  # move 4-byte words, not bytes
+        data = data.view(torch.int32)
+    D = data.shape[1]
+    scales = scales if s_bytes else b._dummy.view(torch.uint8)
+    gscale = gscale if g_bytes else b._dummy
+    p = b._placement_dev
+    symm_dispatch_send_kernel[(max(1, min(T, b._max_programs)),)](
+        b._ptrs, b._state, routing.ids.contiguous(), routing.weights.contiguous(), p.expert_rank, p.expert_local,
+        data, scales, gscale, T, b.rank,
+        o["flags"], o["meta_ids"], o["meta_w"], o["data"], o["scales"], o["gscale"],
+        Tm=b.max_tokens, D=D, D_BYTES=d_bytes, S=s_bytes, G=g_bytes // 4,
+        W=b.world, K=K, K_PAD=_pow2(K), KL=Kl, KL_PAD=_pow2(Kl),
+        BLOCK_D=min(_pow2(D), 2048), BLOCK_S=min(_pow2(max(s_bytes, 1)), 1024),
+    )
+
+
+def _triton_dispatch_recv(b: SymmA2A) -> torch.Tensor:
+    from epmoe.kernels.symm_a2a import symm_dispatch_recv_kernel
+
+    o, Tm, Kl = b.layout.offsets, b.max_tokens, b.slot_experts
+    block_t = min(_pow2(Tm), max(1, 2048 // _pow2(Kl)))
+    symm_dispatch_recv_kernel[(b.world, -(-Tm // block_t))](
+        b._ptrs, b._state, b._expert_ids, b.rank, b._timeout_arg, o["flags"], o["meta_ids"],
+        Tm=Tm, W=b.world, KL=Kl, KL_PAD=_pow2(Kl), BLOCK_T=block_t, USE_TIMER=b._use_timer,
+    )
+    return b._expert_ids
+
+
+def _triton_combine_send(b: SymmA2A, expert_out: torch.Tensor) -> None:
+    from epmoe.kernels.symm_a2a import symm_combine_send_kernel
+
+    o, H = b.layout.offsets, b.cfg.hidden
+    symm_combine_send_kernel[(max(1, min(b.world * b.max_tokens, b._max_programs)),)](
+        b._ptrs, b._state, expert_out.contiguous(), b.rank,
+        o["flags"], o["meta_ids"], o["meta_w"], o["comb_out"],
+        Tm=b.max_tokens, H=H, W=b.world, KL=b.slot_experts, H_PAD=_pow2(H),
+        COMB_DTYPE=_tl_dtype(b.combine_dtype), num_warps=_row_warps(H),
+    )
+
+
+def _triton_combine_recv(b: SymmA2A, h: SymmHandle, out: torch.Tensor | None) -> torch.Tensor:
+    from epmoe.kernels.symm_a2a import symm_combine_recv_kernel
+
+    o, H, T, K = b.layout.offsets, b.cfg.hidden, h.num_tokens, b.cfg.top_k
+    y = out if out is not None else torch.empty(T, H, dtype=h.dtype, device=b.device)
+    if y.stride(-1) != 1:
+        raise ValueError("combine out must have unit stride along H")
+    symm_combine_recv_kernel[(max(1, min(T, b._max_programs)),)](
+        b._ptrs, b._state, h.ids.contiguous(), b._placement_dev.expert_rank, y, y.stride(0) if T else H,
+        T, b.rank, b._timeout_arg, o["flags"], o["comb_out"],
+        Tm=b.max_tokens, H=H, W=b.world, K=K, K_PAD=_pow2(K), H_PAD=_pow2(H),
+        COMB_DTYPE=_tl_dtype(b.combine_dtype), USE_TIMER=b._use_timer, num_warps=_row_warps(H),
+    )
+    return y

@@ -1,0 +1,552 @@
+"""symm_a2a: the one-sided protocol against the single-rank reference.
+
+CPU: gloo processes sharing one /dev/shm workspace file (W = 2, 3, 4), virtual ranks (threads),
+and the Triton kernels through the interpreter. GPU: virtual ranks on one GPU (W = 2, 4, 8),
+CUDA-graph capture and replay, and the bounded wait. Every check compares with an independent
+computation:
+
+* dispatch is exact: rows are filled with their source rank and token index, so each received
+  row is compared bit for bit with what its sender quantized (quantize -> dequantize of the
+  sender's batch), and the pair list with expert ids computed here with plain loops;
+* combine is exact with "experts" that scale a row by a power of two and router weights that
+  are powers of two (every sum is exact in fp32), padding pairs poisoned with NaN;
+* the whole path (reference runner) matches the single-rank reference on the same dequantized
+  rows within EXACT_TOL (only the summation order differs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, VirtualGroup
+from epmoe.comm.symmetric import SEQ_WRAP, SymmA2A, SymmTimeoutError
+from epmoe.experts.base import as_float
+from epmoe.experts.reference import reference_experts
+from epmoe.routing import Routing
+from tests.dist import run_ranks
+
+CFG = MoEConfig(hidden=32, intermediate=16, num_experts=24, top_k=3)
+TM = 8  # max_tokens_per_rank
+PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
+# fp32 end to end: per-rank partial sums then rank order vs one sum over k.
+EXACT_TOL = 1e-5
+# bf16 rows and weights on the GPU against the fp32 reference: inputs, weights and output each
+# rounded to 8 mantissa bits (2^-9); 2% of the largest output covers them over H = 32, I = 16.
+GPU_TOL = 2e-2
+
+
+@dataclass(frozen=True)
+class Case:
+    """tokens: per rank (first W used). routing: random | skew | one_rank | masked."""
+
+    name: str
+    tokens: tuple[int, ...]
+    routing: str = "random"
+    wrap: bool = False  # start this case's calls just before the sequence numbers wrap
+
+
+CASES = [
+    Case("uneven_empty_rank", (5, 0, 3, 1, 7, 2, 0, 4)),
+    Case("t1", (1,) * 8),
+    Case("full", (TM,) * 8, routing="skew"),
+    Case("one_rank", (6, 2, 0, 5, 1, 1, 3, 2), routing="one_rank"),
+    Case("masked", (7, 4, 6, 0, 3, 3, 3, 3), routing="masked"),
+    Case("all_empty", (0,) * 8),
+    Case("wrap", (2, 3, 1, 0, 2, 2, 2, 2), wrap=True),
+]
+
+
+def _gen(case: Case, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{case.name}/{rank}".encode()))
+
+
+def inputs(case: Case, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] fp32 filled with (rank, token) codes; ids [T, K] int32 (-1 = masked pair);
+    weights [T, K] fp32 powers of two (NaN on masked pairs)."""
+    g = _gen(case, rank)
+    T, E, K, H = case.tokens[rank], CFG.num_experts, CFG.top_k, CFG.hidden
+    code = (rank * 16 + torch.arange(T, dtype=torch.float32) + 1).unsqueeze(1)  # [T, 1]
+    pattern = (1 + torch.arange(H) % 3).float() * torch.where(torch.arange(H) % 2 == 0, 1.0, -1.0)  # [H]
+    x = code * pattern
+    if case.routing == "one_rank":
+        per = E // world
+        ids = torch.rand(T, per, generator=g).argsort(dim=1)[:, :K] + per * (world - 1)
+    elif case.routing == "skew":  # most picks on rank 0's experts
+        pop = torch.where(torch.arange(E) < E // world, 20.0, 1.0)
+        ids = torch.multinomial(pop.expand(T, E), K, replacement=False, generator=g) if T else torch.zeros(0, K)
+    else:
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K]
+    ids = ids.to(torch.int32)
+    weights = (2.0 ** -(torch.randint(0, 4, (T, K), generator=g))).float()
+    if case.routing == "masked" and T:
+        ids[::3] = -1
+        ids[1::3, 1] = -1
+        weights = torch.where(ids < 0, float("nan"), weights)
+    return x, ids, weights
+
+
+def dequantized(x: torch.Tensor, payload: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """What receivers see of x: the sender's quantize -> dequantize, on the sender's device
+    (fp32 on the CPU). The device matters: on an H200, CUDA's fp8 rows differed from the CPU's
+    quantization of the same bf16 rows (scale rounding), so compare with the sender's own."""
+    if payload == "bf16":
+        return x.float()
+    from epmoe.quant import quantize_activations
+
+    x = x.to(device)
+    backend = "torch" if payload == "fp8_block" and x.shape[1] % 128 else "auto"
+    return quantize_activations(x, payload, backend=backend).dequantize(torch.float32).cpu()
+
+
+def expected_slots(all_ids: list[torch.Tensor], rank: int, placement: Placement, kl: int) -> torch.Tensor:
+    """[W, TM, Kl] local expert ids this rank must receive (k order, -1 padded), by plain loops."""
+    W = len(all_ids)
+    want = torch.full((W, TM, kl), -1, dtype=torch.int32)
+    for s, ids in enumerate(all_ids):
+        for t in range(ids.shape[0]):
+            j = 0
+            for e in ids[t].tolist():
+                if e >= 0 and int(placement.expert_rank[e]) == rank:
+                    want[s, t, j] = int(placement.expert_local[e])
+                    j += 1
+    return want
+
+
+def synthetic_experts(d, hidden_dtype: torch.dtype) -> torch.Tensor:
+    """out[p] = row * 2^(e % 3) for valid pairs, NaN for padding pairs."""
+    rows = as_float(d.hidden)[d.row_ids.long()]  # [M, H]
+    factor = 2.0 ** (d.expert_ids.clamp_min(0) % 3).float()
+    out = torch.where((d.expert_ids >= 0).unsqueeze(1), rows * factor.unsqueeze(1), float("nan"))
+    return out.to(hidden_dtype)
+
+
+def synthetic_reference(xq: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        placement: Placement) -> torch.Tensor:
+    """y[t] = sum_k w[t, k] * 2^(local(e) % 3) * xq[t] over unmasked k (exact in fp32)."""
+    local = placement.expert_local[ids.long().clamp_min(0)]
+    factor = torch.where(ids >= 0, weights * 2.0 ** (local % 3).to(weights.dtype), 0.0)  # [T, K]
+    return xq * factor.sum(dim=1, keepdim=True)
+
+
+def reference_output(xq: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, full: ExpertWeights) -> torch.Tensor:
+    """Single-rank oracle over unmasked pairs, fp32 [T, H]."""
+    T, K = ids.shape
+    rows = torch.arange(T, dtype=torch.int32).repeat_interleave(K)
+    out = reference_experts(xq, rows, ids.reshape(-1), full, CFG).view(T, K, CFG.hidden)
+    return torch.where((ids >= 0)[..., None], out * weights[..., None], 0.0).sum(dim=1)
+
+
+def _full() -> ExpertWeights:
+    return ExpertWeights.random(CFG, CFG.num_experts, generator=torch.Generator().manual_seed(0))
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if ref.numel() == 0:
+        return 0.0
+    return (y.to(ref.dtype).cpu() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+
+
+def check_case(b: SymmA2A, case: Case, rank: int, world: int, full: ExpertWeights, local: ExpertWeights,
+               device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Run one case on this rank (dispatch/combine twice, exact and through the reference
+    runner); return the failures found (empty = all good)."""
+    placement = b.placement
+    errors: list[str] = []
+    everyone = [inputs(case, s, world) for s in range(world)]
+    x, ids, weights = everyone[rank]
+    T = x.shape[0]
+    payload = b.payload
+    tol = EXACT_TOL if dtype == torch.float32 else GPU_TOL
+    if case.wrap:
+        b.seq = SEQ_WRAP - 1  # the next calls use SEQ_WRAP, 1, 2
+        if b._impl == "triton":
+            b._state[0] = SEQ_WRAP - 1
+    routing = Routing(ids.to(device), weights.to(device))
+    # (1) exact dispatch + exact combine with power-of-two experts
+    d = b.dispatch(x.to(device, dtype), routing)
+    want = expected_slots([ids for _, ids, _ in everyone], rank, placement, b.slot_experts)
+    got = d.expert_ids.cpu().view(world, TM, b.slot_experts)
+    if not torch.equal(got, want):
+        errors.append(f"{case.name}/{payload}: expert ids differ")
+    counts = torch.bincount(want[want >= 0].long(), minlength=placement.local_experts).to(torch.int32)
+    if not torch.equal(d.expert_counts.cpu(), counts):
+        errors.append(f"{case.name}/{payload}: expert counts differ")
+    rows = as_float(d.hidden).cpu()  # [W * TM, H]
+    for s, (xs, _, _) in enumerate(everyone):
+        sent = (want[s, : xs.shape[0]] >= 0).any(dim=1).nonzero().flatten()
+        if sent.numel() and not torch.equal(rows[s * TM + sent], dequantized(xs.to(dtype), payload, device)[sent]):
+            errors.append(f"{case.name}/{payload}: rows from rank {s} differ")
+    y = torch.full((T, CFG.hidden), float("nan"), dtype=dtype, device=device)
+    b.combine(synthetic_experts(d, dtype), d, out=y)
+    xq = dequantized(x.to(dtype), payload, device)
+    want_y = synthetic_reference(xq, ids, weights, placement)
+    if payload == "bf16":  # integer rows, power-of-two weights and experts: every sum is exact
+        if not torch.equal(y.cpu(), want_y.to(dtype)):
+            errors.append(f"{case.name}/{payload}: synthetic combine not exact")
+    else:  # dequantized rows carry full fp32 mantissas: sums round, in a different order here
+        want64 = synthetic_reference(xq.double(), ids, weights.double(), placement)
+        if _rel(y.double(), want64) > 1e-6 or (T and not torch.isfinite(y).all()):
+            errors.append(f"{case.name}/{payload}: synthetic combine rel err {_rel(y.double(), want64):.3g}")
+    # (2) the reference runner on this rank's experts vs the single-rank oracle
+    d = b.dispatch(x.to(device, dtype), routing)
+    out = reference_experts(d.hidden, d.row_ids, d.expert_ids, local, CFG)
+    y = b.combine(out.to(dtype) if payload == "bf16" else out, d)
+    err = _rel(y, reference_output(xq, ids, weights, full))
+    if not (err <= tol and y.shape == (T, CFG.hidden)):
+        errors.append(f"{case.name}/{payload}: reference runner rel err {err:.3g}")
+    return errors
+
+
+def _rank_cases(group, payloads: tuple[str, ...], cases: list[Case], device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> list[str]:
+    """One rank of the multi-rank tests: every payload and case on one backend per payload."""
+    device = torch.device(device)
+    full = _full()
+    on_dev = ExpertWeights(full.w13.to(device, dtype), full.w2.to(device, dtype))
+    errors: list[str] = []
+    for payload in payloads:
+        layer = MoELayer.from_global(
+            CFG, on_dev, group, comm="symm_a2a",
+            comm_options={"max_tokens_per_rank": TM, "payload": payload, "timeout_s": 30.0, "device": device,
+                          "dtype": dtype},
+        )
+        b: SymmA2A = layer.comm
+        local = full.select(b.placement.global_ids(group.rank))
+        local = ExpertWeights(local.w13.to(device), local.w2.to(device))
+        # too many tokens: raises before anything is written, and the backend stays usable
+        try:
+            b.dispatch(torch.zeros(TM + 1, CFG.hidden, device=device, dtype=dtype),
+                       Routing(torch.zeros(TM + 1, CFG.top_k, dtype=torch.int32, device=device),
+                               torch.ones(TM + 1, CFG.top_k, device=device)))
+            errors.append("T > max_tokens_per_rank did not raise")
+        except ValueError as exc:
+            if "max_tokens_per_rank=8" not in str(exc):
+                errors.append(f"unexpected message: {exc}")
+        for case in cases:
+            errors += check_case(b, case, group.rank, group.world, full, local, device, dtype)
+        # the whole layer (router logits -> routing -> dispatch -> runner -> combine)
+        g = torch.Generator().manual_seed(7 + group.rank)
+        x, logits = torch.randn(5, CFG.hidden, generator=g), torch.randn(5, CFG.num_experts, generator=g)
+        y = layer(x.to(device, dtype), logits.to(device))
+        ref = MoELayer(CFG, full)(dequantized(x.to(dtype), payload, device), logits)
+        err = _rel(y, ref)
+        if not err <= (EXACT_TOL if dtype == torch.float32 else GPU_TOL):
+            errors.append(f"layer/{payload}: rel err {err:.3g}")
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_gloo_shared_memory_matches_reference(world):
+    for rank, errors in enumerate(run_ranks(_rank_cases, world, args=(PAYLOADS, CASES), timeout=180)):
+        assert not errors, f"rank {rank}: {errors}"
+
+
+def _rank_silent(group, phase: str, silent: tuple[int, ...]) -> str:
+    """Ranks in `silent` skip `phase`; the others must time out naming them, not hang."""
+    b = SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, group.world), max_tokens_per_rank=4,
+                timeout_s=0.3, device="cpu")
+    x, ids, w = inputs(CASES[0], group.rank, group.world)
+    x, ids, w = x[:4], ids[:4], w[:4]
+    if group.rank in silent and phase == "dispatch":
+        return "silent"
+    t0 = time.monotonic()
+    try:
+        d = b.dispatch(x, Routing(ids, w))
+        if group.rank in silent:
+            return "silent"
+        b.combine(torch.zeros(d.num_pairs, CFG.hidden), d)
+    except SymmTimeoutError as exc:
+        took = time.monotonic() - t0
+        try:
+            b.dispatch(x, Routing(ids, w))
+            return "no error after a timeout"
+        except RuntimeError as again:
+            if "unusable" not in str(again):
+                return f"unexpected second error: {again}"
+        return f"{took:.2f}s {exc}"
+    return "no timeout"
+
+
+@pytest.mark.parametrize(("world", "phase", "silent"), [(2, "dispatch", (1,)), (3, "dispatch", (0, 2)),
+                                                       (2, "combine", (1,))])
+def test_peer_that_never_arrives_times_out_naming_it(world, phase, silent):
+    results = run_ranks(_rank_silent, world, args=(phase, silent), timeout=60)
+    for rank, msg in enumerate(results):
+        if rank in silent:
+            assert msg == "silent"
+            continue
+        took, _, text = msg.partition(" ")
+        assert f"ranks {list(silent)} never signalled" in text, msg
+        assert phase in text and "timed out after 0.3s" in text, msg
+        assert float(took[:-1]) < 5, msg
+
+
+def test_virtual_ranks_on_cpu_match_reference():
+    errors = VirtualGroup(3).run(lambda g: _rank_cases(g, ("bf16", "nvfp4"), CASES[:3]))
+    assert not any(errors), errors
+
+
+def test_construction_checks_and_memory_formula():
+    placement = Placement.contiguous(CFG.num_experts, 2)
+    group = None
+    with pytest.raises(ValueError, match="max_tokens_per_rank"):
+        SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, 1), max_tokens_per_rank=0)
+    with pytest.raises(ValueError, match="unknown payload"):
+        SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, 1), payload="int4")
+    with pytest.raises(ValueError, match="nvfp4 payloads need hidden % 16"):
+        SymmA2A(CFG.replace(hidden=40), group, Placement.contiguous(CFG.num_experts, 1), payload="nvfp4")
+    # the docstring's formula, region by region, before 128-byte alignment
+    W, Tm, H, Kl = 2, 16, CFG.hidden, min(CFG.top_k, placement.local_experts)
+    for payload, row in (("bf16", 2 * H), ("fp8", H + 4), ("fp8_block", H + 4), ("nvfp4", H // 2 + H // 16 + 4)):
+        n = SymmA2A.workspace_bytes(CFG, W, Tm, payload, torch.bfloat16)
+        formula = 12 * W + W * Tm * (8 * Kl + row + 4 * H)
+        assert formula <= n <= formula + 7 * 128, (payload, n, formula)
+    ds = MoEConfig.from_preset("deepseek-v3")
+    mib = SymmA2A.workspace_bytes(ds, 8, 128, "bf16") / 2**20
+    assert 42 < mib < 42.2  # the docstring's example
+
+
+def test_one_rank_without_a_group():
+    full = _full()
+    layer = MoELayer(CFG, full, comm="symm_a2a", comm_options={"max_tokens_per_rank": 6})
+    g = torch.Generator().manual_seed(3)
+    for T in (6, 0, 1):
+        x, logits = torch.randn(T, CFG.hidden, generator=g), torch.randn(T, CFG.num_experts, generator=g)
+        assert _rel(layer(x, logits), MoELayer(CFG, full)(x, logits)) <= EXACT_TOL
+    assert layer.comm.seq == 3
+
+
+# ---- the Triton kernels on the CPU interpreter, phase by phase ----------------------------------
+
+interpreted = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton interpreter runs the kernels on the CPU only where no GPU is present",
+)
+
+
+def _virtual_backends(world: int, **options) -> list[SymmA2A]:
+    placement = Placement.contiguous(CFG.num_experts, world)
+    return VirtualGroup(world).run(lambda g: SymmA2A(CFG, g, placement, max_tokens_per_rank=TM, **options))
+
+
+def split_phase_call(bs: list[SymmA2A], xs, routings, expert_fn) -> list[torch.Tensor]:
+    """One call on W virtual ranks from one thread: every send, then every receive."""
+    for b, x, r in zip(bs, xs, routings):
+        b.dispatch_send(x, r)
+    ds = [b.dispatch_recv() for b in bs]
+    outs = [expert_fn(r, d) for r, d in enumerate(ds)]
+    for b, out, d in zip(bs, outs, ds):
+        b.combine_send(out, d)
+    return [b.combine_recv(d) for b, d in zip(bs, ds)]
+
+
+@interpreted
+@pytest.mark.parametrize(("world", "payload"), [(2, "bf16"), (2, "nvfp4"), (3, "fp8"), (3, "fp8_block")])
+def test_triton_kernels_interpreted_match_torch_twin(world, payload):
+    kernels = _virtual_backends(world, payload=payload, impl="triton", device="cpu", dtype=torch.float32)
+    twins = _virtual_backends(world, payload=payload, impl="torch", device="cpu", dtype=torch.float32)
+    for calls, case in enumerate(CASES[:5], start=1):
+        _interpreted_call(kernels, twins, case, payload)
+        assert int(kernels[0]._state[0]) == calls  # the device sequence number advanced once
+
+
+def _interpreted_call(kernels: list[SymmA2A], twins: list[SymmA2A], case: Case, payload: str) -> None:
+    world = len(kernels)
+    everyone = [inputs(case, r, world) for r in range(world)]
+    xs = [x for x, _, _ in everyone]
+    routings = [Routing(i, w) for _, i, w in everyone]
+    seen: dict[str, list] = {}
+
+    def experts(tag):
+        def fn(r, d):
+            seen.setdefault(tag, []).append((d.expert_ids.clone(), as_float(d.hidden).clone()))
+            return synthetic_experts(d, torch.float32)
+        return fn
+
+    ys = split_phase_call(kernels, xs, routings, experts("triton"))
+    want = split_phase_call(twins, xs, routings, experts("torch"))
+    for r in range(world):
+        kid, krows = seen["triton"][r]
+        tid, trows = seen["torch"][r]
+        assert torch.equal(kid, tid)
+        valid = kid.view(world * TM, -1).ge(0).any(dim=1)
+        assert torch.equal(krows[valid], trows[valid])
+        assert torch.equal(ys[r], want[r])
+        xq = dequantized(xs[r], payload).double()
+        want64 = synthetic_reference(xq, everyone[r][1], everyone[r][2].double(), kernels[r].placement)
+        assert _rel(ys[r].double(), want64) <= (0 if payload == "bf16" else 1e-6)
+
+
+@interpreted
+def test_triton_timeout_interpreted_names_the_silent_rank():
+    bs = _virtual_backends(2, impl="triton", device="cpu", dtype=torch.float32, timeout_s=0.02)
+    x, ids, w = inputs(CASES[0], 0, 2)
+    bs[0].dispatch_send(x, Routing(ids, w))
+    bs[0].dispatch_recv()  # rank 1 never sends: the kernel gives up and records it
+    with pytest.raises(SymmTimeoutError, match=r"dispatch: ranks \[1\] never signalled"):
+        bs[0].check()
+
+
+# ---- GPU: virtual ranks on one GPU --------------------------------------------------------------
+
+
+def _compile_once(world: int, device: str, dtype: torch.dtype) -> None:
+    """Launch every kernel variant the threaded test uses from one thread first (Triton compiles
+    each variant once instead of racing to compile it from W threads)."""
+    for payload in PAYLOADS:
+        bs = _virtual_backends(world, payload=payload, impl="triton", device=device, dtype=dtype, timeout_s=30.0)
+        out_dtype = dtype if payload == "bf16" else torch.float32  # the reference runner's output
+        for case in (CASES[0], CASES[1]):
+            ev = [inputs(case, r, world) for r in range(world)]
+            split_phase_call(bs, [x.to(device, dtype) for x, _, _ in ev],
+                             [Routing(i.to(device), w.to(device)) for _, i, w in ev],
+                             lambda r, d, out_dtype=out_dtype: synthetic_experts(d, out_dtype))
+        for b in bs:
+            b.check()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_gpu_virtual_ranks_match_reference(world):
+    _compile_once(world, "cuda", torch.bfloat16)
+    errors = VirtualGroup(world, timeout=120).run(
+        lambda g: _rank_cases(g, PAYLOADS, CASES, device="cuda", dtype=torch.bfloat16))
+    assert not any(errors), errors
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_with_new_routing_and_token_counts():
+    world = 4
+    bs = _virtual_backends(world, impl="triton", device="cuda", dtype=torch.bfloat16, check_errors=False)
+    placement = bs[0].placement
+    graphs = []
+    for tokens in ((TM, 0, 3, 1), (1, 1, 1, 1)):  # one graph per token-count bucket
+        xs = [torch.zeros(t, CFG.hidden, device="cuda", dtype=torch.bfloat16) for t in tokens]
+        ids = [torch.zeros(t, CFG.top_k, device="cuda", dtype=torch.int32) for t in tokens]
+        ws = [torch.zeros(t, CFG.top_k, device="cuda") for t in tokens]
+        ys = [torch.zeros(t, CFG.hidden, device="cuda", dtype=torch.bfloat16) for t in tokens]
+        routings = [Routing(i, w) for i, w in zip(ids, ws)]
+
+        def step(xs=xs, routings=routings, ys=ys):
+            for b, x, r in zip(bs, xs, routings):
+                b.dispatch_send(x, r)
+            ds = [b.dispatch_recv() for b in bs]
+            outs = [synthetic_experts(d, torch.bfloat16) for d in ds]
+            for b, out, d in zip(bs, outs, ds):
+                b.combine_send(out, d)
+            for b, d, y in zip(bs, ds, ys):
+                b.combine_recv(d, out=y)
+
+        for r in range(world):  # valid routing for the warm-up call
+            ids[r].copy_(torch.arange(CFG.top_k, dtype=torch.int32).expand(tokens[r], -1))
+        step()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        graphs.append((g, tokens, xs, ids, ws, ys))
+    for it in range(6):
+        g, tokens, xs, ids, ws, ys = graphs[it % 2]
+        case = Case(f"graph{it}", tokens + (0,) * 4, routing=("random", "one_rank", "masked")[it % 3])
+        everyone = [inputs(case, r, world) for r in range(world)]
+        for r, (x, i, w) in enumerate(everyone):
+            xs[r].copy_(x)
+            ids[r].copy_(i)
+            ws[r].copy_(w)
+        g.replay()
+        torch.cuda.synchronize()
+        for r, (x, i, w) in enumerate(everyone):
+            bs[r].check()
+            want = synthetic_reference(x.to(torch.bfloat16).float(), i, w, placement).to(torch.bfloat16)
+            assert torch.equal(ys[r].cpu(), want), (it, r)
+    assert int(bs[0]._state[0]) == 2 + 6  # two warm-ups + replays advanced the device sequence number
+
+
+@pytest.mark.gpu
+def test_gpu_peer_that_never_arrives_times_out():
+    bs = _virtual_backends(2, impl="triton", device="cuda", dtype=torch.bfloat16, timeout_s=0.2)
+    x, ids, w = inputs(CASES[0], 0, 2)
+    t0 = time.monotonic()
+    bs[0].dispatch_send(x.cuda().bfloat16(), Routing(ids.cuda(), w.cuda()))
+    bs[0].dispatch_recv()
+    torch.cuda.synchronize()
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(SymmTimeoutError, match=r"dispatch: ranks \[1\] never signalled"):
+        bs[0].check()
+
+
+def bench_virtual(world: int = 8, tokens: int = 128, hidden: int = 7168, top_k: int = 8, experts: int = 256,
+                  payload: str = "bf16", iters: int = 20) -> dict:
+    """Dispatch and combine of `world` virtual ranks on one GPU, each phase in a CUDA graph;
+    the data moves through HBM. Returns times (all ranks together) and GB/s of token rows."""
+    cfg = MoEConfig(hidden=hidden, intermediate=128, num_experts=experts, top_k=top_k)
+    placement = Placement.contiguous(experts, world)
+    bs = VirtualGroup(world).run(lambda g: SymmA2A(cfg, g, placement, max_tokens_per_rank=tokens, payload=payload,
+                                                   device="cuda", dtype=torch.bfloat16, check_errors=False))
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(tokens, hidden, generator=g).to("cuda", torch.bfloat16) for _ in range(world)]
+    ids = [torch.rand(tokens, experts, generator=g).argsort(dim=1)[:, :top_k].to("cuda", torch.int32)
+           for _ in range(world)]
+    routings = [Routing(i, torch.full(i.shape, 1.0 / top_k, device="cuda")) for i in ids]
+    M = world * tokens * bs[0].slot_experts
+    outs = [torch.zeros(M, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(world)]
+    ds: list = []
+
+    def dispatch():
+        for b, x, r in zip(bs, xs, routings):
+            b.dispatch_send(x, r)
+        ds[:] = [b.dispatch_recv() for b in bs]
+
+    def combine():
+        for b, out, d in zip(bs, outs, ds):
+            b.combine_send(out, d)
+        for b, d in zip(bs, ds):
+            b.combine_recv(d)
+
+    dispatch()
+    combine()
+    torch.cuda.synchronize()
+    gd, gc = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gd):
+        dispatch()
+    with torch.cuda.graph(gc):
+        combine()
+    times = {"dispatch": [], "combine": []}
+    for _ in range(iters):
+        for name, graph in (("dispatch", gd), ("combine", gc)):
+            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            e.record()
+            e.synchronize()
+            times[name].append(a.elapsed_time(e) * 1e3)
+    for b in bs:
+        b.check()
+    ranks_hit = sum(int((placement.expert_rank.cuda()[i.long()].unsqueeze(-1) == torch.arange(world, device="cuda"))
+                        .any(dim=1).sum()) for i in ids)
+    row = sum(bs[0].layout.row_bytes)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    other = torch.empty_like(big)
+    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    other.copy_(big)
+    a.record()
+    for _ in range(5):
+        other.copy_(big)
+    e.record()
+    e.synchronize()
+    copy_gbs = big.numel() * 5 / (a.elapsed_time(e) * 1e-3) / 1e9  # bytes copied per second
+    return {
+        "world": world, "tokens": tokens, "hidden": hidden, "payload": payload,
+        "dispatch_us": med["dispatch"], "combine_us": med["combine"],
+        "dispatch_GBps": ranks_hit * row / (med["dispatch"] * 1e-6) / 1e9,
+        "combine_GBps": ranks_hit * hidden * 4 * 2 / (med["combine"] * 1e-6) / 1e9,
+        "hbm_copy_GBps": copy_gbs,
+        "workspace_MiB": bs[0].workspace_nbytes / 2**20,
+    }
