@@ -1,0 +1,388 @@
+"""`epmoe bench experts`: the whole experts stage (sort, both GEMMs, activation, rows back in pair
+order) per runner, weight format and token count, next to its roofline.
+
+    roofline = max(bytes of the touched experts' weights / HBM copy bandwidth,
+                   6 * pairs * H * I FLOPs / dense bf16 GEMM rate)
+
+Both ceilings are measured in the same run (a large device-to-device copy counting bytes read
+and written; an 8192^3 bf16 matmul on random data). Runners that need no host sync are timed
+as CUDA-graph replays with the L2 flushed between replays (each replay reads weights from HBM);
+the reference runner syncs, so it is timed eagerly. Tokens are routed uniformly at random
+(top-k distinct experts) or, for `skewed`, with expert popularity ~ 1/rank.
+
+    python -m epmoe.bench.experts --preset qwen3-30b-a3b --tokens 1,16,128,1024,4096,16384
+    python -m epmoe.bench.experts --tune --preset qwen3-30b-a3b --out tuned.json   # retune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epmoe.bench.core import bench, device_name, format_table
+from epmoe.comm.base import count_experts
+from epmoe.config import MoEConfig
+from epmoe.experts import ExpertWeights
+from epmoe.experts.activation import activate
+from epmoe.experts.reference import reference_experts
+from epmoe.experts.triton import (
+    PAIR_MODE_MAX_PAIRS,
+    ExpertsConfig,
+    GemmConfig,
+    bucket_pairs,
+    config_key,
+    select_config,
+    table_file_name,
+    triton_experts,
+)
+
+FORMAT_ALIASES = {"bf16": "bf16", "fp8": "fp8", "fp8-block": "fp8_block", "fp8_block": "fp8_block",
+                  "nvfp4": "nvfp4"}
+BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4.0 / (128 * 128), "nvfp4": 0.5 + 1.0 / 16}
+COLUMNS = ("impl", "format", "routing", "tokens", "us", "tflops", "weight_tbps", "roofline_us", "ratio")
+
+
+# ---------------------------------------------------------------------------------------
+# ceilings and inputs
+# ---------------------------------------------------------------------------------------
+
+
+def measure_ceilings(device: torch.device) -> tuple[float, float]:
+    """(HBM copy bandwidth in TB/s counting read + write, dense bf16 GEMM rate in TFLOP/s)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()  # 1 GiB, far over L2
+    dst = torch.empty_like(src)
+    us = bench(partial(dst.copy_, src), device=device, warmup=3, iters=20, flush_l2=False)
+    tbps = 2 * src.numel() / (us * 1e-6) / 1e12
+    src = dst = None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    us = bench(partial(torch.matmul, a, b), device=device, warmup=3, iters=20, flush_l2=False)
+    return tbps, 2 * 8192**3 / (us * 1e-6) / 1e12
+
+
+def random_weights(cfg: MoEConfig, num_experts: int, device: torch.device, seed: int = 0) -> ExpertWeights:
+    """bf16 weights drawn on the device (the large presets take tens of GB)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    E, H, I = num_experts, cfg.hidden, cfg.intermediate
+
+    def rnd(*shape: int, fan_in: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        t = torch.empty(*shape, device=device, dtype=dtype)
+        return t.normal_(0.0, fan_in**-0.5, generator=g)
+
+    w13, w2 = rnd(E, 2 * I, H, fan_in=H), rnd(E, H, I, fan_in=I)
+    if not cfg.has_bias:
+        return ExpertWeights(w13, w2)
+    return ExpertWeights(w13, w2, rnd(E, 2 * I, fan_in=4, dtype=torch.float32),
+                         rnd(E, H, fan_in=4, dtype=torch.float32))
+
+
+def route_tokens(tokens: int, num_experts: int, top_k: int, routing: str, device: torch.device,
+                 seed: int = 0) -> torch.Tensor:
+    """[tokens, top_k] int32 distinct experts per token: uniform, or skewed (popularity ~ 1/rank)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(tokens, num_experts, device=device, generator=g)
+    if routing == "skewed":
+        gumbel = -torch.log(-torch.log(scores.clamp_min(1e-20)))
+        prior = -torch.log(torch.arange(1, num_experts + 1, device=device, dtype=torch.float32))
+        scores = prior[torch.randperm(num_experts, device=device, generator=g)] + gumbel
+    elif routing != "uniform":
+        raise ValueError(f"unknown routing {routing!r}; choose uniform or skewed")
+    return scores.topk(top_k, dim=-1).indices.to(torch.int32)
+
+
+def quantized_weights(weights: ExpertWeights, fmt: str, chunk: int = 8) -> ExpertWeights:
+    """The bf16 weights quantized to `fmt` (epmoe.quant), a few experts at a time to bound memory."""
+    from epmoe.quant import QuantizedTensor, quantize_weights
+
+    def q(t: torch.Tensor) -> QuantizedTensor:
+        return QuantizedTensor.cat([quantize_weights(t[i:i + chunk], fmt) for i in range(0, t.shape[0], chunk)])
+
+    return ExpertWeights(q(weights.w13), q(weights.w2), weights.b13, weights.b2)
+
+
+# ---------------------------------------------------------------------------------------
+# the torch._grouped_mm pipeline (baseline)
+# ---------------------------------------------------------------------------------------
+
+
+def grouped_mm_experts(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor,
+                       weights: ExpertWeights, cfg: MoEConfig, out: torch.Tensor) -> torch.Tensor:
+    """The experts stage with torch ops only (sort, gather, two torch._grouped_mm, scatter); no
+    host sync, so it can be captured. Padding pairs are sorted last and their outputs dropped."""
+    E = weights.w13.shape[0]
+    key = torch.where(expert_ids >= 0, expert_ids, torch.full_like(expert_ids, E))
+    order = torch.argsort(key, stable=True)  # [M]
+    offs = torch.cumsum(count_experts(expert_ids, E), 0, dtype=torch.int32)  # [E] group ends
+    x = hidden[row_ids[order].long()]  # [M, H] (padding rows past the last group are not computed)
+    h = torch._grouped_mm(x, weights.w13.transpose(1, 2), offs=offs)  # [M, 2I]
+    if weights.b13 is not None:
+        h = (h.float() + weights.b13[key[order].clamp(max=E - 1).long()]).to(h.dtype)
+    a = activate(h, cfg)  # [M, I]
+    y = torch._grouped_mm(a, weights.w2.transpose(1, 2), offs=offs)  # [M, H]
+    if weights.b2 is not None:
+        y = (y.float() + weights.b2[key[order].clamp(max=E - 1).long()]).to(y.dtype)
+    out[order] = y
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# benchmark
+# ---------------------------------------------------------------------------------------
+
+
+def _row(impl: str, fmt: str, routing: str, tokens: int, us: float, flops: float, wbytes: float,
+         ceilings: tuple[float, float]) -> dict[str, Any]:
+    roof = max(wbytes / (ceilings[0] * 1e12), flops / (ceilings[1] * 1e12)) * 1e6
+    return {"impl": impl, "format": fmt, "routing": routing, "tokens": tokens, "us": us,
+            "tflops": flops / (us * 1e-6) / 1e12, "weight_tbps": wbytes / (us * 1e-6) / 1e12,
+            "roofline_us": roof, "ratio": us / roof}
+
+
+def bench_experts(
+    preset: str,
+    tokens: Sequence[int],
+    formats: Sequence[str] = ("bf16",),
+    impls: Sequence[str] = ("triton", "grouped_mm", "reference"),
+    routings: Sequence[str] = ("uniform", "skewed"),
+    iters: int = 20,
+    reference_max_tokens: int = 1024,
+    ceilings: tuple[float, float] | None = None,
+    configs: dict[int, ExpertsConfig] | None = None,
+    rotate: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows (impl, format, routing, tokens, us, tflops, weight_tbps, roofline_us, ratio) for one
+    preset with all its experts on this GPU. `configs` pins the triton config per token count.
+
+    rotate=True: one graph replays the stage for several routings in turn (as consecutive layers
+    would, so weights are never in L2) and no L2 flush runs between replays; a flush that zeroes
+    a buffer leaves tens of MB of dirty lines in L2 whose write-back lands inside the timed region
+    (about 60 MB at decode sizes, comparable to the 75 MB of weights qwen3 reads per token).
+    rotate=False: one routing, core.bench's L2 flush between replays."""
+    if not torch.cuda.is_available():
+        raise ValueError("bench experts needs a CUDA GPU")
+    device = torch.device("cuda", torch.cuda.current_device())
+    cfg = MoEConfig.from_preset(preset)
+    ceilings = ceilings or measure_ceilings(device)
+    weights = random_weights(cfg, cfg.num_experts, device)
+    rows: list[dict[str, Any]] = []
+    for fmt_name in formats:
+        fmt = FORMAT_ALIASES.get(fmt_name)
+        if fmt is None:
+            raise ValueError(f"unknown format {fmt_name!r}; choose from {sorted(FORMAT_ALIASES)}")
+        w = weights if fmt == "bf16" else quantized_weights(weights, fmt)
+        # torch._grouped_mm is the bf16 baseline; the reference dequantizes every call (small T only)
+        fmt_impls = list(impls) if fmt == "bf16" else [i for i in impls if i != "grouped_mm"]
+        for routing in routings:
+            for T in tokens:
+                rows += _bench_point(cfg, w, fmt, routing, T, fmt_impls, iters,
+                                     reference_max_tokens if fmt == "bf16" else min(16, reference_max_tokens),
+                                     ceilings, (configs or {}).get(T), rotate, device)
+        del w
+    return rows
+
+
+def _bench_point(cfg: MoEConfig, weights: ExpertWeights, fmt: str, routing: str, T: int, impls: Sequence[str],
+                 iters: int, reference_max_tokens: int, ceilings: tuple[float, float],
+                 config: ExpertsConfig | None, rotate: bool, device: torch.device) -> list[dict[str, Any]]:
+    E, H, I, K = cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k
+    per_expert = 3 * H * I * BYTES_PER_WEIGHT[fmt]
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=g)
+    row_ids = torch.arange(T, device=device, dtype=torch.int32).repeat_interleave(K)
+    first = route_tokens(T, E, K, routing, device, seed=T).flatten().contiguous()
+    touched = int((count_experts(first, E) > 0).sum())
+    # enough routings that one replay reads >= 0.5 GB of weights (L2 holds 50-60 MB)
+    reps = min(8, max(1, math.ceil(0.5e9 / (touched * per_expert)))) if rotate else 1
+    routings = [first] + [route_tokens(T, E, K, routing, device, seed=T + 1000 * r).flatten().contiguous()
+                          for r in range(1, reps)]
+    wbytes = sum(int((count_experts(e, E) > 0).sum()) for e in routings) * per_expert / reps
+    flops = 6.0 * T * K * H * I
+    out = torch.empty(T * K, H, device=device, dtype=torch.bfloat16)
+    rows = []
+    for impl in impls:
+        if impl == "triton":
+            calls = [partial(triton_experts, x, row_ids, e, weights, cfg, out=out, config=config) for e in routings]
+        elif impl == "grouped_mm":
+            if not hasattr(torch, "_grouped_mm"):
+                continue
+            calls = [partial(grouped_mm_experts, x, row_ids, e, weights, cfg, out) for e in routings]
+        elif impl == "reference":
+            if T > reference_max_tokens:
+                continue
+            us = bench(partial(reference_experts, x, row_ids, first, weights, cfg), device=device, warmup=1,
+                       iters=3, graph=False)
+            rows.append(_row(impl, fmt, routing, T, us, flops, touched * per_expert, ceilings))
+            continue
+        else:
+            raise ValueError(f"unknown impl {impl!r}; choose triton, grouped_mm, reference")
+        try:
+            us = bench(partial(_run_all, calls), device=device, warmup=2, iters=iters, graph=True,
+                       flush_l2=not rotate) / reps
+        except Exception as exc:  # e.g. a tile that does not fit this GPU: report it, keep going
+            torch.cuda.synchronize()
+            rows.append({"impl": impl, "format": fmt, "routing": routing, "tokens": T, "us": float("nan"),
+                         "note": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            continue
+        rows.append(_row(impl, fmt, routing, T, us, flops, wbytes, ceilings))
+    return rows
+
+
+def _run_all(calls: Sequence[Any]) -> None:
+    for c in calls:
+        c()
+
+
+# ---------------------------------------------------------------------------------------
+# tuning
+# ---------------------------------------------------------------------------------------
+
+PAIR_CANDIDATES = [GemmConfig(bn, bk, w, s) for bn, bk, w, s in [
+    (16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1), (8, 512, 4, 1),
+    (32, 256, 8, 1), (16, 256, 2, 1), (32, 256, 4, 3), (64, 256, 8, 1), (8, 256, 2, 1), (16, 128, 2, 1)]] + [
+    GemmConfig(bn, bk, w, s, pdl=True) for bn, bk, w, s in [  # pdl only acts on the down kernel
+        (32, 256, 4, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 128, 4, 1), (16, 256, 2, 1), (64, 128, 4, 1)]]
+GATE_UP_CANDIDATES = [GemmConfig(bn, bk, w, s, tma=bool(t)) for bn, bk, w, s, t in [
+    (64, 128, 4, 4, 0), (64, 64, 4, 4, 0), (128, 64, 4, 3, 0), (64, 128, 8, 3, 0), (128, 64, 8, 4, 0),
+    (32, 128, 4, 4, 0), (64, 64, 4, 5, 0), (32, 256, 4, 3, 0), (128, 64, 8, 3, 0),
+    (128, 64, 8, 4, 1), (64, 64, 4, 4, 1), (128, 64, 8, 3, 1), (64, 128, 8, 3, 1), (32, 128, 4, 4, 1),
+    (64, 128, 4, 4, 1)]]
+DOWN_CANDIDATES = [GemmConfig(bn, bk, w, s, tma=bool(t)) for bn, bk, w, s, t in [
+    (64, 128, 4, 4, 0), (128, 64, 4, 4, 0), (128, 64, 8, 4, 0), (256, 64, 8, 3, 0), (64, 64, 4, 5, 0),
+    (128, 128, 8, 3, 0), (32, 128, 4, 4, 0), (64, 256, 4, 3, 0), (256, 64, 8, 4, 0), (128, 128, 4, 3, 0),
+    (256, 64, 8, 4, 1), (128, 64, 8, 4, 1), (128, 128, 8, 3, 1), (256, 64, 8, 3, 1), (64, 128, 4, 4, 1),
+    (128, 128, 4, 3, 1)]]
+
+
+def _block_m_candidates(rows_per_expert: float) -> list[int]:
+    if rows_per_expert <= 8:
+        return [16]
+    if rows_per_expert <= 32:
+        return [16, 32]
+    if rows_per_expert <= 128:
+        return [32, 64]
+    if rows_per_expert <= 512:
+        return [64, 128]
+    return [128, 64]
+
+
+def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s: float = 300.0,
+                 iters: int = 10, log: Any = None) -> dict[str, dict[str, Any]]:
+    """Coordinate search (block_m, then the gate_up tile, then the down tile) timing the whole
+    stage; returns {config_key: config json}. Stops adding keys once `budget_s` is spent."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    cfg = MoEConfig.from_preset(preset)
+    E, H, I, K = cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k
+    weights = random_weights(cfg, E, device)
+    deadline = time.perf_counter() + budget_s
+    found: dict[str, dict[str, Any]] = {}
+    for T in tokens:
+        if time.perf_counter() > deadline:
+            break
+        x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+        row_ids = torch.arange(T, device=device, dtype=torch.int32).repeat_interleave(K)
+        M = T * K
+        reps = min(8, max(1, math.ceil(0.5e9 / (min(M, E) * 3 * H * I * 2))))  # as in bench_experts
+        routings = [route_tokens(T, E, K, "uniform", device, seed=T + 1000 * r).flatten().contiguous()
+                    for r in range(reps)]
+        out = torch.empty(M, H, device=device, dtype=torch.bfloat16)
+
+        def run(c: ExpertsConfig, routings: list = routings, x: torch.Tensor = x, row_ids: torch.Tensor = row_ids,
+                out: torch.Tensor = out) -> float:
+            calls = [partial(triton_experts, x, row_ids, e, weights, cfg, out=out, config=c) for e in routings]
+            return bench(partial(_run_all, calls), device=device, warmup=2, iters=iters, graph=True,
+                         flush_l2=False) / len(calls)
+
+        def time_config(c: ExpertsConfig, run: Any = run) -> float:
+            if time.perf_counter() > deadline:
+                return math.inf
+            try:
+                return run(c)
+            except Exception as exc:  # out of shared memory / registers for this tile
+                if log:
+                    log(f"  skip {c}: {type(exc).__name__}")
+                torch.cuda.synchronize()
+                return math.inf
+
+        base = select_config(fmt, M, E, H, I, K, device)
+        pair = bucket_pairs(M, K) <= PAIR_MODE_MAX_PAIRS
+        best, best_us = base, run(base)
+        bms = [1] if pair else _block_m_candidates(bucket_pairs(M, K) / E)
+        for bm in bms:
+            cur = ExpertsConfig(bm, best.gate_up, best.down) if bm != best.block_m else best
+            cur_us = time_config(cur) if cur is not best else best_us
+            for field, cands in (("gate_up", PAIR_CANDIDATES if pair else GATE_UP_CANDIDATES),
+                                 ("down", PAIR_CANDIDATES if pair else DOWN_CANDIDATES)):
+                for cand in cands:
+                    trial = ExpertsConfig(bm, cand, cur.down) if field == "gate_up" else \
+                        ExpertsConfig(bm, cur.gate_up, cand)
+                    us = time_config(trial)
+                    if us < cur_us:
+                        cur, cur_us = trial, us
+            if cur_us < best_us:
+                best, best_us = cur, cur_us
+        key = config_key(fmt, H, I, bucket_pairs(M, K) / E)
+        found[key] = best.to_json() | {"us": round(best_us, 2), "tokens": T}
+        if log:
+            log(f"{preset} T={T}: {key} -> {best} {best_us:.1f} us")
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m epmoe.bench.experts", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="qwen3-30b-a3b", help="comma-separated presets")
+    p.add_argument("--tokens", default="1,16,128,1024,4096,16384")
+    p.add_argument("--format", default="bf16", help="bf16,fp8,fp8-block,nvfp4")
+    p.add_argument("--impl", default="triton,grouped_mm,reference")
+    p.add_argument("--routing", default="uniform,skewed")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--flush-l2", action="store_true", help="one routing + L2 flush instead of rotating routings")
+    p.add_argument("--json", help="write rows (and the ceilings) to this file")
+    p.add_argument("--tune", action="store_true", help="search configs and write a table to --out")
+    p.add_argument("--out", help="tuned table path (default: the user cache, see experts/triton.py)")
+    p.add_argument("--budget", type=float, default=300.0, help="tuning seconds per preset")
+    args = p.parse_args(argv)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    device = torch.device("cuda", torch.cuda.current_device())
+    if args.tune:
+        from epmoe.experts.triton import tuning_dir
+
+        path = Path(args.out) if args.out else tuning_dir() / table_file_name(device_name(device))
+        table = json.loads(path.read_text()) if path.exists() else {"device": device_name(device), "configs": {}}
+        for preset in args.preset.split(","):
+            table["configs"].update(tune_experts(preset, tokens, budget_s=args.budget, log=print))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(table, indent=1, sort_keys=True))
+        print(f"wrote {path}")
+        return 0
+    ceilings = measure_ceilings(device)
+    print(f"# {device_name(device)}: HBM copy {ceilings[0]:.2f} TB/s, dense bf16 {ceilings[1]:.0f} TFLOP/s")
+    all_rows = []
+    for preset in args.preset.split(","):
+        rows = bench_experts(preset, tokens, args.format.split(","), args.impl.split(","),
+                             args.routing.split(","), iters=args.iters, ceilings=ceilings, rotate=not args.flush_l2)
+        for r in rows:
+            r["preset"] = preset
+        all_rows += rows
+        print(f"\n## {preset}\n")
+        print(format_table(rows, [*COLUMNS, "note"] if any("note" in r for r in rows) else list(COLUMNS)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device_name(device), "hbm_tbps": ceilings[0],
+                                               "bf16_tflops": ceilings[1], "rows": all_rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

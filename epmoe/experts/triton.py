@@ -1,0 +1,439 @@
+"""Triton expert runner: device-side sort + two grouped GEMMs, no host sync.
+
+    sort:     pairs grouped by local expert into BLOCK_M-aligned slots     (kernels/permute.py)
+    gate_up:  act[s] = ACT(hidden[row_ids[pair[s]]] @ w13[e].T + b13[e])  (kernels/grouped_gemm.py)
+    down:     out[pair[s]] = act[s] @ w2[e].T + b2[e]                     (rows land in pair order)
+
+At decode (a few pairs) the sort is skipped: each program takes one pair, reads its expert from
+`expert_ids` and streams that expert's weights (PAIR_MODE), so the stage is two launches.
+
+Weights: bf16/fp16/fp32 tensors in the activation dtype, or epmoe.quant `QuantizedTensor`
+stacks ("fp8" per expert/tensor scale, "fp8_block" 128x128 scales, "nvfp4"), dequantized tile by
+tile inside the kernels (weight-only; activations stay bf16). A quantized payload is
+dequantized once before the GEMMs.
+
+Every buffer size follows from the pair count M alone, so a call can be captured in a CUDA
+graph. Kernel configs come from `select_config`: a tuned table keyed by (weight format, H, I,
+rows-per-expert bucket) for the GPU model (shipped in epmoe/tuning/experts_<gpu>.json, or
+written by `python -m epmoe.bench.experts --tune`), else a heuristic. The bucket is computed
+from M rounded up to a power of two *tokens* (M / top_k), so an eager call and the CUDA graph
+of the enclosing power-of-two bucket run the same kernels and give bitwise-equal rows.
+
+`permute_torch` and `reference_experts` (experts/reference.py) are the plain-torch twins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epmoe.comm.base import Dispatched
+from epmoe.config import MoEConfig
+from epmoe.experts.base import ExpertRunner, ExpertWeights, register_runner
+
+ACT_CODES = {"silu": 0, "gelu": 1, "swiglu_clamped": 2}
+WEIGHT_FORMAT_CODES = {"bf16": 0, "fp8": 1, "fp8_block": 2, "nvfp4": 3}
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PAIR_MODE_MAX_PAIRS = 16  # default: at most this many pairs -> one program per pair, no sort
+SEGMENT = 2048  # pairs per program of the segmented sort; one program sorts up to this many
+
+
+# ---------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch parameters of one GEMM (block_n counts columns of the output;
+    gate_up computes block_n gate and block_n up columns per program)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    tma: bool = False  # weights through the bulk tensor copy engine (GPU, sorted mode only)
+    pdl: bool = False  # down only, pair mode, GPU: programmatic dependent launch (see grouped_gemm.py)
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """block_m = 1: pair mode (no sort, matrix-vector products); else the sort's slot alignment
+    and the m tile of both GEMMs."""
+
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+
+    @property
+    def pair_mode(self) -> bool:
+        return self.block_m == 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"block_m": self.block_m, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ExpertsConfig:
+        return cls(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+
+
+def _pow2_ceil(x: float) -> float:
+    return 2.0 ** math.ceil(math.log2(x)) if x > 0 else 0.0
+
+
+def bucket_pairs(num_pairs: int, top_k: int) -> int:
+    """M rounded up to a power of two tokens (times top_k): the size configs are chosen for."""
+    tokens = -(-num_pairs // max(top_k, 1))
+    return int(_pow2_ceil(tokens)) * top_k if num_pairs else 0
+
+
+def config_key(fmt: str, hidden: int, intermediate: int, rows_per_expert: float) -> str:
+    """Table key: weight format, gate_up (N=2I, K=H) / down (N=H, K=I) sizes, rows-per-expert bucket."""
+    return f"{fmt}|H={hidden}|I={intermediate}|rpe={_pow2_ceil(rows_per_expert):g}"
+
+
+def tuning_dir() -> Path:
+    """Where `--tune` writes tables (EPMOE_TUNING_DIR, default ~/.cache/epmoe); read before the shipped ones."""
+    return Path(os.environ.get("EPMOE_TUNING_DIR", Path.home() / ".cache" / "epmoe"))
+
+
+def table_file_name(device_name: str) -> str:
+    return "experts_" + "".join(c if c.isalnum() else "_" for c in device_name.lower()).strip("_") + ".json"
+
+
+@lru_cache(maxsize=8)
+def _load_table(device_name: str) -> dict[str, ExpertsConfig]:
+    table: dict[str, ExpertsConfig] = {}
+    name = table_file_name(device_name)
+    for path in (Path(__file__).parent.parent / "tuning" / name, tuning_dir() / name):  # user file wins
+        if path.exists():
+            for k, v in json.loads(path.read_text()).get("configs", {}).items():
+                table[k] = ExpertsConfig.from_json(v)
+    return table
+
+
+def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: int) -> ExpertsConfig:
+    """Heuristic config for M pairs over E local experts (used where no tuned entry exists)."""
+    if num_pairs <= PAIR_MODE_MAX_PAIRS:
+        # few programs: narrow n tiles so that every multiprocessor streams weights
+        # (tuned on H200 for qwen3 / mixtral: 16-32 wide tiles of 256-512 k, PDL between the two)
+        bn_up = 16 if num_pairs * -(-intermediate // 32) < 512 else 32
+        bn_down = 16 if num_pairs * -(-hidden // 32) < 512 else 32
+        return ExpertsConfig(1, GemmConfig(bn_up, 256, 4, 1), GemmConfig(bn_down, 256, 4, 1, pdl=True))
+    rpe = num_pairs / max(num_experts, 1)
+    if rpe <= 24:
+        return ExpertsConfig(16, GemmConfig(64, 128, 4, 4), GemmConfig(64, 128, 4, 4))
+    if rpe <= 48:
+        return ExpertsConfig(32, GemmConfig(64, 128, 4, 4), GemmConfig(64, 128, 4, 4))
+    if rpe <= 192:
+        return ExpertsConfig(64, GemmConfig(64, 64, 4, 4), GemmConfig(128, 64, 4, 4))
+    return ExpertsConfig(128, GemmConfig(64, 64, 8, 4), GemmConfig(128, 64, 8, 4))
+
+
+def select_config(fmt: str, num_pairs: int, num_experts: int, hidden: int, intermediate: int,
+                  top_k: int = 1, device: torch.device | None = None) -> ExpertsConfig:
+    """The config for a call: the tuned table of the GPU model if it has the key, else the heuristic."""
+    m = bucket_pairs(num_pairs, top_k)
+    if device is not None and device.type == "cuda":
+        table = _load_table(torch.cuda.get_device_name(device))
+        hit = table.get(config_key(fmt, hidden, intermediate, m / max(num_experts, 1)))
+        if hit is not None and (hit.block_m == 1) == (m <= PAIR_MODE_MAX_PAIRS):
+            return hit
+    return default_config(m, num_experts, hidden, intermediate)
+
+
+# ---------------------------------------------------------------------------------------
+# sort
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Permutation:
+    """Pairs grouped by expert into block_m-aligned slots (see kernels/permute.py).
+
+    sorted_pair:  [max_blocks * block_m] int32, pair of each slot (slots past expert_end: unset).
+    block_expert: [max_blocks] int32, expert of each block of slots, -1 = unused block.
+    expert_end:   [E] int32, first padding slot of each expert.
+    """
+
+    sorted_pair: torch.Tensor
+    block_expert: torch.Tensor
+    expert_end: torch.Tensor
+    block_m: int
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Blocks the sort can need: each expert adds at most one partly filled block."""
+    return -(-num_pairs // block_m) + min(num_experts, num_pairs)
+
+
+def _e_pad(num_experts: int) -> int:
+    return max(16, triton_next_pow2(num_experts))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def permute(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Permutation:
+    """Sort pairs by expert on the device (no host sync). expert_ids [M] int32, -1 = padding."""
+    from epmoe.kernels.permute import (
+        moe_align_kernel,
+        moe_histogram_kernel,
+        moe_permute_small_kernel,
+        moe_scatter_kernel,
+    )
+
+    M, dev = expert_ids.shape[0], expert_ids.device
+    nb = max_blocks(M, num_experts, block_m)
+    e_pad = _e_pad(num_experts)
+    sub = max(16, min(256, 8192 // e_pad))  # one-hot chunk [sub, e_pad] stays near 8K elements
+    sorted_pair = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+    expert_end = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    NB = 64
+    if M <= SEGMENT:
+        moe_permute_small_kernel[(1,)](expert_ids, M, num_experts, sorted_pair, block_expert, expert_end, nb,
+                                       BLOCK_M=block_m, SUB=sub, E_PAD=e_pad, NB=NB, num_warps=4)
+    else:
+        segs = -(-M // SEGMENT)
+        hist = torch.empty(segs, e_pad, dtype=torch.int32, device=dev)
+        seg_base = torch.empty(segs, e_pad, dtype=torch.int32, device=dev)
+        moe_histogram_kernel[(segs,)](expert_ids, M, num_experts, hist, SEG=SEGMENT, SUB=sub, E_PAD=e_pad,
+                                      num_warps=4)
+        moe_align_kernel[(1,)](hist, segs, num_experts, seg_base, block_expert, expert_end, nb,
+                               BLOCK_M=block_m, E_PAD=e_pad, NB=NB, num_warps=4)
+        moe_scatter_kernel[(segs,)](expert_ids, M, num_experts, seg_base, sorted_pair, SEG=SEGMENT, SUB=sub,
+                                    E_PAD=e_pad, num_warps=4)
+    return Permutation(sorted_pair, block_expert, expert_end, block_m)
+
+
+def permute_torch(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Permutation:
+    """Plain-torch twin of `permute` (same buffers; unset slots hold -1)."""
+    M, dev = expert_ids.shape[0], expert_ids.device
+    nb = max_blocks(M, num_experts, block_m)
+    ids = expert_ids.long()
+    ids = torch.where((ids >= 0) & (ids < num_experts), ids, torch.full_like(ids, -1))
+    counts = torch.bincount(ids[ids >= 0], minlength=num_experts)  # [E]
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded
+    sorted_pair = torch.full((nb * block_m,), -1, dtype=torch.int32, device=dev)
+    block_expert = torch.full((nb,), -1, dtype=torch.int32, device=dev)
+    for e in range(num_experts):
+        pairs = (ids == e).nonzero().flatten()  # stable: ascending pair order
+        s = int(starts[e])
+        sorted_pair[s:s + pairs.numel()] = pairs.to(torch.int32)
+        block_expert[s // block_m:(s + int(padded[e])) // block_m] = e
+    return Permutation(sorted_pair, block_expert, (starts + counts).to(torch.int32), block_m)
+
+
+# ---------------------------------------------------------------------------------------
+# experts
+# ---------------------------------------------------------------------------------------
+
+
+def _check_quantized(name: str, w: Any, E: int, N: int, K: int) -> None:
+    """Layout the kernels read for a quantized weight stack [E, N, K] (see kernels/grouped_gemm.py)."""
+    fmt = w.format
+    if fmt not in WEIGHT_FORMAT_CODES:
+        raise ValueError(f"{name}: the triton runner computes {sorted(WEIGHT_FORMAT_CODES)} weights, not {fmt}")
+    if tuple(w.shape) != (E, N, K) or w.data.stride(-1) != 1:
+        raise ValueError(f"{name} must be a [{E}, {N}, {K}] {fmt} stack with contiguous rows, got {tuple(w.shape)}")
+    sc = w.scales
+    if fmt == "fp8" and tuple(sc.shape[1:]) != (1, 1):
+        raise ValueError(f"{name}: fp8 needs one scale per expert or per tensor, got scales {tuple(sc.shape)}")
+    # per dim: the kernels read a broadcast (size-1) scale dim or the format's fixed block
+    fixed = {"fp8_block": (128, 128), "nvfp4": (1, 16)}.get(fmt)
+    if fixed and any(sc.shape[d] != 1 and w.block[d] != fixed[d - 1] for d in (1, 2)):
+        raise ValueError(f"{name}: {fmt} scales must cover blocks of {fixed[0]}x{fixed[1]} (or broadcast), "
+                         f"got block {w.block}, scales {tuple(sc.shape)}; requantize with epmoe.quant")
+    if fmt == "nvfp4":
+        g = w.global_scale
+        if g is None or g.dim() != 3 or tuple(g.shape[1:]) != (1, 1):
+            raise ValueError(f"{name}: nvfp4 needs a global scale per expert or per tensor ([E or 1, 1, 1])")
+
+
+def _check(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor, weights: ExpertWeights,
+           cfg: MoEConfig, out: torch.Tensor | None) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError("hidden must be a Tensor here; the runner dequantizes quantized payloads first")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
+    E, I, H = weights.w13.shape[0], cfg.intermediate, cfg.hidden
+    for name, w, N, K in (("w13", weights.w13, 2 * I, H), ("w2", weights.w2, H, I)):
+        if w.device != hidden.device:
+            raise ValueError(f"{name} is on {w.device}, hidden on {hidden.device}")
+        if not isinstance(w, torch.Tensor):
+            _check_quantized(name, w, E, N, K)
+            continue
+        if w.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {w.dtype} but hidden is {hidden.dtype}; cast one to match")
+        if w.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim; pass {name}.contiguous()")
+        if tuple(w.shape) != (E, N, K):
+            raise ValueError(f"weights must be w13 [E, {2 * I}, {H}], w2 [E, {H}, {I}]; got "
+                             f"{tuple(weights.w13.shape)}, {tuple(weights.w2.shape)}")
+    if hidden.dim() != 2 or hidden.shape[1] != H or hidden.stride(-1) != 1:
+        raise ValueError(f"hidden must be [N, {H}] with a contiguous last dim, got {tuple(hidden.shape)}")
+    for name, shape in (("b13", (E, 2 * I)), ("b2", (E, H))):
+        b = getattr(weights, name)
+        if b is not None and (tuple(b.shape) != shape or b.dtype != torch.float32 or not b.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous fp32 [{shape[0]}, {shape[1]}] tensor")
+    if (weights.b13 is None) != (weights.b2 is None):
+        raise ValueError("pass both biases b13 and b2, or neither")
+    for name, t in (("row_ids", row_ids), ("expert_ids", expert_ids)):
+        if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous() or t.device != hidden.device:
+            raise ValueError(f"{name} must be a contiguous int32 [M] tensor on {hidden.device}")
+    M = expert_ids.shape[0]
+    if row_ids.shape[0] != M:
+        raise ValueError(f"row_ids has {row_ids.shape[0]} pairs, expert_ids {M}")
+    if out is not None and (tuple(out.shape) != (M, H) or out.dtype != hidden.dtype or out.stride(-1) != 1):
+        raise ValueError(f"out must be [{M}, {H}] {hidden.dtype} with a contiguous last dim")
+
+
+def _weight_args(w: Any) -> tuple[Any, ...]:
+    """(data, stride_e, stride_n, scales, 3 scale strides, global, global stride, format code);
+    broadcast (size-1) scale dims get stride 0."""
+    if isinstance(w, torch.Tensor):
+        return (w, w.stride(0), w.stride(1), w, 0, 0, 0, w, 0, 0)
+    sc = w.scales
+    st = [0 if sc.shape[d] == 1 else sc.stride(d) for d in range(3)]
+    g = w.global_scale if w.global_scale is not None else sc
+    sg = 0 if w.global_scale is None or g.shape[0] == 1 else g.stride(0)
+    return (w.data, w.data.stride(0), w.data.stride(1), sc, *st, g, sg, WEIGHT_FORMAT_CODES[w.format])
+
+
+def triton_experts(
+    hidden: torch.Tensor,
+    row_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: ExpertWeights,
+    cfg: MoEConfig,
+    out: torch.Tensor | None = None,
+    config: ExpertsConfig | None = None,
+) -> torch.Tensor:
+    """hidden [N, H], row_ids / expert_ids [M] int32 (-1 = padding) -> out [M, H] in hidden's dtype.
+
+    Same contract as `reference_experts`; padding rows of `out` are left as they were.
+    """
+    from epmoe.kernels.grouped_gemm import moe_down_kernel, moe_gate_up_kernel
+
+    _check(hidden, row_ids, expert_ids, weights, cfg, out)
+    E, H, I, M = weights.w13.shape[0], cfg.hidden, cfg.intermediate, expert_ids.shape[0]
+    if out is None:
+        out = torch.empty(M, H, dtype=hidden.dtype, device=hidden.device)
+    if M == 0:
+        return out
+    if config is None:
+        config = select_config(weights.format, M, E, H, I, cfg.top_k, hidden.device)
+    bm = config.block_m
+    if config.pair_mode:
+        num_m = slots = M
+        sorted_pair = block_expert = expert_end = expert_ids  # not read in pair mode
+    else:
+        perm = permute(expert_ids, E, bm)
+        num_m = perm.max_blocks
+        slots = num_m * bm
+        sorted_pair, block_expert, expert_end = perm.sorted_pair, perm.block_expert, perm.expert_end
+    act = torch.empty(slots, I, dtype=hidden.dtype, device=hidden.device)
+    has_bias = weights.b13 is not None
+    b13 = weights.b13 if has_bias else hidden
+    b2 = weights.b2 if has_bias else hidden
+    prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    w13, sw13_e, sw13_n, *q13, f13 = _weight_args(weights.w13)
+    w2, sw2_e, sw2_n, *q2, f2 = _weight_args(weights.w2)
+    g, d = config.gate_up, config.down
+    if not config.pair_mode:
+        g, d = _quantized_tile(g, f13), _quantized_tile(d, f2)
+    pdl = d.pdl and config.pair_mode and hidden.is_cuda
+    g_tma = g.tma and not config.pair_mode and f13 == 0 and _tma_ok(w13)
+    d_tma = d.tma and not config.pair_mode and f2 == 0 and _tma_ok(w2)
+    moe_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
+        hidden, hidden.stride(0), w13, sw13_e, sw13_n,
+        _descriptor(w13, g) if g_tma else w13, *q13, b13, b13.stride(0) if has_bias else 0,
+        act, act.stride(0), row_ids, expert_ids, sorted_pair, block_expert, expert_end,
+        num_m, E, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
+        ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec,
+        W_TMA=g_tma, USE_PDL=pdl, W_FMT=f13, BLOCK_M=bm, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
+        num_warps=g.num_warps, num_stages=g.num_stages,
+    )
+    moe_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
+        act, act.stride(0), w2, sw2_e, sw2_n,
+        _descriptor(w2, d) if d_tma else w2, *q2, b2, b2.stride(0) if has_bias else 0,
+        out, out.stride(0), expert_ids, sorted_pair, block_expert, expert_end,
+        num_m, E, H, I,
+        HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec, W_TMA=d_tma, USE_PDL=pdl, W_FMT=f2,
+        BLOCK_M=bm, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
+        num_warps=d.num_warps, num_stages=d.num_stages, **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+def _quantized_tile(g: GemmConfig, fmt_code: int) -> GemmConfig:
+    """Tensor-core tiles of quantized weights are dequantized in registers and staged again in
+    shared memory: at most 2 pipeline stages (4 stages of a 128-row tile needed 252 KB on H200,
+    over the 227 KB limit), and nvfp4 tiles at least 64 deep (a 16-deep tile gave wrong results
+    with fp16 activations on H200 with Triton 3.6; the 64-deep bf16 cases were right)."""
+    if fmt_code == 0:
+        return g
+    block_k = max(g.block_k, 64) if fmt_code == WEIGHT_FORMAT_CODES["nvfp4"] else g.block_k
+    return dataclasses.replace(g, block_k=block_k, num_stages=min(g.num_stages, 2))
+
+
+def _tma_ok(w: torch.Tensor) -> bool:
+    """The bulk copy engine needs 16-byte aligned base and row strides (else: plain loads)."""
+    size = w.element_size()
+    return w.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in w.stride()[:-1])
+
+
+def _descriptor(w: torch.Tensor, g: GemmConfig) -> Any:
+    """Host-side tensor descriptor of a [E, N, K] weight, one [BLOCK_N, BLOCK_K] tile of one expert."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(w, [1, g.block_n, g.block_k])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@register_runner
+class TritonRunner(ExpertRunner):
+    """Grouped-GEMM runner in Triton; capturable in CUDA graphs (no host sync)."""
+
+    name = "triton"
+    formats = ("bf16", "fp8", "fp8_block", "nvfp4")  # quantized: weight-only, dequantized in-kernel
+    devices = ("cuda",)  # runs on the CPU only through the Triton interpreter (tests)
+    needs_host_sync = False
+
+    def __init__(self, cfg: MoEConfig, weights: ExpertWeights) -> None:
+        if isinstance(weights.w13, torch.Tensor):
+            weights = ExpertWeights(weights.w13.contiguous(), weights.w2.contiguous(),
+                                    None if weights.b13 is None else weights.b13.float().contiguous(),
+                                    None if weights.b2 is None else weights.b2.float().contiguous())
+        super().__init__(cfg, weights)
+
+    def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = d.hidden
+        w = self.weights
+        if not isinstance(hidden, torch.Tensor):  # quantized payload: rows dequantized once, up front
+            dtype = w.w13.dtype if isinstance(w.w13, torch.Tensor) else (
+                torch.bfloat16 if hidden.device.type == "cuda" else torch.float32)
+            hidden = hidden.dequantize(dtype)
+        if isinstance(hidden, torch.Tensor) and isinstance(w.w13, torch.Tensor) and w.w13.dtype != hidden.dtype:
+            raise ValueError(f"hidden is {hidden.dtype} but the weights are {w.w13.dtype}; build the layer "
+                             f"with weights in the activation dtype")
+        return triton_experts(hidden, d.row_ids.contiguous(), d.expert_ids.contiguous(), w, self.cfg, out)

@@ -1,0 +1,312 @@
+"""Triton expert runner against the reference runner and its plain-torch twins.
+
+CPU: the Triton interpreter on small fp32/fp16 shapes. GPU (marked): bf16 at model-like sizes,
+CUDA-graph replay. Every case poisons what the kernels must not touch: padding pairs point at
+out-of-range rows, unused hidden rows hold inf, outputs start as NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from epmoe.comm.base import Dispatched, count_experts
+from epmoe.config import MoEConfig
+from epmoe.experts import ExpertWeights, get_runner
+from epmoe.experts.reference import reference_experts
+from epmoe.experts.triton import (
+    SEGMENT,
+    ExpertsConfig,
+    GemmConfig,
+    bucket_pairs,
+    default_config,
+    permute,
+    permute_torch,
+    select_config,
+    triton_experts,
+)
+from epmoe.quant import quantize_activations, quantize_fp8_block_torch, quantize_weights
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter holds scalar kernel arguments as 1-element arrays and calls
+    int() on them for `range(lo, hi)`, which numpy >= 2.4 refuses; index the element instead."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover
+        return
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_scalar_index_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+_fix_interpreter_scalar_index()
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# max |out - ref| / max |ref| over valid rows. fp32: ieee dots, only summation order differs.
+# fp16 / bf16: hidden and weights are exact in the reference too (it upcasts them), the error is
+# the activation rounded to 10 / 7 mantissa bits before the down GEMM plus the output rounding.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    rows: tuple[int, ...]  # pairs per local expert (len = E)
+    hidden: int = 40
+    intermediate: int = 24
+    activation: str = "silu"
+    dtype: torch.dtype = torch.float32
+    padding: int = 3  # extra padding pairs (expert -1), interleaved
+    config: ExpertsConfig | None = None  # None: what the runner picks
+    fmt: str = "bf16"  # weight format; quantized weights are the reference's weights too
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SORTED16 = ExpertsConfig(16, GemmConfig(16, 16, 4, 2), GemmConfig(32, 32, 4, 2))
+SORTED32 = ExpertsConfig(32, GemmConfig(32, 32, 4, 2), GemmConfig(16, 16, 4, 2))
+PAIRS = ExpertsConfig(1, GemmConfig(16, 32, 4, 1), GemmConfig(32, 16, 4, 1))
+PAIRS_PDL = ExpertsConfig(1, GemmConfig(16, 256, 2, 1), GemmConfig(32, 256, 4, 1, pdl=True))
+TMA16 = ExpertsConfig(16, GemmConfig(16, 16, 4, 2, tma=True), GemmConfig(32, 32, 4, 2, tma=True))
+
+CPU_CASES = [
+    Case("empty", (0, 0, 0), padding=0),
+    Case("only-padding", (0, 0, 0), padding=4),
+    Case("one-pair", (0, 1, 0)),
+    Case("one-pair-sorted", (0, 1, 0), config=SORTED16),
+    Case("three-each-pairs", (3, 3, 3, 3), config=PAIRS),
+    Case("three-each-sorted", (3, 3, 3, 3), config=SORTED16),
+    Case("sixteen-each", (16, 16, 16), config=SORTED16),
+    Case("uneven", (0, 5, 17, 1, 0, 33), config=SORTED16),
+    Case("skewed-bm32", (40, 1, 0, 2, 0, 0, 0, 7), config=SORTED32),
+    Case("all-to-one", (0, 0, 50, 0), config=SORTED16),
+    Case("one-expert", (21,), config=SORTED16),
+    Case("default-config", (2, 9, 30, 0, 4)),
+    Case("gelu", (3, 0, 16, 1), activation="gelu", config=SORTED16),
+    Case("gelu-pairs", (1, 0, 2), activation="gelu"),
+    Case("swiglu-bias", (3, 0, 16, 1), activation="swiglu_clamped", config=SORTED16),
+    Case("swiglu-bias-pairs", (1, 2, 0), activation="swiglu_clamped"),
+    Case("odd-sizes", (3, 17), hidden=33, intermediate=19, config=SORTED16),
+    Case("hidden-2880", (1, 3), hidden=2880, intermediate=16, config=SORTED16),
+    Case("fp16", (3, 0, 16, 1), dtype=torch.float16, config=SORTED16),
+    Case("fp16-pairs", (1, 1, 1), dtype=torch.float16),
+    Case("fp16-swiglu", (5, 2), activation="swiglu_clamped", dtype=torch.float16, config=SORTED32),
+    Case("tma-weights", (3, 0, 17, 1), config=TMA16),
+    Case("tma-swiglu", (2, 20), activation="swiglu_clamped", intermediate=20, config=TMA16),
+    Case("tma-unaligned-falls-back", (3, 20), hidden=33, intermediate=19, config=TMA16),
+    Case("fp8-pairs", (1, 0, 2), fmt="fp8"),
+    Case("fp8-sorted", (3, 0, 17, 1), fmt="fp8", config=SORTED16),
+    Case("fp8-block-pairs", (1, 2), fmt="fp8_block"),
+    Case("fp8-block-sorted-partial-blocks", (3, 17), hidden=200, intermediate=136, fmt="fp8_block", config=SORTED16),
+    Case("fp8-block-2880", (1, 2), hidden=2880, intermediate=16, fmt="fp8_block", config=SORTED16),
+    Case("nvfp4-pairs", (1, 0, 2), hidden=48, intermediate=32, fmt="nvfp4"),
+    Case("nvfp4-sorted", (3, 0, 17, 1), hidden=48, intermediate=32, fmt="nvfp4", config=SORTED16),
+    Case("nvfp4-swiglu-fp16", (2, 5), hidden=64, intermediate=32, activation="swiglu_clamped", fmt="nvfp4",
+         dtype=torch.float16, config=SORTED16),
+    Case("pdl-flag-ignored-off-gpu", (1, 2, 0), config=PAIRS_PDL) if not ON_GPU else
+    Case("pdl", (1, 2, 0), config=PAIRS_PDL),
+]
+
+
+def make_problem(case: Case, device: str, seed: int = 0):
+    """Weights, hidden rows, and a shuffled pair list with poisoned padding."""
+    g = torch.Generator().manual_seed(seed)
+    E = len(case.rows)
+    cfg = MoEConfig(hidden=case.hidden, intermediate=case.intermediate, num_experts=E, top_k=1,
+                    activation=case.activation)
+    weights = ExpertWeights.random(cfg, E, generator=g)
+    if case.fmt == "bf16":
+        w13, w2 = weights.w13.to(device, case.dtype), weights.w2.to(device, case.dtype)
+    else:
+        w13, w2 = (quantize_weights(w, case.fmt).to(device) for w in (weights.w13, weights.w2))
+    weights = ExpertWeights(w13, w2, None if weights.b13 is None else weights.b13.to(device),
+                            None if weights.b2 is None else weights.b2.to(device))
+    experts = torch.cat([torch.full((n,), e, dtype=torch.int32) for e, n in enumerate(case.rows)]
+                        + [torch.full((case.padding,), -1, dtype=torch.int32)])
+    experts = experts[torch.randperm(experts.numel(), generator=g)]
+    M = experts.numel()
+    N = max(M // 2, 1) + 2  # rows are shared between pairs (a token sent once, several experts)
+    hidden = torch.randn(N, case.hidden, generator=g)
+    row_ids = torch.randint(0, N - 1, (M,), generator=g, dtype=torch.int32)
+    row_ids[experts < 0] = 10**6  # padding pairs point far out of range
+    hidden[N - 1] = float("inf")  # a row no pair reads
+    return cfg, weights, hidden.to(device, case.dtype), row_ids.to(device), experts.to(device)
+
+
+def check_case(case: Case, device: str, seed: int = 0) -> None:
+    cfg, weights, hidden, row_ids, experts = make_problem(case, device, seed)
+    M = experts.numel()
+    out = torch.full((M, cfg.hidden), float("nan"), dtype=case.dtype, device=device)
+    got = triton_experts(hidden, row_ids, experts, weights, cfg, out=out, config=case.config)
+    assert got.data_ptr() == out.data_ptr()
+    valid = experts >= 0
+    safe_rows = torch.where(valid, row_ids, torch.zeros_like(row_ids))
+    ref = reference_experts(hidden.float(), safe_rows, experts, weights, cfg, out_dtype=torch.float32)
+    if valid.any():
+        assert torch.isfinite(out[valid]).all(), "a valid row was not written"
+        err = (out[valid].float() - ref[valid]).abs().max() / ref[valid].abs().max()
+        assert err <= TOL[case.dtype], f"relative error {err:.2e} > {TOL[case.dtype]:.0e}"
+    assert torch.isnan(out[~valid]).all(), "a padding row was written"
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=str)
+def test_triton_experts_match_reference(case):
+    check_case(case, DEVICE)
+
+
+@pytest.mark.parametrize(("E", "M", "block_m"), [(1, 1, 16), (4, 37, 16), (9, 100, 32), (130, 300, 16),
+                                               (5, SEGMENT + 300, 16)])
+def test_permute_matches_torch_twin(E, M, block_m):
+    g = torch.Generator().manual_seed(E + M)
+    ids = torch.randint(-1, E, (M,), generator=g, dtype=torch.int32)
+    if E > 1:
+        ids[: M // 3] = E - 1  # skew
+    ids[0] = E + 5  # out of range: treated as padding
+    ids = ids.to(DEVICE)
+    got, want = permute(ids, E, block_m), permute_torch(ids, E, block_m)
+    assert torch.equal(got.block_expert, want.block_expert)
+    assert torch.equal(got.expert_end, want.expert_end)
+    used = want.sorted_pair >= 0
+    assert torch.equal(got.sorted_pair[used], want.sorted_pair[used])
+    counts = count_experts(torch.where(ids < E, ids, torch.full_like(ids, -1)), E)
+    assert int(counts.sum()) == int(used.sum())
+
+
+def test_runner_from_registry_with_dispatched():
+    case = Case("runner", (2, 0, 5))
+    cfg, weights, hidden, row_ids, experts = make_problem(case, DEVICE, seed=3)
+    d = Dispatched(hidden, row_ids.clamp(max=hidden.shape[0] - 1), experts, count_experts(experts, 3))
+    runner = get_runner("triton")(cfg, weights)
+    got = runner(d)
+    ref = get_runner("reference")(cfg, weights)(d)
+    valid = experts >= 0
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_runner_dequantizes_a_quantized_payload(fmt):
+    case = Case("payload", (3, 0, 2), hidden=64, intermediate=32)
+    cfg, weights, hidden, row_ids, experts = make_problem(case, DEVICE, seed=5)
+    hidden[-1] = 0.0  # the poisoned row would make the payload's per-tensor scale infinite
+    q = quantize_activations(hidden, fmt)
+    d = Dispatched(q, row_ids.clamp(max=hidden.shape[0] - 1), experts, count_experts(experts, 3))
+    got = get_runner("triton")(cfg, weights)(d)
+    ref = get_runner("reference")(cfg, weights)(d)
+    valid = experts >= 0
+    torch.testing.assert_close(got[valid].float(), ref[valid].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_layouts_the_kernels_cannot_read_are_refused():
+    case = Case("layout", (2, 1), hidden=256, intermediate=128)
+    cfg, weights, hidden, row_ids, experts = make_problem(case, DEVICE)
+    w13 = quantize_fp8_block_torch(weights.w13, block=(64, 64))
+    with pytest.raises(ValueError, match="requantize"):
+        triton_experts(hidden, row_ids, experts, ExpertWeights(w13, quantize_weights(weights.w2, "fp8")), cfg)
+
+
+def test_config_buckets_follow_power_of_two_tokens():
+    assert bucket_pairs(0, 8) == 0
+    assert bucket_pairs(8 * 5, 8) == bucket_pairs(8 * 8, 8) == 64
+    assert select_config("bf16", 40, 16, 64, 32, top_k=8) == select_config("bf16", 64, 16, 64, 32, top_k=8)
+    assert default_config(8, 128, 2048, 768).pair_mode
+    assert not default_config(1024, 128, 2048, 768).pair_mode
+
+
+def test_clear_errors():
+    case = Case("errors", (2, 1))
+    cfg, weights, hidden, row_ids, experts = make_problem(case, DEVICE)
+    with pytest.raises(ValueError, match="cast one to match"):
+        triton_experts(hidden.half(), row_ids, experts, weights, cfg)
+    with pytest.raises(ValueError, match="int32"):
+        triton_experts(hidden, row_ids.long(), experts, weights, cfg)
+    with pytest.raises(ValueError, match="out must be"):
+        triton_experts(hidden, row_ids, experts, weights, cfg, out=torch.empty(1, cfg.hidden, device=DEVICE))
+    with pytest.raises(ValueError, match="w13"):
+        triton_experts(hidden, row_ids, experts, ExpertWeights(weights.w13[:, :-1], weights.w2), cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: bf16 at model-like sizes
+# ------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    Case("decode-1", (0, 1) + (0,) * 30, hidden=2048, intermediate=768, dtype=torch.bfloat16),
+    Case("decode-3", (3, 0, 1, 2), hidden=4096, intermediate=1536, dtype=torch.bfloat16),
+    Case("rpe-16", (16,) * 32, hidden=2048, intermediate=768, dtype=torch.bfloat16),
+    Case("rpe-129", (129,) * 8 + (0,) * 4, hidden=2048, intermediate=768, dtype=torch.bfloat16),
+    Case("rpe-1024", (1024, 1024, 0, 1024), hidden=4096, intermediate=1536, dtype=torch.bfloat16),
+    Case("skewed", (2000, 3, 0, 1, 40, 0, 0, 129), hidden=2048, intermediate=768, dtype=torch.bfloat16),
+    Case("gpt-oss-2880", (5, 129, 0, 16), hidden=2880, intermediate=2880, activation="swiglu_clamped",
+         dtype=torch.bfloat16),
+    Case("gpt-oss-decode", (1, 0, 1, 1), hidden=2880, intermediate=2880, activation="swiglu_clamped",
+         dtype=torch.bfloat16),
+    Case("gelu-1536", (3, 16, 64), hidden=1536, intermediate=1024, activation="gelu", dtype=torch.bfloat16),
+    Case("256-experts", tuple((i * 7) % 5 for i in range(256)), hidden=1024, intermediate=256,
+         dtype=torch.bfloat16),
+    Case("fp8-decode", (1, 0, 1, 1), hidden=2048, intermediate=768, fmt="fp8", dtype=torch.bfloat16),
+    Case("fp8-rpe-129", (129, 16, 0, 200), hidden=2048, intermediate=768, fmt="fp8", dtype=torch.bfloat16),
+    Case("fp8-block-2880", (129, 16, 0, 200), hidden=2880, intermediate=768, fmt="fp8_block",
+         dtype=torch.bfloat16),
+    Case("fp8-block-decode", (1, 0, 2), hidden=7168, intermediate=2048, fmt="fp8_block", dtype=torch.bfloat16),
+    Case("nvfp4-decode", (1, 1, 0, 1), hidden=4096, intermediate=1536, fmt="nvfp4", dtype=torch.bfloat16),
+    Case("nvfp4-swiglu-2880", (5, 129, 0, 16), hidden=2880, intermediate=2880, activation="swiglu_clamped",
+         fmt="nvfp4", dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_triton_experts_bf16_gpu(case):
+    check_case(case, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [SORTED16, SORTED32, PAIRS, PAIRS_PDL, TMA16,
+                                    ExpertsConfig(64, GemmConfig(64, 64, 4, 4), GemmConfig(128, 64, 4, 4)),
+                                    ExpertsConfig(128, GemmConfig(64, 64, 8, 4), GemmConfig(128, 64, 8, 4)),
+                                    ExpertsConfig(128, GemmConfig(128, 64, 8, 4, tma=True),
+                                                  GemmConfig(256, 64, 8, 4, tma=True))],
+                         ids=lambda c: f"bm{c.block_m}-tma{int(c.gate_up.tma)}-pdl{int(c.down.pdl)}")
+def test_triton_experts_bf16_gpu_configs(config):
+    check_case(Case("cfg", (1, 0, 200, 33), hidden=2880, intermediate=768, dtype=torch.bfloat16,
+                    config=config), "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "config"), [((7, 0, 130, 2, 40), None), ((1, 0, 2, 1), PAIRS_PDL)],
+                         ids=["sorted", "pairs-pdl"])
+def test_cuda_graph_replay_is_bitwise_equal_to_eager(rows, config):
+    case = Case("graph", rows, hidden=2048, intermediate=768, dtype=torch.bfloat16)
+    cfg, weights, hidden, row_ids, experts = make_problem(case, "cuda")
+    row_ids = row_ids.clamp(max=hidden.shape[0] - 1)
+    eager = triton_experts(hidden, row_ids, experts, weights, cfg, config=config)
+    out = torch.full_like(eager, float("nan"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_experts(hidden, row_ids, experts, weights, cfg, out=out, config=config)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_experts(hidden, row_ids, experts, weights, cfg, out=out, config=config)
+    perm = torch.randperm(experts.numel(), device="cuda")  # new routing, same shapes
+    experts.copy_(experts[perm])
+    row_ids.copy_(row_ids[perm])
+    out.fill_(float("nan"))
+    graph.replay()
+    want = triton_experts(hidden, row_ids, experts, weights, cfg, config=config)
+    valid = experts >= 0
+    assert torch.equal(out[valid], want[valid])
