@@ -1,0 +1,220 @@
+"""transformers drop-in: patched models give the unpatched model's logits and greedy tokens.
+
+Tiny random models of each family (2 layers, hidden 32, vocab 96, fp32), built locally. Router,
+expert and shared-expert weights are re-drawn large enough that routing has no ties and the
+MoE output moves the logits, so a wrong mapping cannot hide under the residual stream.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from epmoe import MoEConfig  # noqa: E402
+from epmoe.integrations.hf import HFMoEBlock, config_from_hf, patch_model  # noqa: E402
+from epmoe.quant import quantize_weights  # noqa: E402
+from tests.dist import run_ranks  # noqa: E402
+
+# fp32 patched vs fp32 HF: same math, different summation order (fp32 routing weights too).
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+COMMON = {
+    "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False,
+    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+}
+
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}  # no YaRN: its factors assume long contexts
+
+# Each family covers its own mapping: renormalised or not, shared experts (gated in Qwen2-MoE,
+# two fused in DeepSeek-V3), a dense first layer (DeepSeek-V3), grouped routing, and GPT-OSS's
+# clamp / alpha at non-default values so their mapping is checked too.
+CONFIGS = {
+    "mixtral": ("MixtralConfig", {"intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+        "num_experts": 8, "num_experts_per_tok": 3, "norm_topk_prob": False,
+    }),
+    "qwen3_moe": ("Qwen3MoeConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 2,
+        "norm_topk_prob": True, "head_dim": 8,
+    }),
+    "deepseek_v3": ("DeepseekV3Config", {
+        "num_key_value_heads": 4, "intermediate_size": 48, "moe_intermediate_size": 16, "n_routed_experts": 8,
+        "n_shared_experts": 2, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 1, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8, "v_head_dim": 8, "rope_parameters": ROPE,
+    }),
+    "olmoe": ("OlmoeConfig", {"intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 3}),
+    "gpt_oss": ("GptOssConfig", {
+        "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
+        "swiglu_limit": 2.0, "swiglu_alpha": 1.5, "rope_parameters": ROPE,
+    }),
+}
+FAMILIES = list(CONFIGS)
+MOE_LAYERS = {"deepseek_v3": ["model.layers.1.mlp"]}  # first_k_dense_replace=1; others: both layers
+
+
+def hf_config(family: str):
+    cls, kw = CONFIGS[family]
+    return getattr(transformers, cls)(**{**COMMON, **kw})
+
+
+def build_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if ".mlp." not in name:
+                continue
+            if name.endswith("e_score_correction_bias"):
+                std = 0.1  # changes picks, not weights
+            elif name.endswith(("gate.weight", "router.weight")):
+                std = 0.5  # router (and Qwen2-MoE shared_expert_gate): spread, tie-free logits
+            elif t.dim() == 1 or name.endswith("_bias"):
+                std = 0.5  # GPT-OSS router and expert biases
+            else:
+                std = 0.2  # expert and shared-expert projections: O(1) outputs
+            t.copy_(torch.randn(t.shape, generator=g) * std)
+    return model.to(dtype)
+
+
+def input_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits_and_greedy(model, ids):
+    logits = model(ids).logits
+    tokens = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16, pad_token_id=0
+    )
+    assert tokens.shape[1] == ids.shape[1] + 16
+    return logits, tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_block_matches_hf_block(family):
+    model = build_model(family)
+    hf_blocks = {n: copy.deepcopy(m) for n, m in model.named_modules() if n.endswith(".mlp")}
+    names = patch_model(model)
+    assert names == MOE_LAYERS.get(family, ["model.layers.0.mlp", "model.layers.1.mlp"])
+    x = torch.randn(3, 5, COMMON["hidden_size"], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for name in names:
+            block = model.get_submodule(name)
+            assert isinstance(block, HFMoEBlock)
+            expect, got = hf_blocks[name](x), block(x)
+            if family == "gpt_oss":  # (hidden, router_scores [T, K])
+                torch.testing.assert_close(got[1], expect[1], rtol=0, atol=0)
+                expect, got = expect[0], got[0]
+            assert got.shape == x.shape and got.dtype == x.dtype
+            assert expect.abs().mean() > 0.1, "MoE output too small for the comparison to mean anything"
+            torch.testing.assert_close(got, expect, **TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_logits_and_greedy_tokens(family):
+    model = build_model(family)
+    ids = input_ids()
+    ref_logits, ref_tokens = logits_and_greedy(model, ids)
+    patch_model(model)
+    logits, tokens = logits_and_greedy(model, ids)
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_model_within_twice_hf_error(family):
+    """bf16 weights stay bf16; the error to the fp32 model is at most ~2x HF's own bf16 error."""
+    ids = input_ids(1)
+    with torch.no_grad():
+        exact = build_model(family)(ids).logits
+        model = build_model(family, dtype=torch.bfloat16)
+        hf_err = (model(ids).logits.float() - exact).abs().max()
+        patch_model(model)
+        ours = model(ids).logits
+    assert ours.dtype == torch.bfloat16
+    w13 = model.get_submodule("model.layers.1.mlp").moe.runner.weights.w13
+    assert w13.dtype == torch.bfloat16
+    assert hf_err > 0
+    assert (ours.float() - exact).abs().max() <= 2 * hf_err  # measured: 0.7x-1.1x
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_block", "nvfp4"])
+def test_quantized_experts_match_model_with_dequantized_weights(fmt):
+    """quant= quantizes the routed experts: the patched model gives the logits of the HF model whose
+    expert weights were replaced by their dequantized values (DeepSeek-V3: HF layout = ours, and
+    H=32, I=16 suit nvfp4's 16-value blocks; its shared experts stay unquantized)."""
+    ids = input_ids()
+    model = build_model("deepseek_v3")
+    with torch.no_grad():
+        rounded = copy.deepcopy(model)
+        for name, p in rounded.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(quantize_weights(p, fmt).dequantize(p.dtype))
+        ref = rounded(ids).logits
+        exact = model(ids).logits
+        patch_model(model, quant=fmt)
+        logits = model(ids).logits
+    assert model.get_submodule("model.layers.1.mlp").moe.runner.weights.format == fmt
+    assert not torch.allclose(ref, exact, **TOL), "quantization should change the logits"
+    torch.testing.assert_close(logits, ref, **TOL)
+
+
+def _ep_rank(group, family):
+    model = build_model(family)
+    ids = input_ids()
+    ref_logits, ref_tokens = logits_and_greedy(model, ids)
+    names = patch_model(model, group=group)
+    local = [model.get_submodule(n).moe.runner.weights.num_experts for n in names]
+    logits, tokens = logits_and_greedy(model, ids)
+    return ref_logits, ref_tokens, logits, tokens, local
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_parallel_over_gloo_matches_unpatched(family):
+    outs = run_ranks(_ep_rank, 2, args=(family,))
+    experts = config_from_hf(hf_config(family)).num_experts
+    for rank, (ref_logits, ref_tokens, logits, tokens, local) in enumerate(outs):
+        assert all(n == experts // 2 for n in local), f"rank {rank} holds {local} experts"
+        torch.testing.assert_close(logits, ref_logits, **TOL, msg=f"rank {rank}")
+        assert torch.equal(tokens, ref_tokens), f"rank {rank}"
+    assert torch.equal(outs[0][2], outs[1][2])  # tp layout: every rank ends with the same bits
+
+
+def test_config_from_hf_matches_presets():
+    """The published configs map to the presets (whose values come from the same config.json files)."""
+    t = transformers
+    assert config_from_hf(t.DeepseekV3Config()) == MoEConfig.from_preset("deepseek-v3")
+    assert config_from_hf(t.MixtralConfig()) == MoEConfig.from_preset("mixtral-8x7b")
+    assert config_from_hf(t.GptOssConfig()) == MoEConfig.from_preset("gpt-oss-120b")
+    qwen3 = t.Qwen3MoeConfig(norm_topk_prob=True)  # Qwen3-30B-A3B's config.json sets it
+    assert config_from_hf(qwen3) == MoEConfig.from_preset("qwen3-30b-a3b")
+    olmoe = t.OlmoeConfig(intermediate_size=1024)  # OLMoE-1B-7B
+    assert config_from_hf(olmoe) == MoEConfig.from_preset("olmoe-1b-7b")
+    qwen2 = config_from_hf(hf_config("qwen2_moe"))
+    assert (qwen2.shared_experts, qwen2.shared_intermediate, qwen2.norm_topk_prob) == (1, 40, False)
+
+
+def test_bad_input_raises_clear_errors():
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "intermediate_size": 24}))
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM has no MoE block .*Mixtral.*GPT-OSS"):
+        patch_model(llama)
+    with pytest.raises(ValueError, match=r"model_type='llama'\) is not a supported MoE family"):
+        config_from_hf(llama.config)
+    model = build_model("mixtral")
+    with pytest.raises(ValueError, match=r"quant='int4' is not supported; pass one of \(None, 'fp8'"):
+        patch_model(model, quant="int4")
+    with pytest.raises(ValueError, match=r"sets \['gate'\] itself"):
+        patch_model(model, gate=torch.zeros(4, 32))
+    cfg = hf_config("qwen3_moe")
+    cfg.hidden_act = "gelu_pytorch_tanh"
+    with pytest.raises(ValueError, match="hidden_act='gelu_pytorch_tanh' is not supported"):
+        config_from_hf(cfg)
+    patch_model(model)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model)
