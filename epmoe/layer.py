@@ -114,7 +114,9 @@ class MoELayer(nn.Module):
             layout=layout, world=world, device=device,
         )
         if comm == "auto":
-            names = [n for n in comm_candidates(base) if n != "none" or world == 1 or layout == "tp"]
+            # One rank or the tp layout moves nothing: "none". Otherwise every dp backend that fits.
+            local = world == 1 or layout == "tp"
+            names = ["none"] if local else [n for n in comm_candidates(base) if n != "none"]
             if not names:
                 ensure(base)  # raises with the reason and the alternatives
         else:

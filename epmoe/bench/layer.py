@@ -124,7 +124,7 @@ def bench_layer(preset: str, tokens: list[int], comm: str = "all", runner: str =
         runner = pick_runner(device, "bf16")
     if comm in ("all", "auto"):
         combo = Combo(runner=runner, layout="dp", world=world, device=device)
-        names = [n for n in comm_candidates(combo) if n != "none" or world == 1]
+        names = ["none"] if world == 1 else [n for n in comm_candidates(combo) if n != "none"]
         comms = names + (["auto"] if comm == "all" and len(names) > 1 else [])
     else:
         comms = comm.split(",")
