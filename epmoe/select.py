@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -157,16 +158,33 @@ def crossovers(device_name: str, world: int) -> tuple[list[tuple[int | None, str
     return DEFAULT_CROSSOVERS, "defaults (nothing measured for this GPU and world size)"
 
 
-def pick_comm(tokens: int, candidates: list[str], ladder: list[tuple[int | None, str]]) -> str:
-    """The first backend of the ladder whose limit covers `tokens` and that is a candidate;
-    falls back along the ladder, then to the first candidate."""
+def comm_capacity(backend: object) -> int | None:
+    """The largest token count per rank one call of `backend` (an instance) accepts: its
+    `max_tokens_per_rank` (a pre-sized workspace or a static bound), None when unbounded."""
+    cap = getattr(backend, "max_tokens_per_rank", None)
+    return int(cap) if cap is not None else None
+
+
+def pick_comm(tokens: int, candidates: list[str], ladder: list[tuple[int | None, str]],
+              capacities: Mapping[str, int | None] | None = None) -> str:
+    """The first backend of the ladder whose limit covers `tokens`, that is a candidate and
+    whose capacity holds `tokens`; falls back along the ladder, then to the first candidate.
+
+    capacities: backend name -> `comm_capacity` of the built instance (None or absent =
+    unbounded). A backend whose pre-sized workspace is smaller than `tokens` would raise, so it
+    is never picked while another candidate fits; when none fits, the largest one is returned
+    (its call raises the error that names max_tokens_per_rank)."""
+    caps = capacities or {}
+    fits = [n for n in candidates if caps.get(n) is None or tokens <= caps[n]]
+    if not fits:
+        return max(candidates, key=lambda n: caps[n])
     for limit, name in ladder:
-        if (limit is None or tokens <= limit) and name in candidates:
+        if (limit is None or tokens <= limit) and name in fits:
             return name
     for _, name in reversed(ladder):
-        if name in candidates:
+        if name in fits:
             return name
-    return candidates[0]
+    return fits[0]
 
 
 def pick_runner(device: str, weights: str, graph: bool = False) -> str:

@@ -408,3 +408,41 @@ def test_bench_comm_rows_and_bytes():
             assert r["combine_bytes"] == (W - 1) * r["tokens"] * CFG.hidden * 4
         else:  # at most once per other rank
             assert r["dispatch_bytes"] <= (W - 1) * r["tokens"] * row_bytes
+
+
+def test_auto_never_picks_a_backend_whose_workspace_is_too_small():
+    """The default ladder sends T <= 512 to symm_a2a, whose default workspace holds 128 tokens:
+    between 129 and 512 tokens auto must take the next backend, and that call must succeed."""
+    from epmoe.select import DEFAULT_CROSSOVERS, comm_capacity, pick_comm
+
+    ladder = [(512, "symm_a2a"), (None, "nccl_a2a")]
+    assert ladder == DEFAULT_CROSSOVERS
+    caps = {"symm_a2a": 128, "nccl_a2a": None, "allgather": 4096}
+    cands = ["allgather", "nccl_a2a", "symm_a2a"]
+    picks = [pick_comm(t, cands, ladder, capacities=caps) for t in (1, 128, 129, 512, 513, 5000)]
+    assert picks == ["symm_a2a", "symm_a2a", "nccl_a2a", "nccl_a2a", "nccl_a2a", "nccl_a2a"]
+    assert pick_comm(200, cands, ladder) == "symm_a2a"  # without capacities: the old behaviour
+    # nothing fits: the largest workspace (its call raises the error naming the bound)
+    assert pick_comm(300, ["symm_a2a", "allgather"], ladder, capacities={"symm_a2a": 128, "allgather": 256}) \
+        == "allgather"
+    # fallback along the ladder skips a candidate that cannot hold the call
+    assert pick_comm(300, ["symm_a2a", "allgather"], [(None, "symm_a2a")], capacities=caps) == "allgather"
+
+    def body(g):
+        full = _full(CFG)
+        layer = MoELayer.from_global(CFG, full, g, comm="auto")
+        caps = {n: comm_capacity(c) for n, c in layer.comms.items()}
+        out = {}
+        for T in (128, 200):
+            name = pick_comm(T, list(layer.comms), DEFAULT_CROSSOVERS, capacities=caps)
+            b = layer.comms[name]
+            x = torch.randn(T, CFG.hidden, generator=torch.Generator().manual_seed(T + g.rank))
+            ids = torch.rand(T, CFG.num_experts, generator=torch.Generator().manual_seed(T)).argsort(1)[:, :CFG.top_k]
+            d = b.dispatch(x, Routing(ids.to(torch.int32), torch.ones(T, CFG.top_k)))
+            y = b.combine(torch.zeros(d.num_pairs, CFG.hidden), d)
+            out[T] = (name, tuple(y.shape))
+        return caps, out
+
+    caps, out = VirtualGroup(2).run(body)[0]
+    assert caps["symm_a2a"] == 128 and caps["nccl_a2a"] is None
+    assert out == {128: ("symm_a2a", (128, CFG.hidden)), 200: ("nccl_a2a", (200, CFG.hidden))}

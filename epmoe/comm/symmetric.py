@@ -500,6 +500,11 @@ class SymmA2A(CommBackend):
                       combine_dtype).nbytes
 
     @property
+    def max_tokens_per_rank(self) -> int:
+        """The largest T one call accepts (the workspace's Tm; select.comm_capacity reads it)."""
+        return self.max_tokens
+
+    @property
     def workspace_nbytes(self) -> int:
         """Bytes of this rank's workspace (0 before setup)."""
         return self.layout.nbytes if self.layout is not None else 0
