@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -70,6 +71,20 @@ class MoEConfig:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"unknown routing {self.routing!r}; choose one of {ROUTINGS}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"MoEConfig.norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
+        for name in ("n_group", "topk_group", "shared_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"MoEConfig.{name} must be an int, got {value!r}")
+        if self.shared_intermediate is not None and (
+            not isinstance(self.shared_intermediate, int) or isinstance(self.shared_intermediate, bool)
+        ):
+            raise ValueError(f"MoEConfig.shared_intermediate must be an int or None, got {self.shared_intermediate!r}")
+        for name in ("routed_scaling_factor", "swiglu_limit", "swiglu_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
+                raise ValueError(f"MoEConfig.{name} must be a finite number > 0, got {value!r}")
         if self.n_group <= 0 or self.topk_group <= 0 or self.topk_group > self.n_group:
             raise ValueError(
                 f"need 0 < topk_group <= n_group, got topk_group={self.topk_group}, "
@@ -92,8 +107,6 @@ class MoEConfig:
             raise ValueError("shared_experts must be >= 0")
         if self.shared_intermediate is not None and self.shared_intermediate <= 0:
             raise ValueError("shared_intermediate must be positive")
-        if not self.routed_scaling_factor > 0:
-            raise ValueError("routed_scaling_factor must be > 0")
 
     @property
     def has_bias(self) -> bool:

@@ -18,6 +18,8 @@ import torch
 from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
 
+FLOAT_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what "bf16" format means
+
 
 def as_float(t: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A plain tensor in `dtype`: dequantizes quantized tensors, casts plain ones."""
@@ -58,6 +60,16 @@ class ExpertWeights:
             t = getattr(self, name)
             if t is None:
                 raise ValueError(f"expert weight {name} is missing; {cfg.activation} experts need it")
+            if isinstance(t, torch.Tensor) and name in ("w13", "w2") and t.dtype not in FLOAT_WEIGHT_DTYPES:
+                if t.dtype == torch.float64:
+                    raise ValueError(
+                        f"expert weight {name} is float64, which the runners do not support; convert it "
+                        f"with {name}.float() (or .bfloat16())"
+                    )
+                raise ValueError(
+                    f"expert weight {name} is {t.dtype}; unquantized weights must be bf16, fp16 or fp32 "
+                    "(quantized weights: an epmoe.quant QuantizedTensor, e.g. quantize_weights(w, 'fp8'))"
+                )
             if tuple(t.shape) != shape:
                 raise ValueError(
                     f"expert weight {name} has shape {tuple(t.shape)}, expected {shape} "
