@@ -19,7 +19,7 @@ from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.activation import activate
 from epmoe.group import Placement, RankGroup
-from epmoe.routing import Routing, RoutingCapture, check_routing, route
+from epmoe.routing import Routing, RoutingCapture, check_correction_bias, check_routing, route
 from epmoe.select import Combo, comm_candidates, crossovers, ensure, pick_comm, pick_runner
 
 LAYOUTS = ("dp", "tp")
@@ -32,6 +32,14 @@ def _device_name(device: torch.device) -> str:
 def _capturing(x: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on x's device (host reads are then illegal)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def activation_dtype(weights: ExpertWeights) -> torch.dtype:
+    """The activation dtype a layer over `weights` expects: the dtype of unquantized weights;
+    for quantized weights bf16 on CUDA, fp32 elsewhere."""
+    if isinstance(weights.w13, torch.Tensor):
+        return weights.w13.dtype
+    return torch.bfloat16 if weights.device.type == "cuda" else torch.float32
 
 
 @dataclass
@@ -67,13 +75,20 @@ class MoELayer(nn.Module):
     group:    the EP ranks (`EPGroup`, a `VirtualGroup` rank, or None for one rank).
     comm:     comm backend name ("none", "allgather", "nccl_a2a", "symm_a2a") or "auto" (picks
               per call by token count from measured crossovers, see select.py).
-    runner:   expert runner name ("reference", "triton") or "auto" (fastest for the device).
+    runner:   expert runner name ("reference", "triton") or "auto", the default: the fastest
+              runner for the weights' device and format (select.pick_runner: triton on CUDA,
+              reference on the CPU).
     layout:   "dp" (each rank its own tokens) or "tp" (every rank the same tokens).
-    gate:     router weight [E, H] used when forward() gets neither logits nor routing.
-    correction_bias: [E] fp32 for sigmoid_bias / sigmoid_grouped routing.
+    gate:     router weight [E, H] used when forward() gets neither logits nor routing:
+              logits = x @ gate.T (+ gate_bias), computed in fp32.
+    gate_bias: [E] router bias added to the gate's logits (GPT-OSS `router.bias`); needs gate.
+    correction_bias: [E] fp32 for sigmoid_bias / sigmoid_grouped routing; must be finite.
     shared:   shared experts, added to the output of every token.
     capture:  a `RoutingCapture` that receives the ids of every call.
     comm_options: keyword options for the comm backend (e.g. max_tokens_per_rank, payload).
+              Backends whose constructor takes `device` / `dtype` (symm_a2a) get the weights'
+              device and `activation_dtype(weights)` unless given here, so they allocate their
+              workspace at construction, not on the first forward.
     """
 
     def __init__(
@@ -82,10 +97,11 @@ class MoELayer(nn.Module):
         weights: ExpertWeights,
         group: RankGroup | None = None,
         comm: str = "none",
-        runner: str = "reference",
+        runner: str = "auto",
         layout: str = "dp",
         placement: Placement | None = None,
         gate: torch.Tensor | None = None,
+        gate_bias: torch.Tensor | None = None,
         correction_bias: torch.Tensor | None = None,
         shared: SharedExperts | None = None,
         capture: RoutingCapture | None = None,
@@ -126,8 +142,18 @@ class MoELayer(nn.Module):
         self.combo = dataclasses.replace(base, comm=names[0])
         if cfg.uses_correction_bias and correction_bias is None:
             raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
+        if correction_bias is not None:
+            check_correction_bias(correction_bias, cfg.num_experts)
         if gate is not None and tuple(gate.shape) != (cfg.num_experts, cfg.hidden):
             raise ValueError(f"gate must be [{cfg.num_experts}, {cfg.hidden}], got {tuple(gate.shape)}")
+        if gate_bias is not None:
+            if gate is None:
+                raise ValueError("gate_bias is added to the gate's logits; pass gate= as well")
+            if not gate_bias.is_floating_point() or tuple(gate_bias.shape) != (cfg.num_experts,):
+                raise ValueError(
+                    f"gate_bias must be a float [{cfg.num_experts}] tensor, got {gate_bias.dtype} "
+                    f"{tuple(gate_bias.shape)}"
+                )
         if cfg.shared_experts and shared is None:
             raise ValueError(f"cfg has {cfg.shared_experts} shared experts; pass shared=SharedExperts(...)")
         if shared is not None:
@@ -140,14 +166,16 @@ class MoELayer(nn.Module):
         self.group = group
         # comm="auto" builds every candidate once and picks per call by token count.
         self.comms: dict[str, CommBackend] = {}
+        setup = {"device": weights.device, "dtype": activation_dtype(weights)}
         for n in names:
             cls = get_comm(n)
             own = options if comm != "auto" else accepted_options(cls, options)
-            self.comms[n] = cls(cfg, group, self.placement, **own)
+            self.comms[n] = cls(cfg, group, self.placement, **{**accepted_options(cls, setup), **own})
         self.comm: CommBackend = self.comms[names[0]]
         self._ladder = crossovers(_device_name(weights.device), world)[0] if len(names) > 1 else None
         self.runner = get_runner(runner)(cfg, weights)
         self.gate = gate
+        self.gate_bias = gate_bias
         self.correction_bias = correction_bias
         self.shared = shared
         self.capture = capture
@@ -186,11 +214,12 @@ class MoELayer(nn.Module):
         buckets = sorted(set(buckets or [min(2**i, max_tokens) for i in range(max_tokens.bit_length() + 1)]))
         if buckets[-1] < max_tokens or buckets[0] <= 0:
             raise ValueError(f"buckets {buckets} must be positive and reach max_tokens={max_tokens}")
-        dtype = self.runner.weights.w13.dtype if isinstance(self.runner.weights.w13, torch.Tensor) else torch.bfloat16
+        dtype = activation_dtype(self.runner.weights)
         top = buckets[-1]
         self._graph_x = torch.zeros(top, self.cfg.hidden, dtype=dtype, device=device)
         self._graph_logits = torch.zeros(top, self.cfg.num_experts, dtype=torch.float32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # bucket -> (graph, its output rows, the comm backend captured in it)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, CommBackend]] = {}
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -203,7 +232,7 @@ class MoELayer(nn.Module):
             with torch.cuda.graph(g, pool=pool):
                 out = self._eager(self._graph_x[:b], self._graph_logits[:b], None)
             pool = g.pool()
-            self._graphs[b] = (g, out)
+            self._graphs[b] = (g, out, self.comm)
         torch.cuda.synchronize(device)
         return buckets
 
@@ -216,8 +245,13 @@ class MoELayer(nn.Module):
         self._graph_x[T:bucket].zero_()
         self._graph_logits[:T].copy_(logits)
         self._graph_logits[T:bucket].zero_()
-        graph, out = self._graphs[bucket]
+        graph, out, comm = self._graphs[bucket]
         graph.replay()
+        # A bounded wait inside the graph (symm_a2a) only records a timeout in the backend's error
+        # word; read it here, as an eager combine does, unless the caller opted out.
+        check = getattr(comm, "check", None)
+        if callable(check) and getattr(comm, "check_errors", True):
+            check()
         if self.capture is not None:
             self.capture.num_tokens = T
             self.capture.num_tokens_dev.fill_(T)
@@ -232,15 +266,16 @@ class MoELayer(nn.Module):
         """x [T, H] -> y [T, H] in x's dtype.
 
         Routing comes from `routing` (routed mode), else from `router_logits` [T, E], else
-        from the layer's `gate`. After `capture_graphs`, calls that fit a bucket replay a graph.
+        from the layer's `gate` (+ `gate_bias`). After `capture_graphs`, calls that fit a bucket
+        replay a graph.
         """
         self._check_x(x)
+        if router_logits is not None:
+            self._check_logits(x, router_logits)
         graphs = getattr(self, "_graphs", None)
         if graphs and routing is None and x.is_cuda and not _capturing(x) and x.shape[0] <= max(graphs):
             if router_logits is None:
-                if self.gate is None:
-                    raise ValueError("pass router_logits or routing, or build the layer with gate=")
-                router_logits = x.float() @ self.gate.float().T
+                router_logits = self._gate_logits(x)
             return self._replay(x, router_logits)
         return self._eager(x, router_logits, routing)
 
@@ -265,15 +300,30 @@ class MoELayer(nn.Module):
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
 
+    def _check_logits(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        E = self.cfg.num_experts
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0] or logits.shape[1] != E:
+            raise ValueError(
+                f"router_logits must be [T, E] = [{x.shape[0]}, {E}] for x of shape {tuple(x.shape)} and "
+                f"{E} experts, got {tuple(logits.shape)}"
+            )
+
+    def _gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] fp32 from the layer's gate: x @ gate.T + gate_bias."""
+        if self.gate is None:
+            raise ValueError("pass router_logits or routing, or build the layer with gate=")
+        logits = x.float() @ self.gate.float().T  # [T, E]
+        if self.gate_bias is not None:
+            logits = logits + self.gate_bias.float()
+        return logits
+
     def _eager(
         self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None
     ) -> torch.Tensor:
         cfg = self.cfg
         if routing is None:
             if router_logits is None:
-                if self.gate is None:
-                    raise ValueError("pass router_logits or routing, or build the layer with gate=")
-                router_logits = x.float() @ self.gate.float().T
+                router_logits = self._gate_logits(x)
             routing = route(router_logits, cfg, self.correction_bias)
         else:
             if router_logits is not None:

@@ -96,6 +96,25 @@ def check_routing(routing: Routing, num_experts: int) -> None:
         raise ValueError("routing weights contain NaN or inf")
 
 
+def check_correction_bias(correction_bias: torch.Tensor, num_experts: int) -> None:
+    """Raise ValueError unless `correction_bias` is a finite float [E] tensor.
+
+    A NaN in the bias makes every biased score NaN, and the stable sort then sends every token
+    to experts 0, 1, ...: silently wrong routing, so it is refused here (reads the values on the
+    host; the layer checks once at construction)."""
+    if not isinstance(correction_bias, torch.Tensor) or not correction_bias.is_floating_point():
+        got = correction_bias.dtype if isinstance(correction_bias, torch.Tensor) else type(correction_bias).__name__
+        raise ValueError(f"correction_bias must be a float tensor [{num_experts}], got {got}")
+    if tuple(correction_bias.shape) != (num_experts,):
+        raise ValueError(f"correction_bias must be [{num_experts}], got {tuple(correction_bias.shape)}")
+    if not bool(torch.isfinite(correction_bias).all()):
+        bad = (~torch.isfinite(correction_bias)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"correction_bias (e_score_correction_bias) holds NaN or inf at experts {bad[:8]}; it would "
+            "route every token to the lowest expert ids. Check the checkpoint or how the bias was computed"
+        )
+
+
 def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k along the last dim; among equal values the lowest index wins."""
     sorted_vals, order = torch.sort(values, dim=-1, descending=True, stable=True)
@@ -127,10 +146,8 @@ def route(
     if cfg.uses_correction_bias:
         if correction_bias is None:
             raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
-        if correction_bias.shape != (cfg.num_experts,):
-            raise ValueError(
-                f"correction_bias must be [{cfg.num_experts}], got {tuple(correction_bias.shape)}"
-            )
+        if not capturing:
+            check_correction_bias(correction_bias, cfg.num_experts)
         correction_bias = correction_bias.float()
 
     if cfg.routing == "softmax":

@@ -1,11 +1,15 @@
+import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, Routing, RoutingCapture, SharedExperts, VirtualGroup
+from epmoe import layer as layer_module
+from epmoe.comm.symmetric import SymmTimeoutError
 from epmoe.experts import naive_moe
 from epmoe.group import VirtualGroupError
+from epmoe.quant import quantize_weights
 from epmoe.routing import route
 from tests.dist import run_ranks
 
@@ -149,6 +153,14 @@ def test_bad_input_raises_clear_errors():
         layer(x.double(), logits)
     with pytest.raises(ValueError, match="NaN or inf"):
         layer(x, torch.full_like(logits, float("nan")))
+    x5 = torch.randn(5, cfg.hidden)
+    shapes = r"router_logits must be \[T, E\] = \[5, 16\] for x of shape \(5, 48\).*got \(3, 16\)"
+    with pytest.raises(ValueError, match=shapes):
+        layer(x5, torch.randn(3, cfg.num_experts))  # used to return [3, H] silently
+    with pytest.raises(ValueError, match=r"router_logits must be \[T, E\] = \[4, 16\].*got \(4, 15\)"):
+        layer(x, logits[:, :15])
+    with pytest.raises(ValueError, match=r"router_logits must be \[T, E\].*got \(64,\)"):
+        layer(x, logits.flatten())
     bad_ids = torch.zeros(4, cfg.top_k, dtype=torch.int32)
     bad_ids[:, 1] = 99
     with pytest.raises(ValueError, match="must lie in"):
@@ -178,3 +190,123 @@ def _dp_none_rank(group):
 def test_none_backend_refuses_dp_with_several_ranks():
     with pytest.raises(VirtualGroupError, match="comm 'none' moves no tokens: with several ranks it needs the tp"):
         VirtualGroup(2).run(_dp_none_rank)
+
+
+def test_gate_bias_by_hand():
+    """GPT-OSS router: logits = x @ gate.T + gate_bias, top-k on the logits, softmax over the k."""
+    cfg = MoEConfig(hidden=2, intermediate=4, num_experts=4, top_k=2, routing="softmax_after_topk")
+    weights = ExpertWeights.random(cfg, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    gate = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    bias = torch.tensor([0.0, 2.0, -0.5, 0.0])
+    # token 0: x @ gate.T = [1, 0, 1, -1] + bias = [1, 2, 0.5, -1] -> experts 1, 0
+    # token 1: x @ gate.T = [0, 1, 1, 0]  + bias = [0, 3, 0.5, 0]  -> experts 1, 2
+    e = math.e
+    ids = torch.tensor([[1, 0], [1, 2]])
+    w = torch.tensor([[e / (e + 1), 1 / (e + 1)], [1 / (1 + e**-2.5), e**-2.5 / (1 + e**-2.5)]])
+    cap = RoutingCapture(max_tokens=4, top_k=2)
+    layer = MoELayer(cfg, weights, gate=gate, gate_bias=bias, capture=cap)
+    y = layer(x)
+    assert cap.captured().tolist() == ids.tolist()
+    torch.testing.assert_close(y, naive_moe(x, ids, w, weights, cfg), **TOL)
+    # without the bias token 0 ties experts 0 and 2 (both 1.0): the lowest id wins, then 2
+    assert route(x @ gate.T, cfg).ids[0].tolist() == [0, 2]
+    with pytest.raises(ValueError, match=r"gate_bias must be a float \[4\] tensor"):
+        MoELayer(cfg, weights, gate=gate, gate_bias=torch.zeros(5))
+    with pytest.raises(ValueError, match="pass gate= as well"):
+        MoELayer(cfg, weights, gate_bias=bias)
+
+
+@pytest.mark.parametrize("routing", ["sigmoid_bias", "sigmoid_grouped"])
+def test_non_finite_or_misshapen_correction_bias_is_refused(routing):
+    cfg = MoEConfig(hidden=8, intermediate=4, num_experts=8, top_k=2, routing=routing, n_group=4, topk_group=2)
+    weights = ExpertWeights.random(cfg, 8)
+    bias = torch.zeros(8)
+    bias[3] = float("nan")
+    with pytest.raises(ValueError, match=r"correction_bias .*NaN or inf at experts \[3\]"):
+        MoELayer(cfg, weights, correction_bias=bias)
+    with pytest.raises(ValueError, match=r"correction_bias must be \[8\], got \(7,\)"):
+        MoELayer(cfg, weights, correction_bias=torch.zeros(7))
+    with pytest.raises(ValueError, match="correction_bias must be a float tensor"):
+        MoELayer(cfg, weights, correction_bias=torch.zeros(8, dtype=torch.int64))
+
+
+def test_default_runner_is_auto_and_reference_on_cpu(monkeypatch):
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    w = ExpertWeights.random(cfg, 4)
+    assert MoELayer(cfg, w).combo.runner == "reference"
+    asked = []
+    monkeypatch.setattr(layer_module, "pick_runner", lambda *a, **k: asked.append(a) or "reference")
+    MoELayer(cfg, w)
+    assert asked == [("cpu", "bf16")]  # the default goes through select.pick_runner
+    monkeypatch.undo()
+    q = ExpertWeights(quantize_weights(w.w13, "fp8"), quantize_weights(w.w2, "fp8"))
+    assert MoELayer(cfg, q).combo.runner == "reference"
+
+
+def test_non_float_weights_are_refused():
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    w = ExpertWeights.random(cfg, 4)
+    with pytest.raises(ValueError, match=r"w13 is torch.int8; unquantized weights must be bf16, fp16 or fp32"):
+        MoELayer(cfg, ExpertWeights(w.w13.to(torch.int8), w.w2))
+    with pytest.raises(ValueError, match=r"w2 is float64, which the runners do not support; convert it"):
+        MoELayer(cfg, ExpertWeights(w.w13, w.w2.double()))
+
+
+def _symm_layer(group, dtype, quantized):
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    w = ExpertWeights.random(cfg, 4)
+    if quantized:
+        w = ExpertWeights(quantize_weights(w.w13, "fp8"), quantize_weights(w.w2, "fp8"))
+    else:
+        w = ExpertWeights(w.w13.to(dtype), w.w2.to(dtype))
+    layer = MoELayer.from_global(cfg, w, group, comm="symm_a2a", comm_options={"max_tokens_per_rank": 8})
+    comm = layer.comm
+    return comm.layout is not None, comm.device, comm.dtype
+
+
+@pytest.mark.parametrize(("dtype", "quantized", "expect"), [
+    (torch.float16, False, torch.float16), (torch.float32, False, torch.float32), (None, True, torch.float32),
+])
+def test_comm_workspace_is_set_up_at_construction(dtype, quantized, expect):
+    """symm_a2a takes device= and dtype=: the layer passes the weights' device and float dtype
+    (fp32 for quantized weights on the CPU), so the workspace exists before the first forward."""
+    for ready, device, got in VirtualGroup(2).run(lambda g: _symm_layer(g, dtype, quantized)):
+        assert ready and device == torch.device("cpu") and got == expect
+
+
+class _Graph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+class _TimedOutComm:
+    check_errors = True
+
+    def __init__(self):
+        self.checks = 0
+
+    def check(self):
+        self.checks += 1
+        raise SymmTimeoutError("symm_a2a rank 0: a wait timed out")
+
+
+def test_graph_replay_checks_the_comm_error_word():
+    """After a replay the layer reads the comm backend's error word (symm_a2a's check()), as an
+    eager combine does; the graph itself is faked here (CUDA graphs need a GPU)."""
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    layer = MoELayer(cfg, ExpertWeights.random(cfg, 4))
+    graph, comm = _Graph(), _TimedOutComm()
+    layer._graph_x = torch.zeros(4, cfg.hidden)
+    layer._graph_logits = torch.zeros(4, cfg.num_experts)
+    layer._graphs = {4: (graph, torch.zeros(4, cfg.hidden), comm)}
+    x, logits = torch.randn(3, cfg.hidden), torch.randn(3, cfg.num_experts)
+    with pytest.raises(SymmTimeoutError, match="timed out"):
+        layer._replay(x, logits)
+    assert graph.replays == 1 and comm.checks == 1
+    comm.check_errors = False  # the caller checks itself
+    assert layer._replay(x, logits).shape == (3, cfg.hidden)
+    assert comm.checks == 1

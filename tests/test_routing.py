@@ -210,6 +210,19 @@ def test_route_bad_input():
         route(torch.randn(3, 8), _cfg("sigmoid_bias"))
 
 
+@pytest.mark.parametrize("routing", ["sigmoid_bias", "sigmoid_grouped"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_correction_bias_is_refused(routing, bad):
+    """A NaN bias used to make every choice score NaN and send every token to experts 0 and 1."""
+    cfg = _cfg(routing, n_group=4, topk_group=2)
+    bias = torch.zeros(8)
+    bias[5] = bad
+    with pytest.raises(ValueError, match=r"\(e_score_correction_bias\) holds NaN or inf at experts \[5\]"):
+        route(torch.randn(3, 8), cfg, bias)
+    with pytest.raises(ValueError, match=r"correction_bias must be \[8\], got \(2, 4\)"):
+        route(torch.randn(3, 8), cfg, torch.zeros(2, 4))
+
+
 def test_config_bad_input():
     with pytest.raises(ValueError, match="exceeds num_experts"):
         _cfg(E=4, K=5)
