@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks: processes (NCCL per GPU, or gloo on the CPU), or virtual ranks on one GPU "
                         "(default: 2 for comm, 1 for layer)")
     b.add_argument("--payload", default="bf16", help="comm: payload format(s), comma-separated")
+    b.add_argument("--iters", type=int, default=20, help="comm: timed iterations per row")
+    b.add_argument("--static", action="store_true",
+                   help="comm: build allgather/nccl_a2a with static_shapes (no host sync: timed through CUDA graphs "
+                        "on GPU ranks)")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
     b.add_argument("--json", help="write the rows as JSON here")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")

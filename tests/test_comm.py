@@ -9,6 +9,7 @@ world size runs every case (the results are cached for the tests that read them)
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -388,26 +389,50 @@ def test_once_per_destination_rank_moves_fewer_bytes_than_once_per_expert():
     assert 2.0 < ratio < 2.4, ratio
 
 
-def test_bench_comm_rows_and_bytes():
-    from epmoe.bench.comm import bench_comm
+def test_bench_comm_rows_and_bytes(monkeypatch):
+    from epmoe.bench.comm import _inputs, bench_comm
+    from epmoe.comm.symmetric import SymmA2A
 
-    W, tokens = 2, [1, 6]
+    W, tokens, names = 2, [1, 6], BACKENDS + ("symm_a2a",)
+    built = []
+    init = SymmA2A.__init__
+
+    @functools.wraps(init)  # keeps the signature that accepted_options reads
+    def recording_init(self, *args, **kwargs):
+        built.append(kwargs.get("max_tokens_per_rank"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(SymmA2A, "__init__", recording_init)
 
     def body(g):
-        return bench_comm(CFG, BACKENDS, tokens, g, torch.float32, payload="fp8", iters=2, warmup=1, link_gbps=100.0)
+        return bench_comm(CFG, names, tokens, g, torch.float32, payload="fp8", iters=2, warmup=1, link_gbps=100.0)
 
     rows = VirtualGroup(W).run(body)[0]
-    assert [(r["backend"], r["tokens"]) for r in rows] == [(n, t) for n in BACKENDS for t in tokens]
+    assert [(r["backend"], r["tokens"]) for r in rows] == [(n, t) for n in names for t in tokens]
     row_bytes = row_layout(CFG, "fp8", torch.float32).nbytes
+    placement = Placement.contiguous(CFG.num_experts, W)
+    kl = min(CFG.top_k, placement.local_experts)
     for r in rows:
-        assert r["payload"] == "fp8" and r["dispatch_us"] > 0 and r["combine_us"] > 0
+        assert r["payload"] == "fp8" and r["dispatch_us"] > 0 and r["combine_us"] > 0, r
+        assert r["timing"] == "cpu" and r["ranks"] == "threads"
         assert r["bytes_per_rank"] == r["dispatch_bytes"] + r["combine_bytes"]
         assert r["link_frac"] == pytest.approx(r["GB/s"] / 100.0)
+        assert r["dispatch GB/s"] == pytest.approx(r["dispatch_bytes"] / (r["dispatch_us"] * 1e3))
         if r["backend"] == "allgather":  # every token to the one other rank, fp32 partials back
             assert r["dispatch_bytes"] == (W - 1) * r["tokens"] * row_bytes
             assert r["combine_bytes"] == (W - 1) * r["tokens"] * CFG.hidden * 4
-        else:  # at most once per other rank
+        elif r["backend"] == "nccl_a2a":  # at most once per other rank
             assert r["dispatch_bytes"] <= (W - 1) * r["tokens"] * row_bytes
+        else:  # symm_a2a: meta of every token + a row per token that picks the other rank (+ count, flag)
+            want_d, want_c = [], []
+            for rank in range(W):
+                ids = _inputs(CFG, rank, r["tokens"], torch.device("cpu"), torch.float32)[1].ids
+                hits = int((placement.expert_rank[ids.long()] == 1 - rank).any(dim=1).sum())
+                want_d.append(r["tokens"] * kl * 8 + hits * (CFG.hidden + 4) + 8)
+                want_c.append(hits * CFG.hidden * 4 + 4)
+            assert (r["dispatch_bytes"], r["combine_bytes"]) == (max(want_d), max(want_c)), r
+            assert r["dispatch_bytes"] > 0 and r["combine_bytes"] > 4
+    assert sorted(built) == [1, 1, 6, 6]  # a workspace per token count, sized to it, on each rank
 
 
 def test_auto_never_picks_a_backend_whose_workspace_is_too_small():
@@ -446,3 +471,22 @@ def test_auto_never_picks_a_backend_whose_workspace_is_too_small():
     caps, out = VirtualGroup(2).run(body)[0]
     assert caps["symm_a2a"] == 128 and caps["nccl_a2a"] is None
     assert out == {128: ("symm_a2a", (128, CFG.hidden)), 200: ("nccl_a2a", (200, CFG.hidden))}
+
+
+def test_bench_comm_command_over_gloo_processes(tmp_path, capsys):
+    """`epmoe bench comm` end to end on the CPU: gloo processes, every dp backend, real bytes."""
+    import json
+
+    from epmoe.cli import main
+
+    out = tmp_path / "comm.json"
+    assert main(["bench", "comm", "--preset", "olmoe-1b-7b", "--tokens", "0,3", "--world", "2", "--iters", "2",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["backend"], r["tokens"]) for r in rows] == [
+        (n, t) for n in ("allgather", "nccl_a2a", "symm_a2a") for t in (0, 3)]
+    for r in rows:
+        assert r["ranks"] == "gloo" and r["timing"] == "cpu" and r["payload"] == "float32", r
+        if r["tokens"]:
+            assert r["dispatch_bytes"] > 0 and r["combine_bytes"] > 0 and r["GB/s"] > 0, r
+    assert "symm_a2a" in capsys.readouterr().out

@@ -484,72 +484,17 @@ def test_gpu_peer_that_never_arrives_times_out():
         bs[0].check()
 
 
-def bench_virtual(world: int = 8, tokens: int = 128, hidden: int = 7168, top_k: int = 8, experts: int = 256,
-                  payload: str = "bf16", iters: int = 20) -> dict:
-    """Dispatch and combine of `world` virtual ranks on one GPU, each phase in a CUDA graph;
-    the data moves through HBM. Returns times (all ranks together) and GB/s of token rows."""
-    cfg = MoEConfig(hidden=hidden, intermediate=128, num_experts=experts, top_k=top_k)
-    placement = Placement.contiguous(experts, world)
-    bs = VirtualGroup(world).run(lambda g: SymmA2A(cfg, g, placement, max_tokens_per_rank=tokens, payload=payload,
-                                                   device="cuda", dtype=torch.bfloat16, check_errors=False))
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(tokens, hidden, generator=g).to("cuda", torch.bfloat16) for _ in range(world)]
-    ids = [torch.rand(tokens, experts, generator=g).argsort(dim=1)[:, :top_k].to("cuda", torch.int32)
-           for _ in range(world)]
-    routings = [Routing(i, torch.full(i.shape, 1.0 / top_k, device="cuda")) for i in ids]
-    M = world * tokens * bs[0].slot_experts
-    outs = [torch.zeros(M, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(world)]
-    ds: list = []
+@pytest.mark.gpu
+def test_gpu_bench_virtual_rows_report_bytes_and_hbm_fraction():
+    """`epmoe bench comm` on one GPU: symm_a2a timed through graph replays, real byte counts,
+    GB/s rated against the HBM copy bandwidth measured in the same run."""
+    from epmoe.bench.comm import bench_comm_virtual
 
-    def dispatch():
-        for b, x, r in zip(bs, xs, routings):
-            b.dispatch_send(x, r)
-        ds[:] = [b.dispatch_recv() for b in bs]
-
-    def combine():
-        for b, out, d in zip(bs, outs, ds):
-            b.combine_send(out, d)
-        for b, d in zip(bs, ds):
-            b.combine_recv(d)
-
-    dispatch()
-    combine()
-    torch.cuda.synchronize()
-    gd, gc = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gd):
-        dispatch()
-    with torch.cuda.graph(gc):
-        combine()
-    times = {"dispatch": [], "combine": []}
-    for _ in range(iters):
-        for name, graph in (("dispatch", gd), ("combine", gc)):
-            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            e.record()
-            e.synchronize()
-            times[name].append(a.elapsed_time(e) * 1e3)
-    for b in bs:
-        b.check()
-    ranks_hit = sum(int((placement.expert_rank.cuda()[i.long()].unsqueeze(-1) == torch.arange(world, device="cuda"))
-                        .any(dim=1).sum()) for i in ids)
-    row = sum(bs[0].layout.row_bytes)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    other = torch.empty_like(big)
-    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    other.copy_(big)
-    a.record()
-    for _ in range(5):
-        other.copy_(big)
-    e.record()
-    e.synchronize()
-    copy_gbs = big.numel() * 5 / (a.elapsed_time(e) * 1e-3) / 1e9  # bytes copied per second
-    return {
-        "world": world, "tokens": tokens, "hidden": hidden, "payload": payload,
-        "dispatch_us": med["dispatch"], "combine_us": med["combine"],
-        "dispatch_GBps": ranks_hit * row / (med["dispatch"] * 1e-6) / 1e9,
-        "combine_GBps": ranks_hit * hidden * 4 * 2 / (med["combine"] * 1e-6) / 1e9,
-        "hbm_copy_GBps": copy_gbs,
-        "workspace_MiB": bs[0].workspace_nbytes / 2**20,
-    }
+    cfg = MoEConfig(hidden=1024, intermediate=128, num_experts=64, top_k=8)
+    rows = bench_comm_virtual(cfg, 4, [0, 1, 64], iters=5, warmup=2)
+    assert [r["tokens"] for r in rows] == [0, 1, 64]
+    for r in rows:
+        assert r["timing"] == "graph" and r["link"].startswith("HBM copy") and r["dispatch_us"] > 0, r
+        if r["tokens"]:
+            assert r["dispatch_bytes"] > r["tokens"] * 8 * 8 and r["combine_bytes"] > 0, r
+            assert 0 < r["link_frac"] < 1.5 and r["dispatch GB/s"] > 0, r

@@ -1,14 +1,34 @@
 """`epmoe bench comm`: dispatch and combine alone, per backend, payload and token count.
 
-    for backend, T:   barrier; t0; dispatch(x, routing); t1        (CUDA events, or perf_counter)
-                      barrier; t0; combine(out, dispatched); t1
-    row = slowest rank's median µs of each phase, bytes this rank sent to other ranks, GB/s,
-          and that rate as a fraction of the link bandwidth (when one is given)
+    for backend, T:   build the backend for T (a pre-sized workspace holds exactly T tokens)
+                      no host sync in a call (symm_a2a; static-shape allgather/nccl_a2a on real
+                      ranks), on the GPU:
+                          capture dispatch in graph gd and combine in graph gc, then
+                          [event; gd.replay(); event; gc.replay(); event] x iters, one sync at the
+                          end, then check() once (a timed-out wait raises there)
+                      otherwise (count exchanges, CPU):
+                          barrier; t0; dispatch(x, routing); t1        (CUDA events, or perf_counter)
+                          barrier; t0; combine(out, dispatched); t1
+    row = slowest rank's median µs of each phase, bytes this rank sent to other ranks (largest
+          over ranks), GB/s of the round trip and of dispatch alone, and that rate as a fraction
+          of the link bandwidth
 
 Routing is uniform (random router logits through `route`), tokens per rank equal on every
 rank, the expert stage is skipped (combine reads a zero tensor of the runner's output shape),
 so the rows isolate the communication. Bytes count what leaves the rank (rows to itself are
-free): allgather sends (W - 1) * T rows each way, nccl_a2a one row per (token, other rank hit).
+free): allgather sends (W - 1) * T rows each way, nccl_a2a one row per (token, other rank hit),
+symm_a2a one row per (token, other rank hit) plus every token's slot metadata (see
+`SymmHandle`). The prefill target of symm_a2a is dispatch >= 400 GB/s per GPU (84% of H200
+NVLink), read off the `dispatch GB/s` column.
+
+Virtual ranks (W ranks on one GPU) move every byte through that GPU's HBM, so their rows are
+rated against the HBM copy bandwidth measured in the same run (a large device-to-device copy,
+read + write bytes): `GB/s` is then what the one GPU moved for all ranks together and
+`link_frac` counts each moved byte as one HBM read and one write. symm_a2a on virtual ranks runs
+every rank's send, then every rank's receive, from one thread in one graph per phase (a rank's
+receive spinning ahead of a peer's send on the shared stream would wait for ever). The other
+backends on virtual ranks exchange through host threads: their rows time the code path, not a
+link.
 """
 
 from __future__ import annotations
@@ -22,8 +42,11 @@ import torch
 
 from epmoe.comm import COMM_BACKENDS, accepted_options, get_comm
 from epmoe.config import MoEConfig
-from epmoe.group import Placement, RankGroup, VirtualGroup
-from epmoe.routing import route
+from epmoe.group import EPGroup, Placement, RankGroup, VirtualGroup
+from epmoe.routing import Routing, route
+
+COLUMNS = ("backend", "payload", "world", "tokens", "ranks", "timing", "dispatch_us", "combine_us",
+           "dispatch_bytes", "combine_bytes", "bytes_per_rank", "GB/s", "dispatch GB/s", "link", "link_frac")
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
@@ -40,6 +63,96 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return (time.perf_counter() - t0) * 1e6, result
 
 
+def hbm_copy_gbps(device: torch.device | str, nbytes: int = 1 << 30, iters: int = 5) -> float:
+    """HBM bandwidth of a device-to-device copy of `nbytes`, counting read + write bytes (GB/s)."""
+    device = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    gbps = 2 * nbytes * iters / (start.elapsed_time(end) * 1e-3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return gbps
+
+
+def _inputs(cfg: MoEConfig, rank: int, T: int, device: torch.device, dtype: torch.dtype
+            ) -> tuple[torch.Tensor, Routing]:
+    """x [T, H] and uniform routing of one rank (the same on every path of the benchmark)."""
+    g = torch.Generator().manual_seed(1000 * rank + T)
+    x = torch.randn(T, cfg.hidden, generator=g).to(device, dtype)
+    bias = torch.zeros(cfg.num_experts, device=device) if cfg.uses_correction_bias else None
+    routing = route(torch.randn(T, cfg.num_experts, generator=g).to(device), cfg, bias)
+    return x, routing
+
+
+def _options(cls: type, T: int, payload: str | None, device: torch.device, dtype: torch.dtype,
+             static: bool) -> dict[str, Any]:
+    """Options for a backend built for T tokens per rank (only those `cls` takes)."""
+    wanted: dict[str, Any] = {"max_tokens_per_rank": max(T, 1), "device": device, "dtype": dtype,
+                              "check_errors": False}
+    if payload is not None:
+        wanted["payload"] = payload
+    if static:
+        wanted["static_shapes"] = True
+    return accepted_options(cls, wanted)
+
+
+def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], check: Callable[[], None] | None,
+                 device: torch.device, warmup: int, iters: int, barrier: Callable[[], None]
+                 ) -> tuple[list[float], list[float], Any]:
+    """dispatch() and combine(its result) each captured in a CUDA graph, replayed alternately
+    with events between them and no host sync until the end; then check() once (a wait that
+    timed out during the replays raises there). Returns (dispatch µs, combine µs, the captured
+    dispatch's result)."""
+    gd, gc = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gd):
+        d = dispatch()
+    with torch.cuda.graph(gc):
+        combine(d)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(3 * (warmup + iters))]
+    barrier()
+    for i in range(warmup + iters):
+        events[3 * i].record()
+        gd.replay()
+        events[3 * i + 1].record()
+        gc.replay()
+        events[3 * i + 2].record()
+    torch.cuda.synchronize(device)
+    if check is not None:
+        check()
+    times_d = [events[3 * i].elapsed_time(events[3 * i + 1]) * 1e3 for i in range(warmup, warmup + iters)]
+    times_c = [events[3 * i + 1].elapsed_time(events[3 * i + 2]) * 1e3 for i in range(warmup, warmup + iters)]
+    return times_d, times_c, d
+
+
+def _row(name: str, payload: str, world: int, T: int, ranks: str, timing: str, table: list[list[float]],
+         link: tuple[str, float] | None, one_gpu: bool) -> dict[str, Any]:
+    """One result row from every rank's [dispatch µs, combine µs, dispatch bytes, combine bytes]."""
+    disp_us, comb_us, disp_b, comb_b = (max(r[i] for r in table) for i in range(4))
+    if one_gpu:  # the GPU moved every rank's bytes in that time
+        moved_d, moved = sum(r[2] for r in table), sum(r[2] + r[3] for r in table)
+    else:
+        moved_d, moved = disp_b, disp_b + comb_b
+    gbps = moved / ((disp_us + comb_us) * 1e3) if disp_us + comb_us > 0 else 0.0
+    gbps_d = moved_d / (disp_us * 1e3) if disp_us > 0 else 0.0
+    frac = None
+    if link is not None:
+        frac = (2 * gbps if one_gpu else gbps) / link[1]  # one HBM read + one write per moved byte
+    return {
+        "backend": name, "payload": payload, "world": world, "tokens": T, "ranks": ranks, "timing": timing,
+        "dispatch_us": disp_us, "combine_us": comb_us,
+        "dispatch_bytes": int(disp_b), "combine_bytes": int(comb_b), "bytes_per_rank": int(disp_b + comb_b),
+        "GB/s": gbps, "dispatch GB/s": gbps_d,
+        "link": f"{link[0]} {link[1]:.0f} GB/s" if link is not None else None, "link_frac": frac,
+    }
+
+
 def bench_comm(
     cfg: MoEConfig,
     backends: Sequence[str],
@@ -51,22 +164,37 @@ def bench_comm(
     warmup: int = 3,
     device: torch.device | str | None = None,
     link_gbps: float | None = None,
+    link_name: str = "NVLink",
+    static: bool = False,
+    graphs: bool = True,
 ) -> list[dict[str, Any]]:
     """Time dispatch and combine of each backend at each token count (per rank) on this rank.
 
     Every rank of `group` must call it with the same arguments. Returns one row per (backend,
-    tokens): backend, payload, world, tokens, dispatch_us, combine_us (slowest rank's median),
-    dispatch_bytes, combine_bytes, bytes_per_rank (largest over ranks), GB/s (bytes_per_rank
-    over dispatch + combine time) and link_frac (GB/s / link_gbps, None without link_gbps).
+    tokens): backend, payload, world, tokens, ranks (how the ranks run), timing ("graph": CUDA
+    graph replays, "events": CUDA events around eager calls, "cpu": perf_counter), dispatch_us,
+    combine_us (slowest rank's median), dispatch_bytes, combine_bytes, bytes_per_rank (largest
+    over ranks), GB/s (bytes_per_rank over dispatch + combine time), dispatch GB/s, link and
+    link_frac (GB/s / link_gbps, None without link_gbps). static: build allgather/nccl_a2a with
+    static_shapes (capturable). graphs: time host-sync-free backends on real GPU ranks through
+    CUDA graphs. Virtual ranks on a GPU: use `bench_comm_virtual` (symm_a2a needs one thread).
     """
     world = group.world if group is not None else 1
     rank = group.rank if group is not None else 0
     if device is None:
         device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if iters <= 0 or warmup < 0:
         raise ValueError(f"need iters > 0 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    virtual = world > 1 and not isinstance(group, EPGroup)
+    if virtual and device.type == "cuda" and "symm_a2a" in backends:
+        raise ValueError("symm_a2a on virtual ranks of one GPU is timed by bench_comm_virtual (every rank's "
+                         "send before any receive, from one thread)")
+    ranks = ("threads" if virtual else getattr(group, "backend", "processes")) if world > 1 else "one"
     placement = Placement.contiguous(cfg.num_experts, world)
+    link = (link_name, link_gbps) if link_gbps else None
 
     def barrier() -> None:
         if world > 1:
@@ -77,40 +205,123 @@ def bench_comm(
     rows = []
     for name in backends:
         cls = get_comm(name)
-        wanted = {"max_tokens_per_rank": max(max(tokens), 1), "payload": payload}
-        opts = accepted_options(cls, {k: v for k, v in wanted.items() if v is not None})
-        backend = cls(cfg, group, placement, **opts)
         for T in tokens:
-            g = torch.Generator().manual_seed(1000 * rank + T)
-            x = torch.randn(T, cfg.hidden, generator=g).to(device, dtype)
-            bias = torch.zeros(cfg.num_experts, device=device) if cfg.uses_correction_bias else None
-            routing = route(torch.randn(T, cfg.num_experts, generator=g).to(device), cfg, bias)
-            d = backend.dispatch(x, routing)  # every dispatch is paired with its combine
-            expert_out = torch.zeros(d.num_pairs, cfg.hidden, dtype=dtype, device=device)  # [M, H]
-            backend.combine(expert_out, d)
-            times_d, times_c = [], []
-            for i in range(warmup + iters):
-                barrier()
-                td, d = _timed(lambda: backend.dispatch(x, routing), device)  # noqa: B023
-                barrier()
-                tc, _ = _timed(lambda: backend.combine(expert_out, d), device)  # noqa: B023
-                if i >= warmup:
-                    times_d.append(td)
-                    times_c.append(tc)
-            h = d.handle
-            mine = [statistics.median(times_d), statistics.median(times_c),
-                     float(getattr(h, "dispatch_bytes", 0)), float(getattr(h, "combine_bytes", 0))]
+            backend = cls(cfg, group, placement, **_options(cls, T, payload, device, dtype, static))
+            x, routing = _inputs(cfg, rank, T, device, dtype)
+            capturable = (graphs and device.type == "cuda" and not virtual
+                          and not getattr(backend, "needs_host_sync", True))
+            mine, timing = _time_backend(backend, x, routing, capturable, warmup, iters, barrier)
             table = group.all_gather(torch.tensor(mine, device=device)).tolist() if world > 1 else [mine]
-            disp_us, comb_us, disp_b, comb_b = (max(r[i] for r in table) for i in range(4))
-            total = disp_b + comb_b
-            gbps = total / ((disp_us + comb_us) * 1e3) if disp_us + comb_us > 0 else 0.0
-            rows.append({
-                "backend": name, "payload": _payload_name(payload, dtype), "world": world, "tokens": T,
-                "dispatch_us": disp_us, "combine_us": comb_us,
-                "dispatch_bytes": int(disp_b), "combine_bytes": int(comb_b), "bytes_per_rank": int(total),
-                "GB/s": gbps, "link_frac": gbps / link_gbps if link_gbps else None,
-            })
+            label = name + (" static" if static and accepted_options(cls, {"static_shapes": True}) else "")
+            rows.append(_row(label, _payload_name(payload, dtype), world, T, ranks, timing, table, link, False))
+            destroy = getattr(backend, "destroy", None)
+            if destroy is not None:
+                destroy()  # collective: every rank is here
     return rows
+
+
+def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: bool, warmup: int, iters: int,
+                  barrier: Callable[[], None]) -> tuple[list[float], str]:
+    """([median dispatch µs, median combine µs, dispatch bytes, combine bytes], timing) of one
+    backend on this rank."""
+    device = x.device
+    d = backend.dispatch(x, routing)  # every dispatch is paired with its combine
+    expert_out = torch.zeros(d.num_pairs, x.shape[1], dtype=x.dtype, device=device)  # [M, H]
+    backend.combine(expert_out, d)
+    check = getattr(backend, "check", None)
+    if capturable:
+        for _ in range(warmup):  # eager warm-up: compiles kernels, settles allocations
+            backend.combine(expert_out, backend.dispatch(x, routing))
+        times_d, times_c, d = _graph_times(lambda: backend.dispatch(x, routing),
+                                           lambda d: backend.combine(expert_out, d),
+                                           check, device, warmup, iters, barrier)
+        timing = "graph"
+    else:
+        times_d, times_c = [], []
+        for i in range(warmup + iters):
+            barrier()
+            td, d = _timed(lambda: backend.dispatch(x, routing), device)
+            barrier()
+            tc, _ = _timed(lambda d=d: backend.combine(expert_out, d), device)
+            if i >= warmup:
+                times_d.append(td)
+                times_c.append(tc)
+        if check is not None:
+            check()
+        timing = "events" if device.type == "cuda" else "cpu"
+    h = d.handle
+    return [statistics.median(times_d), statistics.median(times_c), float(getattr(h, "dispatch_bytes", 0)),
+            float(getattr(h, "combine_bytes", 0))], timing
+
+
+def bench_comm_virtual(
+    cfg: MoEConfig,
+    world: int,
+    tokens: Sequence[int],
+    dtype: torch.dtype = torch.bfloat16,
+    payload: str | None = None,
+    iters: int = 20,
+    warmup: int = 3,
+    device: torch.device | str = "cuda",
+    hbm_gbps: float | None = None,
+) -> list[dict[str, Any]]:
+    """symm_a2a on `world` virtual ranks of one GPU, one row per token count.
+
+    Each phase of all ranks (every send, then every receive) is one CUDA graph, replayed as in
+    `bench_comm`; times are of all ranks together, so GB/s is the GPU's total, rated against
+    the HBM copy bandwidth (`hbm_gbps`, measured here when not given)."""
+    from epmoe.comm.symmetric import SymmA2A
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        raise ValueError("bench_comm_virtual times CUDA graphs: it needs a CUDA device")
+    if hbm_gbps is None:
+        hbm_gbps = hbm_copy_gbps(device)
+    placement = Placement.contiguous(cfg.num_experts, world)
+    rows = []
+    for T in tokens:
+        opts = _options(SymmA2A, T, payload, device, dtype, False)
+        bs = VirtualGroup(world, timeout=600).run(lambda g, opts=opts: SymmA2A(cfg, g, placement, **opts))
+        table = _time_virtual(bs, [_inputs(cfg, r, T, device, dtype) for r in range(world)], warmup, iters)
+        rows.append(_row(f"symm_a2a (virtual x{world})", _payload_name(payload, dtype), world, T, "virtual",
+                         "graph", table, ("HBM copy", hbm_gbps), True))
+        # no destroy(): its barrier is collective over the virtual ranks' threads, gone by now
+        del bs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _time_virtual(bs: list[Any], inputs: list[tuple[torch.Tensor, Routing]], warmup: int, iters: int
+                  ) -> list[list[float]]:
+    """Per rank [dispatch µs, combine µs, dispatch bytes, combine bytes] of symm_a2a backends
+    `bs` of all virtual ranks, each phase of all ranks one CUDA graph."""
+    world, device, H = len(bs), bs[0].device, bs[0].cfg.hidden
+    M = world * bs[0].max_tokens * bs[0].slot_experts
+    outs = [torch.zeros(M, H, dtype=x.dtype, device=device) for x, _ in inputs]  # [M, H] each
+
+    def dispatch() -> list[Any]:  # every rank's send, then every receive
+        for b, (x, r) in zip(bs, inputs):
+            b.dispatch_send(x, r)
+        return [b.dispatch_recv() for b in bs]
+
+    def combine(ds: list[Any]) -> None:
+        for b, out, d in zip(bs, outs, ds):
+            b.combine_send(out, d)
+        for b, d in zip(bs, ds):
+            b.combine_recv(d)
+
+    def check() -> None:
+        for b in bs:
+            b.check()
+
+    for _ in range(max(warmup, 1)):
+        combine(dispatch())
+    torch.cuda.synchronize(device)
+    times_d, times_c, ds = _graph_times(dispatch, combine, check, device, warmup, iters, lambda: None)
+    med_d, med_c = statistics.median(times_d), statistics.median(times_c)
+    return [[med_d, med_c, float(d.handle.dispatch_bytes), float(d.handle.combine_bytes)] for d in ds]
 
 
 def _payload_name(payload: str | None, dtype: torch.dtype) -> str:
@@ -121,14 +332,15 @@ def _payload_name(payload: str | None, dtype: torch.dtype) -> str:
 
 
 def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: list[int],
-                payloads: list[str], iters: int) -> list[dict[str, Any]]:
+                payloads: list[str], iters: int, static: bool) -> list[dict[str, Any]]:
     """One process rank: its own GPU under NCCL, else the CPU in fp32."""
     on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     link = _link_gbps() if on_gpu else None
     return [r for p in payloads
-            for r in bench_comm(cfg, backends, tokens, group, dtype, p, iters, device=device, link_gbps=link)]
+            for r in bench_comm(cfg, backends, tokens, group, dtype, p, iters, device=device, link_gbps=link,
+                                static=static)]
 
 
 def _link_gbps() -> float:
@@ -139,11 +351,12 @@ def _link_gbps() -> float:
 
 
 def run_comm_bench(args: Any) -> list[dict[str, Any]]:
-    """`epmoe bench comm` (args: preset, tokens, backend, world, payload): rows of `bench_comm`.
+    """`epmoe bench comm` (args: preset, tokens, backend, world, payload, iters, static): rows
+    of `bench_comm`.
 
     Ranks are NCCL processes with one GPU each when there are enough GPUs, virtual ranks on one
-    GPU (threads sharing it: an upper bound on what NVLink would give, not a link measurement),
-    else gloo processes on the CPU. Multi-node: launch the same rows under torchrun with
+    GPU (an HBM measurement, not a link one: see the module docstring), else gloo processes on
+    the CPU. Multi-node: launch the same rows under torchrun with
     `bench_comm(cfg, ..., group=EPGroup())` on every rank.
     """
     from epmoe.launch import run_ranks
@@ -152,6 +365,7 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
     world = args.world or 2
     tokens = [int(t) for t in str(args.tokens).split(",") if t]
     payloads = [p for p in str(args.payload).split(",") if p]
+    static = bool(getattr(args, "static", False))
     if args.backend == "all":
         backends = [n for n, c in sorted(COMM_BACKENDS.items()) if "dp" in c.layouts and (n != "none" or world == 1)]
     else:
@@ -163,15 +377,25 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
     if world == 1:
         device = "cuda" if n_gpu else "cpu"
         dtype = torch.bfloat16 if n_gpu else torch.float32
-        return [r for p in payloads for r in bench_comm(cfg, backends, tokens, None, dtype, p, iters, device=device)]
+        return [r for p in payloads
+                for r in bench_comm(cfg, backends, tokens, None, dtype, p, iters, device=device, static=static)]
     if n_gpu == 1:
-        per_rank = VirtualGroup(world, timeout=600).run(
-            lambda g: [r for p in payloads
-                       for r in bench_comm(cfg, backends, tokens, g, torch.bfloat16, p, iters, device="cuda:0")])
-        rows = per_rank[0]
-        for r in rows:
-            r["backend"] = f"{r['backend']} (virtual x{world})"
+        hbm = hbm_copy_gbps("cuda:0")
+        rows = []
+        for p in payloads:
+            for name in backends:
+                if name == "symm_a2a":
+                    rows += bench_comm_virtual(cfg, world, tokens, torch.bfloat16, p, iters, hbm_gbps=hbm)
+                    continue
+                per_rank = VirtualGroup(world, timeout=600).run(
+                    lambda g, name=name, p=p: bench_comm(cfg, [name], tokens, g, torch.bfloat16, p, iters,
+                                                         device="cuda:0", static=static))
+                for r in per_rank[0]:
+                    r["backend"] = f"{r['backend']} (virtual x{world})"
+                    r["ranks"] = "virtual"
+                    # host-thread exchanges: no link rate to compare with (see the module docstring)
+                rows += per_rank[0]
         return rows
-    per_rank = run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters), timeout=3600,
+    per_rank = run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters, static), timeout=3600,
                          backend="nccl" if n_gpu >= world else "gloo")
     return per_rank[0]

@@ -206,12 +206,54 @@ class SymmHandle:
     dtype:      the output dtype (x's).
     seq:        the call's sequence number (host copy; the Triton path keeps its own on the
                 device so that graph replays advance it).
+    expert_rank, rank, world, wire_row_bytes, meta_bytes, combine_row_bytes: what the byte
+                counts below need ([E] int32 owner of each expert on ids' device; D + S + G
+                payload bytes of a row; Kl * 8 meta bytes of a slot; H * combine dtype size).
+
+    dispatch_bytes, combine_bytes (as the other backends' handles report them; computed from
+    `ids` on first read, a host sync, so never read them inside a CUDA graph):
+        dispatch  for every other rank r: meta of every token (T * Kl * 8: the slot's ids and
+                  weights are written whether or not t picks r), the payload row of each token
+                  with an expert on r (once per rank, not per expert), count and flag (8)
+        combine   the partial-sum rows this rank's tokens read from other ranks (one per (token,
+                  other rank it picked); a one-sided combine *gets* them) and the combine flag
+                  this rank raises on each peer (4)
     """
 
     ids: torch.Tensor
     num_tokens: int
     dtype: torch.dtype
     seq: int
+    expert_rank: torch.Tensor | None = field(default=None, repr=False)
+    rank: int = 0
+    world: int = 1
+    wire_row_bytes: int = 0
+    meta_bytes: int = 0
+    combine_row_bytes: int = 0
+    _hits: list[int] | None = field(default=None, init=False, repr=False)
+
+    def _tokens_per_rank(self) -> list[int]:
+        """[W] host ints: tokens with at least one expert on each rank."""
+        if self._hits is None:
+            if self.expert_rank is None or self.num_tokens == 0:
+                self._hits = [0] * self.world
+            else:
+                owner = self.expert_rank[self.ids.long().clamp_min(0)].masked_fill(self.ids < 0, -1)  # [T, K]
+                r = torch.arange(self.world, device=owner.device)
+                self._hits = (owner.unsqueeze(-1) == r).any(dim=1).sum(0).tolist()  # [W]
+        return self._hits
+
+    @property
+    def dispatch_bytes(self) -> int:
+        hits = self._tokens_per_rank()
+        others = [r for r in range(self.world) if r != self.rank]
+        return sum(self.num_tokens * self.meta_bytes + hits[r] * self.wire_row_bytes + 8 for r in others)
+
+    @property
+    def combine_bytes(self) -> int:
+        hits = self._tokens_per_rank()
+        others = [r for r in range(self.world) if r != self.rank]
+        return sum(hits[r] * self.combine_row_bytes + 4 for r in others)
 
 
 # ---------------------------------------------------------------------------------------
@@ -618,7 +660,9 @@ class SymmA2A(CommBackend):
         self._check_call(x, routing)
         self._ensure_setup(x)
         seq = next_seq(self.seq)
-        handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq)
+        handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev.expert_rank, self.rank,
+                            self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
+                            self.cfg.hidden * self.combine_dtype.itemsize)
         if self._impl == "torch":
             rows = quantize_rows(x, self.payload)
             meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
