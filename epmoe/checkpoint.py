@@ -1,7 +1,7 @@
 """Load one MoE layer of a safetensors checkpoint: this rank's experts only.
 
     ckpt = load_moe_layer("path/to/model", cfg, layer=3, rank=r, world=W)
-    layer = MoELayer(cfg, ckpt.experts, group, gate=ckpt.gate,
+    layer = MoELayer(cfg, ckpt.experts, group, gate=ckpt.gate, gate_bias=ckpt.gate_bias,
                      correction_bias=ckpt.correction_bias, shared=ckpt.shared)
 
 `path` is a directory (with `model.safetensors` or `model.safetensors.index.json`), one
@@ -27,7 +27,14 @@ Weight formats (per-expert names), recognised from dtypes and sibling tensors:
                + fp32 `input_scale`                                          (ModelOpt NVFP4)
 Every scale multiplies (see docs/formats.md). Shared experts are dequantized at load (the
 shared MLP runs unquantized). Runner-specific preprocessing runs once, at the end of loading,
-from the `PREPROCESS` registry.
+from the `PREPROCESS` registry (`runner="auto"`, the default, is the runner `MoELayer` picks for
+the device: triton on CUDA, reference on the CPU).
+
+Activation scales: epmoe quantizes activations with *dynamic* scales by default (computed from
+the rows being quantized). A checkpoint's static `input_scale` (fp8 / nvfp4) is not applied to
+the experts' GEMMs; it is returned in `MoELayerWeights.input_scales` (per local expert, zeros
+replaced) for payload quantization: pass its max as the comm backend's static payload scale so
+that every rank quantizes with the same scale.
 """
 
 from __future__ import annotations
@@ -43,13 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from epmoe.config import MoEConfig
 from epmoe.experts.base import ExpertWeights
 from epmoe.group import Placement
 from epmoe.layer import SharedExperts
-from epmoe.quant import FP8_BLOCK, NVFP4_BLOCK, QuantizedTensor
+from epmoe.quant import FP8_BLOCK, FP8_DTYPE, FP8_MAX, NVFP4_BLOCK, QuantizedTensor, pack_e2m1, round_e2m1, unpack_e2m1
+from epmoe.select import pick_runner
 
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -99,7 +107,15 @@ class CheckpointFiles:
         if h is None:
             if not file.exists():
                 raise ValueError(f"checkpoint shard {file} (listed in {self.origin}) does not exist")
-            h = self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as e:
+                listed = f" (listed in {self.origin})" if getattr(self, "origin", file) != file else ""
+                raise ValueError(
+                    f"{file}{listed} is not a readable safetensors file ({e}); it is corrupt, truncated "
+                    "or in another format: re-download or re-export it (safetensors.torch.save_file)"
+                ) from e
+            h = self._handles[file] = self._stack.enter_context(handle)
         return h
 
     def close(self) -> None:
@@ -116,7 +132,12 @@ class CheckpointFiles:
     def _slice(self, name: str) -> Any:
         if name not in self.files:
             raise ValueError(f"tensor {name!r} is missing from checkpoint {self.origin}")
-        return self._open(self.files[name]).get_slice(name)
+        handle = self._open(self.files[name])
+        try:
+            return handle.get_slice(name)
+        except SafetensorError as e:
+            raise ValueError(f"{name} in {self.files[name]} cannot be read ({e}); the file is corrupt: "
+                             "re-download or re-export it") from e
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         """(safetensors dtype string, shape) without reading the data."""
@@ -125,10 +146,12 @@ class CheckpointFiles:
 
     def read(self, name: str, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
         """The tensor, or rows [lo, hi) of its leading dim (only those bytes are read)."""
-        if lo is None:
-            self._slice(name)  # a clear error when missing
-            return self._open(self.files[name]).get_tensor(name)
-        return self._slice(name)[lo:hi]
+        sl = self._slice(name)  # a clear error when missing
+        try:
+            return self._open(self.files[name]).get_tensor(name) if lo is None else sl[lo:hi]
+        except SafetensorError as e:
+            raise ValueError(f"{name} in {self.files[name]} cannot be read ({e}); the file is corrupt: "
+                             "re-download or re-export it") from e
 
 
 def _fail(files: CheckpointFiles, name: str, problem: str, fix: str = "") -> ValueError:
@@ -174,6 +197,9 @@ class MoELayerWeights:
     shared:          shared experts (dequantized) or None.
     input_scales:    static activation scales (fp8 / nvfp4 checkpoints with `input_scale`):
                      {"w13": [E_local] fp32, "w2": [E_local] fp32}; zeros replaced (see loader).
+                     Not applied to the experts (epmoe quantizes activations with dynamic
+                     scales); exposed for payload quantization with one static scale shared by
+                     every rank (the max, as the comm backend's `input_scale` option).
     """
 
     experts: ExpertWeights
@@ -212,13 +238,118 @@ def _reference_layout(weights: ExpertWeights, cfg: MoEConfig) -> ExpertWeights:
 
 @register_preprocess("triton")
 def _triton_layout(weights: ExpertWeights, cfg: MoEConfig) -> ExpertWeights:
-    """The Triton runner reads w13 [E, 2I, H] / w2 [E, H, I] as is, unquantized and contiguous."""
-    if weights.format != "bf16":
-        raise ValueError(
-            f"the triton runner takes unquantized weights, this checkpoint is {weights.format}; "
-            "use runner='reference' (quantized runners come later)"
-        )
-    return ExpertWeights(weights.w13.contiguous(), weights.w2.contiguous(), weights.b13, weights.b2)
+    """The layout the Triton kernels read (`_check_quantized` in experts/triton.py):
+
+        bf16       w13 [E, 2I, H], w2 [E, H, I] as is, contiguous
+        fp8        one fp32 scale per expert: scales [E, 1, 1]
+        fp8_block  one fp32 scale per 128x128 tile: scales [E, ceil(N/128), ceil(K/128)]
+        nvfp4      e4m3 scales [E, N, K/16] and one fp32 global scale per expert [E, 1, 1]
+
+    The loader's fused w13 can hold finer scales than that, which are merged here (w2 already
+    fits): fp8 has gate's and up's scale ([E, 2, 1]); fp8_block with I % 128 != 0 has one scale
+    row per weight row (up's rows start off the 128 grid); nvfp4 has a global scale per row when
+    gate's and up's `weight_scale_2` differ. Where the scales agree nothing changes. Otherwise
+    `_merge_fp8_scales` / `_merge_nvfp4_globals` take the largest scale and requantize the rows
+    that had a smaller one; the bounds on that extra rounding are in their docstrings and
+    docs/formats.md.
+    """
+    if weights.format == "bf16":
+        return ExpertWeights(weights.w13.contiguous(), weights.w2.contiguous(), weights.b13, weights.b2)
+    fix = _merge_nvfp4_globals if weights.format == "nvfp4" else _merge_fp8_scales
+    return ExpertWeights(fix(weights.w13), fix(weights.w2), weights.b13, weights.b2)
+
+
+def _scale_rows(w: QuantizedTensor) -> torch.Tensor:
+    """The scale of every weight row per column block: [E, N, scales.shape[2]] fp32."""
+    E, N = w.shape[0], w.shape[1]
+    sc = w.scales.float()
+    if sc.shape[1] == 1:
+        return sc.expand(E, N, sc.shape[2])
+    return sc.expand(E, *sc.shape[1:]).repeat_interleave(w.block[1], dim=1)[:, :N]
+
+
+def _merge_fp8_scales(w: QuantizedTensor) -> QuantizedTensor:
+    """fp8 -> one scale per expert; fp8_block -> one scale per 128x128 tile (the kernels' grid).
+
+    Each tile takes the largest scale s_max of the rows in it. Rows whose scale is s_max keep
+    their bytes (exact); the others are requantized, q' = e4m3(q * s / s_max) (round to nearest
+    even; s / s_max <= 1, so nothing saturates). Per value x = q * s the change is at most half an
+    e4m3 step: |x' - x| <= max(2^-4 |x|, 2^-10 s_max) (3 mantissa bits; subnormal step 2^-9 s_max).
+    That is exact where s / s_max is a power of two and q * s / s_max stays normal.
+    """
+    E, N, K = w.shape
+    row_block, col_block = (N, K) if w.format == "fp8" else (FP8_BLOCK, FP8_BLOCK)
+    if w.format == "fp8" and tuple(w.scales.shape[1:]) == (1, 1):
+        return QuantizedTensor(w.data.contiguous(), w.scales.float().expand(E, 1, 1).contiguous(),
+                               (1, N, K), "fp8")
+    if w.format == "fp8_block" and (w.scales.shape[1] == 1 or w.block[1] == FP8_BLOCK) and (
+            w.scales.shape[2] == 1 or w.block[2] == FP8_BLOCK):
+        return QuantizedTensor(w.data.contiguous(), w.scales.contiguous(), w.block, "fp8_block")
+    if w.format == "fp8_block" and w.scales.shape[2] != 1 and w.block[2] != FP8_BLOCK:
+        raise ValueError(f"fp8_block weights with column blocks of {w.block[2]} cannot be merged onto the 128x128 "
+                         "grid; requantize with epmoe.quant.quantize_fp8_block_torch")
+    rows = _scale_rows(w)  # [E, N, Kb]
+    if rows.shape[2] == 1:
+        col_block = K
+    nb = math.ceil(N / row_block)
+    padded = torch.nn.functional.pad(rows, (0, 0, 0, nb * row_block - N))  # zeros never win the max
+    tiles = padded.view(E, nb, row_block, rows.shape[2]).amax(dim=2)  # [E, N/rb, Kb]
+    target = tiles.repeat_interleave(row_block, dim=1)[:, :N]  # [E, N, Kb]
+    keep = target == rows
+    out = w.data.contiguous().clone()
+    bits = out.view(torch.uint8)
+    for e in range(E):
+        moved = (~keep[e]).any(dim=1).nonzero().flatten()  # rows with at least one smaller scale
+        if not moved.numel():
+            continue
+        ratio = (rows[e, moved].double() / target[e, moved].double()).repeat_interleave(col_block, dim=-1)[:, :K]
+        q = (w.data[e, moved].double() * ratio).float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        same = keep[e, moved].repeat_interleave(col_block, dim=-1)[:, :K]
+        bits[e, moved] = torch.where(same, bits[e, moved], q.view(torch.uint8))
+    block = (1, N, K) if w.format == "fp8" else (1, FP8_BLOCK, FP8_BLOCK)
+    return QuantizedTensor(out, tiles.contiguous(), block, w.format)
+
+
+def _merge_nvfp4_globals(w: QuantizedTensor) -> QuantizedTensor:
+    """nvfp4 with a global scale per row (fused gate/up whose `weight_scale_2` differ) -> one
+    global per expert, G = the largest.
+
+    A row with global g < G folds g / G into its e4m3 block scales: bs' = e4m3(bs * g / G). A
+    block where that is exact (bs' * G == bs * g, e.g. g / G a power of two) keeps its codes and
+    dequantizes to the same values. Other blocks take bs' = the smallest e4m3 >= bs * g / G and
+    their values are requantized to e2m1 (round to nearest, ties to even; |x| / (bs' G) <= 6, so
+    nothing saturates). Per value the change is at most half an e2m1 step:
+    |x' - x| <= max(bs' G / 4, |x| / 4).
+    """
+    E, N, K = w.shape
+    g = w.global_scale.float()
+    if g.shape[1] == 1:
+        return QuantizedTensor(w.data.contiguous(), w.scales.contiguous(), w.block, "nvfp4",
+                               g.expand(E, 1, 1).contiguous())
+    g_rows = g.expand(E, N, 1)[..., 0]  # [E, N]
+    G = g_rows.amax(dim=1)  # [E]
+    data, scales = w.data.contiguous().clone(), w.scales.contiguous().clone()
+    for e in range(E):
+        moved = (g_rows[e] != G[e]).nonzero().flatten()
+        if not moved.numel():
+            continue
+        bs = w.scales[e, moved].double()  # [n, K/16]
+        old = bs * g_rows[e, moved].double()[:, None]  # bs * g, exact in fp64
+        target = old / G[e].double()
+        cand = target.float().to(FP8_DTYPE)
+        exact = cand.double() * G[e].double() == old
+        up = (cand.view(torch.uint8) + (cand.double() < target).to(torch.uint8)).view(FP8_DTYPE)
+        new_bs = torch.where(exact, cand.view(torch.uint8), up.view(torch.uint8)).view(FP8_DTYPE)
+        packed = w.data[e, moved]
+        codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)  # [n, K]
+        denom = torch.where(exact, torch.ones_like(old), new_bs.double() * G[e].double())
+        factor = torch.where(exact, torch.ones_like(old), old / denom).repeat_interleave(NVFP4_BLOCK, dim=-1)
+        y = unpack_e2m1(packed).double() * factor  # old values in units of bs' * G
+        requant = round_e2m1(y.abs().float()) | ((y < 0).to(torch.uint8) << 3)
+        codes = torch.where(exact.repeat_interleave(NVFP4_BLOCK, dim=-1), codes, requant)
+        data[e, moved] = pack_e2m1(codes)
+        scales[e, moved] = new_bs
+    return QuantizedTensor(data, scales, w.block, "nvfp4", G.reshape(E, 1, 1).contiguous())
 
 
 def preprocess(weights: ExpertWeights, cfg: MoEConfig, runner: str) -> ExpertWeights:
@@ -296,9 +427,10 @@ class _Proj:
     """One [N, K] projection as read: data plus format-specific scales."""
 
     data: torch.Tensor  # bf16: [N, K] float; fp8*: [N, K] e4m3; nvfp4: [N, K/2] uint8
-    scales: torch.Tensor | None = None  # fp8: [1] fp32; fp8_block: [N/128, K/128]; nvfp4: [N, K/16] e4m3
+    scales: torch.Tensor | None = None  # fp8: [1] fp32; fp8_block: [N/rows, K/128]; nvfp4: [N, K/16] e4m3
     global_scale: torch.Tensor | None = None  # nvfp4: [] fp32
     input_scale: torch.Tensor | None = None  # fp8 / nvfp4: [] fp32 when present
+    block_rows: int = FP8_BLOCK  # fp8_block: rows per scale (1 after fusing gate/up off the 128 grid)
 
     def dequantize(self, fmt: str, dtype: torch.dtype) -> torch.Tensor:
         return self.data.to(dtype) if fmt == "bf16" else _stack([self], fmt).dequantize(dtype)[0]
@@ -358,7 +490,8 @@ def _stack(projs: list[_Proj], fmt: str) -> Any:
     data = torch.stack([p.data for p in projs])
     E, N = data.shape[0], data.shape[1]
     if fmt == "fp8_block":
-        return QuantizedTensor(data, torch.stack([p.scales for p in projs]), (1, FP8_BLOCK, FP8_BLOCK), fmt)
+        block = (1, projs[0].block_rows, FP8_BLOCK)
+        return QuantizedTensor(data, torch.stack([p.scales for p in projs]), block, fmt)
     K = data.shape[2] * (2 if fmt == "nvfp4" else 1)
     if fmt == "fp8":
         # per-tensor scales; a fused gate/up tensor has 2 (one per half): [E, n_parts, 1]
@@ -376,10 +509,13 @@ def _fuse(gate: _Proj, up: _Proj, fmt: str, files: CheckpointFiles, name: str) -
     if fmt == "bf16":
         return _Proj(data)
     if fmt == "fp8_block":
-        if gate.data.shape[0] % FP8_BLOCK:
-            raise _fail(files, name, f"intermediate size {gate.data.shape[0]} is not a multiple of {FP8_BLOCK}",
-                        "fp8 block scales of gate and up cannot be fused; this layout is unsupported")
-        return _Proj(data, torch.cat([gate.scales, up.scales]))
+        I = gate.data.shape[0]
+        if I % FP8_BLOCK == 0:
+            return _Proj(data, torch.cat([gate.scales, up.scales]))
+        # up's rows start at I, off the 128-row grid: keep the exact scales, one per row
+        # ([2I, K/128], block rows 1); the triton preprocessing puts them back on the grid.
+        rows = [p.scales.repeat_interleave(FP8_BLOCK, dim=0)[:I] for p in (gate, up)]
+        return _Proj(data, torch.cat(rows), block_rows=1)
     if fmt == "fp8":
         return _Proj(data, torch.cat([gate.scales.reshape(1), up.scales.reshape(1)]))
     # nvfp4: gate and up may have different global scales -> one per row
@@ -441,7 +577,7 @@ def load_moe_layer(
     rank: int = 0,
     world: int = 1,
     placement: Placement | None = None,
-    runner: str = "reference",
+    runner: str = "auto",
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> MoELayerWeights:
@@ -450,7 +586,12 @@ def load_moe_layer(
     Experts come by local index of `placement` (default `Placement.contiguous(E, world)`).
     dtype: cast float weights (bf16 checkpoints, shared experts) to it; default: as stored
     (shared experts of quantized checkpoints: fp32). Quantized weights keep their format.
-    runner: applies that runner's registered load-time preprocessing.
+    runner: applies that runner's registered load-time preprocessing; "auto" (the default) is
+    the runner `MoELayer(runner="auto")` picks for `device` and the checkpoint's format
+    (select.pick_runner: triton on CUDA, reference on the CPU). Build the layer with the same
+    runner.
+    Static activation scales (`input_scale`) come back in `input_scales`; they are not applied
+    to the experts, which quantize nothing (see the module docstring).
     """
     E = cfg.num_experts
     if placement is None:
@@ -481,6 +622,8 @@ def load_moe_layer(
     finally:
         files.close()
     out.experts.check(cfg, placement.local_experts)
+    if runner == "auto":
+        runner = pick_runner(torch.device(device).type, out.experts.format)
     out.experts = preprocess(_to(out.experts, device), cfg, runner)
     for name in ("gate", "gate_bias", "correction_bias"):
         t = getattr(out, name)

@@ -11,18 +11,34 @@ import torch
 from safetensors.torch import save_file
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement
-from epmoe.checkpoint import CheckpointFiles, load_moe_layer, preprocess, validate_layer
-from epmoe.experts import naive_moe
+from epmoe import checkpoint as checkpoint_module
+from epmoe.checkpoint import CheckpointFiles, _scale_rows, load_moe_layer, preprocess, validate_layer
+from epmoe.comm.base import Dispatched, count_experts
+from epmoe.experts import get_runner, naive_moe
+from epmoe.experts.reference import reference_experts
+from epmoe.experts.triton import _check_quantized
 from epmoe.layer import SharedExperts
-from epmoe.quant import E2M1_VALUES, quantize_activations, quantize_fp8, quantize_fp8_block_torch, quantize_nvfp4_torch
+from epmoe.quant import (
+    E2M1_VALUES,
+    quantize_activations,
+    quantize_fp8,
+    quantize_fp8_block_torch,
+    quantize_nvfp4_torch,
+    quantize_weights,
+)
 from epmoe.routing import route
 from tests.dist import run_ranks
+from tests.test_triton_runner import _fix_interpreter_scalar_index
+
+_fix_interpreter_scalar_index()  # the Triton runner runs on the CPU through the interpreter
 
 LAYER = 3
 # DeepSeek-style layer at test size: grouped sigmoid routing with correction bias, one shared
-# expert. H = 192 leaves a partial 128-block; I = 128 lets gate/up block scales be fused.
+# expert. H = 192 leaves a partial 128-block; I = 128 lets gate/up block scales be fused as they
+# are, I = 192 puts up's rows off the 128-row grid of the fused w13.
 DS = MoEConfig.from_preset("deepseek-v3").replace(hidden=192, intermediate=128, num_experts=8, n_group=4,
                                                   topk_group=2, top_k=2)
+DS_I192 = DS.replace(intermediate=192)
 MIXTRAL = MoEConfig.from_preset("mixtral-8x7b").scaled(hidden=64, intermediate=48, num_experts=8)
 QWEN = MoEConfig.from_preset("qwen3-30b-a3b").scaled(hidden=64, intermediate=32, num_experts=8)
 GPT_OSS = MoEConfig.from_preset("gpt-oss-120b").scaled(hidden=64, intermediate=32, num_experts=8)
@@ -222,13 +238,13 @@ def _rank_load(group, cases: list[tuple[str, MoEConfig]], x: torch.Tensor) -> li
     out = []
     for path, cfg in cases:
         ck = load_moe_layer(path, cfg, LAYER, rank=group.rank, world=group.world)
+        # the module docstring's example: the layer computes its logits from gate (+ gate_bias)
         layer = MoELayer(cfg, ck.experts, group if group.world > 1 else None, layout="tp" if group.world > 1 else "dp",
-                         gate=ck.gate, correction_bias=ck.correction_bias, shared=ck.shared)
+                         gate=ck.gate, gate_bias=ck.gate_bias, correction_bias=ck.correction_bias, shared=ck.shared)
         xs = x[:, : cfg.hidden]
-        logits = xs @ ck.gate.float().T + (ck.gate_bias if ck.gate_bias is not None else 0)
         w = ck.experts
         out.append({
-            "ids": ck.expert_ids, "format": ck.format, "y": layer(xs, router_logits=logits),
+            "ids": ck.expert_ids, "format": ck.format, "y": layer(xs),
             "w13": w.w13.dequantize() if ck.format != "bf16" else w.w13.float(),
             "w2": w.w2.dequantize() if ck.format != "bf16" else w.w2.float(),
             "b13": w.b13, "b2": w.b2, "gate": ck.gate, "bias": ck.correction_bias,
@@ -246,6 +262,7 @@ def built(tmp_path_factory) -> dict[str, Built]:
         "fp8": dict(fmt="fp8", shards=3),
         "fp8_block": dict(fmt="fp8_block", shards=2),
         "fp8_block_plain": dict(fmt="fp8_block", quantizer="plain"),
+        "fp8_block_i192": dict(fmt="fp8_block", cfg=DS_I192, shards=2),
         "nvfp4": dict(fmt="nvfp4", shards=2),
         "nvfp4_plain": dict(fmt="nvfp4", quantizer="plain"),
         "fp8_plain": dict(fmt="fp8", quantizer="plain"),
@@ -429,9 +446,145 @@ def test_preprocess_registry():
     assert preprocess(w, QWEN, "reference") is w
     t = preprocess(ExpertWeights(w.w13.transpose(1, 2).contiguous().transpose(1, 2), w.w2), QWEN, "triton")
     assert t.w13.is_contiguous() and torch.equal(t.w13, w.w13)
-    q = ExpertWeights(quantize_fp8(w.w13), quantize_fp8(w.w2))
-    with pytest.raises(ValueError, match="triton runner takes unquantized weights"):
-        preprocess(q, QWEN, "triton")
+    # weights quantized by epmoe.quant already have the kernels' layout: nothing changes
+    for fmt in ("fp8", "fp8_block", "nvfp4"):
+        q = ExpertWeights(quantize_weights(w.w13, fmt), quantize_weights(w.w2, fmt))
+        t = preprocess(q, QWEN, "triton")
+        for name, N, K in (("w13", 2 * QWEN.intermediate, QWEN.hidden), ("w2", QWEN.hidden, QWEN.intermediate)):
+            _check_quantized(name, getattr(t, name), 2, N, K)
+            assert torch.equal(getattr(t, name).dequantize(), getattr(q, name).dequantize()), (fmt, name)
+
+
+def test_load_defaults_to_the_auto_runner(built, monkeypatch):
+    asked = []
+    monkeypatch.setattr(checkpoint_module, "pick_runner", lambda *a: asked.append(a) or "reference")
+    load_moe_layer(built["fp8"].path, DS, LAYER)
+    assert asked == [("cpu", "fp8")]  # CPU: the reference layout, as before
+
+
+# ---- the triton runner's layout for quantized checkpoints -------------------------------------------
+
+QUANTIZED = ["fp8", "fp8_plain", "fp8_block", "fp8_block_plain", "fp8_block_i192", "nvfp4", "nvfp4_plain"]
+
+
+def _tile_scales(w) -> torch.Tensor:
+    """The scale each value of a triton-layout weight is multiplied by (nvfp4: block scale x global)."""
+    E, N, K = w.shape
+    if w.format == "fp8":
+        return w.scales.expand(E, N, K)
+    if w.format == "fp8_block":
+        return w.scales.repeat_interleave(128, 1)[:, :N].repeat_interleave(128, 2)[:, :, :K]
+    return w.scales.float().repeat_interleave(16, 2) * w.global_scale
+
+
+def _check_requantization(fmt: str, ref, tri) -> float:
+    """Triton-layout weight `tri` against the reference-layout `ref` (the checkpoint's exact
+    values): equal where the scale did not change, else within the documented bound (half a
+    step of the format at the merged scale). Returns the fraction of values that changed."""
+    a, b = ref.dequantize(), tri.dequantize()
+    s = _tile_scales(tri)
+    if fmt == "nvfp4":
+        bound = torch.maximum(s / 4, a.abs() / 4)  # half an e2m1 step
+    else:
+        bound = torch.maximum(a.abs() * 2**-4, s * 2**-10)  # half an e4m3 step (normal / subnormal)
+        # values whose row scale already was the tile's scale keep their bytes
+        E, N, K = a.shape
+        rows = _scale_rows(ref)  # [E, N, Kb]
+        cols = K if rows.shape[2] == 1 else 128
+        same = (rows.repeat_interleave(cols, 2)[:, :, :K] == s)
+        assert torch.equal(a[same], b[same])
+    assert bool(((a - b).abs() <= bound * (1 + 1e-6)).all())
+    return float((a != b).float().mean())
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_triton_layout_of_quantized_checkpoints(built, name, world):
+    """runner="triton" preprocessing: every quantized checkpoint loads into the layout the Triton
+    kernels read (their own check accepts it) with the checkpoint's values, or within the stated
+    requantization bound where gate and up scales had to be merged."""
+    b = built[name]
+    cfg, I, H = b.cfg, b.cfg.intermediate, b.cfg.hidden
+    for rank in range(world):
+        ref = load_moe_layer(b.path, cfg, LAYER, rank=rank, world=world, runner="reference")
+        tri = load_moe_layer(b.path, cfg, LAYER, rank=rank, world=world, runner="triton")
+        E = cfg.num_experts // world
+        assert torch.equal(tri.expert_ids, ref.expert_ids)
+        for wname, N, K in (("w13", 2 * I, H), ("w2", H, I)):
+            r, t = getattr(ref.experts, wname), getattr(tri.experts, wname)
+            _check_quantized(wname, t, E, N, K)
+            changed = _check_requantization(b.fmt, r, t)
+            if wname == "w2" or (b.fmt == "fp8_block" and I % 128 == 0):
+                assert changed == 0, (name, wname)  # already on the kernels' grid: nothing changes
+            if wname == "w13" and b.fmt == "fp8_block" and I % 128:
+                assert r.block == (1, 1, 128) and t.block == (1, 128, 128)  # per-row scales -> 128 grid
+                assert changed > 0
+
+
+def test_triton_layout_is_exact_where_scales_agree(tmp_path):
+    """fp8 with equal gate/up scales keeps every byte; nvfp4 whose up global is twice gate's
+    folds the factor into gate's block scales exactly."""
+    moe = f"model.layers.{LAYER}.mlp.experts"
+
+    def same_fp8(t):
+        for e in range(DS.num_experts):
+            t[f"{moe}.{e}.up_proj.weight_scale"] = t[f"{moe}.{e}.gate_proj.weight_scale"].clone()
+
+    def pow2_nvfp4(t):
+        for e in range(DS.num_experts):
+            t[f"{moe}.{e}.up_proj.weight_scale_2"] = 2 * t[f"{moe}.{e}.gate_proj.weight_scale_2"]
+
+    for fmt, edit in (("fp8", same_fp8), ("nvfp4", pow2_nvfp4)):
+        b = build(tmp_path / fmt, fmt, edit=edit)
+        ref = load_moe_layer(b.path, DS, LAYER, runner="reference").experts.w13
+        tri = load_moe_layer(b.path, DS, LAYER, runner="triton").experts.w13
+        assert torch.equal(tri.dequantize(), ref.dequantize()), fmt
+        if fmt == "fp8":
+            assert torch.equal(tri.data.view(torch.uint8), ref.data.view(torch.uint8))
+            assert tuple(tri.scales.shape) == (DS.num_experts, 1, 1)
+        else:
+            assert tuple(ref.global_scale.shape) == (DS.num_experts, 2 * DS.intermediate, 1)
+            assert tuple(tri.global_scale.shape) == (DS.num_experts, 1, 1)
+
+
+@pytest.mark.parametrize("name", ["fp8", "fp8_block_i192", "nvfp4"])
+def test_triton_runner_reads_the_preprocessed_checkpoint(built, name):
+    """The Triton runner (interpreter on the CPU, fp32 activations) over the triton-layout
+    weights equals the reference runner over the same weights."""
+    b = built[name]
+    cfg = b.cfg
+    ck = load_moe_layer(b.path, cfg, LAYER, rank=1, world=2, runner="triton")
+    E = cfg.num_experts // 2
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, cfg.hidden, generator=g)
+    experts = torch.tensor([0, 3, 1, -1, 2, 3], dtype=torch.int32)
+    rows = torch.tensor([0, 0, 1, 0, 2, 3], dtype=torch.int32)
+    d = Dispatched(hidden, rows, experts, count_experts(experts, E))
+    got = get_runner("triton")(cfg, ck.experts)(d)
+    want = reference_experts(hidden, rows, experts, ck.experts, cfg, out_dtype=torch.float32)
+    valid = experts >= 0
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-4)
+
+
+# ---- unreadable files --------------------------------------------------------------------------------
+
+
+def test_corrupt_file_names_the_file_and_the_fix(built, tmp_path):
+    bad = tmp_path / "garbage"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"this is not a safetensors file" * 8)
+    with pytest.raises(ValueError, match=r"garbage/model\.safetensors is not a readable safetensors file .*re-"):
+        load_moe_layer(bad, DS, LAYER)
+    # a truncated shard of a sharded checkpoint: named with the index that lists it
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for f in built["fp8"].path.iterdir():
+        (sharded / f.name).write_bytes(f.read_bytes())
+    shard = sharded / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model-00002-of-00003\.safetensors \(listed in .*index\.json\) is not a "
+                                         r"readable safetensors file"):
+        load_moe_layer(sharded, DS, LAYER)
 
 
 # ---- real public layouts (header only) -------------------------------------------------------------
