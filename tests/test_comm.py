@@ -245,6 +245,18 @@ def _bad_inputs(group, name: str) -> dict[str, str]:
             results[key] = ""
         except ValueError as exc:
             results[key] = str(exc)
+    # static shapes: a clean first call, then bad ids on one rank in a later eager call
+    backend = get_comm(name)(CFG, group, placement, static_shapes=True, max_tokens_per_rank=3)
+    x, ids = torch.randn(3, CFG.hidden), torch.arange(CFG.top_k, dtype=torch.int32).repeat(3, 1)
+    d = backend.dispatch(x, Routing(ids, torch.ones(3, CFG.top_k)))
+    backend.combine(torch.zeros(d.num_pairs, CFG.hidden), d)
+    if rank == world - 1:
+        ids[0, 0] = -5
+    try:
+        backend.dispatch(x, Routing(ids, torch.ones(3, CFG.top_k)))
+        results["ids_static"] = ""
+    except ValueError as exc:
+        results["ids_static"] = str(exc)
     return results
 
 
@@ -310,7 +322,7 @@ def test_layer_logits_capture_and_routed_mode(world):
 def test_bad_inputs_raise_on_every_rank_naming_the_rank(world):
     expect = {"hidden": ("hidden", "rank 1: 48"), "config": ("config", "rank 0"),
               "payload": ("payload", f"rank {world - 1}: 1"), "ids": ("routing ids", f"[{world - 1}]"),
-              "dtype": ("x dtype", "rank 0: 1")}
+              "dtype": ("x dtype", "rank 0: 1"), "ids_static": ("routing ids", f"[{world - 1}]")}
     for per_rank in _gloo(world):
         for name, msgs in per_rank["bad"].items():
             for key, words in expect.items():

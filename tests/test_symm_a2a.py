@@ -290,6 +290,63 @@ def test_peer_that_never_arrives_times_out_naming_it(world, phase, silent):
         assert float(took[:-1]) < 5, msg
 
 
+def _rank_bad_inputs(group) -> dict[str, str]:
+    """One bad input per scenario on one rank; returns each scenario's error on this rank
+    ('' = none). A layout disagreement must raise on every rank at setup (the first dispatch);
+    bad routing ids raise on the bad rank, and its peers time out naming it."""
+    W, rank = group.world, group.rank
+    placement = Placement.contiguous(CFG.num_experts, W)
+    scenarios = {
+        "hidden": (CFG.replace(hidden=48) if rank == 1 else CFG, {}, torch.float32),
+        "config": (CFG.replace(routed_scaling_factor=2.0) if rank == 0 else CFG, {}, torch.float32),
+        "payload": (CFG, {"payload": "fp8"} if rank == W - 1 else {}, torch.float32),
+        "combine": (CFG, {"combine_dtype": "bf16"} if rank == W - 1 else {}, torch.float32),
+        "max_tokens": (CFG, {"max_tokens_per_rank": 6} if rank == 0 else {}, torch.float32),
+        "dtype": (CFG, {}, torch.bfloat16 if rank == 0 else torch.float32),
+        "ids": (CFG, {}, torch.float32),
+    }
+    out = {}
+    for key, (cfg, opts, dtype) in scenarios.items():
+        b = SymmA2A(cfg, group, placement, **{"max_tokens_per_rank": 4, "timeout_s": 0.3, **opts})
+        x = torch.randn(3, cfg.hidden).to(dtype)
+        ids = torch.arange(cfg.top_k, dtype=torch.int32).repeat(3, 1)
+        if key == "ids" and rank == W - 1:
+            ids[2, 1] = cfg.num_experts
+        try:
+            d = b.dispatch(x, Routing(ids, torch.ones(3, cfg.top_k)))
+            b.combine(torch.zeros(d.num_pairs, cfg.hidden, dtype=dtype), d)
+            out[key] = ""
+        except (ValueError, SymmTimeoutError) as exc:
+            out[key] = f"{type(exc).__name__}: {exc}"
+        group.barrier()
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_that_disagree_or_pass_bad_ids_raise_naming_them(world):
+    results = run_ranks(_rank_bad_inputs, world, timeout=120)
+    last = world - 1
+    expect = {
+        "hidden": ("ranks [1] differ from rank 0 on hidden", "rank 1: 48"),
+        "config": ("on config",),
+        "payload": (f"ranks [{last}] differ from rank 0 on payload", f"rank {last}: fp8"),
+        "combine": (f"ranks [{last}] differ from rank 0 on combine dtype", f"rank {last}: torch.bfloat16"),
+        "max_tokens": ("on max_tokens_per_rank", "rank 0: 6"),
+        "dtype": ("on row dtype", "rank 0: torch.bfloat16"),
+    }
+    for rank, msgs in enumerate(results):
+        for key, words in expect.items():
+            assert msgs[key].startswith("ValueError"), (rank, key, msgs[key])
+            for word in words:
+                assert word in msgs[key], (rank, key, msgs[key])
+        if rank == last:
+            assert msgs["ids"].startswith("ValueError") and f"outside [0, {CFG.num_experts})" in msgs["ids"], msgs
+            assert f"token 2, k 1: id {CFG.num_experts}" in msgs["ids"], msgs["ids"]
+        else:
+            assert msgs["ids"].startswith("SymmTimeoutError"), msgs["ids"]
+            assert f"dispatch (sequence number 1) timed out after 0.3s: ranks [{last}] never signalled" in msgs["ids"]
+
+
 def test_virtual_ranks_on_cpu_match_reference():
     errors = VirtualGroup(3).run(lambda g: _rank_cases(g, ("bf16", "nvfp4"), CASES[:3]))
     assert not any(errors), errors

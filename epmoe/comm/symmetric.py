@@ -77,6 +77,7 @@ import os
 import secrets
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,7 @@ from epmoe.group import EPGroup, Placement, RankGroup
 from epmoe.routing import Routing
 
 PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # codes of the setup agreement
 SEQ_WRAP = 2**31 - 1  # sequence numbers run 1 .. SEQ_WRAP, then 1 again
 ALIGN = 128
 FP8_GROUP = 128
@@ -369,9 +371,10 @@ def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, wo
 
 
 def _owners(ids: torch.Tensor, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank, local index) of each id; -1 for masked pairs (id -1)."""
-    long = ids.long().clamp_min(0)
-    masked = ids < 0
+    """(rank, local index) of each id; -1 for masked pairs (id -1; ids past E count as masked,
+    as in the kernels: eager calls reject them before this runs)."""
+    masked = (ids < 0) | (ids >= placement.expert_rank.numel())
+    long = ids.long().masked_fill(masked, 0)
     ranks = placement.expert_rank.to(ids.device)[long].masked_fill(masked, -1)
     local = placement.expert_local.to(ids.device)[long].masked_fill(masked, -1)
     return ranks, local
@@ -561,10 +564,12 @@ class SymmA2A(CommBackend):
         impl = self.impl if self.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
         if impl == "triton" and device.type != "cuda" and not _interpreting():
             raise ValueError("impl='triton' needs a CUDA device (or TRITON_INTERPRET=1); use impl='torch' on the CPU")
-        self.device, self.dtype, self._impl = device, dtype, impl
         W = self.world
-        self.layout = lay = Layout(W, self.max_tokens, self.cfg.hidden, self.slot_experts, self.payload,
-                                   dtype, self.combine_dtype)
+        lay = Layout(W, self.max_tokens, self.cfg.hidden, self.slot_experts, self.payload, dtype,
+                     self.combine_dtype)
+        self._agree(lay, device)
+        self.device, self.dtype, self._impl = device, dtype, impl
+        self.layout = lay
         self._symm_handle = None
         self.in_process = not isinstance(self.group, EPGroup)
         if self.in_process:
@@ -595,6 +600,31 @@ class SymmA2A(CommBackend):
             self._use_timer = device.type == "cuda" and not _interpreting()
             # the interpreter has no %globaltimer: bound its spins instead (about 10k per second)
             self._timeout_arg = int(self.timeout_s * 1e9) if self._use_timer else max(1, int(self.timeout_s * 1e4))
+
+    def _agree(self, lay: Layout, device: torch.device) -> None:
+        """One all-gather of what every rank's workspace layout depends on; a ValueError on
+        every rank (so none is left waiting on a peer's flags) naming the ranks that differ
+        from rank 0."""
+        if self.group is None or self.world == 1:
+            return
+        fields = {
+            "world": lay.world, "max_tokens_per_rank": lay.max_tokens, "hidden": lay.hidden,
+            "local experts per token (Kl)": lay.slot_experts, "payload": PAYLOADS.index(lay.payload),
+            "row dtype": _DTYPES.index(lay.dtype), "combine dtype": _DTYPES.index(lay.combine_dtype),
+            "workspace bytes": lay.nbytes, "config": zlib.crc32(repr(self.cfg).encode()),
+        }
+        names = {"payload": PAYLOADS, "row dtype": _DTYPES, "combine dtype": _DTYPES}
+        table = self.group.all_gather_ints(list(fields.values()), device=device)
+        problems = []
+        for i, key in enumerate(fields):
+            values = [row[i] for row in table]
+            differ = [r for r, v in enumerate(values) if v != values[0]]
+            if differ:
+                shown = ", ".join(f"rank {r}: {names[key][v] if key in names else v}" for r, v in enumerate(values))
+                problems.append(f"ranks {differ} differ from rank 0 on {key} ({shown})")
+        if problems:
+            raise ValueError(f"symm_a2a rank {self.rank}: " + "; ".join(problems) + ". Every rank must build the "
+                             "layer with the same MoEConfig and comm_options and pass x of the same dtype")
 
     def _ensure_setup(self, x: torch.Tensor) -> None:
         if self.layout is None:
@@ -631,6 +661,18 @@ class SymmA2A(CommBackend):
                 raise ValueError(f"x is {x.dtype}, the workspace holds {self.dtype} rows; pass dtype= at construction")
         if self._open is not None:
             raise RuntimeError("symm_a2a: dispatch called again before combine; every dispatch needs its combine")
+        if routing.ids.device != self.device or routing.weights.device != self.device:
+            raise ValueError(f"routing is on {routing.ids.device}, the symm_a2a workspace on {self.device}")
+        if routing.ids.numel() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            E = self.cfg.num_experts
+            bad = (routing.ids < -1) | (routing.ids >= E)  # one host sync per eager call
+            if bool(bad.any()):
+                t, k = (int(v) for v in bad.nonzero()[0])
+                raise ValueError(
+                    f"symm_a2a rank {self.rank}: routing ids outside [0, {E}) (token {t}, k {k}: id "
+                    f"{int(routing.ids[t, k])}; -1 marks a masked pair). Nothing was sent: peers waiting for "
+                    f"this rank's flags time out naming rank {self.rank}"
+                )
 
     # ---- phases -------------------------------------------------------------------------------
 
@@ -656,9 +698,14 @@ class SymmA2A(CommBackend):
         return self.in_process and self.device.type == "cuda" and self.world > 1
 
     def dispatch_send(self, x: torch.Tensor, routing: Routing) -> SymmHandle:
-        """Phase 1: write rows, meta, count and flags into every peer (returns the handle)."""
+        """Phase 1: write rows, meta, count and flags into every peer (returns the handle).
+
+        Eager calls check the routing ids on the host (0 <= id < E, -1 = masked; a ValueError
+        before anything is written); calls being captured in a CUDA graph skip host checks, and
+        the kernels treat an out-of-range id as a masked pair, so memory is never touched out
+        of bounds."""
+        self._ensure_setup(x)  # collective the first time: before any check that raises on one rank
         self._check_call(x, routing)
-        self._ensure_setup(x)
         seq = next_seq(self.seq)
         handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev.expert_rank, self.rank,
                             self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
@@ -812,7 +859,7 @@ def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> None
     p = b._placement_dev
     symm_dispatch_send_kernel[(max(1, min(T, b._max_programs)),)](
         b._ptrs, b._state, routing.ids.contiguous(), routing.weights.contiguous(), p.expert_rank, p.expert_local,
-        data, scales, gscale, T, b.rank,
+        data, scales, gscale, T, b.rank, b.cfg.num_experts,
         o["flags"], o["meta_ids"], o["meta_w"], o["data"], o["scales"], o["gscale"],
         Tm=b.max_tokens, D=D, D_BYTES=d_bytes, S=s_bytes, G=g_bytes // 4,
         W=b.world, K=K, K_PAD=_pow2(K), KL=Kl, KL_PAD=_pow2(Kl),
@@ -853,7 +900,7 @@ def _triton_combine_recv(b: SymmA2A, h: SymmHandle, out: torch.Tensor | None) ->
         raise ValueError("combine out must have unit stride along H")
     symm_combine_recv_kernel[(max(1, min(T, b._max_programs)),)](
         b._ptrs, b._state, h.ids.contiguous(), b._placement_dev.expert_rank, y, y.stride(0) if T else H,
-        T, b.rank, b._timeout_arg, o["flags"], o["comb_out"],
+        T, b.rank, b.cfg.num_experts, b._timeout_arg, o["flags"], o["comb_out"],
         Tm=b.max_tokens, H=H, W=b.world, K=K, K_PAD=_pow2(K), H_PAD=_pow2(H),
         COMB_DTYPE=_tl_dtype(b.combine_dtype), USE_TIMER=b._use_timer, num_warps=_row_warps(H),
     )

@@ -20,8 +20,10 @@ collective), and the fp32 rank-order reduction at the home rank.
 
 Host syncs and CUDA graphs: by default each call exchanges counts (and the config check) on the
 host, so the class declares `needs_host_sync = True`. With `static_shapes=True` (and
-`max_tokens_per_rank`) every collective has a fixed size, the check runs once on the first
-call, and the instance's `needs_host_sync` is False: the call can be captured in a CUDA graph.
+`max_tokens_per_rank`) every collective has a fixed size and the instance's `needs_host_sync` is
+False: the call can be captured in a CUDA graph. Eager static calls still exchange the config
+and routing-id check (one small all-gather, so a bad rank raises on every rank instead of
+leaving peers in a collective); calls being captured skip it.
 
 Multi-node: both backends use only torch.distributed collectives, so they run across nodes as
 they do on one. Launch one process per GPU with torchrun on every node, e.g. for 2 nodes x 8 GPUs
@@ -253,9 +255,15 @@ class WireBackend(CommBackend):
         self.max_tokens_per_rank = max_tokens_per_rank
         self.static_shapes = bool(static_shapes)
         self.needs_host_sync = not self.static_shapes  # type: ignore[misc]
-        self._checked = False
 
     # ---- checks -----------------------------------------------------------------------------
+
+    @staticmethod
+    def host_checks(x: torch.Tensor) -> bool:
+        """Whether a call may read values on the host: always, except while a CUDA graph is
+        being captured (static_shapes calls then skip the config and routing-id checks, which
+        every eager call runs)."""
+        return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
     def _check_local(self, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Checks that read no device values (safe in every mode)."""

@@ -84,7 +84,7 @@ def symm_dispatch_send_kernel(
     ptrs, state,
     ids_ptr, w_ptr, expert_rank_ptr, expert_local_ptr,  # routing [T, K]; placement [E]
     d_ptr, s_ptr, g_ptr,  # data rows [T, D] (any element type), scales [T, S] uint8, global [T, G] fp32
-    T, rank,
+    T, rank, E,
     OFF_FLAGS, OFF_META_IDS, OFF_META_W, OFF_DATA, OFF_SCALES, OFF_GSCALE,
     Tm: tl.constexpr, D: tl.constexpr, D_BYTES: tl.constexpr, S: tl.constexpr, G: tl.constexpr,
     W: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, KL: tl.constexpr, KL_PAD: tl.constexpr,
@@ -105,7 +105,7 @@ def symm_dispatch_send_kernel(
     while t < T:
         ids = tl.load(ids_ptr + t * K + ks, mask=kmask, other=0)
         wts = tl.load(w_ptr + t * K + ks, mask=kmask, other=0.0)
-        live = kmask & (ids >= 0)  # id -1: a masked pair, sent nowhere
+        live = kmask & (ids >= 0) & (ids < E)  # id -1 (or past E): a masked pair, sent nowhere
         rk = tl.load(expert_rank_ptr + ids, mask=live, other=-1)
         lc = tl.load(expert_local_ptr + ids, mask=live, other=-1)
         slot = (rank * Tm + t).to(tl.int64)
@@ -219,7 +219,7 @@ def symm_combine_send_kernel(
 @triton.jit
 def symm_combine_recv_kernel(
     ptrs, state, ids_ptr, expert_rank_ptr, y_ptr, y_stride,  # routing ids [T, K]; y [T, H]
-    T, rank, timeout, OFF_FLAGS, OFF_COMB,
+    T, rank, E, timeout, OFF_FLAGS, OFF_COMB,
     Tm: tl.constexpr, H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
     H_PAD: tl.constexpr, COMB_DTYPE: tl.constexpr, USE_TIMER: tl.constexpr,
 ):
@@ -244,7 +244,7 @@ def symm_combine_recv_kernel(
     t = pid
     while t < T:
         ids = tl.load(ids_ptr + t * K + ks, mask=kmask, other=0)
-        rk = tl.load(expert_rank_ptr + ids, mask=kmask & (ids >= 0), other=-1)
+        rk = tl.load(expert_rank_ptr + ids, mask=kmask & (ids >= 0) & (ids < E), other=-1)
         slot = (rank * Tm + t).to(tl.int64)
         acc = tl.zeros([H_PAD], dtype=tl.float32)
         for r in tl.static_range(W):  # rank order; masked loads instead of branches
