@@ -542,6 +542,29 @@ def test_gpu_peer_that_never_arrives_times_out():
 
 
 @pytest.mark.gpu
+def test_gpu_send_kernels_publish_through_system_scope_counters():
+    """The "programs done" counters of both send kernels are acq_rel at system scope (the
+    program stores they order go to, or are read by, peer GPUs): read off the compiled PTX."""
+    import re
+
+    from epmoe.comm.symmetric import _triton_combine_send, _triton_dispatch_send
+
+    bs = _virtual_backends(2, impl="triton", device="cuda", dtype=torch.bfloat16)
+    x, ids, w = inputs(CASES[0], 0, 2)
+    sent = _triton_dispatch_send(bs[0], x.cuda().bfloat16(), Routing(ids.cuda(), w.cuda()))
+    M = 2 * TM * bs[0].slot_experts
+    combined = _triton_combine_send(bs[0], torch.zeros(M, CFG.hidden, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    for kernel in (sent, combined):
+        counters = [ln for ln in kernel.asm["ptx"].splitlines() if re.search(r"\batom\.", ln) and ".add." in ln
+                    and "acq_rel" in ln]
+        assert counters, "no acq_rel atomic add in the PTX"
+        assert all(".sys" in ln for ln in counters), counters
+        flags = [ln for ln in kernel.asm["ptx"].splitlines() if re.search(r"\batom\.", ln) and ".exch." in ln]
+        assert flags and all(".release" in ln and ".sys" in ln for ln in flags), flags
+
+
+@pytest.mark.gpu
 def test_gpu_bench_virtual_rows_report_bytes_and_hbm_fraction():
     """`epmoe bench comm` on one GPU: symm_a2a timed through graph replays, real byte counts,
     GB/s rated against the HBM copy bandwidth measured in the same run."""

@@ -842,7 +842,8 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> None:
+def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> Any:
+    """Launch the send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
     from epmoe.kernels.symm_a2a import symm_dispatch_send_kernel
 
     lay, o = b.layout, b.layout.offsets
@@ -857,7 +858,7 @@ def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> None
     scales = scales if s_bytes else b._dummy.view(torch.uint8)
     gscale = gscale if g_bytes else b._dummy
     p = b._placement_dev
-    symm_dispatch_send_kernel[(max(1, min(T, b._max_programs)),)](
+    return symm_dispatch_send_kernel[(max(1, min(T, b._max_programs)),)](
         b._ptrs, b._state, routing.ids.contiguous(), routing.weights.contiguous(), p.expert_rank, p.expert_local,
         data, scales, gscale, T, b.rank, b.cfg.num_experts,
         o["flags"], o["meta_ids"], o["meta_w"], o["data"], o["scales"], o["gscale"],
@@ -879,11 +880,12 @@ def _triton_dispatch_recv(b: SymmA2A) -> torch.Tensor:
     return b._expert_ids
 
 
-def _triton_combine_send(b: SymmA2A, expert_out: torch.Tensor) -> None:
+def _triton_combine_send(b: SymmA2A, expert_out: torch.Tensor) -> Any:
+    """Launch the combine-send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
     from epmoe.kernels.symm_a2a import symm_combine_send_kernel
 
     o, H = b.layout.offsets, b.cfg.hidden
-    symm_combine_send_kernel[(max(1, min(b.world * b.max_tokens, b._max_programs)),)](
+    return symm_combine_send_kernel[(max(1, min(b.world * b.max_tokens, b._max_programs)),)](
         b._ptrs, b._state, expert_out.contiguous(), b.rank,
         o["flags"], o["meta_ids"], o["meta_w"], o["comb_out"],
         Tm=b.max_tokens, H=H, W=b.world, KL=b.slot_experts, H_PAD=_pow2(H),

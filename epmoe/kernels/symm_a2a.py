@@ -12,8 +12,13 @@ int32 word array:
 
 Publishing: the last program of a kernel to finish (a counter RMW with acq_rel after a CTA
 barrier) raises the flags with a release store at system scope, so every row written by any
-program of the kernel is visible to a peer that acquires the flag. Waits are acquire loads at
-system scope, bounded by %globaltimer (USE_TIMER) or, in the CPU interpreter, by a spin count.
+program of the kernel is visible to a peer that acquires the flag. The counter RMW itself is at
+system scope (one atomic per program, so it costs nothing measurable): the rows other programs
+stored go to peer GPUs (dispatch) or are read by peer GPUs (combine), and a gpu-scope release
+only orders them for observers on this GPU; the last program's sys-scope flag release is
+cumulative over what it acquired, so the chain must be sys-scope from the first link for the
+peer's acquire to see every program's rows. Waits are acquire loads at system scope, bounded
+by %globaltimer (USE_TIMER) or, in the CPU interpreter, by a spin count.
 
 Measured (one H200, 8 virtual ranks, so every byte moves through HBM; T = 128 per rank, H = 7168,
 top-8 of 256 experts, bf16 rows, each phase of all 8 ranks replayed as one CUDA graph; HBM copy
@@ -131,7 +136,9 @@ def symm_dispatch_send_kernel(
             _fan_out_row(g_ptr + t.to(tl.int64) * G, ptrs, OFF_GSCALE, slot * (G * 4), hits, G, 16, W)
         t += nprog
     tl.debug_barrier()
-    done = tl.atomic_add(state + 1, 1, sem="acq_rel", scope="gpu")
+    # sys scope, not gpu: this program's stores went to peer GPUs, and the last program's flag
+    # release (sys) only carries what it acquired at a scope that includes those peers
+    done = tl.atomic_add(state + 1, 1, sem="acq_rel", scope="sys")
     if done == nprog - 1:
         tl.store(state + 1, 0)
         for r in tl.static_range(W):
@@ -208,7 +215,9 @@ def symm_combine_send_kernel(
             tl.store(comb + slot * H + offs, acc.to(COMB_DTYPE), mask=m)
             t += nprog
     tl.debug_barrier()
-    done = tl.atomic_add(state + 2, 1, sem="acq_rel", scope="gpu")
+    # sys scope, not gpu: peer GPUs read these partial sums after acquiring the flag that the
+    # last program releases; its release only carries stores it acquired at system scope
+    done = tl.atomic_add(state + 2, 1, sem="acq_rel", scope="sys")
     if done == nprog - 1:
         tl.store(state + 2, 0)
         for s in tl.static_range(W):
@@ -254,7 +263,7 @@ def symm_combine_recv_kernel(
         tl.store(y_ptr + t * y_stride + offs, acc.to(y_ptr.dtype.element_ty), mask=m)
         t += nprog
     tl.debug_barrier()
-    done = tl.atomic_add(state + 3, 1, sem="acq_rel", scope="gpu")
+    done = tl.atomic_add(state + 3, 1, sem="acq_rel", scope="gpu")  # publishes only state[0], read on this GPU
     if done == nprog - 1:
         tl.store(state + 3, 0)
         tl.store(state, seq)
