@@ -382,6 +382,26 @@ def test_one_rank_without_a_group():
     assert layer.comm.seq == 3
 
 
+def test_received_rows_are_overwritten_once_combine_send_raised_its_flags():
+    """The receive buffer is a view: after this rank's combine_send, a peer that finished its
+    combine may dispatch its next call into it, before this rank's combine_recv."""
+    bs = _virtual_backends(2, impl="torch", device="cpu", dtype=torch.float32)
+    everyone = [inputs(CASES[1], r, 2) for r in range(2)]  # one token per rank
+    one_rank = [torch.full_like(i, CFG.num_experts // 2 - 1) for _, i, _ in everyone]  # both to rank 0
+    routings = [Routing(i, torch.ones_like(w)) for i, (_, _, w) in zip(one_rank, everyone)]
+    for b, (x, _, _), r in zip(bs, everyone, routings):
+        b.dispatch_send(x, r)
+    ds = [b.dispatch_recv() for b in bs]
+    rows = ds[0].hidden[1 * TM]  # rank 1's token as it landed on rank 0
+    assert torch.equal(rows, everyone[1][0][0])
+    for b, d in zip(bs, ds):
+        b.combine_send(torch.zeros(d.num_pairs, CFG.hidden), d)
+    bs[1].combine_recv(ds[1])  # rank 1 is done with call 1 ...
+    bs[1].dispatch_send(-everyone[1][0], routings[1])  # ... and starts call 2 into rank 0's slots
+    assert torch.equal(rows, -everyone[1][0][0])  # rank 0 has not finished call 1, its view changed
+    assert bs[0].combine_recv(ds[0]).shape == (1, CFG.hidden)
+
+
 # ---- the Triton kernels on the CPU interpreter, phase by phase ----------------------------------
 
 interpreted = pytest.mark.skipif(

@@ -743,8 +743,12 @@ class SymmA2A(CommBackend):
 
     def received_rows(self) -> Any:
         """[W * Tm, H] rows of the receive buffer (slot [s, t] is row s * Tm + t): a view of
-        the workspace, valid until the next call's dispatch; a QuantizedTensor for quantized
-        payloads (per-row scales)."""
+        the workspace; a QuantizedTensor for quantized payloads (per-row scales).
+
+        Valid only until this rank's combine_send of the same call has raised its flags: a
+        peer that then finishes its combine_recv may start its next dispatch and overwrite its
+        slots here, before this rank's own combine_recv returns. Read (or copy) the rows before
+        combine_send, as the expert stage does."""
         v, H, N = self.own, self.cfg.hidden, self.world * self.max_tokens
         if self.payload == "bf16":
             return v.data.view(self.dtype)
