@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from epmoe import MoEConfig  # noqa: E402
 from epmoe.integrations.hf import HFMoEBlock, config_from_hf, patch_model  # noqa: E402
 from epmoe.quant import quantize_weights  # noqa: E402
+from epmoe.routing import RoutingCapture  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
 
 # fp32 patched vs fp32 HF: same math, different summation order (fp32 routing weights too).
@@ -96,11 +97,12 @@ def logits_and_greedy(model, ids):
     return logits, tokens
 
 
+@pytest.mark.parametrize("picks", ["hf", "logits"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patched_block_matches_hf_block(family):
+def test_patched_block_matches_hf_block(family, picks):
     model = build_model(family)
     hf_blocks = {n: copy.deepcopy(m) for n, m in model.named_modules() if n.endswith(".mlp")}
-    names = patch_model(model)
+    names = patch_model(model, picks=picks)
     assert names == MOE_LAYERS.get(family, ["model.layers.0.mlp", "model.layers.1.mlp"])
     x = torch.randn(3, 5, COMMON["hidden_size"], generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -127,21 +129,124 @@ def test_patched_model_logits_and_greedy_tokens(family):
     assert torch.equal(tokens, ref_tokens)
 
 
+def _router_picks(model, out: list) -> list:
+    """Forward hooks that append each MoE router's top-k ids [T, K] (sorted per token) to `out`."""
+    routers = [m for n, m in model.named_modules() if n.endswith((".mlp.gate", ".mlp.router"))]
+    return [r.register_forward_hook(lambda mod, inp, res: out.append(res[2].sort(-1).values)) for r in routers]
+
+
+def _patched_picks(model, max_tokens: int) -> list[RoutingCapture]:
+    """One RoutingCapture per patched block: the experts each MoELayer actually ran."""
+    caps = []
+    for m in model.modules():
+        if isinstance(m, HFMoEBlock):
+            m.moe.capture = RoutingCapture(max_tokens, m.moe.cfg.top_k)
+            caps.append(m.moe.capture)
+    return caps
+
+
+# bf16 criterion. A bf16 model and its fp32 twin route a few tokens to other experts wherever
+# two router scores are closer than bf16 rounding; HF's own bf16 model does so on 9-16 of the
+# 24-66 tokens per layer of these runs, and the flipped token's logits then differ by O(1). Which
+# near-ties flip depends on the last bit of every earlier rounding, so a more precise model (ours
+# rounds once per expert and sums in fp32) flips other tokens than HF does. The criterion
+# therefore compares the two bf16 models where both route like the fp32 model:
+#   1. same inputs, same picks: every MoE block gets exactly HF's experts, ties included
+#      (a block-level check on identical bf16 inputs, and the first MoE layer of the model);
+#   2. on the positions routed alike -- in each sequence, the positions before the first one
+#      that HF bf16 or the patched bf16 model routes differently from the fp32 model at any
+#      layer (causal attention carries a flip only forward) --
+#      max |patched - fp32| <= 2 * max |HF bf16 - fp32|, per run;
+#   3. at least 70% of all positions are routed alike (measured: 83-94% per family).
+# Measured before the fix (route() on the logits, ties to the lowest id): ratio up to 11x
+# (Mixtral), 35x (OLMoE), 29x (GPT-OSS); after: 0.7x-1.8x.
+BF16_RUNS = [(seed, seq) for seed in range(3) for seq in (5, 17, 33)]
+
+
+def _check_bf16_blocks(family: str, device: str) -> None:
+    """On identical bf16 inputs a patched block runs HF's picks and is at most 2x HF's error
+    against the fp32 block. The inputs include exact bf16 ties at the k-th pick (except DeepSeek-V3,
+    whose router runs in fp32), where route()'s lowest-id rule and torch.topk disagree."""
+    exact, model = build_model(family).to(device), build_model(family, dtype=torch.bfloat16).to(device)
+    names = MOE_LAYERS.get(family, ["model.layers.0.mlp", "model.layers.1.mlp"])
+    hf_blocks = {n: copy.deepcopy(model.get_submodule(n)) for n in names}
+    patch_model(model)
+    K = config_from_hf(model.config).top_k
+    g = torch.Generator().manual_seed(5)
+    ties = 0
+    errors = {name: ([], []) for name in names}  # name -> (HF's, ours) per-token max errors
+    for T in (1, 9, 64, 1000):
+        x = torch.randn(1, T, COMMON["hidden_size"], generator=g).to(device, torch.bfloat16)
+        for name in names:
+            hf, ours, ref = hf_blocks[name], model.get_submodule(name), exact.get_submodule(name)
+            ours.moe.capture = RoutingCapture(T, K, device=device)
+            with torch.no_grad():
+                logits, _, hf_ids = getattr(hf, ours.router_name)(x.reshape(T, -1))
+                expect, got, want = hf(x), ours(x), ref(x.float())
+            if family == "gpt_oss":
+                expect, got, want = expect[0], got[0], want[0]
+            assert torch.equal(ours.moe.capture.captured().long().sort(-1).values, hf_ids.sort(-1).values)
+            scores = logits.float() if family == "gpt_oss" else logits.float().softmax(-1)
+            top = scores.sort(-1, descending=True).values
+            ties += int((top[:, K - 1] == top[:, K]).sum())
+            errors[name][0].append((expect.float() - want).abs().amax(-1).flatten())
+            errors[name][1].append((got.float() - want).abs().amax(-1).flatten())
+    # Over all 1074 tokens per block: one token's 32 values are too few for a max-error ratio
+    # (measured per T: 0.5x-2.1x, the 2.1x at T=1).
+    for name, (hf_err, our_err) in errors.items():
+        hf_max, our_max = torch.cat(hf_err).max(), torch.cat(our_err).max()
+        assert our_max <= 2 * hf_max, f"{name}: {our_max:.4f} vs HF {hf_max:.4f}"
+    assert family == "deepseek_v3" or ties > 0, "no bf16 tie at the k-th pick: the inputs miss the case"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_block_picks_hf_experts_within_twice_hf_error(family):
+    _check_bf16_blocks(family, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_block_on_gpu_within_twice_hf_error(family):
+    """The same on CUDA, where runner="auto" is the Triton runner."""
+    model = build_model(family, dtype=torch.bfloat16).cuda()
+    patch_model(model)
+    assert model.get_submodule("model.layers.1.mlp").moe.combo.runner == "triton"
+    _check_bf16_blocks(family, "cuda")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_model_within_twice_hf_error(family):
-    """bf16 weights stay bf16; the error to the fp32 model is at most ~2x HF's own bf16 error."""
-    ids = input_ids(1)
-    with torch.no_grad():
-        exact = build_model(family)(ids).logits
-        model = build_model(family, dtype=torch.bfloat16)
-        hf_err = (model(ids).logits.float() - exact).abs().max()
-        patch_model(model)
-        ours = model(ids).logits
-    assert ours.dtype == torch.bfloat16
-    w13 = model.get_submodule("model.layers.1.mlp").moe.runner.weights.w13
-    assert w13.dtype == torch.bfloat16
-    assert hf_err > 0
-    assert (ours.float() - exact).abs().max() <= 2 * hf_err  # measured: 0.7x-1.1x
+    """bf16 weights stay bf16; the criterion is stated above BF16_RUNS."""
+    kept = total = 0
+    for seed, seq in BF16_RUNS:
+        ids = torch.randint(0, COMMON["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(seed))
+        exact_picks, hf_picks = [], []
+        with torch.no_grad():
+            exact_model = build_model(family)
+            _router_picks(exact_model, exact_picks)
+            exact = exact_model(ids).logits
+            model = build_model(family, dtype=torch.bfloat16)
+            hooks = _router_picks(model, hf_picks)
+            hf = model(ids).logits.float()
+            for h in hooks:
+                h.remove()
+            patch_model(model)
+            caps = _patched_picks(model, ids.numel())
+            ours = model(ids).logits
+        assert ours.dtype == torch.bfloat16
+        assert model.get_submodule("model.layers.1.mlp").moe.runner.weights.w13.dtype == torch.bfloat16
+        our_picks = [c.captured().long().sort(-1).values for c in caps]
+        assert torch.equal(our_picks[0], hf_picks[0]), "first MoE layer: same inputs, so HF's picks"
+        flipped = torch.zeros(ids.shape, dtype=torch.bool)
+        for ref, hf_l, our_l in zip(exact_picks, hf_picks, our_picks, strict=True):
+            flipped |= (hf_l != ref).any(-1).view(ids.shape) | (our_l != ref).any(-1).view(ids.shape)
+        alike = flipped.int().cumsum(-1) == 0  # [B, S] positions before the first flip
+        kept, total = kept + int(alike.sum()), total + alike.numel()
+        hf_err = (hf - exact).abs().amax(-1)[alike].max()
+        our_err = (ours.float() - exact).abs().amax(-1)[alike].max()
+        assert hf_err > 0
+        assert our_err <= 2 * hf_err, f"seed={seed} seq={seq}: {our_err:.4f} vs HF {hf_err:.4f}"
+    assert kept >= 0.7 * total, f"only {kept}/{total} positions routed alike"
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_block", "nvfp4"])
@@ -184,6 +289,24 @@ def test_expert_parallel_over_gloo_matches_unpatched(family):
         torch.testing.assert_close(logits, ref_logits, **TOL, msg=f"rank {rank}")
         assert torch.equal(tokens, ref_tokens), f"rank {rank}"
     assert torch.equal(outs[0][2], outs[1][2])  # tp layout: every rank ends with the same bits
+
+
+def test_patch_model_defaults(monkeypatch):
+    """runner="auto" goes through select.pick_runner (triton on CUDA, reference on the CPU);
+    comm="auto" resolves to "none" for one rank, so the layer reports what it runs."""
+    import epmoe.layer
+
+    asked = []
+    pick = epmoe.layer.pick_runner
+    monkeypatch.setattr(epmoe.layer, "pick_runner", lambda *a, **k: asked.append(a) or pick(*a, **k))
+    model = build_model("olmoe")
+    names = patch_model(model)
+    assert asked == [("cpu", "bf16")] * len(names)
+    moe = model.get_submodule(names[0]).moe
+    assert (moe.combo.comm, moe.combo.runner, moe.layout) == ("none", "reference", "dp")
+    assert "picks=hf, comm=none, runner=reference" in repr(model.get_submodule(names[0]))
+    with pytest.raises(ValueError, match=r"picks='topk' is not supported; pass one of \('hf', 'logits'\)"):
+        patch_model(build_model("olmoe"), picks="topk")
 
 
 def test_config_from_hf_matches_presets():

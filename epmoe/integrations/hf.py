@@ -26,9 +26,24 @@ GPT-OSS stores `gate_up_proj` [E, H, 2I] with gate and up interleaved along the 
 (gate = [..., 0::2], up = [..., 1::2]) and `down_proj` [E, I, H]; both are de-interleaved and
 transposed once, at patch time.
 
-Numerics: routing and the combine run in fp32 (see routing.py); the HF blocks of Qwen2/3-MoE,
-OLMoE and GPT-OSS round the top-k weights to the model dtype first, so bf16 models agree to
-bf16 rounding, fp32 models to fp32 rounding. Ties in the router pick the lowest expert id.
+Routing (`picks=`): by default ("hf") the block runs the experts and weights the HF router
+module picked, in routed mode, so a patched model sends every token to exactly the experts the
+unpatched one does. That matters in bf16: router logits are bf16, where two experts often tie
+exactly (8-bit mantissa), and `torch.topk` breaks ties its own way (on CPU often towards the
+higher id; unspecified on CUDA) while `epmoe.route` picks the lowest id. With route() on the
+logits, 1-3% of tokens went to another expert than HF's; through the residual stream that made
+the bf16 model's logits error against the fp32 model up to 35x HF's own bf16 error (OLMoE) and
+changed greedy tokens. With the HF picks the error stays within 2x HF's (tests/test_hf.py
+states the criterion). picks="logits" routes the router's logits with `epmoe.route` instead
+(fp32 softmax, ties to the lowest id): the path `MoELayer.capture_graphs` replays; routed-mode
+calls run eagerly and read the ids on the host once per call (`check_routing`).
+
+Numerics: the HF router's weights are taken as it returns them (fp32 for Mixtral and
+DeepSeek-V3; rounded to the model dtype by Qwen2/3-MoE, OLMoE and GPT-OSS) and applied in fp32;
+each expert computes in fp32 from the model-dtype weights, rounds its rows to the model dtype,
+and the combine (+ shared experts) sums in fp32 and casts once. HF instead rounds after every
+projection and accumulates the k experts in the model dtype, so a patched bf16 model is the
+more precise of the two; fp32 models agree to fp32 rounding.
 
 Limits: the patched blocks are for inference. Expert weights leave the module tree (they are
 held by the `MoELayer`, not registered as parameters), so patch after placing the model on its
@@ -50,9 +65,12 @@ from epmoe.group import Placement, RankGroup
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.quant import FORMATS as QUANT_FORMATS
 from epmoe.quant import quantize_weights
+from epmoe.routing import Routing
 
 # MoELayer arguments that patch_model derives from the model; passing them is an error.
 _DERIVED = ("gate", "correction_bias", "shared")
+# Where a patched block's routing comes from (see the module docstring).
+PICKS = ("hf", "logits")
 
 
 @dataclass(frozen=True)
@@ -236,27 +254,38 @@ class HFMoEBlock(nn.Module):
         y      = moe(x, logits)         # route -> dispatch -> experts -> combine (+ shared)
     """
 
-    def __init__(self, family: str, router: nn.Module, moe: MoELayer) -> None:
+    def __init__(self, family: str, router: nn.Module, moe: MoELayer, picks: str = "hf") -> None:
         super().__init__()
+        if picks not in PICKS:
+            raise ValueError(f"picks={picks!r} is not supported; pass one of {PICKS}")
         self.family = FAMILIES[family]
         self.router_name = self.family.router
         setattr(self, self.router_name, router)  # same state_dict key as before: mlp.gate.weight
         self.moe = moe
+        self.picks = picks
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
-        # The HF router also picks its own top-k, which is discarded: a few [T, E] ops, kept so
-        # the logits are exactly the model's (router bias, fp32 for DeepSeek) and still recorded.
-        router_logits, router_scores, _ = getattr(self, self.router_name)(x)  # [T, E], [T, K]
-        y = self.moe(x, router_logits.reshape(x.shape[0], -1)).reshape(shape)
+        # The HF router module, called as the HF block calls it (router bias, fp32 for DeepSeek),
+        # so `output_router_logits` still records its logits.
+        router_logits, router_scores, router_ids = getattr(self, self.router_name)(x)  # [T, E], [T, K] x2
+        if self.picks == "hf":
+            # HF's own picks, ties included; validate=False: MoELayer checks routed calls itself.
+            routing = Routing.external(router_ids, router_scores, self.moe.cfg.num_experts, validate=False)
+            y = self.moe(x, routing=routing).reshape(shape)
+        else:
+            y = self.moe(x, router_logits.reshape(x.shape[0], -1)).reshape(shape)
         if self.family.returns_scores:
             return y, router_scores
         return y
 
     def extra_repr(self) -> str:
         m = self.moe
-        return f"family={self.family.name}, comm={m.combo.comm}, runner={m.combo.runner}, layout={m.layout}"
+        return (
+            f"family={self.family.name}, picks={self.picks}, comm={m.combo.comm}, runner={m.combo.runner}, "
+            f"layout={m.layout}"
+        )
 
 
 def _model_type(hf_config: Any) -> str | None:
@@ -277,10 +306,11 @@ def _family_of(module: nn.Module) -> _Family | None:
 def patch_model(
     model: nn.Module,
     group: RankGroup | None = None,
-    comm: str = "none",
-    runner: str = "reference",
+    comm: str = "auto",
+    runner: str = "auto",
     layout: str | None = None,
     quant: str | None = None,
+    picks: str = "hf",
     **layer_kwargs: Any,
 ) -> list[str]:
     """Replace every MoE block of a transformers model by an `HFMoEBlock`; return their names.
@@ -289,15 +319,22 @@ def patch_model(
             >= 5), already on its device and in its dtype (bf16 / fp16 / fp32).
     group:  the EP ranks (`EPGroup`, a `VirtualGroup` rank) or None for one rank. With W ranks
             each rank keeps only its E/W experts (contiguous blocks, or `placement=`); every
-            rank must run the same forward calls.
-    comm, runner: as for `MoELayer` ("none" / "allgather" / "nccl_a2a" / "symm_a2a" / "auto";
-            "reference" / "triton" / "auto").
-    layout: "tp" or "dp"; default "tp" for comm="none" with several ranks (an HF forward gives
-            every rank the same tokens), else "dp".
+            rank must run the same number of forward calls.
+    comm:   "auto" (default): "none" for one rank or the tp layout (nothing to move), else
+            MoELayer's per-call pick by token count; or a backend name ("none", "allgather",
+            "nccl_a2a", "symm_a2a").
+    runner: "auto" (default; select.pick_runner: triton on CUDA, reference on the CPU),
+            "reference" or "triton".
+    layout: "tp" or "dp"; default "tp" with several ranks and comm "auto" or "none" (every
+            rank runs the same tokens, as when the attention is tensor-parallel), else "dp"
+            (each rank runs its own batch).
     quant:  None keeps the expert weights in the model's dtype; "fp8" (per expert), "fp8_block"
             (128x128 blocks) or "nvfp4" (16-value blocks, needs H and I divisible by 16)
             quantizes this rank's routed experts while patching (`epmoe.quant.quantize_weights`,
             dynamic scales from the weights). Biases and shared experts stay unquantized.
+    picks:  "hf" (default): run the experts and weights the HF router picked (ties broken as
+            HF does); "logits": `epmoe.route` on the router logits (ties to the lowest id; the
+            path CUDA graphs replay). See the module docstring.
     layer_kwargs: further `MoELayer` arguments (placement, capture, comm_options).
     """
     if quant is not None and quant not in QUANT_FORMATS:
@@ -305,13 +342,17 @@ def patch_model(
             f"quant={quant!r} is not supported; pass one of {(None, *QUANT_FORMATS)} (None keeps the "
             "expert weights in the model's dtype)"
         )
+    if picks not in PICKS:
+        raise ValueError(f"picks={picks!r} is not supported; pass one of {PICKS}")
     bad = sorted(set(layer_kwargs) & set(_DERIVED))
     if bad:
         raise ValueError(f"patch_model sets {bad} itself from the model; do not pass them in layer_kwargs")
     world = group.world if group is not None else 1
     rank = group.rank if group is not None else 0
     if layout is None:
-        layout = "tp" if comm == "none" and world > 1 else "dp"
+        layout = "tp" if world > 1 and comm in ("auto", "none") else "dp"
+    if comm == "auto" and (world == 1 or layout == "tp"):
+        comm = "none"  # nothing moves; resolved here so the layer reports the backend it runs
 
     blocks = [(name, m, f) for name, m in model.named_modules() if (f := _family_of(m)) is not None]
     if not blocks:
@@ -350,6 +391,6 @@ def patch_model(
         )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, HFMoEBlock(family.name, router, moe))
+        setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks))
         names.append(name)
     return names
