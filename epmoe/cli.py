@@ -188,6 +188,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")
+    print("\nsymm_a2a workspace per rank (W=8, fp32 combine; SymmA2A.workspace_bytes):")
+    from epmoe.comm.symmetric import SymmA2A
+    from epmoe.config import MoEConfig
+
+    for preset in ("deepseek-v3", "qwen3-30b-a3b"):
+        cfg = MoEConfig.from_preset(preset)
+        cells = [f"Tm={tm} {payload} {SymmA2A.workspace_bytes(cfg, 8, tm, payload) / 2**20:.1f} MiB"
+                 for tm in (128, 4096) for payload in ("bf16", "fp8", "nvfp4")]
+        print(f"  {preset} (H={cfg.hidden}, top-{cfg.top_k}): " + ", ".join(cells))
     if shutil.which("nvidia-smi"):
         print("\nGPU links (nvidia-smi topo -m):")
         res = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30)

@@ -502,3 +502,25 @@ def test_bench_comm_command_over_gloo_processes(tmp_path, capsys):
         if r["tokens"]:
             assert r["dispatch_bytes"] > 0 and r["combine_bytes"] > 0 and r["GB/s"] > 0, r
     assert "symm_a2a" in capsys.readouterr().out
+
+
+def test_doctor_prints_symm_workspace_per_rank(capsys):
+    """`epmoe doctor` lists the symm_a2a workspace of two presets at W = 8, Tm = 128 and 4096;
+    the numbers must match the memory formula of comm/symmetric.py, evaluated here."""
+    import re
+
+    from epmoe.cli import main
+
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for preset in ("deepseek-v3", "qwen3-30b-a3b"):
+        cfg = MoEConfig.from_preset(preset)
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(preset + " (H="))
+        W, H, Kl = 8, cfg.hidden, min(cfg.top_k, cfg.num_experts // 8)
+        row = {"bf16": 2 * H, "fp8": H + 4, "nvfp4": H // 2 + H // 16 + 4}
+        for tm in (128, 4096):
+            for payload, d in row.items():
+                mib = float(re.search(rf"Tm={tm} {payload} ([0-9.]+) MiB", line).group(1))
+                formula = (12 * W + W * tm * (8 * Kl + d + 4 * H)) / 2**20
+                assert formula - 0.05 <= mib <= formula + 0.05 + 7 * 128 / 2**20, (preset, tm, payload, mib, formula)
+    assert re.search(r"deepseek-v3 .*Tm=128 bf16 42\.1 MiB", out)  # the docstring's example
