@@ -122,12 +122,18 @@ def _inputs(case: Case, rank: int, world: int) -> tuple[torch.Tensor, torch.Tens
     return x, ids, weights
 
 
-def _dequantized(x: torch.Tensor, payload: str | None) -> torch.Tensor:
-    """What the receivers see of x: quantize -> dequantize on the sending rank (plain torch)."""
+def _dequantized(x: torch.Tensor, payload: str | None, device: str = "cpu") -> torch.Tensor:
+    """What the receivers see of x: quantize -> dequantize on the sending rank (plain torch on
+    the CPU; on a GPU the sender's own wire encoder, whose Triton quantizers may round scales
+    differently from the CPU's)."""
     from epmoe import quant
 
     if payload in (None, "bf16"):
         return x
+    if device != "cpu":
+        from epmoe.comm.wire import decode, encode
+
+        return decode(encode(x.to(device), payload), payload, x.shape[1]).dequantize(torch.float32).cpu()
     q = {"fp8": quant.quantize_fp8, "fp8_block": quant.quantize_fp8_groups_torch,
          "nvfp4": quant.quantize_nvfp4_torch}[payload](x)
     return q.dequantize(torch.float32)
@@ -147,22 +153,24 @@ def _full(cfg: MoEConfig) -> ExpertWeights:
     return ExpertWeights.random(cfg, cfg.num_experts, generator=torch.Generator().manual_seed(0))
 
 
-def _run_case(group, case: Case, name: str) -> dict:
-    """One case on this rank: outputs vs the reference, bytes and rows moved, determinism."""
+def _run_case(group, case: Case, name: str, device: str = "cpu") -> dict:
+    """One case on this rank: outputs vs the reference, bytes and rows moved, determinism.
+    device: where x, routing and the experts live ("cuda" under NCCL ranks; fp32 either way)."""
     rank = group.rank if group is not None else 0
     world = group.world if group is not None else 1
     cfg = case.cfg()
     full = _full(cfg)
     placement = Placement.contiguous(cfg.num_experts, world)
     backend = get_comm(name)(cfg, group, placement, **case.options(name))
-    runner = ReferenceRunner(cfg, full.select(placement.global_ids(rank)))
+    local = full.select(placement.global_ids(rank))
+    runner = ReferenceRunner(cfg, ExpertWeights(local.w13.to(device), local.w2.to(device)))
     x, ids, w = _inputs(case, rank, world)
     outs, dispatched = [], None
     for _ in range(2):  # twice: repeated runs must be bitwise equal
-        d = backend.dispatch(x, Routing(ids, w))
-        y = torch.full_like(x, float("nan"))
+        d = backend.dispatch(x.to(device), Routing(ids.to(device), w.to(device)))
+        y = torch.full_like(x, float("nan"), device=device)
         backend.combine(runner(d), d, out=y)
-        outs.append(y)
+        outs.append(y.cpu())
         dispatched = d
     # Everyone's inputs, to count what should have arrived here.
     every = [_inputs(case, r, world) for r in range(world)]
@@ -171,7 +179,7 @@ def _run_case(group, case: Case, name: str) -> dict:
         int(((i >= 0) & (owner[i.clamp_min(0).long()] == rank)).any(dim=1).sum()) for _, i, _ in every
     )
     layout = row_layout(cfg, backend.payload, x.dtype)
-    ref_q = reference_output(_dequantized(x, case.payload), ids, w, full, cfg)
+    ref_q = reference_output(_dequantized(x, case.payload, device), ids, w, full, cfg)
     ref = reference_output(x, ids, w, full, cfg)
     scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
     err = lambda a, b: (a - b).abs().max().item() / scale if a.numel() else 0.0  # noqa: E731
