@@ -211,6 +211,14 @@ def expand_scales(scales: torch.Tensor, block: Sequence[int], shape: Sequence[in
     return out
 
 
+def div_rn(t: torch.Tensor, c: float) -> torch.Tensor:
+    """t / c with IEEE round-to-nearest division on every device. PyTorch's CUDA kernels divide
+    by a Python scalar as a multiply by its reciprocal (1 ulp off at times), so the same bf16 rows
+    got other fp8 scales on a GPU than on the CPU; dividing by a 0-dim tensor on t's device is
+    true division everywhere (and what the Triton kernels' div_rn computes)."""
+    return t / torch.full((), c, dtype=t.dtype, device=t.device)
+
+
 def _check_float(x: torch.Tensor, what: str) -> None:
     if not x.is_floating_point() or x.dtype == FP8_DTYPE:
         raise ValueError(f"{what} expects a bf16/fp16/fp32 tensor, got {x.dtype}")
@@ -230,7 +238,7 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> Quantize
     lead = x.shape[:-2]
     if scale is None:
         amax = xf.abs().amax(dim=(-2, -1), keepdim=True) if xf.numel() else xf.new_zeros(*lead, 1, 1)
-        scale = amax.clamp_min(AMAX_EPS) / FP8_MAX  # [..., 1, 1]
+        scale = div_rn(amax.clamp_min(AMAX_EPS), FP8_MAX)  # [..., 1, 1]
     else:
         scale = scale.float().to(x.device)
         scale = scale.reshape([1] * x.dim()) if scale.numel() == 1 else scale.reshape(*lead, 1, 1)
@@ -257,7 +265,7 @@ def quantize_fp8_block_torch(x: torch.Tensor, block: tuple[int, int] = (FP8_BLOC
     xf = torch.nn.functional.pad(x.float(), (0, pk - K, 0, pn - N))  # [..., pn, pk], zero padding
     tiles = xf.reshape(*lead, pn // bn, bn, pk // bk, bk)
     amax = tiles.abs().amax(dim=(-3, -1))  # [..., N/bn, K/bk]
-    scales = amax.clamp_min(AMAX_EPS) / FP8_MAX
+    scales = div_rn(amax.clamp_min(AMAX_EPS), FP8_MAX)
     q = (tiles / scales[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     data = q.reshape(*lead, pn, pk)[..., :N, :K].contiguous()
     return QuantizedTensor(data, scales.contiguous(), (*[1] * len(lead), bn, bk), "fp8_block")
@@ -272,7 +280,7 @@ def quantize_fp8_groups_torch(x: torch.Tensor, group: int = FP8_BLOCK) -> Quanti
     T, H = x.shape
     G = math.ceil(H / group)
     xf = torch.nn.functional.pad(x.float(), (0, G * group - H)).view(T, G, group)  # [T, G, group]
-    scales = xf.abs().amax(dim=-1).clamp_min(AMAX_EPS) / FP8_MAX  # [T, G]
+    scales = div_rn(xf.abs().amax(dim=-1).clamp_min(AMAX_EPS), FP8_MAX)  # [T, G]
     q = (xf / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return QuantizedTensor(q.view(T, G * group)[:, :H].contiguous(), scales, (1, group), "fp8_block")
 
@@ -304,7 +312,7 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
 
 def nvfp4_global_scale(x: torch.Tensor, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
     """ModelOpt's dynamic global scale: amax / (6 * 448), over `dims` (keepdim), fp32."""
-    return x.float().abs().amax(dim=tuple(dims), keepdim=True).clamp_min(AMAX_EPS) / (FP4_MAX * FP8_MAX)
+    return div_rn(x.float().abs().amax(dim=tuple(dims), keepdim=True).clamp_min(AMAX_EPS), FP4_MAX * FP8_MAX)
 
 
 def quantize_nvfp4_torch(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> QuantizedTensor:
