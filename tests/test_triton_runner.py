@@ -20,6 +20,7 @@ from epmoe.experts.triton import (
     SEGMENT,
     ExpertsConfig,
     GemmConfig,
+    activation_quant,
     bucket_pairs,
     default_config,
     permute,
@@ -58,6 +59,13 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # fp16 / bf16: hidden and weights are exact in the reference too (it upcasts them), the error is
 # the activation rounded to 10 / 7 mantissa bits before the down GEMM plus the output rounding.
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# w8a8 (fp8 weights, sorted mode) against its twin: the GEMMs sum in another order, so an
+# activation close to an e4m3 rounding midpoint can round to the neighbouring value (one step
+# is 2^-3 of that element); such flips are rare and average out in the down GEMM.
+W8A8_FLIP_TOL = 1e-2
+# ... and against the weight-only reference: every hidden and activation value rounded to 3
+# mantissa bits (up to 2^-4 relative each), partly averaging out over H and I terms.
+W8A8_TOL = 0.1
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Case:
     padding: int = 3  # extra padding pairs (expert -1), interleaved
     config: ExpertsConfig | None = None  # None: what the runner picks
     fmt: str = "bf16"  # weight format; quantized weights are the reference's weights too
+    scale: float = 1.0  # hidden rows times this (large: gate/up past the SwiGLU clamp)
 
     def __str__(self) -> str:
         return self.name
@@ -107,15 +116,34 @@ CPU_CASES = [
     Case("tma-weights", (3, 0, 17, 1), config=TMA16),
     Case("tma-swiglu", (2, 20), activation="swiglu_clamped", intermediate=20, config=TMA16),
     Case("tma-unaligned-falls-back", (3, 20), hidden=33, intermediate=19, config=TMA16),
+    Case("swiglu-clamped-range", (3, 0, 16, 1), activation="swiglu_clamped", scale=12.0, config=SORTED16),
+    Case("swiglu-clamped-range-pairs", (1, 2, 0), activation="swiglu_clamped", scale=12.0),
     Case("fp8-pairs", (1, 0, 2), fmt="fp8"),
     Case("fp8-sorted", (3, 0, 17, 1), fmt="fp8", config=SORTED16),
+    Case("fp8-gelu-sorted", (0, 16, 1), activation="gelu", fmt="fp8", config=SORTED16),
+    Case("fp8-swiglu-sorted", (5, 0, 3), activation="swiglu_clamped", fmt="fp8", scale=6.0, config=SORTED32),
+    Case("fp8-swiglu-pairs", (1, 0, 1), activation="swiglu_clamped", fmt="fp8"),
+    Case("fp8-skewed", (40, 1, 0, 2, 0, 0, 0, 7), fmt="fp8", config=SORTED32),
+    Case("fp8-tma", (3, 0, 17, 1), hidden=256, intermediate=128, fmt="fp8", config=TMA16),
+    Case("fp8-fp16", (3, 16), fmt="fp8", dtype=torch.float16, config=SORTED16),
     Case("fp8-block-pairs", (1, 2), fmt="fp8_block"),
+    Case("fp8-block-pairs-deep-tiles", (1, 2), hidden=300, intermediate=136, fmt="fp8_block", config=PAIRS_PDL),
     Case("fp8-block-sorted-partial-blocks", (3, 17), hidden=200, intermediate=136, fmt="fp8_block", config=SORTED16),
     Case("fp8-block-2880", (1, 2), hidden=2880, intermediate=16, fmt="fp8_block", config=SORTED16),
+    Case("fp8-block-129-rows", (129, 0, 1), hidden=64, intermediate=160, fmt="fp8_block", config=SORTED32),
+    Case("fp8-block-gelu", (3, 5), activation="gelu", fmt="fp8_block", config=SORTED16),
+    Case("fp8-block-swiglu", (4, 0, 2), activation="swiglu_clamped", fmt="fp8_block", config=SORTED16),
+    Case("fp8-block-all-to-one", (0, 0, 50, 0), fmt="fp8_block", config=SORTED16),
     Case("nvfp4-pairs", (1, 0, 2), hidden=48, intermediate=32, fmt="nvfp4"),
     Case("nvfp4-sorted", (3, 0, 17, 1), hidden=48, intermediate=32, fmt="nvfp4", config=SORTED16),
+    Case("nvfp4-gelu-pairs", (1, 1), hidden=64, intermediate=48, activation="gelu", fmt="nvfp4"),
+    Case("nvfp4-gelu-sorted", (3, 16), hidden=64, intermediate=48, activation="gelu", fmt="nvfp4",
+         config=SORTED16),
     Case("nvfp4-swiglu-fp16", (2, 5), hidden=64, intermediate=32, activation="swiglu_clamped", fmt="nvfp4",
          dtype=torch.float16, config=SORTED16),
+    Case("nvfp4-swiglu-pairs", (1, 0, 1), hidden=64, intermediate=32, activation="swiglu_clamped", fmt="nvfp4"),
+    Case("nvfp4-skewed-129", (129, 1, 0, 3), hidden=32, intermediate=48, fmt="nvfp4", config=SORTED32),
+    Case("nvfp4-fp16-pairs", (1, 2), hidden=64, intermediate=32, fmt="nvfp4", dtype=torch.float16),
     Case("pdl-flag-ignored-off-gpu", (1, 2, 0), config=PAIRS_PDL) if not ON_GPU else
     Case("pdl", (1, 2, 0), config=PAIRS_PDL),
 ]
@@ -139,26 +167,43 @@ def make_problem(case: Case, device: str, seed: int = 0):
     experts = experts[torch.randperm(experts.numel(), generator=g)]
     M = experts.numel()
     N = max(M // 2, 1) + 2  # rows are shared between pairs (a token sent once, several experts)
-    hidden = torch.randn(N, case.hidden, generator=g)
+    hidden = torch.randn(N, case.hidden, generator=g) * case.scale
     row_ids = torch.randint(0, N - 1, (M,), generator=g, dtype=torch.int32)
     row_ids[experts < 0] = 10**6  # padding pairs point far out of range
     hidden[N - 1] = float("inf")  # a row no pair reads
     return cfg, weights, hidden.to(device, case.dtype), row_ids.to(device), experts.to(device)
 
 
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).abs().max() / ref.abs().max())
+
+
 def check_case(case: Case, device: str, seed: int = 0) -> None:
+    """The runner against its twin (the reference with the runner's activation quantization:
+    TOL, plus W8A8_FLIP_TOL where activations are e4m3) and, for w8a8, against the plain
+    reference within W8A8_TOL."""
     cfg, weights, hidden, row_ids, experts = make_problem(case, device, seed)
     M = experts.numel()
+    E = len(case.rows)
+    config = case.config or select_config(weights.format, M, E, cfg.hidden, cfg.intermediate, cfg.top_k,
+                                          torch.device(device))
+    act_quant = activation_quant(weights.format, config)
     out = torch.full((M, cfg.hidden), float("nan"), dtype=case.dtype, device=device)
-    got = triton_experts(hidden, row_ids, experts, weights, cfg, out=out, config=case.config)
+    got = triton_experts(hidden, row_ids, experts, weights, cfg, out=out, config=config)
     assert got.data_ptr() == out.data_ptr()
     valid = experts >= 0
     safe_rows = torch.where(valid, row_ids, torch.zeros_like(row_ids))
-    ref = reference_experts(hidden.float(), safe_rows, experts, weights, cfg, out_dtype=torch.float32)
+    twin = reference_experts(hidden.float(), safe_rows, experts, weights, cfg, out_dtype=torch.float32,
+                             act_quant=act_quant)
     if valid.any():
         assert torch.isfinite(out[valid]).all(), "a valid row was not written"
-        err = (out[valid].float() - ref[valid]).abs().max() / ref[valid].abs().max()
-        assert err <= TOL[case.dtype], f"relative error {err:.2e} > {TOL[case.dtype]:.0e}"
+        tol = TOL[case.dtype] + (W8A8_FLIP_TOL if act_quant else 0.0)
+        err = _rel(out[valid], twin[valid])
+        assert err <= tol, f"relative error {err:.2e} > {tol:.0e} against the twin (act_quant={act_quant})"
+        if act_quant:
+            plain = reference_experts(hidden.float(), safe_rows, experts, weights, cfg, out_dtype=torch.float32)
+            err = _rel(out[valid], plain[valid])
+            assert err <= W8A8_TOL, f"w8a8 relative error {err:.2e} > {W8A8_TOL} against weight-only"
     assert torch.isnan(out[~valid]).all(), "a padding row was written"
 
 
@@ -207,6 +252,23 @@ def test_runner_dequantizes_a_quantized_payload(fmt):
     ref = get_runner("reference")(cfg, weights)(d)
     valid = experts >= 0
     torch.testing.assert_close(got[valid].float(), ref[valid].float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("payload", ["fp8", "fp8_block", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_block"])
+def test_w8a8_reads_quantized_payloads(fmt, payload):
+    """fp8 / fp8_block payloads feed the fp8 GEMM as they arrived (no dequantize-requantize);
+    an nvfp4 payload is dequantized and quantized per 128 values. The twin sees the same rows."""
+    case = Case("payload", (3, 0, 17, 1), hidden=256, intermediate=128, fmt=fmt, config=SORTED16)
+    cfg, weights, hidden, row_ids, experts = make_problem(case, DEVICE, seed=7)
+    hidden[-1] = 0.0  # no poisoned row: the fp8 payload has one scale for the whole batch
+    q = quantize_activations(hidden, payload)
+    out = triton_experts(q, row_ids.clamp(max=hidden.shape[0] - 1), experts, weights, cfg, config=SORTED16)
+    twin = reference_experts(q, row_ids.clamp(max=hidden.shape[0] - 1), experts, weights, cfg,
+                             out_dtype=torch.float32, act_quant="fp8_block")
+    valid = experts >= 0
+    assert out.dtype == (torch.bfloat16 if ON_GPU else torch.float32)
+    assert _rel(out[valid], twin[valid]) <= TOL[out.dtype] + W8A8_FLIP_TOL
 
 
 def test_quantized_layouts_the_kernels_cannot_read_are_refused():
@@ -264,6 +326,18 @@ GPU_CASES = [
     Case("nvfp4-decode", (1, 1, 0, 1), hidden=4096, intermediate=1536, fmt="nvfp4", dtype=torch.bfloat16),
     Case("nvfp4-swiglu-2880", (5, 129, 0, 16), hidden=2880, intermediate=2880, activation="swiglu_clamped",
          fmt="nvfp4", dtype=torch.bfloat16),
+    Case("fp8-block-rpe-1024", (1024, 0, 1024, 3), hidden=7168, intermediate=2048, fmt="fp8_block",
+         dtype=torch.bfloat16),
+    Case("fp8-block-swiglu-2880", (5, 129, 0, 16), hidden=2880, intermediate=2880, activation="swiglu_clamped",
+         fmt="fp8_block", dtype=torch.bfloat16),
+    Case("fp8-gelu-1536", (3, 16, 64), hidden=1536, intermediate=1024, activation="gelu", fmt="fp8",
+         dtype=torch.bfloat16),
+    Case("fp8-skewed", (2000, 3, 0, 1, 40, 0, 0, 129), hidden=2048, intermediate=768, fmt="fp8",
+         dtype=torch.bfloat16),
+    Case("nvfp4-rpe-1024", (1024, 1024, 0, 1024), hidden=4096, intermediate=1536, fmt="nvfp4",
+         dtype=torch.bfloat16),
+    Case("nvfp4-gelu-129", (129, 3, 0, 16), hidden=1536, intermediate=1024, activation="gelu", fmt="nvfp4",
+         dtype=torch.bfloat16),
 ]
 
 
@@ -286,10 +360,23 @@ def test_triton_experts_bf16_gpu_configs(config):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_block", "nvfp4"])
+@pytest.mark.parametrize("config", [SORTED16, PAIRS_PDL,
+                                    ExpertsConfig(64, GemmConfig(64, 64, 4, 4), GemmConfig(128, 64, 4, 4)),
+                                    ExpertsConfig(128, GemmConfig(128, 64, 8, 4, tma=True),
+                                                  GemmConfig(256, 64, 8, 4, tma=True))],
+                         ids=lambda c: f"bm{c.block_m}-tma{int(c.gate_up.tma)}")
+def test_triton_experts_quantized_gpu_configs(config, fmt):
+    check_case(Case("cfg", (1, 0, 200, 33), hidden=2880, intermediate=768, dtype=torch.bfloat16, fmt=fmt,
+                    config=config), "cuda")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(("rows", "config"), [((7, 0, 130, 2, 40), None), ((1, 0, 2, 1), PAIRS_PDL)],
                          ids=["sorted", "pairs-pdl"])
-def test_cuda_graph_replay_is_bitwise_equal_to_eager(rows, config):
-    case = Case("graph", rows, hidden=2048, intermediate=768, dtype=torch.bfloat16)
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_block", "nvfp4"])
+def test_cuda_graph_replay_is_bitwise_equal_to_eager(rows, config, fmt):
+    case = Case("graph", rows, hidden=2048, intermediate=768, dtype=torch.bfloat16, fmt=fmt)
     cfg, weights, hidden, row_ids, experts = make_problem(case, "cuda")
     row_ids = row_ids.clamp(max=hidden.shape[0] - 1)
     eager = triton_experts(hidden, row_ids, experts, weights, cfg, config=config)

@@ -47,7 +47,7 @@ from epmoe.experts.triton import (
 FORMAT_ALIASES = {"bf16": "bf16", "fp8": "fp8", "fp8-block": "fp8_block", "fp8_block": "fp8_block",
                   "nvfp4": "nvfp4"}
 BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4.0 / (128 * 128), "nvfp4": 0.5 + 1.0 / 16}
-COLUMNS = ("impl", "format", "routing", "tokens", "us", "tflops", "weight_tbps", "roofline_us", "ratio")
+COLUMNS = ("impl", "format", "routing", "tokens", "us", "tflops", "weight_tbps", "roofline_us", "ratio", "vs_bf16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,6 +173,7 @@ def bench_experts(
     ceilings = ceilings or measure_ceilings(device)
     weights = random_weights(cfg, cfg.num_experts, device)
     rows: list[dict[str, Any]] = []
+    formats = [FORMAT_ALIASES.get(f, f) for f in formats]
     for fmt_name in formats:
         fmt = FORMAT_ALIASES.get(fmt_name)
         if fmt is None:
@@ -186,6 +187,17 @@ def bench_experts(
                                      reference_max_tokens if fmt == "bf16" else min(16, reference_max_tokens),
                                      ceilings, (configs or {}).get(T), rotate, device)
         del w
+    return add_speedup_vs_bf16(rows)
+
+
+def add_speedup_vs_bf16(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each triton row gains `vs_bf16`: the triton bf16 time at the same routing and tokens over
+    its own (>1: faster than bf16), the measure of the quantized-format targets."""
+    base = {(r["routing"], r["tokens"]): r["us"] for r in rows if r["impl"] == "triton" and r["format"] == "bf16"}
+    for r in rows:
+        b = base.get((r["routing"], r["tokens"]))
+        if r["impl"] == "triton" and b is not None and r["us"] == r["us"]:
+            r["vs_bf16"] = b / r["us"]
     return rows
 
 
@@ -281,6 +293,8 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
     cfg = MoEConfig.from_preset(preset)
     E, H, I, K = cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k
     weights = random_weights(cfg, E, device)
+    if fmt != "bf16":  # time the kernels the key selects: quantized weights take other paths
+        weights = quantized_weights(weights, fmt)
     deadline = time.perf_counter() + budget_s
     found: dict[str, dict[str, Any]] = {}
     for T in tokens:
@@ -362,7 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = Path(args.out) if args.out else tuning_dir() / table_file_name(device_name(device))
         table = json.loads(path.read_text()) if path.exists() else {"device": device_name(device), "configs": {}}
         for preset in args.preset.split(","):
-            table["configs"].update(tune_experts(preset, tokens, budget_s=args.budget, log=print))
+            for fmt in args.format.split(","):
+                table["configs"].update(tune_experts(preset, tokens, FORMAT_ALIASES.get(fmt, fmt),
+                                                     budget_s=args.budget, log=print))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(table, indent=1, sort_keys=True))
         print(f"wrote {path}")

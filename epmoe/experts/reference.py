@@ -8,6 +8,9 @@
 
 This is the oracle every fast runner is tested against. Quantized weights or payloads are
 dequantized to fp32 first, so the same runner is the reference for every format.
+`act_quant="fp8_block"` is the twin of a w8a8 runner: the hidden rows (unless they arrived
+quantized) and the activation between the GEMMs round-trip through e4m3 with one scale per
+row and 128 values (`quantize_fp8_groups_torch`), as the fp8 tensor-core GEMMs see them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
 from epmoe.experts.activation import activate
 from epmoe.experts.base import ExpertRunner, ExpertWeights, as_float, register_runner
+from epmoe.quant import quantize_fp8_groups_torch
 
 
 def reference_experts(
@@ -27,10 +31,21 @@ def reference_experts(
     weights: ExpertWeights,
     cfg: MoEConfig,
     out_dtype: torch.dtype | None = None,
+    act_quant: str | None = None,
 ) -> torch.Tensor:
     """hidden [N, H] (or quantized), row_ids/expert_ids [M] -> out [M, H] in out_dtype
-    (default: hidden's dtype, fp32 for quantized payloads). Padding pairs get zero rows."""
-    x = as_float(hidden)  # [N, H] fp32
+    (default: hidden's dtype, fp32 for quantized payloads). Padding pairs get zero rows.
+    act_quant: None, or "fp8_block" (see the module docstring)."""
+    if act_quant not in (None, "fp8_block"):
+        raise ValueError(f"act_quant must be None or 'fp8_block', got {act_quant!r}")
+
+    def fake_quant(t: torch.Tensor) -> torch.Tensor:
+        if act_quant is None or t.shape[0] == 0:
+            return t
+        return quantize_fp8_groups_torch(t).dequantize(torch.float32)
+
+    fp8_rows = act_quant and not isinstance(hidden, torch.Tensor) and hidden.format in ("fp8", "fp8_block")
+    x = as_float(hidden) if fp8_rows else fake_quant(as_float(hidden))  # [N, H] fp32
     out_dtype = out_dtype or (hidden.dtype if isinstance(hidden, torch.Tensor) else torch.float32)
     M, H = expert_ids.shape[0], x.shape[1]
     out = torch.zeros(M, H, dtype=torch.float32, device=x.device)
@@ -43,7 +58,7 @@ def reference_experts(
         gate_up = h @ as_float(weights.w13[e]).T  # [n, 2I]
         if weights.b13 is not None:
             gate_up = gate_up + weights.b13[e].float()
-        y = activate(gate_up, cfg) @ as_float(weights.w2[e]).T  # [n, H]
+        y = fake_quant(activate(gate_up, cfg)) @ as_float(weights.w2[e]).T  # [n, H]
         if weights.b2 is not None:
             y = y + weights.b2[e].float()
         out[rows] = y

@@ -8,9 +8,14 @@ At decode (a few pairs) the sort is skipped: each program takes one pair, reads 
 `expert_ids` and streams that expert's weights (PAIR_MODE), so the stage is two launches.
 
 Weights: bf16/fp16/fp32 tensors in the activation dtype, or epmoe.quant `QuantizedTensor`
-stacks ("fp8" per expert/tensor scale, "fp8_block" 128x128 scales, "nvfp4"), dequantized tile by
-tile inside the kernels (weight-only; activations stay bf16). A quantized payload is
-dequantized once before the GEMMs.
+stacks ("fp8" per expert/tensor scale, "fp8_block" 128x128 scales, "nvfp4"); see
+kernels/grouped_gemm.py for how each format multiplies:
+    pair mode (decode)        weight-only: tiles dequantized in registers, bf16 activations
+    sorted, fp8 / fp8_block   w8a8 on the fp8 tensor cores: hidden rows quantized per token and
+                              128 values (an fp8 / fp8_block payload is used as it arrived), the
+                              activation between the GEMMs likewise (`activation_quant`)
+    sorted, nvfp4             exact bf16 dequantization of each tile, bf16 tensor cores
+Other quantized payloads are dequantized once before the GEMMs.
 
 Every buffer size follows from the pair count M alone, so a call can be captured in a CUDA
 graph. Kernel configs come from `select_config`: a tuned table keyed by (weight format, H, I,
@@ -38,6 +43,7 @@ import torch
 from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
 from epmoe.experts.base import ExpertRunner, ExpertWeights, register_runner
+from epmoe.quant import AMAX_EPS, FP8_BLOCK, QuantizedTensor
 
 ACT_CODES = {"silu": 0, "gelu": 1, "swiglu_clamped": 2}
 WEIGHT_FORMAT_CODES = {"bf16": 0, "fp8": 1, "fp8_block": 2, "nvfp4": 3}
@@ -268,25 +274,28 @@ def _check_quantized(name: str, w: Any, E: int, N: int, K: int) -> None:
 
 def _check(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor, weights: ExpertWeights,
            cfg: MoEConfig, out: torch.Tensor | None) -> None:
-    if not isinstance(hidden, torch.Tensor):
-        raise ValueError("hidden must be a Tensor here; the runner dequantizes quantized payloads first")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
     E, I, H = weights.w13.shape[0], cfg.intermediate, cfg.hidden
+    if isinstance(hidden, QuantizedTensor):
+        if hidden.dim() != 2 or hidden.shape[1] != H or hidden.data.stride(-1) != 1:
+            raise ValueError(f"hidden must be [N, {H}] with contiguous rows, got a quantized {tuple(hidden.shape)}")
+        hidden = hidden.data[:, :0]  # only its device and dtype are checked below
+    elif not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden must be a bf16, fp16 or fp32 tensor or a QuantizedTensor, got "
+                         f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
     for name, w, N, K in (("w13", weights.w13, 2 * I, H), ("w2", weights.w2, H, I)):
         if w.device != hidden.device:
             raise ValueError(f"{name} is on {w.device}, hidden on {hidden.device}")
         if not isinstance(w, torch.Tensor):
             _check_quantized(name, w, E, N, K)
             continue
-        if w.dtype != hidden.dtype:
+        if hidden.dtype in FLOAT_DTYPES and w.dtype != hidden.dtype:
             raise ValueError(f"{name} is {w.dtype} but hidden is {hidden.dtype}; cast one to match")
         if w.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim; pass {name}.contiguous()")
         if tuple(w.shape) != (E, N, K):
             raise ValueError(f"weights must be w13 [E, {2 * I}, {H}], w2 [E, {H}, {I}]; got "
                              f"{tuple(weights.w13.shape)}, {tuple(weights.w2.shape)}")
-    if hidden.dim() != 2 or hidden.shape[1] != H or hidden.stride(-1) != 1:
+    if hidden.dtype in FLOAT_DTYPES and (hidden.dim() != 2 or hidden.shape[1] != H or hidden.stride(-1) != 1):
         raise ValueError(f"hidden must be [N, {H}] with a contiguous last dim, got {tuple(hidden.shape)}")
     for name, shape in (("b13", (E, 2 * I)), ("b2", (E, H))):
         b = getattr(weights, name)
@@ -300,8 +309,8 @@ def _check(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor
     M = expert_ids.shape[0]
     if row_ids.shape[0] != M:
         raise ValueError(f"row_ids has {row_ids.shape[0]} pairs, expert_ids {M}")
-    if out is not None and (tuple(out.shape) != (M, H) or out.dtype != hidden.dtype or out.stride(-1) != 1):
-        raise ValueError(f"out must be [{M}, {H}] {hidden.dtype} with a contiguous last dim")
+    if out is not None and (tuple(out.shape) != (M, H) or out.dtype not in FLOAT_DTYPES or out.stride(-1) != 1):
+        raise ValueError(f"out must be [{M}, {H}] bf16/fp16/fp32 with a contiguous last dim")
 
 
 def _weight_args(w: Any) -> tuple[Any, ...]:
@@ -316,8 +325,42 @@ def _weight_args(w: Any) -> tuple[Any, ...]:
     return (w.data, w.data.stride(0), w.data.stride(1), sc, *st, g, sg, WEIGHT_FORMAT_CODES[w.format])
 
 
+def activation_quant(weight_format: str, config: ExpertsConfig) -> str | None:
+    """How the runner quantizes activations for `config`: "fp8_block" (per token and 128 values,
+    w8a8 on the fp8 tensor cores) for fp8 / fp8_block weights in sorted mode, else None (the
+    activations stay in their float dtype). `reference_experts(..., act_quant=...)` is its twin."""
+    return "fp8_block" if weight_format in ("fp8", "fp8_block") and not config.pair_mode else None
+
+
+def out_dtype_for(hidden: Any, weights: ExpertWeights) -> torch.dtype:
+    """The dtype of the runner's output rows: the activations', else the weights' float dtype,
+    else bf16 on GPUs and fp32 on the CPU (quantized payload and weights)."""
+    if isinstance(hidden, torch.Tensor):
+        return hidden.dtype
+    if isinstance(weights.w13, torch.Tensor):
+        return weights.w13.dtype
+    return torch.bfloat16 if hidden.device.type == "cuda" else torch.float32
+
+
+def _fp8_rows(hidden: Any) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(e4m3 rows as uint8 [N, H], fp32 scales, row stride, group stride) with one scale per row
+    and 128 values: an fp8_block payload as it is, an fp8 payload (one scale per row or per
+    tensor) through broadcast strides, anything else quantized here (quantize_fp8_groups_triton)."""
+    from epmoe.quant import quantize_fp8_groups_triton
+
+    if isinstance(hidden, QuantizedTensor) and hidden.format == "fp8_block" and hidden.block[-1] == FP8_BLOCK:
+        q = hidden
+    elif isinstance(hidden, QuantizedTensor) and hidden.format == "fp8" and hidden.scales.shape[-1] == 1:
+        sc = hidden.scales.reshape(-1, 1)
+        return hidden.data.view(torch.uint8), sc, 0 if sc.shape[0] == 1 else sc.stride(0), 0
+    else:
+        x = hidden.dequantize(torch.float32) if isinstance(hidden, QuantizedTensor) else hidden
+        q = quantize_fp8_groups_triton(x.contiguous())
+    return q.data.view(torch.uint8), q.scales, q.scales.stride(0), q.scales.stride(1)
+
+
 def triton_experts(
-    hidden: torch.Tensor,
+    hidden: torch.Tensor | QuantizedTensor,
     row_ids: torch.Tensor,
     expert_ids: torch.Tensor,
     weights: ExpertWeights,
@@ -325,20 +368,29 @@ def triton_experts(
     out: torch.Tensor | None = None,
     config: ExpertsConfig | None = None,
 ) -> torch.Tensor:
-    """hidden [N, H], row_ids / expert_ids [M] int32 (-1 = padding) -> out [M, H] in hidden's dtype.
+    """hidden [N, H] (bf16/fp16/fp32, or a quantized payload), row_ids / expert_ids [M] int32
+    (-1 = padding) -> out [M, H] in `out_dtype_for(hidden, weights)`.
 
-    Same contract as `reference_experts`; padding rows of `out` are left as they were.
+    Same contract as `reference_experts` (with `act_quant=activation_quant(...)`); padding rows
+    of `out` are left as they were.
     """
     from epmoe.kernels.grouped_gemm import moe_down_kernel, moe_gate_up_kernel
 
     _check(hidden, row_ids, expert_ids, weights, cfg, out)
     E, H, I, M = weights.w13.shape[0], cfg.hidden, cfg.intermediate, expert_ids.shape[0]
+    dtype = out_dtype_for(hidden, weights)
     if out is None:
-        out = torch.empty(M, H, dtype=hidden.dtype, device=hidden.device)
+        out = torch.empty(M, H, dtype=dtype, device=expert_ids.device)
     if M == 0:
         return out
     if config is None:
-        config = select_config(weights.format, M, E, H, I, cfg.top_k, hidden.device)
+        config = select_config(weights.format, M, E, H, I, cfg.top_k, expert_ids.device)
+    a_fp8 = activation_quant(weights.format, config) is not None
+    if a_fp8:
+        x, xs, stride_xsm, stride_xsg = _fp8_rows(hidden)
+    else:
+        x = hidden.dequantize(dtype) if isinstance(hidden, QuantizedTensor) else hidden
+        xs, stride_xsm, stride_xsg = x, 0, 0
     bm = config.block_m
     if config.pair_mode:
         num_m = slots = M
@@ -348,49 +400,65 @@ def triton_experts(
         num_m = perm.max_blocks
         slots = num_m * bm
         sorted_pair, block_expert, expert_end = perm.sorted_pair, perm.block_expert, perm.expert_end
-    act = torch.empty(slots, I, dtype=hidden.dtype, device=hidden.device)
+    if a_fp8:  # e4m3 activations (as bytes) with one fp32 scale per slot and 128 values
+        act = torch.empty(slots, I, dtype=torch.uint8, device=out.device)
+        act_s = torch.empty(slots, triton_cdiv(I, FP8_BLOCK), dtype=torch.float32, device=out.device)
+    else:
+        act = act_s = torch.empty(slots, I, dtype=dtype, device=out.device)
     has_bias = weights.b13 is not None
-    b13 = weights.b13 if has_bias else hidden
-    b2 = weights.b2 if has_bias else hidden
-    prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    b13 = weights.b13 if has_bias else out
+    b2 = weights.b2 if has_bias else out
+    prec = "ieee" if dtype == torch.float32 else "tf32"
     w13, sw13_e, sw13_n, *q13, f13 = _weight_args(weights.w13)
     w2, sw2_e, sw2_n, *q2, f2 = _weight_args(weights.w2)
-    g, d = config.gate_up, config.down
-    if not config.pair_mode:
-        g, d = _quantized_tile(g, f13), _quantized_tile(d, f2)
-    pdl = d.pdl and config.pair_mode and hidden.is_cuda
-    g_tma = g.tma and not config.pair_mode and f13 == 0 and _tma_ok(w13)
-    d_tma = d.tma and not config.pair_mode and f2 == 0 and _tma_ok(w2)
+    g, d = _quantized_tiles(config, f13)
+    pdl = d.pdl and config.pair_mode and out.is_cuda
+    g_tma = g.tma and not config.pair_mode and f13 in (0, 1, 2) and _tma_ok(w13)
+    d_tma = d.tma and not config.pair_mode and f2 in (0, 1, 2) and _tma_ok(w2)
     moe_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
-        hidden, hidden.stride(0), w13, sw13_e, sw13_n,
+        x, x.stride(0), xs, stride_xsm, stride_xsg, w13, sw13_e, sw13_n,
         _descriptor(w13, g) if g_tma else w13, *q13, b13, b13.stride(0) if has_bias else 0,
-        act, act.stride(0), row_ids, expert_ids, sorted_pair, block_expert, expert_end,
-        num_m, E, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
+        act, act.stride(0), act_s, act_s.stride(0), row_ids, expert_ids, sorted_pair, block_expert, expert_end,
+        num_m, E, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha), AMAX_EPS,
         ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec,
-        W_TMA=g_tma, USE_PDL=pdl, W_FMT=f13, BLOCK_M=bm, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
+        W_TMA=g_tma, USE_PDL=pdl, W_FMT=f13, A_FP8=a_fp8,
+        BLOCK_M=bm, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
         num_warps=g.num_warps, num_stages=g.num_stages,
     )
     moe_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
-        act, act.stride(0), w2, sw2_e, sw2_n,
+        act, act.stride(0), act_s, act_s.stride(0), w2, sw2_e, sw2_n,
         _descriptor(w2, d) if d_tma else w2, *q2, b2, b2.stride(0) if has_bias else 0,
         out, out.stride(0), expert_ids, sorted_pair, block_expert, expert_end,
         num_m, E, H, I,
         HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec, W_TMA=d_tma, USE_PDL=pdl, W_FMT=f2,
-        BLOCK_M=bm, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
+        A_FP8=a_fp8, BLOCK_M=bm, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
         num_warps=d.num_warps, num_stages=d.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
 
-def _quantized_tile(g: GemmConfig, fmt_code: int) -> GemmConfig:
-    """Tensor-core tiles of quantized weights are dequantized in registers and staged again in
-    shared memory: at most 2 pipeline stages (4 stages of a 128-row tile needed 252 KB on H200,
-    over the 227 KB limit), and nvfp4 tiles at least 64 deep (a 16-deep tile gave wrong results
-    with fp16 activations on H200 with Triton 3.6; the 64-deep bf16 cases were right)."""
-    if fmt_code == 0:
-        return g
-    block_k = max(g.block_k, 64) if fmt_code == WEIGHT_FORMAT_CODES["nvfp4"] else g.block_k
-    return dataclasses.replace(g, block_k=block_k, num_stages=min(g.num_stages, 2))
+def _quantized_tiles(config: ExpertsConfig, fmt_code: int) -> tuple[GemmConfig, GemmConfig]:
+    """The (gate_up, down) tiles the kernels can run for a weight format (see grouped_gemm.py):
+      fp8 / fp8_block, sorted: 128 deep (one activation scale per k step); gate_up 128 wide (its
+        epilogue quantizes one 128-value group per program), 8 warps from 64-row tiles on (two
+        [BLOCK_M, 128] fp32 accumulators).
+      fp8_block, pair mode: at most 128 deep (one block scale per weight row and tile).
+      nvfp4: at least 32 deep (two 16-value blocks: a 16-deep dot per parity needs 32); sorted
+        tiles at most 2 stages (dequantized tiles are staged in shared memory again).
+    """
+    g, d = config.gate_up, config.down
+    if fmt_code in (1, 2) and not config.pair_mode:
+        warps = 8 if config.block_m >= 64 else 4
+        g = dataclasses.replace(g, block_n=128, block_k=FP8_BLOCK, num_warps=warps)
+        d = dataclasses.replace(d, block_k=FP8_BLOCK, num_warps=max(d.num_warps, warps))
+    elif fmt_code == 2:
+        g = dataclasses.replace(g, block_k=min(g.block_k, FP8_BLOCK))
+        d = dataclasses.replace(d, block_k=min(d.block_k, FP8_BLOCK))
+    elif fmt_code == 3:
+        stages = 1 if config.pair_mode else 2
+        g = dataclasses.replace(g, block_k=max(g.block_k, 32), num_stages=min(g.num_stages, stages))
+        d = dataclasses.replace(d, block_k=max(d.block_k, 32), num_stages=min(d.num_stages, stages))
+    return g, d
 
 
 def _tma_ok(w: torch.Tensor) -> bool:
@@ -415,7 +483,7 @@ class TritonRunner(ExpertRunner):
     """Grouped-GEMM runner in Triton; capturable in CUDA graphs (no host sync)."""
 
     name = "triton"
-    formats = ("bf16", "fp8", "fp8_block", "nvfp4")  # quantized: weight-only, dequantized in-kernel
+    formats = ("bf16", "fp8", "fp8_block", "nvfp4")
     devices = ("cuda",)  # runs on the CPU only through the Triton interpreter (tests)
     needs_host_sync = False
 
@@ -427,12 +495,7 @@ class TritonRunner(ExpertRunner):
         super().__init__(cfg, weights)
 
     def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = d.hidden
-        w = self.weights
-        if not isinstance(hidden, torch.Tensor):  # quantized payload: rows dequantized once, up front
-            dtype = w.w13.dtype if isinstance(w.w13, torch.Tensor) else (
-                torch.bfloat16 if hidden.device.type == "cuda" else torch.float32)
-            hidden = hidden.dequantize(dtype)
+        hidden, w = d.hidden, self.weights
         if isinstance(hidden, torch.Tensor) and isinstance(w.w13, torch.Tensor) and w.w13.dtype != hidden.dtype:
             raise ValueError(f"hidden is {hidden.dtype} but the weights are {w.w13.dtype}; build the layer "
                              f"with weights in the activation dtype")

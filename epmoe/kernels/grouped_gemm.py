@@ -17,17 +17,33 @@ finish, so the two weight streams overlap instead of paying a launch gap and a t
 Weights are [E, N, K] with K contiguous (w13: N = 2I, K = H; w2: N = H, K = I). Padding
 pairs (expert -1) and padding slots are never loaded or stored.
 
-Quantized weights (W_FMT, see epmoe/quant.py) are dequantized tile by tile in registers and
-multiplied in the activation dtype (weight-only: the point is fewer bytes streamed at decode):
+Quantized weights (W_FMT, see epmoe/quant.py):
     1 fp8:       w = data * scale[e]                        (one fp32 scale per expert or tensor)
     2 fp8_block: w = data * scale[e, n // 128, k // 128]
     3 nvfp4:     w = e2m1(nibble) * scale_e4m3[e, n, k // 16] * global[e]
 Scale strides of broadcast (size-1) dims are 0.
+
+  PAIR_MODE (decode, bound by the weight stream): weight-only. Tiles are dequantized in
+  registers and multiplied with the bf16/fp32 activation row on the CUDA cores; fp8_block tiles
+  are at most 128 deep so one scale per weight row covers a tile; nvfp4 bytes are split into
+  their even (low nibble) and odd (high nibble) values and multiplied with the even and odd
+  activations, so no register shuffle interleaves them.
+  Sorted, fp8 / fp8_block (A_FP8): w8a8 on the fp8 tensor cores. A holds e4m3 rows with one
+  fp32 scale per row and 128 values (per-token-group activations, DeepSeek-V3 style), BLOCK_K is
+  128, and every k step adds dot(a, w) * a_scale[m] * w_scale[n] in fp32. gate_up's epilogue
+  quantizes the activation it produces the same way (BLOCK_N is 128: one group per program),
+  so the down GEMM reads e4m3 rows too:
+      s[m] = max(amax_n |act[m, n]|, EPS) / 448;  act_q[m, n] = e4m3(act[m, n] / s[m])
+  Sorted, nvfp4: e2m1 x e4m3 block scale is exact in bf16/fp16 (at most 5 significant bits),
+  so tiles are dequantized exactly to the activation dtype and multiplied on the bf16 tensor
+  cores as two dots over the even and the odd k; the global scale multiplies the accumulator.
 """
 
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from epmoe.kernels.quant import e4m3_bits
 
 ACT_SILU = 0
 ACT_GELU = 1
@@ -48,36 +64,151 @@ def _activation(g, u, ACT: tl.constexpr, limit, alpha):
 
 
 @triton.jit
-def _e2m1(code):
-    """uint8 e2m1 code (0..15, bit 3 = sign) -> fp32 value in {0, 0.5, 1, 1.5, 2, 3, 4, 6} * sign."""
-    c = code.to(tl.int32)
-    ex = (c >> 1) & 3
-    man = (c & 1).to(tl.float32)
-    pow2 = (1 << tl.maximum(ex - 1, 0)).to(tl.float32)
-    mag = tl.where(ex == 0, man * 0.5, (1.0 + man * 0.5) * pow2)
-    return tl.where((c & 8) != 0, -mag, mag)
+def _e2m1_scaled(code):
+    """uint8 e2m1 code (0..15, bit 3 = sign) -> fp32 value * 2^-14: the sign and the three
+    magnitude bits placed in an fp16 bit pattern (sign -> bit 15, exponent -> bits 10-11,
+    mantissa -> bit 9) give e2m1 * 2^-14 exactly, subnormal 0.5 included; callers fold 2^14
+    into the scale."""
+    c = code.to(tl.uint16)
+    return (((c & 8) << 12) | ((c & 7) << 9)).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _load_wq(w_base, s_base, g_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
-             W_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dequantized fp32 weight tile [rows, BLOCK_K] of one expert (w_base/s_base/g_base point at it)."""
+def _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, BLOCK_K: tl.constexpr):
+    """nvfp4 weight tile of `rows` [R] (-1: none) at k0, split by parity: (even, odd) fp32
+    [R, BLOCK_K // 2] = the values at k0 + 2j and k0 + 2j + 1 times their e4m3 block scale
+    (the global scale is the caller's). K % 16 == 0, BLOCK_K % 16 == 0. Byte j of the tile
+    belongs to block j // 8: its scale is gathered per byte (the 8 bytes of a block hit one
+    cached address)."""
+    r_ok = rows >= 0
+    rows64 = tl.maximum(rows, 0).to(tl.int64)
+    kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte index along k
+    ok = r_ok[:, None] & (kh * 2 < K)[None, :]
+    b = tl.load(w_base + rows64[:, None] * stride_wn + kh[None, :], mask=ok, other=0)  # [R, BLOCK_K // 2]
+    sc = tl.load(s_base + rows64[:, None] * stride_sn + (kh // 8)[None, :] * stride_sk, mask=ok, other=0.0)
+    sc = sc.to(tl.float32) * 16384.0  # 2^14 undoes _e2m1_scaled's 2^-14
+    return _e2m1_scaled(b & 15) * sc, _e2m1_scaled(b >> 4) * sc
+
+
+@triton.jit
+def _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
+                       BLOCK_K: tl.constexpr):
+    """One k step of the pair-mode nvfp4 product, per 16-value block: fp32 [R, BLOCK_K // 16] =
+    scale[r, blk] * sum_{i < 16} e2m1(w[r, 16 blk + i]) * x[16 blk + i]. The tile is [R, G, 8]
+    bytes (8 bytes = one block, contiguous in a thread), so the sum over a block needs no data
+    movement and the scale multiplies once per block, not per value."""
+    G: tl.constexpr = BLOCK_K // 16
+    r_ok = rows >= 0
+    rows64 = tl.maximum(rows, 0).to(tl.int64)
+    grp = k0 // 16 + tl.arange(0, G)  # [G] blocks along k
+    ok = r_ok[:, None] & (grp * 16 < K)[None, :]  # [R, G]
+    j = tl.arange(0, 8)
+    byte = grp[:, None] * 8 + j[None, :]  # [G, 8]
+    b = tl.load(w_base + rows64[:, None, None] * stride_wn + byte[None, :, :], mask=ok[:, :, None], other=0)
+    x_ok = (grp * 16 < K)[:, None]
+    xe = tl.load(x_row + 2 * byte, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]  # [1, G, 8]
+    xo = tl.load(x_row + 2 * byte + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+    dot = tl.sum(_e2m1_scaled(b & 15) * xe + _e2m1_scaled(b >> 4) * xo, axis=2)  # [R, G]
+    sc = tl.load(s_base + rows64[:, None] * stride_sn + grp[None, :] * stride_sk, mask=ok, other=0.0)
+    return dot * (sc.to(tl.float32) * 16384.0)
+
+
+@triton.jit
+def _load_w8(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, W_FMT: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """Weight tile [R, BLOCK_K] in fp32 of rows `rows` (-1: none): bf16/fp16/fp32 as stored,
+    fp8_block times its block scale (BLOCK_K divides 128: one scale per row), fp8 unscaled
+    (the per-expert scale is the caller's)."""
     r_ok = rows >= 0
     rows64 = tl.maximum(rows, 0).to(tl.int64)
     k = k0 + tl.arange(0, BLOCK_K)
-    m = r_ok[:, None] & (k < K)[None, :]
+    w = tl.load(w_base + rows64[:, None] * stride_wn + k[None, :], mask=r_ok[:, None] & (k < K)[None, :],
+                other=0.0).to(tl.float32)
+    if W_FMT == 2:
+        w = w * tl.load(s_base + (rows64 // 128) * stride_sn + (k0 // 128) * stride_sk)[:, None]
+    return w
+
+
+@triton.jit
+def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride_sk,
+            W_FMT: tl.constexpr, WAIT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pair mode: fp32 [R] = W[rows, :] . x for one activation row (weights dequantized in
+    registers). Products accumulate elementwise and reduce over k once after the loop, so the
+    loop is loads and FMAs only. WAIT: the first weight tile is loaded before gdc_wait()
+    (programmatic dependent launch: it does not depend on the previous kernel)."""
+    R: tl.constexpr = rows.shape[0]
     if W_FMT == 3:
-        kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(w_base + rows64[:, None] * stride_wn + kh[None, :],
-                    mask=r_ok[:, None] & (kh * 2 < K)[None, :], other=0)
-        v = tl.reshape(tl.join(_e2m1(b & 15), _e2m1(b >> 4)), [rows.shape[0], BLOCK_K])
-        sc = tl.load(s_base + rows64[:, None] * stride_sn + (k // 16)[None, :] * stride_sk, mask=m, other=0.0)
-        return v * sc.to(tl.float32) * tl.load(g_base)
-    w = tl.load(w_base + rows64[:, None] * stride_wn + k[None, :], mask=m, other=0.0).to(tl.float32)
-    if W_FMT == 1:
-        return w * tl.load(s_base)
-    sc = tl.load(s_base + (rows64 // 128)[:, None] * stride_sn + (k // 128)[None, :] * stride_sk, mask=m, other=0.0)
-    return w * sc
+        if WAIT:
+            gdc_wait()
+        part = tl.zeros([R, BLOCK_K // 16], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            part += _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
+                                       BLOCK_K)
+        return tl.sum(part, axis=1) * tl.load(g_base)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        part = tl.zeros([R, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _load_w8(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, W_FMT, BLOCK_K)
+            if WAIT and k0 == 0:
+                gdc_wait()
+            x = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+            part += w * x[None, :]
+        acc = tl.sum(part, axis=1)
+        if W_FMT == 1:
+            acc = acc * tl.load(s_base)
+        return acc
+
+
+@triton.jit
+def _mma_fp8(acc, a_ptrs, as_ptrs, stride_asg, valid, w_ptrs, w_desc, e, n0, s_base, rows, k0, K,
+             stride_sn, stride_sk, W_FMT: tl.constexpr, W_TMA: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One k step of the w8a8 GEMM: acc + dot(a, w) * a_scale[:, None] (* w_scale[None, :] for
+    fp8_block). a: e4m3 [BLOCK_M, 128] (stored as uint8), w: e4m3 [128, BLOCK_N] (rows `rows`; the
+weight pointer and descriptor are e4m3)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
+    a_s = tl.load(as_ptrs + (k0 // 128) * stride_asg, mask=valid, other=0.0)  # [BLOCK_M]
+    if W_TMA:
+        w = tl.trans(w_desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & (rows >= 0)[None, :], other=0.0)
+    # scales multiply the dot's result in turn: a [BLOCK_M, BLOCK_N] scale matrix computed before
+    # the dot would stay live across it (register pressure: spills at 128-row tiles)
+    if W_FMT == 2:
+        rows64 = tl.maximum(rows, 0).to(tl.int64)
+        w_s = tl.load(s_base + (rows64 // 128) * stride_sn + (k0 // 128) * stride_sk)
+        return acc + tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+    return acc + tl.dot(a, w) * a_s[:, None]
+
+
+@triton.jit
+def _mma_nvfp4(acc, x_ptrs, valid, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
+               DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One k step of the nvfp4 GEMM on the bf16/fp16/fp32 tensor cores: acc + a_even @ w_even.T +
+    a_odd @ w_odd.T (the exact block-scaled values; the global scale is the caller's)."""
+    j = tl.arange(0, BLOCK_K // 2)
+    m = valid[:, None] & (k0 + 2 * j < K)[None, :]
+    xe = tl.load(x_ptrs + k0 + 2 * j[None, :], mask=m, other=0.0)
+    xo = tl.load(x_ptrs + k0 + 2 * j[None, :] + 1, mask=m, other=0.0)
+    even, odd = _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, BLOCK_K)
+    acc = tl.dot(xe, tl.trans(even.to(xe.dtype)), acc, input_precision=DOT_PREC)
+    return tl.dot(xo, tl.trans(odd.to(xo.dtype)), acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _store_fp8_rows(act_ptr, stride_am, as_ptr, stride_asm, h, slots, offs_n, valid, n_ok, pid_n, EPS):
+    """Quantize act rows h [BLOCK_M, 128] (one 128-value group) to e4m3 with one scale per row:
+    s = max(amax, EPS) / 448, q = rne(clamp(h / s, +-448)), as quantize_fp8_groups_torch does."""
+    h = tl.where(valid[:, None] & n_ok[None, :], h, 0.0)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=1), EPS), 448.0)  # [BLOCK_M]
+    y = tl.minimum(tl.maximum(tl.math.div_rn(h, s[:, None]), -448.0), 448.0)
+    slots64 = slots.to(tl.int64)
+    tl.store(act_ptr + slots64[:, None] * stride_am + offs_n[None, :], e4m3_bits(y),
+             mask=valid[:, None] & n_ok[None, :])
+    tl.store(as_ptr + slots64 * stride_asm + pid_n, s, mask=valid)
 
 
 @triton.jit
@@ -114,16 +245,18 @@ def _rows(pid_m, expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_p
 
 @triton.jit
 def moe_gate_up_kernel(
-    x_ptr, stride_xm,  # hidden [N_rows, K]
+    x_ptr, stride_xm,  # hidden [N_rows, K] (A_FP8: e4m3 as uint8)
+    xs_ptr, stride_xsm, stride_xsg,  # A_FP8: fp32 scales of hidden per (row, 128 values)
     w_ptr, stride_we, stride_wn,  # w13 [E, 2*I, K]
     w_desc,  # W_TMA: tensor descriptor of w13, block [1, BLOCK_N, BLOCK_K]
     s_ptr, stride_se, stride_sn, stride_sk, g_ptr, stride_ge,  # W_FMT > 0: scales, global scale
     b_ptr, stride_be,  # b13 [E, 2*I] fp32 (HAS_BIAS)
-    act_ptr, stride_am,  # act [slots, I]
+    act_ptr, stride_am,  # act [slots, I] (A_FP8: e4m3 as uint8)
+    acts_ptr, stride_asm,  # A_FP8: fp32 scales of act per (slot, 128 values)
     row_ids_ptr, expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
-    num_m, E, I, K, limit, alpha,
+    num_m, E, I, K, limit, alpha, EPS,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    W_TMA: tl.constexpr, USE_PDL: tl.constexpr, W_FMT: tl.constexpr,
+    W_TMA: tl.constexpr, USE_PDL: tl.constexpr, W_FMT: tl.constexpr, A_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     if USE_PDL:
@@ -145,59 +278,81 @@ def moe_gate_up_kernel(
     rows_u = tl.where(n_ok, I + offs_n, -1)
     if PAIR_MODE:
         x_row = x_ptr + tl.max(rows, axis=0) * stride_xm
-        wg_ptrs = w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-        # elementwise fp32 partial sums, reduced over k once after the loop: the loop is loads
-        # and FMAs only, so the next tile's loads issue without waiting on a reduction
-        part_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        part_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            if W_FMT == 0:
+        if W_FMT == 0:
+            wg_ptrs = w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+            # elementwise fp32 partial sums, reduced over k once after the loop: the loop is loads
+            # and FMAs only, so the next tile's loads issue without waiting on a reduction
+            part_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            part_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = (k0 + offs_k) < K
+                a = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                 wmask = n_ok[:, None] & k_ok[None, :]
                 wg = tl.load(wg_ptrs + k0, mask=wmask, other=0.0).to(tl.float32)
                 wu = tl.load(wg_ptrs + I * stride_wn + k0, mask=wmask, other=0.0).to(tl.float32)
-            else:
-                wg = _load_wq(w_base, s_base, g_base, rows_g, k0, K, stride_wn, stride_sn, stride_sk, W_FMT, BLOCK_K)
-                wu = _load_wq(w_base, s_base, g_base, rows_u, k0, K, stride_wn, stride_sn, stride_sk, W_FMT, BLOCK_K)
-            part_g += wg * a[None, :]
-            part_u += wu * a[None, :]
-        acc_g = tl.sum(part_g, axis=1)[None, :]
-        acc_u = tl.sum(part_u, axis=1)[None, :]
+                part_g += wg * a[None, :]
+                part_u += wu * a[None, :]
+            acc_g = tl.sum(part_g, axis=1)[None, :]
+            acc_u = tl.sum(part_u, axis=1)[None, :]
+        else:
+            acc_g = _matvec(x_row, w_base, s_base, g_base, rows_g, K, stride_wn, stride_sn, stride_sk,
+                            W_FMT, False, BLOCK_K)[None, :]
+            acc_u = _matvec(x_row, w_base, s_base, g_base, rows_u, K, stride_wn, stride_sn, stride_sk,
+                            W_FMT, False, BLOCK_K)[None, :]
     else:
         a_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         wg_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            if W_FMT != 0:
-                wg = tl.trans(_load_wq(w_base, s_base, g_base, rows_g, k0, K, stride_wn, stride_sn, stride_sk,
-                                       W_FMT, BLOCK_K).to(a.dtype))
-                wu = tl.trans(_load_wq(w_base, s_base, g_base, rows_u, k0, K, stride_wn, stride_sn, stride_sk,
-                                       W_FMT, BLOCK_K).to(a.dtype))
-            elif W_TMA:  # the bulk copy engine zero-fills past K and past 2I; gate columns past I are never stored
-                wg = tl.trans(w_desc.load([e, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
-                wu = tl.trans(w_desc.load([e, I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
-            else:
-                wmask = k_ok[:, None] & n_ok[None, :]
-                wg = tl.load(wg_ptrs + k0, mask=wmask, other=0.0)
-                wu = tl.load(wg_ptrs + I * stride_wn + k0, mask=wmask, other=0.0)
-            acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
-            acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
+        if A_FP8:  # w8a8: BLOCK_K == 128, one activation scale per row and k step
+            as_ptrs = xs_ptr + rows * stride_xsm
+            for k0 in range(0, K, BLOCK_K):
+                acc_g = _mma_fp8(acc_g, a_ptrs, as_ptrs, stride_xsg, valid, wg_ptrs, w_desc, e, pid_n * BLOCK_N,
+                                 s_base, rows_g, k0, K, stride_sn, stride_sk, W_FMT, W_TMA, BLOCK_N, BLOCK_K)
+                acc_u = _mma_fp8(acc_u, a_ptrs, as_ptrs, stride_xsg, valid, wg_ptrs + I * stride_wn, w_desc, e,
+                                 I + pid_n * BLOCK_N, s_base, rows_u, k0, K, stride_sn, stride_sk, W_FMT, W_TMA,
+                                 BLOCK_N, BLOCK_K)
+            if W_FMT == 1:
+                acc_g *= tl.load(s_base)
+                acc_u *= tl.load(s_base)
+        elif W_FMT == 3:
+            x_ptrs = x_ptr + rows[:, None] * stride_xm
+            for k0 in range(0, K, BLOCK_K):
+                acc_g = _mma_nvfp4(acc_g, x_ptrs, valid, w_base, s_base, rows_g, k0, K, stride_wn, stride_sn,
+                                   stride_sk, DOT_PREC, BLOCK_K)
+                acc_u = _mma_nvfp4(acc_u, x_ptrs, valid, w_base, s_base, rows_u, k0, K, stride_wn, stride_sn,
+                                   stride_sk, DOT_PREC, BLOCK_K)
+            acc_g *= tl.load(g_base)
+            acc_u *= tl.load(g_base)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = (k0 + offs_k) < K
+                a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
+                if W_TMA:  # the bulk copy engine zero-fills past K and past 2I; gate columns past I are never stored
+                    wg = tl.trans(w_desc.load([e, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
+                    wu = tl.trans(w_desc.load([e, I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
+                else:
+                    wmask = k_ok[:, None] & n_ok[None, :]
+                    wg = tl.load(wg_ptrs + k0, mask=wmask, other=0.0)
+                    wu = tl.load(wg_ptrs + I * stride_wn + k0, mask=wmask, other=0.0)
+                acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
+                acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
     if HAS_BIAS:
         b_base = b_ptr + e.to(tl.int64) * stride_be
         acc_g += tl.load(b_base + offs_n, mask=n_ok, other=0.0)[None, :]
         acc_u += tl.load(b_base + I + offs_n, mask=n_ok, other=0.0)[None, :]
     h = _activation(acc_g, acc_u, ACT, limit, alpha)
-    act_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_n[None, :]
-    tl.store(act_ptrs, h.to(act_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    if A_FP8:  # BLOCK_N == 128: this program's columns are one activation group
+        _store_fp8_rows(act_ptr, stride_am, acts_ptr, stride_asm, h, slots, offs_n, valid, n_ok, pid_n, EPS)
+    else:
+        act_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_n[None, :]
+        tl.store(act_ptrs, h.to(act_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def moe_down_kernel(
-    act_ptr, stride_am,  # act [slots, K]
+    act_ptr, stride_am,  # act [slots, K] (A_FP8: e4m3 as uint8)
+    acts_ptr, stride_asm,  # A_FP8: fp32 scales of act per (slot, 128 values)
     w_ptr, stride_we, stride_wn,  # w2 [E, N, K]
     w_desc,  # W_TMA: tensor descriptor of w2, block [1, BLOCK_N, BLOCK_K]
     s_ptr, stride_se, stride_sn, stride_sk, g_ptr, stride_ge,  # W_FMT > 0: scales, global scale
@@ -206,7 +361,7 @@ def moe_down_kernel(
     expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
     num_m, E, N, K,
     HAS_BIAS: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, W_TMA: tl.constexpr,
-    USE_PDL: tl.constexpr, W_FMT: tl.constexpr,
+    USE_PDL: tl.constexpr, W_FMT: tl.constexpr, A_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_n = tl.cdiv(N, BLOCK_N)
@@ -224,43 +379,52 @@ def moe_down_kernel(
     rows_w = tl.where(n_ok, offs_n, -1)
     if PAIR_MODE:
         a_row = act_ptr + pid_m.to(tl.int64) * stride_am
-        w_ptrs = w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-        # first k tile peeled: its weights do not depend on gate_up, so they load before the wait
-        k_ok = offs_k < K
         if W_FMT == 0:
+            w_ptrs = w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+            # first k tile peeled: its weights do not depend on gate_up, so they load before the wait
+            k_ok = offs_k < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        else:
-            w = _load_wq(w_base, s_base, g_base, rows_w, 0, K, stride_wn, stride_sn, stride_sk, W_FMT, BLOCK_K)
-        if USE_PDL:
-            gdc_wait()
-        a = tl.load(a_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        part = w * a[None, :]
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(a_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            if W_FMT == 0:
+            if USE_PDL:
+                gdc_wait()
+            a = tl.load(a_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            part = w * a[None, :]
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                k_ok = (k0 + offs_k) < K
+                a = tl.load(a_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            else:
-                w = _load_wq(w_base, s_base, g_base, rows_w, k0, K, stride_wn, stride_sn, stride_sk, W_FMT, BLOCK_K)
-            part += w * a[None, :]
-        acc = tl.sum(part, axis=1)[None, :]
+                part += w * a[None, :]
+            acc = tl.sum(part, axis=1)[None, :]
+        else:
+            acc = _matvec(a_row, w_base, s_base, g_base, rows_w, K, stride_wn, stride_sn, stride_sk,
+                          W_FMT, USE_PDL, BLOCK_K)[None, :]
     else:
         if USE_PDL:
             gdc_wait()
         a_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         w_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            if W_FMT != 0:
-                w = tl.trans(_load_wq(w_base, s_base, g_base, rows_w, k0, K, stride_wn, stride_sn, stride_sk,
-                                      W_FMT, BLOCK_K).to(a.dtype))
-            elif W_TMA:
-                w = tl.trans(w_desc.load([e, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
-            else:
-                w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+        if A_FP8:
+            as_ptrs = acts_ptr + slots.to(tl.int64) * stride_asm
+            for k0 in range(0, K, BLOCK_K):
+                acc = _mma_fp8(acc, a_ptrs, as_ptrs, 1, valid, w_ptrs, w_desc, e, pid_n * BLOCK_N, s_base, rows_w,
+                               k0, K, stride_sn, stride_sk, W_FMT, W_TMA, BLOCK_N, BLOCK_K)
+            if W_FMT == 1:
+                acc *= tl.load(s_base)
+        elif W_FMT == 3:
+            x_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am
+            for k0 in range(0, K, BLOCK_K):
+                acc = _mma_nvfp4(acc, x_ptrs, valid, w_base, s_base, rows_w, k0, K, stride_wn, stride_sn,
+                                 stride_sk, DOT_PREC, BLOCK_K)
+            acc *= tl.load(g_base)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = (k0 + offs_k) < K
+                a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
+                if W_TMA:
+                    w = tl.trans(w_desc.load([e, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
+                else:
+                    w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e.to(tl.int64) * stride_be + offs_n, mask=n_ok, other=0.0)[None, :]
     out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
