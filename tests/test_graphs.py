@@ -17,7 +17,7 @@ def test_capture_needs_cuda_and_capturable_pieces():
 @pytest.mark.gpu
 def test_reference_runner_refuses_graphs():
     cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
-    layer = MoELayer(cfg, ExpertWeights.random(cfg, 4, device="cuda"))
+    layer = MoELayer(cfg, ExpertWeights.random(cfg, 4, device="cuda"), runner="reference")
     with pytest.raises(ValueError, match="reads counts on the host"):
         layer.capture_graphs(8)
 
