@@ -241,10 +241,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = bench_experts(args.preset, _ints(args.tokens), args.format.split(","))
         _emit(rows, args, series="impl", title=f"experts stage, {args.preset}", meta=meta)
         return 0
-    from epmoe.bench.comm import run_comm_bench
+    from epmoe.bench.comm import ladder_from_rows, run_comm_bench
 
     rows = run_comm_bench(args)
     _emit(rows, args, series="backend", title=f"dispatch+combine, {args.preset}", meta=meta)
+    if args.store_crossovers:
+        from epmoe.select import write_crossovers
+
+        on_gpu = torch.cuda.is_available() and rows and rows[0].get("ranks") != "gloo"
+        gpu = torch.cuda.get_device_name(0) if on_gpu else "cpu"
+        try:
+            world, ladder = ladder_from_rows(rows)
+        except ValueError as exc:
+            print(f"crossovers not stored: {exc}", file=sys.stderr)
+            return 1
+        path = write_crossovers(gpu, world, ladder, None if args.store_crossovers is True else args.store_crossovers)
+        print(f"crossovers for {gpu}, W={world}: {ladder} -> {path}")
     return 0
 
 
@@ -297,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--static", action="store_true",
                    help="comm: build allgather/nccl_a2a with static_shapes (no host sync: timed through CUDA graphs "
                         "on GPU ranks)")
+    b.add_argument("--store-crossovers", nargs="?", const=True, default=None, metavar="PATH",
+                   help="comm: store the fastest backend per token count as the comm='auto' ladder of this GPU "
+                        "model and world size (default file: epmoe/tuning/crossovers.json)")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
     b.add_argument("--json", help="write the rows as JSON here")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")

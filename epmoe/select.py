@@ -147,15 +147,36 @@ def _crossover_file() -> Path:
     return Path(__file__).parent / "tuning" / "crossovers.json"
 
 
-def crossovers(device_name: str, world: int) -> tuple[list[tuple[int | None, str]], str]:
-    """The (max tokens, backend) ladder for a GPU model and world size, and where it came from."""
-    path = _crossover_file()
+def crossovers(device_name: str, world: int, path: str | Path | None = None
+               ) -> tuple[list[tuple[int | None, str]], str]:
+    """The (max tokens, backend) ladder for a GPU model and world size, and where it came from.
+
+    The file (default epmoe/tuning/crossovers.json) maps GPU model -> world size -> ladder:
+    {"NVIDIA H200": {"4": [[128, "symm_a2a"], [null, "nccl_a2a"]]}}."""
+    path = Path(path) if path is not None else _crossover_file()
     if path.exists():
         table = json.loads(path.read_text())
         entry = table.get(device_name, {}).get(str(world))
         if entry:
             return [(row[0], row[1]) for row in entry], f"measured ({path.name}: {device_name}, W={world})"
     return DEFAULT_CROSSOVERS, "defaults (nothing measured for this GPU and world size)"
+
+
+def write_crossovers(device_name: str, world: int, ladder: list[tuple[int | None, str]],
+                     path: str | Path | None = None) -> Path:
+    """Store `ladder` for (device_name, world) in the file `crossovers` reads (other entries
+    kept). The last rung must have no limit (None), so every token count has a backend."""
+    if not ladder or ladder[-1][0] is not None:
+        raise ValueError(f"a crossover ladder ends with (None, backend), got {ladder}")
+    limits = [n for n, _ in ladder[:-1]]
+    if any(n is None for n in limits) or limits != sorted(set(limits)):
+        raise ValueError(f"ladder limits must increase, with only the last one None: {ladder}")
+    path = Path(path) if path is not None else _crossover_file()
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault(device_name, {})[str(world)] = [[n, name] for n, name in ladder]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return path
 
 
 def comm_capacity(backend: object) -> int | None:

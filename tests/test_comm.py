@@ -10,6 +10,7 @@ world size runs every case (the results are cached for the tests that read them)
 from __future__ import annotations
 
 import functools
+import json
 import zlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -495,8 +496,6 @@ def test_auto_never_picks_a_backend_whose_workspace_is_too_small():
 
 def test_bench_comm_command_over_gloo_processes(tmp_path, capsys):
     """`epmoe bench comm` end to end on the CPU: gloo processes, every dp backend, real bytes."""
-    import json
-
     from epmoe.cli import main
 
     out = tmp_path / "comm.json"
@@ -532,3 +531,53 @@ def test_doctor_prints_symm_workspace_per_rank(capsys):
                 formula = (12 * W + W * tm * (8 * Kl + d + 4 * H)) / 2**20
                 assert formula - 0.05 <= mib <= formula + 0.05 + 7 * 128 / 2**20, (preset, tm, payload, mib, formula)
     assert re.search(r"deepseek-v3 .*Tm=128 bf16 42\.1 MiB", out)  # the docstring's example
+
+
+def _fake_row(backend: str, tokens: int, us: float, payload: str = "bfloat16", ranks: str = "nccl") -> dict:
+    return {"backend": backend, "payload": payload, "world": 4, "tokens": tokens, "ranks": ranks,
+            "dispatch_us": us / 2, "combine_us": us / 2}
+
+
+def test_store_crossovers_from_rows(tmp_path):
+    """--store-crossovers: the fastest round trip per token count becomes the ladder that
+    select.crossovers reads and pick_comm follows."""
+    from epmoe.bench.comm import ladder_from_rows
+    from epmoe.select import crossovers, pick_comm, write_crossovers
+
+    times = {  # µs per round trip: symm wins to 128, nccl to 2048, allgather at 4096
+        "symm_a2a": {1: 20, 8: 22, 128: 30, 512: 200, 2048: 900, 4096: 2100},
+        "nccl_a2a": {1: 120, 8: 125, 128: 160, 512: 180, 2048: 800, 4096: 2000},
+        "allgather": {1: 150, 8: 160, 128: 250, 512: 400, 2048: 850, 4096: 1900},
+    }
+    rows = [_fake_row(b, t, us) for b, per in times.items() for t, us in per.items()]
+    rows += [_fake_row("nccl_a2a", 1, 1.0, payload="fp8"),  # another payload: ignored
+             _fake_row("nccl_a2a static", 8, 1.0)]  # a static-shape variant: not a backend auto picks
+    world, ladder = ladder_from_rows(rows)
+    assert (world, ladder) == (4, [(128, "symm_a2a"), (2048, "nccl_a2a"), (None, "allgather")])
+    path = tmp_path / "crossovers.json"
+    path.write_text(json.dumps({"Other GPU": {"8": [[None, "nccl_a2a"]]}}))
+    write_crossovers("NVIDIA H200", world, ladder, path)
+    read, source = crossovers("NVIDIA H200", 4, path)
+    assert read == ladder and "measured" in source
+    assert crossovers("Other GPU", 8, path)[0] == [(None, "nccl_a2a")]  # other entries kept
+    assert "defaults" in crossovers("NVIDIA H200", 8, path)[1]
+    cands = sorted(times)
+    for t in (1, 8, 128, 512, 2048, 4096):
+        assert pick_comm(t, cands, read) == min(times, key=lambda b, t=t: times[b][t]), t
+    with pytest.raises(ValueError, match="real ranks"):
+        ladder_from_rows([_fake_row("symm_a2a", 1, 5.0, ranks="virtual")])
+    with pytest.raises(ValueError, match="ends with"):
+        write_crossovers("x", 2, [(128, "symm_a2a")], path)
+
+
+def test_bench_comm_command_stores_crossovers(tmp_path, capsys):
+    from epmoe.cli import main
+    from epmoe.select import crossovers
+
+    path = tmp_path / "crossovers.json"
+    assert main(["bench", "comm", "--preset", "olmoe-1b-7b", "--tokens", "1,4", "--world", "2", "--iters", "2",
+                 "--backend", "nccl_a2a,symm_a2a", "--store-crossovers", str(path)]) == 0
+    ladder, source = crossovers("cpu", 2, path)
+    assert "measured" in source and ladder[-1][0] is None
+    assert {name for _, name in ladder} <= {"nccl_a2a", "symm_a2a"}
+    assert f"-> {path}" in capsys.readouterr().out

@@ -399,3 +399,41 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
     per_rank = run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters, static), timeout=3600,
                          backend="nccl" if n_gpu >= world else "gloo")
     return per_rank[0]
+
+
+def ladder_from_rows(rows: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int | None, str]]]:
+    """(world, crossover ladder) from the rows of one `epmoe bench comm` run on real ranks.
+
+    At each token count the backend with the shortest round trip (dispatch + combine) wins;
+    runs of one winner become one rung whose limit is the largest token count it won, and the
+    last rung has no limit: [(128, "symm_a2a"), (None, "nccl_a2a")]. Only registered backend
+    names count (static-shape variants are configurations, not backends `auto` picks), and of
+    several payloads the unquantized one (as the layer moves activations by default)."""
+    rows = [r for r in rows if r["backend"] in COMM_BACKENDS]
+    if not rows:
+        raise ValueError("no rows of registered backends to take crossovers from")
+    if any(r.get("ranks") in ("virtual", "threads") for r in rows):
+        raise ValueError("crossovers come from real ranks (one GPU per process); virtual ranks on one GPU "
+                         "measure HBM, not links")
+    worlds = {r["world"] for r in rows}
+    if len(worlds) != 1:
+        raise ValueError(f"rows of one world size only, got {sorted(worlds)}")
+    payloads = list(dict.fromkeys(r["payload"] for r in rows))
+    plain = [p for p in payloads if p in ("bfloat16", "float16", "float32")]
+    payload = (plain or payloads)[0]
+    best: dict[int, tuple[float, str]] = {}
+    for r in rows:
+        if r["payload"] != payload:
+            continue
+        t = r["dispatch_us"] + r["combine_us"]
+        if r["tokens"] not in best or t < best[r["tokens"]][0]:
+            best[r["tokens"]] = (t, r["backend"])
+    ladder: list[tuple[int | None, str]] = []
+    for tokens in sorted(best):
+        name = best[tokens][1]
+        if ladder and ladder[-1][1] == name:
+            ladder[-1] = (tokens, name)
+        else:
+            ladder.append((tokens, name))
+    ladder[-1] = (None, ladder[-1][1])
+    return worlds.pop(), ladder
