@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from epmoe import MoEConfig  # noqa: E402
-from epmoe.integrations.hf import HFMoEBlock, config_from_hf, patch_model  # noqa: E402
+from epmoe.integrations.hf import FAMILIES as HF_FAMILIES  # noqa: E402
+from epmoe.integrations.hf import HFMoEBlock, _expert_weights, _family_of, config_from_hf, patch_model  # noqa: E402
 from epmoe.quant import quantize_weights  # noqa: E402
 from epmoe.routing import RoutingCapture  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
@@ -58,14 +59,14 @@ FAMILIES = list(CONFIGS)
 MOE_LAYERS = {"deepseek_v3": ["model.layers.1.mlp"]}  # first_k_dense_replace=1; others: both layers
 
 
-def hf_config(family: str):
+def hf_config(family: str, **overrides):
     cls, kw = CONFIGS[family]
-    return getattr(transformers, cls)(**{**COMMON, **kw})
+    return getattr(transformers, cls)(**{**COMMON, **kw, **overrides})
 
 
-def build_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def build_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -249,25 +250,69 @@ def test_bf16_model_within_twice_hf_error(family):
     assert kept >= 0.7 * total, f"only {kept}/{total} positions routed alike"
 
 
+# Routed-expert width 32 for every family in the quantized tests (nvfp4 needs I % 16 == 0).
+QUANT_WIDTH = {
+    "mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size",
+    "deepseek_v3": "moe_intermediate_size", "olmoe": "intermediate_size", "gpt_oss": "intermediate_size",
+}
+
+
+def _dequantized_experts(model, family: str, fmt: str):
+    """A copy of `model` whose routed expert weights are their `fmt`-rounded values, written back
+    in the HF layout (GPT-OSS: re-interleaved gate/up, transposed)."""
+    rounded = copy.deepcopy(model)
+    E = config_from_hf(model.config).num_experts
+    for m in rounded.modules():
+        if _family_of(m) is None:
+            continue
+        w = _expert_weights(HF_FAMILIES[family], m.experts, torch.arange(E), own=True)  # our layout
+        w13, w2 = (quantize_weights(t, fmt).dequantize(torch.float32) for t in (w.w13, w.w2))
+        with torch.no_grad():
+            if family == "gpt_oss":
+                t = w13.transpose(1, 2)  # [E, H, 2I] gate | up
+                half = t.shape[-1] // 2
+                m.experts.gate_up_proj[..., 0::2] = t[..., :half]
+                m.experts.gate_up_proj[..., 1::2] = t[..., half:]
+                m.experts.down_proj.copy_(w2.transpose(1, 2))  # [E, I, H]
+            else:
+                m.experts.gate_up_proj.copy_(w13)
+                m.experts.down_proj.copy_(w2)
+    return rounded
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_block", "nvfp4"])
-def test_quantized_experts_match_model_with_dequantized_weights(fmt):
-    """quant= quantizes the routed experts: the patched model gives the logits of the HF model whose
-    expert weights were replaced by their dequantized values (DeepSeek-V3: HF layout = ours, and
-    H=32, I=16 suit nvfp4's 16-value blocks; its shared experts stay unquantized)."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_experts_match_model_with_dequantized_weights(family, fmt):
+    """quant= quantizes the routed experts on the fly. What that must compute is the HF model
+    whose expert weights are the dequantized values: logits within fp32 rounding of it, 16 greedy
+    tokens identical (shared experts and biases stay unquantized).
+
+    Against the unquantized model the error is the format's: measured max |logits error| over
+    3 prompts, with max |logits| ~0.4: fp8 = fp8_block (H, I < 128: one block per expert)
+    0.02-0.21, nvfp4 0.06-0.32; the largest come from tokens the second layer routes to other
+    experts. That exceeds these random models' top-1/top-2 logit margins, so no bound implies
+    greedy tokens equal to the unquantized model's; the test checks them up to the first step
+    whose margin is under twice the measured error (measured: 0 or 1 step of 16)."""
     ids = input_ids()
-    model = build_model("deepseek_v3")
-    with torch.no_grad():
-        rounded = copy.deepcopy(model)
-        for name, p in rounded.named_parameters():
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                p.copy_(quantize_weights(p, fmt).dequantize(p.dtype))
-        ref = rounded(ids).logits
-        exact = model(ids).logits
-        patch_model(model, quant=fmt)
-        logits = model(ids).logits
+    model = build_model(family, **{QUANT_WIDTH[family]: 32})
+    rounded = _dequantized_experts(model, family, fmt)
+    exact_logits, exact_tokens = logits_and_greedy(model, ids)
+    ref_logits, ref_tokens = logits_and_greedy(rounded, ids)
+    patch_model(model, quant=fmt)
+    logits, tokens = logits_and_greedy(model, ids)
     assert model.get_submodule("model.layers.1.mlp").moe.runner.weights.format == fmt
-    assert not torch.allclose(ref, exact, **TOL), "quantization should change the logits"
-    torch.testing.assert_close(logits, ref, **TOL)
+    assert not torch.allclose(ref_logits, exact_logits, **TOL), "quantization should change the logits"
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    assert torch.equal(tokens, ref_tokens)
+    # Against the unquantized model: greedy steps the error bound decides.
+    with torch.no_grad():
+        err = (logits - exact_logits).abs().max()
+        steps = build_model(family, **{QUANT_WIDTH[family]: 32})(exact_tokens).logits[:, ids.shape[1] - 1 : -1]
+    top2 = steps.topk(2, dim=-1).values  # [B, 16, 2]
+    decided = ((top2[..., 0] - top2[..., 1]) > 2 * err).int().cumprod(-1).sum(-1)  # [B] leading steps
+    for b, n in enumerate(decided.tolist()):
+        gen = slice(ids.shape[1], ids.shape[1] + n)
+        assert torch.equal(tokens[b, gen], exact_tokens[b, gen]), f"row {b}: first {n} steps"
 
 
 def _ep_rank(group, family):
@@ -307,6 +352,49 @@ def test_patch_model_defaults(monkeypatch):
     assert "picks=hf, comm=none, runner=reference" in repr(model.get_submodule(names[0]))
     with pytest.raises(ValueError, match=r"picks='topk' is not supported; pass one of \('hf', 'logits'\)"):
         patch_model(build_model("olmoe"), picks="topk")
+
+
+# dp layout: each rank runs its own prompts (its own lengths) through the model, the tokens
+# travel to the experts' ranks. Two families cover the mapping's extra parts: Qwen2-MoE (gated
+# shared expert, no renormalisation) and GPT-OSS (router bias, expert biases, clamped SwiGLU,
+# returned router scores, 4 experts: one per rank at W=4).
+EP_FAMILIES = ["qwen2_moe", "gpt_oss"]
+EP_COMMS = ["allgather", "nccl_a2a", "symm_a2a"]  # symm_a2a: /dev/shm workspaces between gloo ranks
+
+
+def _ep_dp_rank(group):
+    out = {}
+    g = torch.Generator().manual_seed(100 + group.rank)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 4 + 3 * group.rank), generator=g)  # T differs per rank
+    for family in EP_FAMILIES:
+        model = build_model(family)
+        ref = logits_and_greedy(model, ids)
+        for comm in EP_COMMS:
+            patched = copy.deepcopy(model)
+            names = patch_model(patched, group=group, comm=comm, layout="dp")
+            moe = patched.get_submodule(names[-1]).moe
+            assert (moe.combo.comm, moe.layout, moe.runner.weights.num_experts) == (
+                comm, "dp", moe.cfg.num_experts // group.world)
+            out[family, comm] = (*ref, *logits_and_greedy(patched, ids))
+        # quantized on the fly, each rank its own experts: the model with dequantized weights
+        patched = copy.deepcopy(model)
+        patch_model(patched, group=group, comm="symm_a2a", layout="dp", quant="fp8_block")
+        ref = logits_and_greedy(_dequantized_experts(model, family, "fp8_block"), ids)
+        out[family, "symm_a2a+fp8_block"] = (*ref, *logits_and_greedy(patched, ids))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_dp_backends_match_unpatched(world):
+    """fp32, every dp backend: each rank's logits and 16 greedy tokens equal the unpatched
+    model's on that rank's prompts; with fp8_block experts, those of the model holding the
+    dequantized weights (one launch per world size, every case inside it)."""
+    for rank, out in enumerate(run_ranks(_ep_dp_rank, world, timeout=300)):
+        assert sorted(out) == sorted((f, c) for f in EP_FAMILIES for c in [*EP_COMMS, "symm_a2a+fp8_block"])
+        for (family, comm), (ref_logits, ref_tokens, logits, tokens) in out.items():
+            msg = f"rank {rank} {family} {comm}"
+            torch.testing.assert_close(logits, ref_logits, **TOL, msg=msg)
+            assert torch.equal(tokens, ref_tokens), msg
 
 
 def test_config_from_hf_matches_presets():
