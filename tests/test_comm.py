@@ -272,7 +272,7 @@ def _bad_inputs(group, name: str) -> dict[str, str]:
 def _world_checks(group) -> dict:
     world = group.world
     cases = [_run_case(group, c, n) for c in CASES for n in BACKENDS]
-    layer = {n: _layer_checks(group, n) for n in BACKENDS}
+    layer = {n: _layer_checks(group, n) for n in BACKENDS + ("symm_a2a",)}  # symm_a2a: shared-memory twin
     bad = {n: _bad_inputs(group, n) for n in BACKENDS}
     # the group still works after the errors above: one more clean case
     after = _run_case(group, Case("after_errors", UNEVEN), "nccl_a2a") if world > 1 else None
@@ -320,6 +320,7 @@ def test_backends_match_reference_over_gloo(world):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_layer_logits_capture_and_routed_mode(world):
     for rank, per_rank in enumerate(_gloo(world)):
+        assert sorted(per_rank["layer"]) == ["allgather", "nccl_a2a", "symm_a2a"]
         for name, r in per_rank["layer"].items():
             assert r["finite"], f"{name} rank {rank}: NaN rows"
             assert r["same_ids"], f"{name} rank {rank}: captured ids differ from the single-rank layer"
