@@ -582,3 +582,62 @@ def test_bench_comm_command_stores_crossovers(tmp_path, capsys):
     assert "measured" in source and ladder[-1][0] is None
     assert {name for _, name in ladder} <= {"nccl_a2a", "symm_a2a"}
     assert f"-> {path}" in capsys.readouterr().out
+
+
+STATIC_SCALE = {"fp8": 0.05, "nvfp4": 0.004}  # far from the batch amax scales (~0.007, ~0.001)
+
+
+def _rank_static_scale(group, name: str, payload: str, scales: tuple[float, ...]) -> dict:
+    from epmoe.quant import quantize_activations
+
+    scale = scales[group.rank]
+    placement = Placement.contiguous(CFG.num_experts, group.world)
+    opts = {"payload": payload, "input_scale": scale, "max_tokens_per_rank": 8}
+    full = _full(CFG)
+    runner = ReferenceRunner(CFG, full.select(placement.global_ids(group.rank)))
+    x, ids, w = _inputs(Case("static_scale", (6, 3, 0, 5)), group.rank, group.world)
+    try:  # symm_a2a agrees at construction (device given), the others in the first call
+        b = get_comm(name)(CFG, group, placement, **accepted_options(get_comm(name), {**opts, "device": "cpu"}))
+        d = b.dispatch(x, Routing(ids, w))
+    except ValueError as exc:
+        return {"error": str(exc)}
+    y = b.combine(runner(d), d)
+    rows = d.row_ids[d.expert_ids >= 0].long().unique()
+    q = d.hidden
+    got = (q.scales if payload == "fp8" else q.global_scale).reshape(q.data.shape[0], -1)[rows].float()
+    xs = quantize_activations(x, payload, scale=torch.tensor(scale)).dequantize(torch.float32)
+    ref = reference_output(xs, ids, w, full, CFG)
+    ref_dynamic = reference_output(_dequantized(x, payload), ids, w, full, CFG)
+    scale_of = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
+    return {"error": "", "wire_scales": got.unique().tolist(), "err": (y - ref).abs().max().item() / scale_of
+            if ref.numel() else 0.0, "err_dynamic": (y - ref_dynamic).abs().max().item() / scale_of
+            if ref.numel() else 0.0}
+
+
+@pytest.mark.parametrize("name", BACKENDS + ("symm_a2a",))
+@pytest.mark.parametrize("payload", ["fp8", "nvfp4"])
+def test_static_input_scale_quantizes_every_rank_alike(name, payload):
+    """comm_options input_scale (the checkpoint's per-layer scale) reaches the wire encoder and
+    the symm_a2a send: every row arrives with that scale, the output equals the reference on
+    rows quantized with it (and not the one with each rank's dynamic scale)."""
+    s = STATIC_SCALE[payload]
+    for r in VirtualGroup(3).run(lambda g: _rank_static_scale(g, name, payload, (s,) * 3)):
+        assert r["error"] == "", r
+        assert r["wire_scales"] in ([], [pytest.approx(s)]), r
+        assert r["err"] <= EXACT_TOL, r
+    assert any(r["err_dynamic"] > 100 * EXACT_TOL for r in VirtualGroup(3).run(
+        lambda g: _rank_static_scale(g, name, payload, (s,) * 3)))
+    # one rank with another scale: every rank raises, naming it
+    for r in VirtualGroup(3).run(lambda g: _rank_static_scale(g, name, payload, (s, s, 2 * s))):
+        assert "input_scale" in r["error"] and "[2]" in r["error"], r
+
+
+@pytest.mark.parametrize("name", BACKENDS + ("symm_a2a",))
+def test_static_input_scale_rejected_where_it_has_no_meaning(name):
+    p = Placement.contiguous(CFG.num_experts, 1)
+    for payload in ("bf16", "fp8_block"):
+        with pytest.raises(ValueError, match="input_scale is the static scale of fp8 / nvfp4"):
+            get_comm(name)(CFG, None, p, payload=payload, input_scale=0.1)
+    for bad in (0.0, float("nan"), -1.0, torch.ones(2)):
+        with pytest.raises(ValueError, match="one finite value > 0"):
+            get_comm(name)(CFG, None, p, payload="fp8", input_scale=bad)

@@ -101,11 +101,12 @@ class AllGatherComm(WireBackend):
         combine_dtype: torch.dtype | str = torch.float32,
         static_shapes: bool = False,
         gather: str = "auto",
+        input_scale: float | torch.Tensor | None = None,
     ) -> None:
         """gather: "auto", "padded" or "a2a" (see the module docstring); the other options are
         `WireBackend`'s."""
         super().__init__(cfg, group, placement, max_tokens_per_rank=max_tokens_per_rank, payload=payload,
-                         combine_dtype=combine_dtype, static_shapes=static_shapes)
+                         combine_dtype=combine_dtype, static_shapes=static_shapes, input_scale=input_scale)
         if gather not in GATHER_MODES:
             raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
         self.gather = gather
@@ -132,7 +133,7 @@ class AllGatherComm(WireBackend):
         layout = row_layout(self.cfg, self.payload, x.dtype)
         wire = empty_rows(cap or T, layout, x.device, filled=T)  # [cap or T, B] uint8
         if T:
-            pack_rows([*encode(x, self.payload), ids, w], layout, out=wire[:T])
+            pack_rows([*encode(x, self.payload, self.scale_on(x.device)), ids, w], layout, out=wire[:T])
         if cap:
             starts = [r * cap for r in range(W)]
             gathered = self.group.all_gather(wire).view(W * cap, layout.nbytes) if W > 1 else wire

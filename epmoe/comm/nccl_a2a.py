@@ -116,7 +116,7 @@ class NcclA2AComm(WireBackend):
         # leave padding rows, which must read as -1 ids.
         send = empty_rows(total + 1, layout, dev, filled=0 if self.static_shapes else total + 1)
         if T:
-            rows = pack_rows([*encode(x, self.payload), ids, w], layout)  # [T, B]
+            rows = pack_rows([*encode(x, self.payload, self.scale_on(dev)), ids, w], layout)  # [T, B]
             for r in range(W):
                 send.index_copy_(0, torch.where(hit[:, r], slot[:, r], total), rows)
         send = send[:total]

@@ -85,6 +85,7 @@ import torch
 
 from epmoe.comm.base import CommBackend, Dispatched, count_experts, weighted_sum
 from epmoe.comm.registry import register_comm
+from epmoe.comm.wire import check_input_scale, scale_code, scale_text
 from epmoe.config import MoEConfig
 from epmoe.group import EPGroup, Placement, RankGroup
 from epmoe.routing import Routing
@@ -332,17 +333,19 @@ def _map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[l
 # ---------------------------------------------------------------------------------------
 
 
-def quantize_rows(x: torch.Tensor, payload: str, backend: str = "torch") -> tuple[torch.Tensor, ...]:
+def quantize_rows(x: torch.Tensor, payload: str, backend: str = "torch", scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, ...]:
     """x [T, H] -> (data, scales, gscale) byte/float rows as the wire carries them:
     data uint8 [T, D], scales uint8 [T, S], gscale fp32 [T, G/4] (per-tensor scales repeated
-    per row, so rows from different ranks can sit side by side)."""
+    per row, so rows from different ranks can sit side by side). scale: a static fp8 scale /
+    nvfp4 global scale on x's device (the checkpoint's input_scale), else from x's amax."""
     T = x.shape[0]
     if payload == "bf16":
         data = x.contiguous().view(torch.uint8).view(T, x.shape[1] * x.element_size())
         return data, x.new_empty(T, 0, dtype=torch.uint8), x.new_empty(T, 0, dtype=torch.float32)
     from epmoe.quant import quantize_activations
 
-    q = quantize_activations(x, payload, backend=backend)
+    q = quantize_activations(x, payload, scale=scale, backend=backend)
     data = q.data.contiguous().view(torch.uint8)
     scales = q.scales.float() if payload != "nvfp4" else q.scales
     rows = torch.empty((T, scales.shape[1]), dtype=scales.dtype, device=x.device)
@@ -458,6 +461,13 @@ def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: t
     return acc
 
 
+def _shown(key: str, value: int, names: dict[str, tuple]) -> str:
+    """A value of the setup agreement as a person reads it."""
+    if key in names:
+        return str(names[key][value])
+    return scale_text(value) if key == "input_scale" else str(value)
+
+
 # ---------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------
@@ -482,6 +492,11 @@ class SymmA2A(CommBackend):
     check_errors:  read the kernels' error word after every eager combine (a host sync) and
                    raise on timeouts; with False call `check()` yourself (e.g. after graph
                    replays).
+    input_scale:   static activation scale shared by every rank (the checkpoint's per-layer
+                   `input_scale`): fp8's per-tensor scale or nvfp4's global scale instead of
+                   this rank's batch amax; fp8 / nvfp4 payloads only. Eager calls only for now:
+                   the quantizers (epmoe.quant) check a static scale on the host, which a CUDA
+                   graph capture cannot hold, so a capture with it raises.
     """
 
     name = "symm_a2a"
@@ -504,6 +519,7 @@ class SymmA2A(CommBackend):
         combine_dtype: torch.dtype | str = torch.float32,
         impl: str = "auto",
         check_errors: bool = True,
+        input_scale: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(cfg, group, placement)
         max_tokens_per_rank = DEFAULT_MAX_TOKENS if max_tokens_per_rank is None else max_tokens_per_rank
@@ -524,6 +540,8 @@ class SymmA2A(CommBackend):
         self.combine_dtype = combine_dtype
         self.impl = impl
         self.check_errors = check_errors
+        self.input_scale = check_input_scale(input_scale, payload)
+        self._scale_dev: torch.Tensor | None = None
         self.slot_experts = min(cfg.top_k, placement.local_experts)
         self.seq = 0  # last completed call's sequence number (host copy)
         self.layout: Layout | None = None
@@ -570,6 +588,7 @@ class SymmA2A(CommBackend):
         self._agree(lay, device)
         self.device, self.dtype, self._impl = device, dtype, impl
         self.layout = lay
+        self._scale_dev = self.input_scale.to(device) if self.input_scale is not None else None
         self._symm_handle = None
         self.in_process = not isinstance(self.group, EPGroup)
         if self.in_process:
@@ -612,6 +631,7 @@ class SymmA2A(CommBackend):
             "local experts per token (Kl)": lay.slot_experts, "payload": PAYLOADS.index(lay.payload),
             "row dtype": _DTYPES.index(lay.dtype), "combine dtype": _DTYPES.index(lay.combine_dtype),
             "workspace bytes": lay.nbytes, "config": zlib.crc32(repr(self.cfg).encode()),
+            "input_scale": scale_code(self.input_scale),
         }
         names = {"payload": PAYLOADS, "row dtype": _DTYPES, "combine dtype": _DTYPES}
         table = self.group.all_gather_ints(list(fields.values()), device=device)
@@ -620,7 +640,7 @@ class SymmA2A(CommBackend):
             values = [row[i] for row in table]
             differ = [r for r, v in enumerate(values) if v != values[0]]
             if differ:
-                shown = ", ".join(f"rank {r}: {names[key][v] if key in names else v}" for r, v in enumerate(values))
+                shown = ", ".join(f"rank {r}: {_shown(key, v, names)}" for r, v in enumerate(values))
                 problems.append(f"ranks {differ} differ from rank 0 on {key} ({shown})")
         if problems:
             raise ValueError(f"symm_a2a rank {self.rank}: " + "; ".join(problems) + ". Every rank must build the "
@@ -663,7 +683,11 @@ class SymmA2A(CommBackend):
             raise RuntimeError("symm_a2a: dispatch called again before combine; every dispatch needs its combine")
         if routing.ids.device != self.device or routing.weights.device != self.device:
             raise ValueError(f"routing is on {routing.ids.device}, the symm_a2a workspace on {self.device}")
-        if routing.ids.numel() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing and self.input_scale is not None:
+            raise ValueError("symm_a2a: input_scale cannot be captured in a CUDA graph yet (epmoe.quant checks a "
+                             "static scale on the host); run these calls eagerly or drop input_scale")
+        if routing.ids.numel() and not capturing:
             E = self.cfg.num_experts
             bad = (routing.ids < -1) | (routing.ids >= E)  # one host sync per eager call
             if bool(bad.any()):
@@ -711,7 +735,7 @@ class SymmA2A(CommBackend):
                             self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
                             self.cfg.hidden * self.combine_dtype.itemsize)
         if self._impl == "torch":
-            rows = quantize_rows(x, self.payload)
+            rows = quantize_rows(x, self.payload, scale=self._scale_dev)
             meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
             dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
         else:
@@ -854,7 +878,7 @@ def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> Any:
     T, K, Kl = x.shape[0], b.cfg.top_k, b.slot_experts
     # the Triton quantizers need whole groups of 128 for fp8_block; the torch twin handles any H
     fast = x.is_cuda and (b.payload != "fp8_block" or x.shape[1] % 128 == 0)
-    data, scales, gscale = quantize_rows(x, b.payload, backend="triton" if fast else "torch")
+    data, scales, gscale = quantize_rows(x, b.payload, backend="triton" if fast else "torch", scale=b._scale_dev)
     d_bytes, s_bytes, g_bytes = lay.row_bytes
     if d_bytes % 4 == 0:  # move 4-byte words, not bytes
         data = data.view(torch.int32)

@@ -111,21 +111,49 @@ def row_layout(cfg: MoEConfig, payload: str, x_dtype: torch.dtype) -> RowLayout:
     return RowLayout(payload, parts + meta)
 
 
-def encode(x: torch.Tensor, payload: str) -> list[torch.Tensor]:
-    """x [T, H] -> the per-row payload parts of `row_layout` (quantized on this rank)."""
+def check_input_scale(input_scale: float | torch.Tensor | None, payload: str) -> torch.Tensor | None:
+    """A static activation scale (the checkpoint's per-layer `input_scale`) as an fp32 scalar
+    tensor on the CPU, or None. It replaces the per-batch scale of fp8 (per-tensor) and the
+    global scale of nvfp4, so every rank quantizes with the same one; fp8_block scales are
+    per token group and bf16 rows are not quantized, so those payloads take none."""
+    if input_scale is None:
+        return None
+    if payload not in ("fp8", "nvfp4"):
+        raise ValueError(f"input_scale is the static scale of fp8 / nvfp4 payloads, not of {payload!r} "
+                         "(fp8_block scales are per token group; bf16 rows are not quantized)")
+    scale = torch.as_tensor(input_scale, dtype=torch.float32).detach().cpu()
+    if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or not float(scale) > 0:
+        raise ValueError(f"input_scale must be one finite value > 0, got {input_scale!r}")
+    return scale.reshape(())
+
+
+def scale_code(scale: torch.Tensor | None) -> int:
+    """The bits of a static scale as an int (0 = none), for the cross-rank agreement checks."""
+    return 0 if scale is None else int(scale.reshape(1).view(torch.int32)[0])
+
+
+def scale_text(code: int) -> str:
+    """A `scale_code` as a person reads it."""
+    return "none" if code == 0 else f"{torch.tensor([code], dtype=torch.int32).view(torch.float32).item():g}"
+
+
+def encode(x: torch.Tensor, payload: str, scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """x [T, H] -> the per-row payload parts of `row_layout` (quantized on this rank).
+    scale: static fp8 scale / nvfp4 global scale on x's device (`check_input_scale`), or None
+    for the dynamic one of this rank's batch."""
     if payload == "bf16":
         return [x]
     from epmoe.quant import FP8_BLOCK, quantize_activations, quantize_fp8
 
     T = x.shape[0]
     if payload == "fp8":  # one scale for this rank's batch, repeated per row for the receivers
-        q = quantize_fp8(x)
+        q = quantize_fp8(x, scale)
         return [q.data, q.scales.reshape(1, 1).expand(T, 1)]
     if payload == "fp8_block":
         backend = "auto" if x.shape[1] % FP8_BLOCK == 0 else "torch"
         q = quantize_activations(x, "fp8_block", backend=backend)
         return [q.data, q.scales]
-    q = quantize_activations(x, "nvfp4")
+    q = quantize_activations(x, "nvfp4", scale=scale)
     return [q.data, q.scales, q.global_scale.reshape(1, 1).expand(T, 1)]
 
 
@@ -198,7 +226,7 @@ def local_experts_of(ids: torch.Tensor, placement: Placement, rank: int) -> torc
 
 # The fields every rank sends in the count exchange, in order, then the backend's counts.
 _FIELDS = ("tokens", "hidden", "top_k", "experts", "config", "x dtype", "payload", "combine dtype",
-           "max_tokens_per_rank", "static_shapes", "bad routing ids")
+           "max_tokens_per_rank", "static_shapes", "input_scale", "bad routing ids")
 
 
 def _config_code(cfg: MoEConfig) -> int:
@@ -219,6 +247,9 @@ class WireBackend(CommBackend):
                          count is read on the host and a call can be captured in a CUDA graph
                          (rows past a rank's T are padding; costs the bytes of the full bound).
                          Otherwise each call exchanges counts first (one host sync).
+    input_scale:         static activation scale shared by every rank (the checkpoint's
+                         per-layer `input_scale`): fp8's per-tensor scale or nvfp4's global
+                         scale, instead of each rank's batch amax (`check_input_scale`).
     """
 
     layouts: ClassVar[tuple[str, ...]] = ("dp",)
@@ -236,6 +267,7 @@ class WireBackend(CommBackend):
         payload: str | None = None,
         combine_dtype: torch.dtype | str = torch.float32,
         static_shapes: bool = False,
+        input_scale: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__(cfg, group, placement)
         world = self.world
@@ -255,6 +287,17 @@ class WireBackend(CommBackend):
         self.max_tokens_per_rank = max_tokens_per_rank
         self.static_shapes = bool(static_shapes)
         self.needs_host_sync = not self.static_shapes  # type: ignore[misc]
+        self.input_scale = check_input_scale(input_scale, self.payload)
+        self._scales: dict[torch.device, torch.Tensor] = {}
+
+    def scale_on(self, device: torch.device) -> torch.Tensor | None:
+        """The static input scale on `device`, copied once (before any graph capture)."""
+        if self.input_scale is None:
+            return None
+        s = self._scales.get(device)
+        if s is None:
+            s = self._scales[device] = self.input_scale.to(device)
+        return s
 
     # ---- checks -----------------------------------------------------------------------------
 
@@ -282,7 +325,7 @@ class WireBackend(CommBackend):
         bad = int(bool(((ids < -1) | (ids >= E)).any())) if ids.numel() else 0
         return [T, x.shape[1], ids.shape[1], E, _config_code(self.cfg), _X_DTYPES.index(x.dtype),
                 PAYLOADS.index(self.payload), 0 if self.combine_dtype == torch.float32 else 1,
-                self.max_tokens_per_rank or 0, int(self.static_shapes), bad]
+                self.max_tokens_per_rank or 0, int(self.static_shapes), scale_code(self.input_scale), bad]
 
     def _exchange(self, x: torch.Tensor, ids: torch.Tensor, counts: Sequence[int] = ()) -> list[list[int]]:
         """One all-gather of every rank's fingerprint (+ `counts`); raises the same ValueError
@@ -294,9 +337,11 @@ class WireBackend(CommBackend):
         problems = []
         for i, field in enumerate(_FIELDS[1:-1], start=1):
             values = [row[i] for row in table]
-            if len(set(values)) > 1:
-                shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-                problems.append(f"ranks disagree on {field} ({shown})")
+            differ = [r for r, v in enumerate(values) if v != values[0]]
+            if differ:
+                shown = ", ".join(f"rank {r}: {scale_text(v) if field == 'input_scale' else v}"
+                                  for r, v in enumerate(values))
+                problems.append(f"ranks {differ} differ from rank 0 on {field} ({shown})")
         bad = [r for r, row in enumerate(table) if row[n - 1]]
         if bad:
             problems.append(f"ranks {bad} passed routing ids outside [0, {self.cfg.num_experts}) "
