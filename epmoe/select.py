@@ -139,7 +139,8 @@ def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] 
 # Used where no crossover was measured for the GPU model: one-sided puts win while latency
 # dominates (decode), NCCL's all-to-all once bandwidth does, all-gather for very large
 # batches. Thresholds are tokens per rank (the largest over ranks); replaced per GPU model by
-# `epmoe bench comm --store-crossovers`.
+# `epmoe bench comm --store-crossovers`. A rung whose backend was built for fewer tokens (symm_a2a's
+# default workspace holds 128) is skipped by pick_comm when it is given the capacities.
 DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [(512, "symm_a2a"), (None, "nccl_a2a")]
 
 
