@@ -261,13 +261,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from epmoe import MoEConfig
-    from epmoe.bench.plan import Links, plan
+    import json
 
+    from epmoe import MoEConfig
+    from epmoe.bench.plan import Links, compare, plan, preset_of
+
+    rates = {k: v for k, v in (("hbm_tbps", args.hbm_tbps), ("tflops", args.tflops)) if v is not None}
+    links = Links(nvlink_gbps=args.nvlink_gbps, net_gbps=args.net_gbps, gpus_per_node=args.gpus_per_node, **rates)
+    if args.measured:
+        data = json.loads(open(args.measured).read())
+        meta, rows = data.get("meta", {}), data["rows"]
+        preset = preset_of(meta) or args.preset
+        table = compare(MoEConfig.from_preset(preset), rows, links, use_row_rates=not rates)
+        source = f"{meta.get('command', '?')}; {meta.get('device', '?')}"
+        print(f"cost model vs {args.measured} ({source}), {preset}: {links}")
+        print("ratio = measured / predicted; layer rows use the HBM and TFLOP/s rates measured in that run "
+              "unless --hbm-tbps / --tflops are given")
+        print(format_table(table))
+        return 0
     cfg = MoEConfig.from_preset(args.preset)
-    links = Links(nvlink_gbps=args.nvlink_gbps, net_gbps=args.net_gbps, gpus_per_node=args.gpus_per_node)
-    rows = plan(cfg, _ints(args.gpus), _ints(args.tokens), links, payload=args.payload, weights=args.weights)
-    print(f"cost model, {args.preset}: {links}")
+    rows = plan(cfg, _ints(args.gpus), _ints(args.tokens), links, payload=args.payload, weights=args.weights,
+                combine_bytes=args.combine_bytes)
+    print(f"cost model, {args.preset}: {links}; combine partial sums {args.combine_bytes} bytes per element")
     print(format_table(rows))
     return 0
 
@@ -326,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus-per-node", type=int, default=8)
     pl.add_argument("--payload", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"])
     pl.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"])
+    pl.add_argument("--combine-bytes", type=int, default=4, choices=[2, 4],
+                    help="bytes per partial-sum element on the combine wire: 4 = fp32, the backends' default "
+                         "combine_dtype; 2 = combine_dtype bf16")
+    pl.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth, TB/s (default: the model's, 4.2)")
+    pl.add_argument("--tflops", type=float, default=None,
+                    help="dense bf16 tensor-core TFLOP/s (default: the model's, 790)")
+    pl.add_argument("--measured", metavar="FILE.json",
+                    help="rows written by `epmoe bench comm --json` or `epmoe bench layer --json`: print predicted "
+                         "and measured side by side with their ratio")
     pl.set_defaults(fn=cmd_plan)
     return p
 

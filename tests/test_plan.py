@@ -1,8 +1,9 @@
+import json
 import math
 
 import pytest
 
-from epmoe.bench.plan import Links, expected_ranks_hit, plan, predict
+from epmoe.bench.plan import Links, compare, expected_ranks_hit, plan, predict, preset_of
 from epmoe.cli import main
 from epmoe.config import MoEConfig
 
@@ -27,9 +28,24 @@ def test_predictions_follow_bytes_and_limits():
     a2a = predict(ds, 8, 4096, "nccl_a2a", links)
     fp8 = predict(ds, 8, 4096, "nccl_a2a", links, payload="fp8")
     assert fp8["dispatch_MB"] < 0.6 * a2a["dispatch_MB"]
-    # bytes of nccl_a2a dispatch at W=8: tokens * hit * (7/8 of hits elsewhere) * 2H
+    # bytes of nccl_a2a dispatch at W=8: tokens * hit * (7/8 of hits elsewhere) * wire row
+    # (2H payload + K int32 ids + K fp32 weights); combine: the same rows of fp32 partial sums
     hit = expected_ranks_hit(ds, 8)
-    assert a2a["dispatch_MB"] == pytest.approx(4096 * hit * (1 - 1 / 8) * 2 * 7168 / 1e6)
+    assert a2a["dispatch_MB"] == pytest.approx(4096 * hit * (1 - 1 / 8) * (2 * 7168 + 8 * 8) / 1e6)
+    assert a2a["combine_MB"] == pytest.approx(4096 * hit * (1 - 1 / 8) * 4 * 7168 / 1e6)
+    bf16_combine = predict(ds, 8, 4096, "nccl_a2a", links, combine_bytes=2)
+    assert bf16_combine["combine_MB"] == pytest.approx(a2a["combine_MB"] / 2)
+    # symm_a2a: payload rows once per rank hit, plus every token's slot metadata on every other rank
+    symm = predict(ds, 8, 4096, "symm_a2a", links)
+    assert symm["dispatch_MB"] == pytest.approx((4096 * hit * 7 / 8 * 2 * 7168 + 4096 * 7 * 8 * 8) / 1e6)
+    # allgather: every token to every other rank, each peer's partial rows back
+    ag = predict(ds, 8, 4096, "allgather", links)
+    assert (ag["dispatch_MB"], ag["combine_MB"]) == pytest.approx(
+        (4096 * 7 * (2 * 7168 + 64) / 1e6, 4096 * 7 * 4 * 7168 / 1e6))
+    # one rank, comm none: the expert stage alone
+    one = predict(ds, 1, 128, "none", links)
+    assert one["dispatch_us"] == one["combine_us"] == 0 and one["total_us"] == one["experts_us"] > 0
+    assert predict(ds, 8, 128, "none", links) is None
     # crossing nodes costs more than staying on NVLink
     assert predict(ds, 16, 4096, "nccl_a2a", links)["dispatch_us"] > a2a["dispatch_us"]
     rows = plan(ds, [8, 64], [1, 4096])
@@ -43,4 +59,63 @@ def test_predictions_follow_bytes_and_limits():
 
 def test_plan_cli(capsys):
     assert main(["plan", "--preset", "deepseek-v3", "--gpus", "8,16", "--tokens", "128"]) == 0
-    assert "nccl_a2a" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nccl_a2a" in out and "hbm_tbps=4.2" in out and "partial sums 4 bytes" in out
+    assert main(["plan", "--gpus", "8", "--tokens", "4096", "--hbm-tbps", "2.1", "--tflops", "395",
+                 "--combine-bytes", "2"]) == 0
+    assert "hbm_tbps=2.1, tflops=395.0" in capsys.readouterr().out
+
+
+def test_expert_stage_follows_hbm_and_tflops_options():
+    ds = MoEConfig.from_preset("deepseek-v3")
+    fast, slow = Links(), Links(hbm_tbps=2.1, tflops=395.0)
+    for t in (1, 65536):  # bandwidth-bound decode, compute-bound prefill
+        ratio = predict(ds, 8, t, "nccl_a2a", slow)["experts_us"] / predict(ds, 8, t, "nccl_a2a", fast)["experts_us"]
+        assert ratio == pytest.approx(2.0, rel=1e-3)
+
+
+COMM_ROW = {  # as `epmoe bench comm --json` writes it (2 ranks, fp32 activations on gloo)
+    "backend": "nccl_a2a", "payload": "float32", "world": 2, "tokens": 16, "ranks": "gloo", "timing": "cpu",
+    "dispatch_us": 1500.0, "combine_us": 500.0, "dispatch_bytes": 132096, "combine_bytes": 131072,
+}
+LAYER_ROWS = [  # as `epmoe bench layer --json` writes them
+    {"comm": "symm_a2a", "runner": "triton", "world": 8, "ranks": "nccl", "tokens": 128, "us": 300.0,
+     "timing": "graph", "hbm_TBps": 2.1, "TFLOPs": 395.0, "rates": "measured on this GPU"},
+    {"comm": "auto", "runner": "triton", "world": 8, "ranks": "nccl", "tokens": 128, "us": 250.0,
+     "timing": "eager", "hbm_TBps": 2.1, "TFLOPs": 395.0, "rates": "measured on this GPU"},
+]
+
+
+def test_compare_sets_predictions_next_to_measured_rows():
+    olmoe, ds = MoEConfig.from_preset("olmoe-1b-7b"), MoEConfig.from_preset("deepseek-v3")
+    (row,) = compare(olmoe, [COMM_ROW])
+    p = predict(olmoe, 2, 16, "nccl_a2a", payload="float32")
+    assert row["predicted_us"] == pytest.approx(p["dispatch_us"] + p["combine_us"])
+    assert row["ratio"] == pytest.approx(2000.0 / row["predicted_us"])
+    # OLMoE at W=2: nearly every token hits both ranks, so the byte model meets the measured bytes
+    assert row["predicted_MB"] == pytest.approx(row["measured_MB"], rel=0.01)
+    assert "gloo" in row["note"]
+    symm, auto = compare(ds, LAYER_ROWS)
+    measured_links = Links(hbm_tbps=2.1, tflops=395.0)
+    assert symm["predicted_us"] == pytest.approx(predict(ds, 8, 128, "symm_a2a", measured_links)["total_us"])
+    best = min(predict(ds, 8, 128, b, measured_links)["total_us"] for b in ("symm_a2a", "nccl_a2a", "allgather"))
+    assert auto["predicted_us"] == pytest.approx(best) and auto["what"] == "layer (auto; model: symm_a2a)"
+    # explicit rates win over the row's
+    (default_rates,) = compare(ds, LAYER_ROWS[:1], use_row_rates=False)
+    assert default_rates["predicted_us"] == pytest.approx(predict(ds, 8, 128, "symm_a2a")["total_us"])
+    assert preset_of({"command": "epmoe bench comm --preset olmoe-1b-7b --tokens 1"}) == "olmoe-1b-7b"
+    assert preset_of({"preset": "deepseek-v3", "command": "epmoe bench layer"}) == "deepseek-v3"
+
+
+def test_plan_measured_cli(tmp_path, capsys):
+    path = tmp_path / "layer.json"
+    path.write_text(json.dumps({"meta": {"command": "epmoe bench layer --preset deepseek-v3", "device": "x"},
+                                "rows": LAYER_ROWS}))
+    assert main(["plan", "--measured", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("|")]
+    header, body = lines[0], lines[2:]
+    assert {"predicted_us", "measured_us", "ratio"} <= set(header) and len(body) == 2
+    first = dict(zip(header, body[0], strict=True))
+    assert float(first["measured_us"]) == 300.0
+    assert float(first["ratio"]) == pytest.approx(300.0 / float(first["predicted_us"]), rel=0.01)

@@ -5,26 +5,42 @@
     experts       = max(touched expert weight bytes / hbm_bw, FLOPs / tensor_peak)
 
 Routing is modelled as uniform: each token picks K of E experts without replacement, experts
-spread evenly over W ranks, G ranks per node. A token is sent once per distinct destination
-rank (nccl_a2a, symm_a2a); allgather moves every token to every rank. Latency constants are
-the model's assumptions, stated in `Links`; compare with measured numbers before trusting them.
+spread evenly over W ranks, G ranks per node. Bytes are those the backends send (and report in
+their handles' dispatch_bytes / combine_bytes):
+  nccl_a2a   dispatch: one wire row (payload + scales + K ids and K fp32 weights) per (token,
+             other rank hit); combine: one partial-sum row per (token, other rank hit)
+  symm_a2a   dispatch: one payload row per (token, other rank hit) plus every token's slot
+             metadata (Kl ids and weights, Kl = min(K, E/W)) on every other rank; combine as nccl_a2a
+  allgather  dispatch: every token's wire row to every other rank; combine: each peer's partial
+             rows back (W - 1) * T
+  none       one rank: no bytes, no latency
+Partial sums travel in the backends' combine dtype, fp32 by default (`combine_bytes=4`).
+Latency constants are the model's assumptions, stated in `Links`; `compare` sets predictions
+next to rows measured by `epmoe bench comm|layer --json` (`epmoe plan --measured FILE`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from typing import Any
 
 from epmoe.config import MoEConfig
 
-# bytes per activation element and per-row scale bytes of each payload format
+# bytes per activation row of each payload format, with its scales (wire.row_layout); bench comm
+# rows name unquantized payloads by their dtype
 _PAYLOAD_BYTES = {
     "bf16": lambda h: 2 * h,
+    "bfloat16": lambda h: 2 * h,
+    "float16": lambda h: 2 * h,
+    "float32": lambda h: 4 * h,
     "fp8": lambda h: h + 4,  # one fp32 scale per row
     "fp8_block": lambda h: h + 4 * math.ceil(h / 128),  # fp32 scale per 128 values
-    "nvfp4": lambda h: h // 2 + math.ceil(h / 16),  # e2m1 pairs + one e4m3 scale per 16
+    "nvfp4": lambda h: h // 2 + math.ceil(h / 16) + 4,  # e2m1 pairs + e4m3 scale per 16 + fp32 global
 }
 _WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4 / 128 / 128, "nvfp4": 0.5 + 1 / 16}
+BACKENDS = ("symm_a2a", "nccl_a2a", "allgather")
 
 
 @dataclass(frozen=True)
@@ -69,39 +85,50 @@ def predict(
     links: Links = Links(),  # noqa: B008 (frozen dataclass)
     payload: str = "bf16",
     weights: str = "bf16",
-    combine_bytes: int = 2,
+    combine_bytes: int = 4,
 ) -> dict[str, float | str | int] | None:
-    """Predicted µs of one layer forward on one rank; None where the backend cannot run."""
+    """Predicted µs of one layer forward on one rank; None where the backend cannot run.
+
+    combine_bytes: bytes per element of the partial sums on the combine wire: 4 for the
+    backends' default fp32 combine dtype, 2 for combine_dtype=bf16.
+    """
     if cfg.num_experts % world:
         return None
     G = min(links.gpus_per_node, world)
     if backend == "symm_a2a" and world > links.gpus_per_node:
         return None
     row = _PAYLOAD_BYTES[payload](cfg.hidden)
+    wire_row = row + 8 * cfg.top_k  # + K int32 ids and K fp32 weights (nccl_a2a, allgather)
     out_row = combine_bytes * cfg.hidden
-    if backend in ("nccl_a2a", "symm_a2a"):
+    local_share = (G - 1) / max(world - 1, 1)  # share of the other ranks inside this node
+    if backend == "none":
+        if world != 1:
+            return None  # the tp layout's all-reduce is not modelled
+        d_bytes, c_bytes, lat = 0.0, 0.0, 0.0
+    elif backend in ("nccl_a2a", "symm_a2a"):
         hit = expected_ranks_hit(cfg, world)
-        frac_other = (hit - hit / world) / max(hit, 1e-9)  # share of hits that are not this rank
-        sends = tokens * hit * frac_other  # rows leaving this rank
-        local_share = (G - 1) / max(world - 1, 1)
-        d_bytes_nv, d_bytes_net = sends * local_share * row, sends * (1 - local_share) * row
-        c_bytes_nv, c_bytes_net = sends * local_share * out_row, sends * (1 - local_share) * out_row
+        sends = tokens * hit * (1 - 1 / world)  # rows leaving this rank: hits on the other W - 1 ranks
+        if backend == "symm_a2a":
+            slot_meta = 8 * min(cfg.top_k, cfg.num_experts // world)
+            d_bytes = sends * row + tokens * (world - 1) * slot_meta
+        else:
+            d_bytes = sends * wire_row
+        c_bytes = sends * out_row
         lat = links.symm_latency_us if backend == "symm_a2a" else links.nccl_latency_us
     elif backend == "allgather":
         others = tokens * (world - 1)
-        local_share = (G - 1) / max(world - 1, 1)
-        d_bytes_nv, d_bytes_net = others * local_share * row, others * (1 - local_share) * row
-        c_bytes_nv, c_bytes_net = others * local_share * out_row * 2, others * (1 - local_share) * out_row * 2
+        d_bytes, c_bytes = others * wire_row, others * out_row
         lat = links.nccl_latency_us
     else:
-        raise ValueError(f"no cost model for backend {backend!r}; choose allgather, nccl_a2a or symm_a2a")
+        raise ValueError(f"no cost model for backend {backend!r}; choose none, allgather, nccl_a2a or symm_a2a")
     if world > links.gpus_per_node:
         lat += links.net_latency_us
 
-    def move(nv: float, net: float) -> float:
+    def move(nbytes: float) -> float:
+        nv, net = nbytes * local_share, nbytes * (1 - local_share)
         return lat + max(nv / (links.nvlink_gbps * 1e3), net / (links.net_gbps * 1e3))  # bytes/(GB/s) -> µs
 
-    dispatch_us, combine_us = move(d_bytes_nv, d_bytes_net), move(c_bytes_nv, c_bytes_net)
+    dispatch_us, combine_us = move(d_bytes), move(c_bytes)
     pairs = tokens * cfg.top_k  # balanced routing: each rank computes as many pairs as it sends
     touched = _touched_experts(cfg, world, pairs)
     w_bytes = touched * 3 * cfg.hidden * cfg.intermediate * _WEIGHT_BYTES[weights]
@@ -111,7 +138,7 @@ def predict(
         "backend": backend, "gpus": world, "tokens": tokens,
         "dispatch_us": dispatch_us, "combine_us": combine_us, "experts_us": experts_us,
         "total_us": dispatch_us + combine_us + experts_us,
-        "dispatch_MB": (d_bytes_nv + d_bytes_net) / 1e6,
+        "dispatch_MB": d_bytes / 1e6, "combine_MB": c_bytes / 1e6,
     }
 
 
@@ -120,18 +147,82 @@ def plan(
     gpus: list[int],
     tokens: list[int],
     links: Links = Links(),  # noqa: B008
-    backends: tuple[str, ...] = ("symm_a2a", "nccl_a2a", "allgather"),
+    backends: tuple[str, ...] = BACKENDS,
     payload: str = "bf16",
     weights: str = "bf16",
+    combine_bytes: int = 4,
 ) -> list[dict[str, float | str | int]]:
     """Predictions for every (gpus, tokens, backend), marking the fastest per (gpus, tokens)."""
     rows = []
     for w in gpus:
         for t in tokens:
-            group = [r for b in backends if (r := predict(cfg, w, t, b, links, payload, weights)) is not None]
+            group = [r for b in backends
+                     if (r := predict(cfg, w, t, b, links, payload, weights, combine_bytes)) is not None]
             if group:
                 best = min(group, key=lambda r: r["total_us"])
                 for r in group:
                     r["best"] = "*" if r is best else ""
             rows += group
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# predicted vs measured
+# ---------------------------------------------------------------------------------------
+
+_NOTES = {
+    "virtual": "virtual ranks: every byte through one GPU's HBM, not a link",
+    "gloo": "gloo on the CPU: not the modelled links",
+    "cpu": "run on the CPU: the model's rates are a GPU's",
+}
+
+
+def preset_of(meta: dict[str, Any]) -> str | None:
+    """The preset a `--json` file was measured with: meta["preset"], else `--preset` in meta["command"]."""
+    if meta.get("preset"):
+        return str(meta["preset"])
+    m = re.search(r"--preset[ =](\S+)", str(meta.get("command", "")))
+    return m.group(1) if m else None
+
+
+def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(),  # noqa: B008
+            use_row_rates: bool = True) -> list[dict[str, Any]]:
+    """Predicted next to measured for rows of `epmoe bench comm --json` (dispatch + combine:
+    `backend`, `dispatch_us`, `combine_us`, bytes) or `epmoe bench layer --json` (whole forward:
+    `comm`, `us`; comm "auto" is predicted as the fastest backend). ratio = measured / predicted.
+    use_row_rates: a layer row's measured `hbm_TBps` / `TFLOPs` replace the links' rates, so
+    the expert roofline uses the device the row was measured on."""
+    out = []
+    for r in rows:
+        world, tokens = int(r.get("world", 1)), int(r["tokens"])
+        ranks = str(r.get("ranks", ""))
+        on_cpu = str(r.get("rates", "")).startswith("cost-model defaults")
+        note = next((v for k, v in _NOTES.items() if k in ranks), _NOTES["cpu"] if on_cpu else "")
+        if "dispatch_us" in r:  # bench comm: the two phases only
+            backend, payload = r["backend"], r.get("payload") or "bf16"
+            p = predict(cfg, world, tokens, backend, links, payload=payload)
+            measured = float(r["dispatch_us"]) + float(r["combine_us"])
+            predicted = p["dispatch_us"] + p["combine_us"] if p else None
+            meas_mb = (r.get("dispatch_bytes", 0) + r.get("combine_bytes", 0)) / 1e6 if "dispatch_bytes" in r else None
+            pred_mb = p["dispatch_MB"] + p["combine_MB"] if p else None
+            what = "dispatch+combine"
+        else:  # bench layer: the whole forward
+            backend = str(r["comm"]).split(" ")[0]  # "nccl_a2a (virtual x4)" in older files
+            row_links = links
+            if use_row_rates and r.get("hbm_TBps") and r.get("TFLOPs"):
+                row_links = replace(links, hbm_tbps=float(r["hbm_TBps"]), tflops=float(r["TFLOPs"]))
+            names = BACKENDS if backend == "auto" else (backend,)
+            preds = [p for b in names if (p := predict(cfg, world, tokens, b, row_links)) is not None]
+            best = min(preds, key=lambda p: p["total_us"]) if preds else None
+            measured, predicted = float(r["us"]), best["total_us"] if best else None
+            meas_mb = pred_mb = None
+            what = "layer" if backend != "auto" else f"layer (auto; model: {best['backend'] if best else '-'})"
+        out.append({
+            "what": what, "backend": backend, "gpus": world, "tokens": tokens, "ranks": ranks or "-",
+            "timing": r.get("timing", "-"), "predicted_us": "-" if predicted is None else predicted,
+            "measured_us": measured,
+            "ratio": measured / predicted if predicted else "-",
+            "predicted_MB": "-" if pred_mb is None else pred_mb, "measured_MB": "-" if meas_mb is None else meas_mb,
+            "note": note,
+        })
+    return out
