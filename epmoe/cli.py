@@ -229,11 +229,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "cuda" if torch.cuda.is_available() else "cpu"), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d")}
     if args.what == "layer":
-        from epmoe.bench.layer import bench_layer
+        from epmoe.bench.layer import bench_layer, default_world
 
-        rows = bench_layer(args.preset, _ints(args.tokens), comm=args.comm, runner=args.runner,
-                           world=args.world or 1)
-        _emit(rows, args, series="comm", title=f"MoE layer forward, {args.preset}", meta=meta)
+        world = args.world or default_world()
+        rows = bench_layer(args.preset, _ints(args.tokens), comm=args.comm, runner=args.runner, world=world)
+        meta.update(preset=args.preset, world=world)
+        if rows:
+            r = rows[0]
+            print(f"W={world}, ranks: {r['ranks']}; expert roofline from {r['rates']}: HBM {r['hbm_TBps']:.2f} TB/s, "
+                  f"{r['TFLOPs']:.0f} TFLOP/s; timing: graph = replays of MoELayer.capture_graphs, eager = forward()")
+        _emit(rows, args, series="comm", title=f"MoE layer forward, {args.preset}, W={world}", meta=meta)
         return 0
     if args.what == "experts":
         from epmoe.bench.experts import bench_experts
@@ -318,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runner", default="auto", help="layer: expert runner or 'auto'")
     b.add_argument("--world", type=int, default=None,
                    help="ranks: processes (NCCL per GPU, or gloo on the CPU), or virtual ranks on one GPU "
-                        "(default: 2 for comm, 1 for layer)")
+                        "(default: 2 for comm; for layer the number of GPUs, 1 on the CPU)")
     b.add_argument("--payload", default="bf16", help="comm: payload format(s), comma-separated")
     b.add_argument("--iters", type=int, default=20, help="comm: timed iterations per row")
     b.add_argument("--static", action="store_true",

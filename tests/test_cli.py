@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from epmoe.bench.core import bench, format_table, plot_time_vs_tokens, write_json
@@ -34,11 +35,67 @@ def test_bench_helpers(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_layer_writes_table_json_and_plot(tmp_path, capsys):
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; GPU rows are tested below")
+
+
+@CPU_ONLY
+def test_bench_layer_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
+    import epmoe.bench.layer as layer_bench
+    from epmoe.bench.plan import Links
+
+    bars = []
+    progress = layer_bench.progress
+    monkeypatch.setattr(layer_bench, "progress", lambda items, desc: bars.append((desc, len(items))) or
+                        progress(items, desc))
     out_json, out_png = tmp_path / "layer.json", tmp_path / "layer.png"
     assert main(["bench", "layer", "--preset", "olmoe-1b-7b", "--tokens", "1,3",
                  "--json", str(out_json), "--plot", str(out_png)]) == 0
-    rows = json.loads(out_json.read_text())["rows"]
-    assert [(r["comm"], r["tokens"]) for r in rows] == [("none", 1), ("none", 3)]
-    assert all(r["us"] > 0 and r["expert_roofline_us"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    rows = data["rows"]
+    assert bars == [("bench layer", 2)]
+    assert data["meta"]["preset"] == "olmoe-1b-7b" and data["meta"]["world"] == 1  # no GPU: one rank
+    assert [(r["comm"], r["tokens"], r["world"], r["ranks"]) for r in rows] == [
+        ("none", 1, 1, "one"), ("none", 3, 1, "one")]
+    # the CPU: eager forward() timings, roofline from the cost model's default rates
+    assert all(r["us"] > 0 and r["expert_roofline_us"] > 0 and r["timing"] == "eager" for r in rows)
+    assert all((r["hbm_TBps"], r["TFLOPs"]) == (Links().hbm_tbps, Links().tflops) for r in rows)
+    assert "roofline from cost-model defaults (no GPU)" in out
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    # the file feeds `epmoe plan --measured`
+    assert main(["plan", "--measured", str(out_json)]) == 0
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_bench_layer_world_defaults_to_the_gpu_count(monkeypatch):
+    from epmoe.bench.layer import default_world
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert default_world() == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_world() == 4
+
+
+@CPU_ONLY
+def test_bench_layer_on_gloo_ranks_is_eager_and_says_so():
+    from epmoe.bench.layer import bench_layer
+
+    rows = bench_layer("olmoe-1b-7b", [2], comm="nccl_a2a", world=2, iters=2)
+    assert [(r["comm"], r["world"], r["ranks"], r["timing"]) for r in rows] == [("nccl_a2a", 2, "gloo", "eager")]
+
+
+@pytest.mark.gpu
+def test_bench_layer_on_a_gpu_replays_graphs_against_the_measured_roofline(tmp_path):
+    """One GPU: W=1, the Triton runner captured by MoELayer.capture_graphs (timing "graph"),
+    the roofline from HBM and matmul rates measured in the same run."""
+    from epmoe.bench.layer import bench_layer
+
+    rows = bench_layer("qwen3-30b-a3b", [1, 64], comm="none", world=1, iters=5)
+    assert [(r["runner"], r["timing"], r["rates"]) for r in rows] == [("triton", "graph", "measured on this GPU")] * 2
+    assert all(0.5 < r["hbm_TBps"] < 20 and 50 < r["TFLOPs"] < 5000 for r in rows)
+    assert all(r["us"] >= 0.5 * r["expert_roofline_us"] for r in rows), "faster than the roofline: check the rates"
+    out_json, out_png = tmp_path / "layer.json", tmp_path / "layer.png"
+    assert main(["bench", "layer", "--preset", "qwen3-30b-a3b", "--tokens", "1,64",
+                 "--json", str(out_json), "--plot", str(out_png)]) == 0
+    assert json.loads(out_json.read_text())["meta"]["world"] == torch.cuda.device_count()
     assert out_png.read_bytes()[:4] == b"\x89PNG"

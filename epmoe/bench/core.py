@@ -80,6 +80,16 @@ def bench(
     return statistics.median(times)
 
 
+def matmul_tflops(device: torch.device | str, n: int = 8192, iters: int = 10) -> float:
+    """Dense bf16 matmul rate of `device` (TFLOP/s): the median time of an n x n x n GEMM."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    us = bench(lambda: torch.mm(a, b, out=c), device=device, warmup=3, iters=iters, flush_l2=False)
+    return 2 * n**3 / (us * 1e-6) / 1e12
+
+
 def progress(items: Sequence[Any], desc: str) -> Iterable[Any]:
     """A progress bar on stderr (tqdm when installed, else a plain counter)."""
     try:

@@ -1,30 +1,53 @@
 """`epmoe bench layer`: the whole MoE layer forward per comm backend and token count.
 
+    rates   = HBM copy TB/s and bf16 matmul TFLOP/s measured on this GPU (cost-model defaults on the CPU)
+    for comm, T:
+        layer(x [T, H], logits [T, E])        uniform random routing, bf16 on the GPU (fp32 on the CPU)
+        timing "graph": capturable layers (select.py: no host sync in comm or runner) are
+                        captured with MoELayer.capture_graphs(T, buckets=[T]) and that graph's
+                        replays are timed (no launch overhead, as a serving engine runs decode)
+               "eager": every other layer, CUDA events (or perf_counter) around forward()
+        row = slowest rank's median µs, next to the expert-stage roofline of `plan.predict`:
+              max(touched expert weight bytes / HBM TB/s, FLOPs / TFLOP/s), uniform routing
+
 Ranks are real processes (NCCL with one GPU each, or gloo on the CPU) or, on a single GPU,
-virtual ranks (threads sharing the GPU, so their traffic goes through HBM). Each row is the
-slowest rank's median time of one forward, next to the roofline of its expert stage:
-max(touched expert weight bytes / HBM bandwidth, FLOPs / tensor-core rate) for uniform routing.
+virtual ranks (threads sharing the GPU, so their traffic goes through HBM; always eager: a
+virtual rank's collective cannot be captured while its peers run outside the graph). Rows
+carry `ranks` ("one", "nccl", "gloo", "virtual") and `world`, so `epmoe plan --measured` can
+set them next to its predictions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import torch
 
-from epmoe.bench.core import bench
+from epmoe.bench.core import bench, matmul_tflops, progress
 from epmoe.bench.plan import Links, predict
 from epmoe.comm import accepted_options, get_comm
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.group import RankGroup, VirtualGroup
 from epmoe.layer import MoELayer
-from epmoe.select import Combo, comm_candidates, pick_runner
+from epmoe.select import Combo, check, comm_candidates, pick_runner
 
 
-def _roofline_us(cfg: MoEConfig, world: int, tokens: int) -> float:
-    row = predict(cfg, world, tokens, "nccl_a2a", Links())
+def device_links(device: torch.device) -> tuple[Links, str]:
+    """The cost model's rates for `device`: HBM copy bandwidth and bf16 matmul rate measured on
+    a GPU (read + write bytes of a 1 GiB copy; an 8192^3 GEMM), the model's defaults elsewhere."""
+    if device.type != "cuda":
+        return Links(), "cost-model defaults (no GPU)"
+    from epmoe.bench.comm import hbm_copy_gbps
+
+    links = Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device))
+    return links, "measured on this GPU"
+
+
+def _roofline_us(cfg: MoEConfig, world: int, tokens: int, links: Links) -> float:
+    row = predict(cfg, world, tokens, "nccl_a2a" if world > 1 else "none", links)
     return float(row["experts_us"]) if row else float("nan")
 
 
@@ -56,68 +79,106 @@ def _inputs(cfg: MoEConfig, tokens: int, rank: int, device: torch.device, dtype:
     return x, logits
 
 
+def capturable(layer: MoELayer) -> bool:
+    """Whether select.py's table lets every backend the layer may run sit in a CUDA graph."""
+    return layer.runner.weights.device.type == "cuda" and all(
+        check(dataclasses.replace(layer.combo, comm=name, graph=True))[0] for name in layer.comms
+    )
+
+
+def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: int) -> tuple[float, str]:
+    """(median µs, timing) of one forward: replays of the layer's own graph for T, else eager."""
+    device = x.device
+    if capturable(layer) and x.shape[0] > 0:
+        T = x.shape[0]
+        layer.capture_graphs(T, buckets=[T])
+        graph = layer._graphs[T][0]  # the bucket's graph: dispatch -> experts -> combine
+        layer._graph_x[:T].copy_(x)
+        layer._graph_logits[:T].copy_(logits)
+        us = bench(graph.replay, device=device, warmup=2, iters=iters, flush_l2=False)
+        check = getattr(layer.comm, "check", None)  # a bounded wait that timed out in a replay raises here
+        if callable(check):
+            check()
+        return us, "graph"
+    return bench(lambda: layer(x, logits), device=device, warmup=2, iters=iters, flush_l2=False), "eager"
+
+
 def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str,
-               iters: int = 10) -> list[dict[str, Any]]:
+               iters: int = 10, show_progress: bool = True) -> list[dict[str, Any]]:
     """Time every (comm, tokens) on this rank; rows carry the slowest rank's time."""
     world = group.world if group is not None else 1
     rank = group.rank if group is not None else 0
-    on_gpu = torch.cuda.is_available() and (world == 1 or torch.distributed.get_backend() == "nccl")
+    backend = torch.distributed.get_backend() if world > 1 else None
+    on_gpu = torch.cuda.is_available() and (world == 1 or backend == "nccl")
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    links, source = device_links(device)
     layers = _layers(cfg, group, comms, runner, device, dtype, max(tokens))
+    cases = [(c, t) for c in comms for t in tokens]
     rows = []
-    for comm, layer in layers.items():
-        for t in tokens:
-            x, logits = _inputs(cfg, t, rank, device, dtype)
-
-            def step(layer: MoELayer = layer, x: torch.Tensor = x, logits: torch.Tensor = logits) -> None:
-                layer(x, logits)
-
-            if group is not None and world > 1:
-                group.barrier()
-            us = bench(step, device=device, warmup=2, iters=iters, flush_l2=False)
-            if group is not None and world > 1:
-                us = float(group.all_gather(torch.tensor([us], device=device)).max())
-            rows.append({"comm": comm, "runner": runner, "tokens": t, "us": us,
-                         "expert_roofline_us": _roofline_us(cfg, world, t)})
+    for comm, t in progress(cases, "bench layer") if rank == 0 and show_progress else cases:
+        layer = layers[comm]
+        x, logits = _inputs(cfg, t, rank, device, dtype)
+        if world > 1:
+            group.barrier()
+        us, timing = _time_layer(layer, x, logits, iters)
+        if world > 1:
+            us = float(group.all_gather(torch.tensor([us], device=device)).max())
+        rows.append(_row(cfg, comm, runner, world, backend or "one", t, us, timing, links, source))
     return rows
+
+
+def _row(cfg: MoEConfig, comm: str, runner: str, world: int, ranks: str, tokens: int, us: float, timing: str,
+         links: Links, source: str) -> dict[str, Any]:
+    return {"comm": comm, "runner": runner, "world": world, "ranks": ranks, "tokens": tokens, "us": us,
+            "timing": timing, "expert_roofline_us": _roofline_us(cfg, world, tokens, links),
+            "hbm_TBps": links.hbm_tbps, "TFLOPs": links.tflops, "rates": source}
 
 
 def _virtual_rows(cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str, world: int,
                   iters: int) -> list[dict[str, Any]]:
     """Virtual ranks on one GPU: time a whole group step (all ranks' forwards) with wall clock."""
     device = torch.device("cuda:0")
+    links, source = device_links(device)
     vg = VirtualGroup(world)
     layers = vg.run(lambda g: _layers(cfg, g, comms, runner, device, torch.bfloat16, max(tokens)))
     rows = []
-    for comm in comms:
-        for t in tokens:
-            inputs = [_inputs(cfg, t, r, device, torch.bfloat16) for r in range(world)]
+    for comm, t in progress([(c, t) for c in comms for t in tokens], f"bench layer (virtual x{world})"):
+        inputs = [_inputs(cfg, t, r, device, torch.bfloat16) for r in range(world)]
 
-            def step(g: RankGroup, comm: str = comm, inputs: list = inputs) -> None:
-                layers[g.rank][comm](*inputs[g.rank])
+        def step(g: RankGroup, comm: str = comm, inputs: list = inputs) -> None:
+            layers[g.rank][comm](*inputs[g.rank])
 
-            for _ in range(2):
-                vg.run(step)
+        for _ in range(2):
+            vg.run(step)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            vg.run(step)
             torch.cuda.synchronize()
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                vg.run(step)
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1e6)
-            times.sort()
-            rows.append({"comm": f"{comm} (virtual x{world})", "runner": runner, "tokens": t,
-                         "us": times[len(times) // 2], "expert_roofline_us": _roofline_us(cfg, world, t)})
+            times.append((time.perf_counter() - t0) * 1e6)
+        times.sort()
+        rows.append(_row(cfg, comm, runner, world, "virtual", t, times[len(times) // 2], "eager", links, source))
     return rows
 
 
-def bench_layer(preset: str, tokens: list[int], comm: str = "all", runner: str = "auto", world: int = 1,
+def default_world() -> int:
+    """`--world` when not given: one rank per GPU, 1 on the CPU."""
+    return max(torch.cuda.device_count(), 1)
+
+
+def bench_layer(preset: str, tokens: list[int], comm: str = "all", runner: str = "auto", world: int | None = None,
                 iters: int = 10) -> list[dict[str, Any]]:
-    """Rows (comm, runner, tokens, us, expert_roofline_us) for every requested backend."""
+    """Rows (comm, runner, world, ranks, tokens, us, timing, expert_roofline_us, hbm_TBps, TFLOPs,
+    rates) for every requested backend. world=None: `default_world()`; more ranks than GPUs on
+    one GPU run as virtual ranks, on several GPUs or none as gloo processes on the CPU."""
     from epmoe.launch import run_ranks
 
     cfg = MoEConfig.from_preset(preset)
+    world = default_world() if world is None else world
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
     n_gpu = torch.cuda.device_count()
     device = "cuda" if n_gpu else "cpu"
     if runner == "auto":
