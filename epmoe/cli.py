@@ -150,6 +150,32 @@ def _symmetric_memory_status() -> str:
         return f"fails: {exc!r}"
 
 
+def _rung(ladder: list[tuple[int | None, str]], i: int) -> str:
+    """Rung i of a comm=auto ladder as a rule on the token count T (the largest over ranks)."""
+    limit, name = ladder[i]
+    prev = ladder[i - 1][0] if i > 0 else None
+    if limit is None:
+        cond = f"T > {prev}" if prev is not None else "any T"
+    else:
+        cond = f"{prev} < T <= {limit}" if prev is not None else f"T <= {limit}"
+    return f"{cond} -> {name}"
+
+
+def _ladder_rule(tokens: int, cands: list[str], ladder: list[tuple[int | None, str]], source: str) -> str:
+    """Why select.pick_comm picks what it picks for `tokens` (its rule, without capacities):
+    the first rung whose threshold covers T and whose backend is a candidate, else a fallback."""
+    skipped = []
+    for i, (limit, name) in enumerate(ladder):
+        if limit is None or tokens <= limit:
+            if name in cands:
+                why = f"rule {_rung(ladder, i)}"
+                if skipped:
+                    why += f", after {', '.join(skipped)} (not candidates here)"
+                return f"{why}; thresholds from {source}"
+            skipped.append(name)
+    return f"no rung covering T={tokens} has a candidate: fallback along the ladder; thresholds from {source}"
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from epmoe.comm import COMM_BACKENDS
     from epmoe.experts import RUNNERS
@@ -181,8 +207,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cands = [n for n in comm_candidates(Combo(runner=runner, layout="dp", world=world, device=device)) if n != "none"]
     ladder, source = crossovers(torch.cuda.get_device_name(0) if gpu else "cpu", world)
     if cands:
-        picks = ", ".join(f"{t} tokens -> {pick_comm(t, cands, ladder)}" for t in (1, 128, 4096))
-        lines.append((f"comm=auto (dp, W={world})", f"{picks}; crossovers: {source}; candidates: {', '.join(cands)}"))
+        rungs = ", ".join(_rung(ladder, i) for i in range(len(ladder)))
+        lines.append((f"comm=auto (dp, W={world})", f"candidates: {', '.join(cands)}; ladder: {rungs}; from {source}"))
+        for t in (1, 128, 4096):
+            rule = _ladder_rule(t, cands, ladder, source)
+            lines.append((f"  {t} tokens", f"-> {pick_comm(t, cands, ladder)} ({rule})"))
     else:
         lines.append((f"comm=auto (dp, W={world})", "no dp backend registered; one rank or tp layout use 'none'"))
     width = max(len(k) for k, _ in lines)

@@ -22,6 +22,35 @@ def test_doctor_reports_versions(capsys):
     assert torch.__version__ in out and "comm backends" in out and "reference" in out
 
 
+def test_doctor_names_the_ladder_rule_of_each_auto_pick(capsys):
+    """For 1, 128 and 4096 tokens: the pick, the rung (threshold) that applied, and where the
+    thresholds come from, consistent with select.pick_comm and select.crossovers."""
+    from epmoe.select import Combo, comm_candidates, crossovers, pick_comm, pick_runner
+
+    assert main(["doctor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = max(torch.cuda.device_count(), 2)
+    combo = Combo(runner=pick_runner(device, "bf16"), layout="dp", world=world, device=device)
+    cands = [n for n in comm_candidates(combo) if n != "none"]
+    ladder, source = crossovers(torch.cuda.get_device_name(0) if device == "cuda" else "cpu", world)
+    limits = {name: limit for limit, name in ladder}
+    for t in (1, 128, 4096):
+        (line,) = [ln for ln in lines if ln.strip().startswith(f"{t} tokens")]
+        pick = pick_comm(t, cands, ladder)
+        assert f"-> {pick} (rule " in line and f"thresholds from {source}" in line
+        limit = limits[pick]
+        rule = line.split("(rule ", 1)[1].split(";")[0]
+        if limit is None:  # the open top rung: T above the rung before it
+            assert rule.startswith("T > ") and t > int(rule.split()[2]) and rule.endswith(f"-> {pick}")
+        else:
+            assert f"T <= {limit} -> {pick}" in rule and t <= limit
+    if ladder == [(512, "symm_a2a"), (None, "nccl_a2a")]:  # the defaults, when nothing is measured here
+        assert [ln.split("-> ", 1)[1].split(" (")[0] for ln in lines if " tokens " in ln and "rule" in ln] == [
+            "symm_a2a", "symm_a2a", "nccl_a2a"]
+        assert any("rule T > 512 -> nccl_a2a" in ln for ln in lines)
+
+
 def test_bench_helpers(tmp_path):
     x = torch.randn(64, 64)
     us = bench(lambda: x @ x, iters=5)
