@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, RoutingCapture
+from epmoe.layer import SharedExperts
+from epmoe.quant import quantize_weights
 from epmoe.routing import route
 
 
@@ -42,3 +44,48 @@ def test_graph_replay_matches_eager_and_padding_never_leaks(preset):
         assert torch.equal(cap.captured(), route(logits, cfg).ids)
     with pytest.raises(ValueError, match="NaN or inf"):
         graphed(x, torch.full_like(logits, float("nan")))
+
+
+def _weights(cfg: MoEConfig, fmt: str, g: torch.Generator) -> ExpertWeights:
+    """All experts on the GPU: bf16, or bf16 weights quantized to `fmt` (biases stay fp32)."""
+    w = ExpertWeights.random(cfg, cfg.num_experts, dtype=torch.bfloat16, device="cuda", generator=g)
+    if fmt == "bf16":
+        return w
+    return ExpertWeights(quantize_weights(w.w13, fmt), quantize_weights(w.w2, fmt), w.b13, w.b2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_block", "nvfp4"])
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "gpt-oss-120b", "deepseek-v3"])
+def test_whole_layer_graph_triton_every_weight_format(preset, fmt):
+    """Triton runner, one rank, bf16 / fp8_block / nvfp4 weights (Qwen3: softmax; GPT-OSS: biases,
+    clamped SwiGLU; DeepSeek-V3: grouped sigmoid routing with correction bias, shared experts).
+    Replays of the captured graph equal eager forwards bit for bit, for T equal to and smaller
+    than its bucket (rows past T are padding: a larger call before a smaller one must not leak
+    into it), the routing capture reports each replay's T and ids, and no call up to the largest
+    bucket runs eagerly."""
+    cfg = MoEConfig.from_preset(preset).scaled(hidden=256, intermediate=128, num_experts=16)
+    g = torch.Generator().manual_seed(1)
+    weights = _weights(cfg, fmt, g)
+    bias = torch.randn(cfg.num_experts, generator=g).cuda() * 0.1 if cfg.uses_correction_bias else None
+    shared = SharedExperts.random(cfg, torch.bfloat16, "cuda", g) if cfg.shared_experts else None  # DeepSeek-V3
+    cap = RoutingCapture(max_tokens=64, top_k=cfg.top_k, device="cuda")
+    eager = MoELayer(cfg, weights, runner="triton", correction_bias=bias, shared=shared)
+    graphed = MoELayer(cfg, weights, runner="triton", correction_bias=bias, shared=shared, capture=cap)
+    assert (graphed.combo.runner, graphed.combo.weights) == ("triton", fmt)
+    assert graphed.capture_graphs(64, buckets=[4, 16, 64]) == [4, 16, 64]
+
+    def no_eager(*args):
+        raise AssertionError("a call within the buckets ran eagerly")
+
+    graphed._eager = no_eager
+    for T in [64, 40, 1, 16, 3, 11, 4, 0, 64]:
+        x = torch.randn(T, cfg.hidden, generator=g).to("cuda", torch.bfloat16)
+        logits = torch.randn(T, cfg.num_experts, generator=g).cuda()
+        y = graphed(x, logits)
+        assert y.shape == (T, cfg.hidden) and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, eager(x, logits), atol=0, rtol=0, msg=f"T={T}")
+        assert cap.num_tokens == T and int(cap.num_tokens_dev) == T
+        assert torch.equal(cap.captured(), route(logits, cfg, bias).ids), f"T={T}"
+        if T:
+            assert torch.isfinite(y).all()
