@@ -316,6 +316,9 @@ class WireBackend(CommBackend):
                              f"{self.cfg.top_k}], got {tuple(x.shape)} and {tuple(ids.shape)}")
         if x.dtype not in _X_DTYPES:
             raise ValueError(f"comm {self.name!r}: x must be fp32, bf16 or fp16, got {x.dtype}")
+        if self.input_scale is not None and not self.host_checks(x):
+            raise ValueError(f"comm {self.name!r}: input_scale cannot be captured in a CUDA graph yet (epmoe.quant "
+                             "checks a static scale on the host); run these calls eagerly or drop input_scale")
         if self.static_shapes and T > self.max_tokens_per_rank:
             raise ValueError(f"comm {self.name!r} on rank {self.rank}: T={T} exceeds max_tokens_per_rank="
                              f"{self.max_tokens_per_rank}; build the backend with a larger bound")
