@@ -20,7 +20,7 @@ from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.activation import activate
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing, RoutingCapture, check_correction_bias, check_routing, route
-from epmoe.select import Combo, comm_candidates, crossovers, ensure, pick_comm, pick_runner
+from epmoe.select import Combo, comm_candidates, comm_capacity, crossovers, ensure, pick_comm, pick_runner
 
 LAYOUTS = ("dp", "tp")
 
@@ -173,6 +173,7 @@ class MoELayer(nn.Module):
             self.comms[n] = cls(cfg, group, self.placement, **{**accepted_options(cls, setup), **own})
         self.comm: CommBackend = self.comms[names[0]]
         self._ladder = crossovers(_device_name(weights.device), world)[0] if len(names) > 1 else None
+        self._capacities = {n: comm_capacity(c) for n, c in self.comms.items()}  # auto skips what cannot hold T
         self.runner = get_runner(runner)(cfg, weights)
         self.gate = gate
         self.gate_bias = gate_bias
@@ -290,7 +291,7 @@ class MoELayer(nn.Module):
         tokens = x.shape[0]
         if self.group is not None and self.group.world > 1 and not _capturing(x):
             tokens = max(t for (t,) in self.group.all_gather_ints([tokens], device=x.device))
-        self.comm = self.comms[pick_comm(tokens, list(self.comms), self._ladder)]
+        self.comm = self.comms[pick_comm(tokens, list(self.comms), self._ladder, capacities=self._capacities)]
         return self.comm
 
     def _check_x(self, x: torch.Tensor) -> None:

@@ -495,6 +495,23 @@ def test_auto_never_picks_a_backend_whose_workspace_is_too_small():
     assert out == {128: ("symm_a2a", (128, CFG.hidden)), 200: ("nccl_a2a", (200, CFG.hidden))}
 
 
+def test_auto_layer_forward_past_the_symm_workspace():
+    """The layer itself passes the capacities: a 200-token forward under comm='auto' runs on
+    nccl_a2a (symm_a2a holds 128) and equals the single-rank layer."""
+    full = _full(CFG)
+
+    def body(g):
+        layer = MoELayer.from_global(CFG, full, g, comm="auto")
+        gen = torch.Generator().manual_seed(3 + g.rank)
+        x, logits = torch.randn(200, CFG.hidden, generator=gen), torch.randn(200, CFG.num_experts, generator=gen)
+        y = layer(x, logits)
+        ref = MoELayer(CFG, full)(x, logits)
+        return layer.comm.name, float((y - ref).abs().max() / ref.abs().max())
+
+    for name, err in VirtualGroup(2).run(body):
+        assert name == "nccl_a2a" and err <= EXACT_TOL
+
+
 def test_bench_comm_command_over_gloo_processes(tmp_path, capsys):
     """`epmoe bench comm` end to end on the CPU: gloo processes, every dp backend, real bytes."""
     from epmoe.cli import main
