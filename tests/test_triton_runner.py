@@ -130,6 +130,8 @@ CPU_CASES = [
     Case("fp8-block-pairs-deep-tiles", (1, 2), hidden=300, intermediate=136, fmt="fp8_block", config=PAIRS_PDL),
     Case("fp8-block-sorted-partial-blocks", (3, 17), hidden=200, intermediate=136, fmt="fp8_block", config=SORTED16),
     Case("fp8-block-2880", (1, 2), hidden=2880, intermediate=16, fmt="fp8_block", config=SORTED16),
+    Case("fp8-block-uniform-scales", (3, 17, 0, 2), hidden=256, intermediate=256, fmt="fp8_block",
+         config=SORTED16),  # I % 128 == 0: one weight scale per tile and k step
     Case("fp8-block-129-rows", (129, 0, 1), hidden=64, intermediate=160, fmt="fp8_block", config=SORTED32),
     Case("fp8-block-gelu", (3, 5), activation="gelu", fmt="fp8_block", config=SORTED16),
     Case("fp8-block-swiglu", (4, 0, 2), activation="swiglu_clamped", fmt="fp8_block", config=SORTED16),

@@ -50,6 +50,9 @@ WEIGHT_FORMAT_CODES = {"bf16": 0, "fp8": 1, "fp8_block": 2, "nvfp4": 3}
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PAIR_MODE_MAX_PAIRS = 16  # default: at most this many pairs -> one program per pair, no sort
 SEGMENT = 2048  # pairs per program of the segmented sort; one program sorts up to this many
+# w8a8 m tiles: gate_up keeps two [BLOCK_M, 128] fp32 accumulators and a dot result live; at 128
+# rows that is ~192 registers a thread with 8 warps (spills), at 64 rows half.
+FP8_MAX_BLOCK_M = 64
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,6 +389,8 @@ def triton_experts(
     if config is None:
         config = select_config(weights.format, M, E, H, I, cfg.top_k, expert_ids.device)
     a_fp8 = activation_quant(weights.format, config) is not None
+    if a_fp8 and config.block_m > FP8_MAX_BLOCK_M:
+        config = dataclasses.replace(config, block_m=FP8_MAX_BLOCK_M)
     if a_fp8:
         x, xs, stride_xsm, stride_xsg = _fp8_rows(hidden)
     else:
@@ -421,7 +426,7 @@ def triton_experts(
         act, act.stride(0), act_s, act_s.stride(0), row_ids, expert_ids, sorted_pair, block_expert, expert_end,
         num_m, E, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha), AMAX_EPS,
         ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec,
-        W_TMA=g_tma, USE_PDL=pdl, W_FMT=f13, A_FP8=a_fp8,
+        W_TMA=g_tma, USE_PDL=pdl, W_FMT=f13, A_FP8=a_fp8, W_UNIFORM=I % FP8_BLOCK == 0, FAST_E2M1=out.is_cuda,
         BLOCK_M=bm, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
         num_warps=g.num_warps, num_stages=g.num_stages,
     )
@@ -431,7 +436,8 @@ def triton_experts(
         out, out.stride(0), expert_ids, sorted_pair, block_expert, expert_end,
         num_m, E, H, I,
         HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec, W_TMA=d_tma, USE_PDL=pdl, W_FMT=f2,
-        A_FP8=a_fp8, BLOCK_M=bm, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
+        A_FP8=a_fp8, W_UNIFORM=FP8_BLOCK % d.block_n == 0, FAST_E2M1=out.is_cuda,
+        BLOCK_M=bm, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
         num_warps=d.num_warps, num_stages=d.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -74,25 +74,76 @@ def _e2m1_scaled(code):
 
 
 @triton.jit
-def _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, BLOCK_K: tl.constexpr):
-    """nvfp4 weight tile of `rows` [R] (-1: none) at k0, split by parity: (even, odd) fp32
-    [R, BLOCK_K // 2] = the values at k0 + 2j and k0 + 2j + 1 times their e4m3 block scale
-    (the global scale is the caller's). K % 16 == 0, BLOCK_K % 16 == 0. Byte j of the tile
-    belongs to block j // 8: its scale is gathered per byte (the 8 bytes of a block hit one
-    cached address)."""
+def _e2m1_pairs_asm(b):
+    """uint8 bytes -> (even, odd) bf16 e2m1 values of their low and high nibbles, exact, on
+    sm_90: per 32-bit register of 4 bytes, `prmt` spreads bytes b0..b3 over two bf16 pairs, two
+    shifts and masks place each nibble's magnitude bits (e1 e0 m) on bf16 bits 8-6 (lowest
+    exponent bits and top mantissa bit) and its sign on bit 15, giving e2m1 * 2^-126 (0.5 lands
+    on a bf16 subnormal), and one mul.bf16x2 by 2^126 restores the value: ~3.4 instructions per
+    value against ~9 for shifting each nibble into an fp16 pattern and converting it."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, m, s, bias;
+        mov.b32 bias, 0x7E807E80;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        shl.b32 m, t0, 6;  shl.b32 s, t0, 12; and.b32 m, m, 0x01C001C0; and.b32 s, s, 0x80008000;
+        or.b32 m, m, s;  mul.rn.bf16x2 $0, m, bias;
+        shl.b32 m, t1, 6;  shl.b32 s, t1, 12; and.b32 m, m, 0x01C001C0; and.b32 s, s, 0x80008000;
+        or.b32 m, m, s;  mul.rn.bf16x2 $1, m, bias;
+        shl.b32 m, t0, 2;  shl.b32 s, t0, 8;  and.b32 m, m, 0x01C001C0; and.b32 s, s, 0x80008000;
+        or.b32 m, m, s;  mul.rn.bf16x2 $2, m, bias;
+        shl.b32 m, t1, 2;  shl.b32 s, t1, 8;  and.b32 m, m, 0x01C001C0; and.b32 s, s, 0x80008000;
+        or.b32 m, m, s;  mul.rn.bf16x2 $3, m, bias;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r",
+        args=[b],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _e2m1_pairs(b, FAST_E2M1: tl.constexpr):
+    """uint8 bytes -> (even, odd) e2m1 values of their low and high nibbles (exact): bf16
+    through inline PTX on the GPU (FAST_E2M1), fp32 through fp16 bit patterns elsewhere (the
+    Triton interpreter runs no PTX)."""
+    if FAST_E2M1:
+        return _e2m1_pairs_asm(b)
+    else:
+        return _e2m1_scaled(b & 15) * 16384.0, _e2m1_scaled(b >> 4) * 16384.0
+
+
+@triton.jit
+def _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, FAST_E2M1: tl.constexpr,
+                BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """nvfp4 weight tile of `rows` [R] (-1: none) at k0, split by parity: (even, odd) [R, BLOCK_K // 2]
+    in DTYPE = the values at k0 + 2j and k0 + 2j + 1 times their e4m3 block scale (exact in
+    bf16/fp16: e2m1 x e4m3 has at most 5 significant bits; the global scale is the caller's).
+    K % 16 == 0, BLOCK_K % 16 == 0. The bytes load as [R, G, 8] (8 bytes = one 16-value block)
+    so the block scale broadcasts over the last dim."""
+    G: tl.constexpr = BLOCK_K // 16
+    R: tl.constexpr = rows.shape[0]
     r_ok = rows >= 0
     rows64 = tl.maximum(rows, 0).to(tl.int64)
-    kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte index along k
-    ok = r_ok[:, None] & (kh * 2 < K)[None, :]
-    b = tl.load(w_base + rows64[:, None] * stride_wn + kh[None, :], mask=ok, other=0)  # [R, BLOCK_K // 2]
-    sc = tl.load(s_base + rows64[:, None] * stride_sn + (kh // 8)[None, :] * stride_sk, mask=ok, other=0.0)
-    sc = sc.to(tl.float32) * 16384.0  # 2^14 undoes _e2m1_scaled's 2^-14
-    return _e2m1_scaled(b & 15) * sc, _e2m1_scaled(b >> 4) * sc
+    grp = k0 // 16 + tl.arange(0, G)  # [G] blocks along k
+    ok = r_ok[:, None] & (grp * 16 < K)[None, :]  # [R, G]
+    byte = grp[:, None] * 8 + tl.arange(0, 8)[None, :]  # [G, 8]
+    b = tl.load(w_base + rows64[:, None, None] * stride_wn + byte[None, :, :], mask=ok[:, :, None], other=0)
+    sc = tl.load(s_base + rows64[:, None] * stride_sn + grp[None, :] * stride_sk, mask=ok, other=0.0)
+    sc = sc.to(tl.float32)[:, :, None]
+    even, odd = _e2m1_pairs(b, FAST_E2M1)
+    even = (even.to(tl.float32) * sc).to(DTYPE)
+    odd = (odd.to(tl.float32) * sc).to(DTYPE)
+    return tl.reshape(even, [R, BLOCK_K // 2]), tl.reshape(odd, [R, BLOCK_K // 2])
 
 
 @triton.jit
 def _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
-                       BLOCK_K: tl.constexpr):
+                       FAST_E2M1: tl.constexpr, BLOCK_K: tl.constexpr):
     """One k step of the pair-mode nvfp4 product, per 16-value block: fp32 [R, BLOCK_K // 16] =
     scale[r, blk] * sum_{i < 16} e2m1(w[r, 16 blk + i]) * x[16 blk + i]. The tile is [R, G, 8]
     bytes (8 bytes = one block, contiguous in a thread), so the sum over a block needs no data
@@ -108,9 +159,10 @@ def _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn,
     x_ok = (grp * 16 < K)[:, None]
     xe = tl.load(x_row + 2 * byte, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]  # [1, G, 8]
     xo = tl.load(x_row + 2 * byte + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
-    dot = tl.sum(_e2m1_scaled(b & 15) * xe + _e2m1_scaled(b >> 4) * xo, axis=2)  # [R, G]
+    even, odd = _e2m1_pairs(b, FAST_E2M1)
+    dot = tl.sum(even.to(tl.float32) * xe + odd.to(tl.float32) * xo, axis=2)  # [R, G]
     sc = tl.load(s_base + rows64[:, None] * stride_sn + grp[None, :] * stride_sk, mask=ok, other=0.0)
-    return dot * (sc.to(tl.float32) * 16384.0)
+    return dot * sc.to(tl.float32)
 
 
 @triton.jit
@@ -131,7 +183,7 @@ def _load_w8(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, W_FMT
 
 @triton.jit
 def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride_sk,
-            W_FMT: tl.constexpr, WAIT: tl.constexpr, BLOCK_K: tl.constexpr):
+            W_FMT: tl.constexpr, WAIT: tl.constexpr, FAST_E2M1: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pair mode: fp32 [R] = W[rows, :] . x for one activation row (weights dequantized in
     registers). Products accumulate elementwise and reduce over k once after the loop, so the
     loop is loads and FMAs only. WAIT: the first weight tile is loaded before gdc_wait()
@@ -143,7 +195,7 @@ def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride
         part = tl.zeros([R, BLOCK_K // 16], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             part += _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
-                                       BLOCK_K)
+                                       FAST_E2M1, BLOCK_K)
         return tl.sum(part, axis=1) * tl.load(g_base)
     else:
         offs_k = tl.arange(0, BLOCK_K)
@@ -162,11 +214,13 @@ def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride
 
 @triton.jit
 def _mma_fp8(acc, a_ptrs, as_ptrs, stride_asg, valid, w_ptrs, w_desc, e, n0, s_base, rows, k0, K,
-             stride_sn, stride_sk, W_FMT: tl.constexpr, W_TMA: tl.constexpr,
+             stride_sn, stride_sk, W_FMT: tl.constexpr, W_TMA: tl.constexpr, W_UNIFORM: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One k step of the w8a8 GEMM: acc + dot(a, w) * a_scale[:, None] (* w_scale[None, :] for
-    fp8_block). a: e4m3 [BLOCK_M, 128] (stored as uint8), w: e4m3 [128, BLOCK_N] (rows `rows`; the
-weight pointer and descriptor are e4m3)."""
+    """One k step of the w8a8 GEMM: acc + dot(a, w) * a_scale[:, None] (* w_scale for fp8_block).
+    a: e4m3 [BLOCK_M, 128] (stored as uint8), w: e4m3 [128, BLOCK_N] (rows `rows` from n0; the
+    weight pointer and descriptor are e4m3). W_UNIFORM: the tile's weight rows lie in one
+    128-row scale block, so the weight scale is one scalar per k step and folds into a_scale
+    (one FMA per accumulator element, as for fp8; a per-column scale costs a second multiply)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
@@ -175,27 +229,31 @@ weight pointer and descriptor are e4m3)."""
         w = tl.trans(w_desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
     else:
         w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & (rows >= 0)[None, :], other=0.0)
-    # scales multiply the dot's result in turn: a [BLOCK_M, BLOCK_N] scale matrix computed before
-    # the dot would stay live across it (register pressure: spills at 128-row tiles)
     if W_FMT == 2:
-        rows64 = tl.maximum(rows, 0).to(tl.int64)
-        w_s = tl.load(s_base + (rows64 // 128) * stride_sn + (k0 // 128) * stride_sk)
-        return acc + tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+        if W_UNIFORM:
+            a_s = a_s * tl.load(s_base + (n0 // 128) * stride_sn + (k0 // 128) * stride_sk)
+        else:
+            # the per-column scale multiplies the dot's result after a_s: a [BLOCK_M, BLOCK_N]
+            # scale matrix formed before the dot would stay live across it (register pressure)
+            rows64 = tl.maximum(rows, 0).to(tl.int64)
+            w_s = tl.load(s_base + (rows64 // 128) * stride_sn + (k0 // 128) * stride_sk)
+            return acc + tl.dot(a, w) * a_s[:, None] * w_s[None, :]
     return acc + tl.dot(a, w) * a_s[:, None]
 
 
 @triton.jit
 def _mma_nvfp4(acc, x_ptrs, valid, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
-               DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+               DOT_PREC: tl.constexpr, FAST_E2M1: tl.constexpr, BLOCK_K: tl.constexpr):
     """One k step of the nvfp4 GEMM on the bf16/fp16/fp32 tensor cores: acc + a_even @ w_even.T +
     a_odd @ w_odd.T (the exact block-scaled values; the global scale is the caller's)."""
     j = tl.arange(0, BLOCK_K // 2)
     m = valid[:, None] & (k0 + 2 * j < K)[None, :]
     xe = tl.load(x_ptrs + k0 + 2 * j[None, :], mask=m, other=0.0)
     xo = tl.load(x_ptrs + k0 + 2 * j[None, :] + 1, mask=m, other=0.0)
-    even, odd = _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, BLOCK_K)
-    acc = tl.dot(xe, tl.trans(even.to(xe.dtype)), acc, input_precision=DOT_PREC)
-    return tl.dot(xo, tl.trans(odd.to(xo.dtype)), acc, input_precision=DOT_PREC)
+    even, odd = _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, FAST_E2M1, BLOCK_K,
+                            xe.dtype)
+    acc = tl.dot(xe, tl.trans(even), acc, input_precision=DOT_PREC)
+    return tl.dot(xo, tl.trans(odd), acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -257,6 +315,7 @@ def moe_gate_up_kernel(
     num_m, E, I, K, limit, alpha, EPS,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     W_TMA: tl.constexpr, USE_PDL: tl.constexpr, W_FMT: tl.constexpr, A_FP8: tl.constexpr,
+    W_UNIFORM: tl.constexpr, FAST_E2M1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     if USE_PDL:
@@ -296,9 +355,9 @@ def moe_gate_up_kernel(
             acc_u = tl.sum(part_u, axis=1)[None, :]
         else:
             acc_g = _matvec(x_row, w_base, s_base, g_base, rows_g, K, stride_wn, stride_sn, stride_sk,
-                            W_FMT, False, BLOCK_K)[None, :]
+                            W_FMT, False, FAST_E2M1, BLOCK_K)[None, :]
             acc_u = _matvec(x_row, w_base, s_base, g_base, rows_u, K, stride_wn, stride_sn, stride_sk,
-                            W_FMT, False, BLOCK_K)[None, :]
+                            W_FMT, False, FAST_E2M1, BLOCK_K)[None, :]
     else:
         a_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         wg_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
@@ -308,10 +367,11 @@ def moe_gate_up_kernel(
             as_ptrs = xs_ptr + rows * stride_xsm
             for k0 in range(0, K, BLOCK_K):
                 acc_g = _mma_fp8(acc_g, a_ptrs, as_ptrs, stride_xsg, valid, wg_ptrs, w_desc, e, pid_n * BLOCK_N,
-                                 s_base, rows_g, k0, K, stride_sn, stride_sk, W_FMT, W_TMA, BLOCK_N, BLOCK_K)
+                                 s_base, rows_g, k0, K, stride_sn, stride_sk, W_FMT, W_TMA, W_UNIFORM,
+                                 BLOCK_N, BLOCK_K)
                 acc_u = _mma_fp8(acc_u, a_ptrs, as_ptrs, stride_xsg, valid, wg_ptrs + I * stride_wn, w_desc, e,
                                  I + pid_n * BLOCK_N, s_base, rows_u, k0, K, stride_sn, stride_sk, W_FMT, W_TMA,
-                                 BLOCK_N, BLOCK_K)
+                                 W_UNIFORM, BLOCK_N, BLOCK_K)
             if W_FMT == 1:
                 acc_g *= tl.load(s_base)
                 acc_u *= tl.load(s_base)
@@ -319,9 +379,9 @@ def moe_gate_up_kernel(
             x_ptrs = x_ptr + rows[:, None] * stride_xm
             for k0 in range(0, K, BLOCK_K):
                 acc_g = _mma_nvfp4(acc_g, x_ptrs, valid, w_base, s_base, rows_g, k0, K, stride_wn, stride_sn,
-                                   stride_sk, DOT_PREC, BLOCK_K)
+                                   stride_sk, DOT_PREC, FAST_E2M1, BLOCK_K)
                 acc_u = _mma_nvfp4(acc_u, x_ptrs, valid, w_base, s_base, rows_u, k0, K, stride_wn, stride_sn,
-                                   stride_sk, DOT_PREC, BLOCK_K)
+                                   stride_sk, DOT_PREC, FAST_E2M1, BLOCK_K)
             acc_g *= tl.load(g_base)
             acc_u *= tl.load(g_base)
         else:
@@ -361,7 +421,8 @@ def moe_down_kernel(
     expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
     num_m, E, N, K,
     HAS_BIAS: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, W_TMA: tl.constexpr,
-    USE_PDL: tl.constexpr, W_FMT: tl.constexpr, A_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr, W_FMT: tl.constexpr, A_FP8: tl.constexpr, W_UNIFORM: tl.constexpr,
+    FAST_E2M1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_n = tl.cdiv(N, BLOCK_N)
@@ -396,7 +457,7 @@ def moe_down_kernel(
             acc = tl.sum(part, axis=1)[None, :]
         else:
             acc = _matvec(a_row, w_base, s_base, g_base, rows_w, K, stride_wn, stride_sn, stride_sk,
-                          W_FMT, USE_PDL, BLOCK_K)[None, :]
+                          W_FMT, USE_PDL, FAST_E2M1, BLOCK_K)[None, :]
     else:
         if USE_PDL:
             gdc_wait()
@@ -407,14 +468,14 @@ def moe_down_kernel(
             as_ptrs = acts_ptr + slots.to(tl.int64) * stride_asm
             for k0 in range(0, K, BLOCK_K):
                 acc = _mma_fp8(acc, a_ptrs, as_ptrs, 1, valid, w_ptrs, w_desc, e, pid_n * BLOCK_N, s_base, rows_w,
-                               k0, K, stride_sn, stride_sk, W_FMT, W_TMA, BLOCK_N, BLOCK_K)
+                               k0, K, stride_sn, stride_sk, W_FMT, W_TMA, W_UNIFORM, BLOCK_N, BLOCK_K)
             if W_FMT == 1:
                 acc *= tl.load(s_base)
         elif W_FMT == 3:
             x_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am
             for k0 in range(0, K, BLOCK_K):
                 acc = _mma_nvfp4(acc, x_ptrs, valid, w_base, s_base, rows_w, k0, K, stride_wn, stride_sn,
-                                 stride_sk, DOT_PREC, BLOCK_K)
+                                 stride_sk, DOT_PREC, FAST_E2M1, BLOCK_K)
             acc *= tl.load(g_base)
         else:
             for k0 in range(0, K, BLOCK_K):
