@@ -27,6 +27,10 @@ PAYLOAD_TOL = {"bf16": EXACT_TOL, "fp8": 0.15, "fp8_block": 0.15, "nvfp4": 0.5}
 # (2^-9 relative each), the output once more; 2% of the largest output covers their sum over
 # H = 32 and I = 16 terms with margin. Quantized payloads add their own bound on top.
 GPU_TOL = 2e-2
+# The Triton runner's w8a8 path (fp8 weights beyond decode sizes) also rounds the hidden rows and
+# the activation to e4m3 (tests/test_triton_runner.py W8A8_TOL: up to 2^-4 per value, partly
+# averaging out); the reference runner keeps them in fp32.
+W8A8_TOL = 0.1
 
 
 def make_weights(fmt: str, full: ExpertWeights) -> ExpertWeights:
@@ -157,4 +161,6 @@ def test_valid_gpu_combos_virtual_ranks_match_reference(world):
         for (name, err, finite), c in zip(rank_errors, combos):
             assert finite, f"{name}: non-finite output"
             bound = GPU_TOL + (PAYLOAD_TOL[c.payload] if c.payload != "bf16" else 0.0)
+            if c.runner == "triton" and c.weights in ("fp8", "fp8_block"):
+                bound += W8A8_TOL  # the runner quantizes activations to e4m3 at these sizes
             assert err <= bound, f"{name}: rel err {err:.3g}"

@@ -448,22 +448,27 @@ def _quantized_tiles(config: ExpertsConfig, fmt_code: int) -> tuple[GemmConfig, 
       fp8 / fp8_block, sorted: 128 deep (one activation scale per k step); gate_up 128 wide (its
         epilogue quantizes one 128-value group per program), 8 warps from 64-row tiles on (two
         [BLOCK_M, 128] fp32 accumulators).
-      fp8_block, pair mode: at most 128 deep (one block scale per weight row and tile).
-      nvfp4: at least 32 deep (two 16-value blocks: a 16-deep dot per parity needs 32); sorted
-        tiles at most 2 stages (dequantized tiles are staged in shared memory again).
+      pair mode, quantized: twice as deep as the bf16 tile (fp8_block: whole 128-value blocks).
+      nvfp4, sorted: at least 32 deep (a 16-deep dot per parity), at most 2 stages (dequantized
+        tiles are staged in shared memory again).
     """
     g, d = config.gate_up, config.down
     if fmt_code in (1, 2) and not config.pair_mode:
         warps = 8 if config.block_m >= 64 else 4
         g = dataclasses.replace(g, block_n=128, block_k=FP8_BLOCK, num_warps=warps)
         d = dataclasses.replace(d, block_k=FP8_BLOCK, num_warps=max(d.num_warps, warps))
-    elif fmt_code == 2:
-        g = dataclasses.replace(g, block_k=min(g.block_k, FP8_BLOCK))
-        d = dataclasses.replace(d, block_k=min(d.block_k, FP8_BLOCK))
+    elif config.pair_mode and fmt_code:
+        # decode streams weights: a quantized tile as deep as the bf16 tile in *bytes* would have
+        # too many values to decode per thread; twice as deep keeps as many bytes in flight for
+        # fp8 and half as many for nvfp4. fp8_block tiles are whole 128-value blocks.
+        def deeper(c: GemmConfig) -> GemmConfig:
+            bk = 2 * c.block_k
+            return dataclasses.replace(c, block_k=max(bk, FP8_BLOCK) if fmt_code == 2 else bk)
+
+        g, d = deeper(g), deeper(d)
     elif fmt_code == 3:
-        stages = 1 if config.pair_mode else 2
-        g = dataclasses.replace(g, block_k=max(g.block_k, 32), num_stages=min(g.num_stages, stages))
-        d = dataclasses.replace(d, block_k=max(d.block_k, 32), num_stages=min(d.num_stages, stages))
+        g = dataclasses.replace(g, block_k=max(g.block_k, 32), num_stages=min(g.num_stages, 2))
+        d = dataclasses.replace(d, block_k=max(d.block_k, 32), num_stages=min(d.num_stages, 2))
     return g, d
 
 

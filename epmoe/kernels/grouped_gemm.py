@@ -24,10 +24,10 @@ Quantized weights (W_FMT, see epmoe/quant.py):
 Scale strides of broadcast (size-1) dims are 0.
 
   PAIR_MODE (decode, bound by the weight stream): weight-only. Tiles are dequantized in
-  registers and multiplied with the bf16/fp32 activation row on the CUDA cores; fp8_block tiles
-  are at most 128 deep so one scale per weight row covers a tile; nvfp4 bytes are split into
-  their even (low nibble) and odd (high nibble) values and multiplied with the even and odd
-  activations, so no register shuffle interleaves them.
+  registers and multiplied with the bf16/fp32 activation row on the CUDA cores; fp8_block and
+  nvfp4 tiles are 3-D ([rows, blocks, values of a block]) so a block's scale broadcasts; nvfp4
+  bytes are split into their even (low nibble) and odd (high nibble) values and multiplied with
+  the even and odd activations, so no register shuffle interleaves them.
   Sorted, fp8 / fp8_block (A_FP8): w8a8 on the fp8 tensor cores. A holds e4m3 rows with one
   fp32 scale per row and 128 values (per-token-group activations, DeepSeek-V3 style), BLOCK_K is
   128, and every k step adds dot(a, w) * a_scale[m] * w_scale[n] in fp32. gate_up's epilogue
@@ -182,6 +182,26 @@ def _load_w8(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, W_FMT
 
 
 @triton.jit
+def _fp8_block_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
+                           BLOCK_K: tl.constexpr):
+    """One k step of the pair-mode fp8_block product, elementwise: fp32 [R, BLOCK_K // 128, 128] =
+    w[r, k] * scale[r // 128, k // 128] * x[k]; a [R, G, 128] tile keeps each 128-value block on
+    its own axis so its scale broadcasts (tiles deeper than one block stream more bytes per load)."""
+    G: tl.constexpr = BLOCK_K // 128
+    r_ok = rows >= 0
+    rows64 = tl.maximum(rows, 0).to(tl.int64)
+    grp = k0 // 128 + tl.arange(0, G)  # [G]
+    k = grp[:, None] * 128 + tl.arange(0, 128)[None, :]  # [G, 128]
+    k_ok = k < K
+    w = tl.load(w_base + rows64[:, None, None] * stride_wn + k[None, :, :], mask=r_ok[:, None, None] & k_ok[None],
+                other=0.0).to(tl.float32)
+    x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)[None, :, :]
+    sc = tl.load(s_base + (rows64 // 128)[:, None] * stride_sn + grp[None, :] * stride_sk,
+                 mask=r_ok[:, None] & (grp * 128 < K)[None, :], other=0.0)
+    return w * sc[:, :, None] * x
+
+
+@triton.jit
 def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride_sk,
             W_FMT: tl.constexpr, WAIT: tl.constexpr, FAST_E2M1: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pair mode: fp32 [R] = W[rows, :] . x for one activation row (weights dequantized in
@@ -197,6 +217,14 @@ def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride
             part += _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
                                        FAST_E2M1, BLOCK_K)
         return tl.sum(part, axis=1) * tl.load(g_base)
+    elif W_FMT == 2:
+        if WAIT:
+            gdc_wait()
+        part3 = tl.zeros([R, BLOCK_K // 128, 128], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            part3 += _fp8_block_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
+                                            BLOCK_K)
+        return tl.sum(tl.sum(part3, axis=2), axis=1)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         part = tl.zeros([R, BLOCK_K], dtype=tl.float32)
