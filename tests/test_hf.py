@@ -119,6 +119,23 @@ def test_patched_block_matches_hf_block(family, picks):
             torch.testing.assert_close(got, expect, **TOL)
 
 
+def test_gpt_oss_uses_the_experts_module_limit_and_alpha():
+    """transformers 5.17 hard-codes GPT-OSS's clamp (7.0) and alpha (1.702) on the experts module;
+    later versions read swiglu_limit / swiglu_alpha from the config. The patched block follows the
+    module, so a module whose values differ from its config (this tiny config says 2.0 / 1.5)
+    still matches HF."""
+    model = build_model("gpt_oss")
+    for layer in model.model.layers:
+        layer.mlp.experts.limit, layer.mlp.experts.alpha = 7.0, 1.702
+    hf = copy.deepcopy(model.get_submodule("model.layers.0.mlp"))
+    patch_model(model)
+    block = model.get_submodule("model.layers.0.mlp")
+    assert (block.moe.cfg.swiglu_limit, block.moe.cfg.swiglu_alpha) == (7.0, 1.702)
+    x = torch.randn(2, 6, COMMON["hidden_size"], generator=torch.Generator().manual_seed(3)) * 4
+    with torch.no_grad():
+        torch.testing.assert_close(block(x)[0], hf(x)[0], **TOL)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patched_model_logits_and_greedy_tokens(family):
     model = build_model(family)

@@ -174,6 +174,15 @@ def config_from_hf(hf_config: Any) -> MoEConfig:
     )
 
 
+def _block_config(cfg: MoEConfig, experts: Any) -> MoEConfig:
+    """The config of one block: GPT-OSS experts clamp and scale with the module's own `limit` and
+    `alpha`, which transformers 5.17 hard-codes (7.0, 1.702) and later versions read from the
+    config: whichever the installed version computes with is what the patched block must use."""
+    if cfg.activation == "swiglu_clamped" and hasattr(experts, "limit") and hasattr(experts, "alpha"):
+        return cfg.replace(swiglu_limit=float(experts.limit), swiglu_alpha=float(experts.alpha))
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------
@@ -386,7 +395,8 @@ def patch_model(
         router = getattr(block, family.router)
         bias = router.e_score_correction_bias.detach() if cfg.uses_correction_bias else None
         moe = MoELayer(
-            cfg, weights, group=group, comm=comm, runner=runner, layout=layout, placement=placement,
+            _block_config(cfg, block.experts), weights, group=group, comm=comm, runner=runner, layout=layout,
+            placement=placement,
             correction_bias=bias, shared=_shared(family, block, cfg), **layer_kwargs,
         )
         parent_name, _, child = name.rpartition(".")
