@@ -4,9 +4,15 @@ import pytest
 import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, RoutingCapture
+from epmoe.experts.triton import activation_quant, select_config
 from epmoe.layer import SharedExperts
 from epmoe.quant import quantize_weights
 from epmoe.routing import route
+
+# fp8_block weights: a call alone at decode size runs weight-only, its bucket's graph w8a8 (hidden
+# and activation rounded to e4m3, up to 2^-4 per value, partly averaging out): see
+# tests/test_triton_runner.py W8A8_TOL.
+W8A8_TOL = 0.1
 
 
 def test_capture_needs_cuda_and_capturable_pieces():
@@ -79,12 +85,25 @@ def test_whole_layer_graph_triton_every_weight_format(preset, fmt):
         raise AssertionError("a call within the buckets ran eagerly")
 
     graphed._eager = no_eager
+
+    def act_quant(T: int) -> str | None:
+        c = select_config(fmt, T * cfg.top_k, cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k,
+                          torch.device("cuda"))
+        return activation_quant(fmt, c)
+
+    def same_numerics(T: int) -> bool:
+        """Eager T and its bucket pick kernels with the same activation quantization."""
+        return T == 0 or act_quant(T) == act_quant(min(b for b in (4, 16, 64) if b >= T))
     for T in [64, 40, 1, 16, 3, 11, 4, 0, 64]:
         x = torch.randn(T, cfg.hidden, generator=g).to("cuda", torch.bfloat16)
         logits = torch.randn(T, cfg.num_experts, generator=g).cuda()
         y = graphed(x, logits)
         assert y.shape == (T, cfg.hidden) and y.dtype == torch.bfloat16
-        torch.testing.assert_close(y, eager(x, logits), atol=0, rtol=0, msg=f"T={T}")
+        want = eager(x, logits)
+        if same_numerics(T):
+            torch.testing.assert_close(y, want, atol=0, rtol=0, msg=f"T={T}")
+        else:  # e.g. fp8_block: T alone decodes weight-only, its bucket runs w8a8 (e4m3 activations)
+            assert float((y.float() - want.float()).abs().max() / want.float().abs().max()) <= W8A8_TOL, f"T={T}"
         assert cap.num_tokens == T and int(cap.num_tokens_dev) == T
         assert torch.equal(cap.captured(), route(logits, cfg, bias).ids), f"T={T}"
         if T:
