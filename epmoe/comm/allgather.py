@@ -36,12 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-from epmoe.comm.base import Dispatched, count_experts
+from epmoe.comm.base import Dispatched
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import (
     Pairs,
     WireBackend,
-    decode,
     empty_rows,
     encode,
     local_experts_of,
@@ -155,13 +154,7 @@ class AllGatherComm(WireBackend):
             dispatch_bytes=sent_rows * layout.nbytes,
             combine_bytes=combine_rows * H * self.combine_dtype.itemsize,
         )
-        return Dispatched(
-            hidden=decode(parts[:-2], self.payload, H),
-            row_ids=pairs.row_ids,
-            expert_ids=pairs.expert_ids,
-            expert_counts=count_experts(pairs.expert_ids, self.placement.local_experts),
-            handle=handle,
-        )
+        return self._dispatched(parts, pairs, handle)
 
     def combine(
         self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None

@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from epmoe.comm.base import CommBackend, weighted_sum
+from epmoe.comm.base import CommBackend, Dispatched, count_experts, weighted_sum
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
 
@@ -361,6 +361,17 @@ class WireBackend(CommBackend):
         return [row[n:] for row in table]
 
     # ---- combine helpers --------------------------------------------------------------------
+
+    def _dispatched(self, parts: Sequence[torch.Tensor], pairs: Pairs, handle: Any) -> Dispatched:
+        """The received rows (the payload parts of `row_layout`, decoded; the last two parts are
+        routing metadata) and the pairs the local experts compute."""
+        return Dispatched(
+            hidden=decode(parts[:-2], self.payload, self.cfg.hidden),
+            row_ids=pairs.row_ids,
+            expert_ids=pairs.expert_ids,
+            expert_counts=count_experts(pairs.expert_ids, self.placement.local_experts),
+            handle=handle,
+        )
 
     def _finish(self, acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
         """The one cast of the fp32 result [T, H] (into `out` when given)."""
