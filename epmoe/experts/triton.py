@@ -278,6 +278,7 @@ def _check_quantized(name: str, w: Any, E: int, N: int, K: int) -> None:
 def _check(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor, weights: ExpertWeights,
            cfg: MoEConfig, out: torch.Tensor | None) -> None:
     E, I, H = weights.w13.shape[0], cfg.intermediate, cfg.hidden
+    hidden_in = hidden
     if isinstance(hidden, QuantizedTensor):
         if hidden.dim() != 2 or hidden.shape[1] != H or hidden.data.stride(-1) != 1:
             raise ValueError(f"hidden must be [N, {H}] with contiguous rows, got a quantized {tuple(hidden.shape)}")
@@ -312,8 +313,9 @@ def _check(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor
     M = expert_ids.shape[0]
     if row_ids.shape[0] != M:
         raise ValueError(f"row_ids has {row_ids.shape[0]} pairs, expert_ids {M}")
-    if out is not None and (tuple(out.shape) != (M, H) or out.dtype not in FLOAT_DTYPES or out.stride(-1) != 1):
-        raise ValueError(f"out must be [{M}, {H}] bf16/fp16/fp32 with a contiguous last dim")
+    dtype = out_dtype_for(hidden_in, weights)
+    if out is not None and (tuple(out.shape) != (M, H) or out.dtype != dtype or out.stride(-1) != 1):
+        raise ValueError(f"out must be [{M}, {H}] {dtype} with a contiguous last dim")
 
 
 def _weight_args(w: Any) -> tuple[Any, ...]:
