@@ -5,10 +5,15 @@
 All modes compute in fp32. Ties break deterministically towards the lowest expert id (and the
 lowest group id for grouped top-k): `_topk` sorts stably instead of calling `torch.topk`,
 whose order among equal values is unspecified.
+
+Two implementations: `route_torch` (plain PyTorch, ~15 ops) and `route_triton` (one launch of
+kernels/routing.py, which repeats the argmax k times with the same tie rule). `route` picks
+the kernel for CUDA logits: at decode the torch path's launch overhead dominates the layer.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +25,8 @@ from epmoe.config import MoEConfig
 class Routing:
     """The experts each token goes to.
 
-    ids:     [T, K] int32, global expert ids in [0, E), distinct within a row.
+    ids:     [T, K] int32, global expert ids in [0, E), distinct within a row; -1 in the
+             rows route(num_valid=...) marks as padding.
     weights: [T, K] fp32, router weights applied at combine.
     """
 
@@ -115,41 +121,91 @@ def check_correction_bias(correction_bias: torch.Tensor, num_experts: int) -> No
         )
 
 
-def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along the last dim; among equal values the lowest index wins."""
-    sorted_vals, order = torch.sort(values, dim=-1, descending=True, stable=True)
-    return sorted_vals[..., :k], order[..., :k]
+IMPLS = ("auto", "torch", "triton")
+_MODES = {"softmax": 0, "softmax_after_topk": 1, "sigmoid_bias": 2, "sigmoid_grouped": 3}  # kernel MODE
+_MAX_COLUMNS = 1024  # kernel tile width (padded experts); wider configs route with torch
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # loaded as they are
 
 
 def route(
     router_logits: torch.Tensor,
     cfg: MoEConfig,
     correction_bias: torch.Tensor | None = None,
+    num_valid: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> Routing:
     """Route tokens from router logits [T, E] (any float dtype) by `cfg.routing`.
 
-    correction_bias: [E] fp32, required by the "sigmoid_bias" and "sigmoid_grouped" modes
+    correction_bias: [E] float, required by the "sigmoid_bias" and "sigmoid_grouped" modes
     (checkpoint name `e_score_correction_bias`); it changes which experts are picked, never the
     weights.
+    num_valid: optional int32 scalar tensor on the logits' device: rows t >= num_valid (the
+    padding rows of a CUDA-graph bucket) get ids -1 and weights 0. Read on the device only.
+    impl: "triton" (`route_triton`, one kernel launch), "torch" (`route_torch`, its twin) or
+    "auto": Triton for CUDA logits when the kernel takes the config, torch otherwise.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" or (impl == "auto" and router_logits.is_cuda and kernel_supports(cfg)[0]):
+        return route_triton(router_logits, cfg, correction_bias, num_valid)
+    return route_torch(router_logits, cfg, correction_bias, num_valid)
+
+
+def _check_inputs(
+    router_logits: torch.Tensor,
+    cfg: MoEConfig,
+    correction_bias: torch.Tensor | None,
+    num_valid: torch.Tensor | None,
+) -> None:
+    """Validate route()'s inputs. Outside CUDA-graph captures this reads the logits and the
+    bias on the host (NaN / inf checks); while capturing only metadata is checked."""
     if router_logits.dim() != 2 or router_logits.shape[1] != cfg.num_experts:
         raise ValueError(
             f"router_logits must be [T, {cfg.num_experts}], got {tuple(router_logits.shape)}"
         )
     if not router_logits.is_floating_point():
         raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
-    logits = router_logits.float()
-    capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
-    if logits.numel() and not capturing and not bool(torch.isfinite(logits).all()):
+    capturing = router_logits.is_cuda and torch.cuda.is_current_stream_capturing()
+    if router_logits.numel() and not capturing and not bool(torch.isfinite(router_logits).all()):
         raise ValueError("router_logits contain NaN or inf; check the router input")
-    k = cfg.top_k
     if cfg.uses_correction_bias:
         if correction_bias is None:
             raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
         if not capturing:
             check_correction_bias(correction_bias, cfg.num_experts)
-        correction_bias = correction_bias.float()
+        if correction_bias.device != router_logits.device:
+            raise ValueError(
+                f"correction_bias is on {correction_bias.device} but router_logits on "
+                f"{router_logits.device}; move the bias to the logits' device once, at load"
+            )
+    if num_valid is not None and (
+        not isinstance(num_valid, torch.Tensor) or num_valid.dtype != torch.int32
+        or num_valid.numel() != 1 or num_valid.device != router_logits.device
+    ):
+        got = (f"{num_valid.dtype} {tuple(num_valid.shape)} on {num_valid.device}"
+               if isinstance(num_valid, torch.Tensor) else type(num_valid).__name__)
+        raise ValueError(
+            f"num_valid must be an int32 tensor of one element on {router_logits.device}, got {got}; "
+            "e.g. torch.tensor(n, dtype=torch.int32, device=router_logits.device)"
+        )
 
+
+def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim; among equal values the lowest index wins."""
+    sorted_vals, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    return sorted_vals[..., :k], order[..., :k]
+
+
+def route_torch(
+    router_logits: torch.Tensor,
+    cfg: MoEConfig,
+    correction_bias: torch.Tensor | None = None,
+    num_valid: torch.Tensor | None = None,
+) -> Routing:
+    """Plain-PyTorch twin of `route_triton` (same arguments, see `route`)."""
+    _check_inputs(router_logits, cfg, correction_bias, num_valid)
+    logits = router_logits.float()  # [T, E]
+    k = cfg.top_k
     if cfg.routing == "softmax":
         probs = logits.softmax(dim=-1)  # [T, E]
         weights, ids = _topk(probs, k)  # [T, K]
@@ -158,11 +214,11 @@ def route(
         weights = top.softmax(dim=-1)
     elif cfg.routing == "sigmoid_bias":
         scores = logits.sigmoid()  # [T, E]
-        _, ids = _topk(scores + correction_bias, k)
+        _, ids = _topk(scores + correction_bias.float(), k)
         weights = scores.gather(1, ids)
     else:  # sigmoid_grouped
         scores = logits.sigmoid()  # [T, E]
-        choice = scores + correction_bias  # [T, E]
+        choice = scores + correction_bias.float()  # [T, E]
         T, E, G = logits.shape[0], cfg.num_experts, cfg.n_group
         grouped = choice.view(T, G, E // G)  # [T, G, E/G]
         group_scores = _topk(grouped, 2)[0].sum(dim=-1)  # [T, G]
@@ -178,7 +234,89 @@ def route(
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     if cfg.routed_scaling_factor != 1.0:
         weights = weights * cfg.routed_scaling_factor
-    return Routing(ids.to(torch.int32), weights.contiguous())
+    ids = ids.to(torch.int32)
+    if num_valid is not None:
+        pad = torch.arange(ids.shape[0], device=ids.device)[:, None] >= num_valid.reshape(())  # [T, 1]
+        ids = ids.masked_fill(pad, -1)
+        weights = weights.masked_fill(pad, 0.0)
+    return Routing(ids, weights.contiguous())
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _kernel_groups(cfg: MoEConfig) -> tuple[int, int, int]:
+    """(groups, experts per group, groups kept) as the kernel tiles them."""
+    if cfg.routing == "sigmoid_grouped":
+        return cfg.n_group, cfg.num_experts // cfg.n_group, cfg.topk_group
+    return 1, cfg.num_experts, 1
+
+
+def kernel_supports(cfg: MoEConfig) -> tuple[bool, str]:
+    """(ok, reason): whether `route_triton` takes this config (its tile must fit)."""
+    groups, per_group, _ = _kernel_groups(cfg)
+    columns = _next_pow2(groups) * max(2, _next_pow2(per_group))
+    if columns > _MAX_COLUMNS:
+        return False, (
+            f"{cfg.num_experts} experts in {groups} group(s) pad to {columns} columns, over the "
+            f"routing kernel's {_MAX_COLUMNS}; use impl='torch'"
+        )
+    return True, ""
+
+
+def route_triton(
+    router_logits: torch.Tensor,
+    cfg: MoEConfig,
+    correction_bias: torch.Tensor | None = None,
+    num_valid: torch.Tensor | None = None,
+) -> Routing:
+    """`route` in one Triton launch (kernels/routing.py); no host sync besides `route`'s own
+    input checks, which are skipped while a CUDA graph is captured.
+
+    Logits live on CUDA, or on the CPU under the Triton interpreter (TRITON_INTERPRET=1).
+    """
+    import triton
+
+    from epmoe.kernels.routing import moe_route_kernel
+
+    _check_inputs(router_logits, cfg, correction_bias, num_valid)
+    ok, reason = kernel_supports(cfg)
+    if not ok:
+        raise ValueError(reason)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not router_logits.is_cuda and not interpret:
+        raise ValueError(
+            f"route_triton needs CUDA logits, got {router_logits.device}; use impl='torch' "
+            "(or TRITON_INTERPRET=1 to run the kernel on the CPU)"
+        )
+    logits = router_logits if router_logits.dtype in _KERNEL_DTYPES else router_logits.float()
+    bias = None
+    if cfg.uses_correction_bias:
+        bias = correction_bias if correction_bias.dtype in _KERNEL_DTYPES else correction_bias.float()
+        bias = bias.contiguous()
+
+    T, K = logits.shape[0], cfg.top_k
+    ids = torch.empty(T, K, dtype=torch.int32, device=logits.device)
+    weights = torch.empty(T, K, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        return Routing(ids, weights)
+    groups, per_group, topk_group = _kernel_groups(cfg)
+    g_pad, pg_pad = _next_pow2(groups), max(2, _next_pow2(per_group))
+    columns = g_pad * pg_pad
+    # a tile of <= 2K elements, one warp per 256 (not tuned on a GPU yet); at decode one token
+    # per program, and for E <= 256 one warp, so every reduction stays within the warp
+    block_t = min(_next_pow2(T), max(1, 2048 // columns), 64)
+    num_warps = min(4, max(1, block_t * columns // 256))
+    moe_route_kernel[(triton.cdiv(T, block_t),)](
+        logits, bias, num_valid, ids, weights,
+        T, logits.stride(0), logits.stride(1), float(cfg.routed_scaling_factor),
+        MODE=_MODES[cfg.routing], K=K, K_PAD=_next_pow2(K),
+        N_GROUP=groups, PER_GROUP=per_group, G_PAD=g_pad, PG_PAD=pg_pad, TOPK_GROUP=topk_group,
+        NORM=cfg.norm_topk_prob, HAS_NUM_VALID=num_valid is not None, PRECISE_EXP=not interpret,
+        BLOCK_T=block_t, num_warps=num_warps,
+    )
+    return Routing(ids, weights)
 
 
 class RoutingCapture:
