@@ -157,13 +157,14 @@ class AllGatherComm(WireBackend):
         return self._dispatched(parts, pairs, handle)
 
     def combine(
-        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None
+        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+        addend: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h: AllGatherHandle = dispatched.handle
         W, H, cap, T = self.world, self.cfg.hidden, h.cap, h.tokens
         partial = partial_sums(expert_out, h.pairs, H)  # [N, H] fp32
         if W == 1:
-            return self._finish(partial[:T], h.dtype, out)
+            return self._finish(partial[:T], h.dtype, out, addend)
         partial = partial.to(self.combine_dtype)  # the combine wire
         if h.counts is None:  # static: every rank gets all cap rows of its block back
             back = self.group.all_to_all_v(partial, [cap] * W, [cap] * W).view(W, cap, H)[:, :T]
@@ -173,4 +174,4 @@ class AllGatherComm(WireBackend):
             if cap:  # padded rows: keep each rank's first counts[j] rows
                 partial = torch.cat([partial[s : s + n] for s, n in zip(h.starts, h.counts)])  # [sum T, H]
             back = self.group.all_to_all_v(partial, h.counts, [T] * W).view(W, T, H)
-        return self._finish(sum_in_rank_order(back), h.dtype, out)  # [T, H]
+        return self._finish(sum_in_rank_order(back), h.dtype, out, addend)  # [T, H]

@@ -138,7 +138,8 @@ class NcclA2AComm(WireBackend):
         return self._dispatched(parts, pairs, handle)
 
     def combine(
-        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None
+        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+        addend: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h: A2AHandle = dispatched.handle
         W, H = self.world, self.cfg.hidden
@@ -155,4 +156,4 @@ class NcclA2AComm(WireBackend):
             for r in range(W):  # rank order; 0 + p == p, so tokens hitting one rank get it exactly
                 got = back[h.slot[:, r]].float()  # [T, H]
                 acc = torch.where(h.hit[:, r, None], acc + got, acc)
-        return self._finish(acc, h.dtype, out)
+        return self._finish(acc, h.dtype, out, addend)

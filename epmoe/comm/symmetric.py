@@ -83,7 +83,7 @@ from typing import Any
 
 import torch
 
-from epmoe.comm.base import CommBackend, Dispatched, count_experts, weighted_sum
+from epmoe.comm.base import CommBackend, Dispatched, check_addend, count_experts, finish, weighted_sum
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import check_input_scale, scale_code, scale_text
 from epmoe.config import MoEConfig
@@ -441,7 +441,7 @@ def combine_send_torch(own: RankViews, peers: list[RankViews], rank: int, expert
         n = counts[s]
         if n:
             ids = own.meta_ids[s, :n]  # [n, Kl]
-            acc = weighted_sum(out[s, :n].reshape(n * Kl, -1), own.meta_w[s, :n], ids >= 0, n, Kl)
+            acc = weighted_sum(out[s, :n].reshape(n * Kl, -1), own.meta_w[s, :n], ids >= 0, n, Kl, impl="torch")
             own.comb_out[s, :n] = acc.to(own.comb_out.dtype)
     for peer in peers:
         peer.flags[1, rank] = seq
@@ -706,12 +706,12 @@ class SymmA2A(CommBackend):
             self.group.barrier()
         return self.dispatch_recv()
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
         self.combine_send(expert_out, dispatched)
         if self._phase_barrier():
             self.group.barrier()
-        y = self.combine_recv(dispatched, out)
+        y = self.combine_recv(dispatched, out, addend=addend)
         if self.check_errors and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.check()
         return y
@@ -800,19 +800,26 @@ class SymmA2A(CommBackend):
         else:
             _triton_combine_send(self, expert_out)
 
-    def combine_recv(self, dispatched: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Phase 4 (home rank): wait for every expert rank, add partial sums in rank order."""
+    def combine_recv(self, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                     addend: torch.Tensor | None = None) -> torch.Tensor:
+        """Phase 4 (home rank): wait for every expert rank, add partial sums in rank order (then
+        `addend` [T, H] fp32, before the one cast)."""
         h: SymmHandle = dispatched.handle
         T, H = h.num_tokens, self.cfg.hidden
         if out is not None and (out.shape != (T, H) or out.device != self.device):
             raise ValueError(f"out must be [{T}, {H}] on {self.device}, got {tuple(out.shape)} on {out.device}")
+        if addend is not None:
+            check_addend(addend, T, H, self.device, f"symm_a2a rank {self.rank}")
         try:
             if self._impl == "torch":
                 acc = combine_recv_torch(self.own, self.peers, self.rank, h.ids, self._placement_dev, h.seq,
                                          self.timeout_s)
-                y = acc.to(h.dtype) if out is None else out.copy_(acc)
-            else:
+                y = finish(acc, h.dtype, out, addend, "symm_a2a")
+            elif addend is None:
                 y = _triton_combine_recv(self, h, out)
+            else:  # the kernel casts as it stores: sum in fp32, add, then cast
+                acc = _triton_combine_recv(self, h, torch.empty(T, H, dtype=torch.float32, device=self.device))
+                y = finish(acc, h.dtype, out, addend, "symm_a2a")
         except SymmTimeoutError as exc:
             self._broken = str(exc)
             raise

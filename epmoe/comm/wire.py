@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from epmoe.comm.base import CommBackend, Dispatched, count_experts, weighted_sum
+from epmoe.comm.base import CommBackend, Dispatched, count_experts, finish, gather_sum, local_pairs, weighted_sum
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
 
@@ -194,7 +194,9 @@ def unpack_rows(buf: torch.Tensor, layout: RowLayout) -> list[torch.Tensor]:
         if i == 0 and buf.stride(0) % elt == 0:
             out.append(cols.view(dtype))  # [N, n], row stride nbytes / elt
         else:
-            out.append(cols.contiguous().view(dtype).reshape(buf.shape[0], n))
+            # a fresh copy with standard strides: .contiguous() returns 0 or 1 rows as they are,
+            # with a byte offset and row stride that a wider dtype cannot view
+            out.append(cols.clone(memory_format=torch.contiguous_format).view(dtype).reshape(buf.shape[0], n))
         col += width
     return out
 
@@ -211,13 +213,8 @@ def empty_rows(n: int, layout: RowLayout, device: torch.device, filled: int = 0)
 def local_experts_of(ids: torch.Tensor, placement: Placement, rank: int) -> torch.Tensor:
     """Global ids [..] (-1 = masked pair) -> local ids on `rank`, -1 where another rank owns
     the expert or the pair is masked (ids past E count as masked: the count exchange reports
-    them). `placement` must live on ids' device."""
-    valid = (ids >= 0) & (ids < placement.num_experts)
-    safe = torch.where(valid, ids, torch.zeros_like(ids)).long()
-    owner = placement.expert_rank[safe]
-    local = placement.expert_local[safe]
-    mine = valid & (owner == rank)
-    return torch.where(mine, local, torch.full_like(local, -1)).to(torch.int32)
+    them). `placement` must live on ids' device. (`base.local_pairs`, shared with `none`.)"""
+    return local_pairs(ids, placement, rank)
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,6 +251,7 @@ class WireBackend(CommBackend):
 
     layouts: ClassVar[tuple[str, ...]] = ("dp",)
     needs_host_sync: ClassVar[bool] = True  # unless static_shapes (see the instance attribute)
+    static_capable: ClassVar[bool] = True
     payloads: ClassVar[tuple[str, ...]] = PAYLOADS
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
 
@@ -373,13 +371,10 @@ class WireBackend(CommBackend):
             handle=handle,
         )
 
-    def _finish(self, acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
-        """The one cast of the fp32 result [T, H] (into `out` when given)."""
-        if out is None:
-            return acc.to(dtype)
-        if tuple(out.shape) != tuple(acc.shape):
-            raise ValueError(f"comm {self.name!r}: out must be {tuple(acc.shape)}, got {tuple(out.shape)}")
-        return out.copy_(acc)
+    def _finish(self, acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
+        """The one cast of the fp32 result [T, H], after adding `addend` (into `out` when given)."""
+        return finish(acc, dtype, out, addend, f"comm {self.name!r}")
 
 
 def sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
@@ -402,19 +397,20 @@ class Pairs:
     dense (static_shapes: no host sync): every (row, k), pair p = row * K + k, -1 where the
     expert lives elsewhere. compact (after a count exchange): only local pairs, grouped by k
     (k = 0 first; rows ascending inside a group), so the runner's output is no larger than
-    the work. `slot_counts` [K] host ints: pairs per k (compact only).
+    the work.
 
     row_ids:    [M] int32 row of each pair.
     expert_ids: [M] int32 local expert (-1 = not computed here; dense only).
     weights:    [M] fp32 router weight of each pair (compact) or [N, K] (dense).
     valid:      [N, K] bool (dense) or None.
+    slots:      [N, K] int32 pair of (row, k), -1 = none (compact) or None.
     """
 
     row_ids: torch.Tensor
     expert_ids: torch.Tensor
     weights: torch.Tensor
     valid: torch.Tensor | None
-    slot_counts: list[int] | None
+    slots: torch.Tensor | None
     rows: int
 
 
@@ -425,25 +421,19 @@ def make_pairs(local: torch.Tensor, weights: torch.Tensor, compact: bool) -> Pai
     if not compact:
         row_ids = torch.arange(N, dtype=torch.int32, device=local.device).repeat_interleave(K)
         return Pairs(row_ids, local.reshape(-1), weights, valid, None, N)
-    slot_counts = valid.sum(0).tolist()  # host sync (callers have synced for counts already)
-    kt = valid.T.nonzero()  # [M, 2] (k, row), k-major, rows ascending
+    kt = valid.T.nonzero()  # [M, 2] (k, row), k-major, rows ascending (host sync; callers have synced already)
     k, row = kt[:, 0], kt[:, 1]
-    return Pairs(row.to(torch.int32), local[row, k], weights[row, k], None, slot_counts, N)
+    slots = torch.full((N, K), -1, dtype=torch.int32, device=local.device)
+    slots[row, k] = torch.arange(kt.shape[0], dtype=torch.int32, device=local.device)
+    return Pairs(row.to(torch.int32), local[row, k], weights[row, k], None, slots, N)
 
 
-def partial_sums(out: torch.Tensor, pairs: Pairs, H: int) -> torch.Tensor:
+def partial_sums(out: torch.Tensor, pairs: Pairs, H: int, impl: str = "auto") -> torch.Tensor:
     """Expert outputs [M, H] -> per-row fp32 sums [N, H] of weight * out over the row's local
-    pairs, in k order. Rows without a pair are 0; pairs not computed here are masked with
-    `where` (dense) or absent (compact), so padding garbage never reaches the sum."""
+    pairs, in k order (one `weighted_sum` / `gather_sum` launch on CUDA). Rows without a pair
+    are 0; pairs not computed here are masked with `where` (dense) or absent (compact), so
+    padding garbage never reaches the sum."""
     N = pairs.rows
     if pairs.valid is not None:
-        return weighted_sum(out, pairs.weights, pairs.valid, N, pairs.valid.shape[1])
-    acc = torch.zeros(N, H, dtype=torch.float32, device=out.device)
-    contrib = out.float() * pairs.weights.unsqueeze(-1)  # [M, H]
-    start = 0
-    for n in pairs.slot_counts:  # each k once; a row appears at most once per k
-        if n:
-            rows = pairs.row_ids[start : start + n].long()
-            acc[rows] = acc[rows] + contrib[start : start + n]
-        start += n
-    return acc
+        return weighted_sum(out, pairs.weights, pairs.valid, N, pairs.valid.shape[1], impl=impl)
+    return gather_sum(out, pairs.weights, pairs.slots, impl=impl)
