@@ -15,7 +15,9 @@ recompute it, so replicated or rebalanced placements can come later.
 
 from __future__ import annotations
 
+import socket
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -72,10 +74,18 @@ class Placement:
 
 
 class RankGroup:
-    """The collectives comm backends use. Counts and splits are host lists of ints."""
+    """The collectives comm backends use. Counts and splits are host lists of ints.
+
+    nodes: the hosts the ranks span (1 for virtual ranks); select.py refuses single-node
+    backends (symm_a2a) when it is larger than 1.
+    virtual: ranks of one process exchanging through host threads (`VirtualGroup`), which no
+    CUDA graph can hold.
+    """
 
     rank: int
     world: int
+    nodes: int = 1
+    virtual: bool = False
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns t."""
@@ -131,10 +141,20 @@ class RankGroup:
         return self.all_gather(t).tolist()
 
 
-class EPGroup(RankGroup):
-    """A `RankGroup` over a torch.distributed process group (default: the world group)."""
+def _host_code() -> int:
+    """This host's name as an int64 (crc32), for counting the hosts a group spans."""
+    return zlib.crc32(socket.gethostname().encode())
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+
+class EPGroup(RankGroup):
+    """A `RankGroup` over a torch.distributed process group (default: the world group).
+
+    nodes: the hosts the group spans. Counted at construction with one all-gather of a hash of
+    each rank's host name (every rank of the group constructs its EPGroup, as for any
+    collective), unless given. With NCCL, set the rank's CUDA device first.
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, nodes: int | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "EPGroup needs torch.distributed to be initialised "
@@ -145,6 +165,12 @@ class EPGroup(RankGroup):
         self.rank = dist.get_rank(process_group)
         self.world = dist.get_world_size(process_group)
         self.backend = dist.get_backend(process_group)
+        if nodes is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
+            nodes = len(set(sum(self.all_gather_ints([_host_code()], device=device), []))) if self.world > 1 else 1
+        if not isinstance(nodes, int) or not 1 <= nodes <= self.world:
+            raise ValueError(f"nodes must be an int in [1, world={self.world}], got {nodes!r}")
+        self.nodes = nodes
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, group=self.pg)
@@ -212,6 +238,8 @@ class _Rendezvous:
 
 
 class _VirtualRank(RankGroup):
+    virtual = True  # collectives go through host threads: nothing here can sit in a CUDA graph
+
     def __init__(self, rank: int, world: int, rdv: _Rendezvous) -> None:
         self.rank = rank
         self.world = world

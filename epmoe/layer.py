@@ -20,7 +20,7 @@ from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.activation import activate
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing, RoutingCapture, check_correction_bias, check_routing, route
-from epmoe.select import Combo, comm_candidates, comm_capacity, crossovers, ensure, pick_comm, pick_runner
+from epmoe.select import Combo, check, comm_candidates, comm_capacity, crossovers, ensure, pick_comm, pick_runner
 
 LAYOUTS = ("dp", "tp")
 
@@ -127,7 +127,8 @@ class MoELayer(nn.Module):
         get_runner(runner)  # unknown names fail here with the list of known ones
         base = Combo(
             comm="none", runner=runner, payload=options.get("payload") or "bf16", weights=weights.format,
-            layout=layout, world=world, device=device,
+            layout=layout, world=world, device=device, nodes=getattr(group, "nodes", 1), routing=cfg.routing,
+            static_shapes=bool(options.get("static_shapes", False)),
         )
         if comm == "auto":
             # One rank or the tp layout moves nothing: "none". Otherwise every dp backend that fits.
@@ -139,7 +140,8 @@ class MoELayer(nn.Module):
             get_comm(comm)
             ensure(dataclasses.replace(base, comm=comm))
             names = [comm]
-        self.combo = dataclasses.replace(base, comm=names[0])
+        self._base = base
+        self._mode = cfg.routing  # the routing mode of the last call ("routed" or cfg.routing)
         if cfg.uses_correction_bias and correction_bias is None:
             raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
         if correction_bias is not None:
@@ -171,9 +173,13 @@ class MoELayer(nn.Module):
             cls = get_comm(n)
             own = options if comm != "auto" else accepted_options(cls, options)
             self.comms[n] = cls(cfg, group, self.placement, **{**accepted_options(cls, setup), **own})
-        self.comm: CommBackend = self.comms[names[0]]
         self._ladder = crossovers(_device_name(weights.device), world)[0] if len(names) > 1 else None
         self._capacities = {n: comm_capacity(c) for n, c in self.comms.items()}  # auto skips what cannot hold T
+        # Before any call, auto reports its pick for one token; after, the backend of the last call.
+        first = pick_comm(1, names, self._ladder, self._capacities) if self._ladder else names[0]
+        self.comm: CommBackend = self.comms[first]
+        self._graph_names: list[str] | None = None  # while capturing graphs: the backends a graph may hold
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, CommBackend]] = {}
         self.runner = get_runner(runner)(cfg, weights)
         self.gate = gate
         self.gate_bias = gate_bias
@@ -196,63 +202,131 @@ class MoELayer(nn.Module):
         local = placement.global_ids(rank)
         return cls(cfg, all_weights.select(local), group=group, placement=placement, **kwargs)
 
-    def capture_graphs(self, max_tokens: int, buckets: list[int] | None = None) -> list[int]:
-        """Capture dispatch -> experts -> combine in CUDA graphs, one per token bucket.
+    @property
+    def combo(self) -> Combo:
+        """The combination the layer runs (select.py's table); under comm="auto" the backend of
+        the last call, before any call the one auto picks for one token."""
+        static = self._base.static_shapes and bool(getattr(self.comm, "static_shapes", False))
+        return dataclasses.replace(self._base, comm=self.comm.name, static_shapes=static, routing=self._mode)
 
-        Later forward() calls on CUDA with T <= max_tokens and router logits (or the gate)
-        replay the graph of the smallest bucket >= T: x and logits are copied into static
-        buffers, rows past T are zero tokens whose outputs are discarded, and the routing
-        capture (if any) reports T. Routed-mode calls and larger T run eagerly. Buckets default
-        to powers of two up to max_tokens. Returns the buckets. Every piece must be
-        capturable (select.py's table: no host-sync comm or runner).
+    def _combo_of(self, name: str) -> Combo:
+        comm = self.comms[name]
+        return dataclasses.replace(self._base, comm=name, static_shapes=bool(getattr(comm, "static_shapes", False)))
+
+    def capture_graphs(self, max_tokens: int, buckets: list[int] | None = None, routed: bool = False,
+                       validate: bool = True) -> list[int]:
+        """Capture route -> dispatch -> experts -> combine in CUDA graphs, one per token bucket.
+
+        Later forward() calls on CUDA with T <= max_tokens replay the graph of the smallest
+        bucket >= T: the inputs are copied into static buffers and rows past T are padding,
+        routed nowhere (expert id -1: no expert computes them, no comm moves them) and cut off the
+        output; the routing capture (if any) reports T.
+
+        routed:   False: the graphs take router logits (or the layer's gate); True: they take
+                  `routing=` (routed mode, e.g. RL routing replay). Calls of the other mode, and
+                  larger T, run eagerly.
+        validate: replays check their inputs on the host as eager calls do (finite logits; routing
+                  ids in range, distinct, finite weights): one device-to-host read per call. Pass
+                  False where the inputs are trusted, so a replay never waits for the GPU.
+
+        comm="auto" captures each bucket with the backend auto picks for it among the capturable
+        ones; with several ranks, each call agrees on the largest T over ranks first (one small
+        exchange, as eager auto calls do), so every rank replays the same bucket and backend.
+        Buckets default to powers of two up to max_tokens. Returns the buckets. select.py's table
+        must allow graph=True (no host-sync comm or runner; allgather / nccl_a2a with
+        static_shapes=True).
         """
+        if self.group is not None and self.group.world > 1 and getattr(self.group, "virtual", False):
+            raise ValueError(
+                "virtual ranks share one device and exchange through host threads, so a CUDA graph cannot "
+                "hold their communication; capture with one process per GPU (EPGroup) or a world-1 layer"
+            )
         device = self.runner.weights.device
         if device.type != "cuda":
             raise ValueError("capture_graphs needs the layer's weights on a CUDA device")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        ensure(dataclasses.replace(self.combo, graph=True))
+        names = list(self.comms)
+        if self._ladder is not None:
+            names = [n for n in names if check(dataclasses.replace(self._combo_of(n), graph=True))[0]]
+            if not names:
+                ensure(dataclasses.replace(self.combo, graph=True))  # raises with the reason
+        else:
+            ensure(dataclasses.replace(self.combo, graph=True))
         buckets = sorted(set(buckets or [min(2**i, max_tokens) for i in range(max_tokens.bit_length() + 1)]))
         if buckets[-1] < max_tokens or buckets[0] <= 0:
             raise ValueError(f"buckets {buckets} must be positive and reach max_tokens={max_tokens}")
         dtype = activation_dtype(self.runner.weights)
-        top = buckets[-1]
+        top, K = buckets[-1], self.cfg.top_k
         self._graph_x = torch.zeros(top, self.cfg.hidden, dtype=dtype, device=device)
         self._graph_logits = torch.zeros(top, self.cfg.num_experts, dtype=torch.float32, device=device)
-        # bucket -> (graph, its output rows, the comm backend captured in it)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, CommBackend]] = {}
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for b in buckets:  # warm up every shape outside the graph (allocations, autotuning)
-                self._eager(self._graph_x[:b], self._graph_logits[:b], None)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        pool = None
-        for b in reversed(buckets):  # largest first, so smaller graphs reuse its memory pool
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                out = self._eager(self._graph_x[:b], self._graph_logits[:b], None)
-            pool = g.pool()
-            self._graphs[b] = (g, out, self.comm)
-        torch.cuda.synchronize(device)
+        # routed mode: distinct valid ids for the warm-up calls; replays overwrite them
+        self._graph_ids = torch.arange(K, dtype=torch.int32, device=device).repeat(top, 1)  # [top, K]
+        self._graph_w = torch.zeros(top, K, dtype=torch.float32, device=device)
+        self._graph_valid = torch.zeros((), dtype=torch.int32, device=device)  # rows < it are real
+        self._graph_routed, self._graph_validate = routed, validate
+        self._graphs = {}
+
+        def body(b: int) -> torch.Tensor:
+            if routed:
+                return self._eager(self._graph_x[:b], None, Routing(self._graph_ids[:b], self._graph_w[:b]),
+                                   check=False)
+            return self._eager(self._graph_x[:b], self._graph_logits[:b], None)
+
+        self._graph_names = names
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for b in buckets:  # warm up every shape outside the graph (allocations, autotuning)
+                    self._graph_valid.fill_(b)
+                    body(b)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            pool = None
+            graphs = {}
+            for b in reversed(buckets):  # largest first, so smaller graphs reuse its memory pool
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = body(b)
+                pool = g.pool()
+                graphs[b] = (g, out, self.comm)
+            torch.cuda.synchronize(device)
+        finally:
+            self._graph_names = None
+        self._graphs = graphs
         return buckets
 
-    def _replay(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _stage(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int
+               ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, CommBackend]:
+        """Copy one call's inputs into the static buffers of the graphs; returns the bucket's
+        (graph, output rows, comm backend)."""
         T = x.shape[0]
-        bucket = min(b for b in self._graphs if b >= T)
-        if logits.numel() and not bool(torch.isfinite(logits).all()):
-            raise ValueError("router_logits contain NaN or inf; check the router input")
         self._graph_x[:T].copy_(x)
-        self._graph_x[T:bucket].zero_()
-        self._graph_logits[:T].copy_(logits)
-        self._graph_logits[T:bucket].zero_()
-        graph, out, comm = self._graphs[bucket]
+        if routing is not None:
+            self._graph_ids[:T].copy_(routing.ids)
+            self._graph_ids[T:bucket].fill_(-1)
+            self._graph_w[:T].copy_(routing.weights)
+        else:
+            self._graph_logits[:T].copy_(logits)
+        self._graph_valid.fill_(T)
+        return self._graphs[bucket]
+
+    def _replay(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int
+                ) -> torch.Tensor:
+        T = x.shape[0]
+        if self._graph_validate:
+            if routing is not None:
+                check_routing(routing, self.cfg.num_experts)
+            elif logits.numel() and not bool(torch.isfinite(logits).all()):
+                raise ValueError("router_logits contain NaN or inf; check the router input")
+        graph, out, comm = self._stage(x, logits, routing, bucket)
         graph.replay()
+        self.comm = comm
         # A bounded wait inside the graph (symm_a2a) only records a timeout in the backend's error
         # word; read it here, as an eager combine does, unless the caller opted out.
-        check = getattr(comm, "check", None)
-        if callable(check) and getattr(comm, "check_errors", True):
-            check()
+        check_errors = getattr(comm, "check", None)
+        if callable(check_errors) and getattr(comm, "check_errors", True):
+            check_errors()
         if self.capture is not None:
             self.capture.num_tokens = T
             self.capture.num_tokens_dev.fill_(T)
@@ -267,31 +341,50 @@ class MoELayer(nn.Module):
         """x [T, H] -> y [T, H] in x's dtype.
 
         Routing comes from `routing` (routed mode), else from `router_logits` [T, E], else
-        from the layer's `gate` (+ `gate_bias`). After `capture_graphs`, calls that fit a bucket
-        replay a graph.
+        from the layer's `gate` (+ `gate_bias`). After `capture_graphs`, calls of the captured
+        mode that fit a bucket replay a graph.
         """
         self._check_x(x)
         if router_logits is not None:
             self._check_logits(x, router_logits)
-        graphs = getattr(self, "_graphs", None)
-        if graphs and routing is None and x.is_cuda and not _capturing(x) and x.shape[0] <= max(graphs):
-            if router_logits is None:
-                router_logits = self._gate_logits(x)
-            return self._replay(x, router_logits)
-        return self._eager(x, router_logits, routing)
+            if routing is not None:
+                raise ValueError("pass router_logits or routing, not both")
+        if routing is not None:
+            self._check_routing_shape(x, routing)
+        self._mode = "routed" if routing is not None else self.cfg.routing
+        tokens = None
+        if self._graphs and x.is_cuda and not _capturing(x) and (routing is not None) == self._graph_routed:
+            tokens = self._agreed_tokens(x.shape[0])
+            if tokens <= max(self._graphs):
+                if routing is None and router_logits is None:
+                    router_logits = self._gate_logits(x)
+                bucket = min(b for b in self._graphs if b >= tokens)
+                return self._replay(x, router_logits, routing, bucket)
+        return self._eager(x, router_logits, routing, tokens=tokens)
 
-    def _pick_comm(self, x: torch.Tensor) -> CommBackend:
+    def _agreed_tokens(self, tokens: int) -> int:
+        """The token count that picks the backend: under comm="auto" with several ranks, the largest
+        T over ranks (one small exchange, so every rank picks the same one); otherwise T."""
+        if self._ladder is None or self.group is None or self.group.world <= 1:
+            return tokens
+        device = self.runner.weights.device
+        return max(t for (t,) in self.group.all_gather_ints([tokens], device=device))
+
+    def _pick_comm(self, x: torch.Tensor, tokens: int | None = None) -> CommBackend:
         """The backend for this call: fixed, or by the largest token count over ranks (auto).
 
         Every rank must pick the same backend, so auto agrees on max(T) with one small
-        exchange; inside a CUDA graph capture the bucket size stands in for it.
+        exchange (or takes `tokens`, already agreed); while graphs are captured the bucket size
+        stands in for it and only capturable backends are candidates.
         """
         if self._ladder is None:
             return self.comm
-        tokens = x.shape[0]
-        if self.group is not None and self.group.world > 1 and not _capturing(x):
-            tokens = max(t for (t,) in self.group.all_gather_ints([tokens], device=x.device))
-        self.comm = self.comms[pick_comm(tokens, list(self.comms), self._ladder, capacities=self._capacities)]
+        names = self._graph_names or list(self.comms)
+        if self._graph_names is not None or _capturing(x):
+            tokens = x.shape[0]
+        elif tokens is None:
+            tokens = self._agreed_tokens(x.shape[0])
+        self.comm = self.comms[pick_comm(tokens, names, self._ladder, capacities=self._capacities)]
         return self.comm
 
     def _check_x(self, x: torch.Tensor) -> None:
@@ -318,32 +411,37 @@ class MoELayer(nn.Module):
             logits = logits + self.gate_bias.float()
         return logits
 
+    def _check_routing_shape(self, x: torch.Tensor, routing: Routing) -> None:
+        if routing.ids.shape != (x.shape[0], self.cfg.top_k):
+            raise ValueError(
+                f"routing must be [{x.shape[0]}, {self.cfg.top_k}] for x of {x.shape[0]} tokens, "
+                f"got {tuple(routing.ids.shape)}"
+            )
+
     def _eager(
-        self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None
+        self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None,
+        tokens: int | None = None, check: bool = True,
     ) -> torch.Tensor:
+        """One call without replay. tokens: the agreed token count under comm="auto", when the
+        caller already exchanged it; check: validate routed-mode ids on the host (outside captures)."""
         cfg = self.cfg
         if routing is None:
             if router_logits is None:
                 router_logits = self._gate_logits(x)
-            routing = route(router_logits, cfg, self.correction_bias)
+            # in a graph bucket, rows at or past the replayed call's T are routed nowhere (ids -1)
+            valid = self._graph_valid if self._graph_names is not None else None
+            routing = route(router_logits, cfg, self.correction_bias, num_valid=valid)
         else:
             if router_logits is not None:
                 raise ValueError("pass router_logits or routing, not both")
-            if routing.ids.shape != (x.shape[0], cfg.top_k):
-                raise ValueError(
-                    f"routing must be [{x.shape[0]}, {cfg.top_k}] for x of {x.shape[0]} tokens, "
-                    f"got {tuple(routing.ids.shape)}"
-                )
-            if not _capturing(x):
+            self._check_routing_shape(x, routing)
+            if check and not _capturing(x):
                 check_routing(routing, cfg.num_experts)
         if self.capture is not None:
             self.capture.record(routing)
-        comm = self._pick_comm(x)
+        comm = self._pick_comm(x, tokens)
         dispatched = comm.dispatch(x, routing)
         expert_out = self.runner(dispatched)
-        if self.shared is None:
-            return comm.combine(expert_out, dispatched)
-        # Combine into fp32 so routed and shared outputs are added before the one cast.
-        acc = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        acc = comm.combine(expert_out, dispatched, out=acc)
-        return (acc + self.shared(x, cfg)).to(x.dtype)
+        # Shared experts [T, H] fp32 are added to the routed fp32 sum inside combine, before its one cast.
+        shared = self.shared(x, cfg) if self.shared is not None else None
+        return comm.combine(expert_out, dispatched, addend=shared)

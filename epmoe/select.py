@@ -10,6 +10,8 @@ CommBackend class attributes
     payloads          payload formats it can move ("bf16" = the activation dtype unquantized)
     devices           "cpu" / "cuda"
     single_node       needs every rank inside one NVLink domain
+    static_capable    has a `static_shapes` option that fixes every collective's size, which
+                      makes an instance capturable although the class needs host syncs
 ExpertRunner class attributes
     formats           weight formats it computes
     devices           "cpu" / "cuda"
@@ -26,12 +28,16 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from epmoe.comm import COMM_BACKENDS
+from epmoe.config import ROUTINGS
 from epmoe.experts import RUNNERS
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp8_block", "nvfp4")
 PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
 LAYOUTS = ("dp", "tp")
 DEVICES = ("cpu", "cuda")
+# How a layer gets its routing: one of the router functions from logits, or "routed" (ids and
+# weights from the caller, e.g. RL routing replay).
+ROUTING_MODES = (*ROUTINGS, "routed")
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,8 @@ class Combo:
 
     comm, runner: registry names. payload: what dispatch moves ("bf16" = activations as they
     are). weights: expert weight format. layout: "dp" or "tp". world: EP ranks. device:
-    "cpu" or "cuda". graph: captured in a CUDA graph. nodes: hosts the ranks span.
+    "cpu" or "cuda". graph: captured in a CUDA graph. nodes: hosts the ranks span. routing:
+    one of ROUTING_MODES. static_shapes: the comm backend's `static_shapes` option is set.
     """
 
     comm: str = "none"
@@ -52,6 +59,8 @@ class Combo:
     device: str = "cpu"
     graph: bool = False
     nodes: int = 1
+    routing: str = "softmax"
+    static_shapes: bool = False
 
     def __str__(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -59,6 +68,8 @@ class Combo:
 
 def _rules(c: Combo) -> str | None:
     """The reason `c` cannot work, or None."""
+    if c.routing not in ROUTING_MODES:
+        return f"unknown routing mode {c.routing!r}; choose one of {', '.join(ROUTING_MODES)}"
     if c.comm not in COMM_BACKENDS:
         return f"unknown comm backend {c.comm!r}"
     if c.runner not in RUNNERS:
@@ -79,12 +90,17 @@ def _rules(c: Combo) -> str | None:
     payloads = getattr(comm, "payloads", ("bf16",))
     if c.payload not in payloads:
         return f"comm {c.comm!r} moves {'/'.join(payloads)} payloads, not {c.payload}"
+    if c.static_shapes and not getattr(comm, "static_capable", False):
+        return f"comm {c.comm!r} has no static_shapes option (only allgather and nccl_a2a size their collectives by it)"
     if c.nodes > 1 and getattr(comm, "single_node", False):
         return f"{c.comm} needs all ranks on one NVLink domain; use nccl_a2a across nodes"
     if c.graph and c.device != "cuda":
         return "CUDA graphs need a CUDA device"
-    if c.graph and comm.needs_host_sync:
-        return f"comm {c.comm!r} exchanges token counts on the host each call, which a CUDA graph cannot hold"
+    if c.graph and comm.needs_host_sync and not c.static_shapes:
+        static = getattr(comm, "static_capable", False)
+        fix = "; build it with static_shapes=True and max_tokens_per_rank" if static else ""
+        return (f"comm {c.comm!r} exchanges token counts on the host each call, which a CUDA graph cannot "
+                f"hold{fix}")
     if c.graph and getattr(runner, "needs_host_sync", False):
         return f"runner {c.runner!r} reads counts on the host, which a CUDA graph cannot hold"
     return None
@@ -97,10 +113,12 @@ def check(combo: Combo) -> tuple[bool, str]:
 
 
 def alternatives(combo: Combo, limit: int = 6) -> list[Combo]:
-    """Valid combos that differ from `combo` in one field (comm, runner, payload or layout)."""
+    """Valid combos that differ from `combo` in one field (comm, runner, payload, layout,
+    static_shapes or graph)."""
     out = []
     for name, values in (("comm", sorted(COMM_BACKENDS)), ("runner", sorted(RUNNERS)),
-                         ("payload", PAYLOADS), ("layout", LAYOUTS), ("graph", (False,))):
+                         ("payload", PAYLOADS), ("layout", LAYOUTS), ("static_shapes", (True, False)),
+                         ("graph", (False,))):
         for v in values:
             alt = replace(combo, **{name: v})
             if alt != combo and _rules(alt) is None:
@@ -121,13 +139,15 @@ def ensure(combo: Combo) -> None:
     raise ValueError(f"unsupported combination ({combo}): {reason}. Valid alternatives: {hint}")
 
 
-def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] = DEVICES) -> list[Combo]:
+def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] = DEVICES,
+               routings: tuple[str, ...] = ROUTING_MODES) -> list[Combo]:
     """Every combination of registered pieces (valid or not), for the combinatorial tests."""
     return [
-        Combo(comm, runner, payload, weights, layout, world, device, graph)
-        for comm, runner, payload, weights, layout, world, device, graph in itertools.product(
+        Combo(comm=comm, runner=runner, payload=payload, weights=weights, layout=layout, world=world,
+              device=device, graph=graph, routing=routing, static_shapes=static)
+        for comm, runner, payload, weights, layout, world, device, graph, routing, static in itertools.product(
             sorted(COMM_BACKENDS), sorted(RUNNERS), PAYLOADS, WEIGHT_FORMATS, LAYOUTS, worlds, devices,
-            (False, True),
+            (False, True), routings, (False, True),
         )
     ]
 
@@ -219,5 +239,11 @@ def pick_runner(device: str, weights: str, graph: bool = False) -> str:
 
 
 def comm_candidates(combo: Combo) -> list[str]:
-    """Registered backends that can run `combo` with its comm field replaced."""
-    return [n for n in sorted(COMM_BACKENDS) if _rules(replace(combo, comm=n)) is None]
+    """Registered backends that can run `combo` with its comm field replaced (static_shapes
+    counts only for the backends that have the option)."""
+    out = []
+    for n in sorted(COMM_BACKENDS):
+        static = combo.static_shapes and getattr(COMM_BACKENDS[n], "static_capable", False)
+        if _rules(replace(combo, comm=n, static_shapes=static)) is None:
+            out.append(n)
+    return out

@@ -9,11 +9,29 @@ import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer
 from epmoe.quant import quantize_weights
-from epmoe.select import WEIGHT_FORMATS, Combo, all_combos, check
+from epmoe.routing import Routing, route
+from epmoe.select import ROUTING_MODES, WEIGHT_FORMATS, Combo, all_combos, check
 from tests.dist import run_ranks
 
 CFG = MoEConfig.from_preset("qwen3-30b-a3b").scaled(hidden=32, intermediate=16, num_experts=12)
 TOKENS = [5, 0, 3, 1]  # per rank: uneven, and an empty rank
+STATIC_MAX_TOKENS = 8  # max_tokens_per_rank of static_shapes combos (>= every rank's T)
+
+
+def cfg_for(mode: str) -> MoEConfig:
+    """CFG with routing mode `mode` ("routed" routes with CFG's own softmax outside the layer).
+    Grouped top-k: 4 groups of 3 experts, the best 3 kept (9 >= top_k = 8 candidates)."""
+    if mode == "routed":
+        return CFG
+    if mode == "sigmoid_grouped":
+        return CFG.replace(routing=mode, n_group=4, topk_group=3, routed_scaling_factor=2.5)
+    return CFG.replace(routing=mode)
+
+
+def correction_bias(cfg: MoEConfig) -> torch.Tensor | None:
+    if not cfg.uses_correction_bias:
+        return None
+    return torch.linspace(-0.5, 0.5, cfg.num_experts, dtype=torch.float32)
 
 # Relative error bound (max |y - ref| / max |ref|) by payload, fp32 activations. The reference
 # is the single-rank layer with the *same* (quantized) expert weights, so the weight format adds
@@ -53,7 +71,17 @@ def _options(combo: Combo) -> dict:
     opts = {}
     if combo.payload != "bf16":
         opts["payload"] = combo.payload
+    if combo.static_shapes:
+        opts.update(static_shapes=True, max_tokens_per_rank=STATIC_MAX_TOKENS)
     return opts
+
+
+def _call(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, mode: str) -> torch.Tensor:
+    """The layer on x, from logits, or routed mode with the ids/weights CFG's router picks."""
+    if mode != "routed":
+        return layer(x, logits)
+    r = route(logits.float(), CFG)
+    return layer(x, routing=Routing.external(r.ids, r.weights, CFG.num_experts))
 
 
 def _one(group, c: Combo, full: ExpertWeights, device: torch.device, dtype: torch.dtype):
@@ -68,11 +96,14 @@ def _one(group, c: Combo, full: ExpertWeights, device: torch.device, dtype: torc
         on_dev = ExpertWeights(weights.w13.to(device, dtype), weights.w2.to(device, dtype))
     else:
         on_dev = ExpertWeights(weights.w13.to(device), weights.w2.to(device))
-    layer = MoELayer.from_global(CFG, on_dev, group, comm=c.comm, runner=c.runner, layout=c.layout,
-                                 comm_options=_options(c))
+    cfg, bias = cfg_for(c.routing), correction_bias(cfg_for(c.routing))
+    layer = MoELayer.from_global(cfg, on_dev, group, comm=c.comm, runner=c.runner, layout=c.layout,
+                                 comm_options=_options(c),
+                                 correction_bias=None if bias is None else bias.to(device))
     y = torch.full(x.shape, float("nan"), dtype=dtype, device=device)
-    y.copy_(layer(x.to(device, dtype), logits.to(device)))
-    ref = MoELayer(CFG, weights)(x, logits)
+    y.copy_(_call(layer, x.to(device, dtype), logits.to(device), c.routing))
+    assert layer.combo == c, (layer.combo, c)
+    ref = _call(MoELayer(cfg, weights, correction_bias=bias), x, logits, c.routing)
     scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
     err = (y.float().cpu() - ref).abs().max().item() / scale if ref.numel() else 0.0
     return str(c), err, bool(torch.isfinite(y).all())
@@ -92,6 +123,9 @@ def test_valid_combos_match_reference(world):
     combos = _valid_cpu(world)
     assert combos, "the table must hold at least one valid CPU combination per world size"
     assert {c.weights for c in combos} == set(WEIGHT_FORMATS), "every weight format must run somewhere"
+    assert {c.routing for c in combos} == set(ROUTING_MODES), "every routing mode must run somewhere"
+    if world > 1:
+        assert any(c.static_shapes for c in combos), "static_shapes backends must be enumerated"
     for rank_errors in run_ranks(_run_combos, world, args=(combos,)):
         for (name, err, finite), c in zip(rank_errors, combos):
             assert finite, f"{name}: non-finite output (unwritten rows?)"
@@ -107,9 +141,10 @@ def test_invalid_combos_raise_the_documented_reason():
         group = SimpleNamespace(rank=0, world=c.world) if c.world > 1 else None
         if c.graph:
             continue  # graphs are chosen at capture time, not construction
+        cfg = cfg_for(c.routing)
         with pytest.raises(ValueError, match="unsupported combination") as info:
-            MoELayer.from_global(CFG, make_weights(c.weights, full), group, comm=c.comm, runner=c.runner,
-                                 layout=c.layout, comm_options=_options(c))
+            MoELayer.from_global(cfg, make_weights(c.weights, full), group, comm=c.comm, runner=c.runner,
+                                 layout=c.layout, comm_options=_options(c), correction_bias=correction_bias(cfg))
         assert reason in str(info.value), c
         assert "Valid alternatives" in str(info.value)
 
@@ -120,6 +155,46 @@ def test_check_reasons_name_the_fix():
     ok, reason = check(Combo(graph=True, device="cpu"))
     assert not ok and "CUDA device" in reason
     assert check(Combo())[0]
+    ok, reason = check(Combo(comm="nccl_a2a", runner="triton", world=2, device="cuda", graph=True))
+    assert not ok and "static_shapes=True" in reason
+    assert check(Combo(comm="nccl_a2a", runner="triton", world=2, device="cuda", graph=True,
+                       static_shapes=True))[0]
+    ok, reason = check(Combo(comm="symm_a2a", world=2, static_shapes=True))
+    assert not ok and "no static_shapes option" in reason
+    ok, reason = check(Combo(comm="symm_a2a", world=4, nodes=2))
+    assert not ok and "one NVLink domain" in reason
+    ok, reason = check(Combo(routing="topk"))
+    assert not ok and "routed" in reason
+
+
+def test_layer_takes_nodes_from_its_group():
+    """A group spanning hosts rules out single-node backends: an explicit one raises the table's
+    reason, auto leaves it out."""
+    full = _full_weights()
+    two_hosts = SimpleNamespace(rank=0, world=2, nodes=2)
+    with pytest.raises(ValueError, match="one NVLink domain"):
+        MoELayer.from_global(CFG, full, two_hosts, comm="symm_a2a")
+    layer = MoELayer.from_global(CFG, full, two_hosts, comm="auto", comm_options={"max_tokens_per_rank": 8})
+    assert "symm_a2a" not in layer.comms and layer.combo.nodes == 2
+
+
+def _auto_picks(group):
+    layer = MoELayer.from_global(CFG, _full_weights(), group, comm="auto", comm_options={"max_tokens_per_rank": 64})
+    names = list(layer.comms)
+    first = layer.combo.comm
+    x, logits = _inputs(group.rank, 40)
+    layer(x, logits)
+    return names, first, layer.combo.comm, layer._ladder
+
+
+def test_combo_reports_what_auto_picked():
+    """Under comm="auto" `combo.comm` is the backend of the last call (before any call, auto's
+    pick for one token), never just the first candidate."""
+    from epmoe.select import pick_comm
+
+    for names, first, after, ladder in run_ranks(_auto_picks, 2):
+        assert first == pick_comm(1, names, ladder)
+        assert after == pick_comm(40, names, ladder)
 
 
 def test_pick_comm_follows_the_ladder_and_falls_back():

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from epmoe import ExpertWeights, MoEConfig, MoELayer, RoutingCapture
+from epmoe import ExpertWeights, MoEConfig, MoELayer, RoutingCapture, VirtualGroup
 from epmoe.experts.triton import activation_quant, select_config
 from epmoe.layer import SharedExperts
 from epmoe.quant import quantize_weights
-from epmoe.routing import route
+from epmoe.routing import Routing, route
 
 # fp8_block weights: a call alone at decode size runs weight-only, its bucket's graph w8a8 (hidden
 # and activation rounded to e4m3, up to 2^-4 per value, partly averaging out): see
@@ -20,6 +20,19 @@ def test_capture_needs_cuda_and_capturable_pieces():
     layer = MoELayer(cfg, ExpertWeights.random(cfg, 4))
     with pytest.raises(ValueError, match="CUDA device"):
         layer.capture_graphs(8)
+
+
+def test_virtual_ranks_refuse_graphs():
+    """Virtual ranks exchange through host threads: capture raises a clear error instead of a CUDA
+    capture failure."""
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+
+    def body(group):
+        layer = MoELayer.from_global(cfg, ExpertWeights.random(cfg, 4), group, comm="nccl_a2a")
+        with pytest.raises(ValueError, match="virtual ranks share one device"):
+            layer.capture_graphs(8)
+
+    VirtualGroup(2).run(body)
 
 
 @pytest.mark.gpu
@@ -108,3 +121,48 @@ def test_whole_layer_graph_triton_every_weight_format(preset, fmt):
         assert torch.equal(cap.captured(), route(logits, cfg, bias).ids), f"T={T}"
         if T:
             assert torch.isfinite(y).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "deepseek-v3"])
+def test_routed_mode_graphs_and_padding_rows_go_nowhere(preset):
+    """capture_graphs(routed=True): calls with routing= (RL routing replay) replay the graph and
+    equal eager routed calls bit for bit; logits calls then run eagerly. In every bucket, rows past
+    the call's T carry expert id -1 (the routing capture shows them), so padding is neither computed
+    nor sent."""
+    cfg = MoEConfig.from_preset(preset).scaled(hidden=256, intermediate=128, num_experts=16)
+    g = torch.Generator().manual_seed(2)
+    weights = _weights(cfg, "bf16", g)
+    bias = torch.randn(cfg.num_experts, generator=g).cuda() * 0.1 if cfg.uses_correction_bias else None
+    cap = RoutingCapture(max_tokens=64, top_k=cfg.top_k, device="cuda")
+    eager = MoELayer(cfg, weights, runner="triton", correction_bias=bias)
+    graphed = MoELayer(cfg, weights, runner="triton", correction_bias=bias, capture=cap)
+    graphed.capture_graphs(64, buckets=[4, 16, 64], routed=True)
+    calls = []
+    real_eager = graphed._eager
+    graphed._eager = lambda *a, **k: calls.append(1) or real_eager(*a, **k)
+    for T in [64, 3, 16, 1, 0, 40]:
+        x = torch.randn(T, cfg.hidden, generator=g).to("cuda", torch.bfloat16)
+        r = route(torch.randn(T, cfg.num_experts, generator=g).cuda(), cfg, bias)
+        routing = Routing.external(r.ids, r.weights.flip(1), cfg.num_experts)  # weights not from the router
+        y = graphed(x, routing=routing)
+        torch.testing.assert_close(y, eager(x, routing=routing), atol=0, rtol=0, msg=f"T={T}")
+        bucket = min(b for b in (4, 16, 64) if b >= T)
+        assert torch.equal(cap.ids[:T], routing.ids) and bool((cap.ids[T:bucket] == -1).all()), f"T={T}"
+    assert not calls, "routed calls within the buckets must replay"
+    logits = torch.randn(5, cfg.num_experts, generator=g).cuda()
+    x = torch.randn(5, cfg.hidden, generator=g).to("cuda", torch.bfloat16)
+    torch.testing.assert_close(graphed(x, logits), eager(x, logits), atol=0, rtol=0)
+    assert calls == [1], "a logits call on routed graphs runs eagerly"
+    with pytest.raises(ValueError, match="outside|range"):
+        graphed(x, routing=Routing(torch.full((5, cfg.top_k), cfg.num_experts, dtype=torch.int32, device="cuda"),
+                                   torch.ones(5, cfg.top_k, device="cuda")))
+
+    # logits graphs: padding rows get -1 too, and validate=False skips the host checks
+    layer = MoELayer(cfg, weights, runner="triton", correction_bias=bias, capture=cap)
+    layer.capture_graphs(16, buckets=[16], validate=False)
+    x = torch.randn(3, cfg.hidden, generator=g).to("cuda", torch.bfloat16)
+    logits = torch.randn(3, cfg.num_experts, generator=g).cuda()
+    torch.testing.assert_close(layer(x, logits), eager(x, logits), atol=0, rtol=0)
+    assert bool((cap.ids[3:16] == -1).all()) and torch.equal(cap.captured(), route(logits, cfg, bias).ids)
+    layer(x, torch.full_like(logits, float("nan")))  # not read on the host: no error, no sync

@@ -302,11 +302,13 @@ def test_graph_replay_checks_the_comm_error_word():
     graph, comm = _Graph(), _TimedOutComm()
     layer._graph_x = torch.zeros(4, cfg.hidden)
     layer._graph_logits = torch.zeros(4, cfg.num_experts)
+    layer._graph_valid = torch.zeros((), dtype=torch.int32)
+    layer._graph_validate = True
     layer._graphs = {4: (graph, torch.zeros(4, cfg.hidden), comm)}
     x, logits = torch.randn(3, cfg.hidden), torch.randn(3, cfg.num_experts)
     with pytest.raises(SymmTimeoutError, match="timed out"):
-        layer._replay(x, logits)
-    assert graph.replays == 1 and comm.checks == 1
+        layer._replay(x, logits, None, 4)
+    assert graph.replays == 1 and comm.checks == 1 and int(layer._graph_valid) == 3
     comm.check_errors = False  # the caller checks itself
-    assert layer._replay(x, logits).shape == (3, cfg.hidden)
+    assert layer._replay(x, logits, None, 4).shape == (3, cfg.hidden)
     assert comm.checks == 1

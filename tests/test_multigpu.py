@@ -127,3 +127,40 @@ def test_symm_peer_that_never_arrives_times_out(world, phase, silent):
     results = run_ranks(_rank_silent, world, args=(phase, silent), timeout=TIMEOUT, backend="nccl")
     assert all(env == MULTICAST_OFF for env, _ in results)
     test_symm_a2a.check_silent([msg for _, msg in results], phase, silent)
+
+
+def _rank_layer_graphs(group, comm: str) -> list[str]:
+    """The whole layer captured with capture_graphs on this rank's GPU: comm="auto" (symm_a2a
+    and the static-shape NCCL backends as candidates) or one backend; ranks call with different
+    token counts (one with none), and every replay equals the same layer's eager forward."""
+    from epmoe import ExpertWeights, MoEConfig, MoELayer
+
+    cfg = MoEConfig.from_preset("qwen3-30b-a3b").scaled(hidden=256, intermediate=128, num_experts=16)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    weights = ExpertWeights.random(cfg, cfg.num_experts, dtype=torch.bfloat16, device=dev,
+                                   generator=torch.Generator().manual_seed(0))
+    opts = {"max_tokens_per_rank": 64, "static_shapes": True} if comm != "symm_a2a" else {"max_tokens_per_rank": 64}
+    graphed = MoELayer.from_global(cfg, weights, group, comm=comm, runner="triton", comm_options=dict(opts))
+    eager = MoELayer.from_global(cfg, weights, group, comm=comm, runner="triton", comm_options=dict(opts))
+    graphed.capture_graphs(64, buckets=[4, 16, 64])
+    errors = []
+    g = torch.Generator().manual_seed(10 + group.rank)
+    for step, base in enumerate([3, 64, 1, 16, 40]):
+        T = 0 if group.rank == step % group.world else max(1, base - group.rank)
+        x = torch.randn(T, cfg.hidden, generator=g).to(dev, torch.bfloat16)
+        logits = torch.randn(T, cfg.num_experts, generator=g).to(dev)
+        y = graphed(x, logits)
+        want = eager(x, logits)
+        if not torch.equal(y, want):
+            errors.append(f"step {step} T={T} comm={graphed.combo.comm}: max diff "
+                          f"{(y.float() - want.float()).abs().max().item() if T else 0}")
+    return errors
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("comm", ["auto", "symm_a2a", "nccl_a2a", "allgather"])
+@pytest.mark.parametrize("world", WORLDS[:2])
+def test_layer_graphs_over_real_ranks(world, comm):
+    for rank, errors in enumerate(run_ranks(_rank_layer_graphs, world, args=(comm,), timeout=TIMEOUT,
+                                            backend="nccl")):
+        assert not errors, f"rank {rank}: {errors}"

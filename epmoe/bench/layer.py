@@ -80,10 +80,11 @@ def _inputs(cfg: MoEConfig, tokens: int, rank: int, device: torch.device, dtype:
 
 
 def capturable(layer: MoELayer) -> bool:
-    """Whether select.py's table lets every backend the layer may run sit in a CUDA graph."""
-    return layer.runner.weights.device.type == "cuda" and all(
-        check(dataclasses.replace(layer.combo, comm=name, graph=True))[0] for name in layer.comms
-    )
+    """Whether `capture_graphs` can capture the layer: a CUDA device, real ranks, and select.py's
+    table allowing a graph for its backend (under comm="auto": for one of its candidates)."""
+    if layer.runner.weights.device.type != "cuda" or getattr(layer.group, "virtual", False):
+        return False
+    return any(check(dataclasses.replace(layer._combo_of(name), graph=True))[0] for name in layer.comms)
 
 
 def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: int) -> tuple[float, str]:
@@ -92,9 +93,7 @@ def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: i
     if capturable(layer) and x.shape[0] > 0:
         T = x.shape[0]
         layer.capture_graphs(T, buckets=[T])
-        graph = layer._graphs[T][0]  # the bucket's graph: dispatch -> experts -> combine
-        layer._graph_x[:T].copy_(x)
-        layer._graph_logits[:T].copy_(logits)
+        graph = layer._stage(x, logits, None, T)[0]  # the bucket's graph: route -> ... -> combine
         us = bench(graph.replay, device=device, warmup=2, iters=iters, flush_l2=False)
         check = getattr(layer.comm, "check", None)  # a bounded wait that timed out in a replay raises here
         if callable(check):
