@@ -134,9 +134,10 @@ def test_routed_mode_graphs_and_padding_rows_go_nowhere(preset):
     g = torch.Generator().manual_seed(2)
     weights = _weights(cfg, "bf16", g)
     bias = torch.randn(cfg.num_experts, generator=g).cuda() * 0.1 if cfg.uses_correction_bias else None
+    shared = SharedExperts.random(cfg, torch.bfloat16, "cuda", g) if cfg.shared_experts else None  # DeepSeek-V3
     cap = RoutingCapture(max_tokens=64, top_k=cfg.top_k, device="cuda")
-    eager = MoELayer(cfg, weights, runner="triton", correction_bias=bias)
-    graphed = MoELayer(cfg, weights, runner="triton", correction_bias=bias, capture=cap)
+    eager = MoELayer(cfg, weights, runner="triton", correction_bias=bias, shared=shared)
+    graphed = MoELayer(cfg, weights, runner="triton", correction_bias=bias, shared=shared, capture=cap)
     graphed.capture_graphs(64, buckets=[4, 16, 64], routed=True)
     calls = []
     real_eager = graphed._eager
@@ -154,12 +155,12 @@ def test_routed_mode_graphs_and_padding_rows_go_nowhere(preset):
     x = torch.randn(5, cfg.hidden, generator=g).to("cuda", torch.bfloat16)
     torch.testing.assert_close(graphed(x, logits), eager(x, logits), atol=0, rtol=0)
     assert calls == [1], "a logits call on routed graphs runs eagerly"
-    with pytest.raises(ValueError, match="outside|range"):
+    with pytest.raises(ValueError, match="must lie in"):
         graphed(x, routing=Routing(torch.full((5, cfg.top_k), cfg.num_experts, dtype=torch.int32, device="cuda"),
                                    torch.ones(5, cfg.top_k, device="cuda")))
 
     # logits graphs: padding rows get -1 too, and validate=False skips the host checks
-    layer = MoELayer(cfg, weights, runner="triton", correction_bias=bias, capture=cap)
+    layer = MoELayer(cfg, weights, runner="triton", correction_bias=bias, shared=shared, capture=cap)
     layer.capture_graphs(16, buckets=[16], validate=False)
     x = torch.randn(3, cfg.hidden, generator=g).to("cuda", torch.bfloat16)
     logits = torch.randn(3, cfg.num_experts, generator=g).cuda()

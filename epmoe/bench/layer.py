@@ -31,7 +31,7 @@ from epmoe.comm import accepted_options, get_comm
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.group import RankGroup, VirtualGroup
-from epmoe.layer import MoELayer
+from epmoe.layer import MoELayer, SharedExperts
 from epmoe.select import Combo, check, comm_candidates, pick_runner
 
 
@@ -47,8 +47,14 @@ def device_links(device: torch.device) -> tuple[Links, str]:
 
 
 def _roofline_us(cfg: MoEConfig, world: int, tokens: int, links: Links) -> float:
+    """The routed experts' roofline (plan.predict) plus the shared experts' (every rank runs them
+    on its own tokens: their bf16 weights once, 6 * T * H * S FLOPs)."""
     row = predict(cfg, world, tokens, "nccl_a2a" if world > 1 else "none", links)
-    return float(row["experts_us"]) if row else float("nan")
+    if not row:
+        return float("nan")
+    S, H = cfg.shared_width, cfg.hidden
+    shared = max(3 * H * S * 2 / (links.hbm_tbps * 1e6), 6 * tokens * H * S / (links.tflops * 1e6)) if S else 0.0
+    return float(row["experts_us"]) + shared
 
 
 def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: str, device: torch.device,
@@ -57,9 +63,18 @@ def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: s
     rank = group.rank if group is not None else 0
     local = cfg.num_experts // world
     g = torch.Generator().manual_seed(1000 + rank)
-    weights = ExpertWeights.random(cfg, local, dtype=dtype, device=device, generator=g)
+    if device.type == "cuda":  # drawn on the GPU: the large presets take tens of GB
+        from epmoe.bench.experts import random_weights
+
+        weights = random_weights(cfg, local, device, seed=1000 + rank)
+    else:
+        weights = ExpertWeights.random(cfg, local, dtype=dtype, device=device, generator=g)
+    # the same correction bias on every rank (routing must agree); shared experts as the model has them
+    bias = torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(7)).to(device) * 0.1 \
+        if cfg.uses_correction_bias else None
+    shared = SharedExperts.random(cfg, dtype, device, g) if cfg.shared_experts else None
     return {
-        c: MoELayer(cfg, weights, group, comm=c, runner=runner,
+        c: MoELayer(cfg, weights, group, comm=c, runner=runner, correction_bias=bias, shared=shared,
                     comm_options=_options(c, max_tokens))
         for c in comms
     }
