@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 2 for comm; for layer the number of GPUs, 1 on the CPU)")
     b.add_argument("--payload", default="bf16", help="comm: payload format(s), comma-separated")
     b.add_argument("--iters", type=int, default=20, help="comm: timed iterations per row")
+    b.add_argument("--symm-combine", default="push,pull",
+                   help="comm: symm_a2a combine modes to time side by side (push: peers write the partial sums "
+                        "home; pull: the home reads them), comma-separated")
     b.add_argument("--static", action="store_true",
                    help="comm: build allgather/nccl_a2a with static_shapes (no host sync: timed through CUDA graphs "
                         "on GPU ranks)")

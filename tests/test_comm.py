@@ -520,8 +520,9 @@ def test_bench_comm_command_over_gloo_processes(tmp_path, capsys):
     assert main(["bench", "comm", "--preset", "olmoe-1b-7b", "--tokens", "0,3", "--world", "2", "--iters", "2",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
+    # symm_a2a twice by default: its push combine (the backend's default) and the pull one
     assert [(r["backend"], r["tokens"]) for r in rows] == [
-        (n, t) for n in ("allgather", "nccl_a2a", "symm_a2a") for t in (0, 3)]
+        (n, t) for n in ("allgather", "nccl_a2a", "symm_a2a", "symm_a2a pull") for t in (0, 3)]
     for r in rows:
         assert r["ranks"] == "gloo" and r["timing"] == "cpu" and r["payload"] == "float32", r
         if r["tokens"]:

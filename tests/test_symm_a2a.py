@@ -207,7 +207,7 @@ def check_case(b: SymmA2A, case: Case, rank: int, world: int, full: ExpertWeight
 
 
 def _rank_cases(group, payloads: tuple[str, ...], cases: list[Case], device: str = "cpu",
-                dtype: torch.dtype = torch.float32) -> list[str]:
+                dtype: torch.dtype = torch.float32, combine_mode: str = "push") -> list[str]:
     """One rank of the multi-rank tests: every payload and case on one backend per payload."""
     device = torch.device(device)
     full = _full()
@@ -217,7 +217,7 @@ def _rank_cases(group, payloads: tuple[str, ...], cases: list[Case], device: str
         layer = MoELayer.from_global(
             CFG, on_dev, group, comm="symm_a2a",
             comm_options={"max_tokens_per_rank": TM, "payload": payload, "timeout_s": 30.0, "device": device,
-                          "dtype": dtype},
+                          "dtype": dtype, "combine_mode": combine_mode},
         )
         b: SymmA2A = layer.comm
         local = full.select(b.placement.global_ids(group.rank))
@@ -244,17 +244,28 @@ def _rank_cases(group, payloads: tuple[str, ...], cases: list[Case], device: str
     return errors
 
 
+@pytest.mark.parametrize("combine_mode", ["push", "pull"])
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_gloo_shared_memory_matches_reference(world):
-    for rank, errors in enumerate(run_ranks(_rank_cases, world, args=(PAYLOADS, CASES), timeout=180)):
+def test_gloo_shared_memory_matches_reference(world, combine_mode):
+    results = run_ranks(_rank_cases, world, args=(PAYLOADS, CASES, "cpu", torch.float32, combine_mode), timeout=180)
+    for rank, errors in enumerate(results):
         assert not errors, f"rank {rank}: {errors}"
 
 
 def _rank_silent(group, phase: str, silent: tuple[int, ...], device: str = "cpu") -> str:
     """Ranks in `silent` skip `phase`; the others must time out naming them, not hang. The
     backend lives until every rank is done (peers still write into a silent rank's buffer)."""
-    b = SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, group.world), max_tokens_per_rank=4,
-                timeout_s=0.3, device=device)
+    placement = Placement.contiguous(CFG.num_experts, group.world)
+    if device != "cpu":
+        # every rank compiles the kernels first: on real GPUs a peer still loading its dispatch
+        # kernel misses a 0.3 s wait (seen on 2 H200s: the combine case timed out in dispatch)
+        warm = SymmA2A(CFG, group, placement, max_tokens_per_rank=4, device=device)
+        x, ids, w = inputs(CASES[0], group.rank, group.world)
+        d = warm.dispatch(x[:4].to(device, warm.dtype), Routing(ids[:4].to(device), w[:4].to(device)))
+        warm.combine(torch.zeros(d.num_pairs, CFG.hidden, device=device, dtype=warm.dtype), d)
+        torch.cuda.synchronize(device)
+        group.barrier()
+    b = SymmA2A(CFG, group, placement, max_tokens_per_rank=4, timeout_s=0.3, device=device)
     msg = _silent_call(b, group.rank, phase, silent, device)
     group.barrier()
     return msg
@@ -314,6 +325,7 @@ def _rank_bad_inputs(group) -> dict[str, str]:
         "combine": (CFG, {"combine_dtype": "bf16"} if rank == W - 1 else {}, torch.float32),
         "max_tokens": (CFG, {"max_tokens_per_rank": 6} if rank == 0 else {}, torch.float32),
         "dtype": (CFG, {}, torch.bfloat16 if rank == 0 else torch.float32),
+        "combine_mode": (CFG, {"combine_mode": "pull"} if rank == 1 else {}, torch.float32),
         "ids": (CFG, {}, torch.float32),
     }
     out = {}
@@ -344,6 +356,7 @@ def test_ranks_that_disagree_or_pass_bad_ids_raise_naming_them(world):
         "combine": (f"ranks [{last}] differ from rank 0 on combine dtype", f"rank {last}: torch.bfloat16"),
         "max_tokens": ("on max_tokens_per_rank", "rank 0: 6"),
         "dtype": ("on row dtype", "rank 0: torch.bfloat16"),
+        "combine_mode": ("ranks [1] differ from rank 0 on combine_mode", "rank 0: push, rank 1: pull"),
     }
     for rank, msgs in enumerate(results):
         for key, words in expect.items():
@@ -396,6 +409,8 @@ def test_construction_checks_and_memory_formula():
         SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, 1), max_tokens_per_rank=0)
     with pytest.raises(ValueError, match="unknown payload"):
         SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, 1), payload="int4")
+    with pytest.raises(ValueError, match="combine_mode must be 'push' or 'pull'"):
+        SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, 1), combine_mode="get")
     with pytest.raises(ValueError, match="nvfp4 payloads need hidden % 16"):
         SymmA2A(CFG.replace(hidden=40), group, Placement.contiguous(CFG.num_experts, 1), payload="nvfp4")
     # the docstring's formula, region by region, before 128-byte alignment
@@ -464,13 +479,16 @@ def split_phase_call(bs: list[SymmA2A], xs, routings, expert_fn) -> list[torch.T
 
 
 @interpreted
-@pytest.mark.parametrize(("world", "payload", "combine"), [
-    (2, "bf16", "fp32"), (2, "nvfp4", "fp32"), (3, "fp8", "fp32"), (3, "fp8_block", "fp32"), (2, "bf16", "bf16")])
-def test_triton_kernels_interpreted_match_torch_twin(world, payload, combine):
+@pytest.mark.parametrize(("world", "payload", "combine", "mode"), [
+    (2, "bf16", "fp32", "push"), (2, "nvfp4", "fp32", "push"), (3, "fp8", "fp32", "push"),
+    (3, "fp8_block", "fp32", "push"), (2, "bf16", "bf16", "push"), (3, "bf16", "fp32", "pull"),
+    (2, "fp8", "bf16", "pull")])
+def test_triton_kernels_interpreted_match_torch_twin(world, payload, combine, mode):
     """Every case, the wrap of the sequence numbers and all-empty calls included: the kernels
     equal the plain-torch twin bit for bit (with bf16 partial sums: within the rounding of the
     interpreter's cast, see _interpreted_call)."""
-    opts = {"payload": payload, "device": "cpu", "dtype": torch.float32, "combine_dtype": combine}
+    opts = {"payload": payload, "device": "cpu", "dtype": torch.float32, "combine_dtype": combine,
+            "combine_mode": mode}
     kernels = _virtual_backends(world, impl="triton", **opts)
     twins = _virtual_backends(world, impl="torch", **opts)
     seq = 0
@@ -548,11 +566,12 @@ def _one_silent_rank(bs: list[SymmA2A], phase: str, device: str, dtype: torch.dt
 # ---- GPU: virtual ranks on one GPU --------------------------------------------------------------
 
 
-def _compile_once(world: int, device: str, dtype: torch.dtype) -> None:
+def _compile_once(world: int, device: str, dtype: torch.dtype, combine_mode: str = "push") -> None:
     """Launch every kernel variant the threaded test uses from one thread first (Triton compiles
     each variant once instead of racing to compile it from W threads)."""
     for payload in PAYLOADS:
-        bs = _virtual_backends(world, payload=payload, impl="triton", device=device, dtype=dtype, timeout_s=30.0)
+        bs = _virtual_backends(world, payload=payload, impl="triton", device=device, dtype=dtype, timeout_s=30.0,
+                               combine_mode=combine_mode)
         out_dtype = dtype if payload == "bf16" else torch.float32  # the reference runner's output
         for case in (CASES[0], CASES[1]):
             ev = [inputs(case, r, world) for r in range(world)]
@@ -564,11 +583,11 @@ def _compile_once(world: int, device: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world", [2, 4, 8])
-def test_gpu_virtual_ranks_match_reference(world):
-    _compile_once(world, "cuda", torch.bfloat16)
+@pytest.mark.parametrize(("world", "combine_mode"), [(2, "push"), (4, "push"), (8, "push"), (4, "pull")])
+def test_gpu_virtual_ranks_match_reference(world, combine_mode):
+    _compile_once(world, "cuda", torch.bfloat16, combine_mode)
     errors = VirtualGroup(world, timeout=120).run(
-        lambda g: _rank_cases(g, PAYLOADS, CASES, device="cuda", dtype=torch.bfloat16))
+        lambda g: _rank_cases(g, PAYLOADS, CASES, device="cuda", dtype=torch.bfloat16, combine_mode=combine_mode))
     assert not any(errors), errors
 
 

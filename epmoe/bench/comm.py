@@ -167,6 +167,7 @@ def bench_comm(
     link_name: str = "NVLink",
     static: bool = False,
     graphs: bool = True,
+    symm_combine: Sequence[str] = ("push",),
 ) -> list[dict[str, Any]]:
     """Time dispatch and combine of each backend at each token count (per rank) on this rank.
 
@@ -177,7 +178,9 @@ def bench_comm(
     over ranks), GB/s (bytes_per_rank over dispatch + combine time), dispatch GB/s, link and
     link_frac (GB/s / link_gbps, None without link_gbps). static: build allgather/nccl_a2a with
     static_shapes (capturable). graphs: time host-sync-free backends on real GPU ranks through
-    CUDA graphs. Virtual ranks on a GPU: use `bench_comm_virtual` (symm_a2a needs one thread).
+    CUDA graphs. symm_combine: symm_a2a's combine modes to time, one row each ("symm_a2a" is
+    push, the default; "symm_a2a pull" reads the partial sums from the peers). Virtual ranks on
+    a GPU: use `bench_comm_virtual` (symm_a2a needs one thread).
     """
     world = group.world if group is not None else 1
     rank = group.rank if group is not None else 0
@@ -203,16 +206,21 @@ def bench_comm(
             torch.cuda.synchronize(device)
 
     rows = []
-    for name in backends:
+    runs = [(name, mode) for name in backends for mode in (symm_combine if name == "symm_a2a" else (None,))]
+    for name, mode in runs:
         cls = get_comm(name)
         for T in tokens:
-            backend = cls(cfg, group, placement, **_options(cls, T, payload, device, dtype, static))
+            opts = _options(cls, T, payload, device, dtype, static)
+            if mode is not None:
+                opts["combine_mode"] = mode
+            backend = cls(cfg, group, placement, **opts)
             x, routing = _inputs(cfg, rank, T, device, dtype)
             capturable = (graphs and device.type == "cuda" and not virtual
                           and not getattr(backend, "needs_host_sync", True))
             mine, timing = _time_backend(backend, x, routing, capturable, warmup, iters, barrier)
             table = group.all_gather(torch.tensor(mine, device=device)).tolist() if world > 1 else [mine]
             label = name + (" static" if static and accepted_options(cls, {"static_shapes": True}) else "")
+            label += f" {mode}" if mode not in (None, "push") else ""
             rows.append(_row(label, _payload_name(payload, dtype), world, T, ranks, timing, table, link, False))
             destroy = getattr(backend, "destroy", None)
             if destroy is not None:
@@ -264,6 +272,7 @@ def bench_comm_virtual(
     warmup: int = 3,
     device: torch.device | str = "cuda",
     hbm_gbps: float | None = None,
+    combine_mode: str = "push",
 ) -> list[dict[str, Any]]:
     """symm_a2a on `world` virtual ranks of one GPU, one row per token count.
 
@@ -282,10 +291,11 @@ def bench_comm_virtual(
     placement = Placement.contiguous(cfg.num_experts, world)
     rows = []
     for T in tokens:
-        opts = _options(SymmA2A, T, payload, device, dtype, False)
+        opts = {**_options(SymmA2A, T, payload, device, dtype, False), "combine_mode": combine_mode}
         bs = VirtualGroup(world, timeout=600).run(lambda g, opts=opts: SymmA2A(cfg, g, placement, **opts))
         table = _time_virtual(bs, [_inputs(cfg, r, T, device, dtype) for r in range(world)], warmup, iters)
-        rows.append(_row(f"symm_a2a (virtual x{world})", _payload_name(payload, dtype), world, T, "virtual",
+        label = f"symm_a2a (virtual x{world})" + (f" {combine_mode}" if combine_mode != "push" else "")
+        rows.append(_row(label, _payload_name(payload, dtype), world, T, "virtual",
                          "graph", table, ("HBM copy", hbm_gbps), True))
         # no destroy(): its barrier is collective over the virtual ranks' threads, gone by now
         del bs
@@ -332,7 +342,8 @@ def _payload_name(payload: str | None, dtype: torch.dtype) -> str:
 
 
 def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: list[int],
-                payloads: list[str], iters: int, static: bool) -> list[dict[str, Any]]:
+                payloads: list[str], iters: int, static: bool, symm_combine: tuple[str, ...] = ("push",)
+                ) -> list[dict[str, Any]]:
     """One process rank: its own GPU under NCCL, else the CPU in fp32."""
     on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
@@ -340,7 +351,7 @@ def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: l
     link = _link_gbps() if on_gpu else None
     return [r for p in payloads
             for r in bench_comm(cfg, backends, tokens, group, dtype, p, iters, device=device, link_gbps=link,
-                                static=static)]
+                                static=static, symm_combine=symm_combine)]
 
 
 def _link_gbps() -> float:
@@ -366,6 +377,7 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
     tokens = [int(t) for t in str(args.tokens).split(",") if t]
     payloads = [p for p in str(args.payload).split(",") if p]
     static = bool(getattr(args, "static", False))
+    symm_combine = tuple(m for m in str(getattr(args, "symm_combine", None) or "push").split(",") if m)
     if args.backend == "all":
         backends = [n for n, c in sorted(COMM_BACKENDS.items()) if "dp" in c.layouts and (n != "none" or world == 1)]
     else:
@@ -378,14 +390,17 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
         device = "cuda" if n_gpu else "cpu"
         dtype = torch.bfloat16 if n_gpu else torch.float32
         return [r for p in payloads
-                for r in bench_comm(cfg, backends, tokens, None, dtype, p, iters, device=device, static=static)]
+                for r in bench_comm(cfg, backends, tokens, None, dtype, p, iters, device=device, static=static,
+                                    symm_combine=symm_combine)]
     if n_gpu == 1:
         hbm = hbm_copy_gbps("cuda:0")
         rows = []
         for p in payloads:
             for name in backends:
                 if name == "symm_a2a":
-                    rows += bench_comm_virtual(cfg, world, tokens, torch.bfloat16, p, iters, hbm_gbps=hbm)
+                    for mode in symm_combine:
+                        rows += bench_comm_virtual(cfg, world, tokens, torch.bfloat16, p, iters, hbm_gbps=hbm,
+                                                   combine_mode=mode)
                     continue
                 per_rank = VirtualGroup(world, timeout=600).run(
                     lambda g, name=name, p=p: bench_comm(cfg, [name], tokens, g, torch.bfloat16, p, iters,
@@ -396,7 +411,8 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
                     # host-thread exchanges: no link rate to compare with (see the module docstring)
                 rows += per_rank[0]
         return rows
-    per_rank = run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters, static), timeout=3600,
+    per_rank = run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters, static, symm_combine),
+                         timeout=3600,
                          backend="nccl" if n_gpu >= world else "gloo")
     return per_rank[0]
 

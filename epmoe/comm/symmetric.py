@@ -14,10 +14,20 @@ in one process), a file in /dev/shm mapped by every gloo process on the CPU. A c
                       pairs (s, t, j) for t < count[s] with meta id >= 0 go to the experts
     experts         out[(s * Tm + t) * Kl + j] for every pair (padding pairs ignored)
     combine_send    rank r: partial[s, t] = sum_j w[s, t, j] * out[(s, t, j)]  (fp32, j order)
-                      into r's own comb_out[s, t]; then release-store seq -> s's combine flag[r]
+                      for the tokens t that picked an expert on r, stored (combine_mode)
+                        "push" (default): into home s's comb_out[r, t]  (a write over NVLink)
+                        "pull":           into r's own comb_out[s, t]
+                      then release-store seq -> s's combine flag[r]
     combine_recv    home s: acquire-wait until combine flag[r] == seq for every r (bounded);
-                      y[t] = sum over r in rank order of r's comb_out[s, t] for the ranks t
-                      picked, in fp32, cast once
+                      y[t] = sum over r in rank order of r's partial sum for t (push: own
+                      comb_out[r, t], local reads; pull: r's comb_out[s, t], reads over NVLink)
+                      for the ranks t picked, in fp32, cast once
+
+Push is the default because GPU-initiated writes to a peer are much faster than reads from it:
+on 2 H200s over NVLink (NV18), dispatch stores moved rows at 262 GB/s while the pull combine's
+reads came back at about 40 GB/s (DeepSeek-V3 shapes, 4096 tokens per rank: dispatch 221 µs,
+pull combine 2972 µs; `epmoe bench comm --world 2`, docs/performance.md). Either way the home
+adds the W partial sums itself, in rank order, so results do not depend on the mode.
 
 Slots are indexed by the source token itself (slot [s, t]), so a sender needs no prefix sum
 over its tokens, the home knows where its partial sums sit without any handle state, and every
@@ -29,8 +39,9 @@ flag a reader waits on is always either the previous call's value or this call's
 
     * s writes r's slots for call n+1 only after s's combine_recv(n), which waited for r's
       combine flag n, which r raised after its experts and combine_send(n) read those slots;
-    * r writes comb_out for call n+1 only after dispatch_recv(n+1) saw s's flag n+1, which s
-      raised after its combine_recv(n) had read r's comb_out.
+    * r writes the partial sums for s of call n+1 (into s's comb_out or its own) only after
+      dispatch_recv(n+1) saw s's flag n+1, which s raised after its combine_recv(n) had read
+      them.
 
 So a call is always dispatch followed by combine; a second dispatch without a combine raises.
 A rank with zero tokens still writes count 0 and raises its flags (no dummy token). Every wait
@@ -53,7 +64,8 @@ rank):
     scales    [W * Tm, S] bytes fp8: 4 (fp32 per row); fp8_block: 4 * ceil(H / 128);
                                nvfp4: H / 16 (e4m3 per 16 values); bf16: none
     gscale    fp32 [W * Tm]    nvfp4 global scale per row (rows of several ranks are mixed)
-    comb_out  [W, Tm, H]       partial sums for home s, combine dtype (fp32 by default)
+    comb_out  [W, Tm, H]       partial sums, combine dtype (fp32 by default): push: [r, t] from
+                               expert rank r for this rank's token t; pull: [s, t] for home s
 
     bytes per rank = 12 W + W * Tm * (8 Kl + D + S + G + H * c) (+ alignment)
     G = 4 for nvfp4 else 0, c = combine dtype size (4 for fp32, 2 for bf16)
@@ -91,6 +103,7 @@ from epmoe.group import EPGroup, Placement, RankGroup
 from epmoe.routing import Routing
 
 PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
+COMBINE_MODES = ("push", "pull")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # codes of the setup agreement
 SEQ_WRAP = 2**31 - 1  # sequence numbers run 1 .. SEQ_WRAP, then 1 again
 ALIGN = 128
@@ -432,8 +445,9 @@ def dispatch_recv_torch(own: RankViews, seq: int, timeout_s: float, rank: int) -
 
 
 def combine_send_torch(own: RankViews, peers: list[RankViews], rank: int, expert_out: torch.Tensor,
-                       seq: int) -> None:
-    """Weighted fp32 partial sums of every (source, token) slot into own comb_out, then flags."""
+                       seq: int, push: bool = True) -> None:
+    """Weighted fp32 partial sums of the (source, token) slots that picked an expert here, into
+    home s's comb_out[rank] (push) or own comb_out[s] (pull), then flags."""
     W, Tm, Kl = own.meta_ids.shape
     out = expert_out.view(W, Tm, Kl, -1)
     counts = own.flags[2].tolist()
@@ -442,13 +456,15 @@ def combine_send_torch(own: RankViews, peers: list[RankViews], rank: int, expert
         if n:
             ids = own.meta_ids[s, :n]  # [n, Kl]
             acc = weighted_sum(out[s, :n].reshape(n * Kl, -1), own.meta_w[s, :n], ids >= 0, n, Kl, impl="torch")
-            own.comb_out[s, :n] = acc.to(own.comb_out.dtype)
+            live = (ids >= 0).any(dim=1).nonzero().flatten()  # tokens its home reads back from here
+            dst = peers[s].comb_out[rank] if push else own.comb_out[s]
+            dst[live] = acc[live].to(dst.dtype)
     for peer in peers:
         peer.flags[1, rank] = seq
 
 
 def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: torch.Tensor,
-                       placement: Placement, seq: int, timeout_s: float) -> torch.Tensor:
+                       placement: Placement, seq: int, timeout_s: float, push: bool = True) -> torch.Tensor:
     """Wait for every expert rank's flag; y [T, H] fp32 = partial sums added in rank order."""
     wait_flags(own.flags[1], seq, timeout_s, f"symm_a2a rank {rank}: combine")
     T = ids.shape[0]
@@ -457,7 +473,8 @@ def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: t
     acc = torch.zeros(T, H, dtype=torch.float32, device=ids.device)
     for r, peer in enumerate(peers):
         picked = (ranks == r).any(dim=1, keepdim=True)  # [T, 1]
-        acc += torch.where(picked, peer.comb_out[rank, :T].float(), 0.0)
+        part = own.comb_out[r, :T] if push else peer.comb_out[rank, :T]
+        acc += torch.where(picked, part.float(), 0.0)
     return acc
 
 
@@ -484,9 +501,12 @@ class SymmA2A(CommBackend):
     timeout_s:     bound of every wait for peers' flags (default 10 s).
     device, dtype: where the workspace lives and the dtype of bf16 payload rows; when not
                    given, taken from the first dispatch's x (whose setup is then collective).
-    combine_dtype: dtype of the partial sums peers read back: torch.float32 / "fp32" (default:
-                   the home rank casts once) or torch.bfloat16 / "bf16" (half the bytes, one
-                   more rounding).
+    combine_dtype: dtype of the partial sums sent back: torch.float32 / "fp32" (default: the
+                   home rank casts once) or torch.bfloat16 / "bf16" (half the bytes, one more
+                   rounding).
+    combine_mode:  "push" (default: expert ranks write partial sums into the home's workspace)
+                   or "pull" (the home reads them from the expert ranks' workspaces); same
+                   results, push is the faster over NVLink (module docstring).
     impl:          "triton" (CUDA kernels; default on CUDA) or "torch" (the plain-torch twin;
                    default on CPU; on CUDA it polls flags from the host).
     check_errors:  read the kernels' error word after every eager combine (a host sync) and
@@ -517,6 +537,7 @@ class SymmA2A(CommBackend):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         combine_dtype: torch.dtype | str = torch.float32,
+        combine_mode: str = "push",
         impl: str = "auto",
         check_errors: bool = True,
         input_scale: float | torch.Tensor | None = None,
@@ -532,12 +553,15 @@ class SymmA2A(CommBackend):
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if combine_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
+        if combine_mode not in ("push", "pull"):
+            raise ValueError(f"combine_mode must be 'push' or 'pull', got {combine_mode!r}")
         if impl not in ("auto", "torch", "triton"):
             raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
         self.max_tokens = max_tokens_per_rank
         self.payload = payload
         self.timeout_s = float(timeout_s)
         self.combine_dtype = combine_dtype
+        self.combine_mode = combine_mode
         self.impl = impl
         self.check_errors = check_errors
         self.input_scale = check_input_scale(input_scale, payload)
@@ -631,9 +655,9 @@ class SymmA2A(CommBackend):
             "local experts per token (Kl)": lay.slot_experts, "payload": PAYLOADS.index(lay.payload),
             "row dtype": _DTYPES.index(lay.dtype), "combine dtype": _DTYPES.index(lay.combine_dtype),
             "workspace bytes": lay.nbytes, "config": zlib.crc32(repr(self.cfg).encode()),
-            "input_scale": scale_code(self.input_scale),
+            "input_scale": scale_code(self.input_scale), "combine_mode": COMBINE_MODES.index(self.combine_mode),
         }
-        names = {"payload": PAYLOADS, "row dtype": _DTYPES, "combine dtype": _DTYPES}
+        names = {"payload": PAYLOADS, "row dtype": _DTYPES, "combine dtype": _DTYPES, "combine_mode": COMBINE_MODES}
         table = self.group.all_gather_ints(list(fields.values()), device=device)
         problems = []
         for i, key in enumerate(fields):
@@ -796,7 +820,7 @@ class SymmA2A(CommBackend):
             raise ValueError(f"expert_out must be [{M}, {self.cfg.hidden}] (one row per pair), got "
                              f"{tuple(expert_out.shape)}")
         if self._impl == "torch":
-            combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq)
+            combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq, self.combine_mode == "push")
         else:
             _triton_combine_send(self, expert_out)
 
@@ -813,7 +837,7 @@ class SymmA2A(CommBackend):
         try:
             if self._impl == "torch":
                 acc = combine_recv_torch(self.own, self.peers, self.rank, h.ids, self._placement_dev, h.seq,
-                                         self.timeout_s)
+                                         self.timeout_s, self.combine_mode == "push")
                 y = finish(acc, h.dtype, out, addend, "symm_a2a")
             elif addend is None:
                 y = _triton_combine_recv(self, h, out)
@@ -924,7 +948,7 @@ def _triton_combine_send(b: SymmA2A, expert_out: torch.Tensor) -> Any:
         b._ptrs, b._state, expert_out.contiguous(), b.rank,
         o["flags"], o["meta_ids"], o["meta_w"], o["comb_out"],
         Tm=b.max_tokens, H=H, W=b.world, KL=b.slot_experts, H_PAD=_pow2(H),
-        COMB_DTYPE=_tl_dtype(b.combine_dtype), num_warps=_row_warps(H),
+        COMB_DTYPE=_tl_dtype(b.combine_dtype), PUSH=b.combine_mode == "push", num_warps=_row_warps(H),
     )
 
 
@@ -939,6 +963,7 @@ def _triton_combine_recv(b: SymmA2A, h: SymmHandle, out: torch.Tensor | None) ->
         b._ptrs, b._state, h.ids.contiguous(), b._placement_dev.expert_rank, y, y.stride(0) if T else H,
         T, b.rank, b.cfg.num_experts, b._timeout_arg, o["flags"], o["comb_out"],
         Tm=b.max_tokens, H=H, W=b.world, K=K, K_PAD=_pow2(K), H_PAD=_pow2(H),
-        COMB_DTYPE=_tl_dtype(b.combine_dtype), USE_TIMER=b._use_timer, num_warps=_row_warps(H),
+        COMB_DTYPE=_tl_dtype(b.combine_dtype), USE_TIMER=b._use_timer, PUSH=b.combine_mode == "push",
+        num_warps=_row_warps(H),
     )
     return y

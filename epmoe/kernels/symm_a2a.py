@@ -187,10 +187,11 @@ def symm_combine_send_kernel(
     ptrs, state, out_ptr,  # expert outputs [W * Tm * KL, H], one row per pair
     rank, OFF_FLAGS, OFF_META_IDS, OFF_META_W, OFF_COMB,
     Tm: tl.constexpr, H: tl.constexpr, W: tl.constexpr, KL: tl.constexpr, H_PAD: tl.constexpr,
-    COMB_DTYPE: tl.constexpr,
+    COMB_DTYPE: tl.constexpr, PUSH: tl.constexpr,
 ):
     """partial[s, t] = sum_j w[s, t, j] * out[(s * Tm + t) * KL + j] (fp32, j order, valid j only)
-    into own comb_out[s, t] for t < count[s]; last program: flag_combine[s][rank] = seq."""
+    for t < count[s] whose token picked an expert here; stored into home s's comb[rank, t] (PUSH)
+    or own comb[s, t]; last program: flag_combine[s][rank] = seq."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = tl.load(state) % SEQ_WRAP + 1
@@ -198,25 +199,31 @@ def symm_combine_send_kernel(
     fl = (own + OFF_FLAGS).to(tl.pointer_type(tl.int32))
     mi = (own + OFF_META_IDS).to(tl.pointer_type(tl.int32))
     mw = (own + OFF_META_W).to(tl.pointer_type(tl.float32))
-    comb = (own + OFF_COMB).to(tl.pointer_type(COMB_DTYPE))
     offs = tl.arange(0, H_PAD)
     m = offs < H
     for s in tl.static_range(W):
         n = tl.load(fl + 2 * W + s)
+        if PUSH:  # home s's region of partial sums from this rank: [rank * Tm, (rank + 1) * Tm)
+            dst = (tl.load(ptrs + s) + OFF_COMB).to(tl.pointer_type(COMB_DTYPE)) + rank * Tm * H
+        else:  # own region for home s
+            dst = (own + OFF_COMB).to(tl.pointer_type(COMB_DTYPE)) + s * Tm * H
         t = pid
         while t < n:
             slot = (s * Tm + t).to(tl.int64)
             acc = tl.zeros([H_PAD], dtype=tl.float32)
+            live = tl.zeros([], dtype=tl.int32)
             for j in tl.static_range(KL):  # k order; no branches, so every row load can be in flight
                 e = tl.load(mi + slot * KL + j)
                 w = tl.load(mw + slot * KL + j)
                 v = tl.load(out_ptr + (slot * KL + j) * H + offs, mask=m & (e >= 0), other=0.0)
                 acc += tl.where(e >= 0, w * v.to(tl.float32), 0.0)
-            tl.store(comb + slot * H + offs, acc.to(COMB_DTYPE), mask=m)
+                live += (e >= 0).to(tl.int32)
+            # a token that picked nothing here is never read by its home: no bytes for it
+            tl.store(dst + t.to(tl.int64) * H + offs, acc.to(COMB_DTYPE), mask=m & (live > 0))
             t += nprog
     tl.debug_barrier()
-    # sys scope, not gpu: peer GPUs read these partial sums after acquiring the flag that the
-    # last program releases; its release only carries stores it acquired at system scope
+    # sys scope, not gpu: the partial sums went to peer GPUs (PUSH) or are read by them; the last
+    # program's flag release only carries stores it acquired at a scope that includes the peers
     done = tl.atomic_add(state + 2, 1, sem="acq_rel", scope="sys")
     if done == nprog - 1:
         tl.store(state + 2, 0)
@@ -230,10 +237,11 @@ def symm_combine_recv_kernel(
     ptrs, state, ids_ptr, expert_rank_ptr, y_ptr, y_stride,  # routing ids [T, K]; y [T, H]
     T, rank, E, timeout, OFF_FLAGS, OFF_COMB,
     Tm: tl.constexpr, H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-    H_PAD: tl.constexpr, COMB_DTYPE: tl.constexpr, USE_TIMER: tl.constexpr,
+    H_PAD: tl.constexpr, COMB_DTYPE: tl.constexpr, USE_TIMER: tl.constexpr, PUSH: tl.constexpr,
 ):
     """Wait for every expert rank's combine flag, then y[t] = sum over r in rank order (ranks t
-    picked) of comb_out[r][rank, t], fp32, cast once. Last program: state[0] = seq (call done)."""
+    picked) of r's partial sum for t: own comb[r, t] (PUSH) or r's comb[rank, t], fp32, cast
+    once. Last program: state[0] = seq (call done)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = tl.load(state) % SEQ_WRAP + 1
@@ -254,12 +262,14 @@ def symm_combine_recv_kernel(
     while t < T:
         ids = tl.load(ids_ptr + t * K + ks, mask=kmask, other=0)
         rk = tl.load(expert_rank_ptr + ids, mask=kmask & (ids >= 0) & (ids < E), other=-1)
-        slot = (rank * Tm + t).to(tl.int64)
         acc = tl.zeros([H_PAD], dtype=tl.float32)
         for r in tl.static_range(W):  # rank order; masked loads instead of branches
             hit = tl.max(((rk == r) & kmask).to(tl.int32), 0) > 0
-            src = (tl.load(ptrs + r) + OFF_COMB).to(tl.pointer_type(COMB_DTYPE))
-            acc += tl.load(src + slot * H + offs, mask=m & hit, other=0.0, cache_modifier=".cg").to(tl.float32)
+            if PUSH:  # r wrote it into this rank's workspace: a local read
+                src = (own + OFF_COMB).to(tl.pointer_type(COMB_DTYPE)) + (r * Tm + t).to(tl.int64) * H
+            else:  # a read from r's workspace (over NVLink)
+                src = (tl.load(ptrs + r) + OFF_COMB).to(tl.pointer_type(COMB_DTYPE)) + (rank * Tm + t).to(tl.int64) * H
+            acc += tl.load(src + offs, mask=m & hit, other=0.0, cache_modifier=".cg").to(tl.float32)
         tl.store(y_ptr + t * y_stride + offs, acc.to(y_ptr.dtype.element_ty), mask=m)
         t += nprog
     tl.debug_barrier()
