@@ -374,22 +374,27 @@ class MoELayer(nn.Module):
         device = self.runner.weights.device
         return max(t for (t,) in self.group.all_gather_ints([tokens], device=device))
 
-    def _pick_comm(self, x: torch.Tensor, tokens: int | None = None) -> CommBackend:
-        """The backend for this call: fixed, or by the largest token count over ranks (auto).
+    def _pick_comm(self, x: torch.Tensor, tokens: int | None = None) -> tuple[CommBackend, int | None]:
+        """The backend for this call: fixed, or by the largest token count over ranks (auto),
+        and the bound on every rank's T that the ranks agree on for this call (None where they
+        do not: a fixed backend over several ranks), which dispatch uses to size the experts'
+        pair list (symm_a2a).
 
         Every rank must pick the same backend, so auto agrees on max(T) with one small
         exchange (or takes `tokens`, already agreed); while graphs are captured the bucket size
-        stands in for it and only capturable backends are candidates.
+        stands in for it (every rank replays the same bucket) and only capturable backends are
+        candidates.
         """
         if self._ladder is None:
-            return self.comm
+            alone = self.group is None or self.group.world <= 1
+            return self.comm, (x.shape[0] if alone else None)
         names = self._graph_names or list(self.comms)
         if self._graph_names is not None or _capturing(x):
             tokens = x.shape[0]
         elif tokens is None:
             tokens = self._agreed_tokens(x.shape[0])
         self.comm = self.comms[pick_comm(tokens, names, self._ladder, capacities=self._capacities)]
-        return self.comm
+        return self.comm, tokens
 
     def _check_x(self, x: torch.Tensor) -> None:
         cfg = self.cfg
@@ -443,8 +448,8 @@ class MoELayer(nn.Module):
                 check_routing(routing, cfg.num_experts)
         if self.capture is not None:
             self.capture.record(routing)
-        comm = self._pick_comm(x, tokens)
-        dispatched = comm.dispatch(x, routing)
+        comm, bound = self._pick_comm(x, tokens)
+        dispatched = comm.dispatch(x, routing, max_tokens=bound)
         expert_out = self.runner(dispatched)
         # Shared experts [T, H] fp32 are added to the routed fp32 sum inside combine, before its one cast.
         shared = self.shared(x, cfg) if self.shared is not None else None

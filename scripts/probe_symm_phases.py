@@ -65,7 +65,7 @@ def _rank(group, presets: list[str], tokens: list[int], variants: list[tuple[str
                 b = sy.SymmA2A(cfg, group, placement, max_tokens_per_rank=T, device=dev, dtype=torch.bfloat16,
                                check_errors=False, combine_mode=mode)
                 b._max_programs = mult * sms
-                M = b._row_ids.shape[0]
+                M = W * T * b.slot_experts
                 out = torch.zeros(M, cfg.hidden, device=dev, dtype=torch.bfloat16)
                 y = torch.empty(T, cfg.hidden, device=dev, dtype=torch.bfloat16)
                 own = b._ptrs.clone()

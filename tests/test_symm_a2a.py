@@ -376,6 +376,73 @@ def test_virtual_ranks_on_cpu_match_reference():
     assert not any(errors), errors
 
 
+def _rank_bounded(group, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+    """dispatch(..., max_tokens=B): equal bounds on every rank give the unbounded call's output
+    bit for bit from a pair list of W * B * Kl; a rank whose bound a peer's T exceeds raises
+    naming that peer (and works on the next call); the layer under comm="auto" passes the
+    agreed T and matches the single-rank reference."""
+    W, rank, errors = group.world, group.rank, []
+    placement = Placement.contiguous(CFG.num_experts, W)
+    b = SymmA2A(CFG, group, placement, max_tokens_per_rank=TM, timeout_s=30.0, device=device, dtype=dtype)
+
+    def call(case: Case, bound: int | None) -> tuple[torch.Tensor, int]:
+        x, ids, w = inputs(case, rank, W)
+        d = b.dispatch(x.to(device, dtype), Routing(ids.to(device), w.to(device)), max_tokens=bound)
+        return b.combine(synthetic_experts(d, dtype), d), d.num_pairs
+
+    case = CASES[0]  # uneven, one rank empty
+    B = max(case.tokens[:W])
+    full, m_full = call(case, None)
+    bounded, m_bounded = call(case, B)
+    if not torch.equal(full, bounded) or m_full != W * TM * b.slot_experts or m_bounded != W * B * b.slot_experts:
+        errors.append(f"bound {B}: pairs {m_bounded} (full {m_full}), outputs equal {torch.equal(full, bounded)}")
+    # unequal bounds: each rank passes its own T; ranks below the largest T see a peer exceed theirs
+    biggest = max(range(W), key=lambda r: case.tokens[r])
+    try:
+        call(case, case.tokens[rank])
+        if case.tokens[rank] < B:
+            errors.append("no error though a peer sent more tokens than this rank's bound")
+    except ValueError as exc:
+        want = f"rank {biggest} sent {B} tokens"
+        if case.tokens[rank] >= B or want not in str(exc) or "same max_tokens" not in str(exc):
+            errors.append(f"unexpected error: {exc}")
+    again, _ = call(case, B)
+    if not torch.equal(again, full):
+        errors.append("the call after a bound error differs")
+    try:
+        call(case, TM + 1)
+        errors.append("max_tokens past the workspace did not raise")
+    except ValueError as exc:
+        if "max_tokens_per_rank=8" not in str(exc):
+            errors.append(f"unexpected message: {exc}")
+    group.barrier()
+    # the layer under comm="auto": the agreed T goes to dispatch as the bound
+    weights = _full()
+    layer = MoELayer.from_global(CFG, ExpertWeights(weights.w13.to(device, dtype), weights.w2.to(device, dtype)),
+                                 group, comm="auto", comm_options={"max_tokens_per_rank": TM, "device": device,
+                                                                   "dtype": dtype})
+    symm = layer.comms["symm_a2a"]
+    bounds = []
+    real_dispatch = symm.dispatch
+    symm.dispatch = lambda x, r, max_tokens=None: bounds.append(max_tokens) or real_dispatch(x, r, max_tokens)
+    g = torch.Generator().manual_seed(11 + rank)
+    T = (5, 2, 0, 7)[rank]
+    x, logits = torch.randn(T, CFG.hidden, generator=g), torch.randn(T, CFG.num_experts, generator=g)
+    y = layer(x.to(device, dtype), logits.to(device))
+    err = _rel(y, MoELayer(CFG, weights)(x.to(dtype).float(), logits))
+    agreed = max((5, 2, 0, 7)[:W])
+    if layer.combo.comm != "symm_a2a" or bounds != [agreed] or not err <= (EXACT_TOL if dtype == torch.float32
+                                                                          else GPU_TOL):
+        errors.append(f"auto layer: comm {layer.combo.comm}, bounds {bounds} (want [{agreed}]), rel err {err:.3g}")
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dispatch_bound_on_tokens_over_gloo(world):
+    for rank, errors in enumerate(run_ranks(_rank_bounded, world, timeout=120)):
+        assert not errors, f"rank {rank}: {errors}"
+
+
 def _rank_bf16_combine(group, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[float, float, bool]:
     """The reference runner through symm_a2a with bf16 partial sums on the combine wire, and with
     fp32 ones: (rel err bf16, rel err fp32, outputs differ)."""
@@ -467,10 +534,10 @@ def _virtual_backends(world: int, **options) -> list[SymmA2A]:
     return VirtualGroup(world).run(lambda g: SymmA2A(CFG, g, placement, max_tokens_per_rank=TM, **options))
 
 
-def split_phase_call(bs: list[SymmA2A], xs, routings, expert_fn) -> list[torch.Tensor]:
+def split_phase_call(bs: list[SymmA2A], xs, routings, expert_fn, bound: int | None = None) -> list[torch.Tensor]:
     """One call on W virtual ranks from one thread: every send, then every receive."""
     for b, x, r in zip(bs, xs, routings):
-        b.dispatch_send(x, r)
+        b.dispatch_send(x, r, bound)
     ds = [b.dispatch_recv() for b in bs]
     outs = [expert_fn(r, d) for r, d in enumerate(ds)]
     for b, out, d in zip(bs, outs, ds):
@@ -479,14 +546,15 @@ def split_phase_call(bs: list[SymmA2A], xs, routings, expert_fn) -> list[torch.T
 
 
 @interpreted
-@pytest.mark.parametrize(("world", "payload", "combine", "mode"), [
-    (2, "bf16", "fp32", "push"), (2, "nvfp4", "fp32", "push"), (3, "fp8", "fp32", "push"),
-    (3, "fp8_block", "fp32", "push"), (2, "bf16", "bf16", "push"), (3, "bf16", "fp32", "pull"),
-    (2, "fp8", "bf16", "pull")])
-def test_triton_kernels_interpreted_match_torch_twin(world, payload, combine, mode):
+@pytest.mark.parametrize(("world", "payload", "combine", "mode", "bounded"), [
+    (2, "bf16", "fp32", "push", False), (2, "nvfp4", "fp32", "push", False), (3, "fp8", "fp32", "push", False),
+    (3, "fp8_block", "fp32", "push", False), (2, "bf16", "bf16", "push", False), (3, "bf16", "fp32", "pull", False),
+    (2, "fp8", "bf16", "pull", False), (3, "bf16", "fp32", "push", True), (2, "nvfp4", "fp32", "pull", True)])
+def test_triton_kernels_interpreted_match_torch_twin(world, payload, combine, mode, bounded):
     """Every case, the wrap of the sequence numbers and all-empty calls included: the kernels
     equal the plain-torch twin bit for bit (with bf16 partial sums: within the rounding of the
-    interpreter's cast, see _interpreted_call)."""
+    interpreter's cast, see _interpreted_call). bounded: every call passes max_tokens = the
+    largest T over ranks (0 for the all-empty case), as the layer does under comm="auto"."""
     opts = {"payload": payload, "device": "cpu", "dtype": torch.float32, "combine_dtype": combine,
             "combine_mode": mode}
     kernels = _virtual_backends(world, impl="triton", **opts)
@@ -500,14 +568,15 @@ def test_triton_kernels_interpreted_match_torch_twin(world, payload, combine, mo
             for b in kernels:
                 b._state[0] = seq
         for _ in range(2 if case.wrap else 1):
-            _interpreted_call(kernels, twins, case, payload, exact=combine == "fp32")
+            bound = max(case.tokens[:world]) if bounded else None
+            _interpreted_call(kernels, twins, case, payload, exact=combine == "fp32", max_tokens=bound)
             seq = seq % SEQ_WRAP + 1
             assert int(kernels[0]._state[0]) == seq  # the device sequence number advanced once
     assert seq == 1  # the last case wrapped
 
 
 def _interpreted_call(kernels: list[SymmA2A], twins: list[SymmA2A], case: Case, payload: str,
-                      exact: bool = True) -> None:
+                      exact: bool = True, max_tokens: int | None = None) -> None:
     world = len(kernels)
     everyone = [inputs(case, r, world) for r in range(world)]
     xs = [x for x, _, _ in everyone]
@@ -516,17 +585,18 @@ def _interpreted_call(kernels: list[SymmA2A], twins: list[SymmA2A], case: Case, 
 
     def experts(tag):
         def fn(r, d):
-            seen.setdefault(tag, []).append((d.expert_ids.clone(), as_float(d.hidden).clone()))
+            seen.setdefault(tag, []).append((d.expert_ids.clone(), d.row_ids.clone(), as_float(d.hidden).clone()))
             return synthetic_experts(d, torch.float32)
         return fn
 
-    ys = split_phase_call(kernels, xs, routings, experts("triton"))
-    want = split_phase_call(twins, xs, routings, experts("torch"))
+    ys = split_phase_call(kernels, xs, routings, experts("triton"), max_tokens)
+    want = split_phase_call(twins, xs, routings, experts("torch"), max_tokens)
     for r in range(world):
-        kid, krows = seen["triton"][r]
-        tid, trows = seen["torch"][r]
-        assert torch.equal(kid, tid)
-        valid = kid.view(world * TM, -1).ge(0).any(dim=1)
+        kid, krow, krows = seen["triton"][r]
+        tid, trow, trows = seen["torch"][r]
+        assert torch.equal(kid, tid) and torch.equal(krow, trow)
+        assert kid.numel() == world * (TM if max_tokens is None else max_tokens) * kernels[r].slot_experts
+        valid = krow[kid >= 0].long()  # the rows some pair reads
         assert torch.equal(krows[valid], trows[valid])
         if exact:
             assert torch.equal(ys[r], want[r])
@@ -539,6 +609,30 @@ def _interpreted_call(kernels: list[SymmA2A], twins: list[SymmA2A], case: Case, 
         # 3 per token
         bound = (0 if payload == "bf16" else 1e-6) if exact else 3 * 2.0**-8
         assert _rel(ys[r].double(), want64) <= bound
+
+
+@interpreted
+def test_triton_bound_overflow_interpreted_raises_naming_the_source():
+    """Rank 1 runs with max_tokens=0 while rank 0 sends 5 tokens: the kernels stay in bounds,
+    rank 1's check() names rank 0 once, and the next call with equal bounds is right."""
+    bs = _virtual_backends(2, impl="triton", device="cpu", dtype=torch.float32)
+    ev = [inputs(CASES[0], r, 2) for r in range(2)]  # tokens 5 and 0
+    xs, routings = [x for x, _, _ in ev], [Routing(i, w) for _, i, w in ev]
+    for b, x, r, bound in zip(bs, xs, routings, (5, 0)):
+        b.dispatch_send(x, r, bound)
+    ds = [b.dispatch_recv() for b in bs]
+    assert ds[1].num_pairs == 0
+    for b, d in zip(bs, ds):
+        b.combine_send(synthetic_experts(d, torch.float32), d)
+    for b, d in zip(bs, ds):
+        b.combine_recv(d)
+    bs[0].check()
+    with pytest.raises(ValueError, match="rank 1: rank 0 sent 5 tokens"):
+        bs[1].check()
+    bs[1].check()  # reported once
+    ys = split_phase_call(bs, xs, routings, lambda r, d: synthetic_experts(d, torch.float32), 5)
+    want = synthetic_reference(xs[0].double(), ev[0][1], ev[0][2].double(), bs[0].placement)
+    assert _rel(ys[0].double(), want) == 0
 
 
 @interpreted
@@ -588,6 +682,12 @@ def test_gpu_virtual_ranks_match_reference(world, combine_mode):
     _compile_once(world, "cuda", torch.bfloat16, combine_mode)
     errors = VirtualGroup(world, timeout=120).run(
         lambda g: _rank_cases(g, PAYLOADS, CASES, device="cuda", dtype=torch.bfloat16, combine_mode=combine_mode))
+    assert not any(errors), errors
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_bound_on_tokens_virtual_ranks():
+    errors = VirtualGroup(2, timeout=120).run(lambda g: _rank_bounded(g, "cuda", torch.bfloat16))
     assert not any(errors), errors
 
 

@@ -118,7 +118,7 @@ class AllGatherComm(WireBackend):
             return False
         return self.world * max(counts) <= 1.25 * sum(counts)
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
         ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
         self._check_local(x, ids)
         T, H, W = x.shape[0], self.cfg.hidden, self.world

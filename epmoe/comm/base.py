@@ -300,7 +300,11 @@ class CommBackend:
             p = self._placements[device] = self.placement.to(device)
         return p
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
+        """Send this rank's tokens x [T, H] to the ranks of their experts; returns the rows that
+        landed here. max_tokens: a bound on T that every rank passes alike for this call (a
+        graph bucket, or the T agreed under comm="auto"); backends with pre-sized receive slots
+        (symm_a2a) list only that many tokens per source for the experts, the others ignore it."""
         raise NotImplementedError
 
     def combine(

@@ -78,7 +78,7 @@ class NcclA2AComm(WireBackend):
 
     name = "nccl_a2a"
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
         ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
         self._check_local(x, ids)
         T, H, W, me = x.shape[0], self.cfg.hidden, self.world, self.rank

@@ -122,7 +122,7 @@ class NoComm(CommBackend):
             raise ValueError(f"comm 'none': impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
         T, K = routing.ids.shape
         pairs = local_dispatch(routing.ids, self.placement_on(x.device), self.rank, self.impl)
         return Dispatched(

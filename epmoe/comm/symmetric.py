@@ -222,6 +222,8 @@ class SymmHandle:
     dtype:      the output dtype (x's).
     seq:        the call's sequence number (host copy; the Triton path keeps its own on the
                 device so that graph replays advance it).
+    bound:      B, the call's bound on every rank's T (dispatch's max_tokens, else Tm): the
+                pair list has W * B * Kl entries.
     expert_rank, rank, world, wire_row_bytes, meta_bytes, combine_row_bytes: what the byte
                 counts below need ([E] int32 owner of each expert on ids' device; D + S + G
                 payload bytes of a row; Kl * 8 meta bytes of a slot; H * combine dtype size).
@@ -231,9 +233,9 @@ class SymmHandle:
         dispatch  for every other rank r: meta of every token (T * Kl * 8: the slot's ids and
                   weights are written whether or not t picks r), the payload row of each token
                   with an expert on r (once per rank, not per expert), count and flag (8)
-        combine   the partial-sum rows this rank's tokens read from other ranks (one per (token,
-                  other rank it picked); a one-sided combine *gets* them) and the combine flag
-                  this rank raises on each peer (4)
+        combine   the partial-sum rows of this rank's tokens computed on other ranks (one per
+                  (token, other rank it picked); peers write them here, or this rank reads them
+                  with combine_mode="pull") and the combine flag this rank raises on each peer (4)
     """
 
     ids: torch.Tensor
@@ -246,6 +248,7 @@ class SymmHandle:
     wire_row_bytes: int = 0
     meta_bytes: int = 0
     combine_row_bytes: int = 0
+    bound: int = 0  # B: the call's bound on every rank's T (pairs listed per source), <= Tm
     _hits: list[int] | None = field(default=None, init=False, repr=False)
 
     def _tokens_per_rank(self) -> list[int]:
@@ -435,24 +438,31 @@ def dispatch_send_torch(peers: list[RankViews], rank: int, rows: tuple[torch.Ten
         peer.flags[0, rank] = seq
 
 
-def dispatch_recv_torch(own: RankViews, seq: int, timeout_s: float, rank: int) -> torch.Tensor:
-    """Wait for every source's flag; return the pair expert ids [W * Tm * Kl] (-1 = padding)."""
+def dispatch_recv_torch(own: RankViews, seq: int, timeout_s: float, rank: int, bound: int | None = None
+                        ) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """Wait for every source's flag; return the pair expert ids [W * B * Kl] (-1 = padding; B =
+    `bound`, default Tm: pair (s, t, j) at (s * B + t) * Kl + j) and (source, count) of the
+    first source that sent more than B tokens (its tokens past B are not listed), else None."""
     wait_flags(own.flags[0], seq, timeout_s, f"symm_a2a rank {rank}: dispatch")
     W, Tm, Kl = own.meta_ids.shape
+    B = Tm if bound is None else bound
     counts = own.flags[2].clone()  # [W]
-    live = torch.arange(Tm, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)  # [W, Tm]
-    return torch.where(live.unsqueeze(-1), own.meta_ids, -1).reshape(-1)
+    over = [(s, c) for s, c in enumerate(counts.tolist()) if c > B]
+    live = torch.arange(B, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)  # [W, B]
+    return torch.where(live.unsqueeze(-1), own.meta_ids[:, :B], -1).reshape(-1), (over[0] if over else None)
 
 
 def combine_send_torch(own: RankViews, peers: list[RankViews], rank: int, expert_out: torch.Tensor,
                        seq: int, push: bool = True) -> None:
     """Weighted fp32 partial sums of the (source, token) slots that picked an expert here, into
-    home s's comb_out[rank] (push) or own comb_out[s] (pull), then flags."""
+    home s's comb_out[rank] (push) or own comb_out[s] (pull), then flags. expert_out: [W * B *
+    Kl, H], one row per pair of dispatch_recv_torch's list (B = its bound)."""
     W, Tm, Kl = own.meta_ids.shape
-    out = expert_out.view(W, Tm, Kl, -1)
+    B = expert_out.shape[0] // (W * Kl)
+    out = expert_out.view(W, B, Kl, own.comb_out.shape[-1])
     counts = own.flags[2].tolist()
     for s in range(W):
-        n = counts[s]
+        n = min(counts[s], B)
         if n:
             ids = own.meta_ids[s, :n]  # [n, Kl]
             acc = weighted_sum(out[s, :n].reshape(n * Kl, -1), own.meta_w[s, :n], ids >= 0, n, Kl, impl="torch")
@@ -629,14 +639,13 @@ class SymmA2A(CommBackend):
         self._buffers = peers  # keeps peer mappings alive as long as this backend
         self.peers = [lay.views(b) for b in peers]
         self.own = self.peers[self.rank]
-        Tm, Kl = self.max_tokens, self.slot_experts
-        self._row_ids = torch.arange(W * Tm, dtype=torch.int32, device=device).repeat_interleave(Kl)
+        self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._overflow: str | None = None
         self._placement_dev = self.placement.to(device)
         if impl == "triton":
             self._ptrs = torch.tensor([b.data_ptr() for b in peers], dtype=torch.int64, device=device)
-            # [seq, counter x3, err code, err seq, spare x2] then [2, W] silent-rank flags
+            # [seq, counter x3, err code, err seq, over-bound source + 1, its count] then [2, W] silent flags
             self._state = torch.zeros(8 + 2 * W, dtype=torch.int32, device=device)
-            self._expert_ids = torch.full((W * Tm * Kl,), -1, dtype=torch.int32, device=device)
             self._dummy = torch.zeros(4, dtype=torch.float32, device=device)  # stands in for absent planes
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
             self._max_programs = 4 * sms
@@ -724,8 +733,14 @@ class SymmA2A(CommBackend):
 
     # ---- phases -------------------------------------------------------------------------------
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> Dispatched:
-        self.dispatch_send(x, routing)
+    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
+        """max_tokens: a bound on T that every rank passes alike for this call (the layer passes
+        its graph bucket, or the token count agreed under comm="auto"): the experts then get
+        W * max_tokens * Kl pair slots instead of W * max_tokens_per_rank * Kl, so a decode call
+        on a prefill-sized workspace costs what a decode workspace would. None: the workspace's
+        max_tokens_per_rank. A peer that sent more tokens than this rank's bound makes `check()`
+        raise (that call's output is wrong)."""
+        self.dispatch_send(x, routing, max_tokens)
         if self._phase_barrier():
             self.group.barrier()
         return self.dispatch_recv()
@@ -745,8 +760,9 @@ class SymmA2A(CommBackend):
         send would block it, so every rank's send is enqueued before any receive."""
         return self.in_process and self.device.type == "cuda" and self.world > 1
 
-    def dispatch_send(self, x: torch.Tensor, routing: Routing) -> SymmHandle:
-        """Phase 1: write rows, meta, count and flags into every peer (returns the handle).
+    def dispatch_send(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> SymmHandle:
+        """Phase 1: write rows, meta, count and flags into every peer (returns the handle);
+        max_tokens: the call's bound on every rank's T (see `dispatch`).
 
         Eager calls check the routing ids on the host (0 <= id < E, -1 = masked; a ValueError
         before anything is written); calls being captured in a CUDA graph skip host checks, and
@@ -754,10 +770,15 @@ class SymmA2A(CommBackend):
         of bounds."""
         self._ensure_setup(x)  # collective the first time: before any check that raises on one rank
         self._check_call(x, routing)
+        bound = self.max_tokens if max_tokens is None else max_tokens
+        if not isinstance(bound, int) or not x.shape[0] <= bound <= self.max_tokens:
+            raise ValueError(
+                f"symm_a2a rank {self.rank}: max_tokens={max_tokens!r} must be an int between this rank's "
+                f"{x.shape[0]} tokens and max_tokens_per_rank={self.max_tokens} (the same on every rank)")
         seq = next_seq(self.seq)
         handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev.expert_rank, self.rank,
                             self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
-                            self.cfg.hidden * self.combine_dtype.itemsize)
+                            self.cfg.hidden * self.combine_dtype.itemsize, bound)
         if self._impl == "torch":
             rows = quantize_rows(x, self.payload, scale=self._scale_dev)
             meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
@@ -772,22 +793,42 @@ class SymmA2A(CommBackend):
         h = self._open
         if h is None:
             raise RuntimeError("symm_a2a: dispatch_recv without dispatch_send")
+        row_ids, ids_buf = self._pair_lists(h.bound)
         if self._impl == "torch":
             try:
-                expert_ids = dispatch_recv_torch(self.own, h.seq, self.timeout_s, self.rank)
+                expert_ids, over = dispatch_recv_torch(self.own, h.seq, self.timeout_s, self.rank, h.bound)
             except SymmTimeoutError as exc:
                 self._broken = str(exc)
                 self._open = None
                 raise
+            if over is not None:
+                self._overflow = self._overflow_text(*over, h.bound)
         else:
-            expert_ids = _triton_dispatch_recv(self)
+            expert_ids = _triton_dispatch_recv(self, ids_buf, h.bound)
         return Dispatched(
             hidden=self.received_rows(),
-            row_ids=self._row_ids,
+            row_ids=row_ids,
             expert_ids=expert_ids,
             expert_counts=count_experts(expert_ids, self.placement.local_experts),
             handle=h,
         )
+
+    def _pair_lists(self, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_ids, expert-id buffer) [W * B * Kl] int32 of the pair list for bound B: pair
+        (s, t, j) at (s * B + t) * Kl + j reads received row s * Tm + t. Built once per bound
+        (a graph bucket's are built while it warms up, before capture)."""
+        if bound not in self._pairs:
+            W, Tm, Kl, dev = self.world, self.max_tokens, self.slot_experts, self.device
+            slot = torch.arange(W * bound, dtype=torch.int32, device=dev)
+            rows = (slot // max(bound, 1) * Tm + slot % max(bound, 1)).repeat_interleave(Kl)
+            self._pairs[bound] = (rows, torch.full((W * bound * Kl,), -1, dtype=torch.int32, device=dev))
+        return self._pairs[bound]
+
+    def _overflow_text(self, source: int, count: int, bound: int | None) -> str:
+        told = f"max_tokens={bound}" if bound is not None else "a smaller max_tokens"
+        return (f"symm_a2a rank {self.rank}: rank {source} sent {count} tokens in a call this rank ran with {told}; "
+                "the tokens past the bound were not computed, so that call's output is wrong. Every rank must pass "
+                "the same max_tokens to dispatch, at least the largest T over ranks")
 
     def received_rows(self) -> Any:
         """[W * Tm, H] rows of the receive buffer (slot [s, t] is row s * Tm + t): a view of
@@ -815,14 +856,14 @@ class SymmA2A(CommBackend):
         h: SymmHandle = dispatched.handle
         if h is not self._open:
             raise RuntimeError("symm_a2a: combine got a Dispatched that is not this backend's open call")
-        M = self._row_ids.shape[0]
+        M = self.world * h.bound * self.slot_experts
         if expert_out.shape != (M, self.cfg.hidden):
             raise ValueError(f"expert_out must be [{M}, {self.cfg.hidden}] (one row per pair), got "
                              f"{tuple(expert_out.shape)}")
         if self._impl == "torch":
             combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq, self.combine_mode == "push")
         else:
-            _triton_combine_send(self, expert_out)
+            _triton_combine_send(self, expert_out, h.bound)
 
     def combine_recv(self, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                      addend: torch.Tensor | None = None) -> torch.Tensor:
@@ -856,9 +897,18 @@ class SymmA2A(CommBackend):
         """Raise SymmTimeoutError if a kernel of an earlier call timed out (a host sync on GPU)."""
         if self._broken:
             raise SymmTimeoutError(self._broken)
-        if self.layout is None or self._impl != "triton":
+        if self.layout is None:
             return
-        state = self._state.tolist()
+        if self._impl == "triton":
+            state = self._state.tolist()
+            if state[6]:
+                self._state[6] = 0
+                self._overflow = self._overflow_text(state[6] - 1, state[7], None)
+        if self._overflow:
+            msg, self._overflow = self._overflow, None
+            raise ValueError(msg)
+        if self._impl != "triton":
+            return
         code = state[4]
         if code:
             W = self.world
@@ -927,25 +977,26 @@ def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> Any:
     )
 
 
-def _triton_dispatch_recv(b: SymmA2A) -> torch.Tensor:
+def _triton_dispatch_recv(b: SymmA2A, expert_ids: torch.Tensor, bound: int) -> torch.Tensor:
     from epmoe.kernels.symm_a2a import symm_dispatch_recv_kernel
 
     o, Tm, Kl = b.layout.offsets, b.max_tokens, b.slot_experts
-    block_t = min(_pow2(Tm), max(1, 2048 // _pow2(Kl)))
-    symm_dispatch_recv_kernel[(b.world, -(-Tm // block_t))](
-        b._ptrs, b._state, b._expert_ids, b.rank, b._timeout_arg, o["flags"], o["meta_ids"],
+    block_t = min(_pow2(bound), max(1, 2048 // _pow2(Kl)))
+    symm_dispatch_recv_kernel[(b.world, max(1, -(-bound // block_t)))](  # >= 1: every source's flag is awaited
+        b._ptrs, b._state, expert_ids, b.rank, b._timeout_arg, bound, o["flags"], o["meta_ids"],
         Tm=Tm, W=b.world, KL=Kl, KL_PAD=_pow2(Kl), BLOCK_T=block_t, USE_TIMER=b._use_timer,
     )
-    return b._expert_ids
+    return expert_ids
 
 
-def _triton_combine_send(b: SymmA2A, expert_out: torch.Tensor) -> Any:
+def _triton_combine_send(b: SymmA2A, expert_out: torch.Tensor, bound: int | None = None) -> Any:
     """Launch the combine-send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
     from epmoe.kernels.symm_a2a import symm_combine_send_kernel
 
     o, H = b.layout.offsets, b.cfg.hidden
-    return symm_combine_send_kernel[(max(1, min(b.world * b.max_tokens, b._max_programs)),)](
-        b._ptrs, b._state, expert_out.contiguous(), b.rank,
+    bound = b.max_tokens if bound is None else bound
+    return symm_combine_send_kernel[(max(1, min(bound, b._max_programs)),)](
+        b._ptrs, b._state, expert_out.contiguous(), b.rank, bound,
         o["flags"], o["meta_ids"], o["meta_w"], o["comb_out"],
         Tm=b.max_tokens, H=H, W=b.world, KL=b.slot_experts, H_PAD=_pow2(H),
         COMB_DTYPE=_tl_dtype(b.combine_dtype), PUSH=b.combine_mode == "push", num_warps=_row_warps(H),

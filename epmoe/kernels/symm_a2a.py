@@ -8,6 +8,7 @@ int32 word array:
     state[0]   sequence number of the last completed call (this call's = state[0] % WRAP + 1)
     state[1:4] "programs done" counters of dispatch_send, combine_send, combine_recv
     state[4]   error code (1 = a wait timed out), state[5] its sequence number
+    state[6]   1 + a source rank that sent more tokens than the call's bound B, state[7] how many
     state[8 + phase * W + r] = 1: rank r never signalled in phase 0 (dispatch) / 1 (combine)
 
 Publishing: the last program of a kernel to finish (a counter RMW with acq_rel after a CTA
@@ -152,13 +153,15 @@ def symm_dispatch_send_kernel(
 
 @triton.jit
 def symm_dispatch_recv_kernel(
-    ptrs, state, expert_ids_ptr,  # out: pair expert ids [W * Tm * KL] int32
-    rank, timeout, OFF_FLAGS, OFF_META_IDS,
+    ptrs, state, expert_ids_ptr,  # out: pair expert ids [W * B * KL] int32
+    rank, timeout, B, OFF_FLAGS, OFF_META_IDS,
     Tm: tl.constexpr, W: tl.constexpr, KL: tl.constexpr, KL_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     USE_TIMER: tl.constexpr,
 ):
-    """grid (W, cdiv(Tm, BLOCK_T)): wait for source s's flag, then
-    expert_ids[(s * Tm + t) * KL + j] = meta_ids[s, t, j] if t < count[s] else -1."""
+    """grid (W, cdiv(B, BLOCK_T)): wait for source s's flag, then for t < B (the call's bound on
+    every rank's T, at most Tm): expert_ids[(s * B + t) * KL + j] = meta_ids[s, t, j] if
+    t < count[s] else -1. A count past B is recorded in state[6:8] (its tokens past B are not
+    listed: the kernels stay in bounds, check() raises)."""
     s = tl.program_id(0)
     chunk = tl.program_id(1)
     seq = tl.load(state) % SEQ_WRAP + 1
@@ -172,26 +175,31 @@ def symm_dispatch_recv_kernel(
     tl.debug_barrier()
     count = tl.load(fl + 2 * W + s, cache_modifier=".cv")
     count = tl.where(ok, count, 0)
+    if (chunk == 0) & (count > B):
+        tl.store(state + 7, count)
+        tl.atomic_xchg(state + 6, s + 1)
     t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     js = tl.arange(0, KL_PAD)
-    m = (t < Tm)[:, None] & (js < KL)[None, :]
-    idx = (s * Tm + t).to(tl.int64)[:, None] * KL + js[None, :]
+    m = (t < B)[:, None] & (js < KL)[None, :]
+    src = (s * Tm + t).to(tl.int64)[:, None] * KL + js[None, :]
+    dst = (s * B + t).to(tl.int64)[:, None] * KL + js[None, :]
     mp = (own + OFF_META_IDS).to(tl.pointer_type(tl.int32))
     live = m & (t < count)[:, None]
-    ids = tl.load(mp + idx, mask=live, other=-1, cache_modifier=".cv")
-    tl.store(expert_ids_ptr + idx, ids, mask=m)
+    ids = tl.load(mp + src, mask=live, other=-1, cache_modifier=".cv")
+    tl.store(expert_ids_ptr + dst, ids, mask=m)
 
 
 @triton.jit
 def symm_combine_send_kernel(
-    ptrs, state, out_ptr,  # expert outputs [W * Tm * KL, H], one row per pair
-    rank, OFF_FLAGS, OFF_META_IDS, OFF_META_W, OFF_COMB,
+    ptrs, state, out_ptr,  # expert outputs [W * B * KL, H], one row per pair of dispatch_recv's list
+    rank, B, OFF_FLAGS, OFF_META_IDS, OFF_META_W, OFF_COMB,
     Tm: tl.constexpr, H: tl.constexpr, W: tl.constexpr, KL: tl.constexpr, H_PAD: tl.constexpr,
     COMB_DTYPE: tl.constexpr, PUSH: tl.constexpr,
 ):
     """partial[s, t] = sum_j w[s, t, j] * out[(s * Tm + t) * KL + j] (fp32, j order, valid j only)
-    for t < count[s] whose token picked an expert here; stored into home s's comb[rank, t] (PUSH)
-    or own comb[s, t]; last program: flag_combine[s][rank] = seq."""
+    (out row (s * B + t) * KL + j) for t < min(count[s], B) whose token picked an expert here;
+    stored into home s's comb[rank, t] (PUSH) or own comb[s, t]; last program:
+    flag_combine[s][rank] = seq."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = tl.load(state) % SEQ_WRAP + 1
@@ -202,7 +210,7 @@ def symm_combine_send_kernel(
     offs = tl.arange(0, H_PAD)
     m = offs < H
     for s in tl.static_range(W):
-        n = tl.load(fl + 2 * W + s)
+        n = tl.minimum(tl.load(fl + 2 * W + s), B)
         if PUSH:  # home s's region of partial sums from this rank: [rank * Tm, (rank + 1) * Tm)
             dst = (tl.load(ptrs + s) + OFF_COMB).to(tl.pointer_type(COMB_DTYPE)) + rank * Tm * H
         else:  # own region for home s
@@ -215,7 +223,8 @@ def symm_combine_send_kernel(
             for j in tl.static_range(KL):  # k order; no branches, so every row load can be in flight
                 e = tl.load(mi + slot * KL + j)
                 w = tl.load(mw + slot * KL + j)
-                v = tl.load(out_ptr + (slot * KL + j) * H + offs, mask=m & (e >= 0), other=0.0)
+                row = ((s * B + t).to(tl.int64) * KL + j) * H
+                v = tl.load(out_ptr + row + offs, mask=m & (e >= 0), other=0.0)
                 acc += tl.where(e >= 0, w * v.to(tl.float32), 0.0)
                 live += (e >= 0).to(tl.int32)
             # a token that picked nothing here is never read by its home: no bytes for it
