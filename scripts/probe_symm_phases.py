@@ -26,15 +26,14 @@ from epmoe.launch import run_ranks  # noqa: E402
 
 
 def _events(fn, iters: int, sync_barrier) -> float:
+    """Median µs of fn() over `iters` calls, each after sync_barrier() (one bench() call each:
+    the ranks line up between calls)."""
+    from epmoe.bench.core import bench
+
     times = []
     for _ in range(iters):
         sync_barrier()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
+        times.append(bench(fn, torch.cuda.current_device(), warmup=0, iters=1, flush_l2=False))
     return statistics.median(times)
 
 
