@@ -354,6 +354,49 @@ def test_one_rank_without_a_group(name):
     _check_cases(rows, 1)
 
 
+def _rank_static_bound(group, name: str) -> list[str]:
+    """Static shapes with dispatch(max_tokens=B) on a workspace for 16 tokens: the same output as
+    the unbounded call, from a B-row exchange (W * B * K pairs); unequal bounds raise on every
+    rank naming the field; a bound below T or past the workspace raises."""
+    case = Case("static_bound", UNEVEN)
+    W, rank, errors = group.world, group.rank, []
+    cls = get_comm(name)
+    b = cls(CFG, group, Placement.contiguous(CFG.num_experts, W), static_shapes=True, max_tokens_per_rank=16)
+    x, ids, w = _inputs(case, rank, W)
+    expert = _full(CFG).select(b.placement.global_ids(rank))
+
+    def call(bound: int | None) -> tuple[torch.Tensor, int]:
+        d = b.dispatch(x, Routing(ids, w), max_tokens=bound)
+        return b.combine(reference_experts(d.hidden, d.row_ids, d.expert_ids, expert, CFG), d), d.num_pairs
+
+    B = max(UNEVEN[:W])
+    full, m_full = call(None)
+    bounded, m_bounded = call(B)
+    if not torch.equal(full, bounded) or m_bounded * 16 != m_full * B:
+        errors.append(f"bounded call: pairs {m_bounded} vs {m_full}, equal {torch.equal(full, bounded)}")
+    try:
+        call(B + rank)  # ranks disagree
+        errors.append("unequal bounds did not raise")
+    except ValueError as exc:
+        if "differ from rank 0 on max_tokens of the call" not in str(exc):
+            errors.append(f"unexpected message: {exc}")
+    for bad in (UNEVEN[rank] - 1, 17):
+        try:
+            call(bad)
+            if bad >= 0:
+                errors.append(f"max_tokens={bad} did not raise")
+        except ValueError as exc:
+            if "max_tokens_per_rank=16" not in str(exc):
+                errors.append(f"unexpected message: {exc}")
+    return errors
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_static_shapes_with_a_call_bound(name):
+    for rank, errors in enumerate(run_ranks(_rank_static_bound, 3, args=(name,), timeout=120)):
+        assert not errors, f"rank {rank}: {errors}"
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_static_shapes_over_the_bound_names_the_rank(name):
     def body(g):

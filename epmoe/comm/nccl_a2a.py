@@ -18,9 +18,11 @@ Each row carries the token's ids and weights (8K bytes) so the receiver expands 
 experts and applies the router weights itself. With top-8 of 256 experts over 4 ranks a token
 hits ~3.6 ranks on average instead of 8 experts: ~2.2x fewer bytes than one row per expert.
 
-static_shapes: every rank sends exactly max_tokens_per_rank rows to every rank (its hits first,
-then padding rows of 0xFF bytes whose ids read -1), so no count is read on the host; it moves
-the bytes of the bound, like `allgather`, and is meant for CUDA graphs at decode sizes.
+static_shapes: every rank sends exactly cap rows to every rank (its hits first, then padding
+rows of 0xFF bytes whose ids read -1), so no count is read on the host; cap is dispatch's
+`max_tokens` (the call's bound, the same on every rank: the layer's graph bucket or agreed T)
+or else max_tokens_per_rank. It moves the bytes of the bound, like `allgather`, and is meant
+for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -91,9 +93,9 @@ class NcclA2AComm(WireBackend):
         hit = (dest.unsqueeze(-1) == ranks).any(dim=1)  # [T, W]
         pos = hit.long().cumsum(0) - 1  # [T, W] position of t among rank r's rows
         if self.static_shapes:
+            cap = self._static_cap(T, max_tokens)
             if self.host_checks(x):  # eager calls: the checks of a counted call; captures skip them
-                self._exchange(x, ids, [0] * W)
-            cap = self.max_tokens_per_rank
+                self._exchange(x, ids, [0] * W, cap=cap)
             send_splits, recv_splits = [cap] * W, [cap] * W
             moved = cap > 0
         else:
@@ -104,7 +106,7 @@ class NcclA2AComm(WireBackend):
         # first send row of each destination, computed on the device (no host-to-device copy,
         # so the static path can be captured in a CUDA graph)
         if self.static_shapes:
-            per_dest = torch.full((W,), self.max_tokens_per_rank, dtype=torch.long, device=dev)  # [W]
+            per_dest = torch.full((W,), cap, dtype=torch.long, device=dev)  # [W]
         else:
             per_dest = hit.long().sum(0)  # [W]
         offsets = per_dest.cumsum(0) - per_dest  # [W]

@@ -223,7 +223,7 @@ def local_experts_of(ids: torch.Tensor, placement: Placement, rank: int) -> torc
 
 # The fields every rank sends in the count exchange, in order, then the backend's counts.
 _FIELDS = ("tokens", "hidden", "top_k", "experts", "config", "x dtype", "payload", "combine dtype",
-           "max_tokens_per_rank", "static_shapes", "input_scale", "bad routing ids")
+           "max_tokens_per_rank", "static_shapes", "input_scale", "max_tokens of the call", "bad routing ids")
 
 
 def _config_code(cfg: MoEConfig) -> int:
@@ -321,18 +321,30 @@ class WireBackend(CommBackend):
             raise ValueError(f"comm {self.name!r} on rank {self.rank}: T={T} exceeds max_tokens_per_rank="
                              f"{self.max_tokens_per_rank}; build the backend with a larger bound")
 
-    def _fingerprint(self, x: torch.Tensor, ids: torch.Tensor) -> list[int]:
+    def _static_cap(self, T: int, max_tokens: int | None) -> int:
+        """Rows per rank pair of a static-shape call: dispatch's `max_tokens` (the bound every
+        rank passes alike; eager calls check that in the exchange) or max_tokens_per_rank."""
+        cap = self.max_tokens_per_rank if max_tokens is None else max_tokens
+        if not isinstance(cap, int) or not T <= cap <= self.max_tokens_per_rank:
+            raise ValueError(f"comm {self.name!r} on rank {self.rank}: max_tokens={max_tokens!r} must be an int "
+                             f"between this rank's {T} tokens and max_tokens_per_rank={self.max_tokens_per_rank} "
+                             "(the same on every rank)")
+        return cap
+
+    def _fingerprint(self, x: torch.Tensor, ids: torch.Tensor, cap: int = 0) -> list[int]:
         T, E = x.shape[0], self.cfg.num_experts
         bad = int(bool(((ids < -1) | (ids >= E)).any())) if ids.numel() else 0
         return [T, x.shape[1], ids.shape[1], E, _config_code(self.cfg), _X_DTYPES.index(x.dtype),
                 PAYLOADS.index(self.payload), 0 if self.combine_dtype == torch.float32 else 1,
-                self.max_tokens_per_rank or 0, int(self.static_shapes), scale_code(self.input_scale), bad]
+                self.max_tokens_per_rank or 0, int(self.static_shapes), scale_code(self.input_scale), cap, bad]
 
-    def _exchange(self, x: torch.Tensor, ids: torch.Tensor, counts: Sequence[int] = ()) -> list[list[int]]:
+    def _exchange(self, x: torch.Tensor, ids: torch.Tensor, counts: Sequence[int] = (), cap: int = 0
+                  ) -> list[list[int]]:
         """One all-gather of every rank's fingerprint (+ `counts`); raises the same ValueError
         on every rank when ranks disagree, so no rank is left waiting in a later collective.
-        Returns each rank's `counts` part."""
-        mine = self._fingerprint(x, ids) + [int(c) for c in counts]
+        cap: a static-shape call's rows per rank pair (0 otherwise). Returns each rank's
+        `counts` part."""
+        mine = self._fingerprint(x, ids, cap) + [int(c) for c in counts]
         table = self.group.all_gather_ints(mine, device=x.device) if self.world > 1 else [mine]
         n = len(_FIELDS)
         problems = []
