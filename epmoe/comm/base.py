@@ -244,6 +244,16 @@ def _launch_sum(out: torch.Tensor, weights: torch.Tensor, sel: torch.Tensor, add
     return y
 
 
+def call_bound(max_tokens: int | None, T: int, limit: int, who: str) -> int:
+    """A dispatch's bound on every rank's T (`max_tokens`, else the workspace's `limit`),
+    checked against this rank's T and the limit; `who` opens the error message."""
+    bound = limit if max_tokens is None else max_tokens
+    if not isinstance(bound, int) or not T <= bound <= limit:
+        raise ValueError(f"{who}: max_tokens={max_tokens!r} must be an int between this rank's {T} tokens and "
+                         f"max_tokens_per_rank={limit} (the same on every rank)")
+    return bound
+
+
 def check_addend(addend: torch.Tensor, T: int, H: int, device: torch.device, who: str) -> None:
     """A combine addend must be fp32 [T, H] on the output's device."""
     if addend.dtype != torch.float32 or tuple(addend.shape) != (T, H) or addend.device != device:

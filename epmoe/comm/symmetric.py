@@ -95,7 +95,15 @@ from typing import Any
 
 import torch
 
-from epmoe.comm.base import CommBackend, Dispatched, check_addend, count_experts, finish, weighted_sum
+from epmoe.comm.base import (
+    CommBackend,
+    Dispatched,
+    call_bound,
+    check_addend,
+    count_experts,
+    finish,
+    weighted_sum,
+)
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import check_input_scale, scale_code, scale_text
 from epmoe.config import MoEConfig
@@ -770,11 +778,7 @@ class SymmA2A(CommBackend):
         of bounds."""
         self._ensure_setup(x)  # collective the first time: before any check that raises on one rank
         self._check_call(x, routing)
-        bound = self.max_tokens if max_tokens is None else max_tokens
-        if not isinstance(bound, int) or not x.shape[0] <= bound <= self.max_tokens:
-            raise ValueError(
-                f"symm_a2a rank {self.rank}: max_tokens={max_tokens!r} must be an int between this rank's "
-                f"{x.shape[0]} tokens and max_tokens_per_rank={self.max_tokens} (the same on every rank)")
+        bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
         seq = next_seq(self.seq)
         handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev.expert_rank, self.rank,
                             self.world, sum(self.layout.row_bytes), self.slot_experts * 8,

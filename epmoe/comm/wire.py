@@ -45,7 +45,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from epmoe.comm.base import CommBackend, Dispatched, count_experts, finish, gather_sum, local_pairs, weighted_sum
+from epmoe.comm.base import (
+    CommBackend,
+    Dispatched,
+    call_bound,
+    count_experts,
+    finish,
+    gather_sum,
+    local_pairs,
+    weighted_sum,
+)
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
 
@@ -324,12 +333,7 @@ class WireBackend(CommBackend):
     def _static_cap(self, T: int, max_tokens: int | None) -> int:
         """Rows per rank pair of a static-shape call: dispatch's `max_tokens` (the bound every
         rank passes alike; eager calls check that in the exchange) or max_tokens_per_rank."""
-        cap = self.max_tokens_per_rank if max_tokens is None else max_tokens
-        if not isinstance(cap, int) or not T <= cap <= self.max_tokens_per_rank:
-            raise ValueError(f"comm {self.name!r} on rank {self.rank}: max_tokens={max_tokens!r} must be an int "
-                             f"between this rank's {T} tokens and max_tokens_per_rank={self.max_tokens_per_rank} "
-                             "(the same on every rank)")
-        return cap
+        return call_bound(max_tokens, T, self.max_tokens_per_rank, f"comm {self.name!r} on rank {self.rank}")
 
     def _fingerprint(self, x: torch.Tensor, ids: torch.Tensor, cap: int = 0) -> list[int]:
         T, E = x.shape[0], self.cfg.num_experts
