@@ -7,6 +7,7 @@ out-of-range rows, unused hidden rows hold inf, outputs start as NaN.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +18,7 @@ from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.reference import reference_experts
 from epmoe.experts.triton import (
+    NVFP4_DEQUANT_MIN_RPE,
     SEGMENT,
     ExpertsConfig,
     GemmConfig,
@@ -25,6 +27,7 @@ from epmoe.experts.triton import (
     default_config,
     permute,
     permute_torch,
+    scratch_experts,
     select_config,
     triton_experts,
 )
@@ -90,6 +93,7 @@ SORTED32 = ExpertsConfig(32, GemmConfig(32, 32, 4, 2), GemmConfig(16, 16, 4, 2))
 PAIRS = ExpertsConfig(1, GemmConfig(16, 32, 4, 1), GemmConfig(32, 16, 4, 1))
 PAIRS_PDL = ExpertsConfig(1, GemmConfig(16, 256, 2, 1), GemmConfig(32, 256, 4, 1, pdl=True))
 TMA16 = ExpertsConfig(16, GemmConfig(16, 16, 4, 2, tma=True), GemmConfig(32, 32, 4, 2, tma=True))
+DEQUANT16 = ExpertsConfig(16, GemmConfig(16, 16, 4, 2), GemmConfig(32, 32, 4, 2), dequant=True)
 
 CPU_CASES = [
     Case("empty", (0, 0, 0), padding=0),
@@ -146,6 +150,12 @@ CPU_CASES = [
     Case("nvfp4-swiglu-pairs", (1, 0, 1), hidden=64, intermediate=32, activation="swiglu_clamped", fmt="nvfp4"),
     Case("nvfp4-skewed-129", (129, 1, 0, 3), hidden=32, intermediate=48, fmt="nvfp4", config=SORTED32),
     Case("nvfp4-fp16-pairs", (1, 2), hidden=64, intermediate=32, fmt="nvfp4", dtype=torch.float16),
+    # prefill: whole experts decoded into the shared scratch, then the float kernels
+    Case("nvfp4-dequant", (3, 0, 17, 1), hidden=48, intermediate=32, fmt="nvfp4", config=DEQUANT16),
+    Case("nvfp4-dequant-swiglu-fp16", (2, 5, 0), hidden=64, intermediate=48, activation="swiglu_clamped",
+         fmt="nvfp4", dtype=torch.float16, config=DEQUANT16),
+    Case("nvfp4-dequant-partial-tiles", (129, 1, 0, 3), hidden=272, intermediate=48, fmt="nvfp4",
+         config=ExpertsConfig(32, GemmConfig(32, 32, 4, 2), GemmConfig(16, 16, 4, 2), dequant=True)),
     Case("pdl-flag-ignored-off-gpu", (1, 2, 0), config=PAIRS_PDL) if not ON_GPU else
     Case("pdl", (1, 2, 0), config=PAIRS_PDL),
 ]
@@ -287,6 +297,26 @@ def test_config_buckets_follow_power_of_two_tokens():
     assert select_config("bf16", 40, 16, 64, 32, top_k=8) == select_config("bf16", 64, 16, 64, 32, top_k=8)
     assert default_config(8, 128, 2048, 768).pair_mode
     assert not default_config(1024, 128, 2048, 768).pair_mode
+
+
+def test_nvfp4_prefill_dequantizes_with_the_bf16_config():
+    """From NVFP4_DEQUANT_MIN_RPE rows per expert on, nvfp4 runs the bf16 tiles on decoded weights;
+    below that (and at decode) it decodes inside the GEMM."""
+    E, H, I, k = 16, 2048, 768, 8
+    many = NVFP4_DEQUANT_MIN_RPE * E
+    got = select_config("nvfp4", many, E, H, I, top_k=k)
+    assert got.dequant and got == dataclasses.replace(select_config("bf16", many, E, H, I, top_k=k), dequant=True)
+    assert not select_config("nvfp4", many // 4, E, H, I, top_k=k).dequant
+    assert not select_config("nvfp4", 8, E, H, I, top_k=k).dequant
+    assert ExpertsConfig.from_json(got.to_json()) == got
+
+
+def test_nvfp4_dequant_in_chunks_of_one_expert(monkeypatch):
+    """A scratch cap smaller than one expert: one expert per chunk, one launch pair each."""
+    monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", "0.001")
+    assert scratch_experts(4, 96, 48, torch.float32) == 1
+    check_case(Case("nvfp4-dequant-chunks", (3, 0, 17, 1), hidden=48, intermediate=32, fmt="nvfp4",
+                    config=DEQUANT16), DEVICE)
 
 
 def test_clear_errors():

@@ -300,6 +300,10 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
     for T in tokens:
         if time.perf_counter() > deadline:
             break
+        if select_config(fmt, T * K, E, H, I, K, device).dequant:
+            if log:
+                log(f"{preset} T={T}: nvfp4 runs the bf16 tiles on decoded weights here; tune bf16 instead")
+            continue
         x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
         row_ids = torch.arange(T, device=device, dtype=torch.int32).repeat_interleave(K)
         M = T * K

@@ -53,6 +53,10 @@ SEGMENT = 2048  # pairs per program of the segmented sort; one program sorts up 
 # w8a8 m tiles: gate_up keeps two [BLOCK_M, 128] fp32 accumulators and a dot result live; at 128
 # rows that is ~192 registers a thread with 8 warps (spills), at 64 rows half.
 FP8_MAX_BLOCK_M = 64
+# nvfp4 in sorted mode: from this many rows per expert (bucketed) on, decode whole experts into a
+# scratch buffer once and run the bf16 kernels, instead of decoding each weight tile per m tile
+NVFP4_DEQUANT_MIN_RPE = 32
+DEQUANT_SCRATCH_MB = 1024  # default cap of that scratch (EPMOE_DEQUANT_SCRATCH_MB), one per device
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,22 +81,26 @@ class GemmConfig:
 @dataclass(frozen=True)
 class ExpertsConfig:
     """block_m = 1: pair mode (no sort, matrix-vector products); else the sort's slot alignment
-    and the m tile of both GEMMs."""
+    and the m tile of both GEMMs. dequant (sorted mode, nvfp4 weights): decode whole experts
+    once per call into a float scratch buffer and run the float kernels with these tiles,
+    instead of decoding every weight tile once per m tile inside the GEMM."""
 
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
+    dequant: bool = False
 
     @property
     def pair_mode(self) -> bool:
         return self.block_m == 1
 
     def to_json(self) -> dict[str, Any]:
-        return {"block_m": self.block_m, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
+        d = {"block_m": self.block_m, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
+        return {**d, "dequant": True} if self.dequant else d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ExpertsConfig:
-        return cls(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+        return cls(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]), bool(d.get("dequant", False)))
 
 
 def _pow2_ceil(x: float) -> float:
@@ -150,8 +158,12 @@ def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: 
 
 def select_config(fmt: str, num_pairs: int, num_experts: int, hidden: int, intermediate: int,
                   top_k: int = 1, device: torch.device | None = None) -> ExpertsConfig:
-    """The config for a call: the tuned table of the GPU model if it has the key, else the heuristic."""
+    """The config for a call: the tuned table of the GPU model if it has the key, else the
+    heuristic. nvfp4 from NVFP4_DEQUANT_MIN_RPE rows per expert on: the bf16 config, dequant=True."""
     m = bucket_pairs(num_pairs, top_k)
+    if fmt == "nvfp4" and m > PAIR_MODE_MAX_PAIRS and m / max(num_experts, 1) >= NVFP4_DEQUANT_MIN_RPE:
+        bf16 = select_config("bf16", num_pairs, num_experts, hidden, intermediate, top_k, device)
+        return dataclasses.replace(bf16, dequant=True)
     if device is not None and device.type == "cuda":
         table = _load_table(torch.cuda.get_device_name(device))
         hit = table.get(config_key(fmt, hidden, intermediate, m / max(num_experts, 1)))
@@ -416,33 +428,85 @@ def triton_experts(
     b13 = weights.b13 if has_bias else out
     b2 = weights.b2 if has_bias else out
     prec = "ieee" if dtype == torch.float32 else "tf32"
-    w13, sw13_e, sw13_n, *q13, f13 = _weight_args(weights.w13)
-    w2, sw2_e, sw2_n, *q2, f2 = _weight_args(weights.w2)
-    g, d = _quantized_tiles(config, f13)
+    dequant = config.dequant and not config.pair_mode and weights.format == "nvfp4"
+    g, d = _quantized_tiles(config, 0 if dequant else WEIGHT_FORMAT_CODES.get(weights.format, 0))
     pdl = d.pdl and config.pair_mode and out.is_cuda
-    g_tma = g.tma and not config.pair_mode and f13 in (0, 1, 2) and _tma_ok(w13)
-    d_tma = d.tma and not config.pair_mode and f2 in (0, 1, 2) and _tma_ok(w2)
-    moe_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
-        x, x.stride(0), xs, stride_xsm, stride_xsg, w13, sw13_e, sw13_n,
-        _descriptor(w13, g) if g_tma else w13, *q13, b13, b13.stride(0) if has_bias else 0,
-        act, act.stride(0), act_s, act_s.stride(0), row_ids, expert_ids, sorted_pair, block_expert, expert_end,
-        num_m, E, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha), AMAX_EPS,
-        ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec,
-        W_TMA=g_tma, USE_PDL=pdl, W_FMT=f13, A_FP8=a_fp8, W_UNIFORM=I % FP8_BLOCK == 0, FAST_E2M1=out.is_cuda,
-        BLOCK_M=bm, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
-        num_warps=g.num_warps, num_stages=g.num_stages,
-    )
-    moe_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
-        act, act.stride(0), act_s, act_s.stride(0), w2, sw2_e, sw2_n,
-        _descriptor(w2, d) if d_tma else w2, *q2, b2, b2.stride(0) if has_bias else 0,
-        out, out.stride(0), expert_ids, sorted_pair, block_expert, expert_end,
-        num_m, E, H, I,
-        HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec, W_TMA=d_tma, USE_PDL=pdl, W_FMT=f2,
-        A_FP8=a_fp8, W_UNIFORM=FP8_BLOCK % d.block_n == 0, FAST_E2M1=out.is_cuda,
-        BLOCK_M=bm, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
-        num_warps=d.num_warps, num_stages=d.num_stages, **({"launch_pdl": True} if pdl else {}),
-    )
+    for (w13, sw13_e, sw13_n, *q13, f13), e_lo, e_hi in _weight_chunks(weights.w13, dequant, dtype):
+        g_tma = g.tma and not config.pair_mode and f13 in (0, 1, 2) and _tma_ok(w13)
+        moe_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
+            x, x.stride(0), xs, stride_xsm, stride_xsg, w13, sw13_e, sw13_n,
+            _descriptor(w13, g) if g_tma else w13, *q13, b13, b13.stride(0) if has_bias else 0,
+            act, act.stride(0), act_s, act_s.stride(0), row_ids, expert_ids, sorted_pair, block_expert, expert_end,
+            num_m, E, e_lo, e_hi, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha), AMAX_EPS,
+            ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec,
+            W_TMA=g_tma, USE_PDL=pdl, W_FMT=f13, A_FP8=a_fp8, W_UNIFORM=I % FP8_BLOCK == 0,
+            FAST_E2M1=out.is_cuda, W_GLOBAL=dequant,
+            BLOCK_M=bm, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
+            num_warps=g.num_warps, num_stages=g.num_stages,
+        )
+    for (w2, sw2_e, sw2_n, *q2, f2), e_lo, e_hi in _weight_chunks(weights.w2, dequant, dtype):
+        d_tma = d.tma and not config.pair_mode and f2 in (0, 1, 2) and _tma_ok(w2)
+        moe_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
+            act, act.stride(0), act_s, act_s.stride(0), w2, sw2_e, sw2_n,
+            _descriptor(w2, d) if d_tma else w2, *q2, b2, b2.stride(0) if has_bias else 0,
+            out, out.stride(0), expert_ids, sorted_pair, block_expert, expert_end,
+            num_m, E, e_lo, e_hi, H, I,
+            HAS_BIAS=has_bias, PAIR_MODE=config.pair_mode, DOT_PREC=prec, W_TMA=d_tma, USE_PDL=pdl, W_FMT=f2,
+            A_FP8=a_fp8, W_UNIFORM=FP8_BLOCK % d.block_n == 0, FAST_E2M1=out.is_cuda, W_GLOBAL=dequant,
+            BLOCK_M=bm, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
+            num_warps=d.num_warps, num_stages=d.num_stages, **({"launch_pdl": True} if pdl else {}),
+        )
     return out
+
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown scratch buffers: CUDA graphs may still hold their addresses
+
+
+def dequant_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The shared scratch of nvfp4 prefill on `device` (at least `numel` values of `dtype`).
+    One buffer per device and dtype serves every layer: calls on one stream run one after the
+    other. A buffer that is outgrown is kept alive, never freed, since a captured CUDA graph may
+    still write to it."""
+    key = (device, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
+def scratch_experts(num_experts: int, n: int, k: int, dtype: torch.dtype) -> int:
+    """Experts per chunk of the dequantization scratch: as many [n, k] experts as fit in
+    EPMOE_DEQUANT_SCRATCH_MB (default DEQUANT_SCRATCH_MB), at least one."""
+    cap = float(os.environ.get("EPMOE_DEQUANT_SCRATCH_MB", DEQUANT_SCRATCH_MB)) * 2**20
+    per_expert = n * k * torch.tensor([], dtype=dtype).element_size()
+    return max(1, min(num_experts, int(cap // per_expert)))
+
+
+def _weight_chunks(w: Any, dequant: bool, dtype: torch.dtype) -> Any:
+    """(kernel weight args, e_lo, e_hi) per launch of a GEMM: the weights as they are, once; or
+    (dequant) chunks of experts decoded into the shared scratch, each decoded right before its
+    launch (the scratch is reused chunk after chunk, stream-ordered)."""
+    from epmoe.kernels.grouped_gemm import nvfp4_dequant_kernel
+
+    E = w.shape[0]
+    if not dequant:
+        yield _weight_args(w), 0, E
+        return
+    _, N, K = w.shape
+    chunk = scratch_experts(E, N, K, dtype)
+    buf = dequant_scratch(w.data.device, dtype, chunk * N * K)
+    _, se, sn, sc, ss_e, ss_n, ss_k, gl, sg, _ = _weight_args(w)
+    bn, bk = 32, 256
+    for e_lo in range(0, E, chunk):
+        e_hi = min(E, e_lo + chunk)
+        view = buf[:(e_hi - e_lo) * N * K].view(e_hi - e_lo, N, K)
+        nvfp4_dequant_kernel[(triton_cdiv(N, bn) * triton_cdiv(K, bk), e_hi - e_lo)](
+            w.data, se, sn, sc, ss_e, ss_n, ss_k, view, view.stride(0), view.stride(1), e_lo, N, K,
+            FAST_E2M1=view.is_cuda, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        yield (view, view.stride(0), view.stride(1), sc, 0, 0, 0, gl, sg, 0), e_lo, e_hi
 
 
 def _quantized_tiles(config: ExpertsConfig, fmt_code: int) -> tuple[GemmConfig, GemmConfig]:

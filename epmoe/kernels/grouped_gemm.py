@@ -37,6 +37,11 @@ Scale strides of broadcast (size-1) dims are 0.
   Sorted, nvfp4: e2m1 x e4m3 block scale is exact in bf16/fp16 (at most 5 significant bits),
   so tiles are dequantized exactly to the activation dtype and multiplied on the bf16 tensor
   cores as two dots over the even and the odd k; the global scale multiplies the accumulator.
+  At prefill (many rows per expert) the runner instead dequantizes whole experts once with
+  nvfp4_dequant_kernel into a scratch buffer and runs the float path on it (W_FMT 0) with
+  W_GLOBAL: the same exact values, decoded once per call instead of once per m tile.
+e_lo, e_hi: the launch computes only the tiles of experts e_lo <= e < e_hi, whose weights start
+at w_ptr (expert e at (e - e_lo) * stride_we): the scratch holds a chunk of experts at a time.
 """
 
 import triton
@@ -142,6 +147,27 @@ def _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, FA
 
 
 @triton.jit
+def nvfp4_dequant_kernel(w_ptr, stride_we, stride_wn, s_ptr, stride_se, stride_sn, stride_sk,
+                         out_ptr, stride_oe, stride_on, e_lo, N, K,
+                         FAST_E2M1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e - e_lo, n, k] = e2m1(w[e, n, k]) * scale_e4m3[e, n, k // 16] for the experts e_lo +
+    program_id(1), in out's dtype: exact (at most 5 significant bits; the global scale is left
+    to the GEMM's epilogue, as in the fused sorted path). Program 0 axis: [BLOCK_N, BLOCK_K] tiles."""
+    e = e_lo + tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    n0 = (tl.program_id(0) // num_k) * BLOCK_N
+    k0 = (tl.program_id(0) % num_k) * BLOCK_K
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    rows = tl.where(offs_n < N, offs_n, -1)
+    even, odd = _load_nvfp4(w_ptr + e.to(tl.int64) * stride_we, s_ptr + e.to(tl.int64) * stride_se, rows, k0, K,
+                            stride_wn, stride_sn, stride_sk, FAST_E2M1, BLOCK_K, out_ptr.dtype.element_ty)
+    w = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])  # values back in k order
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    o = out_ptr + (e - e_lo).to(tl.int64) * stride_oe + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
+    tl.store(o, w, mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
 def _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
                        FAST_E2M1: tl.constexpr, BLOCK_K: tl.constexpr):
     """One k step of the pair-mode nvfp4 product, per 16-value block: fp32 [R, BLOCK_K // 16] =
@@ -156,9 +182,11 @@ def _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn,
     j = tl.arange(0, 8)
     byte = grp[:, None] * 8 + j[None, :]  # [G, 8]
     b = tl.load(w_base + rows64[:, None, None] * stride_wn + byte[None, :, :], mask=ok[:, :, None], other=0)
-    x_ok = (grp * 16 < K)[:, None]
-    xe = tl.load(x_row + 2 * byte, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]  # [1, G, 8]
-    xo = tl.load(x_row + 2 * byte + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+    # x as (even, odd) pairs, one 4-byte load each, split in registers
+    xk = 2 * byte[:, :, None] + tl.arange(0, 2)[None, None, :]  # [G, 8, 2]
+    xe, xo = tl.split(tl.load(x_row + xk, mask=(grp * 16 < K)[:, None, None], other=0.0).to(tl.float32))
+    xe = xe[None, :, :]  # [1, G, 8]
+    xo = xo[None, :, :]
     even, odd = _e2m1_pairs(b, FAST_E2M1)
     dot = tl.sum(even.to(tl.float32) * xe + odd.to(tl.float32) * xo, axis=2)  # [R, G]
     sc = tl.load(s_base + rows64[:, None] * stride_sn + grp[None, :] * stride_sk, mask=ok, other=0.0)
@@ -340,10 +368,10 @@ def moe_gate_up_kernel(
     act_ptr, stride_am,  # act [slots, I] (A_FP8: e4m3 as uint8)
     acts_ptr, stride_asm,  # A_FP8: fp32 scales of act per (slot, 128 values)
     row_ids_ptr, expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
-    num_m, E, I, K, limit, alpha, EPS,
+    num_m, E, e_lo, e_hi, I, K, limit, alpha, EPS,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     W_TMA: tl.constexpr, USE_PDL: tl.constexpr, W_FMT: tl.constexpr, A_FP8: tl.constexpr,
-    W_UNIFORM: tl.constexpr, FAST_E2M1: tl.constexpr,
+    W_UNIFORM: tl.constexpr, FAST_E2M1: tl.constexpr, W_GLOBAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     if USE_PDL:
@@ -352,13 +380,13 @@ def moe_gate_up_kernel(
     pid_m, pid_n = _tile_ids(num_m, num_n, GROUP_M)
     e, slots, pairs, valid = _rows(pid_m, expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr, E,
                                    PAIR_MODE, BLOCK_M)
-    if e < 0:
+    if (e < e_lo) | (e >= e_hi):  # padding (-1) or another chunk's expert
         return
     rows = tl.load(row_ids_ptr + pairs, mask=valid, other=0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + e.to(tl.int64) * stride_we
+    w_base = w_ptr + (e - e_lo).to(tl.int64) * stride_we
     s_base = s_ptr + e.to(tl.int64) * stride_se
     g_base = g_ptr + e.to(tl.int64) * stride_ge
     rows_g = tl.where(n_ok, offs_n, -1)  # weight rows of the gate and up halves (-1: none)
@@ -425,6 +453,9 @@ def moe_gate_up_kernel(
                     wu = tl.load(wg_ptrs + I * stride_wn + k0, mask=wmask, other=0.0)
                 acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
                 acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
+            if W_GLOBAL:  # nvfp4 dequantized to scratch: its global scale
+                acc_g *= tl.load(g_base)
+                acc_u *= tl.load(g_base)
     if HAS_BIAS:
         b_base = b_ptr + e.to(tl.int64) * stride_be
         acc_g += tl.load(b_base + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -447,22 +478,22 @@ def moe_down_kernel(
     b_ptr, stride_be,  # b2 [E, N] fp32 (HAS_BIAS)
     out_ptr, stride_om,  # out [M, N] in pair order
     expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
-    num_m, E, N, K,
+    num_m, E, e_lo, e_hi, N, K,
     HAS_BIAS: tl.constexpr, PAIR_MODE: tl.constexpr, DOT_PREC: tl.constexpr, W_TMA: tl.constexpr,
     USE_PDL: tl.constexpr, W_FMT: tl.constexpr, A_FP8: tl.constexpr, W_UNIFORM: tl.constexpr,
-    FAST_E2M1: tl.constexpr,
+    FAST_E2M1: tl.constexpr, W_GLOBAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_m, num_n, GROUP_M)
     e, slots, pairs, valid = _rows(pid_m, expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr, E,
                                    PAIR_MODE, BLOCK_M)
-    if e < 0:
+    if (e < e_lo) | (e >= e_hi):  # padding (-1) or another chunk's expert
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + e.to(tl.int64) * stride_we
+    w_base = w_ptr + (e - e_lo).to(tl.int64) * stride_we
     s_base = s_ptr + e.to(tl.int64) * stride_se
     g_base = g_ptr + e.to(tl.int64) * stride_ge
     rows_w = tl.where(n_ok, offs_n, -1)
@@ -514,6 +545,8 @@ def moe_down_kernel(
                 else:
                     w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+            if W_GLOBAL:
+                acc *= tl.load(g_base)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e.to(tl.int64) * stride_be + offs_n, mask=n_ok, other=0.0)[None, :]
     out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
