@@ -150,6 +150,8 @@ CPU_CASES = [
     Case("nvfp4-swiglu-pairs", (1, 0, 1), hidden=64, intermediate=32, activation="swiglu_clamped", fmt="nvfp4"),
     Case("nvfp4-skewed-129", (129, 1, 0, 3), hidden=32, intermediate=48, fmt="nvfp4", config=SORTED32),
     Case("nvfp4-fp16-pairs", (1, 2), hidden=64, intermediate=32, fmt="nvfp4", dtype=torch.float16),
+    Case("nvfp4-fp16-pairs-partial-tiles", (2, 1, 0), hidden=48, intermediate=80, fmt="nvfp4", dtype=torch.float16,
+         config=PAIRS),
     # prefill: whole experts decoded into the shared scratch, then the float kernels
     Case("nvfp4-dequant", (3, 0, 17, 1), hidden=48, intermediate=32, fmt="nvfp4", config=DEQUANT16),
     Case("nvfp4-dequant-swiglu-fp16", (2, 5, 0), hidden=64, intermediate=48, activation="swiglu_clamped",
