@@ -30,6 +30,12 @@ class Dispatched:
                    which runners skip and combine ignores (its output row is undefined).
     expert_counts: [E_local] int32 on the device, pairs per local expert (padding excluded).
     handle:        backend-private state that combine needs (weights, destinations, splits).
+    expert_offsets: optional [E_local] int32 on the device: the pairs are grouped by expert,
+                   those of local expert e being [expert_offsets[e], expert_offsets[e] +
+                   expert_counts[e]) in ascending pair order, every other pair padding (-1).
+                   Packed groups (offsets = exclusive cumsum of counts) and fixed-capacity
+                   slabs (offsets = e * capacity) both qualify. expert_ids stay filled as usual;
+                   runners may use the groups to skip their own sort ("triton" does).
 
     A runner returns out [M, H] in hidden's dtype (bf16/fp16/fp32), one row per pair, in pair
     order, without router weights.
@@ -40,17 +46,20 @@ class Dispatched:
     expert_ids: torch.Tensor
     expert_counts: torch.Tensor
     handle: Any = field(default=None, repr=False)
+    expert_offsets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in ("row_ids", "expert_ids", "expert_counts"):
+        for name in ("row_ids", "expert_ids", "expert_counts", "expert_offsets"):
             t = getattr(self, name)
-            if t.dtype != torch.int32:
+            if t is not None and t.dtype != torch.int32:
                 raise ValueError(f"Dispatched.{name} must be int32, got {t.dtype}")
         if self.row_ids.shape != self.expert_ids.shape or self.row_ids.dim() != 1:
             raise ValueError(
                 f"Dispatched.row_ids and expert_ids must both be [M], got "
                 f"{tuple(self.row_ids.shape)} and {tuple(self.expert_ids.shape)}"
             )
+        if self.expert_offsets is not None:
+            check_grouped(self.expert_ids, self.expert_counts, self.expert_offsets)
 
     @property
     def num_pairs(self) -> int:
@@ -83,6 +92,41 @@ def local_pairs(ids: torch.Tensor, placement: Placement, rank: int) -> torch.Ten
     owner = placement.expert_rank.to(ids.device)[safe]
     local = placement.expert_local.to(ids.device)[safe]
     return torch.where(valid & (owner == rank), local, -1).to(torch.int32)
+
+
+def grouped_offsets(expert_counts: torch.Tensor) -> torch.Tensor:
+    """[E] int32 offsets of packed expert groups: the exclusive cumulative sum of the counts."""
+    return (torch.cumsum(expert_counts, 0) - expert_counts).to(torch.int32)
+
+
+def check_grouped(expert_ids: torch.Tensor, expert_counts: torch.Tensor, expert_offsets: torch.Tensor) -> None:
+    """ValueError unless pairs are grouped as `expert_offsets` says (see Dispatched). The shapes
+    always; the contents too, except while a CUDA graph is being captured (that reads the
+    device, a host sync: a capture replays shapes that eager calls checked before)."""
+    E = expert_counts.shape[0]
+    if expert_offsets.shape != (E,) or expert_offsets.device != expert_ids.device:
+        raise ValueError(f"Dispatched.expert_offsets must be [{E}] (one per local expert) on "
+                         f"{expert_ids.device}, got {tuple(expert_offsets.shape)} on {expert_offsets.device}")
+    if expert_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    M = expert_ids.shape[0]
+    counts, offsets = expert_counts.long(), expert_offsets.long()
+    ends = offsets + counts
+    if bool(((counts < 0) | (offsets < 0) | (ends > M)).any()):
+        raise ValueError(f"Dispatched.expert_offsets: every group [offset, offset + count) must lie in [0, {M})")
+    # every pair of expert e inside e's group, and as many of them as the group holds: then each
+    # group holds exactly its expert's pairs (so groups cannot overlap, padding lies outside)
+    ids = expert_ids.long()
+    e = ids.clamp(0, E - 1) if E else ids.clamp_min(0)
+    pos = torch.arange(M, device=ids.device)
+    inside = (ids >= 0) & (ids < E) & (pos >= offsets[e]) & (pos < ends[e]) if E else ids < 0
+    bad = (ids >= 0) & ~inside
+    have = count_experts(torch.where(ids < E, expert_ids, -1), E)
+    if bool(bad.any()) or not torch.equal(have.long(), counts):
+        p = int(torch.nonzero(bad).flatten()[0]) if bool(bad.any()) else -1
+        where = f"pair {p} (expert {int(ids[p])}) lies outside its group" if p >= 0 else \
+            "expert_counts do not match the pairs' expert ids"
+        raise ValueError(f"Dispatched.expert_offsets: {where}; group the pairs by expert or drop expert_offsets")
 
 
 def count_experts(expert_ids: torch.Tensor, num_local: int) -> torch.Tensor:

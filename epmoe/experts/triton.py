@@ -242,6 +242,26 @@ def permute(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Permuta
     return Permutation(sorted_pair, block_expert, expert_end, block_m)
 
 
+def permute_grouped(expert_counts: torch.Tensor, expert_offsets: torch.Tensor, num_pairs: int,
+                    block_m: int) -> Permutation:
+    """The Permutation of pairs already grouped by expert (the pairs of e are [offset[e],
+    offset[e] + count[e]), see Dispatched.expert_offsets), from the counts and offsets alone: no
+    pass over the pairs. Equal to permute(expert_ids, ...) of those pairs."""
+    from epmoe.kernels.permute import moe_grouped_slots_kernel
+
+    E, dev = expert_counts.shape[0], expert_counts.device
+    nb = max_blocks(num_pairs, E, block_m)
+    sorted_pair = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+    expert_end = torch.empty(E, dtype=torch.int32, device=dev)
+    if E:
+        moe_grouped_slots_kernel[(E,)](expert_counts, expert_offsets, E, sorted_pair, block_expert, expert_end, nb,
+                                       BLOCK_M=block_m, E_PAD=_e_pad(E), NB=64, CHUNK=256, num_warps=4)
+    else:
+        block_expert.fill_(-1)
+    return Permutation(sorted_pair, block_expert, expert_end, block_m)
+
+
 def permute_torch(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Permutation:
     """Plain-torch twin of `permute` (same buffers; unset slots hold -1)."""
     M, dev = expert_ids.shape[0], expert_ids.device
@@ -384,17 +404,27 @@ def triton_experts(
     cfg: MoEConfig,
     out: torch.Tensor | None = None,
     config: ExpertsConfig | None = None,
+    expert_counts: torch.Tensor | None = None,
+    expert_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """hidden [N, H] (bf16/fp16/fp32, or a quantized payload), row_ids / expert_ids [M] int32
     (-1 = padding) -> out [M, H] in `out_dtype_for(hidden, weights)`.
 
     Same contract as `reference_experts` (with `act_quant=activation_quant(...)`); padding rows
-    of `out` are left as they were.
+    of `out` are left as they were. expert_counts and expert_offsets ([E] int32, both or
+    neither): the pairs are grouped by expert as Dispatched.expert_offsets describes (checked
+    there, trusted here), and the device sort is skipped.
     """
     from epmoe.kernels.grouped_gemm import moe_down_kernel, moe_gate_up_kernel
 
     _check(hidden, row_ids, expert_ids, weights, cfg, out)
     E, H, I, M = weights.w13.shape[0], cfg.hidden, cfg.intermediate, expert_ids.shape[0]
+    grouped = expert_offsets is not None
+    if grouped != (expert_counts is not None):
+        raise ValueError("pass expert_counts and expert_offsets together (the grouped layout), or neither")
+    for name, t in (("expert_counts", expert_counts), ("expert_offsets", expert_offsets)):
+        if grouped and (t.dtype != torch.int32 or tuple(t.shape) != (E,) or t.device != expert_ids.device):
+            raise ValueError(f"{name} must be an int32 [{E}] tensor on {expert_ids.device}")
     dtype = out_dtype_for(hidden, weights)
     if out is None:
         out = torch.empty(M, H, dtype=dtype, device=expert_ids.device)
@@ -415,7 +445,7 @@ def triton_experts(
         num_m = slots = M
         sorted_pair = block_expert = expert_end = expert_ids  # not read in pair mode
     else:
-        perm = permute(expert_ids, E, bm)
+        perm = permute_grouped(expert_counts, expert_offsets, M, bm) if grouped else permute(expert_ids, E, bm)
         num_m = perm.max_blocks
         slots = num_m * bm
         sorted_pair, block_expert, expert_end = perm.sorted_pair, perm.block_expert, perm.expert_end
@@ -576,4 +606,6 @@ class TritonRunner(ExpertRunner):
         if isinstance(hidden, torch.Tensor) and isinstance(w.w13, torch.Tensor) and w.w13.dtype != hidden.dtype:
             raise ValueError(f"hidden is {hidden.dtype} but the weights are {w.w13.dtype}; build the layer "
                              f"with weights in the activation dtype")
-        return triton_experts(hidden, d.row_ids.contiguous(), d.expert_ids.contiguous(), w, self.cfg, out)
+        return triton_experts(hidden, d.row_ids.contiguous(), d.expert_ids.contiguous(), w, self.cfg, out,
+                              expert_counts=None if d.expert_offsets is None else d.expert_counts.contiguous(),
+                              expert_offsets=d.expert_offsets)

@@ -18,6 +18,10 @@ a one-hot [SUB, E_PAD] matrix), so repeated runs write identical buffers. Two en
 `moe_permute_small_kernel` (one program does everything: the decode path, one launch) and the
 segmented `moe_histogram_kernel` -> `moe_align_kernel` -> `moe_scatter_kernel` for many pairs.
 Expert ids outside [0, E) are treated as padding.
+
+Pairs that arrive grouped by expert (`Dispatched.expert_offsets`: the pairs of e are
+[offset[e], offset[e] + count[e])) need no histogram and no ranking: `moe_grouped_slots_kernel`
+writes the same buffers from the counts and offsets alone, sorted_pair[start[e] + i] = offset[e] + i.
 """
 
 import triton
@@ -121,3 +125,23 @@ def moe_scatter_kernel(expert_ids_ptr, M, E, seg_base_ptr, sorted_pair_ptr, SEG:
     hi = tl.minimum(lo + SEG, M)
     base = tl.load(seg_base_ptr + seg * E_PAD + tl.arange(0, E_PAD))
     _scatter(expert_ids_ptr, lo, hi, base, sorted_pair_ptr, E, SUB, E_PAD)
+
+
+@triton.jit
+def moe_grouped_slots_kernel(counts_ptr, offsets_ptr, E, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
+                             max_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr,
+                             CHUNK: tl.constexpr):
+    """Grid (E,): program e writes the slots of expert e; program 0 also writes block_expert and
+    expert_end (the same `_align` as the sort, so the slot layout is identical)."""
+    e = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    if e == 0:
+        _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks, BLOCK_M, E_PAD, NB)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.sum(tl.where(experts < e, padded, 0), axis=0)
+    count = tl.load(counts_ptr + e)
+    first = tl.load(offsets_ptr + e)
+    for i0 in range(0, count, CHUNK):
+        i = i0 + tl.arange(0, CHUNK)
+        tl.store(sorted_pair_ptr + start + i, first + i, mask=i < count)
