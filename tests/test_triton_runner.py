@@ -393,6 +393,24 @@ def test_nvfp4_dequant_in_chunks_of_one_expert(monkeypatch):
                     config=DEQUANT16), DEVICE)
 
 
+def test_dequant_scratch_is_per_thread():
+    """Threads (virtual ranks) interleave their launches: each gets its own scratch, reused by
+    its later calls and grown when a call needs more."""
+    import threading
+
+    from epmoe.experts.triton import dequant_scratch
+
+    dev = torch.device(DEVICE)
+    mine = dequant_scratch(dev, torch.float32, 64)
+    assert dequant_scratch(dev, torch.float32, 32) is mine
+    assert dequant_scratch(dev, torch.float32, 128).numel() >= 128
+    theirs = []
+    t = threading.Thread(target=lambda: theirs.append(dequant_scratch(dev, torch.float32, 64)))
+    t.start()
+    t.join()
+    assert theirs[0].data_ptr() != dequant_scratch(dev, torch.float32, 64).data_ptr()
+
+
 def test_clear_errors():
     case = Case("errors", (2, 1))
     cfg, weights, hidden, row_ids, experts = make_problem(case, DEVICE)

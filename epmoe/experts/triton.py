@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -56,7 +57,7 @@ FP8_MAX_BLOCK_M = 64
 # nvfp4 in sorted mode: from this many rows per expert (bucketed) on, decode whole experts into a
 # scratch buffer once and run the bf16 kernels, instead of decoding each weight tile per m tile
 NVFP4_DEQUANT_MIN_RPE = 32
-DEQUANT_SCRATCH_MB = 1024  # default cap of that scratch (EPMOE_DEQUANT_SCRATCH_MB), one per device
+DEQUANT_SCRATCH_MB = 1024  # default cap of that scratch (EPMOE_DEQUANT_SCRATCH_MB), one per device and thread
 
 
 # ---------------------------------------------------------------------------------------
@@ -489,21 +490,23 @@ def triton_experts(
     return out
 
 
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown scratch buffers: CUDA graphs may still hold their addresses
+_SCRATCH = threading.local()  # .bufs: {(device, dtype): tensor}, one set per thread
+_GRAPH_HELD: list[torch.Tensor] = []  # scratch buffers a CUDA graph captured: never freed
 
 
 def dequant_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """The shared scratch of nvfp4 prefill on `device` (at least `numel` values of `dtype`).
-    One buffer per device and dtype serves every layer: calls on one stream run one after the
-    other. A buffer that is outgrown is kept alive, never freed, since a captured CUDA graph may
-    still write to it."""
+    """The scratch of nvfp4 prefill for this thread on `device` (at least `numel` values of
+    `dtype`). One buffer per thread, device and dtype serves every layer: one thread's calls run
+    one after the other on its stream, while threads (virtual ranks) interleave their launches,
+    so they must not share it. A buffer a CUDA graph captured is kept alive for good (the graph
+    writes to it on every replay); an outgrown one that no graph holds is freed."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     key = (device, dtype)
-    buf = _SCRATCH.get(key)
+    buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    if buf.is_cuda and torch.cuda.is_current_stream_capturing() and not any(b is buf for b in _GRAPH_HELD):
+        _GRAPH_HELD.append(buf)
     return buf
 
 
