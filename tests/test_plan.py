@@ -74,6 +74,20 @@ def test_expert_stage_follows_hbm_and_tflops_options():
         assert ratio == pytest.approx(2.0, rel=1e-3)
 
 
+def test_nvfp4_prefill_adds_the_scratch_decode_pass():
+    """From 32 rows per local expert the runner decodes every local expert to bf16 first: 2.5625
+    bytes a value more at HBM rate; below that nvfp4 is only its own weight bytes."""
+    q = MoEConfig.from_preset("qwen3-30b-a3b")  # 128 experts, top-8
+    links = Links()
+    values = 128 * 3 * q.hidden * q.intermediate
+    prefill = predict(q, 1, 512, "none", links, weights="nvfp4")["experts_us"]  # 32 rows per expert
+    flops_us = 6 * q.hidden * q.intermediate * 512 * 8 / (links.tflops * 1e6)
+    decode_pass = values * (0.5 + 1 / 16 + 2.0) / (links.hbm_tbps * 1e6)
+    assert prefill == pytest.approx(max(values * (0.5 + 1 / 16) / (links.hbm_tbps * 1e6), flops_us) + decode_pass)
+    below = predict(q, 1, 256, "none", links, weights="nvfp4")["experts_us"]
+    assert below < decode_pass
+
+
 COMM_ROW = {  # as `epmoe bench comm --json` writes it (2 ranks, fp32 activations on gloo)
     "backend": "nccl_a2a", "payload": "float32", "world": 2, "tokens": 16, "ranks": "gloo", "timing": "cpu",
     "dispatch_us": 1500.0, "combine_us": 500.0, "dispatch_bytes": 132096, "combine_bytes": 131072,

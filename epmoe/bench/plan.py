@@ -3,6 +3,8 @@
     time(backend) = dispatch + experts + combine
     dispatch      = latency(backend, peers) + max(bytes over NVLink / nvlink_bw, bytes over the net / net_bw)
     experts       = max(touched expert weight bytes / hbm_bw, FLOPs / tensor_peak)
+                    (+ nvfp4 from 32 rows per local expert: the triton runner's decode of every
+                    local expert into a bf16 scratch, 0.5625 bytes read + 2 written a value, at hbm_bw)
 
 Routing is modelled as uniform: each token picks K of E experts without replacement, experts
 spread evenly over W ranks, G ranks per node. Bytes are those the backends send (and report in
@@ -27,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from epmoe.config import MoEConfig
+from epmoe.experts.triton import NVFP4_DEQUANT_MIN_RPE
 
 # bytes per activation row of each payload format, with its scales (wire.row_layout); bench comm
 # rows name unquantized payloads by their dtype
@@ -134,6 +137,10 @@ def predict(
     w_bytes = touched * 3 * cfg.hidden * cfg.intermediate * _WEIGHT_BYTES[weights]
     flops = 2 * 3 * cfg.hidden * cfg.intermediate * pairs
     experts_us = max(w_bytes / (links.hbm_tbps * 1e6), flops / (links.tflops * 1e6))
+    local = cfg.num_experts // world
+    if weights == "nvfp4" and pairs / local >= NVFP4_DEQUANT_MIN_RPE:
+        decode_bytes = local * 3 * cfg.hidden * cfg.intermediate * (_WEIGHT_BYTES["nvfp4"] + 2.0)
+        experts_us += decode_bytes / (links.hbm_tbps * 1e6)
     return {
         "backend": backend, "gpus": world, "tokens": tokens,
         "dispatch_us": dispatch_us, "combine_us": combine_us, "experts_us": experts_us,
