@@ -393,6 +393,17 @@ def test_nvfp4_dequant_in_chunks_of_one_expert(monkeypatch):
                     config=DEQUANT16), DEVICE)
 
 
+@pytest.mark.parametrize("w2_fmt", ["bf16", "fp8"])
+def test_mixed_weight_formats_are_refused(w2_fmt):
+    """w13 and w2 in different formats would reach kernels that cannot multiply them: a clear error."""
+    case = Case("mixed", (3, 0, 17, 1), hidden=48, intermediate=32, fmt="nvfp4", config=DEQUANT16)
+    cfg, weights, hidden, row_ids, experts = make_problem(case, DEVICE)
+    plain = ExpertWeights.random(cfg, 4, generator=torch.Generator().manual_seed(0)).w2
+    w2 = plain.to(DEVICE) if w2_fmt == "bf16" else quantize_weights(plain, "fp8").to(DEVICE)
+    with pytest.raises(ValueError, match="quantize them alike"):
+        triton_experts(hidden, row_ids, experts, ExpertWeights(weights.w13, w2), cfg, config=DEQUANT16)
+
+
 def test_dequant_scratch_is_per_thread():
     """Threads (virtual ranks) interleave their launches: each gets its own scratch, reused by
     its later calls and grown when a call needs more."""
