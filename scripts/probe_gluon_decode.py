@@ -61,15 +61,20 @@ def _matvec(x_row, w_base, s_base, n0, N, K, stride_wn, stride_sn,
 
 
 @gluon.jit
+def _pair_tile(expert_ids_ptr, N, BLOCK_N: gl.constexpr):
+    """This program's (pair m, first output column n0, expert e)."""
+    pid = gl.program_id(0)
+    num_n = gl.cdiv(N, BLOCK_N)
+    m = pid // num_n
+    return m, (pid % num_n) * BLOCK_N, gl.load(expert_ids_ptr + m)
+
+
+@gluon.jit
 def nvfp4_pair_gate_up_kernel(x_ptr, stride_xm, row_ids_ptr, expert_ids_ptr, w_ptr, stride_we, stride_wn,
                               s_ptr, stride_se, stride_sn, g_ptr, stride_ge, act_ptr, stride_am, E, I, K,
                               BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TG: gl.constexpr):
     """Program (pair m, n tile): act[m, n] = silu(x . w_gate[n]) * (x . w_up[n]), x = hidden[row_ids[m]]."""
-    pid = gl.program_id(0)
-    num_n = gl.cdiv(I, BLOCK_N)
-    m = pid // num_n
-    n0 = (pid % num_n) * BLOCK_N
-    e = gl.load(expert_ids_ptr + m)
+    m, n0, e = _pair_tile(expert_ids_ptr, I, BLOCK_N)
     if (e >= 0) & (e < E):
         x_row = x_ptr + gl.load(row_ids_ptr + m).to(gl.int64) * stride_xm
         w_base = w_ptr + e.to(gl.int64) * stride_we
@@ -89,11 +94,7 @@ def nvfp4_pair_down_kernel(act_ptr, stride_am, expert_ids_ptr, w_ptr, stride_we,
                            stride_sn, g_ptr, stride_ge, out_ptr, stride_om, E, N, K,
                            BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TG: gl.constexpr):
     """Program (pair m, n tile): out[m, n] = act[m] . w2[n]."""
-    pid = gl.program_id(0)
-    num_n = gl.cdiv(N, BLOCK_N)
-    m = pid // num_n
-    n0 = (pid % num_n) * BLOCK_N
-    e = gl.load(expert_ids_ptr + m)
+    m, n0, e = _pair_tile(expert_ids_ptr, N, BLOCK_N)
     if (e >= 0) & (e < E):
         acc, rs = _matvec(act_ptr + m.to(gl.int64) * stride_am, w_ptr + e.to(gl.int64) * stride_we,
                           s_ptr + e.to(gl.int64) * stride_se, n0, N, K, stride_wn, stride_sn, BLOCK_N, BLOCK_K, TG)
