@@ -94,11 +94,6 @@ def local_pairs(ids: torch.Tensor, placement: Placement, rank: int) -> torch.Ten
     return torch.where(valid & (owner == rank), local, -1).to(torch.int32)
 
 
-def grouped_offsets(expert_counts: torch.Tensor) -> torch.Tensor:
-    """[E] int32 offsets of packed expert groups: the exclusive cumulative sum of the counts."""
-    return (torch.cumsum(expert_counts, 0) - expert_counts).to(torch.int32)
-
-
 def check_grouped(expert_ids: torch.Tensor, expert_counts: torch.Tensor, expert_offsets: torch.Tensor) -> None:
     """ValueError unless pairs are grouped as `expert_offsets` says (see Dispatched). The shapes
     always; the contents too, except while a CUDA graph is being captured (that reads the

@@ -519,7 +519,7 @@ def scratch_experts(num_experts: int, n: int, k: int, dtype: torch.dtype) -> int
     """Experts per chunk of the dequantization scratch: as many [n, k] experts as fit in
     EPMOE_DEQUANT_SCRATCH_MB (default DEQUANT_SCRATCH_MB), at least one."""
     cap = float(os.environ.get("EPMOE_DEQUANT_SCRATCH_MB", DEQUANT_SCRATCH_MB)) * 2**20
-    per_expert = n * k * torch.tensor([], dtype=dtype).element_size()
+    per_expert = n * k * dtype.itemsize
     return max(1, min(num_experts, int(cap // per_expert)))
 
 

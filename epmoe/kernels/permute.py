@@ -61,12 +61,18 @@ def _scatter(expert_ids_ptr, lo, hi, base, sorted_pair_ptr, E, SUB: tl.constexpr
 
 
 @triton.jit
+def _padded_ends(counts, BLOCK_M: tl.constexpr):
+    """[E_PAD] slots of each expert (its count rounded up to BLOCK_M), and where they end."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    return padded, tl.cumsum(padded, axis=0)
+
+
+@triton.jit
 def _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks,
            BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr):
     """From per-expert counts: write expert_end and block_expert, return start [E_PAD]."""
     experts = tl.arange(0, E_PAD)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)  # padded end of each expert's slots
+    padded, ends = _padded_ends(counts, BLOCK_M)  # ends: padded end of each expert's slots
     starts = ends - padded
     total = tl.sum(padded, axis=0)
     tl.store(expert_end_ptr + experts, starts + counts, mask=experts < E)
@@ -138,8 +144,8 @@ def moe_grouped_slots_kernel(counts_ptr, offsets_ptr, E, sorted_pair_ptr, block_
     counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
     if e == 0:
         _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks, BLOCK_M, E_PAD, NB)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    start = tl.sum(tl.where(experts < e, padded, 0), axis=0)
+    padded, ends = _padded_ends(counts, BLOCK_M)
+    start = tl.sum(tl.where(experts == e, ends - padded, 0), axis=0)
     count = tl.load(counts_ptr + e)
     first = tl.load(offsets_ptr + e)
     for i0 in range(0, count, CHUNK):
