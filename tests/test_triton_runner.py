@@ -389,6 +389,10 @@ def test_nvfp4_dequant_in_chunks_of_one_expert(monkeypatch):
     """A scratch cap smaller than one expert: one expert per chunk, one launch pair each."""
     monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", "0.001")
     assert scratch_experts(4, 96, 48, torch.float32) == 1
+    monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", "lots")
+    with pytest.raises(ValueError, match="EPMOE_DEQUANT_SCRATCH_MB='lots' must be a number"):
+        scratch_experts(4, 96, 48, torch.float32)
+    monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", "0.001")
     check_case(Case("nvfp4-dequant-chunks", (3, 0, 17, 1), hidden=48, intermediate=32, fmt="nvfp4",
                     config=DEQUANT16), DEVICE)
 

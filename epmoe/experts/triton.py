@@ -518,7 +518,12 @@ def dequant_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> tor
 def scratch_experts(num_experts: int, n: int, k: int, dtype: torch.dtype) -> int:
     """Experts per chunk of the dequantization scratch: as many [n, k] experts as fit in
     EPMOE_DEQUANT_SCRATCH_MB (default DEQUANT_SCRATCH_MB), at least one."""
-    cap = float(os.environ.get("EPMOE_DEQUANT_SCRATCH_MB", DEQUANT_SCRATCH_MB)) * 2**20
+    raw = os.environ.get("EPMOE_DEQUANT_SCRATCH_MB", DEQUANT_SCRATCH_MB)
+    try:
+        cap = float(raw) * 2**20
+    except ValueError:
+        raise ValueError(f"EPMOE_DEQUANT_SCRATCH_MB={raw!r} must be a number of megabytes (default "
+                         f"{DEQUANT_SCRATCH_MB})") from None
     per_expert = n * k * dtype.itemsize
     return max(1, min(num_experts, int(cap // per_expert)))
 
