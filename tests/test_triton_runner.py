@@ -8,6 +8,10 @@ out-of-range rows, unused hidden rows hold inf, outputs start as NaN.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -25,6 +29,7 @@ from epmoe.experts.triton import (
     activation_quant,
     bucket_pairs,
     default_config,
+    gluon_decode,
     permute,
     permute_torch,
     scratch_experts,
@@ -508,6 +513,127 @@ def test_triton_experts_bf16_gpu_configs(config):
 def test_triton_experts_quantized_gpu_configs(config, fmt):
     check_case(Case("cfg", (1, 0, 200, 33), hidden=2880, intermediate=768, dtype=torch.bfloat16, fmt=fmt,
                     config=config), "cuda")
+
+
+# ------------------------------------------------------------------------------------------
+# nvfp4 decode (pair mode): the Gluon kernels on Hopper, the `tl` kernels elsewhere
+# ------------------------------------------------------------------------------------------
+
+# (GemmConfig block_k is the bf16 tile's; nvfp4 pair mode runs twice as deep: TG = block_k / 8 up to 32)
+GLUON_CONFIGS = [
+    ExpertsConfig(1, GemmConfig(16, 256, 4, 1), GemmConfig(16, 128, 4, 1, pdl=True)),  # TG 32 / 16, PDL
+    ExpertsConfig(1, GemmConfig(8, 128, 2, 3), GemmConfig(32, 32, 4, 3, pdl=True)),  # prefetch, TG 16 / 4
+    ExpertsConfig(1, GemmConfig(64, 64, 8, 1), GemmConfig(4, 8, 1, 2)),  # 8 warps; rows < the layout's
+]
+GLUON_CASES = [
+    Case("silu-bf16", (1, 0, 2, 1), hidden=2880, intermediate=768, fmt="nvfp4", dtype=torch.bfloat16),
+    Case("gelu-fp16", (2, 1), hidden=1536, intermediate=1040, activation="gelu", fmt="nvfp4", dtype=torch.float16),
+    Case("swiglu-bias-bf16", (1, 1, 0, 1), hidden=2880, intermediate=2880, activation="swiglu_clamped",
+         fmt="nvfp4", dtype=torch.bfloat16, scale=12.0),
+    Case("silu-fp32", (1, 2), hidden=112, intermediate=48, fmt="nvfp4"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=lambda c: f"up{c.gate_up.block_n}x{c.gate_up.block_k}"
+                         f"-down{c.down.block_n}x{c.down.block_k}")
+@pytest.mark.parametrize("case", GLUON_CASES, ids=str)
+@pytest.mark.parametrize("kernels", ["gluon", "tl"])
+def test_nvfp4_decode_kernels_gpu(kernels, case, config, monkeypatch):
+    """Both pair-mode nvfp4 paths against the reference: partial tiles (hidden 2880 = 5.6 tiles of
+    512, intermediate 1040), every activation, bias, clamped SwiGLU past its limit, fp16 / fp32."""
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", kernels)
+    if kernels == "gluon" and torch.cuda.get_device_capability()[0] >= 9:
+        assert gluon_decode(torch.device("cuda")), "a Hopper GPU must run the Gluon decode kernels"
+    check_case(dataclasses.replace(case, config=config), "cuda")
+
+
+@pytest.mark.gpu
+def test_nvfp4_decode_gluon_and_tl_agree_gpu(monkeypatch):
+    """The two decode paths on one qwen3-sized problem: both sum in fp32, only the order differs."""
+    case = Case("qwen3", (1, 0, 3, 1, 2, 0, 0, 1), hidden=2048, intermediate=768, fmt="nvfp4",
+                dtype=torch.bfloat16)
+    cfg, weights, hidden, row_ids, experts = make_problem(case, "cuda")
+    got = {}
+    for kernels in ("gluon", "tl"):
+        monkeypatch.setenv("EPMOE_NVFP4_DECODE", kernels)
+        got[kernels] = triton_experts(hidden, row_ids, experts, weights, cfg)
+    valid = experts >= 0
+    assert _rel(got["gluon"][valid], got["tl"][valid].float()) <= 1e-2
+
+
+def test_nvfp4_decode_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fast")
+    with pytest.raises(ValueError, match="EPMOE_NVFP4_DECODE must be 'gluon' or 'tl'"):
+        gluon_decode(torch.device("cpu"))
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "gluon")
+    assert not gluon_decode(torch.device("cpu"))
+
+
+def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeypatch):
+    """Pair mode up to 16 pairs for every format; nvfp4 on the Gluon decode kernels up to one
+    (bucketed) row per expert, with the nvfp4 decode tiles."""
+    import epmoe.experts.triton as runner
+
+    cuda = torch.device("cuda", 0)
+    assert runner.pair_mode_for("bf16", 16, 128, cuda) and not runner.pair_mode_for("bf16", 32, 128, cuda)
+    monkeypatch.setattr(runner, "_gluon_capable", lambda index: False)
+    assert not runner.pair_mode_for("nvfp4", 128, 128, cuda)
+    monkeypatch.setattr(runner, "_gluon_capable", lambda index: True)
+    assert runner.pair_mode_for("nvfp4", 128, 128, cuda) and runner.pair_mode_for("nvfp4", 128, 256, cuda)
+    assert not runner.pair_mode_for("nvfp4", 256, 128, cuda) and not runner.pair_mode_for("fp8", 128, 128, cuda)
+    assert not runner.pair_mode_for("nvfp4", 128, 128, torch.device("cpu"))
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "tl")
+    assert not runner.pair_mode_for("nvfp4", 128, 128, cuda)
+    c = default_config(128, 128, 2048, 768, "nvfp4", pair_mode=True)
+    assert c.pair_mode and c.down.pdl and c.gate_up.block_n == 16
+    assert default_config(128, 128, 2048, 768, "bf16").block_m > 1
+
+
+NVFP4_DECODE_SIG = {"w_ptr": "*i32", "stride_we": "i32", "stride_wn": "i32", "s_ptr": "*fp8e4nv",
+                    "stride_se": "i32", "stride_sn": "i32", "stride_sk": "i32", "g_ptr": "*fp32",
+                    "stride_ge": "i32", "b_ptr": "*fp32", "stride_be": "i32", "expert_ids_ptr": "*i32",
+                    "E": "i32", "K": "i32"}
+
+
+_BUILD = """
+import json, sys
+from epmoe.kernels import nvfp4_decode
+from epmoe.kernels.build import compile_gluon
+kernel, sig, consts, num_warps = json.loads(sys.argv[1])
+ptx = compile_gluon(getattr(nvfp4_decode, kernel), sig, consts, num_warps).asm["ptx"]
+print(json.dumps({word: ptx.count(word) for word in ("bar.sync", "ld.shared", "st.shared", "griddepcontrol",
+                                                     "ld.global", "prmt.b32")}))
+"""
+
+
+@pytest.mark.parametrize(("kernel", "pdl", "prefetch", "tile"),
+                         [("gate_up", False, False, (16, 512, 32, 4)), ("gate_up", True, True, (8, 256, 16, 2)),
+                          ("down", True, False, (32, 256, 16, 4)), ("down", False, True, (64, 128, 8, 8))])
+def test_nvfp4_decode_kernels_build_for_hopper_without_barriers(kernel, pdl, prefetch, tile):
+    """The Gluon kernels cannot run on the CPU; this builds them for sm_90 (in a process without
+    TRITON_INTERPRET) and reads the PTX: no CTA barrier and no shared memory (the point of the
+    explicit layouts), and the programmatic-dependent-launch instructions exactly when USE_PDL is set."""
+    pytest.importorskip("triton.experimental.gluon")
+    bn, bk, tg, nw = tile
+    if kernel == "gate_up":
+        sig = {**NVFP4_DECODE_SIG, "x_ptr": "*bf16", "stride_xm": "i32", "row_ids_ptr": "*i32", "act_ptr": "*bf16",
+               "stride_am": "i32", "I": "i32", "limit": "fp32", "alpha": "fp32"}
+        consts = {"ACT": 2, "HAS_BIAS": True}
+    else:
+        sig = {**NVFP4_DECODE_SIG, "act_ptr": "*bf16", "stride_am": "i32", "out_ptr": "*bf16", "stride_om": "i32",
+               "N": "i32"}
+        consts = {"HAS_BIAS": False}
+    consts |= {"USE_PDL": pdl, "PREFETCH": prefetch, "BLOCK_N": bn, "BLOCK_K": bk, "TG": tg}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [f"nvfp4_decode_{kernel}_kernel", {**sig, **dict.fromkeys(consts, "constexpr")}, consts, nw]
+    run = subprocess.run([sys.executable, "-c", _BUILD, json.dumps(args)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads(run.stdout.splitlines()[-1])
+    assert counts["bar.sync"] == counts["ld.shared"] == counts["st.shared"] == 0, counts
+    assert (counts["griddepcontrol"] > 0) == pdl, counts
+    assert counts["ld.global"] > 0 and counts["prmt.b32"] > 0  # the word decode
 
 
 @pytest.mark.gpu

@@ -34,11 +34,11 @@ from epmoe.experts import ExpertWeights
 from epmoe.experts.activation import activate
 from epmoe.experts.reference import reference_experts
 from epmoe.experts.triton import (
-    PAIR_MODE_MAX_PAIRS,
     ExpertsConfig,
     GemmConfig,
     bucket_pairs,
     config_key,
+    pair_mode_for,
     select_config,
     table_file_name,
     triton_experts,
@@ -330,7 +330,7 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
                 return math.inf
 
         base = select_config(fmt, M, E, H, I, K, device)
-        pair = bucket_pairs(M, K) <= PAIR_MODE_MAX_PAIRS
+        pair = pair_mode_for(fmt, bucket_pairs(M, K), E, device)
         best, best_us = base, run(base)
         bms = [1] if pair else _block_m_candidates(bucket_pairs(M, K) / E)
         for bm in bms:

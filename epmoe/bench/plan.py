@@ -4,7 +4,9 @@
     dispatch      = latency(backend, peers) + max(bytes over NVLink / nvlink_bw, bytes over the net / net_bw)
     experts       = max(touched expert weight bytes / hbm_bw, FLOPs / tensor_peak)
                     (+ nvfp4 from 32 rows per local expert: the triton runner's decode of every
-                    local expert into a bf16 scratch, 0.5625 bytes read + 2 written a value, at hbm_bw)
+                    local expert into a bf16 scratch, 0.5625 bytes read + 2 written a value, at hbm_bw;
+                    nvfp4 from 17 pairs up to one pair per local expert: pair mode, every pair
+                    streams its expert's weights)
 
 Routing is modelled as uniform: each token picks K of E experts without replacement, experts
 spread evenly over W ranks, G ranks per node. Bytes are those the backends send (and report in
@@ -29,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from epmoe.config import MoEConfig
-from epmoe.experts.triton import NVFP4_DEQUANT_MIN_RPE
+from epmoe.experts.triton import NVFP4_DEQUANT_MIN_RPE, NVFP4_PAIR_MODE_MAX_RPE, PAIR_MODE_MAX_PAIRS
 
 # bytes per activation row of each payload format, with its scales (wire.row_layout); bench comm
 # rows name unquantized payloads by their dtype
@@ -134,10 +136,12 @@ def predict(
     dispatch_us, combine_us = move(d_bytes), move(c_bytes)
     pairs = tokens * cfg.top_k  # balanced routing: each rank computes as many pairs as it sends
     touched = _touched_experts(cfg, world, pairs)
+    local = cfg.num_experts // world
+    if weights == "nvfp4" and PAIR_MODE_MAX_PAIRS < pairs <= NVFP4_PAIR_MODE_MAX_RPE * local:
+        touched = pairs  # pair mode: each pair streams its expert's weights
     w_bytes = touched * 3 * cfg.hidden * cfg.intermediate * _WEIGHT_BYTES[weights]
     flops = 2 * 3 * cfg.hidden * cfg.intermediate * pairs
     experts_us = max(w_bytes / (links.hbm_tbps * 1e6), flops / (links.tflops * 1e6))
-    local = cfg.num_experts // world
     if weights == "nvfp4" and pairs / local >= NVFP4_DEQUANT_MIN_RPE:
         decode_bytes = local * 3 * cfg.hidden * cfg.intermediate * (_WEIGHT_BYTES["nvfp4"] + 2.0)
         experts_us += decode_bytes / (links.hbm_tbps * 1e6)

@@ -57,6 +57,10 @@ FP8_MAX_BLOCK_M = 64
 # nvfp4 in sorted mode: from this many rows per expert (bucketed) on, decode whole experts into a
 # scratch buffer once and run the bf16 kernels, instead of decoding each weight tile per m tile
 NVFP4_DEQUANT_MIN_RPE = 32
+# nvfp4 on the Gluon decode kernels: pair mode up to this many rows per expert (bucketed); measured
+# on H200 at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort;
+# at 4 (mixtral, 16 tokens) the sort was 1.8x faster
+NVFP4_PAIR_MODE_MAX_RPE = 1
 DEQUANT_SCRATCH_MB = 1024  # default cap of that scratch (EPMOE_DEQUANT_SCRATCH_MB), one per device and thread
 
 
@@ -139,9 +143,26 @@ def _load_table(device_name: str) -> dict[str, ExpertsConfig]:
     return table
 
 
-def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: int) -> ExpertsConfig:
-    """Heuristic config for M pairs over E local experts (used where no tuned entry exists)."""
+def pair_mode_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None) -> bool:
+    """Whether M (bucketed) pairs run in pair mode: at most PAIR_MODE_MAX_PAIRS, or for nvfp4 on
+    the Gluon decode kernels at most NVFP4_PAIR_MODE_MAX_RPE rows per expert (there, decoding a
+    touched expert once per pair beats decoding each weight tile once per m tile of the sort)."""
     if num_pairs <= PAIR_MODE_MAX_PAIRS:
+        return True
+    return (fmt == "nvfp4" and device is not None and gluon_decode(device)
+            and num_pairs / max(num_experts, 1) <= NVFP4_PAIR_MODE_MAX_RPE)
+
+
+def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: int, fmt: str = "bf16",
+                   pair_mode: bool | None = None) -> ExpertsConfig:
+    """Heuristic config for M pairs over E local experts (used where no tuned entry exists);
+    pair_mode None: M <= PAIR_MODE_MAX_PAIRS."""
+    if pair_mode if pair_mode is not None else num_pairs <= PAIR_MODE_MAX_PAIRS:
+        if fmt == "nvfp4":  # the Gluon decode kernels (measured on H200 over the four presets):
+            # the widest down tile that still gives 512 programs (a few pairs of a wide hidden)
+            up = GemmConfig(16, 256, 4, 1) if num_pairs <= 8 else GemmConfig(16, 128, 2, 1)
+            bn = next((bn for bn in (64, 32) if num_pairs * -(-hidden // bn) >= 512), 16)
+            return ExpertsConfig(1, up, GemmConfig(bn, 128, 4 if bn >= 32 else 2, 1, pdl=True))
         # few programs: narrow n tiles so that every multiprocessor streams weights
         # (tuned on H200 for qwen3 / mixtral: 16-32 wide tiles of 256-512 k, PDL between the two)
         bn_up = 16 if num_pairs * -(-intermediate // 32) < 512 else 32
@@ -162,15 +183,16 @@ def select_config(fmt: str, num_pairs: int, num_experts: int, hidden: int, inter
     """The config for a call: the tuned table of the GPU model if it has the key, else the
     heuristic. nvfp4 from NVFP4_DEQUANT_MIN_RPE rows per expert on: the bf16 config, dequant=True."""
     m = bucket_pairs(num_pairs, top_k)
-    if fmt == "nvfp4" and m > PAIR_MODE_MAX_PAIRS and m / max(num_experts, 1) >= NVFP4_DEQUANT_MIN_RPE:
+    pair = pair_mode_for(fmt, m, num_experts, device)
+    if fmt == "nvfp4" and not pair and m / max(num_experts, 1) >= NVFP4_DEQUANT_MIN_RPE:
         bf16 = select_config("bf16", num_pairs, num_experts, hidden, intermediate, top_k, device)
         return dataclasses.replace(bf16, dequant=True)
     if device is not None and device.type == "cuda":
         table = _load_table(torch.cuda.get_device_name(device))
         hit = table.get(config_key(fmt, hidden, intermediate, m / max(num_experts, 1)))
-        if hit is not None and (hit.block_m == 1) == (m <= PAIR_MODE_MAX_PAIRS):
+        if hit is not None and (hit.block_m == 1) == pair:
             return hit
-    return default_config(m, num_experts, hidden, intermediate)
+    return default_config(m, num_experts, hidden, intermediate, fmt, pair)
 
 
 # ---------------------------------------------------------------------------------------
@@ -467,6 +489,10 @@ def triton_experts(
     g, d = _quantized_tiles(config, 0 if dequant and weights.format == "nvfp4"
                             else WEIGHT_FORMAT_CODES.get(weights.format, 0))
     pdl = d.pdl and config.pair_mode and out.is_cuda
+    if config.pair_mode and weights.format == "nvfp4" and gluon_decode(out.device) and \
+            all(_words_ok(w.data) for w in (weights.w13, weights.w2)):
+        _nvfp4_decode(x, row_ids, expert_ids, weights, cfg, act, out, g, d, pdl)
+        return out
     for (w13, sw13_e, sw13_n, *q13, f13), e_lo, e_hi, decoded in _weight_chunks(weights.w13, dequant, dtype):
         g_tma = g.tma and not config.pair_mode and f13 in (0, 1, 2) and _tma_ok(w13)
         moe_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
@@ -493,6 +519,67 @@ def triton_experts(
             num_warps=d.num_warps, num_stages=d.num_stages, **({"launch_pdl": True} if pdl else {}),
         )
     return out
+
+
+def gluon_decode(device: torch.device) -> bool:
+    """Whether pair-mode nvfp4 runs the Gluon kernels (kernels/nvfp4_decode.py): on Hopper and
+    newer GPUs unless EPMOE_NVFP4_DECODE=tl picks the `tl` pair-mode kernels of grouped_gemm.py
+    (the only ones on the CPU interpreter and older GPUs, and for stacks whose rows are not
+    4-byte aligned)."""
+    choice = os.environ.get("EPMOE_NVFP4_DECODE", "gluon")
+    if choice not in ("gluon", "tl"):
+        raise ValueError(f"EPMOE_NVFP4_DECODE must be 'gluon' or 'tl', got {choice!r}")
+    return choice == "gluon" and device.type == "cuda" and _gluon_capable(device.index or 0)
+
+
+@lru_cache(maxsize=None)
+def _gluon_capable(index: int) -> bool:
+    if torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        import epmoe.kernels.nvfp4_decode  # noqa: F401  (Triton builds without Gluon lack it)
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_tile(c: GemmConfig) -> dict[str, Any]:
+    """Launch parameters of a Gluon decode kernel for a pair-mode tile: TG threads of a warp along
+    the tile's 16-value blocks, the rest along its rows; num_stages > 1 loads one k step ahead."""
+    if c.block_k < 16 or c.block_k & (c.block_k - 1) or c.block_n & (c.block_n - 1):
+        raise ValueError(f"nvfp4 decode tiles need power-of-two sizes and block_k >= 16, got {c}")
+    return {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "TG": min(32, c.block_k // 16),
+            "PREFETCH": c.num_stages > 1, "num_warps": c.num_warps}
+
+
+def _words_ok(w: torch.Tensor) -> bool:
+    """Whether a uint8 [E, N, K/2] stack reads as 32-bit words: 4-byte aligned base and strides."""
+    return w.data_ptr() % 4 == 0 and w.shape[-1] % 4 == 0 and all(st % 4 == 0 for st in w.stride()[:-1])
+
+
+def _nvfp4_decode(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor, weights: ExpertWeights,
+                  cfg: MoEConfig, act: torch.Tensor, out: torch.Tensor, g: GemmConfig, d: GemmConfig,
+                  pdl: bool) -> None:
+    """Pair-mode nvfp4 through the Gluon kernels: act [M, I] then out [M, H], both in pair order."""
+    from epmoe.kernels.nvfp4_decode import nvfp4_decode_down_kernel, nvfp4_decode_gate_up_kernel
+
+    E, H, I, M = weights.w13.shape[0], cfg.hidden, cfg.intermediate, expert_ids.shape[0]
+    w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13, _ = _weight_args(weights.w13)
+    w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2, _ = _weight_args(weights.w2)
+    w13, se13, sn13 = w13.view(torch.int32), se13 // 4, sn13 // 4  # 32-bit words of eight values
+    w2, se2, sn2 = w2.view(torch.int32), se2 // 4, sn2 // 4
+    has_bias = weights.b13 is not None
+    b13 = weights.b13 if has_bias else g13
+    b2 = weights.b2 if has_bias else g2
+    nvfp4_decode_gate_up_kernel[(M * triton_cdiv(I, g.block_n),)](
+        x, x.stride(0), row_ids, expert_ids, w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13,
+        b13, b13.stride(0) if has_bias else 0, act, act.stride(0), E, I, H,
+        float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
+        ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, USE_PDL=pdl, **_decode_tile(g))
+    nvfp4_decode_down_kernel[(M * triton_cdiv(H, d.block_n),)](
+        act, act.stride(0), expert_ids, w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2,
+        b2, b2.stride(0) if has_bias else 0, out, out.stride(0), E, H, I,
+        HAS_BIAS=has_bias, USE_PDL=pdl, **_decode_tile(d), **({"launch_pdl": True} if pdl else {}))
 
 
 _SCRATCH = threading.local()  # .bufs: {(device, dtype): tensor}, one set per thread
