@@ -231,7 +231,8 @@ def test_triton_experts_match_reference(case):
     check_case(case, DEVICE)
 
 
-@pytest.mark.parametrize(("E", "M", "block_m"), [(1, 1, 16), (4, 37, 16), (9, 100, 32), (130, 300, 16),
+@pytest.mark.parametrize(("E", "M", "block_m"), [(1, 1, 16), (4, 37, 16), (9, 100, 32), (130, 300, 16), (6, 41, 2),
+                                               (9, 77, 4), (130, 300, 8),
                                                (5, SEGMENT + 300, 16)])
 def test_permute_matches_torch_twin(E, M, block_m):
     g = torch.Generator().manual_seed(E + M)
@@ -525,6 +526,11 @@ GLUON_CONFIGS = [
     ExpertsConfig(1, GemmConfig(8, 128, 2, 3), GemmConfig(32, 32, 4, 3, pdl=True)),  # prefetch, TG 16 / 4
     ExpertsConfig(1, GemmConfig(64, 64, 8, 1), GemmConfig(4, 8, 1, 2)),  # 8 warps; rows < the layout's
 ]
+GROUPED_CONFIGS = [  # the grouped nvfp4 decode kernels (sorted, block_m <= 8)
+    ExpertsConfig(2, GemmConfig(16, 256, 4, 1), GemmConfig(32, 256, 4, 1)),
+    ExpertsConfig(4, GemmConfig(8, 128, 2, 1), GemmConfig(64, 64, 8, 1)),
+    ExpertsConfig(8, GemmConfig(32, 512, 4, 1), GemmConfig(4, 32, 1, 1)),
+]
 GLUON_CASES = [
     Case("silu-bf16", (1, 0, 2, 1), hidden=2880, intermediate=768, fmt="nvfp4", dtype=torch.bfloat16),
     Case("gelu-fp16", (2, 1), hidden=1536, intermediate=1040, activation="gelu", fmt="nvfp4", dtype=torch.float16),
@@ -545,6 +551,21 @@ def test_nvfp4_decode_kernels_gpu(kernels, case, config, monkeypatch):
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", kernels)
     if kernels == "gluon" and torch.cuda.get_device_capability()[0] >= 9:
         assert gluon_decode(torch.device("cuda")), "a Hopper GPU must run the Gluon decode kernels"
+    check_case(dataclasses.replace(case, config=config), "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GROUPED_CONFIGS, ids=lambda c: f"bm{c.block_m}-up{c.gate_up.block_n}x"
+                         f"{c.gate_up.block_k}-down{c.down.block_n}x{c.down.block_k}")
+@pytest.mark.parametrize("case", GLUON_CASES + [
+    Case("skewed-bf16", (17, 1, 0, 3, 8, 2), hidden=2048, intermediate=768, fmt="nvfp4", dtype=torch.bfloat16),
+    Case("one-expert-bf16", (0, 0, 37, 0), hidden=1024, intermediate=512, fmt="nvfp4", dtype=torch.bfloat16)],
+    ids=str)
+def test_nvfp4_grouped_decode_kernels_gpu(case, config):
+    """The grouped kernels (a block of sorted rows of one expert per program) against the
+    reference: partial blocks, empty experts, every activation, bias, fp16 / fp32."""
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert gluon_decode(torch.device("cuda"))
     check_case(dataclasses.replace(case, config=config), "cuda")
 
 
@@ -572,7 +593,7 @@ def test_nvfp4_decode_choice_is_checked(monkeypatch):
 
 def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeypatch):
     """Pair mode up to 16 pairs for every format; nvfp4 on the Gluon decode kernels up to one
-    (bucketed) row per expert, with the nvfp4 decode tiles."""
+    (bucketed) row per expert, with the nvfp4 decode tiles, then the grouped kernels up to 2."""
     import epmoe.experts.triton as runner
 
     cuda = torch.device("cuda", 0)
@@ -585,6 +606,12 @@ def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeyp
     assert not runner.pair_mode_for("nvfp4", 128, 128, torch.device("cpu"))
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "tl")
     assert not runner.pair_mode_for("nvfp4", 128, 128, cuda)
+    monkeypatch.delenv("EPMOE_NVFP4_DECODE")
+    assert runner.nvfp4_grouped_for("nvfp4", 256, 128, cuda)
+    assert not runner.nvfp4_grouped_for("nvfp4", 128, 128, cuda)  # pair mode
+    assert not runner.nvfp4_grouped_for("nvfp4", 512, 128, cuda) and not runner.nvfp4_grouped_for("bf16", 256, 128,
+                                                                                                   cuda)
+    assert default_config(256, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 2
     c = default_config(128, 128, 2048, 768, "nvfp4", pair_mode=True)
     assert c.pair_mode and c.down.pdl and c.gate_up.block_n == 16
     assert default_config(128, 128, 2048, 768, "bf16").block_m > 1

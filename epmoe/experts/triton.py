@@ -61,6 +61,12 @@ NVFP4_DEQUANT_MIN_RPE = 32
 # on H200 at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort;
 # at 4 (mixtral, 16 tokens) the sort was 1.8x faster
 NVFP4_PAIR_MODE_MAX_RPE = 1
+# ... and the grouped Gluon kernels (BLOCK_M sorted rows of one expert per program, weights decoded
+# once for all of them) above that, up to this many rows per expert (block_m = that bucket). Each
+# further row costs one FMA a value: measured on H200 at 2 rows per expert 1.2-1.3x the tl sorted
+# path (qwen3 32 tokens, gpt-oss 64), at 4-8 rows 0.5-0.95x, so the tl path keeps those
+NVFP4_GROUPED_MAX_RPE = 2
+NVFP4_GROUPED_MAX_BM = 8  # sorted nvfp4 configs with block_m up to this run the grouped kernels
 DEQUANT_SCRATCH_MB = 1024  # default cap of that scratch (EPMOE_DEQUANT_SCRATCH_MB), one per device and thread
 
 
@@ -153,16 +159,26 @@ def pair_mode_for(fmt: str, num_pairs: int, num_experts: int, device: torch.devi
             and num_pairs / max(num_experts, 1) <= NVFP4_PAIR_MODE_MAX_RPE)
 
 
+def nvfp4_grouped_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None) -> bool:
+    """Whether M (bucketed) pairs of nvfp4 weights run the grouped Gluon decode kernels: past
+    pair mode, up to NVFP4_GROUPED_MAX_RPE rows per expert, on a GPU that runs Gluon."""
+    return (fmt == "nvfp4" and device is not None and not pair_mode_for(fmt, num_pairs, num_experts, device)
+            and gluon_decode(device) and num_pairs / max(num_experts, 1) <= NVFP4_GROUPED_MAX_RPE)
+
+
 def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: int, fmt: str = "bf16",
-                   pair_mode: bool | None = None) -> ExpertsConfig:
+                   pair_mode: bool | None = None, grouped: bool = False) -> ExpertsConfig:
     """Heuristic config for M pairs over E local experts (used where no tuned entry exists);
-    pair_mode None: M <= PAIR_MODE_MAX_PAIRS."""
+    pair_mode None: M <= PAIR_MODE_MAX_PAIRS. grouped: the grouped nvfp4 decode kernels (block_m
+    = the rows per expert, CUDA-core tiles)."""
+    if grouped:
+        bm = max(2, int(_pow2_ceil(num_pairs / max(num_experts, 1))))
+        return ExpertsConfig(bm, GemmConfig(16, 128, 2, 1), GemmConfig(32, 256, 4, 1))
     if pair_mode if pair_mode is not None else num_pairs <= PAIR_MODE_MAX_PAIRS:
-        if fmt == "nvfp4":  # the Gluon decode kernels (measured on H200 over the four presets):
-            # the widest down tile that still gives 512 programs (a few pairs of a wide hidden)
+        if fmt == "nvfp4":  # the Gluon decode kernels (measured on H200 over the four presets; a
+            # down tile narrowed to 16 rows for more programs at one token was slower for mixtral and gpt-oss)
             up = GemmConfig(16, 256, 4, 1) if num_pairs <= 8 else GemmConfig(16, 128, 2, 1)
-            bn = next((bn for bn in (64, 32) if num_pairs * -(-hidden // bn) >= 512), 16)
-            return ExpertsConfig(1, up, GemmConfig(bn, 128, 4 if bn >= 32 else 2, 1, pdl=True))
+            return ExpertsConfig(1, up, GemmConfig(64, 128, 4, 1, pdl=True))
         # few programs: narrow n tiles so that every multiprocessor streams weights
         # (tuned on H200 for qwen3 / mixtral: 16-32 wide tiles of 256-512 k, PDL between the two)
         bn_up = 16 if num_pairs * -(-intermediate // 32) < 512 else 32
@@ -192,7 +208,8 @@ def select_config(fmt: str, num_pairs: int, num_experts: int, hidden: int, inter
         hit = table.get(config_key(fmt, hidden, intermediate, m / max(num_experts, 1)))
         if hit is not None and (hit.block_m == 1) == pair:
             return hit
-    return default_config(m, num_experts, hidden, intermediate, fmt, pair)
+    return default_config(m, num_experts, hidden, intermediate, fmt, pair,
+                          nvfp4_grouped_for(fmt, m, num_experts, device))
 
 
 # ---------------------------------------------------------------------------------------
@@ -481,6 +498,10 @@ def triton_experts(
         act_s = torch.empty(slots, triton_cdiv(I, FP8_BLOCK), dtype=torch.float32, device=out.device)
     else:
         act = act_s = torch.empty(slots, I, dtype=dtype, device=out.device)
+    if (not config.pair_mode and not config.dequant and bm <= NVFP4_GROUPED_MAX_BM and weights.format == "nvfp4"
+            and gluon_decode(out.device) and all(_words_ok(w.data) for w in (weights.w13, weights.w2))):
+        _nvfp4_grouped(x, row_ids, sorted_pair, block_expert, expert_end, num_m, weights, cfg, act, out, config)
+        return out
     has_bias = weights.b13 is not None
     b13 = weights.b13 if has_bias else out
     b2 = weights.b2 if has_bias else out
@@ -557,6 +578,18 @@ def _words_ok(w: torch.Tensor) -> bool:
     return w.data_ptr() % 4 == 0 and w.shape[-1] % 4 == 0 and all(st % 4 == 0 for st in w.stride()[:-1])
 
 
+def _word_args(weights: ExpertWeights) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Kernel arguments of the nvfp4 stacks for the Gluon kernels, per stack: the data as 32-bit
+    words of eight values (strides in words), scales and their strides, global scale and its
+    stride, bias and its row stride (the global scale and 0 without biases)."""
+    def one(w: Any, b: torch.Tensor | None) -> tuple[Any, ...]:
+        data, se, sn, sc, sse, ssn, ssk, g, sg, _ = _weight_args(w)
+        return (data.view(torch.int32), se // 4, sn // 4, sc, sse, ssn, ssk, g, sg,
+                g if b is None else b, 0 if b is None else b.stride(0))
+
+    return one(weights.w13, weights.b13), one(weights.w2, weights.b2)
+
+
 def _nvfp4_decode(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor, weights: ExpertWeights,
                   cfg: MoEConfig, act: torch.Tensor, out: torch.Tensor, g: GemmConfig, d: GemmConfig,
                   pdl: bool) -> None:
@@ -564,22 +597,42 @@ def _nvfp4_decode(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tens
     from epmoe.kernels.nvfp4_decode import nvfp4_decode_down_kernel, nvfp4_decode_gate_up_kernel
 
     E, H, I, M = weights.w13.shape[0], cfg.hidden, cfg.intermediate, expert_ids.shape[0]
-    w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13, _ = _weight_args(weights.w13)
-    w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2, _ = _weight_args(weights.w2)
-    w13, se13, sn13 = w13.view(torch.int32), se13 // 4, sn13 // 4  # 32-bit words of eight values
-    w2, se2, sn2 = w2.view(torch.int32), se2 // 4, sn2 // 4
+    (w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13, b13, sb13), \
+        (w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2, b2, sb2) = _word_args(weights)
     has_bias = weights.b13 is not None
-    b13 = weights.b13 if has_bias else g13
-    b2 = weights.b2 if has_bias else g2
     nvfp4_decode_gate_up_kernel[(M * triton_cdiv(I, g.block_n),)](
         x, x.stride(0), row_ids, expert_ids, w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13,
-        b13, b13.stride(0) if has_bias else 0, act, act.stride(0), E, I, H,
+        b13, sb13, act, act.stride(0), E, I, H,
         float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
         ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, USE_PDL=pdl, **_decode_tile(g))
     nvfp4_decode_down_kernel[(M * triton_cdiv(H, d.block_n),)](
         act, act.stride(0), expert_ids, w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2,
-        b2, b2.stride(0) if has_bias else 0, out, out.stride(0), E, H, I,
+        b2, sb2, out, out.stride(0), E, H, I,
         HAS_BIAS=has_bias, USE_PDL=pdl, **_decode_tile(d), **({"launch_pdl": True} if pdl else {}))
+
+
+def _nvfp4_grouped(x: torch.Tensor, row_ids: torch.Tensor, sorted_pair: torch.Tensor, block_expert: torch.Tensor,
+                   expert_end: torch.Tensor, num_m: int, weights: ExpertWeights, cfg: MoEConfig, act: torch.Tensor,
+                   out: torch.Tensor, config: ExpertsConfig) -> None:
+    """Sorted nvfp4 through the grouped Gluon kernels: act [slots, I] in slot order, out [M, H]."""
+    from epmoe.kernels.nvfp4_decode import nvfp4_grouped_down_kernel, nvfp4_grouped_gate_up_kernel
+
+    E, H, I = weights.w13.shape[0], cfg.hidden, cfg.intermediate
+    (w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13, b13, sb13), \
+        (w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2, b2, sb2) = _word_args(weights)
+    has_bias = weights.b13 is not None
+    g, d = config.gate_up, config.down
+    tile = {k: v for k, v in _decode_tile(g).items() if k != "PREFETCH"}
+    nvfp4_grouped_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
+        x, x.stride(0), row_ids, sorted_pair, block_expert, expert_end, w13, se13, sn13, s13, sse13, ssn13, ssk13,
+        g13, sg13, b13, sb13, act, act.stride(0), E, I, H,
+        float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
+        ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, BLOCK_M=config.block_m, **tile)
+    tile = {k: v for k, v in _decode_tile(d).items() if k != "PREFETCH"}
+    nvfp4_grouped_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
+        act, act.stride(0), sorted_pair, block_expert, expert_end, w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2,
+        b2, sb2, out, out.stride(0), E, H, I,
+        HAS_BIAS=has_bias, BLOCK_M=config.block_m, **tile)
 
 
 _SCRATCH = threading.local()  # .bufs: {(device, dtype): tensor}, one set per thread

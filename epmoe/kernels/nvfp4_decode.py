@@ -280,3 +280,164 @@ def nvfp4_decode_down_kernel(
         if HAS_BIAS:
             acc += gl.load(b_ptr + e64 * stride_be + rs, mask=r_ok, other=0.0)
         gl.store(out_ptr + m.to(gl.int64) * stride_om + rs, acc.to(out_ptr.dtype.element_ty), mask=r_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# grouped: BLOCK_M sorted pairs of one expert per program (a few rows per expert)
+# ---------------------------------------------------------------------------------------
+# The runner's sort (kernels/permute.py) groups pairs by expert into BLOCK_M-slot blocks. Each
+# program decodes its expert's weight words once per k step and multiplies them with the rows of
+# its BLOCK_M slots: [BM, R, G, 2] products with the BM rows in the same thread, so decoding
+# costs the same as in pair mode and each further row one FMA a value. act is in slot order.
+
+
+@gluon.constexpr_function
+def _grouped_layout(bm: int, tg: int, num_warps: int) -> gl.BlockedLayout:
+    """[BM, R, G, 2]: all BM rows of a (weight row, block) in one thread."""
+    return gl.BlockedLayout([bm, 1, 1, 2], [1, 32 // tg, tg, 1], [1, num_warps, 1, 1], [3, 2, 1, 0])
+
+
+@gluon.jit
+def _grouped_rows(block_expert_ptr, expert_end_ptr, sorted_pair_ptr, E, N, L4: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(expert, first column n0, slots [BM, 1], pairs [BM, 1], valid [BM, 1]) of this program, in
+    Slice(2, Slice(3, L4)); m blocks vary fastest, so the blocks of one expert share its weight
+    tile in L2. expert < 0: no block."""
+    num_m = gl.num_programs(0) // gl.cdiv(N, BLOCK_N)
+    pid = gl.program_id(0)
+    pid_m = pid % num_m
+    e = gl.load(block_expert_ptr + pid_m)
+    end = gl.load(expert_end_ptr + gl.maximum(e, 0))
+    LM: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+    slots = gl.expand_dims(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LM)), 1)
+    valid = (slots < end) & (e >= 0) & (e < E)
+    pairs = gl.load(sorted_pair_ptr + slots, mask=valid, other=0)
+    return e, (pid // num_m) * BLOCK_N, slots, pairs, valid
+
+
+@gluon.jit
+def _grouped_w_ptrs(w_base, s_base, n0, N, stride_wn, stride_sn, stride_sk, L4: gl.constexpr,
+                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Weight words [R, G, 2] in Slice(0, L4) and scales [R, G] in Slice(0, Slice(3, L4))."""
+    G: gl.constexpr = BLOCK_K // 16
+    LW: gl.constexpr = gl.SliceLayout(0, L4)
+    LW_RG: gl.constexpr = gl.SliceLayout(2, LW)
+    r3 = gl.expand_dims(gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW_RG)), 1), 2)
+    g3 = gl.expand_dims(gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, LW_RG)), 0), 2)
+    j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0), 1)
+    w_ptrs = w_base + r3.to(gl.int64) * stride_wn + g3 * 2 + j3
+    LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(3, L4))
+    rs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+    gs = gl.arange(0, G, layout=gl.SliceLayout(0, LS))
+    s_ptrs = s_base + gl.expand_dims(rs.to(gl.int64), 1) * stride_sn + gl.expand_dims(gs, 0) * stride_sk
+    return w_ptrs, r3 < N, g3, s_ptrs, gl.expand_dims(rs < N, 1), gs
+
+
+@gluon.jit
+def _grouped_x_ptrs(x_base, row_off, L4: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Pointers [BM, 1, G, 2] of the rows' first k tile at value 0 of each weight word
+    (row_off: [BM, 1] element offsets of the rows), and the block index [1, 1, G, 1]."""
+    G: gl.constexpr = BLOCK_K // 16
+    rows = gl.expand_dims(gl.expand_dims(row_off, 2), 3)  # [BM, 1, 1, 1]
+    g = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
+    g4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(g, 0), 1), 3)
+    j = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    j4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(j, 0), 1), 2)
+    return x_base + rows + g4 * 16 + j4 * 8, g4
+
+
+@gluon.jit
+def _grouped_dots(w, s_ptrs, s_rows_ok, gs, x_ptrs, x_ok, g4, k0, K, stride_sk):
+    """fp32 [BM, R, G]: per row and 16-value block, sum_j e2m1(w)[r, g, j] * x[m, g, j] * scale."""
+    sc = gl.load(s_ptrs + (k0 // 16) * stride_sk, mask=s_rows_ok & gl.expand_dims(gs * 16 + k0 < K, 0), other=0.0)
+    v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
+        _E2M1_WORD_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(gl.float32,) * 8, is_pure=True, pack=1)
+    ok = x_ok & (g4 * 16 + k0 < K)
+    xp = x_ptrs + k0
+    acc = gl.expand_dims(v0, 0) * gl.load(xp, mask=ok, other=0.0).to(gl.float32)
+    acc += gl.expand_dims(v1, 0) * gl.load(xp + 1, mask=ok, other=0.0).to(gl.float32)
+    acc += gl.expand_dims(v2, 0) * gl.load(xp + 2, mask=ok, other=0.0).to(gl.float32)
+    acc += gl.expand_dims(v3, 0) * gl.load(xp + 3, mask=ok, other=0.0).to(gl.float32)
+    acc += gl.expand_dims(v4, 0) * gl.load(xp + 4, mask=ok, other=0.0).to(gl.float32)
+    acc += gl.expand_dims(v5, 0) * gl.load(xp + 5, mask=ok, other=0.0).to(gl.float32)
+    acc += gl.expand_dims(v6, 0) * gl.load(xp + 6, mask=ok, other=0.0).to(gl.float32)
+    acc += gl.expand_dims(v7, 0) * gl.load(xp + 7, mask=ok, other=0.0).to(gl.float32)
+    return gl.sum(acc, axis=3) * gl.expand_dims(sc.to(gl.float32), 0)
+
+
+@gluon.jit
+def nvfp4_grouped_gate_up_kernel(
+    x_ptr, stride_xm,  # hidden [T, K]
+    row_ids_ptr,  # [M] int32: each pair's hidden row
+    sorted_pair_ptr, block_expert_ptr, expert_end_ptr,  # the sort (kernels/permute.py)
+    w_ptr, stride_we, stride_wn,  # w13 [E, 2I, K / 8] int32 words
+    s_ptr, stride_se, stride_sn, stride_sk,  # block scales [E, 2I, K / 16] e4m3
+    g_ptr, stride_ge,  # global scale fp32
+    b_ptr, stride_be,  # b13 [E, 2I] fp32 (HAS_BIAS)
+    act_ptr, stride_am,  # act [slots, I] in slot order
+    E, I, K, limit, alpha,
+    ACT: gl.constexpr, HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TG: gl.constexpr,
+):
+    L4: gl.constexpr = _grouped_layout(BLOCK_M, TG, gl.num_warps())
+    e, n0, slots, pairs, valid = _grouped_rows(block_expert_ptr, expert_end_ptr, sorted_pair_ptr, E, I, L4,
+                                               BLOCK_M, BLOCK_N)
+    if (e >= 0) & (e < E):
+        e64 = e.to(gl.int64)
+        wg, wok, g3, sg, sok, gs = _grouped_w_ptrs(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, n0, I,
+                                                   stride_wn, stride_sn, stride_sk, L4, BLOCK_N, BLOCK_K)
+        wu = wg + I.to(gl.int64) * stride_wn
+        su = sg + I.to(gl.int64) * stride_sn
+        rows = gl.load(row_ids_ptr + pairs, mask=valid, other=0).to(gl.int64)
+        x_ptrs, g4 = _grouped_x_ptrs(x_ptr, rows * stride_xm, L4, BLOCK_K)
+        x_ok = gl.expand_dims(gl.expand_dims(valid, 2), 3)
+        part_g = gl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 16], gl.float32, layout=gl.SliceLayout(3, L4))
+        part_u = gl.zeros_like(part_g)
+        for k0 in range(0, K, BLOCK_K):
+            part_g += _grouped_dots(_load_w(wg, wok, g3, k0, K), sg, sok, gs, x_ptrs, x_ok, g4, k0, K, stride_sk)
+            part_u += _grouped_dots(_load_w(wu, wok, g3, k0, K), su, sok, gs, x_ptrs, x_ok, g4, k0, K, stride_sk)
+        glob = gl.load(g_ptr + e64 * stride_ge)
+        gate = gl.sum(part_g, axis=2) * glob  # [BM, R]
+        up = gl.sum(part_u, axis=2) * glob
+        LR: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4)))
+        rs = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=LR), 0)  # [1, R]
+        r_ok = rs < I
+        if HAS_BIAS:
+            gate += gl.load(b_ptr + e64 * stride_be + rs, mask=r_ok, other=0.0)
+            up += gl.load(b_ptr + e64 * stride_be + I + rs, mask=r_ok, other=0.0)
+        h = _activation(gate, up, ACT, limit, alpha)
+        gl.store(act_ptr + slots.to(gl.int64) * stride_am + rs, h.to(act_ptr.dtype.element_ty), mask=valid & r_ok)
+
+
+@gluon.jit
+def nvfp4_grouped_down_kernel(
+    act_ptr, stride_am,  # act [slots, K] in slot order
+    sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
+    w_ptr, stride_we, stride_wn,  # w2 [E, N, K / 8] int32 words
+    s_ptr, stride_se, stride_sn, stride_sk,
+    g_ptr, stride_ge,
+    b_ptr, stride_be,  # b2 [E, N] fp32 (HAS_BIAS)
+    out_ptr, stride_om,  # out [M, N] in pair order
+    E, N, K,
+    HAS_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TG: gl.constexpr,
+):
+    L4: gl.constexpr = _grouped_layout(BLOCK_M, TG, gl.num_warps())
+    e, n0, slots, pairs, valid = _grouped_rows(block_expert_ptr, expert_end_ptr, sorted_pair_ptr, E, N, L4,
+                                               BLOCK_M, BLOCK_N)
+    if (e >= 0) & (e < E):
+        e64 = e.to(gl.int64)
+        w, wok, g3, s, sok, gs = _grouped_w_ptrs(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, n0, N,
+                                                 stride_wn, stride_sn, stride_sk, L4, BLOCK_N, BLOCK_K)
+        x_ptrs, g4 = _grouped_x_ptrs(act_ptr, slots.to(gl.int64) * stride_am, L4, BLOCK_K)
+        x_ok = gl.expand_dims(gl.expand_dims(valid, 2), 3)
+        part = gl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 16], gl.float32, layout=gl.SliceLayout(3, L4))
+        for k0 in range(0, K, BLOCK_K):
+            part += _grouped_dots(_load_w(w, wok, g3, k0, K), s, sok, gs, x_ptrs, x_ok, g4, k0, K, stride_sk)
+        acc = gl.sum(part, axis=2) * gl.load(g_ptr + e64 * stride_ge)  # [BM, R]
+        LR: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4)))
+        rs = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=LR), 0)
+        r_ok = rs < N
+        if HAS_BIAS:
+            acc += gl.load(b_ptr + e64 * stride_be + rs, mask=r_ok, other=0.0)
+        gl.store(out_ptr + pairs.to(gl.int64) * stride_om + rs, acc.to(out_ptr.dtype.element_ty), mask=valid & r_ok)
