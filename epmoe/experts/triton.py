@@ -498,8 +498,8 @@ def triton_experts(
         act_s = torch.empty(slots, triton_cdiv(I, FP8_BLOCK), dtype=torch.float32, device=out.device)
     else:
         act = act_s = torch.empty(slots, I, dtype=dtype, device=out.device)
-    if (not config.pair_mode and not config.dequant and bm <= NVFP4_GROUPED_MAX_BM and weights.format == "nvfp4"
-            and gluon_decode(out.device) and all(_words_ok(w.data) for w in (weights.w13, weights.w2))):
+    gluon = _gluon_nvfp4(weights, out.device)
+    if gluon and not config.pair_mode and not config.dequant and bm <= NVFP4_GROUPED_MAX_BM:
         _nvfp4_grouped(x, row_ids, sorted_pair, block_expert, expert_end, num_m, weights, cfg, act, out, config)
         return out
     has_bias = weights.b13 is not None
@@ -510,8 +510,7 @@ def triton_experts(
     g, d = _quantized_tiles(config, 0 if dequant and weights.format == "nvfp4"
                             else WEIGHT_FORMAT_CODES.get(weights.format, 0))
     pdl = d.pdl and config.pair_mode and out.is_cuda
-    if config.pair_mode and weights.format == "nvfp4" and gluon_decode(out.device) and \
-            all(_words_ok(w.data) for w in (weights.w13, weights.w2)):
+    if gluon and config.pair_mode:
         _nvfp4_decode(x, row_ids, expert_ids, weights, cfg, act, out, g, d, pdl)
         return out
     for (w13, sw13_e, sw13_n, *q13, f13), e_lo, e_hi, decoded in _weight_chunks(weights.w13, dequant, dtype):
@@ -564,18 +563,25 @@ def _gluon_capable(index: int) -> bool:
     return True
 
 
-def _decode_tile(c: GemmConfig) -> dict[str, Any]:
-    """Launch parameters of a Gluon decode kernel for a pair-mode tile: TG threads of a warp along
-    the tile's 16-value blocks, the rest along its rows; num_stages > 1 loads one k step ahead."""
+def _decode_tile(c: GemmConfig, prefetch: bool = True) -> dict[str, Any]:
+    """Launch parameters of a Gluon nvfp4 kernel for a tile: TG threads of a warp along the tile's
+    16-value blocks, the rest along its rows; prefetch (the pair-mode kernels): num_stages > 1
+    loads one k step ahead."""
     if c.block_k < 16 or c.block_k & (c.block_k - 1) or c.block_n & (c.block_n - 1):
         raise ValueError(f"nvfp4 decode tiles need power-of-two sizes and block_k >= 16, got {c}")
-    return {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "TG": min(32, c.block_k // 16),
-            "PREFETCH": c.num_stages > 1, "num_warps": c.num_warps}
+    tile = {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "TG": min(32, c.block_k // 16), "num_warps": c.num_warps}
+    return {**tile, "PREFETCH": c.num_stages > 1} if prefetch else tile
 
 
 def _words_ok(w: torch.Tensor) -> bool:
     """Whether a uint8 [E, N, K/2] stack reads as 32-bit words: 4-byte aligned base and strides."""
     return w.data_ptr() % 4 == 0 and w.shape[-1] % 4 == 0 and all(st % 4 == 0 for st in w.stride()[:-1])
+
+
+def _gluon_nvfp4(weights: ExpertWeights, device: torch.device) -> bool:
+    """Whether these weights run the Gluon nvfp4 kernels on `device` (pair mode or grouped)."""
+    return (weights.format == "nvfp4" and gluon_decode(device)
+            and all(_words_ok(w.data) for w in (weights.w13, weights.w2)))
 
 
 def _word_args(weights: ExpertWeights) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -622,17 +628,16 @@ def _nvfp4_grouped(x: torch.Tensor, row_ids: torch.Tensor, sorted_pair: torch.Te
         (w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2, b2, sb2) = _word_args(weights)
     has_bias = weights.b13 is not None
     g, d = config.gate_up, config.down
-    tile = {k: v for k, v in _decode_tile(g).items() if k != "PREFETCH"}
     nvfp4_grouped_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
         x, x.stride(0), row_ids, sorted_pair, block_expert, expert_end, w13, se13, sn13, s13, sse13, ssn13, ssk13,
         g13, sg13, b13, sb13, act, act.stride(0), E, I, H,
         float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
-        ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, BLOCK_M=config.block_m, **tile)
-    tile = {k: v for k, v in _decode_tile(d).items() if k != "PREFETCH"}
+        ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, BLOCK_M=config.block_m,
+        **_decode_tile(g, prefetch=False))
     nvfp4_grouped_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
         act, act.stride(0), sorted_pair, block_expert, expert_end, w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2,
         b2, sb2, out, out.stride(0), E, H, I,
-        HAS_BIAS=has_bias, BLOCK_M=config.block_m, **tile)
+        HAS_BIAS=has_bias, BLOCK_M=config.block_m, **_decode_tile(d, prefetch=False))
 
 
 _SCRATCH = threading.local()  # .bufs: {(device, dtype): tensor}, one set per thread

@@ -105,24 +105,27 @@ and.b32 $7, p3, 0xFFFF0000;
 
 
 @gluon.jit
+def _decode8(w):
+    """The eight fp32 values of every 32-bit word of w (value j from nibble j)."""
+    return gl.inline_asm_elementwise(_E2M1_WORD_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(gl.float32,) * 8,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
 def _w_ptrs(w_base, s_base, n0, N, stride_wn, stride_sn, stride_sk,
-            BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TG: gl.constexpr):
+            BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, LW: gl.constexpr, LS: gl.constexpr):
     """Pointers and masks of the first k tile of rows n0..n0+BLOCK_N: weights [R, G, 2] 32-bit
-    words (stride_wn in words), scales [R, G]."""
+    words in layout LW (stride_wn in words), scales [R, G] in layout LS."""
     G: gl.constexpr = BLOCK_K // 16
-    LW: gl.constexpr = _tile_layout(2, TG, gl.num_warps())
     LW_RG: gl.constexpr = gl.SliceLayout(2, LW)
-    LRG: gl.constexpr = _sums_layout(TG, gl.num_warps())
     r3 = gl.expand_dims(gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW_RG)), 1), 2)
     g3 = gl.expand_dims(gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, LW_RG)), 0), 2)
     j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0), 1)
     w_ptrs = w_base + r3.to(gl.int64) * stride_wn + g3 * 2 + j3
-    w_rows_ok = r3 < N
-    rs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LRG))
-    gs = gl.arange(0, G, layout=gl.SliceLayout(0, LRG))
+    rs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+    gs = gl.arange(0, G, layout=gl.SliceLayout(0, LS))
     s_ptrs = s_base + gl.expand_dims(rs.to(gl.int64), 1) * stride_sn + gl.expand_dims(gs, 0) * stride_sk
-    s_rows_ok = gl.expand_dims(rs < N, 1)
-    return w_ptrs, w_rows_ok, g3, s_ptrs, s_rows_ok, gs
+    return w_ptrs, r3 < N, g3, s_ptrs, gl.expand_dims(rs < N, 1), gs
 
 
 @gluon.jit
@@ -161,8 +164,7 @@ def _load_x(x_ptrs, gx, k0, K):
 def _block_dots(w, s_ptrs, s_rows_ok, gs, x, k0, K, stride_sk):
     """fp32 [R, G]: per 16-value block, sum_j e2m1(w)[r, g, j] * x[g, j], times the block scale."""
     sc = gl.load(s_ptrs + (k0 // 16) * stride_sk, mask=s_rows_ok & gl.expand_dims(gs * 16 + k0 < K, 0), other=0.0)
-    v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
-        _E2M1_WORD_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(gl.float32,) * 8, is_pure=True, pack=1)
+    v0, v1, v2, v3, v4, v5, v6, v7 = _decode8(w)
     acc = v0 * x[0] + v1 * x[1] + v2 * x[2] + v3 * x[3] + v4 * x[4] + v5 * x[5] + v6 * x[6] + v7 * x[7]
     return gl.sum(acc, axis=2) * sc.to(gl.float32)
 
@@ -209,8 +211,9 @@ def nvfp4_decode_gate_up_kernel(
         e64 = e.to(gl.int64)
         w_base = w_ptr + e64 * stride_we
         s_base = s_ptr + e64 * stride_se
-        wg, wok, g3, sg, sok, gs = _w_ptrs(w_base, s_base, n0, I, stride_wn, stride_sn, stride_sk,
-                                           BLOCK_N, BLOCK_K, TG)
+        wg, wok, g3, sg, sok, gs = _w_ptrs(w_base, s_base, n0, I, stride_wn, stride_sn, stride_sk, BLOCK_N,
+                                           BLOCK_K, _tile_layout(2, TG, gl.num_warps()),
+                                           _sums_layout(TG, gl.num_warps()))
         wu = wg + I.to(gl.int64) * stride_wn
         su = sg + I.to(gl.int64) * stride_sn
         x_ptrs, gx = _x_ptrs(x_ptr + gl.load(row_ids_ptr + m).to(gl.int64) * stride_xm, BLOCK_K, TG)
@@ -260,7 +263,8 @@ def nvfp4_decode_down_kernel(
     if (e >= 0) & (e < E):
         e64 = e.to(gl.int64)
         w, wok, g3, s, sok, gs = _w_ptrs(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, n0, N, stride_wn,
-                                         stride_sn, stride_sk, BLOCK_N, BLOCK_K, TG)
+                                         stride_sn, stride_sk, BLOCK_N, BLOCK_K,
+                                         _tile_layout(2, TG, gl.num_warps()), _sums_layout(TG, gl.num_warps()))
         x_ptrs, gx = _x_ptrs(act_ptr + m.to(gl.int64) * stride_am, BLOCK_K, TG)
         b = _load_w(w, wok, g3, 0, K)  # weights do not depend on gate_up: loaded before the wait
         if USE_PDL:
@@ -316,24 +320,6 @@ def _grouped_rows(block_expert_ptr, expert_end_ptr, sorted_pair_ptr, E, N, L4: g
 
 
 @gluon.jit
-def _grouped_w_ptrs(w_base, s_base, n0, N, stride_wn, stride_sn, stride_sk, L4: gl.constexpr,
-                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Weight words [R, G, 2] in Slice(0, L4) and scales [R, G] in Slice(0, Slice(3, L4))."""
-    G: gl.constexpr = BLOCK_K // 16
-    LW: gl.constexpr = gl.SliceLayout(0, L4)
-    LW_RG: gl.constexpr = gl.SliceLayout(2, LW)
-    r3 = gl.expand_dims(gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW_RG)), 1), 2)
-    g3 = gl.expand_dims(gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, LW_RG)), 0), 2)
-    j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW))), 0), 1)
-    w_ptrs = w_base + r3.to(gl.int64) * stride_wn + g3 * 2 + j3
-    LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(3, L4))
-    rs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
-    gs = gl.arange(0, G, layout=gl.SliceLayout(0, LS))
-    s_ptrs = s_base + gl.expand_dims(rs.to(gl.int64), 1) * stride_sn + gl.expand_dims(gs, 0) * stride_sk
-    return w_ptrs, r3 < N, g3, s_ptrs, gl.expand_dims(rs < N, 1), gs
-
-
-@gluon.jit
 def _grouped_x_ptrs(x_base, row_off, L4: gl.constexpr, BLOCK_K: gl.constexpr):
     """Pointers [BM, 1, G, 2] of the rows' first k tile at value 0 of each weight word
     (row_off: [BM, 1] element offsets of the rows), and the block index [1, 1, G, 1]."""
@@ -350,8 +336,7 @@ def _grouped_x_ptrs(x_base, row_off, L4: gl.constexpr, BLOCK_K: gl.constexpr):
 def _grouped_dots(w, s_ptrs, s_rows_ok, gs, x_ptrs, x_ok, g4, k0, K, stride_sk):
     """fp32 [BM, R, G]: per row and 16-value block, sum_j e2m1(w)[r, g, j] * x[m, g, j] * scale."""
     sc = gl.load(s_ptrs + (k0 // 16) * stride_sk, mask=s_rows_ok & gl.expand_dims(gs * 16 + k0 < K, 0), other=0.0)
-    v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
-        _E2M1_WORD_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(gl.float32,) * 8, is_pure=True, pack=1)
+    v0, v1, v2, v3, v4, v5, v6, v7 = _decode8(w)
     ok = x_ok & (g4 * 16 + k0 < K)
     xp = x_ptrs + k0
     acc = gl.expand_dims(v0, 0) * gl.load(xp, mask=ok, other=0.0).to(gl.float32)
@@ -384,8 +369,9 @@ def nvfp4_grouped_gate_up_kernel(
                                                BLOCK_M, BLOCK_N)
     if (e >= 0) & (e < E):
         e64 = e.to(gl.int64)
-        wg, wok, g3, sg, sok, gs = _grouped_w_ptrs(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, n0, I,
-                                                   stride_wn, stride_sn, stride_sk, L4, BLOCK_N, BLOCK_K)
+        wg, wok, g3, sg, sok, gs = _w_ptrs(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, n0, I, stride_wn,
+                                           stride_sn, stride_sk, BLOCK_N, BLOCK_K, gl.SliceLayout(0, L4),
+                                           gl.SliceLayout(0, gl.SliceLayout(3, L4)))
         wu = wg + I.to(gl.int64) * stride_wn
         su = sg + I.to(gl.int64) * stride_sn
         rows = gl.load(row_ids_ptr + pairs, mask=valid, other=0).to(gl.int64)
@@ -427,8 +413,9 @@ def nvfp4_grouped_down_kernel(
                                                BLOCK_M, BLOCK_N)
     if (e >= 0) & (e < E):
         e64 = e.to(gl.int64)
-        w, wok, g3, s, sok, gs = _grouped_w_ptrs(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, n0, N,
-                                                 stride_wn, stride_sn, stride_sk, L4, BLOCK_N, BLOCK_K)
+        w, wok, g3, s, sok, gs = _w_ptrs(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, n0, N, stride_wn,
+                                         stride_sn, stride_sk, BLOCK_N, BLOCK_K, gl.SliceLayout(0, L4),
+                                         gl.SliceLayout(0, gl.SliceLayout(3, L4)))
         x_ptrs, g4 = _grouped_x_ptrs(act_ptr, slots.to(gl.int64) * stride_am, L4, BLOCK_K)
         x_ok = gl.expand_dims(gl.expand_dims(valid, 2), 3)
         part = gl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 16], gl.float32, layout=gl.SliceLayout(3, L4))
