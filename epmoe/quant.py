@@ -374,9 +374,11 @@ def quantize_fp8_groups_triton(x: torch.Tensor, group: int = FP8_BLOCK) -> Quant
     data = torch.empty(T, H, dtype=FP8_DTYPE, device=x.device)
     scales = torch.empty(T, G, dtype=torch.float32, device=x.device)
     if T:
-        fp8_group_quant_kernel[(T, G)](
+        block = triton.next_power_of_2(group)
+        groups = min(triton.next_power_of_2(G), max(1, 2048 // block))  # up to 2048 values a program
+        fp8_group_quant_kernel[(T, triton.cdiv(G, groups))](
             x, x.stride(0), data.view(torch.uint8), H, scales, G,
-            EPS=AMAX_EPS, GROUP=group, BLOCK=triton.next_power_of_2(group),
+            EPS=AMAX_EPS, GROUP=group, BLOCK=block, GROUPS=groups,
         )
     return QuantizedTensor(data, scales, (1, group), "fp8_block")
 

@@ -23,7 +23,7 @@ from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.reference import reference_experts
 from epmoe.experts.triton import (
     NVFP4_DEQUANT_MIN_RPE,
-    SEGMENT,
+    SMALL_SORT_MAX_PAIRS,
     ExpertsConfig,
     GemmConfig,
     activation_quant,
@@ -233,7 +233,8 @@ def test_triton_experts_match_reference(case):
 
 @pytest.mark.parametrize(("E", "M", "block_m"), [(1, 1, 16), (4, 37, 16), (9, 100, 32), (130, 300, 16), (6, 41, 2),
                                                (9, 77, 4), (130, 300, 8),
-                                               (5, SEGMENT + 300, 16)])
+                                               (5, SMALL_SORT_MAX_PAIRS + 300, 16),
+                                               (130, 5000, 16), (3, 20000, 64)])
 def test_permute_matches_torch_twin(E, M, block_m):
     g = torch.Generator().manual_seed(E + M)
     ids = torch.randint(-1, E, (M,), generator=g, dtype=torch.int32)

@@ -16,7 +16,8 @@ the buffers can be allocated once and the whole sort sits inside a CUDA graph.
 The sort is stable and uses no atomics (a pair's rank inside its chunk is a cumulative sum of
 a one-hot [SUB, E_PAD] matrix), so repeated runs write identical buffers. Two entry points:
 `moe_permute_small_kernel` (one program does everything: the decode path, one launch) and the
-segmented `moe_histogram_kernel` -> `moe_align_kernel` -> `moe_scatter_kernel` for many pairs.
+segmented `moe_histogram_kernel` -> `moe_align_kernel` -> `moe_scatter_kernel` for many pairs
+(many small segments in parallel; the one-program align only scans the [segments, E] counts).
 Expert ids outside [0, E) are treated as padding.
 
 Pairs that arrive grouped by expert (`Dispatched.expert_offsets`: the pairs of e are
@@ -68,21 +69,30 @@ def _padded_ends(counts, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks,
-           BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr):
-    """From per-expert counts: write expert_end and block_expert, return start [E_PAD]."""
+def _block_experts(ends, E, block_expert_ptr, b_lo, b_hi, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                   NB: tl.constexpr):
+    """block_expert[b] for b in [b_lo, b_hi): the expert whose slots hold b * BLOCK_M, -1 past
+    the last expert; `ends` [E_PAD] is the padded end of each expert's slots (see _padded_ends)."""
     experts = tl.arange(0, E_PAD)
-    padded, ends = _padded_ends(counts, BLOCK_M)  # ends: padded end of each expert's slots
-    starts = ends - padded
-    total = tl.sum(padded, axis=0)
-    tl.store(expert_end_ptr + experts, starts + counts, mask=experts < E)
-    for b0 in range(0, max_blocks, NB):
+    total = tl.max(ends, axis=0)
+    for b0 in range(b_lo, b_hi, NB):
         blocks = b0 + tl.arange(0, NB)
         slot = blocks * BLOCK_M
         # the expert holding `slot` is the number of experts that end at or before it
         owner = tl.sum(((ends[None, :] <= slot[:, None]) & (experts[None, :] < E)).to(tl.int32), axis=1)
         owner = tl.where(slot < total, owner, -1)
-        tl.store(block_expert_ptr + blocks, owner, mask=blocks < max_blocks)
+        tl.store(block_expert_ptr + blocks, owner, mask=blocks < b_hi)
+
+
+@triton.jit
+def _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks,
+           BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr):
+    """From per-expert counts: write expert_end and block_expert, return start [E_PAD]."""
+    experts = tl.arange(0, E_PAD)
+    padded, ends = _padded_ends(counts, BLOCK_M)
+    starts = ends - padded
+    tl.store(expert_end_ptr + experts, starts + counts, mask=experts < E)
+    _block_experts(ends, E, block_expert_ptr, 0, max_blocks, BLOCK_M, E_PAD, NB)
     return starts
 
 
@@ -108,29 +118,42 @@ def moe_histogram_kernel(expert_ids_ptr, M, E, hist_ptr, SEG: tl.constexpr, SUB:
 
 
 @triton.jit
-def moe_align_kernel(hist_ptr, num_segs, E, seg_base_ptr, block_expert_ptr, expert_end_ptr, max_blocks,
-                     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr):
-    """Grid (1,): totals over segments, offsets, and each segment's first slot per expert."""
+def moe_align_kernel(hist_ptr, num_segs, E, seg_base_ptr, bounds_ptr, expert_end_ptr,
+                     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, SC: tl.constexpr):
+    """Grid (1,): one exclusive scan over the segments, SC at a time: seg_base[seg, e] = pairs of
+    e in the segments before seg; then the totals give expert_end and bounds = (start [E_PAD],
+    padded end [E_PAD]) of each expert's slots, for the scatter."""
     experts = tl.arange(0, E_PAD)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for seg in range(0, num_segs):
-        counts += tl.load(hist_ptr + seg * E_PAD + experts)
-    starts = _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks, BLOCK_M, E_PAD, NB)
-    running = starts
-    for seg in range(0, num_segs):
-        tl.store(seg_base_ptr + seg * E_PAD + experts, running)
-        running += tl.load(hist_ptr + seg * E_PAD + experts)
+    for s0 in range(0, num_segs, SC):
+        segs = s0 + tl.arange(0, SC)
+        ptrs = segs[:, None] * E_PAD + experts[None, :]
+        seg_ok = (segs < num_segs)[:, None]
+        h = tl.load(hist_ptr + ptrs, mask=seg_ok, other=0)
+        tl.store(seg_base_ptr + ptrs, counts[None, :] + tl.cumsum(h, axis=0) - h, mask=seg_ok)
+        counts += tl.sum(h, axis=0)
+    padded, ends = _padded_ends(counts, BLOCK_M)
+    tl.store(expert_end_ptr + experts, ends - padded + counts, mask=experts < E)
+    tl.store(bounds_ptr + experts, ends - padded)
+    tl.store(bounds_ptr + E_PAD + experts, ends)
 
 
 @triton.jit
-def moe_scatter_kernel(expert_ids_ptr, M, E, seg_base_ptr, sorted_pair_ptr, SEG: tl.constexpr,
-                       SUB: tl.constexpr, E_PAD: tl.constexpr):
-    """Grid (segments,): write each segment's pairs to their slots (stable)."""
+def moe_scatter_kernel(expert_ids_ptr, M, E, seg_base_ptr, bounds_ptr, sorted_pair_ptr, block_expert_ptr,
+                       max_blocks, SEG: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                       NB: tl.constexpr):
+    """Grid (segments,): write each segment's pairs to their slots (stable), and a share of
+    block_expert (blocks [seg * per, (seg + 1) * per), per = cdiv(max_blocks, segments))."""
     seg = tl.program_id(0)
     lo = seg * SEG
     hi = tl.minimum(lo + SEG, M)
-    base = tl.load(seg_base_ptr + seg * E_PAD + tl.arange(0, E_PAD))
+    experts = tl.arange(0, E_PAD)
+    base = tl.load(seg_base_ptr + seg * E_PAD + experts) + tl.load(bounds_ptr + experts)
     _scatter(expert_ids_ptr, lo, hi, base, sorted_pair_ptr, E, SUB, E_PAD)
+    per = tl.cdiv(max_blocks, tl.num_programs(0))
+    b_lo = seg * per
+    _block_experts(tl.load(bounds_ptr + E_PAD + experts), E, block_expert_ptr, b_lo,
+                   tl.minimum(b_lo + per, max_blocks), BLOCK_M, E_PAD, NB)
 
 
 @triton.jit

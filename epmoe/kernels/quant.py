@@ -48,21 +48,22 @@ def e2m1_code(y):
 
 @triton.jit
 def fp8_group_quant_kernel(x_ptr, stride_x, q_ptr, H, s_ptr, n_groups, EPS,
-                           GROUP: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per (row, group of GROUP values):
+                           GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
+    """One program per (row, GROUPS groups of GROUP values), per group:
         s = max(amax, EPS) / 448;  q = e4m3(clamp(x / s, +-448));  scales[row, group] = s
     x [T, H] (row stride stride_x), q [T, H] uint8 view of e4m3, s [T, n_groups] fp32;
     the last group may be partial (H % GROUP != 0)."""
     row = tl.program_id(0).to(tl.int64)
-    grp = tl.program_id(1)
+    grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
     offs = tl.arange(0, BLOCK)
-    mask = offs < tl.minimum(GROUP, H - grp * GROUP)  # the last group may be partial
-    x = tl.load(x_ptr + row * stride_x + grp * GROUP + offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS)
+    col = grp[:, None] * GROUP + offs[None, :]  # [GROUPS, BLOCK]
+    mask = (grp < n_groups)[:, None] & (offs < GROUP)[None, :] & (col < H)  # the last group may be partial
+    x = tl.load(x_ptr + row * stride_x + col, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)  # [GROUPS]
     s = tl.math.div_rn(amax, 448.0)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
-    tl.store(q_ptr + row * H + grp * GROUP + offs, e4m3_bits(y), mask=mask)
-    tl.store(s_ptr + row * n_groups + grp, s)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -448.0), 448.0)
+    tl.store(q_ptr + row * H + col, e4m3_bits(y), mask=mask)
+    tl.store(s_ptr + row * n_groups + grp, s, mask=grp < n_groups)
 
 
 @triton.jit
