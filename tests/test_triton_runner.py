@@ -527,10 +527,12 @@ GLUON_CONFIGS = [
     ExpertsConfig(1, GemmConfig(8, 128, 2, 3), GemmConfig(32, 32, 4, 3, pdl=True)),  # prefetch, TG 16 / 4
     ExpertsConfig(1, GemmConfig(64, 64, 8, 1), GemmConfig(4, 8, 1, 2)),  # 8 warps; rows < the layout's
 ]
-GROUPED_CONFIGS = [  # the grouped nvfp4 decode kernels (sorted, block_m <= 8)
-    ExpertsConfig(2, GemmConfig(16, 256, 4, 1), GemmConfig(32, 256, 4, 1)),
-    ExpertsConfig(4, GemmConfig(8, 128, 2, 1), GemmConfig(64, 64, 8, 1)),
-    ExpertsConfig(8, GemmConfig(32, 512, 4, 1), GemmConfig(4, 32, 1, 1)),
+MMA_CONFIGS = [  # the tensor-core nvfp4 kernels: pair mode, then sorted blocks of 2, 4 and 8 rows
+    ExpertsConfig(1, GemmConfig(32, 256, 2, 1), GemmConfig(64, 256, 4, 2, pdl=True)),  # PDL, prefetch
+    ExpertsConfig(1, GemmConfig(16, 64, 1, 2), GemmConfig(128, 128, 4, 1)),  # one warp; two 16-row slabs a warp
+    ExpertsConfig(2, GemmConfig(64, 128, 4, 1), GemmConfig(128, 128, 4, 1)),
+    ExpertsConfig(4, GemmConfig(64, 128, 2, 2), GemmConfig(32, 512, 1, 2)),
+    ExpertsConfig(8, GemmConfig(32, 256, 1, 1), GemmConfig(64, 64, 4, 2)),
 ]
 GLUON_CASES = [
     Case("silu-bf16", (1, 0, 2, 1), hidden=2880, intermediate=768, fmt="nvfp4", dtype=torch.bfloat16),
@@ -545,48 +547,82 @@ GLUON_CASES = [
 @pytest.mark.parametrize("config", GLUON_CONFIGS, ids=lambda c: f"up{c.gate_up.block_n}x{c.gate_up.block_k}"
                          f"-down{c.down.block_n}x{c.down.block_k}")
 @pytest.mark.parametrize("case", GLUON_CASES, ids=str)
-@pytest.mark.parametrize("kernels", ["gluon", "tl"])
+@pytest.mark.parametrize("kernels", ["fma", "tl"])
 def test_nvfp4_decode_kernels_gpu(kernels, case, config, monkeypatch):
-    """Both pair-mode nvfp4 paths against the reference: partial tiles (hidden 2880 = 5.6 tiles of
-    512, intermediate 1040), every activation, bias, clamped SwiGLU past its limit, fp16 / fp32."""
+    """The CUDA-core pair-mode nvfp4 paths against the reference: partial tiles (hidden 2880 = 5.6
+    tiles of 512, intermediate 1040), every activation, bias, clamped SwiGLU past its limit, fp16 / fp32."""
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", kernels)
-    if kernels == "gluon" and torch.cuda.get_device_capability()[0] >= 9:
+    if kernels == "fma" and torch.cuda.get_device_capability()[0] >= 9:
         assert gluon_decode(torch.device("cuda")), "a Hopper GPU must run the Gluon decode kernels"
     check_case(dataclasses.replace(case, config=config), "cuda")
 
 
+MMA_CASES = [
+    Case("silu-2880", (1, 0, 2, 1, 5), hidden=2880, intermediate=768, fmt="nvfp4", dtype=torch.bfloat16),
+    Case("gelu-partial-tiles", (2, 1, 6), hidden=1536, intermediate=1040, activation="gelu", fmt="nvfp4",
+         dtype=torch.bfloat16),
+    Case("swiglu-bias-clamped", (1, 1, 0, 1, 9), hidden=2880, intermediate=2880, activation="swiglu_clamped",
+         fmt="nvfp4", dtype=torch.bfloat16, scale=12.0),
+    Case("skewed", (17, 1, 0, 3, 8, 2), hidden=2048, intermediate=768, fmt="nvfp4", dtype=torch.bfloat16),
+    Case("all-to-one", (0, 0, 37, 0), hidden=1024, intermediate=512, fmt="nvfp4", dtype=torch.bfloat16),
+    Case("k-under-one-tile", (1, 2), hidden=112, intermediate=48, fmt="nvfp4", dtype=torch.bfloat16),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GROUPED_CONFIGS, ids=lambda c: f"bm{c.block_m}-up{c.gate_up.block_n}x"
-                         f"{c.gate_up.block_k}-down{c.down.block_n}x{c.down.block_k}")
-@pytest.mark.parametrize("case", GLUON_CASES + [
-    Case("skewed-bf16", (17, 1, 0, 3, 8, 2), hidden=2048, intermediate=768, fmt="nvfp4", dtype=torch.bfloat16),
-    Case("one-expert-bf16", (0, 0, 37, 0), hidden=1024, intermediate=512, fmt="nvfp4", dtype=torch.bfloat16)],
-    ids=str)
-def test_nvfp4_grouped_decode_kernels_gpu(case, config):
-    """The grouped kernels (a block of sorted rows of one expert per program) against the
-    reference: partial blocks, empty experts, every activation, bias, fp16 / fp32."""
+@pytest.mark.parametrize("config", MMA_CONFIGS, ids=lambda c: f"bm{c.block_m}-up{c.gate_up.block_n}x"
+                         f"{c.gate_up.block_k}w{c.gate_up.num_warps}-down{c.down.block_n}x{c.down.block_k}"
+                         f"w{c.down.num_warps}")
+@pytest.mark.parametrize("case", MMA_CASES, ids=str)
+def test_nvfp4_mma_kernels_gpu(case, config, monkeypatch):
+    """The tensor-core nvfp4 kernels against the reference, in pair mode and in sorted blocks:
+    partial row tiles and k tiles (masked), K under one tile, empty experts, all pairs on one
+    expert, blocks partly filled, every activation, bias."""
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "mma")
     if torch.cuda.get_device_capability()[0] >= 9:
         assert gluon_decode(torch.device("cuda"))
     check_case(dataclasses.replace(case, config=config), "cuda")
 
 
 @pytest.mark.gpu
-def test_nvfp4_decode_gluon_and_tl_agree_gpu(monkeypatch):
-    """The two decode paths on one qwen3-sized problem: both sum in fp32, only the order differs."""
+@pytest.mark.parametrize("config", [MMA_CONFIGS[0], MMA_CONFIGS[3]], ids=["pairs", "bm4"])
+def test_nvfp4_mma_decode_is_exact_for_tiny_and_zero_scales_gpu(config, monkeypatch):
+    """Block scales that are e4m3 subnormals (bits 1-7) or zero go through the decode's bf16
+    exponent placement as bf16 subnormals: the result must still match the reference's exact
+    dequantization."""
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "mma")
+    case = Case("tiny", (3, 0, 2, 1), hidden=256, intermediate=128, fmt="nvfp4", dtype=torch.bfloat16)
+    cfg, weights, hidden, row_ids, experts = make_problem(case, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for w in (weights.w13, weights.w2):  # every block scale k * 2^-9, k = 0..7
+        bits = w.scales.view(torch.uint8)
+        bits.copy_(torch.randint(0, 8, bits.shape, device="cuda", dtype=torch.uint8, generator=g))
+        w.global_scale.fill_(2.0**10)  # weights of order one again
+    out = triton_experts(hidden, row_ids, experts, weights, cfg, config=config)
+    valid = experts >= 0
+    safe_rows = torch.where(valid, row_ids, torch.zeros_like(row_ids))
+    ref = reference_experts(hidden.float(), safe_rows, experts, weights, cfg, out_dtype=torch.float32)
+    assert _rel(out[valid], ref[valid]) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_nvfp4_decode_paths_agree_gpu(monkeypatch):
+    """The three decode paths on one qwen3-sized problem: all sum in fp32, only the order differs."""
     case = Case("qwen3", (1, 0, 3, 1, 2, 0, 0, 1), hidden=2048, intermediate=768, fmt="nvfp4",
                 dtype=torch.bfloat16)
     cfg, weights, hidden, row_ids, experts = make_problem(case, "cuda")
     got = {}
-    for kernels in ("gluon", "tl"):
+    for kernels in ("fma", "mma", "tl"):
         monkeypatch.setenv("EPMOE_NVFP4_DECODE", kernels)
         got[kernels] = triton_experts(hidden, row_ids, experts, weights, cfg)
     valid = experts >= 0
-    assert _rel(got["gluon"][valid], got["tl"][valid].float()) <= 1e-2
+    assert _rel(got["fma"][valid], got["tl"][valid].float()) <= 1e-2
+    assert _rel(got["mma"][valid], got["tl"][valid].float()) <= 1e-2
 
 
 def test_nvfp4_decode_choice_is_checked(monkeypatch):
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fast")
-    with pytest.raises(ValueError, match="EPMOE_NVFP4_DECODE must be 'gluon' or 'tl'"):
+    with pytest.raises(ValueError, match="EPMOE_NVFP4_DECODE must be one of gluon, mma, fma, tl"):
         gluon_decode(torch.device("cpu"))
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "gluon")
     assert not gluon_decode(torch.device("cpu"))
@@ -594,7 +630,8 @@ def test_nvfp4_decode_choice_is_checked(monkeypatch):
 
 def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeypatch):
     """Pair mode up to 16 pairs for every format; nvfp4 on the Gluon decode kernels up to one
-    (bucketed) row per expert, with the nvfp4 decode tiles, then the grouped kernels up to 2."""
+    (bucketed) row per expert (tensor-core tiles from NVFP4_MMA_MIN_WEIGHTS on), then sorted blocks
+    of up to 8 rows on the tensor-core kernels below 32 rows per expert."""
     import epmoe.experts.triton as runner
 
     cuda = torch.device("cuda", 0)
@@ -608,14 +645,31 @@ def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeyp
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "tl")
     assert not runner.pair_mode_for("nvfp4", 128, 128, cuda)
     monkeypatch.delenv("EPMOE_NVFP4_DECODE")
-    assert runner.nvfp4_grouped_for("nvfp4", 256, 128, cuda)
+    assert runner.nvfp4_grouped_for("nvfp4", 256, 128, cuda) and runner.nvfp4_grouped_for("nvfp4", 2048, 128, cuda)
     assert not runner.nvfp4_grouped_for("nvfp4", 128, 128, cuda)  # pair mode
-    assert not runner.nvfp4_grouped_for("nvfp4", 512, 128, cuda) and not runner.nvfp4_grouped_for("bf16", 256, 128,
-                                                                                                   cuda)
+    assert not runner.nvfp4_grouped_for("nvfp4", 4096, 128, cuda)  # 32 rows per expert: the decoded scratch
+    assert not runner.nvfp4_grouped_for("bf16", 256, 128, cuda)
     assert default_config(256, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 2
-    c = default_config(128, 128, 2048, 768, "nvfp4", pair_mode=True)
+    assert default_config(2048, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 8
+    c = default_config(128, 128, 2048, 768, "nvfp4", pair_mode=True)  # 402M weights: the tensor-core kernels
+    assert c.pair_mode and c.down.pdl and c.gate_up.block_n == 32 and runner._mma_ok(c.gate_up)
+    c = default_config(8, 128, 2048, 768, "nvfp4", pair_mode=True)  # 25M: the CUDA-core kernels
     assert c.pair_mode and c.down.pdl and c.gate_up.block_n == 16
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "mma")
+    assert runner.nvfp4_mma_pairs(8, 2048, 768)
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fma")
+    assert not runner.nvfp4_mma_pairs(128, 2048, 768)
     assert default_config(128, 128, 2048, 768, "bf16").block_m > 1
+
+
+def test_nvfp4_mma_tiles_are_checked():
+    import epmoe.experts.triton as runner
+
+    assert runner._mma_tile(GemmConfig(64, 256, 4, 1), 2880).block_k == 64  # 2880 = 45 x 64: no k masks
+    assert runner._mma_tile(GemmConfig(64, 256, 4, 1), 112).block_k == 256  # no power of two divides: masked
+    for bad in (GemmConfig(16, 256, 2, 1), GemmConfig(48, 256, 1, 1), GemmConfig(32, 32, 2, 1)):
+        with pytest.raises(ValueError, match="tensor-core tiles"):
+            runner._mma_tile(bad, 2048)
 
 
 NVFP4_DECODE_SIG = {"w_ptr": "*i32", "stride_we": "i32", "stride_wn": "i32", "s_ptr": "*fp8e4nv",
@@ -625,14 +679,25 @@ NVFP4_DECODE_SIG = {"w_ptr": "*i32", "stride_we": "i32", "stride_wn": "i32", "s_
 
 
 _BUILD = """
-import json, sys
-from epmoe.kernels import nvfp4_decode
+import importlib, json, sys
 from epmoe.kernels.build import compile_gluon
-kernel, sig, consts, num_warps = json.loads(sys.argv[1])
-ptx = compile_gluon(getattr(nvfp4_decode, kernel), sig, consts, num_warps).asm["ptx"]
+module, kernel, sig, consts, num_warps, divisible = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module(module), kernel)
+ptx = compile_gluon(fn, sig, consts, num_warps, divisible=tuple(divisible)).asm["ptx"]
 print(json.dumps({word: ptx.count(word) for word in ("bar.sync", "ld.shared", "st.shared", "griddepcontrol",
-                                                     "ld.global", "prmt.b32")}))
+                                                     "ld.global", "prmt.b32", "mma.sync", "ld.global.v4")}))
 """
+
+
+def _build_counts(module: str, kernel: str, sig: dict, consts: dict, num_warps: int,
+                  divisible: tuple[str, ...] = ()) -> dict[str, int]:
+    """Build a Gluon kernel for sm_90 in a process without TRITON_INTERPRET; counts of PTX words."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [module, kernel, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, num_warps, list(divisible)]
+    run = subprocess.run([sys.executable, "-c", _BUILD, json.dumps(args)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize(("kernel", "pdl", "prefetch", "tile"),
@@ -653,15 +718,44 @@ def test_nvfp4_decode_kernels_build_for_hopper_without_barriers(kernel, pdl, pre
                "N": "i32"}
         consts = {"HAS_BIAS": False}
     consts |= {"USE_PDL": pdl, "PREFETCH": prefetch, "BLOCK_N": bn, "BLOCK_K": bk, "TG": tg}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [f"nvfp4_decode_{kernel}_kernel", {**sig, **dict.fromkeys(consts, "constexpr")}, consts, nw]
-    run = subprocess.run([sys.executable, "-c", _BUILD, json.dumps(args)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    counts = json.loads(run.stdout.splitlines()[-1])
+    counts = _build_counts("epmoe.kernels.nvfp4_decode", f"nvfp4_decode_{kernel}_kernel", sig, consts, nw)
     assert counts["bar.sync"] == counts["ld.shared"] == counts["st.shared"] == 0, counts
     assert (counts["griddepcontrol"] > 0) == pdl, counts
     assert counts["ld.global"] > 0 and counts["prmt.b32"] > 0  # the word decode
+
+
+NVFP4_MMA_SIG = {**NVFP4_DECODE_SIG, "s_ptr": "*u8", "sorted_pair_ptr": "*i32", "block_expert_ptr": "*i32",
+                 "expert_end_ptr": "*i32"}
+
+
+@pytest.mark.parametrize(("kernel", "pair", "pdl", "prefetch", "even_k", "tile"),
+                         [("gate_up", True, True, False, True, (32, 256, 8, 2)),
+                          ("gate_up", False, False, True, False, (64, 128, 4, 4)),
+                          ("down", True, True, True, True, (128, 128, 1, 4)),
+                          ("down", False, False, False, True, (32, 512, 8, 1))])
+def test_nvfp4_mma_kernels_build_for_hopper_with_wide_loads(kernel, pair, pdl, prefetch, even_k, tile):
+    """The tensor-core nvfp4 kernels built for sm_90: the decoded A operand and the reordered B
+    operand reach the mma in registers (no CTA barrier, no shared memory), weights and activations
+    load 16 bytes a thread (given the 16-divisible strides a launch specializes), PDL exactly
+    when USE_PDL is set."""
+    pytest.importorskip("triton.experimental.gluon")
+    bn, bk, bm, nw = tile
+    if kernel == "gate_up":
+        sig = {**NVFP4_MMA_SIG, "x_ptr": "*bf16", "stride_xm": "i32", "row_ids_ptr": "*i32", "act_ptr": "*bf16",
+               "stride_am": "i32", "I": "i32", "limit": "fp32", "alpha": "fp32"}
+        consts = {"ACT": 2, "HAS_BIAS": True}
+    else:
+        sig = {**NVFP4_MMA_SIG, "act_ptr": "*bf16", "stride_am": "i32", "out_ptr": "*bf16", "stride_om": "i32",
+               "N": "i32"}
+        consts = {"HAS_BIAS": False}
+    consts |= {"PAIR_MODE": pair, "USE_PDL": pdl, "EVEN_K": even_k, "PREFETCH": prefetch, "BLOCK_M": bm,
+               "BLOCK_N": bn, "BLOCK_K": bk}
+    divisible = tuple(n for n in sig if n.endswith("_ptr") or n in ("stride_xm", "stride_am", "stride_we",
+                                                                   "stride_wn", "stride_se", "stride_sn", "K"))
+    counts = _build_counts("epmoe.kernels.nvfp4_mma", f"nvfp4_mma_{kernel}_kernel", sig, consts, nw, divisible)
+    assert counts["bar.sync"] == counts["ld.shared"] == counts["st.shared"] == 0, counts
+    assert (counts["griddepcontrol"] > 0) == pdl, counts
+    assert counts["mma.sync"] > 0 and counts["ld.global.v4"] > 0, counts
 
 
 @pytest.mark.gpu

@@ -38,6 +38,9 @@ from epmoe.experts.triton import (
     GemmConfig,
     bucket_pairs,
     config_key,
+    gluon_decode,
+    nvfp4_grouped_for,
+    nvfp4_mma_pairs,
     pair_mode_for,
     select_config,
     table_file_name,
@@ -261,6 +264,9 @@ PAIR_CANDIDATES = [GemmConfig(bn, bk, w, s) for bn, bk, w, s in [
     (32, 256, 8, 1), (16, 256, 2, 1), (32, 256, 4, 3), (64, 256, 8, 1), (8, 256, 2, 1), (16, 128, 2, 1)]] + [
     GemmConfig(bn, bk, w, s, pdl=True) for bn, bk, w, s in [  # pdl only acts on the down kernel
         (32, 256, 4, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 128, 4, 1), (16, 256, 2, 1), (64, 128, 4, 1)]]
+MMA_CANDIDATES = [GemmConfig(bn, bk, w, s, pdl=True) for bn, bk, w, s in [  # the tensor-core nvfp4 kernels
+    (32, 256, 2, 1), (16, 256, 1, 1), (32, 128, 2, 1), (64, 128, 4, 1), (64, 128, 2, 1), (32, 256, 1, 1),
+    (64, 256, 4, 2), (128, 128, 4, 1), (128, 128, 8, 2), (64, 128, 2, 2), (32, 512, 2, 1), (64, 64, 4, 2)]]
 GATE_UP_CANDIDATES = [GemmConfig(bn, bk, w, s, tma=bool(t)) for bn, bk, w, s, t in [
     (64, 128, 4, 4, 0), (64, 64, 4, 4, 0), (128, 64, 4, 3, 0), (64, 128, 8, 3, 0), (128, 64, 8, 4, 0),
     (32, 128, 4, 4, 0), (64, 64, 4, 5, 0), (32, 256, 4, 3, 0), (128, 64, 8, 3, 0),
@@ -330,14 +336,18 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
                 return math.inf
 
         base = select_config(fmt, M, E, H, I, K, device)
-        pair = pair_mode_for(fmt, bucket_pairs(M, K), E, device)
+        m = bucket_pairs(M, K)
+        pair = pair_mode_for(fmt, m, E, device)
+        grouped = nvfp4_grouped_for(fmt, m, E, device)  # block_m fixed by the rows per expert
+        mma = grouped or pair and fmt == "nvfp4" and gluon_decode(device) and nvfp4_mma_pairs(m, H, I)
         best, best_us = base, run(base)
-        bms = [1] if pair else _block_m_candidates(bucket_pairs(M, K) / E)
+        bms = [1] if pair else [base.block_m] if grouped else _block_m_candidates(m / E)
         for bm in bms:
             cur = ExpertsConfig(bm, best.gate_up, best.down) if bm != best.block_m else best
             cur_us = time_config(cur) if cur is not best else best_us
-            for field, cands in (("gate_up", PAIR_CANDIDATES if pair else GATE_UP_CANDIDATES),
-                                 ("down", PAIR_CANDIDATES if pair else DOWN_CANDIDATES)):
+            for field, cands in (("gate_up", MMA_CANDIDATES if mma else PAIR_CANDIDATES if pair else
+                                  GATE_UP_CANDIDATES),
+                                 ("down", MMA_CANDIDATES if mma else PAIR_CANDIDATES if pair else DOWN_CANDIDATES)):
                 for cand in cands:
                     trial = ExpertsConfig(bm, cand, cur.down) if field == "gate_up" else \
                         ExpertsConfig(bm, cur.gate_up, cand)

@@ -63,15 +63,17 @@ FP8_MAX_BLOCK_M = 64
 # scratch buffer once and run the bf16 kernels, instead of decoding each weight tile per m tile
 NVFP4_DEQUANT_MIN_RPE = 32
 # nvfp4 on the Gluon decode kernels: pair mode up to this many rows per expert (bucketed); measured
-# on H200 at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort;
-# at 4 (mixtral, 16 tokens) the sort was 1.8x faster
+# on H200 at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort
 NVFP4_PAIR_MODE_MAX_RPE = 1
-# ... and the grouped Gluon kernels (BLOCK_M sorted rows of one expert per program, weights decoded
-# once for all of them) above that, up to this many rows per expert (block_m = that bucket). Each
-# further row costs one FMA a value: measured on H200 at 2 rows per expert 1.2-1.3x the tl sorted
-# path (qwen3 32 tokens, gpt-oss 64), at 4-8 rows 0.5-0.95x, so the tl path keeps those
-NVFP4_GROUPED_MAX_RPE = 2
-NVFP4_GROUPED_MAX_BM = 8  # sorted nvfp4 configs with block_m up to this run the grouped kernels
+# ... and past pair mode, below NVFP4_DEQUANT_MIN_RPE rows per expert, the sorted blocks run the
+# tensor-core decode kernels (kernels/nvfp4_mma.py) with block_m = the bucketed rows per expert up to
+# this (the mma's 8 columns); measured on H200 against the `tl` sorted path: 1.6-2.6x at 2-4 rows per
+# expert, 3.5x at 16 (mixtral-8x7b, 64 tokens)
+NVFP4_GROUPED_MAX_BM = 8
+# pair mode: the tensor-core kernels from this many weights of gate_up touched a launch (pairs x 2I x H)
+# on, the CUDA-core Gluon pair kernels below (measured on H200: 0.83x for qwen3 at one token, 25M
+# weights; 1.13-1.38x for deepseek-v3 / mixtral at one token and qwen3 from 4 tokens, 100M-235M)
+NVFP4_MMA_MIN_WEIGHTS = 1 << 26
 DEQUANT_SCRATCH_MB = 1024  # default cap of that scratch (EPMOE_DEQUANT_SCRATCH_MB), one per device and thread
 
 
@@ -165,22 +167,34 @@ def pair_mode_for(fmt: str, num_pairs: int, num_experts: int, device: torch.devi
 
 
 def nvfp4_grouped_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None) -> bool:
-    """Whether M (bucketed) pairs of nvfp4 weights run the grouped Gluon decode kernels: past
-    pair mode, up to NVFP4_GROUPED_MAX_RPE rows per expert, on a GPU that runs Gluon."""
+    """Whether M (bucketed) pairs of nvfp4 weights run the sorted tensor-core decode kernels: past
+    pair mode and below NVFP4_DEQUANT_MIN_RPE rows per expert, on a GPU that runs Gluon."""
     return (fmt == "nvfp4" and device is not None and not pair_mode_for(fmt, num_pairs, num_experts, device)
-            and gluon_decode(device) and num_pairs / max(num_experts, 1) <= NVFP4_GROUPED_MAX_RPE)
+            and gluon_decode(device) and num_pairs / max(num_experts, 1) < NVFP4_DEQUANT_MIN_RPE)
+
+
+def nvfp4_mma_pairs(num_pairs: int, hidden: int, intermediate: int) -> bool:
+    """Whether pair-mode nvfp4 (bf16 activations, Gluon) runs the tensor-core decode kernels rather
+    than the CUDA-core ones: enough weights touched for the larger tiles to fill the GPU."""
+    choice = _nvfp4_decode_choice()
+    return choice == "mma" or (choice == "gluon" and num_pairs * 2 * intermediate * hidden >= NVFP4_MMA_MIN_WEIGHTS)
 
 
 def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: int, fmt: str = "bf16",
                    pair_mode: bool | None = None, grouped: bool = False) -> ExpertsConfig:
     """Heuristic config for M pairs over E local experts (used where no tuned entry exists);
-    pair_mode None: M <= PAIR_MODE_MAX_PAIRS. grouped: the grouped nvfp4 decode kernels (block_m
-    = the rows per expert, CUDA-core tiles)."""
-    if grouped:
-        bm = max(2, int(_pow2_ceil(num_pairs / max(num_experts, 1))))
-        return ExpertsConfig(bm, GemmConfig(16, 128, 2, 1), GemmConfig(32, 256, 4, 1))
+    pair_mode None: M <= PAIR_MODE_MAX_PAIRS. grouped: the sorted nvfp4 tensor-core decode kernels
+    (block_m = the bucketed rows per expert, up to NVFP4_GROUPED_MAX_BM)."""
+    if grouped:  # the tensor-core decode kernels (measured on H200 over the four presets, 2-16 rows per expert)
+        bm = min(NVFP4_GROUPED_MAX_BM, max(2, int(_pow2_ceil(num_pairs / max(num_experts, 1)))))
+        return ExpertsConfig(bm, GemmConfig(64, 128, 4, 1), GemmConfig(128, 128, 4, 1))
     if pair_mode if pair_mode is not None else num_pairs <= PAIR_MODE_MAX_PAIRS:
-        if fmt == "nvfp4":  # the Gluon decode kernels (measured on H200 over the four presets; a
+        if fmt == "nvfp4" and nvfp4_mma_pairs(num_pairs, hidden, intermediate):  # tensor-core decode kernels
+            # (measured on H200: 32 x 256 gate_up tiles of 2 warps, down 64 x 256 with a prefetch at a
+            # few pairs, else 128 x 128)
+            down = GemmConfig(64, 256, 4, 2, pdl=True) if num_pairs <= 8 else GemmConfig(128, 128, 4, 1, pdl=True)
+            return ExpertsConfig(1, GemmConfig(32, 256, 2, 1), down)
+        if fmt == "nvfp4":  # the CUDA-core Gluon decode kernels (measured on H200 over the four presets; a
             # down tile narrowed to 16 rows for more programs at one token was slower for mixtral and gpt-oss)
             up = GemmConfig(16, 256, 4, 1) if num_pairs <= 8 else GemmConfig(16, 128, 2, 1)
             return ExpertsConfig(1, up, GemmConfig(64, 128, 4, 1, pdl=True))
@@ -496,6 +510,13 @@ def triton_experts(
     else:
         x = hidden.dequantize(dtype) if isinstance(hidden, QuantizedTensor) else hidden
         xs, stride_xsm, stride_xsg = x, 0, 0
+    gluon = _gluon_nvfp4(weights, out.device)
+    mma = gluon and x.dtype == torch.bfloat16  # the tensor-core decode kernels multiply bf16
+    few_rows = (weights.format == "nvfp4" and not config.pair_mode and not config.dequant
+                and config.block_m <= NVFP4_GROUPED_MAX_BM)
+    if few_rows and not mma:  # only the tensor-core kernels take blocks under 16 rows
+        config = default_config(bucket_pairs(M, cfg.top_k), E, H, I, "nvfp4", pair_mode=False)
+        few_rows = False
     bm = config.block_m
     if config.pair_mode:
         num_m = slots = M
@@ -510,9 +531,11 @@ def triton_experts(
         act_s = torch.empty(slots, triton_cdiv(I, FP8_BLOCK), dtype=torch.float32, device=out.device)
     else:
         act = act_s = torch.empty(slots, I, dtype=dtype, device=out.device)
-    gluon = _gluon_nvfp4(weights, out.device)
-    if gluon and not config.pair_mode and not config.dequant and bm <= NVFP4_GROUPED_MAX_BM:
-        _nvfp4_grouped(x, row_ids, sorted_pair, block_expert, expert_end, num_m, weights, cfg, act, out, config)
+    mma_pairs = (config.pair_mode and nvfp4_mma_pairs(bucket_pairs(M, cfg.top_k), H, I)
+                 and (_nvfp4_decode_choice() == "mma" or _mma_ok(config.gate_up) and _mma_ok(config.down)))
+    if mma and (few_rows or mma_pairs):
+        _nvfp4_mma(x, row_ids, expert_ids, sorted_pair, block_expert, expert_end, num_m, weights, cfg, act, out,
+                   config.gate_up, config.down, config.pair_mode, bm, config.down.pdl and config.pair_mode)
         return out
     has_bias = weights.b13 is not None
     b13 = weights.b13 if has_bias else out
@@ -553,15 +576,24 @@ def triton_experts(
     return out
 
 
-def gluon_decode(device: torch.device) -> bool:
-    """Whether pair-mode nvfp4 runs the Gluon kernels (kernels/nvfp4_decode.py): on Hopper and
-    newer GPUs unless EPMOE_NVFP4_DECODE=tl picks the `tl` pair-mode kernels of grouped_gemm.py
-    (the only ones on the CPU interpreter and older GPUs, and for stacks whose rows are not
-    4-byte aligned)."""
+NVFP4_DECODE_CHOICES = ("gluon", "mma", "fma", "tl")
+
+
+def _nvfp4_decode_choice() -> str:
     choice = os.environ.get("EPMOE_NVFP4_DECODE", "gluon")
-    if choice not in ("gluon", "tl"):
-        raise ValueError(f"EPMOE_NVFP4_DECODE must be 'gluon' or 'tl', got {choice!r}")
-    return choice == "gluon" and device.type == "cuda" and _gluon_capable(device.index or 0)
+    if choice not in NVFP4_DECODE_CHOICES:
+        raise ValueError(f"EPMOE_NVFP4_DECODE must be one of {', '.join(NVFP4_DECODE_CHOICES)}, got {choice!r}")
+    return choice
+
+
+def gluon_decode(device: torch.device) -> bool:
+    """Whether nvfp4 decode (pair mode, and sorted blocks under 16 rows) runs the Gluon kernels: on
+    Hopper and newer GPUs. EPMOE_NVFP4_DECODE picks among them: "gluon" (default) the tensor-core
+    kernels (kernels/nvfp4_mma.py) wherever they pay (see nvfp4_mma_pairs) and the CUDA-core pair
+    kernels (kernels/nvfp4_decode.py) elsewhere, "mma" / "fma" one of the two in pair mode always,
+    "tl" the `tl` kernels of grouped_gemm.py (the only ones on the CPU interpreter and older GPUs,
+    for stacks whose rows are not 4-byte aligned, and for fp16 / fp32 activations in sorted blocks)."""
+    return _nvfp4_decode_choice() != "tl" and device.type == "cuda" and _gluon_capable(device.index or 0)
 
 
 @lru_cache(maxsize=None)
@@ -591,9 +623,10 @@ def _words_ok(w: torch.Tensor) -> bool:
 
 
 def _gluon_nvfp4(weights: ExpertWeights, device: torch.device) -> bool:
-    """Whether these weights run the Gluon nvfp4 kernels on `device` (pair mode or grouped)."""
+    """Whether these weights run the Gluon nvfp4 kernels on `device`: 32-bit words, block scales
+    contiguous along k."""
     return (weights.format == "nvfp4" and gluon_decode(device)
-            and all(_words_ok(w.data) for w in (weights.w13, weights.w2)))
+            and all(_words_ok(w.data) and w.scales.stride(-1) == 1 for w in (weights.w13, weights.w2)))
 
 
 def _word_args(weights: ExpertWeights) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -629,27 +662,51 @@ def _nvfp4_decode(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tens
         HAS_BIAS=has_bias, USE_PDL=pdl, **_decode_tile(d), **({"launch_pdl": True} if pdl else {}))
 
 
-def _nvfp4_grouped(x: torch.Tensor, row_ids: torch.Tensor, sorted_pair: torch.Tensor, block_expert: torch.Tensor,
-                   expert_end: torch.Tensor, num_m: int, weights: ExpertWeights, cfg: MoEConfig, act: torch.Tensor,
-                   out: torch.Tensor, config: ExpertsConfig) -> None:
-    """Sorted nvfp4 through the grouped Gluon kernels: act [slots, I] in slot order, out [M, H]."""
-    from epmoe.kernels.nvfp4_decode import nvfp4_grouped_down_kernel, nvfp4_grouped_gate_up_kernel
+def _mma_ok(c: GemmConfig) -> bool:
+    """Whether the tensor-core nvfp4 kernels take this tile: block_n a power of two and a multiple
+    of 16 rows per warp, block_k a power of two of at least 64 values."""
+    return not (c.block_n & (c.block_n - 1) or c.block_n % (16 * c.num_warps) or c.block_k < 64
+                or c.block_k & (c.block_k - 1))
+
+
+def _mma_tile(c: GemmConfig, K: int) -> GemmConfig:
+    """The tile the tensor-core nvfp4 kernels run for reduction length K: block_k halved while that
+    makes it divide K (so the k loop runs without masks)."""
+    if not _mma_ok(c):
+        raise ValueError(f"nvfp4 tensor-core tiles need block_n a power-of-two multiple of 16 x num_warps and "
+                         f"block_k a power of two >= 64, got {c}")
+    bk = c.block_k
+    while bk > 64 and K % bk:
+        bk //= 2
+    return dataclasses.replace(c, block_k=bk if K % bk == 0 else c.block_k)
+
+
+def _nvfp4_mma(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor, sorted_pair: torch.Tensor,
+               block_expert: torch.Tensor, expert_end: torch.Tensor, num_m: int, weights: ExpertWeights,
+               cfg: MoEConfig, act: torch.Tensor, out: torch.Tensor, g: GemmConfig, d: GemmConfig,
+               pair_mode: bool, block_m: int, pdl: bool) -> None:
+    """nvfp4 through the tensor-core decode kernels (kernels/nvfp4_mma.py): pair mode (act in pair
+    order) or sorted blocks of block_m <= 8 slots (act in slot order); out [M, H] in pair order."""
+    from epmoe.kernels.nvfp4_mma import nvfp4_mma_down_kernel, nvfp4_mma_gate_up_kernel
 
     E, H, I = weights.w13.shape[0], cfg.hidden, cfg.intermediate
     (w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13, b13, sb13), \
         (w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2, b2, sb2) = _word_args(weights)
     has_bias = weights.b13 is not None
-    g, d = config.gate_up, config.down
-    nvfp4_grouped_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
-        x, x.stride(0), row_ids, sorted_pair, block_expert, expert_end, w13, se13, sn13, s13, sse13, ssn13, ssk13,
-        g13, sg13, b13, sb13, act, act.stride(0), E, I, H,
-        float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
-        ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, BLOCK_M=config.block_m,
-        **_decode_tile(g, prefetch=False))
-    nvfp4_grouped_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
-        act, act.stride(0), sorted_pair, block_expert, expert_end, w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2,
-        b2, sb2, out, out.stride(0), E, H, I,
-        HAS_BIAS=has_bias, BLOCK_M=config.block_m, **_decode_tile(d, prefetch=False))
+    g, d = _mma_tile(g, H), _mma_tile(d, I)
+    common = {"PAIR_MODE": pair_mode, "USE_PDL": pdl, "BLOCK_M": block_m}
+    nvfp4_mma_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
+        x, x.stride(0), row_ids, expert_ids, sorted_pair, block_expert, expert_end,
+        w13, se13, sn13, s13.view(torch.uint8), sse13, ssn13, ssk13, g13, sg13, b13, sb13, act, act.stride(0),
+        E, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
+        ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, EVEN_K=H % g.block_k == 0, **common,
+        PREFETCH=g.num_stages > 1, BLOCK_N=g.block_n, BLOCK_K=g.block_k, num_warps=g.num_warps)
+    nvfp4_mma_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
+        act, act.stride(0), expert_ids, sorted_pair, block_expert, expert_end,
+        w2, se2, sn2, s2.view(torch.uint8), sse2, ssn2, ssk2, g2, sg2, b2, sb2, out, out.stride(0), E, H, I,
+        HAS_BIAS=has_bias, EVEN_K=I % d.block_k == 0, **common,
+        PREFETCH=d.num_stages > 1, BLOCK_N=d.block_n, BLOCK_K=d.block_k, num_warps=d.num_warps,
+        **({"launch_pdl": True} if pdl else {}))
 
 
 _SCRATCH = threading.local()  # .bufs: {(device, dtype): tensor}, one set per thread
