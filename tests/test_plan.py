@@ -75,16 +75,19 @@ def test_expert_stage_follows_hbm_and_tflops_options():
 
 
 def test_nvfp4_prefill_adds_the_scratch_decode_pass():
-    """From 32 rows per local expert the runner decodes every local expert to bf16 first: 2.5625
-    bytes a value more at HBM rate; below that nvfp4 is only its own weight bytes."""
+    """From 128 rows per local expert the runner decodes every local expert to bf16 first: 2.5625
+    bytes a value more at HBM rate; below that nvfp4 streams its own weight bytes once per sorted
+    block of up to 32 rows."""
     q = MoEConfig.from_preset("qwen3-30b-a3b")  # 128 experts, top-8
     links = Links()
     values = 128 * 3 * q.hidden * q.intermediate
-    prefill = predict(q, 1, 512, "none", links, weights="nvfp4")["experts_us"]  # 32 rows per expert
-    flops_us = 6 * q.hidden * q.intermediate * 512 * 8 / (links.tflops * 1e6)
+    prefill = predict(q, 1, 2048, "none", links, weights="nvfp4")["experts_us"]  # 128 rows per expert
+    flops_us = 6 * q.hidden * q.intermediate * 2048 * 8 / (links.tflops * 1e6)
     decode_pass = values * (0.5 + 1 / 16 + 2.0) / (links.hbm_tbps * 1e6)
     assert prefill == pytest.approx(max(values * (0.5 + 1 / 16) / (links.hbm_tbps * 1e6), flops_us) + decode_pass)
-    below = predict(q, 1, 256, "none", links, weights="nvfp4")["experts_us"]
+    below = predict(q, 1, 1024, "none", links, weights="nvfp4")["experts_us"]  # 64 rows: two blocks of 32
+    flops_us = 6 * q.hidden * q.intermediate * 1024 * 8 / (links.tflops * 1e6)
+    assert below == pytest.approx(max(2 * values * (0.5 + 1 / 16) / (links.hbm_tbps * 1e6), flops_us))
     assert below < decode_pass
 
 

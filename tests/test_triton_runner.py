@@ -404,6 +404,17 @@ def test_nvfp4_dequant_in_chunks_of_one_expert(monkeypatch):
                     config=DEQUANT16), DEVICE)
 
 
+@pytest.mark.gpu
+def test_nvfp4_dequant_chunks_through_tma_gpu(monkeypatch):
+    """Scratch chunks read through the bulk-copy descriptor: each chunk's descriptor starts at its
+    first expert, so the tile of expert e is at e - e_lo (reading e read the wrong expert or zeros)."""
+    monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", "0.5")  # w13: 4 experts of 256 x 256 bf16 a chunk
+    assert scratch_experts(6, 256, 256, torch.bfloat16) == 4
+    tma = ExpertsConfig(16, GemmConfig(64, 64, 4, 3, tma=True), GemmConfig(64, 64, 4, 3, tma=True), dequant=True)
+    check_case(Case("nvfp4-dequant-tma-chunks", (3, 0, 17, 1, 40, 2), hidden=256, intermediate=128, fmt="nvfp4",
+                    dtype=torch.bfloat16, config=tma), "cuda")
+
+
 @pytest.mark.parametrize("w2_fmt", ["bf16", "fp8"])
 def test_mixed_weight_formats_are_refused(w2_fmt):
     """w13 and w2 in different formats would reach kernels that cannot multiply them: a clear error."""
@@ -527,12 +538,14 @@ GLUON_CONFIGS = [
     ExpertsConfig(1, GemmConfig(8, 128, 2, 3), GemmConfig(32, 32, 4, 3, pdl=True)),  # prefetch, TG 16 / 4
     ExpertsConfig(1, GemmConfig(64, 64, 8, 1), GemmConfig(4, 8, 1, 2)),  # 8 warps; rows < the layout's
 ]
-MMA_CONFIGS = [  # the tensor-core nvfp4 kernels: pair mode, then sorted blocks of 2, 4 and 8 rows
+MMA_CONFIGS = [  # the tensor-core nvfp4 kernels: pair mode, then sorted blocks of 2 to 32 rows
     ExpertsConfig(1, GemmConfig(32, 256, 2, 1), GemmConfig(64, 256, 4, 2, pdl=True)),  # PDL, prefetch
     ExpertsConfig(1, GemmConfig(16, 64, 1, 2), GemmConfig(128, 128, 4, 1)),  # one warp; two 16-row slabs a warp
     ExpertsConfig(2, GemmConfig(64, 128, 4, 1), GemmConfig(128, 128, 4, 1)),
     ExpertsConfig(4, GemmConfig(64, 128, 2, 2), GemmConfig(32, 512, 1, 2)),
     ExpertsConfig(8, GemmConfig(32, 256, 1, 1), GemmConfig(64, 64, 4, 2)),
+    ExpertsConfig(16, GemmConfig(64, 128, 4, 1), GemmConfig(128, 128, 4, 2)),  # two mma column groups
+    ExpertsConfig(32, GemmConfig(64, 64, 4, 2), GemmConfig(32, 64, 2, 1)),
 ]
 GLUON_CASES = [
     Case("silu-bf16", (1, 0, 2, 1), hidden=2880, intermediate=768, fmt="nvfp4", dtype=torch.bfloat16),
@@ -631,7 +644,7 @@ def test_nvfp4_decode_choice_is_checked(monkeypatch):
 def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeypatch):
     """Pair mode up to 16 pairs for every format; nvfp4 on the Gluon decode kernels up to one
     (bucketed) row per expert (tensor-core tiles from NVFP4_MMA_MIN_WEIGHTS on), then sorted blocks
-    of up to 8 rows on the tensor-core kernels below 32 rows per expert."""
+    of up to 32 rows on the tensor-core kernels below 128 rows per expert."""
     import epmoe.experts.triton as runner
 
     cuda = torch.device("cuda", 0)
@@ -647,10 +660,12 @@ def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeyp
     monkeypatch.delenv("EPMOE_NVFP4_DECODE")
     assert runner.nvfp4_grouped_for("nvfp4", 256, 128, cuda) and runner.nvfp4_grouped_for("nvfp4", 2048, 128, cuda)
     assert not runner.nvfp4_grouped_for("nvfp4", 128, 128, cuda)  # pair mode
-    assert not runner.nvfp4_grouped_for("nvfp4", 4096, 128, cuda)  # 32 rows per expert: the decoded scratch
+    assert runner.nvfp4_grouped_for("nvfp4", 8192, 128, cuda)  # 64 rows per expert
+    assert not runner.nvfp4_grouped_for("nvfp4", 16384, 128, cuda)  # 128 rows per expert: the decoded scratch
     assert not runner.nvfp4_grouped_for("bf16", 256, 128, cuda)
     assert default_config(256, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 2
-    assert default_config(2048, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 8
+    assert default_config(1024, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 8
+    assert default_config(2048, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 16
     c = default_config(128, 128, 2048, 768, "nvfp4", pair_mode=True)  # 402M weights: the tensor-core kernels
     assert c.pair_mode and c.down.pdl and c.gate_up.block_n == 32 and runner._mma_ok(c.gate_up)
     c = default_config(8, 128, 2048, 768, "nvfp4", pair_mode=True)  # 25M: the CUDA-core kernels

@@ -3,11 +3,11 @@
     time(backend) = dispatch + experts + combine
     dispatch      = latency(backend, peers) + max(bytes over NVLink / nvlink_bw, bytes over the net / net_bw)
     experts       = max(touched expert weight bytes / hbm_bw, FLOPs / tensor_peak)
-                    (+ nvfp4 from 32 rows per local expert: the triton runner's decode of every
+                    (+ nvfp4 from 128 rows per local expert: the triton runner's decode of every
                     local expert into a bf16 scratch, 0.5625 bytes read + 2 written a value, at hbm_bw;
                     nvfp4 from 17 pairs up to one pair per local expert: pair mode, every pair
-                    streams its expert's weights; then up to 32 rows per local expert: blocks of
-                    up to 8 rows, each streams its expert's weights)
+                    streams its expert's weights; then below 128 rows per local expert: sorted
+                    blocks of up to 32 rows, each streams its expert's weights; a Hopper GPU)
 
 Routing is modelled as uniform: each token picks K of E experts without replacement, experts
 spread evenly over W ranks, G ranks per node. Bytes are those the backends send (and report in
@@ -33,8 +33,8 @@ from typing import Any
 
 from epmoe.config import MoEConfig
 from epmoe.experts.triton import (
-    NVFP4_DEQUANT_MIN_RPE,
     NVFP4_GROUPED_MAX_BM,
+    NVFP4_MMA_MAX_RPE,
     NVFP4_PAIR_MODE_MAX_RPE,
     PAIR_MODE_MAX_PAIRS,
 )
@@ -145,12 +145,12 @@ def predict(
     local = cfg.num_experts // world
     if weights == "nvfp4" and PAIR_MODE_MAX_PAIRS < pairs <= NVFP4_PAIR_MODE_MAX_RPE * local:
         touched = pairs  # pair mode: each pair streams its expert's weights
-    elif weights == "nvfp4" and pairs > PAIR_MODE_MAX_PAIRS and pairs / local < NVFP4_DEQUANT_MIN_RPE:
-        touched *= math.ceil(pairs / local / NVFP4_GROUPED_MAX_BM)  # blocks of up to 8 rows stream their expert
+    elif weights == "nvfp4" and pairs > PAIR_MODE_MAX_PAIRS and pairs / local < NVFP4_MMA_MAX_RPE:
+        touched *= math.ceil(pairs / local / NVFP4_GROUPED_MAX_BM)  # each block streams its expert
     w_bytes = touched * 3 * cfg.hidden * cfg.intermediate * _WEIGHT_BYTES[weights]
     flops = 2 * 3 * cfg.hidden * cfg.intermediate * pairs
     experts_us = max(w_bytes / (links.hbm_tbps * 1e6), flops / (links.tflops * 1e6))
-    if weights == "nvfp4" and pairs / local >= NVFP4_DEQUANT_MIN_RPE:
+    if weights == "nvfp4" and pairs / local >= NVFP4_MMA_MAX_RPE:
         decode_bytes = local * 3 * cfg.hidden * cfg.intermediate * (_WEIGHT_BYTES["nvfp4"] + 2.0)
         experts_us += decode_bytes / (links.hbm_tbps * 1e6)
     return {

@@ -61,15 +61,19 @@ SORT_SEGMENTS = 256
 FP8_MAX_BLOCK_M = 64
 # nvfp4 in sorted mode: from this many rows per expert (bucketed) on, decode whole experts into a
 # scratch buffer once and run the bf16 kernels, instead of decoding each weight tile per m tile
+# (the `tl` kernels); with the tensor-core decode kernels (Gluon, bf16 activations) from
+# NVFP4_MMA_MAX_RPE on: measured on H200 with 32-row blocks against the scratch, 1.9-2.5x at 32 rows
+# per expert (qwen3, mixtral, gpt-oss, deepseek-v3), 1.4x at 64 (qwen3, mixtral)
 NVFP4_DEQUANT_MIN_RPE = 32
+NVFP4_MMA_MAX_RPE = 128
 # nvfp4 on the Gluon decode kernels: pair mode up to this many rows per expert (bucketed); measured
 # on H200 at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort
 NVFP4_PAIR_MODE_MAX_RPE = 1
-# ... and past pair mode, below NVFP4_DEQUANT_MIN_RPE rows per expert, the sorted blocks run the
+# ... and past pair mode, below NVFP4_MMA_MAX_RPE rows per expert, the sorted blocks run the
 # tensor-core decode kernels (kernels/nvfp4_mma.py) with block_m = the bucketed rows per expert up to
-# this (the mma's 8 columns); measured on H200 against the `tl` sorted path: 1.6-2.6x at 2-4 rows per
-# expert, 3.5x at 16 (mixtral-8x7b, 64 tokens)
-NVFP4_GROUPED_MAX_BM = 8
+# this (each further 8 rows: one more mma per decoded word); measured on H200 against the `tl` sorted
+# path with 8-row blocks: 1.6-2.6x at 2-4 rows per expert, 3.5x at 16 (mixtral-8x7b, 64 tokens)
+NVFP4_GROUPED_MAX_BM = 32
 # pair mode: the tensor-core kernels from this many weights of gate_up touched a launch (pairs x 2I x H)
 # on, the CUDA-core Gluon pair kernels below (measured on H200: 0.83x for qwen3 at one token, 25M
 # weights; 1.13-1.38x for deepseek-v3 / mixtral at one token and qwen3 from 4 tokens, 100M-235M)
@@ -168,9 +172,9 @@ def pair_mode_for(fmt: str, num_pairs: int, num_experts: int, device: torch.devi
 
 def nvfp4_grouped_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None) -> bool:
     """Whether M (bucketed) pairs of nvfp4 weights run the sorted tensor-core decode kernels: past
-    pair mode and below NVFP4_DEQUANT_MIN_RPE rows per expert, on a GPU that runs Gluon."""
+    pair mode and below NVFP4_MMA_MAX_RPE rows per expert, on a GPU that runs Gluon."""
     return (fmt == "nvfp4" and device is not None and not pair_mode_for(fmt, num_pairs, num_experts, device)
-            and gluon_decode(device) and num_pairs / max(num_experts, 1) < NVFP4_DEQUANT_MIN_RPE)
+            and gluon_decode(device) and num_pairs / max(num_experts, 1) < NVFP4_MMA_MAX_RPE)
 
 
 def nvfp4_mma_pairs(num_pairs: int, hidden: int, intermediate: int) -> bool:
@@ -185,9 +189,11 @@ def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: 
     """Heuristic config for M pairs over E local experts (used where no tuned entry exists);
     pair_mode None: M <= PAIR_MODE_MAX_PAIRS. grouped: the sorted nvfp4 tensor-core decode kernels
     (block_m = the bucketed rows per expert, up to NVFP4_GROUPED_MAX_BM)."""
-    if grouped:  # the tensor-core decode kernels (measured on H200 over the four presets, 2-16 rows per expert)
+    if grouped:  # the tensor-core decode kernels (measured on H200 over the four presets, 2-16 rows per expert;
+        # 32-row blocks take 64-deep tiles: their activation operand holds four times the registers)
         bm = min(NVFP4_GROUPED_MAX_BM, max(2, int(_pow2_ceil(num_pairs / max(num_experts, 1)))))
-        return ExpertsConfig(bm, GemmConfig(64, 128, 4, 1), GemmConfig(128, 128, 4, 1))
+        bk = 64 if bm > 16 else 128
+        return ExpertsConfig(bm, GemmConfig(64, bk, 4, 1), GemmConfig(128, bk, 4, 1))
     if pair_mode if pair_mode is not None else num_pairs <= PAIR_MODE_MAX_PAIRS:
         if fmt == "nvfp4" and nvfp4_mma_pairs(num_pairs, hidden, intermediate):  # tensor-core decode kernels
             # (measured on H200: 32 x 256 gate_up tiles of 2 warps, down 64 x 256 with a prefetch at a
@@ -216,10 +222,12 @@ def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: 
 def select_config(fmt: str, num_pairs: int, num_experts: int, hidden: int, intermediate: int,
                   top_k: int = 1, device: torch.device | None = None) -> ExpertsConfig:
     """The config for a call: the tuned table of the GPU model if it has the key, else the
-    heuristic. nvfp4 from NVFP4_DEQUANT_MIN_RPE rows per expert on: the bf16 config, dequant=True."""
+    heuristic. nvfp4 from NVFP4_DEQUANT_MIN_RPE rows per expert on (NVFP4_MMA_MAX_RPE where the
+    tensor-core decode kernels run): the bf16 config, dequant=True."""
     m = bucket_pairs(num_pairs, top_k)
     pair = pair_mode_for(fmt, m, num_experts, device)
-    if fmt == "nvfp4" and not pair and m / max(num_experts, 1) >= NVFP4_DEQUANT_MIN_RPE:
+    grouped = nvfp4_grouped_for(fmt, m, num_experts, device)
+    if fmt == "nvfp4" and not pair and not grouped and m / max(num_experts, 1) >= NVFP4_DEQUANT_MIN_RPE:
         bf16 = select_config("bf16", num_pairs, num_experts, hidden, intermediate, top_k, device)
         return dataclasses.replace(bf16, dequant=True)
     if device is not None and device.type == "cuda":
@@ -227,8 +235,7 @@ def select_config(fmt: str, num_pairs: int, num_experts: int, hidden: int, inter
         hit = table.get(config_key(fmt, hidden, intermediate, m / max(num_experts, 1)))
         if hit is not None and (hit.block_m == 1) == pair:
             return hit
-    return default_config(m, num_experts, hidden, intermediate, fmt, pair,
-                          nvfp4_grouped_for(fmt, m, num_experts, device))
+    return default_config(m, num_experts, hidden, intermediate, fmt, pair, grouped)
 
 
 # ---------------------------------------------------------------------------------------

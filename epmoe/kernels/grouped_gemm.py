@@ -445,8 +445,9 @@ def moe_gate_up_kernel(
                 k_ok = (k0 + offs_k) < K
                 a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
                 if W_TMA:  # the bulk copy engine zero-fills past K and past 2I; gate columns past I are never stored
-                    wg = tl.trans(w_desc.load([e, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
-                    wu = tl.trans(w_desc.load([e, I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
+                    # (the descriptor spans this launch's experts: e_lo is its first)
+                    wg = tl.trans(w_desc.load([e - e_lo, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
+                    wu = tl.trans(w_desc.load([e - e_lo, I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
                 else:
                     wmask = k_ok[:, None] & n_ok[None, :]
                     wg = tl.load(wg_ptrs + k0, mask=wmask, other=0.0)
@@ -541,7 +542,7 @@ def moe_down_kernel(
                 k_ok = (k0 + offs_k) < K
                 a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
                 if W_TMA:
-                    w = tl.trans(w_desc.load([e, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
+                    w = tl.trans(w_desc.load([e - e_lo, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
                 else:
                     w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, w, acc, input_precision=DOT_PREC)

@@ -5,13 +5,14 @@
 
 Hopper has no fp4 tensor cores, so at decode the nvfp4 kernels are bound by the instructions
 that turn weights into numbers, not by HBM. Here the decoded weight tile is the mma's A operand
-(16 weight rows by 16 k per instruction) and up to eight activation rows its B operand, so the
-products cost one tensor-core instruction per eight values and the decode (_DECODE_ASM: 15
-shifts and masks and 4 bf16 multiplies per 32-bit word of eight values) is shared by the rows:
+(16 weight rows by 16 k per instruction) and the activation rows its B operand (8 columns per
+instruction), so the products cost one tensor-core instruction per eight values and eight rows,
+and the decode (_DECODE_ASM: 15 shifts and masks and 4 bf16 multiplies per 32-bit word of eight
+values) is shared by all the rows:
 
     A  weights  [BLOCK_N, BLOCK_K] bf16  DotOperand(0, k_width=8), decoded in registers
-    B  rows     [BLOCK_K, 8] bf16        DotOperand(1, k_width=8)
-    C           [BLOCK_N, 8] fp32        the mma layout, warps along the weight rows
+    B  rows     [BLOCK_K, NC] bf16       DotOperand(1, k_width=8), NC = max(8, BLOCK_M) columns
+    C           [BLOCK_N, NC] fp32       the mma layout, warps along the weight rows
 
 No shared memory, no barrier. The k order inside a tile is free (a dot product does not care, as
 long as A and B agree), and two choices make the loads wide and the decode short:
@@ -28,8 +29,8 @@ Products and sums are fp32 on the tensor cores (the CUDA-core kernels sum in ano
 results agree to fp32 rounding). Activations are bf16 (the runner sends fp16 / fp32 elsewhere).
 
 Rows: PAIR_MODE, program m is pair m (one of the 8 columns used, act in pair order, no sort);
-else the sorted blocks of kernels/permute.py, BLOCK_M <= 8 slots of one expert per program (act
-in slot order). USE_PDL (pair mode), PREFETCH (the next k step's loads before this step's
+else the sorted blocks of kernels/permute.py, BLOCK_M slots of one expert per program (act in
+slot order). USE_PDL (pair mode), PREFETCH (the next k step's loads before this step's
 decode): as in nvfp4_decode.py. EVEN_K: K is a multiple of BLOCK_K, no k masks. Weight rows past
 N and unused columns read valid memory (clamped rows, repeated slots) and are never stored.
 
@@ -42,7 +43,13 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from epmoe.kernels.nvfp4_decode import _activation, _pdl_launch_dependents, _pdl_wait
 
-MMA_N = gl.constexpr(8)  # columns (activation rows) of one mma instruction
+MMA_N = 8  # columns (activation rows) of one mma instruction
+
+
+@gluon.constexpr_function
+def _num_cols(block_m: int) -> int:
+    """Columns of the B operand: the block's rows, at least one mma's eight."""
+    return max(MMA_N, block_m)
 
 # One 32-bit word q (eight e2m1 values, value j in nibble j) and its block's e4m3 scale byte ->
 # eight bf16 values w * 2^-62, as four bf16x2 pairs of the nibbles (3, 7), (2, 6), (1, 5), (0, 4)
@@ -117,14 +124,15 @@ def _words_layout(block_n: int, per_thread: int, num_warps: int) -> gl.Distribut
 
 
 @gluon.constexpr_function
-def _acts_layout(per_thread: int, num_warps: int) -> gl.DistributedLinearLayout:
-    """[4, per_thread, 8, MMA_N]: the B operand in memory order: lanes t on dim 0, per_thread
-    groups of eight consecutive values on dims 1-2 in registers, lanes g on the columns, every
-    warp holding all of it."""
-    reg = [[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]] + [[0, 1 << i, 0, 0] for i in range(per_thread.bit_length() - 1)]
+def _acts_layout(per_thread: int, cols: int, num_warps: int) -> gl.DistributedLinearLayout:
+    """[4, per_thread, 8, cols]: the B operand in memory order: lanes t on dim 0, per_thread
+    groups of eight consecutive values on dims 1-2 in registers, lanes g on the columns (further
+    groups of eight columns in registers), every warp holding all of it."""
+    reg = ([[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]] + [[0, 1 << i, 0, 0] for i in range(per_thread.bit_length() - 1)]
+           + [[0, 0, 0, 8 << i] for i in range((cols // 8).bit_length() - 1)])
     lane = [[1, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]]
     warp = [[0, 0, 0, 0]] * (num_warps.bit_length() - 1)
-    return gl.DistributedLinearLayout(reg, lane, warp, [], [4, per_thread, 8, 8])
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [4, per_thread, 8, cols])
 
 
 @gluon.jit
@@ -178,10 +186,10 @@ def _load_a(w_ptrs, s_ptrs, word, block, k0, K, EVEN_K: gl.constexpr):
 
 @gluon.jit
 def _b_ptrs(x_base, row_off, BLOCK_K: gl.constexpr):
-    """Pointers [4, J, 8, MMA_N] of the activation rows (row_off [MMA_N] element offsets) at k 0,
-    in memory order (value t 8 J + 8 j + m), and that offset (for the k mask)."""
+    """Pointers [4, J, 8, NC] of the activation rows (row_off [NC] element offsets) at k 0, in
+    memory order (value t 8 J + 8 j + m), and that offset (for the k mask)."""
     J: gl.constexpr = BLOCK_K // 32
-    L4: gl.constexpr = _acts_layout(J, gl.num_warps())
+    L4: gl.constexpr = _acts_layout(J, row_off.shape[0], gl.num_warps())
     t = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
     j = gl.arange(0, J, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
     m = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
@@ -211,7 +219,7 @@ def _swap_last(y):
 
 @gluon.jit
 def _load_b(b_ptrs, k, k0, K, EVEN_K: gl.constexpr):
-    """The B operand [32 J, MMA_N] bf16 of the k tile at k0, in the order of the decoded weights:
+    """The B operand [32 J, NC] bf16 of the k tile at k0, in the order of the decoded weights:
     position 32 j + 8 t + i holds value t 8 J + 8 j + 4 (i % 2) + 3 - i // 2 (_PAIR_ORDER). One
     16-byte load per eight values, then register moves."""
     if EVEN_K:
@@ -219,19 +227,20 @@ def _load_b(b_ptrs, k, k0, K, EVEN_K: gl.constexpr):
     else:
         x = gl.load(b_ptrs + k0, mask=k + k0 < K, other=0.0).to(gl.bfloat16)
     J: gl.constexpr = x.shape[1]
+    NC: gl.constexpr = x.shape[3]
     # value m = 4 m2 + 2 m1 + m0 of a group of eight sits at i = 4 i2 + 2 i1 + i0 with
     # m2 = i0, m1 = 1 - i2, m0 = 1 - i1
-    y = gl.permute(gl.reshape(x, [4, J, 2, 2, 2, 8]), (0, 1, 5, 2, 3, 4))  # [t, j, n, m2, m1, m0]
+    y = gl.permute(gl.reshape(x, [4, J, 2, 2, 2, NC]), (0, 1, 5, 2, 3, 4))  # [t, j, n, m2, m1, m0]
     y = _swap_last(y)  # m0 -> i1
     y = _swap_last(gl.permute(y, (0, 1, 2, 3, 5, 4)))  # [t, j, n, m2, i1, i2]
-    y = gl.reshape(gl.permute(y, (1, 0, 5, 4, 3, 2)), [32 * J, 8])  # [j, t, i2, i1, i0 = m2, n]
+    y = gl.reshape(gl.permute(y, (1, 0, 5, 4, 3, 2)), [32 * J, NC])  # [j, t, i2, i1, i0 = m2, n]
     return gl.convert_layout(y, _operand(1, gl.num_warps()))
 
 
 @gluon.jit
 def _columns(expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr, E, N,
              PAIR_MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, L: gl.constexpr):
-    """(expert, n0, slots, pairs, used) of this program; slots / pairs / used are [MMA_N] in L.
+    """(expert, n0, slots, pairs, used) of this program; slots / pairs / used are [NC] in L.
     Every column's slot lies inside the act buffer (slot-order buffers have BLOCK_M slots per
     block), so the activation loads need no column mask: an unused column computes a product
     that is never stored. Programs walk the m blocks fastest, so the blocks of one expert share
@@ -239,7 +248,7 @@ def _columns(expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr, 
     num_m = gl.num_programs(0) // gl.cdiv(N, BLOCK_N)
     pid = gl.program_id(0)
     pid_m = pid % num_m
-    col = gl.arange(0, MMA_N, layout=L)
+    col = gl.arange(0, _num_cols(BLOCK_M), layout=L)
     if PAIR_MODE:
         e = gl.load(expert_ids_ptr + pid_m)
         used = (col == 0) & (e >= 0) & (e < E)
@@ -281,7 +290,7 @@ def nvfp4_mma_gate_up_kernel(
         su = sg + I.to(gl.int64) * stride_sn
         rows = gl.load(row_ids_ptr + pairs, mask=used, other=0).to(gl.int64)
         xb, k = _b_ptrs(x_ptr, rows * stride_xm, BLOCK_K)
-        acc_g = gl.zeros([BLOCK_N, MMA_N], gl.float32, layout=C)
+        acc_g = gl.zeros([BLOCK_N, _num_cols(BLOCK_M)], gl.float32, layout=C)
         acc_u = gl.zeros_like(acc_g)
         w, s = _load_a(wg, sg, word, block, 0, K, EVEN_K)
         w2, s2 = _load_a(wu, su, word, block, 0, K, EVEN_K)
@@ -337,7 +346,7 @@ def nvfp4_mma_down_kernel(
         if USE_PDL:
             _pdl_wait()
         xk = _load_b(xb, k, 0, K, EVEN_K)
-        acc = gl.zeros([BLOCK_N, MMA_N], gl.float32, layout=C)
+        acc = gl.zeros([BLOCK_N, _num_cols(BLOCK_M)], gl.float32, layout=C)
         for k0 in range(0, K, BLOCK_K):
             kn = _next_k(k0, K, BLOCK_K, EVEN_K)
             if PREFETCH:
