@@ -715,6 +715,15 @@ def _build_counts(module: str, kernel: str, sig: dict, consts: dict, num_warps: 
     return json.loads(run.stdout.splitlines()[-1])
 
 
+def _kernel_sig(kernel: str, weights_sig: dict) -> tuple[dict, dict]:
+    """Signature and constexprs of a Gluon nvfp4 gate_up (clamped SwiGLU with biases) or down kernel."""
+    if kernel == "gate_up":
+        return ({**weights_sig, "x_ptr": "*bf16", "stride_xm": "i32", "row_ids_ptr": "*i32", "act_ptr": "*bf16",
+                 "stride_am": "i32", "I": "i32", "limit": "fp32", "alpha": "fp32"}, {"ACT": 2, "HAS_BIAS": True})
+    return ({**weights_sig, "act_ptr": "*bf16", "stride_am": "i32", "out_ptr": "*bf16", "stride_om": "i32", "N": "i32"},
+            {"HAS_BIAS": False})
+
+
 @pytest.mark.parametrize(("kernel", "pdl", "prefetch", "tile"),
                          [("gate_up", False, False, (16, 512, 32, 4)), ("gate_up", True, True, (8, 256, 16, 2)),
                           ("down", True, False, (32, 256, 16, 4)), ("down", False, True, (64, 128, 8, 8))])
@@ -724,14 +733,7 @@ def test_nvfp4_decode_kernels_build_for_hopper_without_barriers(kernel, pdl, pre
     explicit layouts), and the programmatic-dependent-launch instructions exactly when USE_PDL is set."""
     pytest.importorskip("triton.experimental.gluon")
     bn, bk, tg, nw = tile
-    if kernel == "gate_up":
-        sig = {**NVFP4_DECODE_SIG, "x_ptr": "*bf16", "stride_xm": "i32", "row_ids_ptr": "*i32", "act_ptr": "*bf16",
-               "stride_am": "i32", "I": "i32", "limit": "fp32", "alpha": "fp32"}
-        consts = {"ACT": 2, "HAS_BIAS": True}
-    else:
-        sig = {**NVFP4_DECODE_SIG, "act_ptr": "*bf16", "stride_am": "i32", "out_ptr": "*bf16", "stride_om": "i32",
-               "N": "i32"}
-        consts = {"HAS_BIAS": False}
+    sig, consts = _kernel_sig(kernel, NVFP4_DECODE_SIG)
     consts |= {"USE_PDL": pdl, "PREFETCH": prefetch, "BLOCK_N": bn, "BLOCK_K": bk, "TG": tg}
     counts = _build_counts("epmoe.kernels.nvfp4_decode", f"nvfp4_decode_{kernel}_kernel", sig, consts, nw)
     assert counts["bar.sync"] == counts["ld.shared"] == counts["st.shared"] == 0, counts
@@ -755,14 +757,7 @@ def test_nvfp4_mma_kernels_build_for_hopper_with_wide_loads(kernel, pair, pdl, p
     when USE_PDL is set."""
     pytest.importorskip("triton.experimental.gluon")
     bn, bk, bm, nw = tile
-    if kernel == "gate_up":
-        sig = {**NVFP4_MMA_SIG, "x_ptr": "*bf16", "stride_xm": "i32", "row_ids_ptr": "*i32", "act_ptr": "*bf16",
-               "stride_am": "i32", "I": "i32", "limit": "fp32", "alpha": "fp32"}
-        consts = {"ACT": 2, "HAS_BIAS": True}
-    else:
-        sig = {**NVFP4_MMA_SIG, "act_ptr": "*bf16", "stride_am": "i32", "out_ptr": "*bf16", "stride_om": "i32",
-               "N": "i32"}
-        consts = {"HAS_BIAS": False}
+    sig, consts = _kernel_sig(kernel, NVFP4_MMA_SIG)
     consts |= {"PAIR_MODE": pair, "USE_PDL": pdl, "EVEN_K": even_k, "PREFETCH": prefetch, "BLOCK_M": bm,
                "BLOCK_N": bn, "BLOCK_K": bk}
     divisible = tuple(n for n in sig if n.endswith("_ptr") or n in ("stride_xm", "stride_am", "stride_we",

@@ -14,7 +14,11 @@ kernels/grouped_gemm.py for how each format multiplies:
     sorted, fp8 / fp8_block   w8a8 on the fp8 tensor cores: hidden rows quantized per token and
                               128 values (an fp8 / fp8_block payload is used as it arrived), the
                               activation between the GEMMs likewise (`activation_quant`)
-    sorted, nvfp4             exact bf16 dequantization of each tile, bf16 tensor cores
+    sorted, nvfp4             exact bf16 dequantization of each tile, bf16 tensor cores; on
+                              Hopper with bf16 activations, the Gluon decode kernels instead
+                              (kernels/nvfp4_mma.py, blocks of up to 32 rows, also most of pair
+                              mode; see gluon_decode), and from many rows per expert the
+                              experts decoded once into a bf16 scratch
 Other quantized payloads are dequantized once before the GEMMs.
 
 Every buffer size follows from the pair count M alone, so a call can be captured in a CUDA

@@ -51,6 +51,7 @@ def _num_cols(block_m: int) -> int:
     """Columns of the B operand: the block's rows, at least one mma's eight."""
     return max(MMA_N, block_m)
 
+
 # One 32-bit word q (eight e2m1 values, value j in nibble j) and its block's e4m3 scale byte ->
 # eight bf16 values w * 2^-62, as four bf16x2 pairs of the nibbles (3, 7), (2, 6), (1, 5), (0, 4)
 # (_PAIR_ORDER). A pair's sign bits already sit on bf16 bits 15 and 31; its magnitude bits
@@ -61,41 +62,20 @@ def _num_cols(block_m: int) -> int:
 # applies it: e2m1 * scale * 2^-62, exact (at most 6 significant bits, a normal bf16). About 21
 # instructions per eight values (the scale's two multiplies serve the two words of a block), 15 of
 # them shifts and masks.
-_DECODE_ASM = gl.constexpr("""{
-.reg .b32 q, t, o, m, c;
-mul.lo.u32 m, $9, 0x00100010;
-mov.b32 c, 0x7F007F00;
-mul.rn.bf16x2 m, m, c;
-mov.b32 c, 0x5C005C00;
-mul.rn.bf16x2 m, m, c;
-shr.u32 t, $8, 6;
-and.b32 t, t, 0x01C001C0;
-and.b32 o, $8, 0x80008000;
-or.b32 o, o, t;
-mul.rn.bf16x2 o, o, m;
-mov.b32 {$0, $1}, o;
-shl.b32 q, $8, 4;
-shr.u32 t, q, 6;
-and.b32 t, t, 0x01C001C0;
-and.b32 o, q, 0x80008000;
-or.b32 o, o, t;
-mul.rn.bf16x2 o, o, m;
-mov.b32 {$2, $3}, o;
-shl.b32 q, q, 4;
-shr.u32 t, q, 6;
-and.b32 t, t, 0x01C001C0;
-and.b32 o, q, 0x80008000;
-or.b32 o, o, t;
-mul.rn.bf16x2 o, o, m;
-mov.b32 {$4, $5}, o;
-shl.b32 q, q, 4;
-shr.u32 t, q, 6;
-and.b32 t, t, 0x01C001C0;
-and.b32 o, q, 0x80008000;
-or.b32 o, o, t;
-mul.rn.bf16x2 o, o, m;
-mov.b32 {$6, $7}, o;
-}""")
+def _decode_asm() -> str:
+    """The PTX of the decode above ($0-$7: the eight bf16 outputs, $8: the word, $9: the scale)."""
+    pair = ("shr.u32 t, {q}, 6;\nand.b32 t, t, 0x01C001C0;\nand.b32 o, {q}, 0x80008000;\nor.b32 o, o, t;\n"
+            "mul.rn.bf16x2 o, o, m;\nmov.b32 {{${lo}, ${hi}}}, o;\n")
+    asm = ("{\n.reg .b32 q, t, o, m, c;\nmul.lo.u32 m, $9, 0x00100010;\nmov.b32 c, 0x7F007F00;\n"
+           "mul.rn.bf16x2 m, m, c;\nmov.b32 c, 0x5C005C00;\nmul.rn.bf16x2 m, m, c;\n")
+    for i in range(4):  # pairs (3, 7), (2, 6), (1, 5), (0, 4): q moves up a nibble between them
+        if i:
+            asm += f"shl.b32 q, {'$8' if i == 1 else 'q'}, 4;\n"
+        asm += pair.format(q="$8" if i == 0 else "q", lo=2 * i, hi=2 * i + 1)
+    return asm + "}"
+
+
+_DECODE_ASM = gl.constexpr(_decode_asm())
 _PAIR_ORDER = (3, 7, 2, 6, 1, 5, 0, 4)  # nibble of each decoded value, in operand order
 SCALE_BIAS = gl.constexpr(2.0**62)  # the accumulator's factor: w * 2^-62 went into the products
 
@@ -269,7 +249,7 @@ def nvfp4_mma_gate_up_kernel(
     row_ids_ptr, expert_ids_ptr,  # [M] int32: each pair's hidden row and local expert (-1: padding)
     sorted_pair_ptr, block_expert_ptr, expert_end_ptr,  # the sort (not read in pair mode)
     w_ptr, stride_we, stride_wn,  # w13 [E, 2I, K / 8] int32 words
-    s_ptr, stride_se, stride_sn, stride_sk,  # block scales [E, 2I, K / 16] e4m3 (as uint8)
+    s_ptr, stride_se, stride_sn, stride_sk,  # block scales [E, 2I, K / 16] e4m3 as uint8; stride_sk must be 1
     g_ptr, stride_ge,  # global scale fp32
     b_ptr, stride_be,  # b13 [E, 2I] fp32 (HAS_BIAS)
     act_ptr, stride_am,  # act [slots, I]: slot order (pair order in pair mode)
@@ -326,7 +306,7 @@ def nvfp4_mma_down_kernel(
     act_ptr, stride_am,  # act [slots, K] bf16
     expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
     w_ptr, stride_we, stride_wn,  # w2 [E, N, K / 8] int32 words
-    s_ptr, stride_se, stride_sn, stride_sk,
+    s_ptr, stride_se, stride_sn, stride_sk,  # block scales [E, N, K / 16] e4m3 as uint8; stride_sk must be 1
     g_ptr, stride_ge,
     b_ptr, stride_be,  # b2 [E, N] fp32 (HAS_BIAS)
     out_ptr, stride_om,  # out [M, N] in pair order
