@@ -677,6 +677,19 @@ def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeyp
     assert default_config(128, 128, 2048, 768, "bf16").block_m > 1
 
 
+def test_sorted_nvfp4_picks_the_tensor_core_kernels_only_for_their_tiles():
+    import epmoe.experts.triton as runner
+
+    mma_tiles = default_config(512, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True)
+    assert mma_tiles.block_m == 4 and runner._nvfp4_sorted_kernels(mma_tiles, mma=True) == "mma"
+    assert runner._nvfp4_sorted_kernels(mma_tiles, mma=False) == "tl-default"  # fp16 rows, older GPUs
+    assert runner._nvfp4_sorted_kernels(SORTED16, mma=True) == "tl"  # 16 rows, `tl` tiles: as given
+    assert runner._nvfp4_sorted_kernels(ExpertsConfig(32, mma_tiles.gate_up, mma_tiles.down), mma=True) == "mma"
+    assert runner._nvfp4_sorted_kernels(ExpertsConfig(64, mma_tiles.gate_up, mma_tiles.down), mma=True) == "tl"
+    bad = ExpertsConfig(4, GemmConfig(16, 32, 4, 1), GemmConfig(16, 32, 4, 1))
+    assert runner._nvfp4_sorted_kernels(bad, mma=True) == "mma"  # and _mma_tile refuses the tiles
+
+
 def test_nvfp4_mma_tiles_are_checked():
     import epmoe.experts.triton as runner
 

@@ -523,11 +523,11 @@ def triton_experts(
         xs, stride_xsm, stride_xsg = x, 0, 0
     gluon = _gluon_nvfp4(weights, out.device)
     mma = gluon and x.dtype == torch.bfloat16  # the tensor-core decode kernels multiply bf16
-    few_rows = (weights.format == "nvfp4" and not config.pair_mode and not config.dequant
-                and config.block_m <= NVFP4_GROUPED_MAX_BM)
-    if few_rows and not mma:  # only the tensor-core kernels take blocks under 16 rows
+    route = (_nvfp4_sorted_kernels(config, mma)
+             if weights.format == "nvfp4" and not config.pair_mode and not config.dequant else "")
+    few_rows = route == "mma"
+    if route == "tl-default":
         config = default_config(bucket_pairs(M, cfg.top_k), E, H, I, "nvfp4", pair_mode=False)
-        few_rows = False
     bm = config.block_m
     if config.pair_mode:
         num_m = slots = M
@@ -598,7 +598,7 @@ def _nvfp4_decode_choice() -> str:
 
 
 def gluon_decode(device: torch.device) -> bool:
-    """Whether nvfp4 decode (pair mode, and sorted blocks under 16 rows) runs the Gluon kernels: on
+    """Whether nvfp4 decode (pair mode, and sorted blocks of up to 32 rows) runs the Gluon kernels: on
     Hopper and newer GPUs. EPMOE_NVFP4_DECODE picks among them: "gluon" (default) the tensor-core
     kernels (kernels/nvfp4_mma.py) wherever they pay (see nvfp4_mma_pairs) and the CUDA-core pair
     kernels (kernels/nvfp4_decode.py) elsewhere, "mma" / "fma" one of the two in pair mode always,
@@ -673,6 +673,17 @@ def _nvfp4_decode(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tens
         HAS_BIAS=has_bias, USE_PDL=pdl, **_decode_tile(d), **({"launch_pdl": True} if pdl else {}))
 
 
+def _nvfp4_sorted_kernels(config: ExpertsConfig, mma: bool) -> str:
+    """The kernels of a sorted nvfp4 call without the scratch: "mma" (the tensor-core kernels, when
+    they run here: blocks of up to NVFP4_GROUPED_MAX_BM rows whose tiles they take, and blocks under
+    16 rows always, where a bad tile is an error), "tl" (this config on the `tl` kernels), or
+    "tl-default" (blocks under 16 rows without them: `tl` dots need 16 rows, so its heuristic config)."""
+    if mma and config.block_m <= NVFP4_GROUPED_MAX_BM and (
+            config.block_m < 16 or _mma_ok(config.gate_up) and _mma_ok(config.down)):
+        return "mma"
+    return "tl-default" if config.block_m < 16 else "tl"
+
+
 def _mma_ok(c: GemmConfig) -> bool:
     """Whether the tensor-core nvfp4 kernels take this tile: block_n a power of two and a multiple
     of 16 rows per warp, block_k a power of two of at least 64 values."""
@@ -697,7 +708,8 @@ def _nvfp4_mma(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor,
                cfg: MoEConfig, act: torch.Tensor, out: torch.Tensor, g: GemmConfig, d: GemmConfig,
                pair_mode: bool, block_m: int, pdl: bool) -> None:
     """nvfp4 through the tensor-core decode kernels (kernels/nvfp4_mma.py): pair mode (act in pair
-    order) or sorted blocks of block_m <= 8 slots (act in slot order); out [M, H] in pair order."""
+    order) or sorted blocks of block_m <= NVFP4_GROUPED_MAX_BM slots (act in slot order); out [M, H]
+    in pair order."""
     from epmoe.kernels.nvfp4_mma import nvfp4_mma_down_kernel, nvfp4_mma_gate_up_kernel
 
     E, H, I = weights.w13.shape[0], cfg.hidden, cfg.intermediate
