@@ -618,14 +618,13 @@ def _gluon_capable(index: int) -> bool:
     return True
 
 
-def _decode_tile(c: GemmConfig, prefetch: bool = True) -> dict[str, Any]:
-    """Launch parameters of a Gluon nvfp4 kernel for a tile: TG threads of a warp along the tile's
-    16-value blocks, the rest along its rows; prefetch (the pair-mode kernels): num_stages > 1
-    loads one k step ahead."""
+def _decode_tile(c: GemmConfig) -> dict[str, Any]:
+    """Launch parameters of a CUDA-core Gluon nvfp4 kernel for a tile: TG threads of a warp along
+    the tile's 16-value blocks, the rest along its rows; num_stages > 1 loads one k step ahead."""
     if c.block_k < 16 or c.block_k & (c.block_k - 1) or c.block_n & (c.block_n - 1):
         raise ValueError(f"nvfp4 decode tiles need power-of-two sizes and block_k >= 16, got {c}")
-    tile = {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "TG": min(32, c.block_k // 16), "num_warps": c.num_warps}
-    return {**tile, "PREFETCH": c.num_stages > 1} if prefetch else tile
+    return {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "TG": min(32, c.block_k // 16), "num_warps": c.num_warps,
+            "PREFETCH": c.num_stages > 1}
 
 
 def _words_ok(w: torch.Tensor) -> bool:

@@ -113,10 +113,12 @@ def _decode8(w):
 
 @gluon.jit
 def _w_ptrs(w_base, s_base, n0, N, stride_wn, stride_sn, stride_sk,
-            BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, LW: gl.constexpr, LS: gl.constexpr):
+            BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TG: gl.constexpr):
     """Pointers and masks of the first k tile of rows n0..n0+BLOCK_N: weights [R, G, 2] 32-bit
-    words in layout LW (stride_wn in words), scales [R, G] in layout LS."""
+    words in the tile layout (stride_wn in words), scales [R, G] in the sums layout."""
     G: gl.constexpr = BLOCK_K // 16
+    LW: gl.constexpr = _tile_layout(2, TG, gl.num_warps())
+    LS: gl.constexpr = _sums_layout(TG, gl.num_warps())
     LW_RG: gl.constexpr = gl.SliceLayout(2, LW)
     r3 = gl.expand_dims(gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW_RG)), 1), 2)
     g3 = gl.expand_dims(gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, LW_RG)), 0), 2)
@@ -212,8 +214,7 @@ def nvfp4_decode_gate_up_kernel(
         w_base = w_ptr + e64 * stride_we
         s_base = s_ptr + e64 * stride_se
         wg, wok, g3, sg, sok, gs = _w_ptrs(w_base, s_base, n0, I, stride_wn, stride_sn, stride_sk, BLOCK_N,
-                                           BLOCK_K, _tile_layout(2, TG, gl.num_warps()),
-                                           _sums_layout(TG, gl.num_warps()))
+                                           BLOCK_K, TG)
         wu = wg + I.to(gl.int64) * stride_wn
         su = sg + I.to(gl.int64) * stride_sn
         x_ptrs, gx = _x_ptrs(x_ptr + gl.load(row_ids_ptr + m).to(gl.int64) * stride_xm, BLOCK_K, TG)
@@ -263,8 +264,7 @@ def nvfp4_decode_down_kernel(
     if (e >= 0) & (e < E):
         e64 = e.to(gl.int64)
         w, wok, g3, s, sok, gs = _w_ptrs(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, n0, N, stride_wn,
-                                         stride_sn, stride_sk, BLOCK_N, BLOCK_K,
-                                         _tile_layout(2, TG, gl.num_warps()), _sums_layout(TG, gl.num_warps()))
+                                         stride_sn, stride_sk, BLOCK_N, BLOCK_K, TG)
         x_ptrs, gx = _x_ptrs(act_ptr + m.to(gl.int64) * stride_am, BLOCK_K, TG)
         b = _load_w(w, wok, g3, 0, K)  # weights do not depend on gate_up: loaded before the wait
         if USE_PDL:
