@@ -461,7 +461,7 @@ def out_dtype_for(hidden: Any, weights: ExpertWeights) -> torch.dtype:
 
 
 def _fp8_rows(hidden: Any) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """(e4m3 rows as uint8 [N, H], fp32 scales, row stride, group stride) with one scale per row
+    """(e4m3 rows [N, H], fp32 scales, row stride, group stride) with one scale per row
     and 128 values: an fp8_block payload as it is, an fp8 payload (one scale per row or per
     tensor) through broadcast strides, anything else quantized here (quantize_fp8_groups_triton)."""
     from epmoe.quant import quantize_fp8_groups_triton
@@ -470,11 +470,11 @@ def _fp8_rows(hidden: Any) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         q = hidden
     elif isinstance(hidden, QuantizedTensor) and hidden.format == "fp8" and hidden.scales.shape[-1] == 1:
         sc = hidden.scales.reshape(-1, 1)
-        return hidden.data.view(torch.uint8), sc, 0 if sc.shape[0] == 1 else sc.stride(0), 0
+        return hidden.data.view(torch.float8_e4m3fn), sc, 0 if sc.shape[0] == 1 else sc.stride(0), 0
     else:
         x = hidden.dequantize(torch.float32) if isinstance(hidden, QuantizedTensor) else hidden
         q = quantize_fp8_groups_triton(x.contiguous())
-    return q.data.view(torch.uint8), q.scales, q.scales.stride(0), q.scales.stride(1)
+    return q.data.view(torch.float8_e4m3fn), q.scales, q.scales.stride(0), q.scales.stride(1)
 
 
 def triton_experts(
@@ -537,8 +537,8 @@ def triton_experts(
         num_m = perm.max_blocks
         slots = num_m * bm
         sorted_pair, block_expert, expert_end = perm.sorted_pair, perm.block_expert, perm.expert_end
-    if a_fp8:  # e4m3 activations (as bytes) with one fp32 scale per slot and 128 values
-        act = torch.empty(slots, I, dtype=torch.uint8, device=out.device)
+    if a_fp8:  # e4m3 activations with one fp32 scale per slot and 128 values
+        act = torch.empty(slots, I, dtype=torch.float8_e4m3fn, device=out.device)
         act_s = torch.empty(slots, triton_cdiv(I, FP8_BLOCK), dtype=torch.float32, device=out.device)
     else:
         act = act_s = torch.empty(slots, I, dtype=dtype, device=out.device)

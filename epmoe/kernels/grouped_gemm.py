@@ -269,31 +269,45 @@ def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride
 
 
 @triton.jit
-def _mma_fp8(acc, a_ptrs, as_ptrs, stride_asg, valid, w_ptrs, w_desc, e, n0, s_base, rows, k0, K,
-             stride_sn, stride_sk, W_FMT: tl.constexpr, W_TMA: tl.constexpr, W_UNIFORM: tl.constexpr,
+def _fp8_scales(as_ptrs, stride_asg, valid, s_base, n0, rows, k0, K, stride_sn, stride_sk,
+                W_FMT: tl.constexpr, W_UNIFORM: tl.constexpr):
+    """Scales of the w8a8 k step at k0: (row [BLOCK_M], column [BLOCK_N]). The activation scale
+    a_s[m] of the step's 128 values; fp8_block: W_UNIFORM (the tile's weight rows lie in one
+    128-row scale block) folds the step's one weight scale into the row scale (one FMA per
+    accumulator element, as for fp8), else the column scale is the weight rows' block scale (a
+    second multiply). fp8: the per-expert weight scale is the caller's; the column scale is
+    unused. k0 past K (the prefetch after the last step) reads the last group."""
+    kg = tl.minimum(k0, K - 1) // 128
+    a_s = tl.load(as_ptrs + kg * stride_asg, mask=valid, other=0.0)
+    w_s = a_s  # unused unless fp8_block with mixed scale blocks
+    if W_FMT == 2:
+        if W_UNIFORM:
+            a_s = a_s * tl.load(s_base + (n0 // 128) * stride_sn + kg * stride_sk)
+        else:
+            w_s = tl.load(s_base + (tl.maximum(rows, 0).to(tl.int64) // 128) * stride_sn + kg * stride_sk)
+    return a_s, w_s
+
+
+@triton.jit
+def _mma_fp8(acc, a_ptrs, valid, w_ptrs, w_desc, e, n0, rows, k0, K, a_s, w_s,
+             W_FMT: tl.constexpr, W_TMA: tl.constexpr, W_UNIFORM: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One k step of the w8a8 GEMM: acc + dot(a, w) * a_scale[:, None] (* w_scale for fp8_block).
-    a: e4m3 [BLOCK_M, 128] (stored as uint8), w: e4m3 [128, BLOCK_N] (rows `rows` from n0; the
-    weight pointer and descriptor are e4m3). W_UNIFORM: the tile's weight rows lie in one
-    128-row scale block, so the weight scale is one scalar per k step and folds into a_scale
-    (one FMA per accumulator element, as for fp8; a per-column scale costs a second multiply)."""
+    """One k step of the w8a8 GEMM: acc + dot(a, w) * a_s[:, None] (* w_s[None, :]; scales from
+    _fp8_scales, loaded a step ahead by the caller: the pipeliner stages only the tiles, so a scale
+    loaded in its own step stalled the scaling after every MMA). a: e4m3 [BLOCK_M, 128], w: e4m3
+    [128, BLOCK_N] (rows `rows` from n0). Both pointers are typed e4m3, so the pipelined tiles feed
+    the MMA from shared memory (a bitcast of bytes would take `a` through registers first)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
-    a_s = tl.load(as_ptrs + (k0 // 128) * stride_asg, mask=valid, other=0.0)  # [BLOCK_M]
+    a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
     if W_TMA:
         w = tl.trans(w_desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
     else:
         w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & (rows >= 0)[None, :], other=0.0)
-    if W_FMT == 2:
-        if W_UNIFORM:
-            a_s = a_s * tl.load(s_base + (n0 // 128) * stride_sn + (k0 // 128) * stride_sk)
-        else:
-            # the per-column scale multiplies the dot's result after a_s: a [BLOCK_M, BLOCK_N]
-            # scale matrix formed before the dot would stay live across it (register pressure)
-            rows64 = tl.maximum(rows, 0).to(tl.int64)
-            w_s = tl.load(s_base + (rows64 // 128) * stride_sn + (k0 // 128) * stride_sk)
-            return acc + tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+    if W_FMT == 2 and not W_UNIFORM:
+        # the column scale multiplies the dot's result after a_s: a [BLOCK_M, BLOCK_N] scale
+        # matrix formed before the dot would stay live across it (register pressure)
+        return acc + tl.dot(a, w) * a_s[:, None] * w_s[None, :]
     return acc + tl.dot(a, w) * a_s[:, None]
 
 
@@ -320,7 +334,7 @@ def _store_fp8_rows(act_ptr, stride_am, as_ptr, stride_asm, h, slots, offs_n, va
     s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=1), EPS), 448.0)  # [BLOCK_M]
     y = tl.minimum(tl.maximum(tl.math.div_rn(h, s[:, None]), -448.0), 448.0)
     slots64 = slots.to(tl.int64)
-    tl.store(act_ptr + slots64[:, None] * stride_am + offs_n[None, :], e4m3_bits(y),
+    tl.store(act_ptr + slots64[:, None] * stride_am + offs_n[None, :], e4m3_bits(y).to(tl.float8e4nv, bitcast=True),
              mask=valid[:, None] & n_ok[None, :])
     tl.store(as_ptr + slots64 * stride_asm + pid_n, s, mask=valid)
 
@@ -359,13 +373,13 @@ def _rows(pid_m, expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_p
 
 @triton.jit
 def moe_gate_up_kernel(
-    x_ptr, stride_xm,  # hidden [N_rows, K] (A_FP8: e4m3 as uint8)
+    x_ptr, stride_xm,  # hidden [N_rows, K] (A_FP8: e4m3)
     xs_ptr, stride_xsm, stride_xsg,  # A_FP8: fp32 scales of hidden per (row, 128 values)
     w_ptr, stride_we, stride_wn,  # w13 [E, 2*I, K]
     w_desc,  # W_TMA: tensor descriptor of w13, block [1, BLOCK_N, BLOCK_K]
     s_ptr, stride_se, stride_sn, stride_sk, g_ptr, stride_ge,  # W_FMT > 0: scales, global scale
     b_ptr, stride_be,  # b13 [E, 2*I] fp32 (HAS_BIAS)
-    act_ptr, stride_am,  # act [slots, I] (A_FP8: e4m3 as uint8)
+    act_ptr, stride_am,  # act [slots, I] (A_FP8: e4m3)
     acts_ptr, stride_asm,  # A_FP8: fp32 scales of act per (slot, 128 values)
     row_ids_ptr, expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
     num_m, E, e_lo, e_hi, I, K, limit, alpha, EPS,
@@ -421,13 +435,22 @@ def moe_gate_up_kernel(
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if A_FP8:  # w8a8: BLOCK_K == 128, one activation scale per row and k step
             as_ptrs = xs_ptr + rows * stride_xsm
+            n0_g = pid_n * BLOCK_N
+            n0_u = I + pid_n * BLOCK_N
+            sa_g, sw_g = _fp8_scales(as_ptrs, stride_xsg, valid, s_base, n0_g, rows_g, 0, K, stride_sn, stride_sk,
+                                     W_FMT, W_UNIFORM)
+            sa_u, sw_u = _fp8_scales(as_ptrs, stride_xsg, valid, s_base, n0_u, rows_u, 0, K, stride_sn, stride_sk,
+                                     W_FMT, W_UNIFORM)
             for k0 in range(0, K, BLOCK_K):
-                acc_g = _mma_fp8(acc_g, a_ptrs, as_ptrs, stride_xsg, valid, wg_ptrs, w_desc, e, pid_n * BLOCK_N,
-                                 s_base, rows_g, k0, K, stride_sn, stride_sk, W_FMT, W_TMA, W_UNIFORM,
-                                 BLOCK_N, BLOCK_K)
-                acc_u = _mma_fp8(acc_u, a_ptrs, as_ptrs, stride_xsg, valid, wg_ptrs + I * stride_wn, w_desc, e,
-                                 I + pid_n * BLOCK_N, s_base, rows_u, k0, K, stride_sn, stride_sk, W_FMT, W_TMA,
-                                 W_UNIFORM, BLOCK_N, BLOCK_K)
+                na_g, nw_g = _fp8_scales(as_ptrs, stride_xsg, valid, s_base, n0_g, rows_g, k0 + BLOCK_K, K,
+                                         stride_sn, stride_sk, W_FMT, W_UNIFORM)
+                na_u, nw_u = _fp8_scales(as_ptrs, stride_xsg, valid, s_base, n0_u, rows_u, k0 + BLOCK_K, K,
+                                         stride_sn, stride_sk, W_FMT, W_UNIFORM)
+                acc_g = _mma_fp8(acc_g, a_ptrs, valid, wg_ptrs, w_desc, e, n0_g, rows_g, k0, K, sa_g, sw_g,
+                                 W_FMT, W_TMA, W_UNIFORM, BLOCK_N, BLOCK_K)
+                acc_u = _mma_fp8(acc_u, a_ptrs, valid, wg_ptrs + I * stride_wn, w_desc, e, n0_u, rows_u, k0, K,
+                                 sa_u, sw_u, W_FMT, W_TMA, W_UNIFORM, BLOCK_N, BLOCK_K)
+                sa_g, sw_g, sa_u, sw_u = na_g, nw_g, na_u, nw_u
             if W_FMT == 1:
                 acc_g *= tl.load(s_base)
                 acc_u *= tl.load(s_base)
@@ -471,7 +494,7 @@ def moe_gate_up_kernel(
 
 @triton.jit
 def moe_down_kernel(
-    act_ptr, stride_am,  # act [slots, K] (A_FP8: e4m3 as uint8)
+    act_ptr, stride_am,  # act [slots, K] (A_FP8: e4m3)
     acts_ptr, stride_asm,  # A_FP8: fp32 scales of act per (slot, 128 values)
     w_ptr, stride_we, stride_wn,  # w2 [E, N, K]
     w_desc,  # W_TMA: tensor descriptor of w2, block [1, BLOCK_N, BLOCK_K]
@@ -526,9 +549,14 @@ def moe_down_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if A_FP8:
             as_ptrs = acts_ptr + slots.to(tl.int64) * stride_asm
+            n0 = pid_n * BLOCK_N
+            sa, sw = _fp8_scales(as_ptrs, 1, valid, s_base, n0, rows_w, 0, K, stride_sn, stride_sk, W_FMT, W_UNIFORM)
             for k0 in range(0, K, BLOCK_K):
-                acc = _mma_fp8(acc, a_ptrs, as_ptrs, 1, valid, w_ptrs, w_desc, e, pid_n * BLOCK_N, s_base, rows_w,
-                               k0, K, stride_sn, stride_sk, W_FMT, W_TMA, W_UNIFORM, BLOCK_N, BLOCK_K)
+                na, nw = _fp8_scales(as_ptrs, 1, valid, s_base, n0, rows_w, k0 + BLOCK_K, K, stride_sn, stride_sk,
+                                     W_FMT, W_UNIFORM)
+                acc = _mma_fp8(acc, a_ptrs, valid, w_ptrs, w_desc, e, n0, rows_w, k0, K, sa, sw, W_FMT, W_TMA,
+                               W_UNIFORM, BLOCK_N, BLOCK_K)
+                sa, sw = na, nw
             if W_FMT == 1:
                 acc *= tl.load(s_base)
         elif W_FMT == 3:
