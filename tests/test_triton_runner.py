@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from epmoe.experts.triton import (
     GemmConfig,
     activation_quant,
     bucket_pairs,
+    config_key,
     default_config,
     gluon_decode,
     permute,
@@ -378,6 +380,26 @@ def test_config_buckets_follow_power_of_two_tokens():
     assert select_config("bf16", 40, 16, 64, 32, top_k=8) == select_config("bf16", 64, 16, 64, 32, top_k=8)
     assert default_config(8, 128, 2048, 768).pair_mode
     assert not default_config(1024, 128, 2048, 768).pair_mode
+
+
+def test_shipped_tables_hold_configs_the_kernels_take():
+    """Every entry of the shipped tuned tables parses under a key config_key writes, and the nvfp4
+    sorted entries (2-32-row blocks) hold tiles the tensor-core decode kernels take for their sizes:
+    the runner sends such blocks to those kernels, where a bad tile is an error."""
+    from epmoe.experts import triton as runner
+
+    paths = sorted((Path(runner.__file__).parent.parent / "tuning").glob("experts_*.json"))
+    assert paths
+    for path in paths:
+        for key, entry in json.loads(path.read_text())["configs"].items():
+            c = ExpertsConfig.from_json(entry)
+            fmt, h, i, rpe = key.split("|")
+            H, I = int(h.removeprefix("H=")), int(i.removeprefix("I="))
+            assert config_key(fmt, H, I, float(rpe.removeprefix("rpe="))) == key
+            assert fmt in runner.WEIGHT_FORMAT_CODES and c.block_m & (c.block_m - 1) == 0, key
+            if fmt == "nvfp4" and 1 < c.block_m <= runner.NVFP4_GROUPED_MAX_BM:
+                assert runner._nvfp4_sorted_kernels(c, mma=True) == "mma", key
+                runner._mma_tile(c.gate_up, H), runner._mma_tile(c.down, I)
 
 
 def test_nvfp4_prefill_dequantizes_with_the_bf16_config():
