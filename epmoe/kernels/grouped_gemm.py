@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from epmoe.kernels.quant import e4m3_bits
+from epmoe.kernels.quant import e4m3_groups
 
 ACT_SILU = 0
 ACT_GELU = 1
@@ -328,13 +328,11 @@ def _mma_nvfp4(acc, x_ptrs, valid, w_base, s_base, rows, k0, K, stride_wn, strid
 
 @triton.jit
 def _store_fp8_rows(act_ptr, stride_am, as_ptr, stride_asm, h, slots, offs_n, valid, n_ok, pid_n, EPS):
-    """Quantize act rows h [BLOCK_M, 128] (one 128-value group) to e4m3 with one scale per row:
-    s = max(amax, EPS) / 448, q = rne(clamp(h / s, +-448)), as quantize_fp8_groups_torch does."""
-    h = tl.where(valid[:, None] & n_ok[None, :], h, 0.0)
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(h), axis=1), EPS), 448.0)  # [BLOCK_M]
-    y = tl.minimum(tl.maximum(tl.math.div_rn(h, s[:, None]), -448.0), 448.0)
+    """Quantize act rows h [BLOCK_M, 128] (one 128-value group) to e4m3 with one scale per row,
+    as quantize_fp8_groups_triton does (e4m3_groups)."""
+    bits, s = e4m3_groups(tl.where(valid[:, None] & n_ok[None, :], h, 0.0), EPS)  # [BLOCK_M, 128], [BLOCK_M]
     slots64 = slots.to(tl.int64)
-    tl.store(act_ptr + slots64[:, None] * stride_am + offs_n[None, :], e4m3_bits(y).to(tl.float8e4nv, bitcast=True),
+    tl.store(act_ptr + slots64[:, None] * stride_am + offs_n[None, :], bits.to(tl.float8e4nv, bitcast=True),
              mask=valid[:, None] & n_ok[None, :])
     tl.store(as_ptr + slots64 * stride_asm + pid_n, s, mask=valid)
 

@@ -26,6 +26,16 @@ def e4m3_bits(y):
 
 
 @triton.jit
+def e4m3_groups(x, EPS):
+    """fp32 rows x [R, G], each one group of values (zeros outside it) -> (e4m3 bit patterns
+    uint8 [R, G], fp32 scales [R]): s = max(amax, EPS) / 448, q = e4m3(clamp(x / s, +-448)), the
+    operations of quantize_fp8_groups_torch in its order."""
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), 448.0)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -448.0), 448.0)
+    return e4m3_bits(y), s
+
+
+@triton.jit
 def e4m3_value(bits):
     """Non-negative float8_e4m3fn bit pattern (uint8) -> its fp32 value."""
     b = bits.to(tl.uint32) & 0x7F
@@ -59,10 +69,8 @@ def fp8_group_quant_kernel(x_ptr, stride_x, q_ptr, H, s_ptr, n_groups, EPS,
     col = grp[:, None] * GROUP + offs[None, :]  # [GROUPS, BLOCK]
     mask = (grp < n_groups)[:, None] & (offs < GROUP)[None, :] & (col < H)  # the last group may be partial
     x = tl.load(x_ptr + row * stride_x + col, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)  # [GROUPS]
-    s = tl.math.div_rn(amax, 448.0)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -448.0), 448.0)
-    tl.store(q_ptr + row * H + col, e4m3_bits(y), mask=mask)
+    bits, s = e4m3_groups(x, EPS)  # [GROUPS, BLOCK], [GROUPS]
+    tl.store(q_ptr + row * H + col, bits, mask=mask)
     tl.store(s_ptr + row * n_groups + grp, s, mask=grp < n_groups)
 
 
