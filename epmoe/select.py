@@ -68,6 +68,12 @@ class Combo:
 
 def _rules(c: Combo) -> str | None:
     """The reason `c` cannot work, or None."""
+    if c.world < 1:
+        return f"world={c.world}: a layer needs at least one EP rank (world >= 1)"
+    if c.nodes < 1:
+        return f"nodes={c.nodes}: the ranks span at least one host (nodes >= 1)"
+    if c.nodes > c.world:
+        return f"nodes={c.nodes} > world={c.world}: every host holds at least one rank (nodes <= world)"
     if c.routing not in ROUTING_MODES:
         return f"unknown routing mode {c.routing!r}; choose one of {', '.join(ROUTING_MODES)}"
     if c.comm not in COMM_BACKENDS:
@@ -156,16 +162,20 @@ def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] 
 # auto
 # ---------------------------------------------------------------------------------------
 
-# Used where no crossover was measured for the GPU model: one-sided puts win while latency
-# dominates (decode), NCCL's all-to-all once bandwidth does, all-gather for very large
-# batches. Thresholds are tokens per rank (the largest over ranks); replaced per GPU model by
-# `epmoe bench comm --store-crossovers`. A rung whose backend was built for fewer tokens (symm_a2a's
-# default workspace holds 128) is skipped by pick_comm when it is given the capacities.
-DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [(512, "symm_a2a"), (None, "nccl_a2a")]
-
-
 def _crossover_file() -> Path:
     return Path(__file__).parent / "tuning" / "crossovers.json"
+
+
+# The ladder used where no crossover was measured for the GPU model and world size: the shipped
+# file's "default" entry (data, like every measured one). It sends decode-sized batches to the
+# one-sided backend, whose latency wins there, and larger ones to the NCCL all-to-all, whose
+# bandwidth does. Thresholds are tokens per rank (the largest over ranks); replaced per GPU model
+# by `epmoe bench comm --store-crossovers`. A rung whose backend was built for fewer tokens (a
+# pre-sized workspace) is skipped by pick_comm when it is given the capacities.
+DEFAULT_ENTRY = "default"
+DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [
+    (row[0], row[1]) for row in json.loads(_crossover_file().read_text())[DEFAULT_ENTRY]["*"]
+]
 
 
 def crossovers(device_name: str, world: int, path: str | Path | None = None
@@ -173,7 +183,8 @@ def crossovers(device_name: str, world: int, path: str | Path | None = None
     """The (max tokens, backend) ladder for a GPU model and world size, and where it came from.
 
     The file (default epmoe/tuning/crossovers.json) maps GPU model -> world size -> ladder:
-    {"NVIDIA H200": {"4": [[128, "symm_a2a"], [null, "nccl_a2a"]]}}."""
+    {"NVIDIA H200": {"4": [[128, "symm_a2a"], [null, "nccl_a2a"]]}}; where it holds none for
+    them, the shipped file's "default" entry (DEFAULT_CROSSOVERS)."""
     path = Path(path) if path is not None else _crossover_file()
     if path.exists():
         table = json.loads(path.read_text())

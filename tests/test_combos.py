@@ -167,6 +167,15 @@ def test_check_reasons_name_the_fix():
     assert not ok and "routed" in reason
 
 
+@pytest.mark.parametrize(("world", "nodes", "why"), [
+    (0, 1, "world >= 1"), (-2, 1, "world >= 1"), (2, 0, "nodes >= 1"), (2, 3, "nodes <= world"),
+])
+def test_check_bounds_world_and_nodes(world, nodes, why):
+    ok, reason = check(Combo(comm="nccl_a2a", world=world, nodes=nodes))
+    assert not ok and why in reason
+    assert check(Combo(comm="nccl_a2a", world=2, nodes=2))[0]
+
+
 def test_layer_takes_nodes_from_its_group():
     """A group spanning hosts rules out single-node backends: an explicit one raises the table's
     reason, auto leaves it out."""
