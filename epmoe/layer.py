@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from epmoe.comm import accepted_options, get_comm
+from epmoe.comm import get_comm
 from epmoe.comm.base import CommBackend
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights, get_runner
@@ -172,11 +172,12 @@ class MoELayer(nn.Module):
         self.group = group
         # comm="auto" builds every candidate once and picks per call by token count.
         self.comms: dict[str, CommBackend] = {}
-        setup = {"device": weights.device, "dtype": activation_dtype(weights)}
         for n in names:
             cls = get_comm(n)
-            own = options if comm != "auto" else accepted_options(cls, options)
-            self.comms[n] = cls(cfg, group, self.placement, **{**accepted_options(cls, setup), **own})
+            own = options if comm != "auto" else {k: v for k, v in options.items()
+                                                  if k in {f.name for f in dataclasses.fields(cls.Options)}}
+            self.comms[n] = cls(cfg, group, self.placement, cls.make_options(**own), device=weights.device,
+                                dtype=activation_dtype(weights))
         self._ladder = crossovers(_device_name(weights.device), world)[0] if len(names) > 1 else None
         self._capacities = {n: comm_capacity(c) for n, c in self.comms.items()}  # auto skips what cannot hold T
         # Before any call, auto reports its pick for one token; after, the backend of the last call.

@@ -41,8 +41,10 @@ import torch
 from epmoe.comm.base import Dispatched
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import (
+    PAYLOADS,
     Pairs,
     WireBackend,
+    WireOptions,
     empty_rows,
     encode,
     local_experts_of,
@@ -84,38 +86,44 @@ class AllGatherHandle:
     combine_bytes: int
 
 
+@dataclass(frozen=True)
+class AllGatherOptions(WireOptions):
+    """`WireOptions` and gather: "auto", "padded" or "a2a" (see the module docstring)."""
+
+    gather: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gather not in GATHER_MODES:
+            raise ValueError(f"gather must be one of {GATHER_MODES}, got {self.gather!r}")
+
+
 @register_comm
 class AllGatherComm(WireBackend):
-    """All-gather-v dispatch, reduce-scatter-v combine (see the module docstring and
-    `WireBackend` for the options)."""
+    """All-gather-v dispatch, reduce-scatter-v combine (see the module docstring; options:
+    `AllGatherOptions`)."""
 
     name = "allgather"
+    layouts = ("dp",)
+    payloads = PAYLOADS
+    devices = ("cpu", "cuda")
+    needs_host_sync = True  # unless static_shapes (the instance attribute then reads False)
+    static_capable = True
+    single_node = False
+    moves_tokens = True
+    Options = AllGatherOptions
+    options: AllGatherOptions
 
-    def __init__(
-        self,
-        cfg: MoEConfig,
-        group: RankGroup | None,
-        placement: Placement,
-        *,
-        max_tokens_per_rank: int | None = None,
-        payload: str | None = None,
-        combine_dtype: torch.dtype | str = torch.float32,
-        static_shapes: bool = False,
-        gather: str = "auto",
-        input_scale: float | torch.Tensor | None = None,
-    ) -> None:
-        """gather: "auto", "padded" or "a2a" (see the module docstring); the other options are
-        `WireBackend`'s."""
-        super().__init__(cfg, group, placement, max_tokens_per_rank=max_tokens_per_rank, payload=payload,
-                         combine_dtype=combine_dtype, static_shapes=static_shapes, input_scale=input_scale)
-        if gather not in GATHER_MODES:
-            raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
-        self.gather = gather
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
+                 options: AllGatherOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
+        self.gather = self.options.gather
 
     def _padded(self, counts: list[int]) -> bool:
         """Whether to gather padded rows (the same answer on every rank: counts are shared)."""
         if self.gather != "auto":
             return self.gather == "padded"
+        # RankGroup.backend names the transport; groups built before it was declared lack it
         if getattr(self.group, "backend", None) == "gloo":
             return False
         return self.world * max(counts) <= 1.25 * sum(counts)

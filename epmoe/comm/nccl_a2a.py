@@ -34,8 +34,10 @@ import torch
 from epmoe.comm.base import Dispatched
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import (
+    PAYLOADS,
     Pairs,
     WireBackend,
+    WireOptions,
     empty_rows,
     encode,
     local_experts_of,
@@ -75,10 +77,17 @@ class A2AHandle:
 
 @register_comm
 class NcclA2AComm(WireBackend):
-    """Count exchange + all-to-all with splits (see the module docstring and `WireBackend` for
-    the options)."""
+    """Count exchange + all-to-all with splits (see the module docstring; options: `WireOptions`)."""
 
     name = "nccl_a2a"
+    layouts = ("dp",)
+    payloads = PAYLOADS
+    devices = ("cpu", "cuda")
+    needs_host_sync = True  # unless static_shapes (the instance attribute then reads False)
+    static_capable = True
+    single_node = False
+    moves_tokens = True
+    Options = WireOptions
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
         ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32

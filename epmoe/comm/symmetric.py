@@ -89,15 +89,17 @@ import os
 import secrets
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from epmoe.comm.base import (
+    IMPLS,
     CommBackend,
+    CommOptions,
     Dispatched,
+    agree,
     call_bound,
     check_addend,
     count_experts,
@@ -105,7 +107,7 @@ from epmoe.comm.base import (
     weighted_sum,
 )
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import check_input_scale, scale_code, scale_text
+from epmoe.comm.wire import check_combine_dtype, check_input_scale, check_payload, config_code, scale_code, scale_text
 from epmoe.config import MoEConfig
 from epmoe.group import EPGroup, Placement, RankGroup
 from epmoe.routing import Routing
@@ -496,29 +498,19 @@ def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: t
     return acc
 
 
-def _shown(key: str, value: int, names: dict[str, tuple]) -> str:
-    """A value of the setup agreement as a person reads it."""
-    if key in names:
-        return str(names[key][value])
-    return scale_text(value) if key == "input_scale" else str(value)
-
-
 # ---------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------
 
 
-@register_comm
-class SymmA2A(CommBackend):
-    """One-sided dispatch/combine through every rank's workspace (see the module docstring).
+@dataclass(frozen=True)
+class SymmOptions(CommOptions):
+    """Options of `symm_a2a`.
 
-    Options:
     max_tokens_per_rank: T limit of one call on one rank; sizes the workspace (default 128).
     payload:       "bf16" or None (rows as x holds them), "fp8" (per-tensor scale), "fp8_block"
                    (a scale per 128 values), "nvfp4" (e4m3 scale per 16 values + global).
     timeout_s:     bound of every wait for peers' flags (default 10 s).
-    device, dtype: where the workspace lives and the dtype of bf16 payload rows; when not
-                   given, taken from the first dispatch's x (whose setup is then collective).
     combine_dtype: dtype of the partial sums sent back: torch.float32 / "fp32" (default: the
                    home rank casts once) or torch.bfloat16 / "bf16" (half the bytes, one more
                    rounding).
@@ -528,70 +520,79 @@ class SymmA2A(CommBackend):
     impl:          "triton" (CUDA kernels; default on CUDA) or "torch" (the plain-torch twin;
                    default on CPU; on CUDA it polls flags from the host).
     check_errors:  read the kernels' error word after every eager combine (a host sync) and
-                   raise on timeouts; with False call `check()` yourself (e.g. after graph
-                   replays).
+                   after every graph replay of the layer, and raise on timeouts; with False call
+                   `check()` yourself.
     input_scale:   static activation scale shared by every rank (the checkpoint's per-layer
                    `input_scale`): fp8's per-tensor scale or nvfp4's global scale instead of
                    this rank's batch amax; fp8 / nvfp4 payloads only. Eager calls only for now:
                    the quantizers (epmoe.quant) check a static scale on the host, which a CUDA
                    graph capture cannot hold, so a capture with it raises.
+
+    payload and combine_dtype read back canonical ("bf16", torch.float32 / torch.bfloat16).
     """
+
+    max_tokens_per_rank: int | None = DEFAULT_MAX_TOKENS
+    payload: str | None = "bf16"
+    timeout_s: float = 10.0
+    combine_dtype: torch.dtype | str = torch.float32
+    combine_mode: str = "push"
+    impl: str = "auto"
+    check_errors: bool = True
+    input_scale: float | torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        m = DEFAULT_MAX_TOKENS if self.max_tokens_per_rank is None else self.max_tokens_per_rank
+        if not isinstance(m, int) or m <= 0:
+            raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
+        object.__setattr__(self, "max_tokens_per_rank", m)
+        object.__setattr__(self, "payload", check_payload(self.payload))
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        object.__setattr__(self, "combine_dtype", check_combine_dtype(self.combine_dtype))
+        if self.combine_mode not in COMBINE_MODES:
+            raise ValueError(f"combine_mode must be 'push' or 'pull', got {self.combine_mode!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {self.impl!r}")
+        check_input_scale(self.input_scale, self.payload)
+
+
+@register_comm
+class SymmA2A(CommBackend):
+    """One-sided dispatch/combine through every rank's workspace (see the module docstring;
+    options: `SymmOptions`). The workspace is built at construction, on `device`, for bf16
+    payload rows of `dtype` (a collective: every rank constructs the backend together)."""
 
     name = "symm_a2a"
     layouts = ("dp",)
-    needs_host_sync = False
     payloads = PAYLOADS
     devices = ("cpu", "cuda")
+    needs_host_sync = False
+    static_capable = False
     single_node = True
+    moves_tokens = True
+    Options = SymmOptions
+    options: SymmOptions
 
-    def __init__(
-        self,
-        cfg: MoEConfig,
-        group: RankGroup | None,
-        placement: Placement,
-        max_tokens_per_rank: int | None = None,
-        payload: str | None = None,
-        timeout_s: float = 10.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        combine_dtype: torch.dtype | str = torch.float32,
-        combine_mode: str = "push",
-        impl: str = "auto",
-        check_errors: bool = True,
-        input_scale: float | torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(cfg, group, placement)
-        max_tokens_per_rank = DEFAULT_MAX_TOKENS if max_tokens_per_rank is None else max_tokens_per_rank
-        payload = payload or "bf16"
-        combine_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(combine_dtype, combine_dtype)
-        if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank <= 0:
-            raise ValueError(f"max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
-        payload_row_bytes(payload, cfg.hidden, 2)  # validates the payload name and H
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if combine_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
-        if combine_mode not in ("push", "pull"):
-            raise ValueError(f"combine_mode must be 'push' or 'pull', got {combine_mode!r}")
-        if impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-        self.max_tokens = max_tokens_per_rank
-        self.payload = payload
-        self.timeout_s = float(timeout_s)
-        self.combine_dtype = combine_dtype
-        self.combine_mode = combine_mode
-        self.impl = impl
-        self.check_errors = check_errors
-        self.input_scale = check_input_scale(input_scale, payload)
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
+                 options: SymmOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
+        o = self.options
+        self.max_tokens: int = o.max_tokens_per_rank  # type: ignore[assignment]
+        self.capacity = self.max_tokens
+        self.payload = check_payload(o.payload, cfg.hidden)
+        self.timeout_s = float(o.timeout_s)
+        self.combine_dtype: torch.dtype = o.combine_dtype  # type: ignore[assignment]
+        self.combine_mode = o.combine_mode
+        self.impl = o.impl
+        self.check_errors = o.check_errors
+        self.input_scale = check_input_scale(o.input_scale, self.payload)
         self._scale_dev: torch.Tensor | None = None
         self.slot_experts = min(cfg.top_k, placement.local_experts)
         self.seq = 0  # last completed call's sequence number (host copy)
         self.layout: Layout | None = None
         self._open: SymmHandle | None = None
         self._broken: str | None = None
-        if device is not None:
-            device = torch.device(device)
-            self._setup(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        self._setup(self.device, dtype)
 
     # ---- sizing ----------------------------------------------------------------------------
 
@@ -662,34 +663,22 @@ class SymmA2A(CommBackend):
             self._timeout_arg = int(self.timeout_s * 1e9) if self._use_timer else max(1, int(self.timeout_s * 1e4))
 
     def _agree(self, lay: Layout, device: torch.device) -> None:
-        """One all-gather of what every rank's workspace layout depends on; a ValueError on
-        every rank (so none is left waiting on a peer's flags) naming the ranks that differ
-        from rank 0."""
-        if self.group is None or self.world == 1:
-            return
+        """One all-gather (`agree`) of what every rank's workspace layout depends on; a
+        ValueError on every rank (so none is left waiting on a peer's flags) naming the ranks
+        that differ from rank 0."""
         fields = {
             "world": lay.world, "max_tokens_per_rank": lay.max_tokens, "hidden": lay.hidden,
             "local experts per token (Kl)": lay.slot_experts, "payload": PAYLOADS.index(lay.payload),
             "row dtype": _DTYPES.index(lay.dtype), "combine dtype": _DTYPES.index(lay.combine_dtype),
-            "workspace bytes": lay.nbytes, "config": zlib.crc32(repr(self.cfg).encode()),
+            "workspace bytes": lay.nbytes, "config": config_code(self.cfg),
             "input_scale": scale_code(self.input_scale), "combine_mode": COMBINE_MODES.index(self.combine_mode),
         }
-        names = {"payload": PAYLOADS, "row dtype": _DTYPES, "combine dtype": _DTYPES, "combine_mode": COMBINE_MODES}
-        table = self.group.all_gather_ints(list(fields.values()), device=device)
-        problems = []
-        for i, key in enumerate(fields):
-            values = [row[i] for row in table]
-            differ = [r for r, v in enumerate(values) if v != values[0]]
-            if differ:
-                shown = ", ".join(f"rank {r}: {_shown(key, v, names)}" for r, v in enumerate(values))
-                problems.append(f"ranks {differ} differ from rank 0 on {key} ({shown})")
-        if problems:
-            raise ValueError(f"symm_a2a rank {self.rank}: " + "; ".join(problems) + ". Every rank must build the "
-                             "layer with the same MoEConfig and comm_options and pass x of the same dtype")
-
-    def _ensure_setup(self, x: torch.Tensor) -> None:
-        if self.layout is None:
-            self._setup(x.device, x.dtype)
+        shown = {"payload": PAYLOADS.__getitem__, "row dtype": lambda v: str(_DTYPES[v]),
+                 "combine dtype": lambda v: str(_DTYPES[v]), "combine_mode": COMBINE_MODES.__getitem__,
+                 "input_scale": scale_text}
+        agree(self.group, f"symm_a2a rank {self.rank}", fields, device=device, shown=shown,
+              fix="Every rank must build the layer with the same MoEConfig and comm_options and pass x of the "
+                  "same dtype")
 
     def destroy(self) -> None:
         """Drop the workspace (collective: every rank calls it before any peer frees memory)."""
@@ -704,6 +693,8 @@ class SymmA2A(CommBackend):
     def _check_call(self, x: torch.Tensor, routing: Routing) -> None:
         if self._broken:
             raise RuntimeError(f"symm_a2a rank {self.rank} is unusable after an earlier failure: {self._broken}")
+        if self.layout is None:
+            raise RuntimeError(f"symm_a2a rank {self.rank}: the workspace was destroyed; build a new backend")
         T = x.shape[0]
         if T > self.max_tokens:
             raise ValueError(
@@ -715,11 +706,10 @@ class SymmA2A(CommBackend):
             raise ValueError(f"x must be [T, {self.cfg.hidden}], got {tuple(x.shape)}")
         if routing.ids.shape != (T, self.cfg.top_k):
             raise ValueError(f"routing must be [{T}, {self.cfg.top_k}], got {tuple(routing.ids.shape)}")
-        if self.layout is not None:
-            if x.device != self.device:
-                raise ValueError(f"x is on {x.device}, the symm_a2a workspace on {self.device}")
-            if self.payload == "bf16" and x.dtype != self.dtype:
-                raise ValueError(f"x is {x.dtype}, the workspace holds {self.dtype} rows; pass dtype= at construction")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device}, the symm_a2a workspace on {self.device}")
+        if self.payload == "bf16" and x.dtype != self.dtype:
+            raise ValueError(f"x is {x.dtype}, the workspace holds {self.dtype} rows; pass dtype= at construction")
         if self._open is not None:
             raise RuntimeError("symm_a2a: dispatch called again before combine; every dispatch needs its combine")
         if routing.ids.device != self.device or routing.weights.device != self.device:
@@ -776,7 +766,6 @@ class SymmA2A(CommBackend):
         before anything is written); calls being captured in a CUDA graph skip host checks, and
         the kernels treat an out-of-range id as a masked pair, so memory is never touched out
         of bounds."""
-        self._ensure_setup(x)  # collective the first time: before any check that raises on one rank
         self._check_call(x, routing)
         bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
         seq = next_seq(self.seq)

@@ -19,7 +19,7 @@ rank called with the same config (folded into the count exchange, so it costs no
 collective), and the fp32 rank-order reduction at the home rank.
 
 Host syncs and CUDA graphs: by default each call exchanges counts (and the config check) on the
-host, so the class declares `needs_host_sync = True`. With `static_shapes=True` (and
+host, so both backends declare `needs_host_sync = True`. With `static_shapes=True` (and
 `max_tokens_per_rank`) every collective has a fixed size and the instance's `needs_host_sync` is
 False: the call can be captured in a CUDA graph. Eager static calls still exchange the config
 and routing-id check (one small all-gather, so a bad rank raises on every rank instead of
@@ -41,13 +41,15 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from epmoe.comm.base import (
     CommBackend,
+    CommOptions,
     Dispatched,
+    agree,
     call_bound,
     count_experts,
     finish,
@@ -64,14 +66,15 @@ _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FILL = 0xFF  # unused wire bytes: NaN floats, -1 ids, so a row nobody wrote is never taken as data
 
 
-def check_payload(payload: str | None, cfg: MoEConfig) -> str:
-    """Validate a payload option; returns the canonical name ("bf16" for None)."""
+def check_payload(payload: str | None, hidden: int | None = None) -> str:
+    """Validate a payload option (and, given `hidden`, that rows of that width can carry it);
+    returns the canonical name ("bf16" for None)."""
     name = payload or "bf16"
     if name not in PAYLOADS:
         raise ValueError(f"unknown payload {payload!r}; supported payloads: {', '.join(PAYLOADS)} "
                          "(None or 'bf16' = the activations unquantized)")
-    if name == "nvfp4" and cfg.hidden % 16:
-        raise ValueError(f"nvfp4 payloads need hidden % 16 == 0, got hidden={cfg.hidden}; use fp8_block")
+    if name == "nvfp4" and hidden is not None and hidden % 16:
+        raise ValueError(f"nvfp4 payloads need hidden % 16 == 0, got hidden={hidden}; use fp8_block")
     return name
 
 
@@ -230,17 +233,14 @@ def local_experts_of(ids: torch.Tensor, placement: Placement, rank: int) -> torc
 # the shared base of the count-exchanging backends
 # ---------------------------------------------------------------------------------------
 
-# The fields every rank sends in the count exchange, in order, then the backend's counts.
-_FIELDS = ("tokens", "hidden", "top_k", "experts", "config", "x dtype", "payload", "combine dtype",
-           "max_tokens_per_rank", "static_shapes", "input_scale", "max_tokens of the call", "bad routing ids")
-
-
-def _config_code(cfg: MoEConfig) -> int:
+def config_code(cfg: MoEConfig) -> int:
+    """A MoEConfig as one int, for the cross-rank agreement checks."""
     return zlib.crc32(repr(cfg).encode())
 
 
-class WireBackend(CommBackend):
-    """Shared options and checks of `allgather` and `nccl_a2a`.
+@dataclass(frozen=True)
+class WireOptions(CommOptions):
+    """Options of the count-exchanging backends (`allgather`, `nccl_a2a`).
 
     max_tokens_per_rank: the largest T any rank passes (a larger T raises ValueError). Required
                          by static_shapes.
@@ -256,45 +256,53 @@ class WireBackend(CommBackend):
     input_scale:         static activation scale shared by every rank (the checkpoint's
                          per-layer `input_scale`): fp8's per-tensor scale or nvfp4's global
                          scale, instead of each rank's batch amax (`check_input_scale`).
+
+    payload and combine_dtype read back canonical ("bf16", torch.float32 / torch.bfloat16).
     """
 
-    layouts: ClassVar[tuple[str, ...]] = ("dp",)
-    needs_host_sync: ClassVar[bool] = True  # unless static_shapes (see the instance attribute)
-    static_capable: ClassVar[bool] = True
-    payloads: ClassVar[tuple[str, ...]] = PAYLOADS
-    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    max_tokens_per_rank: int | None = None
+    payload: str | None = "bf16"
+    combine_dtype: torch.dtype | str = torch.float32
+    static_shapes: bool = False
+    input_scale: float | torch.Tensor | None = None
 
-    def __init__(
-        self,
-        cfg: MoEConfig,
-        group: RankGroup | None,
-        placement: Placement,
-        *,
-        max_tokens_per_rank: int | None = None,
-        payload: str | None = None,
-        combine_dtype: torch.dtype | str = torch.float32,
-        static_shapes: bool = False,
-        input_scale: float | torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(cfg, group, placement)
-        world = self.world
+    def __post_init__(self) -> None:
+        m = self.max_tokens_per_rank
+        if m is not None and (not isinstance(m, int) or m <= 0):
+            raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
+        if self.static_shapes and m is None:
+            raise ValueError("static_shapes needs max_tokens_per_rank (the bound every collective is sized by)")
+        object.__setattr__(self, "payload", check_payload(self.payload))
+        object.__setattr__(self, "combine_dtype", check_combine_dtype(self.combine_dtype))
+        object.__setattr__(self, "static_shapes", bool(self.static_shapes))
+        check_input_scale(self.input_scale, self.payload)
+
+
+class WireBackend(CommBackend):
+    """Shared construction and checks of `allgather` and `nccl_a2a` (options: `WireOptions`).
+
+    Host syncs: each call exchanges counts (needs_host_sync); with static_shapes the instance's
+    `needs_host_sync` is False and a call can be captured in a CUDA graph."""
+
+    options: WireOptions
+
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
+                 options: WireOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
+        world, o = self.world, self.options
         if placement.world != world or placement.num_experts != cfg.num_experts:
             raise ValueError(
                 f"comm {self.name!r}: placement covers {placement.num_experts} experts on "
                 f"{placement.world} ranks, the layer has {cfg.num_experts} experts on {world} ranks; "
                 f"build it with Placement.contiguous({cfg.num_experts}, {world})"
             )
-        if max_tokens_per_rank is not None and (not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank <= 0):
-            raise ValueError(f"max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
-        if static_shapes and max_tokens_per_rank is None:
-            raise ValueError(f"comm {self.name!r}: static_shapes needs max_tokens_per_rank (the bound every "
-                             "collective is sized by)")
-        self.payload = check_payload(payload, cfg)
-        self.combine_dtype = check_combine_dtype(combine_dtype)
-        self.max_tokens_per_rank = max_tokens_per_rank
-        self.static_shapes = bool(static_shapes)
+        self.payload = check_payload(o.payload, cfg.hidden)
+        self.combine_dtype: torch.dtype = o.combine_dtype  # type: ignore[assignment]
+        self.max_tokens_per_rank = o.max_tokens_per_rank
+        self.capacity = o.max_tokens_per_rank
+        self.static_shapes = o.static_shapes
         self.needs_host_sync = not self.static_shapes  # type: ignore[misc]
-        self.input_scale = check_input_scale(input_scale, self.payload)
+        self.input_scale = check_input_scale(o.input_scale, self.payload)
         self._scales: dict[torch.device, torch.Tensor] = {}
 
     def scale_on(self, device: torch.device) -> torch.Tensor | None:
@@ -335,44 +343,39 @@ class WireBackend(CommBackend):
         rank passes alike; eager calls check that in the exchange) or max_tokens_per_rank."""
         return call_bound(max_tokens, T, self.max_tokens_per_rank, f"comm {self.name!r} on rank {self.rank}")
 
-    def _fingerprint(self, x: torch.Tensor, ids: torch.Tensor, cap: int = 0) -> list[int]:
-        T, E = x.shape[0], self.cfg.num_experts
-        bad = int(bool(((ids < -1) | (ids >= E)).any())) if ids.numel() else 0
-        return [T, x.shape[1], ids.shape[1], E, _config_code(self.cfg), _X_DTYPES.index(x.dtype),
-                PAYLOADS.index(self.payload), 0 if self.combine_dtype == torch.float32 else 1,
-                self.max_tokens_per_rank or 0, int(self.static_shapes), scale_code(self.input_scale), cap, bad]
-
     def _exchange(self, x: torch.Tensor, ids: torch.Tensor, counts: Sequence[int] = (), cap: int = 0
                   ) -> list[list[int]]:
-        """One all-gather of every rank's fingerprint (+ `counts`); raises the same ValueError
-        on every rank when ranks disagree, so no rank is left waiting in a later collective.
-        cap: a static-shape call's rows per rank pair (0 otherwise). Returns each rank's
-        `counts` part."""
-        mine = self._fingerprint(x, ids, cap) + [int(c) for c in counts]
-        table = self.group.all_gather_ints(mine, device=x.device) if self.world > 1 else [mine]
-        n = len(_FIELDS)
-        problems = []
-        for i, field in enumerate(_FIELDS[1:-1], start=1):
-            values = [row[i] for row in table]
-            differ = [r for r, v in enumerate(values) if v != values[0]]
-            if differ:
-                shown = ", ".join(f"rank {r}: {scale_text(v) if field == 'input_scale' else v}"
-                                  for r, v in enumerate(values))
-                problems.append(f"ranks {differ} differ from rank 0 on {field} ({shown})")
-        bad = [r for r, row in enumerate(table) if row[n - 1]]
-        if bad:
-            problems.append(f"ranks {bad} passed routing ids outside [0, {self.cfg.num_experts}) "
-                            "(-1 marks a masked pair)")
+        """One all-gather (`agree`) of what every rank must share, this rank's T and whether its
+        routing ids are bad, and `counts`; raises the same ValueError on every rank when ranks
+        disagree, so no rank is left waiting in a later collective. cap: a static-shape call's
+        rows per rank pair (0 otherwise). Returns each rank's `counts` part."""
+        T, E = x.shape[0], self.cfg.num_experts
+        bad = int(bool(((ids < -1) | (ids >= E)).any())) if ids.numel() else 0
+        fields = {
+            "hidden": x.shape[1], "top_k": ids.shape[1], "experts": E, "config": config_code(self.cfg),
+            "x dtype": _X_DTYPES.index(x.dtype), "payload": PAYLOADS.index(self.payload),
+            "combine dtype": 0 if self.combine_dtype == torch.float32 else 1,
+            "max_tokens_per_rank": self.max_tokens_per_rank or 0, "static_shapes": int(self.static_shapes),
+            "input_scale": scale_code(self.input_scale), "max_tokens of the call": cap,
+        }
         limit = self.max_tokens_per_rank
-        over = [r for r, row in enumerate(table) if limit is not None and row[0] > limit]
-        if over:
-            problems.append(f"ranks {over} passed more tokens than max_tokens_per_rank={limit} "
-                            f"({[table[r][0] for r in over]})")
-        if problems:
-            raise ValueError(f"comm {self.name!r} on rank {self.rank}: " + "; ".join(problems)
-                             + ". Every rank must build the layer with the same MoEConfig and options "
-                             "and pass x [T, H] with valid routing")
-        return [row[n:] for row in table]
+
+        def report(table: list[list[int]]) -> list[str]:
+            problems = []
+            bad = [r for r, row in enumerate(table) if row[1]]
+            if bad:
+                problems.append(f"ranks {bad} passed routing ids outside [0, {E}) (-1 marks a masked pair)")
+            over = [r for r, row in enumerate(table) if limit is not None and row[0] > limit]
+            if over:
+                problems.append(f"ranks {over} passed more tokens than max_tokens_per_rank={limit} "
+                                f"({[table[r][0] for r in over]})")
+            return problems
+
+        table = agree(self.group, f"comm {self.name!r} on rank {self.rank}", fields, [T, bad, *counts],
+                      device=x.device, shown={"input_scale": scale_text}, report=report,
+                      fix="Every rank must build the layer with the same MoEConfig and options and pass x [T, H] "
+                          "with valid routing")
+        return [row[2:] for row in table]
 
     # ---- combine helpers --------------------------------------------------------------------
 
