@@ -664,6 +664,33 @@ def test_nvfp4_decode_choice_is_checked(monkeypatch):
     assert not gluon_decode(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("raw", ["lots", "nan", "inf", "-1", "0"])
+def test_triton_options_are_checked(raw, monkeypatch):
+    """Options default from the environment once, when built; bad values name the variable or field."""
+    from epmoe.experts.triton import TritonOptions
+
+    monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", raw)
+    with pytest.raises(ValueError, match=f"EPMOE_DEQUANT_SCRATCH_MB='{raw}' must be a number of megabytes, finite"):
+        TritonOptions()
+    with pytest.raises(ValueError, match="dequant_scratch_mb=.* must be a number of megabytes, finite and > 0"):
+        TritonOptions(dequant_scratch_mb=float(raw) if raw != "lots" else raw)
+    monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", "2")
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fma")
+    opts = TritonOptions()
+    assert opts == TritonOptions(nvfp4_decode="fma", dequant_scratch_mb=2.0)
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fast")
+    with pytest.raises(ValueError, match="EPMOE_NVFP4_DECODE must be one of"):
+        TritonOptions()
+    with pytest.raises(ValueError, match="nvfp4_decode must be one of gluon, mma, fma, tl, got 'fast'"):
+        TritonOptions(nvfp4_decode="fast", dequant_scratch_mb=1.0)
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden=48, intermediate=32)
+    weights = ExpertWeights.random(cfg, 4)
+    runner = get_runner("triton")(cfg, weights, opts)  # built options: the environment is not read again
+    assert runner.options is opts
+    with pytest.raises(TypeError, match="takes TritonOptions"):
+        get_runner("triton")(cfg, weights, {"nvfp4_decode": "fma"})
+
+
 def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeypatch):
     """Pair mode up to 16 pairs for every format; nvfp4 on the Gluon decode kernels up to one
     (bucketed) row per expert (tensor-core tiles from NVFP4_MMA_MIN_WEIGHTS on), then sorted blocks

@@ -38,7 +38,7 @@ import json
 import math
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ import torch
 from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
 from epmoe.experts.base import ExpertRunner, ExpertWeights, register_runner
+from epmoe.experts.triton_prepare import prepare_triton
 from epmoe.quant import AMAX_EPS, FP8_BLOCK, QuantizedTensor
 
 ACT_CODES = {"silu": 0, "gelu": 1, "swiglu_clamped": 2}
@@ -164,32 +165,35 @@ def _load_table(device_name: str) -> dict[str, ExpertsConfig]:
     return table
 
 
-def pair_mode_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None) -> bool:
+def pair_mode_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None,
+                  decode: str | None = None) -> bool:
     """Whether M (bucketed) pairs run in pair mode: at most PAIR_MODE_MAX_PAIRS, or for nvfp4 on
     the Gluon decode kernels at most NVFP4_PAIR_MODE_MAX_RPE rows per expert (there, decoding a
-    touched expert once per pair beats decoding each weight tile once per m tile of the sort)."""
+    touched expert once per pair beats decoding each weight tile once per m tile of the sort).
+    decode: the nvfp4 decode choice (TritonOptions.nvfp4_decode; None: from the environment)."""
     if num_pairs <= PAIR_MODE_MAX_PAIRS:
         return True
-    return (fmt == "nvfp4" and device is not None and gluon_decode(device)
+    return (fmt == "nvfp4" and device is not None and gluon_decode(device, decode)
             and num_pairs / max(num_experts, 1) <= NVFP4_PAIR_MODE_MAX_RPE)
 
 
-def nvfp4_grouped_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None) -> bool:
+def nvfp4_grouped_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None,
+                      decode: str | None = None) -> bool:
     """Whether M (bucketed) pairs of nvfp4 weights run the sorted tensor-core decode kernels: past
     pair mode and below NVFP4_MMA_MAX_RPE rows per expert, on a GPU that runs Gluon."""
-    return (fmt == "nvfp4" and device is not None and not pair_mode_for(fmt, num_pairs, num_experts, device)
-            and gluon_decode(device) and num_pairs / max(num_experts, 1) < NVFP4_MMA_MAX_RPE)
+    return (fmt == "nvfp4" and device is not None and not pair_mode_for(fmt, num_pairs, num_experts, device, decode)
+            and gluon_decode(device, decode) and num_pairs / max(num_experts, 1) < NVFP4_MMA_MAX_RPE)
 
 
-def nvfp4_mma_pairs(num_pairs: int, hidden: int, intermediate: int) -> bool:
+def nvfp4_mma_pairs(num_pairs: int, hidden: int, intermediate: int, decode: str | None = None) -> bool:
     """Whether pair-mode nvfp4 (bf16 activations, Gluon) runs the tensor-core decode kernels rather
     than the CUDA-core ones: enough weights touched for the larger tiles to fill the GPU."""
-    choice = _nvfp4_decode_choice()
+    choice = nvfp4_decode_choice(decode)
     return choice == "mma" or (choice == "gluon" and num_pairs * 2 * intermediate * hidden >= NVFP4_MMA_MIN_WEIGHTS)
 
 
 def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: int, fmt: str = "bf16",
-                   pair_mode: bool | None = None, grouped: bool = False) -> ExpertsConfig:
+                   pair_mode: bool | None = None, grouped: bool = False, decode: str | None = None) -> ExpertsConfig:
     """Heuristic config for M pairs over E local experts (used where no tuned entry exists);
     pair_mode None: M <= PAIR_MODE_MAX_PAIRS. grouped: the sorted nvfp4 tensor-core decode kernels
     (block_m = the bucketed rows per expert, up to NVFP4_GROUPED_MAX_BM)."""
@@ -199,7 +203,7 @@ def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: 
         bk = 64 if bm > 16 else 128
         return ExpertsConfig(bm, GemmConfig(64, bk, 4, 1), GemmConfig(128, bk, 4, 1))
     if pair_mode if pair_mode is not None else num_pairs <= PAIR_MODE_MAX_PAIRS:
-        if fmt == "nvfp4" and nvfp4_mma_pairs(num_pairs, hidden, intermediate):  # tensor-core decode kernels
+        if fmt == "nvfp4" and nvfp4_mma_pairs(num_pairs, hidden, intermediate, decode):  # tensor-core decode kernels
             # (measured on H200: 32 x 256 gate_up tiles of 2 warps, down 64 x 256 with a prefetch at a
             # few pairs, else 128 x 128)
             down = GemmConfig(64, 256, 4, 2, pdl=True) if num_pairs <= 8 else GemmConfig(128, 128, 4, 1, pdl=True)
@@ -224,22 +228,22 @@ def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: 
 
 
 def select_config(fmt: str, num_pairs: int, num_experts: int, hidden: int, intermediate: int,
-                  top_k: int = 1, device: torch.device | None = None) -> ExpertsConfig:
+                  top_k: int = 1, device: torch.device | None = None, decode: str | None = None) -> ExpertsConfig:
     """The config for a call: the tuned table of the GPU model if it has the key, else the
     heuristic. nvfp4 from NVFP4_DEQUANT_MIN_RPE rows per expert on (NVFP4_MMA_MAX_RPE where the
     tensor-core decode kernels run): the bf16 config, dequant=True."""
     m = bucket_pairs(num_pairs, top_k)
-    pair = pair_mode_for(fmt, m, num_experts, device)
-    grouped = nvfp4_grouped_for(fmt, m, num_experts, device)
+    pair = pair_mode_for(fmt, m, num_experts, device, decode)
+    grouped = nvfp4_grouped_for(fmt, m, num_experts, device, decode)
     if fmt == "nvfp4" and not pair and not grouped and m / max(num_experts, 1) >= NVFP4_DEQUANT_MIN_RPE:
-        bf16 = select_config("bf16", num_pairs, num_experts, hidden, intermediate, top_k, device)
+        bf16 = select_config("bf16", num_pairs, num_experts, hidden, intermediate, top_k, device, decode)
         return dataclasses.replace(bf16, dequant=True)
     if device is not None and device.type == "cuda":
         table = _load_table(torch.cuda.get_device_name(device))
         hit = table.get(config_key(fmt, hidden, intermediate, m / max(num_experts, 1)))
         if hit is not None and (hit.block_m == 1) == pair:
             return hit
-    return default_config(m, num_experts, hidden, intermediate, fmt, pair, grouped)
+    return default_config(m, num_experts, hidden, intermediate, fmt, pair, grouped, decode)
 
 
 # ---------------------------------------------------------------------------------------
@@ -487,6 +491,7 @@ def triton_experts(
     config: ExpertsConfig | None = None,
     expert_counts: torch.Tensor | None = None,
     expert_offsets: torch.Tensor | None = None,
+    options: TritonOptions | None = None,
 ) -> torch.Tensor:
     """hidden [N, H] (bf16/fp16/fp32, or a quantized payload), row_ids / expert_ids [M] int32
     (-1 = padding) -> out [M, H] in `out_dtype_for(hidden, weights)`.
@@ -494,11 +499,14 @@ def triton_experts(
     Same contract as `reference_experts` (with `act_quant=activation_quant(...)`); padding rows
     of `out` are left as they were. expert_counts and expert_offsets ([E] int32, both or
     neither): the pairs are grouped by expert as Dispatched.expert_offsets describes (checked
-    there, trusted here), and the device sort is skipped.
+    there, trusted here), and the device sort is skipped. options None: `TritonOptions()`
+    (its defaults from the environment).
     """
     from epmoe.kernels.grouped_gemm import moe_down_kernel, moe_gate_up_kernel
 
     _check(hidden, row_ids, expert_ids, weights, cfg, out)
+    options = TritonOptions() if options is None else options
+    decode, scratch_mb = options.nvfp4_decode, options.dequant_scratch_mb
     E, H, I, M = weights.w13.shape[0], cfg.hidden, cfg.intermediate, expert_ids.shape[0]
     grouped = expert_offsets is not None
     if grouped != (expert_counts is not None):
@@ -512,7 +520,7 @@ def triton_experts(
     if M == 0:
         return out
     if config is None:
-        config = select_config(weights.format, M, E, H, I, cfg.top_k, expert_ids.device)
+        config = select_config(weights.format, M, E, H, I, cfg.top_k, expert_ids.device, decode)
     a_fp8 = activation_quant(weights.format, config) is not None
     if a_fp8 and config.block_m > FP8_MAX_BLOCK_M:
         config = dataclasses.replace(config, block_m=FP8_MAX_BLOCK_M)
@@ -521,13 +529,13 @@ def triton_experts(
     else:
         x = hidden.dequantize(dtype) if isinstance(hidden, QuantizedTensor) else hidden
         xs, stride_xsm, stride_xsg = x, 0, 0
-    gluon = _gluon_nvfp4(weights, out.device)
+    gluon = _gluon_nvfp4(weights, out.device, decode)
     mma = gluon and x.dtype == torch.bfloat16  # the tensor-core decode kernels multiply bf16
     route = (_nvfp4_sorted_kernels(config, mma)
              if weights.format == "nvfp4" and not config.pair_mode and not config.dequant else "")
     few_rows = route == "mma"
     if route == "tl-default":
-        config = default_config(bucket_pairs(M, cfg.top_k), E, H, I, "nvfp4", pair_mode=False)
+        config = default_config(bucket_pairs(M, cfg.top_k), E, H, I, "nvfp4", pair_mode=False, decode=decode)
     bm = config.block_m
     if config.pair_mode:
         num_m = slots = M
@@ -542,8 +550,8 @@ def triton_experts(
         act_s = torch.empty(slots, triton_cdiv(I, FP8_BLOCK), dtype=torch.float32, device=out.device)
     else:
         act = act_s = torch.empty(slots, I, dtype=dtype, device=out.device)
-    mma_pairs = (config.pair_mode and nvfp4_mma_pairs(bucket_pairs(M, cfg.top_k), H, I)
-                 and (_nvfp4_decode_choice() == "mma" or _mma_ok(config.gate_up) and _mma_ok(config.down)))
+    mma_pairs = (config.pair_mode and nvfp4_mma_pairs(bucket_pairs(M, cfg.top_k), H, I, decode)
+                 and (decode == "mma" or _mma_ok(config.gate_up) and _mma_ok(config.down)))
     if mma and (few_rows or mma_pairs):
         _nvfp4_mma(x, row_ids, expert_ids, sorted_pair, block_expert, expert_end, num_m, weights, cfg, act, out,
                    config.gate_up, config.down, config.pair_mode, bm, config.down.pdl and config.pair_mode)
@@ -559,7 +567,8 @@ def triton_experts(
     if gluon and config.pair_mode:
         _nvfp4_decode(x, row_ids, expert_ids, weights, cfg, act, out, g, d, pdl)
         return out
-    for (w13, sw13_e, sw13_n, *q13, f13), e_lo, e_hi, decoded in _weight_chunks(weights.w13, dequant, dtype):
+    chunks13 = _weight_chunks(weights.w13, dequant, dtype, scratch_mb)
+    for (w13, sw13_e, sw13_n, *q13, f13), e_lo, e_hi, decoded in chunks13:
         g_tma = g.tma and not config.pair_mode and f13 in (0, 1, 2) and _tma_ok(w13)
         moe_gate_up_kernel[(num_m * triton_cdiv(I, g.block_n),)](
             x, x.stride(0), xs, stride_xsm, stride_xsg, w13, sw13_e, sw13_n,
@@ -572,7 +581,7 @@ def triton_experts(
             BLOCK_M=bm, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
             num_warps=g.num_warps, num_stages=g.num_stages,
         )
-    for (w2, sw2_e, sw2_n, *q2, f2), e_lo, e_hi, decoded in _weight_chunks(weights.w2, dequant, dtype):
+    for (w2, sw2_e, sw2_n, *q2, f2), e_lo, e_hi, decoded in _weight_chunks(weights.w2, dequant, dtype, scratch_mb):
         d_tma = d.tma and not config.pair_mode and f2 in (0, 1, 2) and _tma_ok(w2)
         moe_down_kernel[(num_m * triton_cdiv(H, d.block_n),)](
             act, act.stride(0), act_s, act_s.stride(0), w2, sw2_e, sw2_n,
@@ -590,21 +599,60 @@ def triton_experts(
 NVFP4_DECODE_CHOICES = ("gluon", "mma", "fma", "tl")
 
 
-def _nvfp4_decode_choice() -> str:
-    choice = os.environ.get("EPMOE_NVFP4_DECODE", "gluon")
-    if choice not in NVFP4_DECODE_CHOICES:
-        raise ValueError(f"EPMOE_NVFP4_DECODE must be one of {', '.join(NVFP4_DECODE_CHOICES)}, got {choice!r}")
-    return choice
+def nvfp4_decode_choice(decode: str | None = None, name: str = "nvfp4_decode") -> str:
+    """`decode` checked against NVFP4_DECODE_CHOICES (None: EPMOE_NVFP4_DECODE, default "gluon")."""
+    if decode is None:
+        decode, name = os.environ.get("EPMOE_NVFP4_DECODE", "gluon"), "EPMOE_NVFP4_DECODE"
+    if decode not in NVFP4_DECODE_CHOICES:
+        raise ValueError(f"{name} must be one of {', '.join(NVFP4_DECODE_CHOICES)}, got {decode!r}")
+    return decode
 
 
-def gluon_decode(device: torch.device) -> bool:
+def dequant_scratch_mb(raw: Any, name: str = "dequant_scratch_mb") -> float:
+    """`raw` as a scratch cap in megabytes: a finite number > 0, else a ValueError naming `name`."""
+    try:
+        mb = float(raw)
+    except (TypeError, ValueError):
+        mb = math.nan
+    if not (math.isfinite(mb) and mb > 0):
+        raise ValueError(f"{name}={raw!r} must be a number of megabytes, finite and > 0 (default "
+                         f"{DEQUANT_SCRATCH_MB})")
+    return mb
+
+
+def _env_scratch_mb() -> float:
+    raw = os.environ.get("EPMOE_DEQUANT_SCRATCH_MB")
+    return DEQUANT_SCRATCH_MB if raw is None else dequant_scratch_mb(raw, "EPMOE_DEQUANT_SCRATCH_MB")
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """Options of the triton runner. Each default is read from its environment variable when the
+    options are built (a runner builds its options once, at construction):
+
+    nvfp4_decode:       EPMOE_NVFP4_DECODE, one of NVFP4_DECODE_CHOICES (default "gluon"): which
+                        kernels decode nvfp4 weights (see gluon_decode).
+    dequant_scratch_mb: EPMOE_DEQUANT_SCRATCH_MB, a finite number > 0 (default DEQUANT_SCRATCH_MB):
+                        the cap of nvfp4 prefill's decoded-weights scratch (see scratch_experts).
+    Invalid values raise ValueError naming the variable (or field) and the valid values.
+    """
+
+    nvfp4_decode: str = field(default_factory=nvfp4_decode_choice)
+    dequant_scratch_mb: float = field(default_factory=_env_scratch_mb)
+
+    def __post_init__(self) -> None:
+        nvfp4_decode_choice(self.nvfp4_decode)
+        object.__setattr__(self, "dequant_scratch_mb", dequant_scratch_mb(self.dequant_scratch_mb))
+
+
+def gluon_decode(device: torch.device, decode: str | None = None) -> bool:
     """Whether nvfp4 decode (pair mode, and sorted blocks of up to 32 rows) runs the Gluon kernels: on
     Hopper and newer GPUs. EPMOE_NVFP4_DECODE picks among them: "gluon" (default) the tensor-core
     kernels (kernels/nvfp4_mma.py) wherever they pay (see nvfp4_mma_pairs) and the CUDA-core pair
     kernels (kernels/nvfp4_decode.py) elsewhere, "mma" / "fma" one of the two in pair mode always,
     "tl" the `tl` kernels of grouped_gemm.py (the only ones on the CPU interpreter and older GPUs,
     for stacks whose rows are not 4-byte aligned, and for fp16 / fp32 activations in sorted blocks)."""
-    return _nvfp4_decode_choice() != "tl" and device.type == "cuda" and _gluon_capable(device.index or 0)
+    return nvfp4_decode_choice(decode) != "tl" and device.type == "cuda" and _gluon_capable(device.index or 0)
 
 
 @lru_cache(maxsize=None)
@@ -632,10 +680,10 @@ def _words_ok(w: torch.Tensor) -> bool:
     return w.data_ptr() % 4 == 0 and w.shape[-1] % 4 == 0 and all(st % 4 == 0 for st in w.stride()[:-1])
 
 
-def _gluon_nvfp4(weights: ExpertWeights, device: torch.device) -> bool:
+def _gluon_nvfp4(weights: ExpertWeights, device: torch.device, decode: str) -> bool:
     """Whether these weights run the Gluon nvfp4 kernels on `device`: 32-bit words, block scales
     contiguous along k."""
-    return (weights.format == "nvfp4" and gluon_decode(device)
+    return (weights.format == "nvfp4" and gluon_decode(device, decode)
             and all(_words_ok(w.data) and w.scales.stride(-1) == 1 for w in (weights.w13, weights.w2)))
 
 
@@ -751,20 +799,16 @@ def dequant_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> tor
     return buf
 
 
-def scratch_experts(num_experts: int, n: int, k: int, dtype: torch.dtype) -> int:
+def scratch_experts(num_experts: int, n: int, k: int, dtype: torch.dtype, scratch_mb: float | None = None) -> int:
     """Experts per chunk of the dequantization scratch: as many [n, k] experts as fit in
-    EPMOE_DEQUANT_SCRATCH_MB (default DEQUANT_SCRATCH_MB), at least one."""
-    raw = os.environ.get("EPMOE_DEQUANT_SCRATCH_MB", DEQUANT_SCRATCH_MB)
-    try:
-        cap = float(raw) * 2**20
-    except ValueError:
-        raise ValueError(f"EPMOE_DEQUANT_SCRATCH_MB={raw!r} must be a number of megabytes (default "
-                         f"{DEQUANT_SCRATCH_MB})") from None
+    scratch_mb megabytes (None: TritonOptions' default, EPMOE_DEQUANT_SCRATCH_MB or
+    DEQUANT_SCRATCH_MB), at least one."""
+    cap = (_env_scratch_mb() if scratch_mb is None else scratch_mb) * 2**20
     per_expert = n * k * dtype.itemsize
     return max(1, min(num_experts, int(cap // per_expert)))
 
 
-def _weight_chunks(w: Any, dequant: bool, dtype: torch.dtype) -> Any:
+def _weight_chunks(w: Any, dequant: bool, dtype: torch.dtype, scratch_mb: float) -> Any:
     """(kernel weight args, e_lo, e_hi, decoded) per launch of a GEMM: the weights as they are,
     once; or (dequant, nvfp4 weights) chunks of experts decoded into this thread's scratch, each
     right before its launch (the scratch is reused chunk after chunk, stream-ordered)."""
@@ -775,7 +819,7 @@ def _weight_chunks(w: Any, dequant: bool, dtype: torch.dtype) -> Any:
         yield _weight_args(w), 0, E, False
         return
     _, N, K = w.shape
-    chunk = scratch_experts(E, N, K, dtype)
+    chunk = scratch_experts(E, N, K, dtype, scratch_mb)
     buf = dequant_scratch(w.data.device, dtype, chunk * N * K)
     _, se, sn, sc, ss_e, ss_n, ss_k, gl, sg, _ = _weight_args(w)
     bn, bk = 32, 512  # measured on H200: 3.96 TB/s of bytes read + written (32 x 256: 3.5)
@@ -842,13 +886,20 @@ class TritonRunner(ExpertRunner):
     formats = ("bf16", "fp8", "fp8_block", "nvfp4")
     devices = ("cuda",)  # runs on the CPU only through the Triton interpreter (tests)
     needs_host_sync = False
+    priority = 10
+    Options = TritonOptions
 
-    def __init__(self, cfg: MoEConfig, weights: ExpertWeights) -> None:
+    @classmethod
+    def prepare(cls, weights: ExpertWeights, cfg: MoEConfig) -> ExpertWeights:
+        """Loaded weights in the kernels' layout (scales merged onto their grid; see triton_prepare.py)."""
+        return prepare_triton(weights, cfg)
+
+    def __init__(self, cfg: MoEConfig, weights: ExpertWeights, options: TritonOptions | None = None) -> None:
         if isinstance(weights.w13, torch.Tensor):
             weights = ExpertWeights(weights.w13.contiguous(), weights.w2.contiguous(),
                                     None if weights.b13 is None else weights.b13.float().contiguous(),
                                     None if weights.b2 is None else weights.b2.float().contiguous())
-        super().__init__(cfg, weights)
+        super().__init__(cfg, weights, options)
 
     def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
         hidden, w = d.hidden, self.weights
@@ -857,4 +908,4 @@ class TritonRunner(ExpertRunner):
                              f"with weights in the activation dtype")
         return triton_experts(hidden, d.row_ids.contiguous(), d.expert_ids.contiguous(), w, self.cfg, out,
                               expert_counts=None if d.expert_offsets is None else d.expert_counts.contiguous(),
-                              expert_offsets=d.expert_offsets)
+                              expert_offsets=d.expert_offsets, options=self.options)
