@@ -132,13 +132,18 @@ def test_valid_combos_match_reference(world):
             assert err <= PAYLOAD_TOL[c.payload], f"{name}: rel err {err:.3g}"
 
 
+def _fake_group(world: int, nodes: int = 1) -> SimpleNamespace:
+    """Rank 0 of a group that is never called (construction only): what a RankGroup declares."""
+    return SimpleNamespace(rank=0, world=world, nodes=nodes, backend="fake", virtual=False)
+
+
 def test_invalid_combos_raise_the_documented_reason():
     full = _full_weights()
     invalid = [c for c in all_combos(devices=("cpu",)) if not check(c)[0]]
     assert invalid
     for c in invalid:
         reason = check(c)[1]
-        group = SimpleNamespace(rank=0, world=c.world) if c.world > 1 else None
+        group = _fake_group(world=c.world) if c.world > 1 else None
         if c.graph:
             continue  # graphs are chosen at capture time, not construction
         cfg = cfg_for(c.routing)
@@ -180,7 +185,7 @@ def test_layer_takes_nodes_from_its_group():
     """A group spanning hosts rules out single-node backends: an explicit one raises the table's
     reason, auto leaves it out."""
     full = _full_weights()
-    two_hosts = SimpleNamespace(rank=0, world=2, nodes=2)
+    two_hosts = _fake_group(world=2, nodes=2)
     with pytest.raises(ValueError, match="one NVLink domain"):
         MoELayer.from_global(CFG, full, two_hosts, comm="symm_a2a")
     layer = MoELayer.from_global(CFG, full, two_hosts, comm="auto", comm_options={"max_tokens_per_rank": 8})
@@ -193,7 +198,7 @@ def _auto_picks(group):
     first = layer.combo.comm
     x, logits = _inputs(group.rank, 40)
     layer(x, logits)
-    return names, first, layer.combo.comm, layer._ladder
+    return names, first, layer.combo.comm, layer.auto.ladder
 
 
 def test_combo_reports_what_auto_picked():

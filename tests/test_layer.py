@@ -8,6 +8,7 @@ from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, Routing, Routin
 from epmoe import layer as layer_module
 from epmoe.comm.symmetric import SymmTimeoutError
 from epmoe.experts import naive_moe
+from epmoe.graphs import Bucket, LayerGraphs
 from epmoe.group import VirtualGroupError
 from epmoe.quant import quantize_weights
 from epmoe.routing import route
@@ -284,6 +285,9 @@ class _Graph:
 
 
 class _TimedOutComm:
+    """A backend whose graph recorded a timeout: after_replay reads it as symm_a2a's does (its
+    check(), unless check_errors is off)."""
+
     check_errors = True
 
     def __init__(self):
@@ -293,22 +297,24 @@ class _TimedOutComm:
         self.checks += 1
         raise SymmTimeoutError("symm_a2a rank 0: a wait timed out")
 
+    def after_replay(self):
+        if self.check_errors:
+            self.check()
+
 
 def test_graph_replay_checks_the_comm_error_word():
-    """After a replay the layer reads the comm backend's error word (symm_a2a's check()), as an
-    eager combine does; the graph itself is faked here (CUDA graphs need a GPU)."""
+    """After a replay the layer's graphs call the bucket's comm backend's after_replay (symm_a2a
+    reads its error word there, as an eager combine does); the graph itself is faked here (CUDA
+    graphs need a GPU)."""
     cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
     layer = MoELayer(cfg, ExpertWeights.random(cfg, 4))
     graph, comm = _Graph(), _TimedOutComm()
-    layer._graph_x = torch.zeros(4, cfg.hidden)
-    layer._graph_logits = torch.zeros(4, cfg.num_experts)
-    layer._graph_valid = torch.zeros((), dtype=torch.int32)
-    layer._graph_validate = True
-    layer._graphs = {4: (graph, torch.zeros(4, cfg.hidden), comm)}
+    graphs = LayerGraphs(layer, [4])
+    graphs.graphs = {4: Bucket(4, graph, torch.zeros(4, cfg.hidden), comm)}
     x, logits = torch.randn(3, cfg.hidden), torch.randn(3, cfg.num_experts)
     with pytest.raises(SymmTimeoutError, match="timed out"):
-        layer._replay(x, logits, None, 4)
-    assert graph.replays == 1 and comm.checks == 1 and int(layer._graph_valid) == 3
+        graphs.replay(x, logits, None, 4)
+    assert graph.replays == 1 and comm.checks == 1 and int(graphs.valid) == 3
     comm.check_errors = False  # the caller checks itself
-    assert layer._replay(x, logits, None, 4).shape == (3, cfg.hidden)
+    assert graphs.replay(x, logits, None, 4).shape == (3, cfg.hidden)
     assert comm.checks == 1
