@@ -231,15 +231,19 @@ class MoELayer(nn.Module):
     _combo_of = combo_for  # the name epmoe/bench/layer.py calls
 
     def extra_repr(self) -> str:
-        cfg, w = self.cfg, self.runner.weights
+        """Shapes, routing, comm (under auto: its candidates and the last pick), runner, layout,
+        rank/world and the weights' format, e.g. `hidden=2048, intermediate=768, experts=128 (16 on
+        this rank), top_k=8, ..., comm=auto (allgather/nccl_a2a/symm_a2a; last symm_a2a), payload=bf16,
+        runner=triton, layout=dp, rank=0/world=8, weights=fp8_block, activations=bfloat16, device=cuda:0`."""
+        cfg = self.cfg
         comm = f"auto ({'/'.join(self.comms)}; last {self.comm.name})" if self.auto is not None else self.comm.name
-        shared = f", shared={cfg.shared_experts}x{cfg.shared_width // max(cfg.shared_experts, 1)}" \
-            if cfg.shared_experts else ""
+        shared = f", shared={cfg.shared_experts}x{cfg.shared_width // cfg.shared_experts}" if cfg.shared_experts else ""
         return (f"hidden={cfg.hidden}, intermediate={cfg.intermediate}, experts={cfg.num_experts} "
                 f"({self.placement.local_experts} on this rank), top_k={cfg.top_k}, routing={cfg.routing}, "
                 f"activation={cfg.activation}{shared}, comm={comm}, payload={self.comm.payload}, "
                 f"runner={self._base.runner}, layout={self.layout}, rank={self.rank}/world={self.world}, "
-                f"weights={w.format} on {self.device}")
+                f"weights={self._base.weights}, activations={str(self.dtype).removeprefix('torch.')}, "
+                f"device={self.device}")
 
     def capture_graphs(self, max_tokens: int, buckets: list[int] | None = None, routed: bool = False,
                        validate: bool = True) -> list[int]:

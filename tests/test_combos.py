@@ -253,3 +253,28 @@ def test_valid_gpu_combos_virtual_ranks_match_reference(world):
             if c.runner == "triton" and c.weights in ("fp8", "fp8_block"):
                 bound += W8A8_TOL  # the runner quantizes activations to e4m3 at these sizes
             assert err <= bound, f"{name}: rel err {err:.3g}"
+
+
+def test_rules_read_declared_capabilities_not_names(monkeypatch):
+    """select.py names no backend or runner: a backend registered under another name with the
+    declarations of "none" is held to the same rules, and pick_runner takes the highest
+    declared priority that fits."""
+    from epmoe.comm import COMM_BACKENDS, get_comm
+    from epmoe.experts import RUNNERS, get_runner
+    from epmoe.select import pick_runner
+
+    clone = type("LocalClone", (get_comm("none"),), {"name": "local_clone"})
+    both = type("BothLayouts", (get_comm("nccl_a2a"),), {"name": "both_layouts", "layouts": ("dp", "tp")})
+    monkeypatch.setattr(COMM_BACKENDS, "_items", {**COMM_BACKENDS._items, "local_clone": clone, "both_layouts": both})
+    ok, reason = check(Combo(comm="local_clone", world=2))
+    assert not ok and "comm 'local_clone' moves no tokens" in reason
+    assert check(Combo(comm="local_clone", layout="tp", world=2))[0]
+    ok, reason = check(Combo(comm="both_layouts", layout="tp", world=2))
+    assert not ok and "use comm 'local_clone' or 'none'" in reason
+
+    fast = type("FastBf16", (get_runner("reference"),), {"name": "fast_bf16", "formats": ("bf16",), "priority": 99})
+    monkeypatch.setattr(RUNNERS, "_items", {**RUNNERS._items, "fast_bf16": fast})
+    assert pick_runner("cpu", "bf16") == "fast_bf16"
+    assert pick_runner("cpu", "fp8") == "reference"  # the fast one does not compute fp8 weights
+    with pytest.raises(ValueError, match="no registered runner computes nvfp4 weights on cpu inside a CUDA graph"):
+        pick_runner("cpu", "nvfp4", graph=True)

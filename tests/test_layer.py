@@ -318,3 +318,62 @@ def test_graph_replay_checks_the_comm_error_word():
     comm.check_errors = False  # the caller checks itself
     assert graphs.replay(x, logits, None, 4).shape == (3, cfg.hidden)
     assert comm.checks == 1
+
+
+def test_from_global_needs_every_expert():
+    """from_global slices this rank's experts out of all E: weights of more or fewer experts than
+    cfg.num_experts are refused, naming both counts (they used to be cut silently, or fail with
+    an IndexError)."""
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=8, top_k=2)
+    for n in (16, 4):
+        with pytest.raises(ValueError, match=rf"all_weights holds {n} experts, cfg has num_experts=8"):
+            MoELayer.from_global(cfg, ExpertWeights.random(cfg, n))
+    assert MoELayer.from_global(cfg, ExpertWeights.random(cfg, 8)).placement.local_experts == 8
+
+
+def test_repr_names_shapes_comm_runner_and_ranks():
+    cfg = MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2, routing="sigmoid_bias", shared_experts=1)
+    weights = ExpertWeights.random(cfg, 8)
+    shared = SharedExperts.random(cfg)
+    text = repr(MoELayer(cfg, weights, shared=shared, correction_bias=torch.zeros(8)))
+    for part in ("hidden=32", "intermediate=16", "experts=8 (8 on this rank)", f"top_k={cfg.top_k}",
+                 "routing=sigmoid_bias", "comm=none", "payload=bf16", "runner=reference", "layout=dp",
+                 "rank=0/world=1", "weights=bf16", "shared=1x16"):
+        assert part in text, (part, text)
+
+    def ranked(g):
+        return repr(MoELayer.from_global(cfg, weights, g, comm="auto", shared=shared, correction_bias=torch.zeros(8)))
+
+    texts = VirtualGroup(2).run(ranked)
+    assert "rank=1/world=2" in texts[1] and "experts=8 (4 on this rank)" in texts[1]
+    assert "comm=auto (" in texts[0] and "last " in texts[0]
+
+
+def _auto_world2(group, options):
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    return MoELayer.from_global(cfg, ExpertWeights.random(cfg, 4), group, comm="auto", comm_options=options)
+
+
+def test_auto_options_go_to_the_candidates_that_have_them():
+    """Under comm="auto" every option must belong to some candidate (a typo raises, listing the
+    valid ones); each candidate gets the keys its Options has; one rank (and the tp layout) runs
+    only backends that move no tokens, and the Combo says what really moves."""
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    w = ExpertWeights.random(cfg, 4)
+    with pytest.raises(ValueError, match=r"comm 'auto' has no option 'paylod'; its candidates' options: .*payload"):
+        MoELayer(cfg, w, comm="auto", comm_options={"paylod": "fp8"})
+    layer = MoELayer(cfg, w, comm="auto", comm_options={"payload": "fp8", "max_tokens_per_rank": 8})
+    assert list(layer.comms) == ["none"] and all(not c.moves_tokens for c in layer.comms.values())
+    assert layer.combo.payload == "bf16"  # "none" moves the activations as they are
+    x, logits = torch.randn(3, cfg.hidden), torch.randn(3, cfg.num_experts)
+    torch.testing.assert_close(layer(x, logits), MoELayer(cfg, w)(x, logits), atol=0, rtol=0)
+
+    layers = VirtualGroup(2).run(lambda g: _auto_world2(g, {"payload": "fp8", "gather": "a2a"}))
+    for layer in layers:
+        comms = layer.comms
+        assert len(comms) > 1 and all(c.moves_tokens for c in comms.values())
+        assert all(c.payload == "fp8" for c in comms.values()), {n: c.payload for n, c in comms.items()}
+        assert layer.combo.payload == "fp8" and layer.combo.comm == layer.comm.name
+    with pytest.raises(VirtualGroupError, match="comm 'auto' has no option 'payload'; its candidates' options: impl"):
+        VirtualGroup(2).run(lambda g: MoELayer.from_global(cfg, w, g, comm="auto", layout="tp",
+                                                           comm_options={"payload": "fp8"}))

@@ -27,6 +27,7 @@ import torch
 from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree
 from epmoe.comm.registry import COMM_BACKENDS
 from epmoe.config import MoEConfig
+from epmoe.graphs import capturing
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing
 from epmoe.select import DEVICES, LAYOUTS, PAYLOADS, Combo, check, crossovers, pick_comm
@@ -148,10 +149,12 @@ class AutoComm(CommBackend):
         """The bound on every rank's T that picks this call's backend: the largest T over ranks
         (one small exchange); T itself on one rank or while capturing (the graph's bucket); None
         where nothing is to be picked (one candidate over several ranks: no exchange)."""
-        if self.world == 1 or self.allowed is not None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if self.world == 1:
             return x.shape[0]
         if self.ladder is None:
             return None
+        if self.allowed is not None or capturing(x):
+            return x.shape[0]
         return max(t for (t,) in agree(self.group, "comm 'auto'", {}, [x.shape[0]], device=self.device))
 
     def pick(self, tokens: int) -> CommBackend:
