@@ -34,11 +34,11 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from epmoe.comm import COMM_BACKENDS, CommBackend
+from epmoe.comm.payload import PAYLOADS
 from epmoe.config import ROUTINGS
 from epmoe.experts import RUNNERS
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp8_block", "nvfp4")
-PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
 LAYOUTS = ("dp", "tp")
 DEVICES = ("cpu", "cuda")
 # How a layer gets its routing: one of the router functions from logits, or "routed" (ids and

@@ -21,7 +21,7 @@ import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, VirtualGroup
 from epmoe.comm import CommBackend, get_comm
-from epmoe.comm.wire import row_layout
+from epmoe.comm.payload import row_layout
 from epmoe.experts.reference import ReferenceRunner, reference_experts
 from epmoe.group import VirtualGroupError
 from epmoe.routing import Routing, RoutingCapture
@@ -132,7 +132,7 @@ def _dequantized(x: torch.Tensor, payload: str | None, device: str = "cpu") -> t
     if payload in (None, "bf16"):
         return x
     if device != "cpu":
-        from epmoe.comm.wire import decode, encode
+        from epmoe.comm.payload import decode, encode
 
         return decode(encode(x.to(device), payload), payload, x.shape[1]).dequantize(torch.float32).cpu()
     q = {"fp8": quant.quantize_fp8, "fp8_block": quant.quantize_fp8_groups_torch,

@@ -38,23 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from epmoe.comm.base import Dispatched
+from epmoe.comm.base import Dispatched, local_pairs
+from epmoe.comm.payload import PAYLOADS, empty_rows, encode, pack_rows, row_layout, unpack_rows
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import (
-    PAYLOADS,
-    Pairs,
-    WireBackend,
-    WireOptions,
-    empty_rows,
-    encode,
-    local_experts_of,
-    make_pairs,
-    pack_rows,
-    partial_sums,
-    row_layout,
-    sum_in_rank_order,
-    unpack_rows,
-)
+from epmoe.comm.wire import Pairs, WireBackend, WireOptions, make_pairs, partial_sums, sum_in_rank_order
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing
@@ -157,7 +144,7 @@ class AllGatherComm(WireBackend):
             sent_rows = (W - 1) * T
         parts = unpack_rows(gathered, layout)
         g_ids, g_w = parts[-2], parts[-1]  # [N, K] int32, fp32
-        local = local_experts_of(g_ids, self.placement_on(x.device), self.rank)  # [N, K]
+        local = local_pairs(g_ids, self.placement_on(x.device), self.rank)  # [N, K]
         pairs = make_pairs(local, g_w, compact=not self.static_shapes)
         combine_rows = (W - 1) * cap if counts is None else sum(counts) - T
         handle = AllGatherHandle(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -92,15 +93,24 @@ def pick_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def expert_owners(ids: torch.Tensor, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank, local index) of each global expert id in `ids` (any shape, int32), -1 for masked
+    pairs: ids < 0 or >= E (padding rows of a CUDA-graph bucket carry -1; eager calls reject
+    ids past E, or report them in the count exchange, so there they index nothing). The one
+    expert-owner lookup of every backend; `placement` should already live on ids' device (see
+    CommBackend.placement_on)."""
+    masked = (ids < 0) | (ids >= placement.num_experts)
+    safe = ids.long().masked_fill(masked, 0)
+    ranks = placement.expert_rank.to(ids.device)[safe].masked_fill(masked, -1)
+    local = placement.expert_local.to(ids.device)[safe].masked_fill(masked, -1)
+    return ranks, local
+
+
 def local_pairs(ids: torch.Tensor, placement: Placement, rank: int) -> torch.Tensor:
     """Map global expert ids (any shape, int32) to this rank's local ids; -1 where another rank
-    owns the expert and where the pair is masked: ids < 0 or >= E (padding rows of a CUDA-graph
-    bucket carry -1). `placement` should already live on ids' device (see CommBackend.placement_on)."""
-    valid = (ids >= 0) & (ids < placement.num_experts)
-    safe = torch.where(valid, ids, 0).long()
-    owner = placement.expert_rank.to(ids.device)[safe]
-    local = placement.expert_local.to(ids.device)[safe]
-    return torch.where(valid & (owner == rank), local, -1).to(torch.int32)
+    owns the expert and where the pair is masked (`expert_owners`)."""
+    ranks, local = expert_owners(ids, placement)
+    return torch.where(ranks == rank, local, -1).to(torch.int32)
 
 
 def check_grouped(expert_ids: torch.Tensor, expert_counts: torch.Tensor, expert_offsets: torch.Tensor) -> None:
@@ -321,6 +331,25 @@ def finish(acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = Non
     if tuple(out.shape) != tuple(acc.shape):
         raise ValueError(f"{who}: out must be {tuple(acc.shape)}, got {tuple(out.shape)}")
     return out.copy_(acc)
+
+
+COMBINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_combine_dtype(combine_dtype: torch.dtype | str) -> torch.dtype:
+    """fp32 (default) or bf16 partial sums on the combine wire."""
+    if isinstance(combine_dtype, str):
+        if combine_dtype not in COMBINE_DTYPES:
+            raise ValueError(f"combine_dtype must be one of {sorted(COMBINE_DTYPES)}, got {combine_dtype!r}")
+        return COMBINE_DTYPES[combine_dtype]
+    if combine_dtype not in COMBINE_DTYPES.values():
+        raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
+    return combine_dtype
+
+
+def config_code(cfg: MoEConfig) -> int:
+    """A MoEConfig as one int, for the cross-rank agreement checks."""
+    return zlib.crc32(repr(cfg).encode())
 
 
 def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Sequence[int] = (), *,

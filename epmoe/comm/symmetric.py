@@ -84,7 +84,6 @@ atomics.
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import threading
@@ -102,23 +101,32 @@ from epmoe.comm.base import (
     agree,
     call_bound,
     check_addend,
+    check_combine_dtype,
+    config_code,
     count_experts,
+    expert_owners,
     finish,
     weighted_sum,
 )
+from epmoe.comm.payload import (
+    PAYLOADS,
+    check_input_scale,
+    check_payload,
+    decode_bytes,
+    encode_bytes,
+    payload_row_bytes,
+    scale_code,
+    scale_text,
+)
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import check_combine_dtype, check_input_scale, check_payload, config_code, scale_code, scale_text
 from epmoe.config import MoEConfig
 from epmoe.group import EPGroup, Placement, RankGroup
 from epmoe.routing import Routing
 
-PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
 COMBINE_MODES = ("push", "pull")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # codes of the setup agreement
 SEQ_WRAP = 2**31 - 1  # sequence numbers run 1 .. SEQ_WRAP, then 1 again
 ALIGN = 128
-FP8_GROUP = 128
-NVFP4_BLOCK = 16
 DEFAULT_MAX_TOKENS = 128  # decode batches; prefill callers pass max_tokens_per_rank
 
 
@@ -135,21 +143,6 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def payload_row_bytes(payload: str, hidden: int, itemsize: int) -> tuple[int, int, int]:
-    """(data, scales, global scale) bytes per row on the wire for `payload`."""
-    if payload == "bf16":
-        return hidden * itemsize, 0, 0
-    if payload == "fp8":
-        return hidden, 4, 0
-    if payload == "fp8_block":
-        return hidden, 4 * math.ceil(hidden / FP8_GROUP), 0
-    if payload == "nvfp4":
-        if hidden % NVFP4_BLOCK:
-            raise ValueError(f"nvfp4 payloads need hidden % 16 == 0, got hidden={hidden}")
-        return hidden // 2, hidden // NVFP4_BLOCK, 4
-    raise ValueError(f"unknown payload {payload!r}; choose one of {PAYLOADS}")
-
-
 @dataclass(frozen=True)
 class Layout:
     """Byte offsets of the regions of one rank's workspace (identical on every rank)."""
@@ -163,7 +156,7 @@ class Layout:
     combine_dtype: torch.dtype
 
     def __post_init__(self) -> None:
-        d, s, g = payload_row_bytes(self.payload, self.hidden, self.dtype.itemsize)
+        d, s, g = payload_row_bytes(self.payload, self.hidden, self.dtype)
         W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
         slots = W * Tm
         sizes = [
@@ -234,9 +227,9 @@ class SymmHandle:
                 device so that graph replays advance it).
     bound:      B, the call's bound on every rank's T (dispatch's max_tokens, else Tm): the
                 pair list has W * B * Kl entries.
-    expert_rank, rank, world, wire_row_bytes, meta_bytes, combine_row_bytes: what the byte
-                counts below need ([E] int32 owner of each expert on ids' device; D + S + G
-                payload bytes of a row; Kl * 8 meta bytes of a slot; H * combine dtype size).
+    placement, rank, world, wire_row_bytes, meta_bytes, combine_row_bytes: what the byte
+                counts below need (the placement on ids' device; D + S + G payload bytes of a
+                row; Kl * 8 meta bytes of a slot; H * combine dtype size).
 
     dispatch_bytes, combine_bytes (as the other backends' handles report them; computed from
     `ids` on first read, a host sync, so never read them inside a CUDA graph):
@@ -252,7 +245,7 @@ class SymmHandle:
     num_tokens: int
     dtype: torch.dtype
     seq: int
-    expert_rank: torch.Tensor | None = field(default=None, repr=False)
+    placement: Placement | None = field(default=None, repr=False)
     rank: int = 0
     world: int = 1
     wire_row_bytes: int = 0
@@ -264,10 +257,10 @@ class SymmHandle:
     def _tokens_per_rank(self) -> list[int]:
         """[W] host ints: tokens with at least one expert on each rank."""
         if self._hits is None:
-            if self.expert_rank is None or self.num_tokens == 0:
+            if self.placement is None or self.num_tokens == 0:
                 self._hits = [0] * self.world
             else:
-                owner = self.expert_rank[self.ids.long().clamp_min(0)].masked_fill(self.ids < 0, -1)  # [T, K]
+                owner = expert_owners(self.ids, self.placement)[0]  # [T, K]
                 r = torch.arange(self.world, device=owner.device)
                 self._hits = (owner.unsqueeze(-1) == r).any(dim=1).sum(0).tolist()  # [W]
         return self._hits
@@ -359,37 +352,12 @@ def _map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[l
 # ---------------------------------------------------------------------------------------
 
 
-def quantize_rows(x: torch.Tensor, payload: str, backend: str = "torch", scale: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, ...]:
-    """x [T, H] -> (data, scales, gscale) byte/float rows as the wire carries them:
-    data uint8 [T, D], scales uint8 [T, S], gscale fp32 [T, G/4] (per-tensor scales repeated
-    per row, so rows from different ranks can sit side by side). scale: a static fp8 scale /
-    nvfp4 global scale on x's device (the checkpoint's input_scale), else from x's amax."""
-    T = x.shape[0]
-    if payload == "bf16":
-        data = x.contiguous().view(torch.uint8).view(T, x.shape[1] * x.element_size())
-        return data, x.new_empty(T, 0, dtype=torch.uint8), x.new_empty(T, 0, dtype=torch.float32)
-    from epmoe.quant import quantize_activations
-
-    q = quantize_activations(x, payload, scale=scale, backend=backend)
-    data = q.data.contiguous().view(torch.uint8)
-    scales = q.scales.float() if payload != "nvfp4" else q.scales
-    rows = torch.empty((T, scales.shape[1]), dtype=scales.dtype, device=x.device)
-    rows.copy_(scales.expand(T, scales.shape[1]))  # per-tensor scales: one copy per row
-    scales = rows.view(torch.uint8).view(T, rows.shape[1] * rows.element_size())
-    g = x.new_empty(T, 0, dtype=torch.float32)
-    if payload == "nvfp4":
-        g = torch.empty((T, 1), dtype=torch.float32, device=x.device)
-        g.copy_(q.global_scale.float().reshape(-1, 1).expand(T, 1))
-    return data, scales, g
-
-
 def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, world: int, kl: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per destination rank: (meta ids [W, T, Kl] int32 local ids in k order, -1 padded;
     meta weights [W, T, Kl] fp32, 0 where padded; has [W, T] bool: t picks an expert on r)."""
     T, K = ids.shape
-    ranks, local = _owners(ids, placement)  # [T, K] each, -1 for masked pairs
+    ranks, local = expert_owners(ids, placement)  # [T, K] each, -1 for masked pairs
     r = torch.arange(world, device=ids.device).view(world, 1, 1)
     sel = ranks.unsqueeze(0) == r  # [W, T, K]
     order = torch.sort((~sel).to(torch.int8), dim=2, stable=True).indices[..., :kl]  # selected first
@@ -397,16 +365,6 @@ def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, wo
     meta_ids = torch.where(valid, local.unsqueeze(0).expand(world, T, K).gather(2, order), -1)
     meta_w = torch.where(valid, weights.unsqueeze(0).expand(world, T, K).gather(2, order), 0.0)
     return meta_ids.to(torch.int32), meta_w.float(), sel.any(dim=2)
-
-
-def _owners(ids: torch.Tensor, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank, local index) of each id; -1 for masked pairs (id -1; ids past E count as masked,
-    as in the kernels: eager calls reject them before this runs)."""
-    masked = (ids < 0) | (ids >= placement.expert_rank.numel())
-    long = ids.long().masked_fill(masked, 0)
-    ranks = placement.expert_rank.to(ids.device)[long].masked_fill(masked, -1)
-    local = placement.expert_local.to(ids.device)[long].masked_fill(masked, -1)
-    return ranks, local
 
 
 def wait_flags(flags: torch.Tensor, seq: int, timeout_s: float, what: str) -> None:
@@ -489,7 +447,7 @@ def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: t
     wait_flags(own.flags[1], seq, timeout_s, f"symm_a2a rank {rank}: combine")
     T = ids.shape[0]
     H = own.comb_out.shape[-1]
-    ranks = _owners(ids, placement)[0]  # [T, K]
+    ranks = expert_owners(ids, placement)[0]  # [T, K]
     acc = torch.zeros(T, H, dtype=torch.float32, device=ids.device)
     for r, peer in enumerate(peers):
         picked = (ranks == r).any(dim=1, keepdim=True)  # [T, 1]
@@ -769,11 +727,11 @@ class SymmA2A(CommBackend):
         self._check_call(x, routing)
         bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
         seq = next_seq(self.seq)
-        handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev.expert_rank, self.rank,
+        handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev, self.rank,
                             self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
                             self.cfg.hidden * self.combine_dtype.itemsize, bound)
         if self._impl == "torch":
-            rows = quantize_rows(x, self.payload, scale=self._scale_dev)
+            rows = encode_bytes(x, self.payload, self._scale_dev, backend="torch")
             meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
             dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
         else:
@@ -831,18 +789,8 @@ class SymmA2A(CommBackend):
         peer that then finishes its combine_recv may start its next dispatch and overwrite its
         slots here, before this rank's own combine_recv returns. Read (or copy) the rows before
         combine_send, as the expert stage does."""
-        v, H, N = self.own, self.cfg.hidden, self.world * self.max_tokens
-        if self.payload == "bf16":
-            return v.data.view(self.dtype)
-        from epmoe.quant import FP8_DTYPE, QuantizedTensor
-
-        if self.payload == "fp8":
-            return QuantizedTensor(v.data.view(FP8_DTYPE), v.scales.view(torch.float32), (1, H), "fp8")
-        if self.payload == "fp8_block":
-            return QuantizedTensor(v.data.view(FP8_DTYPE), v.scales.view(torch.float32), (1, FP8_GROUP),
-                                   "fp8_block")
-        return QuantizedTensor(v.data, v.scales.view(FP8_DTYPE), (1, NVFP4_BLOCK), "nvfp4",
-                               v.gscale.view(N, 1))
+        v = self.own
+        return decode_bytes([v.data, v.scales, v.gscale], self.payload, self.cfg.hidden, self.dtype)
 
     def combine_send(self, expert_out: torch.Tensor, dispatched: Dispatched) -> None:
         """Phase 3 (expert rank): weighted partial sums into own buffer, flags to every home."""
@@ -950,9 +898,8 @@ def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> Any:
 
     lay, o = b.layout, b.layout.offsets
     T, K, Kl = x.shape[0], b.cfg.top_k, b.slot_experts
-    # the Triton quantizers need whole groups of 128 for fp8_block; the torch twin handles any H
-    fast = x.is_cuda and (b.payload != "fp8_block" or x.shape[1] % 128 == 0)
-    data, scales, gscale = quantize_rows(x, b.payload, backend="triton" if fast else "torch", scale=b._scale_dev)
+    # Triton quantizers on CUDA (fp8_block: where H holds whole groups of 128), else the torch ones
+    data, scales, gscale = encode_bytes(x, b.payload, b._scale_dev)
     d_bytes, s_bytes, g_bytes = lay.row_bytes
     if d_bytes % 4 == 0:  # move 4-byte words, not bytes
         data = data.view(torch.int32)
