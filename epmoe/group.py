@@ -76,16 +76,22 @@ class Placement:
 class RankGroup:
     """The collectives comm backends use. Counts and splits are host lists of ints.
 
-    nodes: the hosts the ranks span (1 for virtual ranks); select.py refuses single-node
-    backends (symm_a2a) when it is larger than 1.
+    Every implementation declares (set by each subclass, never inherited; readers use them
+    directly, no probing):
+    rank, world: this rank and the number of ranks.
+    backend: the transport ("nccl", "gloo", ... for torch.distributed; "virtual" for
+             `VirtualGroup` ranks); allgather gathers with an all-to-all on "gloo".
+    nodes:   the hosts the ranks span (1 for virtual ranks); select.py refuses single-node
+             backends when it is larger than 1.
     virtual: ranks of one process exchanging through host threads (`VirtualGroup`), which no
-    CUDA graph can hold.
+             CUDA graph can hold.
     """
 
     rank: int
     world: int
-    nodes: int = 1
-    virtual: bool = False
+    backend: str
+    nodes: int
+    virtual: bool
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns t."""
@@ -165,6 +171,7 @@ class EPGroup(RankGroup):
         self.rank = dist.get_rank(process_group)
         self.world = dist.get_world_size(process_group)
         self.backend = dist.get_backend(process_group)
+        self.virtual = False
         if nodes is None:
             device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
             nodes = len(set(sum(self.all_gather_ints([_host_code()], device=device), []))) if self.world > 1 else 1
@@ -238,7 +245,12 @@ class _Rendezvous:
 
 
 class _VirtualRank(RankGroup):
-    virtual = True  # collectives go through host threads: nothing here can sit in a CUDA graph
+    """One thread of a `VirtualGroup`: collectives go through host threads, so nothing here can
+    sit in a CUDA graph."""
+
+    backend = "virtual"
+    nodes = 1
+    virtual = True
 
     def __init__(self, rank: int, world: int, rdv: _Rendezvous) -> None:
         self.rank = rank
@@ -280,7 +292,13 @@ class VirtualGroup:
     ...]. A rank that raises aborts the others' pending collectives, and the first error is
     re-raised naming its rank; a collective that waits longer than `timeout` seconds fails
     naming the ranks that never arrived.
+
+    backend, nodes, virtual: what each of its ranks declares ("virtual", 1, True).
     """
+
+    backend = "virtual"
+    nodes = 1
+    virtual = True
 
     def __init__(self, world: int, timeout: float = 60.0) -> None:
         if world <= 0:

@@ -2,10 +2,13 @@
 
     check(Combo(comm="nccl_a2a", runner="triton", ...)) -> (ok, reason)
 
-Every rule lives in `_rules`, read off the registered classes' declared capabilities:
+Every rule lives in `_rules` (with `_comm_rules` and `_runner_rules`), read off the registered
+classes' declared capabilities, never off their names:
 
 CommBackend class attributes
     layouts           attention layouts served ("dp", "tp")
+    moves_tokens      False for a backend that only computes locally: with the dp layout it
+                      serves one rank; the tp layout needs one
     needs_host_sync   reads device values on the host per call (not CUDA-graph capturable)
     payloads          payload formats it can move ("bf16" = the activation dtype unquantized)
     devices           "cpu" / "cuda"
@@ -15,24 +18,27 @@ CommBackend class attributes
 ExpertRunner class attributes
     formats           weight formats it computes
     devices           "cpu" / "cuda"
+    needs_host_sync   reads counts on the host (not CUDA-graph capturable)
+    priority          higher = faster; `pick_runner` takes the highest that fits
 
-`ensure(combo)` raises a ValueError with the reason and the valid alternatives.
+`ensure(combo)` raises a ValueError with the reason and the valid alternatives. The crossover
+ladder that comm="auto" follows (`crossovers`, `pick_comm`) is data: epmoe/tuning/crossovers.json.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from epmoe.comm import COMM_BACKENDS
+from epmoe.comm import COMM_BACKENDS, CommBackend
+from epmoe.comm.payload import PAYLOADS
 from epmoe.config import ROUTINGS
 from epmoe.experts import RUNNERS
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp8_block", "nvfp4")
-PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
 LAYOUTS = ("dp", "tp")
 DEVICES = ("cpu", "cuda")
 # How a layer gets its routing: one of the router functions from logits, or "routed" (ids and
@@ -66,42 +72,62 @@ class Combo:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
 
+def _names(ok: Callable[[type], bool], joint: str = " or ") -> str:
+    """The registered comm backends for which ok(class) holds, quoted and joined."""
+    return joint.join(repr(n) for n in sorted(COMM_BACKENDS) if ok(COMM_BACKENDS[n])) or "none registered"
+
+
 def _rules(c: Combo) -> str | None:
     """The reason `c` cannot work, or None."""
+    if c.world < 1:
+        return f"world={c.world}: a layer needs at least one EP rank (world >= 1)"
+    if c.nodes < 1:
+        return f"nodes={c.nodes}: the ranks span at least one host (nodes >= 1)"
+    if c.nodes > c.world:
+        return f"nodes={c.nodes} > world={c.world}: every host holds at least one rank (nodes <= world)"
     if c.routing not in ROUTING_MODES:
         return f"unknown routing mode {c.routing!r}; choose one of {', '.join(ROUTING_MODES)}"
     if c.comm not in COMM_BACKENDS:
         return f"unknown comm backend {c.comm!r}"
     if c.runner not in RUNNERS:
         return f"unknown expert runner {c.runner!r}"
-    comm, runner = COMM_BACKENDS[c.comm], RUNNERS[c.runner]
+    if c.graph and c.device != "cuda":
+        return "CUDA graphs need a CUDA device"
+    return _comm_rules(c, COMM_BACKENDS[c.comm]) or _runner_rules(c, RUNNERS[c.runner])
+
+
+def _comm_rules(c: Combo, comm: type) -> str | None:
+    """The reason the comm backend class `comm` cannot run `c`, or None."""
     if c.layout not in comm.layouts:
         return f"comm {c.comm!r} serves the {'/'.join(comm.layouts)} layout, not {c.layout!r}"
-    if c.comm == "none" and c.layout == "dp" and c.world > 1:
-        return "comm 'none' moves no tokens: with several ranks it needs the tp layout"
-    if c.layout == "tp" and c.comm != "none":
-        return "the tp layout holds every token on every rank: use comm 'none'"
-    if c.device not in getattr(comm, "devices", DEVICES):
-        return f"comm {c.comm!r} runs on {'/'.join(getattr(comm, 'devices', DEVICES))}, not {c.device}"
+    if not comm.moves_tokens and c.layout == "dp" and c.world > 1:
+        return f"comm {c.comm!r} moves no tokens: with several ranks it needs the tp layout"
+    if c.layout == "tp" and comm.moves_tokens:
+        return f"the tp layout holds every token on every rank: use comm {_names(lambda b: not b.moves_tokens)}"
+    if c.device not in comm.devices:
+        return f"comm {c.comm!r} runs on {'/'.join(comm.devices)}, not {c.device}"
+    if c.payload not in comm.payloads:
+        return f"comm {c.comm!r} moves {'/'.join(comm.payloads)} payloads, not {c.payload}"
+    if c.static_shapes and not comm.static_capable:
+        return (f"comm {c.comm!r} has no static_shapes option (only {_names(lambda b: b.static_capable, ' and ')} "
+                "size their collectives by it)")
+    if c.nodes > 1 and comm.single_node:
+        across = _names(lambda b: b.moves_tokens and not b.single_node)
+        return f"{c.comm} needs all ranks on one NVLink domain; use {across} across nodes"
+    if c.graph and comm.needs_host_sync and not c.static_shapes:
+        fix = "; build it with static_shapes=True and max_tokens_per_rank" if comm.static_capable else ""
+        return (f"comm {c.comm!r} exchanges token counts on the host each call, which a CUDA graph cannot "
+                f"hold{fix}")
+    return None
+
+
+def _runner_rules(c: Combo, runner: type) -> str | None:
+    """The reason the expert runner class `runner` cannot run `c`, or None."""
     if c.device not in runner.devices:
         return f"runner {c.runner!r} runs on {'/'.join(runner.devices)}, not {c.device}"
     if c.weights not in runner.formats:
         return f"runner {c.runner!r} computes {'/'.join(runner.formats)} weights, not {c.weights}"
-    payloads = getattr(comm, "payloads", ("bf16",))
-    if c.payload not in payloads:
-        return f"comm {c.comm!r} moves {'/'.join(payloads)} payloads, not {c.payload}"
-    if c.static_shapes and not getattr(comm, "static_capable", False):
-        return f"comm {c.comm!r} has no static_shapes option (only allgather and nccl_a2a size their collectives by it)"
-    if c.nodes > 1 and getattr(comm, "single_node", False):
-        return f"{c.comm} needs all ranks on one NVLink domain; use nccl_a2a across nodes"
-    if c.graph and c.device != "cuda":
-        return "CUDA graphs need a CUDA device"
-    if c.graph and comm.needs_host_sync and not c.static_shapes:
-        static = getattr(comm, "static_capable", False)
-        fix = "; build it with static_shapes=True and max_tokens_per_rank" if static else ""
-        return (f"comm {c.comm!r} exchanges token counts on the host each call, which a CUDA graph cannot "
-                f"hold{fix}")
-    if c.graph and getattr(runner, "needs_host_sync", False):
+    if c.graph and runner.needs_host_sync:
         return f"runner {c.runner!r} reads counts on the host, which a CUDA graph cannot hold"
     return None
 
@@ -156,16 +182,20 @@ def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] 
 # auto
 # ---------------------------------------------------------------------------------------
 
-# Used where no crossover was measured for the GPU model: one-sided puts win while latency
-# dominates (decode), NCCL's all-to-all once bandwidth does, all-gather for very large
-# batches. Thresholds are tokens per rank (the largest over ranks); replaced per GPU model by
-# `epmoe bench comm --store-crossovers`. A rung whose backend was built for fewer tokens (symm_a2a's
-# default workspace holds 128) is skipped by pick_comm when it is given the capacities.
-DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [(512, "symm_a2a"), (None, "nccl_a2a")]
-
-
 def _crossover_file() -> Path:
     return Path(__file__).parent / "tuning" / "crossovers.json"
+
+
+# The ladder used where no crossover was measured for the GPU model and world size: the shipped
+# file's "default" entry (data, like every measured one). It sends decode-sized batches to the
+# one-sided backend, whose latency wins there, and larger ones to the NCCL all-to-all, whose
+# bandwidth does. Thresholds are tokens per rank (the largest over ranks); replaced per GPU model
+# by `epmoe bench comm --store-crossovers`. A rung whose backend was built for fewer tokens (a
+# pre-sized workspace) is skipped by pick_comm when it is given the capacities.
+DEFAULT_ENTRY = "default"
+DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [
+    (row[0], row[1]) for row in json.loads(_crossover_file().read_text())[DEFAULT_ENTRY]["*"]
+]
 
 
 def crossovers(device_name: str, world: int, path: str | Path | None = None
@@ -173,7 +203,8 @@ def crossovers(device_name: str, world: int, path: str | Path | None = None
     """The (max tokens, backend) ladder for a GPU model and world size, and where it came from.
 
     The file (default epmoe/tuning/crossovers.json) maps GPU model -> world size -> ladder:
-    {"NVIDIA H200": {"4": [[128, "symm_a2a"], [null, "nccl_a2a"]]}}."""
+    {"NVIDIA H200": {"4": [[128, "symm_a2a"], [null, "nccl_a2a"]]}}; where it holds none for
+    them, the shipped file's "default" entry (DEFAULT_CROSSOVERS)."""
     path = Path(path) if path is not None else _crossover_file()
     if path.exists():
         table = json.loads(path.read_text())
@@ -200,11 +231,10 @@ def write_crossovers(device_name: str, world: int, ladder: list[tuple[int | None
     return path
 
 
-def comm_capacity(backend: object) -> int | None:
-    """The largest token count per rank one call of `backend` (an instance) accepts: its
-    `max_tokens_per_rank` (a pre-sized workspace or a static bound), None when unbounded."""
-    cap = getattr(backend, "max_tokens_per_rank", None)
-    return int(cap) if cap is not None else None
+def comm_capacity(backend: CommBackend) -> int | None:
+    """The largest token count per rank one call of `backend` (an instance) accepts (its
+    declared `capacity`: a pre-sized workspace or a static bound), None when unbounded."""
+    return backend.capacity
 
 
 def pick_comm(tokens: int, candidates: list[str], ladder: list[tuple[int | None, str]],
@@ -230,12 +260,14 @@ def pick_comm(tokens: int, candidates: list[str], ladder: list[tuple[int | None,
 
 
 def pick_runner(device: str, weights: str, graph: bool = False) -> str:
-    """The fastest registered runner for the device and weight format (Triton on CUDA)."""
-    order = ["triton", "reference"] if device == "cuda" else ["reference"]
-    for name in order:
-        if name in RUNNERS and _rules(Combo(runner=name, weights=weights, device=device, graph=graph)) is None:
-            return name
-    raise ValueError(f"no registered runner computes {weights} weights on {device}")
+    """The registered runner of highest declared `priority` (the fastest) that computes
+    `weights` on `device` (and sits in a CUDA graph, with graph=True)."""
+    fits = [n for n in RUNNERS if _runner_rules(Combo(runner=n, weights=weights, device=device, graph=graph),
+                                                RUNNERS[n]) is None]
+    if not fits:
+        raise ValueError(f"no registered runner computes {weights} weights on {device}"
+                         + (" inside a CUDA graph" if graph else ""))
+    return max(fits, key=lambda n: (RUNNERS[n].priority, n))
 
 
 def comm_candidates(combo: Combo) -> list[str]:
@@ -243,7 +275,7 @@ def comm_candidates(combo: Combo) -> list[str]:
     counts only for the backends that have the option)."""
     out = []
     for n in sorted(COMM_BACKENDS):
-        static = combo.static_shapes and getattr(COMM_BACKENDS[n], "static_capable", False)
+        static = combo.static_shapes and COMM_BACKENDS[n].static_capable
         if _rules(replace(combo, comm=n, static_shapes=static)) is None:
             out.append(n)
     return out

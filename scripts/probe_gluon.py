@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from epmoe.kernels.build import compile_gluon
+from epmoe.ops.build import compile_gluon
 
 # ---------------------------------------------------------------------------------------
 # gemm: the sorted bf16 down GEMM, persistent and warp-specialized
@@ -166,7 +166,8 @@ def run_gemm(presets: list[str], tokens: list[int]) -> None:
     from epmoe.bench.core import bench
     from epmoe.bench.experts import random_weights, route_tokens
     from epmoe.config import MoEConfig
-    from epmoe.experts.triton import ExpertsConfig, permute, select_config
+    from epmoe.experts.tuning import ExpertsConfig, select_config
+    from epmoe.ops.permute import permute
     from epmoe.kernels.grouped_gemm import moe_down_kernel
 
     dev = torch.device("cuda")

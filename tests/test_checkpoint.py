@@ -12,11 +12,12 @@ from safetensors.torch import save_file
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement
 from epmoe import checkpoint as checkpoint_module
-from epmoe.checkpoint import CheckpointFiles, _scale_rows, load_moe_layer, preprocess, validate_layer
+from epmoe.checkpoint import CheckpointFiles, load_moe_layer, validate_layer
 from epmoe.comm.base import Dispatched, count_experts
 from epmoe.experts import get_runner, naive_moe
 from epmoe.experts.reference import reference_experts
 from epmoe.experts.triton import _check_quantized
+from epmoe.experts.triton_prepare import _scale_rows
 from epmoe.layer import SharedExperts
 from epmoe.quant import (
     E2M1_VALUES,
@@ -441,15 +442,15 @@ def test_not_divisible_unrecognised_and_mismatched(tmp_path):
         load_moe_layer(tmp_path / "nope.safetensors", DS, LAYER)
 
 
-def test_preprocess_registry():
+def test_runners_prepare_weights():
     w = ExpertWeights.random(QWEN, 2)
-    assert preprocess(w, QWEN, "reference") is w
-    t = preprocess(ExpertWeights(w.w13.transpose(1, 2).contiguous().transpose(1, 2), w.w2), QWEN, "triton")
+    assert get_runner("reference").prepare(w, QWEN) is w
+    t = get_runner("triton").prepare(ExpertWeights(w.w13.transpose(1, 2).contiguous().transpose(1, 2), w.w2), QWEN)
     assert t.w13.is_contiguous() and torch.equal(t.w13, w.w13)
     # weights quantized by epmoe.quant already have the kernels' layout: nothing changes
     for fmt in ("fp8", "fp8_block", "nvfp4"):
         q = ExpertWeights(quantize_weights(w.w13, fmt), quantize_weights(w.w2, fmt))
-        t = preprocess(q, QWEN, "triton")
+        t = get_runner("triton").prepare(q, QWEN)
         for name, N, K in (("w13", 2 * QWEN.intermediate, QWEN.hidden), ("w2", QWEN.hidden, QWEN.intermediate)):
             _check_quantized(name, getattr(t, name), 2, N, K)
             assert torch.equal(getattr(t, name).dequantize(), getattr(q, name).dequantize()), (fmt, name)

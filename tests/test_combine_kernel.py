@@ -246,7 +246,8 @@ def test_local_dispatch_matches_twin_and_masks_bad_ids(world: int, rank: int, to
 def test_none_rejects_unknown_impl():
     cfg = MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2)
     with pytest.raises(ValueError, match="impl must be one of"):
-        NoComm(cfg, None, Placement.contiguous(8, 1), impl="gpu")
+        NoComm(cfg, None, Placement.contiguous(8, 1), NoComm.make_options(impl="gpu"), device="cpu",
+               dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,7 +267,8 @@ def _addend_check(group, name: str, options: dict, tokens: int) -> list[str]:
     full = ExpertWeights.random(CFG, CFG.num_experts, generator=torch.Generator().manual_seed(0))
     placement = Placement.contiguous(CFG.num_experts, world)
     runner = ReferenceRunner(CFG, full.select(placement.global_ids(rank)))
-    backend = get_comm(name)(CFG, group, placement, **options)
+    cls = get_comm(name)
+    backend = cls(CFG, group, placement, cls.make_options(**options), device="cpu", dtype=torch.float32)
     x = torch.randn(tokens, CFG.hidden, generator=g)
     ids = torch.rand(tokens, CFG.num_experts, generator=g).argsort(dim=1)[:, : CFG.top_k].to(torch.int32)
     if tokens:

@@ -132,13 +132,18 @@ def test_valid_combos_match_reference(world):
             assert err <= PAYLOAD_TOL[c.payload], f"{name}: rel err {err:.3g}"
 
 
+def _fake_group(world: int, nodes: int = 1) -> SimpleNamespace:
+    """Rank 0 of a group that is never called (construction only): what a RankGroup declares."""
+    return SimpleNamespace(rank=0, world=world, nodes=nodes, backend="fake", virtual=False)
+
+
 def test_invalid_combos_raise_the_documented_reason():
     full = _full_weights()
     invalid = [c for c in all_combos(devices=("cpu",)) if not check(c)[0]]
     assert invalid
     for c in invalid:
         reason = check(c)[1]
-        group = SimpleNamespace(rank=0, world=c.world) if c.world > 1 else None
+        group = _fake_group(world=c.world) if c.world > 1 else None
         if c.graph:
             continue  # graphs are chosen at capture time, not construction
         cfg = cfg_for(c.routing)
@@ -167,11 +172,20 @@ def test_check_reasons_name_the_fix():
     assert not ok and "routed" in reason
 
 
+@pytest.mark.parametrize(("world", "nodes", "why"), [
+    (0, 1, "world >= 1"), (-2, 1, "world >= 1"), (2, 0, "nodes >= 1"), (2, 3, "nodes <= world"),
+])
+def test_check_bounds_world_and_nodes(world, nodes, why):
+    ok, reason = check(Combo(comm="nccl_a2a", world=world, nodes=nodes))
+    assert not ok and why in reason
+    assert check(Combo(comm="nccl_a2a", world=2, nodes=2))[0]
+
+
 def test_layer_takes_nodes_from_its_group():
     """A group spanning hosts rules out single-node backends: an explicit one raises the table's
     reason, auto leaves it out."""
     full = _full_weights()
-    two_hosts = SimpleNamespace(rank=0, world=2, nodes=2)
+    two_hosts = _fake_group(world=2, nodes=2)
     with pytest.raises(ValueError, match="one NVLink domain"):
         MoELayer.from_global(CFG, full, two_hosts, comm="symm_a2a")
     layer = MoELayer.from_global(CFG, full, two_hosts, comm="auto", comm_options={"max_tokens_per_rank": 8})
@@ -184,7 +198,7 @@ def _auto_picks(group):
     first = layer.combo.comm
     x, logits = _inputs(group.rank, 40)
     layer(x, logits)
-    return names, first, layer.combo.comm, layer._ladder
+    return names, first, layer.combo.comm, layer.auto.ladder
 
 
 def test_combo_reports_what_auto_picked():
@@ -239,3 +253,28 @@ def test_valid_gpu_combos_virtual_ranks_match_reference(world):
             if c.runner == "triton" and c.weights in ("fp8", "fp8_block"):
                 bound += W8A8_TOL  # the runner quantizes activations to e4m3 at these sizes
             assert err <= bound, f"{name}: rel err {err:.3g}"
+
+
+def test_rules_read_declared_capabilities_not_names(monkeypatch):
+    """select.py names no backend or runner: a backend registered under another name with the
+    declarations of "none" is held to the same rules, and pick_runner takes the highest
+    declared priority that fits."""
+    from epmoe.comm import COMM_BACKENDS, get_comm
+    from epmoe.experts import RUNNERS, get_runner
+    from epmoe.select import pick_runner
+
+    clone = type("LocalClone", (get_comm("none"),), {"name": "local_clone"})
+    both = type("BothLayouts", (get_comm("nccl_a2a"),), {"name": "both_layouts", "layouts": ("dp", "tp")})
+    monkeypatch.setattr(COMM_BACKENDS, "_items", {**COMM_BACKENDS._items, "local_clone": clone, "both_layouts": both})
+    ok, reason = check(Combo(comm="local_clone", world=2))
+    assert not ok and "comm 'local_clone' moves no tokens" in reason
+    assert check(Combo(comm="local_clone", layout="tp", world=2))[0]
+    ok, reason = check(Combo(comm="both_layouts", layout="tp", world=2))
+    assert not ok and "use comm 'local_clone' or 'none'" in reason
+
+    fast = type("FastBf16", (get_runner("reference"),), {"name": "fast_bf16", "formats": ("bf16",), "priority": 99})
+    monkeypatch.setattr(RUNNERS, "_items", {**RUNNERS._items, "fast_bf16": fast})
+    assert pick_runner("cpu", "bf16") == "fast_bf16"
+    assert pick_runner("cpu", "fp8") == "reference"  # the fast one does not compute fp8 weights
+    with pytest.raises(ValueError, match="no registered runner computes nvfp4 weights on cpu inside a CUDA graph"):
+        pick_runner("cpu", "nvfp4", graph=True)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, VirtualGroup
-from epmoe.comm import accepted_options, get_comm
-from epmoe.comm.wire import row_layout
+from epmoe.comm import CommBackend, get_comm
+from epmoe.comm.payload import row_layout
 from epmoe.experts.reference import ReferenceRunner, reference_experts
 from epmoe.group import VirtualGroupError
 from epmoe.routing import Routing, RoutingCapture
@@ -132,7 +132,7 @@ def _dequantized(x: torch.Tensor, payload: str | None, device: str = "cpu") -> t
     if payload in (None, "bf16"):
         return x
     if device != "cpu":
-        from epmoe.comm.wire import decode, encode
+        from epmoe.comm.payload import decode, encode
 
         return decode(encode(x.to(device), payload), payload, x.shape[1]).dequantize(torch.float32).cpu()
     q = {"fp8": quant.quantize_fp8, "fp8_block": quant.quantize_fp8_groups_torch,
@@ -150,6 +150,13 @@ def reference_output(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     return contrib.sum(dim=1)
 
 
+def build(name: str, cfg: MoEConfig, group, placement: Placement, *, device: str = "cpu",
+          dtype: torch.dtype = torch.float32, **options) -> CommBackend:
+    """A comm backend as the layer builds it: its options through make_options."""
+    cls = get_comm(name)
+    return cls(cfg, group, placement, cls.make_options(**options), device=torch.device(device), dtype=dtype)
+
+
 def _full(cfg: MoEConfig) -> ExpertWeights:
     return ExpertWeights.random(cfg, cfg.num_experts, generator=torch.Generator().manual_seed(0))
 
@@ -162,7 +169,7 @@ def _run_case(group, case: Case, name: str, device: str = "cpu") -> dict:
     cfg = case.cfg()
     full = _full(cfg)
     placement = Placement.contiguous(cfg.num_experts, world)
-    backend = get_comm(name)(cfg, group, placement, **case.options(name))
+    backend = build(name, cfg, group, placement, device=device, **case.options(name))
     local = full.select(placement.global_ids(rank))
     runner = ReferenceRunner(cfg, ExpertWeights(local.w13.to(device), local.w2.to(device)))
     x, ids, w = _inputs(case, rank, world)
@@ -248,14 +255,14 @@ def _bad_inputs(group, name: str) -> dict[str, str]:
         ids = torch.arange(cfg.top_k, dtype=torch.int32).repeat(3, 1)
         if key == "ids" and rank == world - 1:
             ids[1, 2] = cfg.num_experts + 3
-        backend = get_comm(name)(cfg, group, placement, **opts)
+        backend = build(name, cfg, group, placement, **opts)
         try:
             backend.dispatch(x, Routing(ids, torch.ones(3, cfg.top_k)))
             results[key] = ""
         except ValueError as exc:
             results[key] = str(exc)
     # static shapes: a clean first call, then bad ids on one rank in a later eager call
-    backend = get_comm(name)(CFG, group, placement, static_shapes=True, max_tokens_per_rank=3)
+    backend = build(name, CFG, group, placement, static_shapes=True, max_tokens_per_rank=3)
     x, ids = torch.randn(3, CFG.hidden), torch.arange(CFG.top_k, dtype=torch.int32).repeat(3, 1)
     d = backend.dispatch(x, Routing(ids, torch.ones(3, CFG.top_k)))
     backend.combine(torch.zeros(d.num_pairs, CFG.hidden), d)
@@ -360,8 +367,7 @@ def _rank_static_bound(group, name: str) -> list[str]:
     rank naming the field; a bound below T or past the workspace raises."""
     case = Case("static_bound", UNEVEN)
     W, rank, errors = group.world, group.rank, []
-    cls = get_comm(name)
-    b = cls(CFG, group, Placement.contiguous(CFG.num_experts, W), static_shapes=True, max_tokens_per_rank=16)
+    b = build(name, CFG, group, Placement.contiguous(CFG.num_experts, W), static_shapes=True, max_tokens_per_rank=16)
     x, ids, w = _inputs(case, rank, W)
     expert = _full(CFG).select(b.placement.global_ids(rank))
 
@@ -401,7 +407,7 @@ def test_static_shapes_with_a_call_bound(name):
 def test_static_shapes_over_the_bound_names_the_rank(name):
     def body(g):
         placement = Placement.contiguous(CFG.num_experts, g.world)
-        b = get_comm(name)(CFG, g, placement, static_shapes=True, max_tokens_per_rank=4)
+        b = build(name, CFG, g, placement, static_shapes=True, max_tokens_per_rank=4)
         assert not b.needs_host_sync
         T = 6 if g.rank == 1 else 2
         x, ids = torch.randn(T, CFG.hidden), torch.arange(CFG.top_k, dtype=torch.int32).repeat(T, 1)
@@ -419,21 +425,26 @@ def test_construction_errors(name):
     with pytest.raises(ValueError, match="not divisible by the EP world size 3"):
         MoELayer.from_global(CFG.replace(num_experts=10), _full(CFG.replace(num_experts=10)), group, comm=name)
     with pytest.raises(ValueError, match="placement covers 24 experts on 2 ranks"):
-        cls(CFG, group, Placement.contiguous(24, 2))
+        build(name, CFG, group, Placement.contiguous(24, 2))
     with pytest.raises(ValueError, match="supported payloads: bf16, fp8, fp8_block, nvfp4"):
-        cls(CFG, group, Placement.contiguous(24, 3), payload="int4")
+        build(name, CFG, group, Placement.contiguous(24, 3), payload="int4")
     with pytest.raises(ValueError, match="static_shapes needs max_tokens_per_rank"):
-        cls(CFG, group, Placement.contiguous(24, 3), static_shapes=True)
+        build(name, CFG, group, Placement.contiguous(24, 3), static_shapes=True)
     with pytest.raises(ValueError, match="combine_dtype"):
-        cls(CFG, group, Placement.contiguous(24, 3), combine_dtype=torch.float16)
+        build(name, CFG, group, Placement.contiguous(24, 3), combine_dtype=torch.float16)
     with pytest.raises(ValueError, match="nvfp4 payloads need hidden % 16"):
-        cls(CFG.replace(hidden=40), group, Placement.contiguous(24, 3), payload="nvfp4")
-    # options handed to several backends at once (comm="auto", benchmarks) reach this one
+        build(name, CFG.replace(hidden=40), group, Placement.contiguous(24, 3), payload="nvfp4")
+    # options handed to several backends at once (comm="auto", benchmarks) reach this one; an
+    # unknown key is named with the valid ones
     opts = {"max_tokens_per_rank": 8, "payload": "fp8", "combine_dtype": "bf16", "static_shapes": True, "x": 1}
-    assert accepted_options(cls, opts) == {k: v for k, v in opts.items() if k != "x"}
+    with pytest.raises(ValueError, match=rf"comm '{name}' has no option 'x'; its options: max_tokens_per_rank, "
+                                         "payload, combine_dtype, static_shapes, input_scale"):
+        cls.make_options(**opts)
+    o = cls.make_options(**{k: v for k, v in opts.items() if k != "x"})
+    assert (o.max_tokens_per_rank, o.payload, o.combine_dtype, o.static_shapes) == (8, "fp8", torch.bfloat16, True)
     if name == "allgather":
         with pytest.raises(ValueError, match="gather must be one of"):
-            cls(CFG, group, Placement.contiguous(24, 3), gather="ring")
+            build(name, CFG, group, Placement.contiguous(24, 3), gather="ring")
 
 
 def test_once_per_destination_rank_moves_fewer_bytes_than_once_per_expert():
@@ -443,7 +454,7 @@ def test_once_per_destination_rank_moves_fewer_bytes_than_once_per_expert():
 
     def body(g):
         p = Placement.contiguous(256, 4)
-        b = get_comm("nccl_a2a")(cfg, g, p)
+        b = build("nccl_a2a", cfg, g, p)
         gen = _gen(case, g.rank)
         ids = torch.rand(64, 256, generator=gen).argsort(dim=1)[:, :8].to(torch.int32)
         d = b.dispatch(torch.randn(64, cfg.hidden, generator=gen), Routing(ids, torch.ones(64, 8)))
@@ -462,10 +473,10 @@ def test_bench_comm_rows_and_bytes(monkeypatch):
     built = []
     init = SymmA2A.__init__
 
-    @functools.wraps(init)  # keeps the signature that accepted_options reads
-    def recording_init(self, *args, **kwargs):
-        built.append(kwargs.get("max_tokens_per_rank"))
-        init(self, *args, **kwargs)
+    @functools.wraps(init)
+    def recording_init(self, cfg, group, placement, options=None, **kwargs):
+        built.append(options.max_tokens_per_rank)
+        init(self, cfg, group, placement, options, **kwargs)
 
     monkeypatch.setattr(SymmA2A, "__init__", recording_init)
 
@@ -658,7 +669,7 @@ def _rank_static_scale(group, name: str, payload: str, scales: tuple[float, ...]
     runner = ReferenceRunner(CFG, full.select(placement.global_ids(group.rank)))
     x, ids, w = _inputs(Case("static_scale", (6, 3, 0, 5)), group.rank, group.world)
     try:  # symm_a2a agrees at construction (device given), the others in the first call
-        b = get_comm(name)(CFG, group, placement, **accepted_options(get_comm(name), {**opts, "device": "cpu"}))
+        b = build(name, CFG, group, placement, **opts)
         d = b.dispatch(x, Routing(ids, w))
     except ValueError as exc:
         return {"error": str(exc)}
@@ -698,7 +709,7 @@ def test_static_input_scale_rejected_where_it_has_no_meaning(name):
     p = Placement.contiguous(CFG.num_experts, 1)
     for payload in ("bf16", "fp8_block"):
         with pytest.raises(ValueError, match="input_scale is the static scale of fp8 / nvfp4"):
-            get_comm(name)(CFG, None, p, payload=payload, input_scale=0.1)
+            build(name, CFG, None, p, payload=payload, input_scale=0.1)
     for bad in (0.0, float("nan"), -1.0, torch.ones(2)):
         with pytest.raises(ValueError, match="one finite value > 0"):
-            get_comm(name)(CFG, None, p, payload="fp8", input_scale=bad)
+            build(name, CFG, None, p, payload="fp8", input_scale=bad)

@@ -66,3 +66,15 @@ def test_placement_contiguous():
     assert p.global_ids(1).tolist() == [4, 5, 6, 7]
     with pytest.raises(ValueError, match="not divisible"):
         Placement.contiguous(10, 4)
+
+
+def _declared(group):
+    return group.backend, group.nodes, group.virtual
+
+
+def test_groups_declare_backend_nodes_and_virtual():
+    """Every RankGroup declares its transport, the hosts it spans and whether its ranks are
+    threads of one process: the layer and the comm backends read them without probing."""
+    assert run_ranks(_declared, 2) == [("gloo", 1, False)] * 2
+    assert VirtualGroup(3).run(_declared) == [("virtual", 1, True)] * 3
+    assert (VirtualGroup.backend, VirtualGroup.nodes, VirtualGroup.virtual) == ("virtual", 1, True)

@@ -8,6 +8,7 @@ from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, Routing, Routin
 from epmoe import layer as layer_module
 from epmoe.comm.symmetric import SymmTimeoutError
 from epmoe.experts import naive_moe
+from epmoe.graphs import Bucket, LayerGraphs
 from epmoe.group import VirtualGroupError
 from epmoe.quant import quantize_weights
 from epmoe.routing import route
@@ -284,6 +285,9 @@ class _Graph:
 
 
 class _TimedOutComm:
+    """A backend whose graph recorded a timeout: after_replay reads it as symm_a2a's does (its
+    check(), unless check_errors is off)."""
+
     check_errors = True
 
     def __init__(self):
@@ -293,22 +297,83 @@ class _TimedOutComm:
         self.checks += 1
         raise SymmTimeoutError("symm_a2a rank 0: a wait timed out")
 
+    def after_replay(self):
+        if self.check_errors:
+            self.check()
+
 
 def test_graph_replay_checks_the_comm_error_word():
-    """After a replay the layer reads the comm backend's error word (symm_a2a's check()), as an
-    eager combine does; the graph itself is faked here (CUDA graphs need a GPU)."""
+    """After a replay the layer's graphs call the bucket's comm backend's after_replay (symm_a2a
+    reads its error word there, as an eager combine does); the graph itself is faked here (CUDA
+    graphs need a GPU)."""
     cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
     layer = MoELayer(cfg, ExpertWeights.random(cfg, 4))
     graph, comm = _Graph(), _TimedOutComm()
-    layer._graph_x = torch.zeros(4, cfg.hidden)
-    layer._graph_logits = torch.zeros(4, cfg.num_experts)
-    layer._graph_valid = torch.zeros((), dtype=torch.int32)
-    layer._graph_validate = True
-    layer._graphs = {4: (graph, torch.zeros(4, cfg.hidden), comm)}
+    graphs = LayerGraphs(layer, [4])
+    graphs.graphs = {4: Bucket(4, graph, torch.zeros(4, cfg.hidden), comm)}
     x, logits = torch.randn(3, cfg.hidden), torch.randn(3, cfg.num_experts)
     with pytest.raises(SymmTimeoutError, match="timed out"):
-        layer._replay(x, logits, None, 4)
-    assert graph.replays == 1 and comm.checks == 1 and int(layer._graph_valid) == 3
+        graphs.replay(x, logits, None, 4)
+    assert graph.replays == 1 and comm.checks == 1 and int(graphs.valid) == 3
     comm.check_errors = False  # the caller checks itself
-    assert layer._replay(x, logits, None, 4).shape == (3, cfg.hidden)
+    assert graphs.replay(x, logits, None, 4).shape == (3, cfg.hidden)
     assert comm.checks == 1
+
+
+def test_from_global_needs_every_expert():
+    """from_global slices this rank's experts out of all E: weights of more or fewer experts than
+    cfg.num_experts are refused, naming both counts (they used to be cut silently, or fail with
+    an IndexError)."""
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=8, top_k=2)
+    for n in (16, 4):
+        with pytest.raises(ValueError, match=rf"all_weights holds {n} experts, cfg has num_experts=8"):
+            MoELayer.from_global(cfg, ExpertWeights.random(cfg, n))
+    assert MoELayer.from_global(cfg, ExpertWeights.random(cfg, 8)).placement.local_experts == 8
+
+
+def test_repr_names_shapes_comm_runner_and_ranks():
+    cfg = MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2, routing="sigmoid_bias", shared_experts=1)
+    weights = ExpertWeights.random(cfg, 8)
+    shared = SharedExperts.random(cfg)
+    text = repr(MoELayer(cfg, weights, shared=shared, correction_bias=torch.zeros(8)))
+    for part in ("hidden=32", "intermediate=16", "experts=8 (8 on this rank)", f"top_k={cfg.top_k}",
+                 "routing=sigmoid_bias", "comm=none", "payload=bf16", "runner=reference", "layout=dp",
+                 "rank=0/world=1", "weights=bf16", "shared=1x16"):
+        assert part in text, (part, text)
+
+    def ranked(g):
+        return repr(MoELayer.from_global(cfg, weights, g, comm="auto", shared=shared, correction_bias=torch.zeros(8)))
+
+    texts = VirtualGroup(2).run(ranked)
+    assert "rank=1/world=2" in texts[1] and "experts=8 (4 on this rank)" in texts[1]
+    assert "comm=auto (" in texts[0] and "last " in texts[0]
+
+
+def _auto_world2(group, options):
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    return MoELayer.from_global(cfg, ExpertWeights.random(cfg, 4), group, comm="auto", comm_options=options)
+
+
+def test_auto_options_go_to_the_candidates_that_have_them():
+    """Under comm="auto" every option must belong to some candidate (a typo raises, listing the
+    valid ones); each candidate gets the keys its Options has; one rank (and the tp layout) runs
+    only backends that move no tokens, and the Combo says what really moves."""
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    w = ExpertWeights.random(cfg, 4)
+    with pytest.raises(ValueError, match=r"comm 'auto' has no option 'paylod'; its candidates' options: .*payload"):
+        MoELayer(cfg, w, comm="auto", comm_options={"paylod": "fp8"})
+    layer = MoELayer(cfg, w, comm="auto", comm_options={"payload": "fp8", "max_tokens_per_rank": 8})
+    assert list(layer.comms) == ["none"] and all(not c.moves_tokens for c in layer.comms.values())
+    assert layer.combo.payload == "bf16"  # "none" moves the activations as they are
+    x, logits = torch.randn(3, cfg.hidden), torch.randn(3, cfg.num_experts)
+    torch.testing.assert_close(layer(x, logits), MoELayer(cfg, w)(x, logits), atol=0, rtol=0)
+
+    layers = VirtualGroup(2).run(lambda g: _auto_world2(g, {"payload": "fp8", "gather": "a2a"}))
+    for layer in layers:
+        comms = layer.comms
+        assert len(comms) > 1 and all(c.moves_tokens for c in comms.values())
+        assert all(c.payload == "fp8" for c in comms.values()), {n: c.payload for n, c in comms.items()}
+        assert layer.combo.payload == "fp8" and layer.combo.comm == layer.comm.name
+    with pytest.raises(VirtualGroupError, match="comm 'auto' has no option 'payload'; its candidates' options: impl"):
+        VirtualGroup(2).run(lambda g: MoELayer.from_global(cfg, w, g, comm="auto", layout="tp",
+                                                           comm_options={"payload": "fp8"}))

@@ -24,7 +24,6 @@ import torch
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 os.environ.update(MULTICAST_OFF)
 
-from epmoe.comm.symmetric import SymmA2A  # noqa: E402
 from epmoe.group import Placement  # noqa: E402
 from epmoe.launch import run_ranks  # noqa: E402
 from epmoe.routing import Routing  # noqa: E402
@@ -59,12 +58,12 @@ def test_every_backend_and_payload_matches_reference(world):
 def _rank_graph_replay(group) -> list[str]:
     """symm_a2a dispatch -> synthetic experts -> combine captured per token-count bucket, then
     replayed with new routing (random, one rank, masked) and token counts (zero-token ranks)."""
-    from tests.test_symm_a2a import CFG, TM, Case, inputs, synthetic_experts, synthetic_reference
+    from tests.test_symm_a2a import CFG, TM, Case, inputs, make_symm, synthetic_experts, synthetic_reference
 
     W, rank = group.world, group.rank
     placement = Placement.contiguous(CFG.num_experts, W)
-    b = SymmA2A(CFG, group, placement, max_tokens_per_rank=TM, impl="triton", device="cuda", dtype=torch.bfloat16,
-                check_errors=False)
+    b = make_symm(CFG, group, placement, max_tokens_per_rank=TM, impl="triton", device="cuda", dtype=torch.bfloat16,
+                  check_errors=False)
     buckets = [(TM, 0, 3, 1, 5, 2, 0, 7)[:W], (1,) * W]
     graphs = []
     for tokens in buckets:

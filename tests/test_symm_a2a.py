@@ -216,8 +216,8 @@ def _rank_cases(group, payloads: tuple[str, ...], cases: list[Case], device: str
     for payload in payloads:
         layer = MoELayer.from_global(
             CFG, on_dev, group, comm="symm_a2a",
-            comm_options={"max_tokens_per_rank": TM, "payload": payload, "timeout_s": 30.0, "device": device,
-                          "dtype": dtype, "combine_mode": combine_mode},
+            comm_options={"max_tokens_per_rank": TM, "payload": payload, "timeout_s": 30.0,
+                          "combine_mode": combine_mode},
         )
         b: SymmA2A = layer.comm
         local = full.select(b.placement.global_ids(group.rank))
@@ -259,13 +259,13 @@ def _rank_silent(group, phase: str, silent: tuple[int, ...], device: str = "cpu"
     if device != "cpu":
         # every rank compiles the kernels first: on real GPUs a peer still loading its dispatch
         # kernel misses a 0.3 s wait (seen on 2 H200s: the combine case timed out in dispatch)
-        warm = SymmA2A(CFG, group, placement, max_tokens_per_rank=4, device=device)
+        warm = make_symm(CFG, group, placement, max_tokens_per_rank=4, device=device)
         x, ids, w = inputs(CASES[0], group.rank, group.world)
         d = warm.dispatch(x[:4].to(device, warm.dtype), Routing(ids[:4].to(device), w[:4].to(device)))
         warm.combine(torch.zeros(d.num_pairs, CFG.hidden, device=device, dtype=warm.dtype), d)
         torch.cuda.synchronize(device)
         group.barrier()
-    b = SymmA2A(CFG, group, placement, max_tokens_per_rank=4, timeout_s=0.3, device=device)
+    b = make_symm(CFG, group, placement, max_tokens_per_rank=4, timeout_s=0.3, device=device)
     msg = _silent_call(b, group.rank, phase, silent, device)
     group.barrier()
     return msg
@@ -314,7 +314,7 @@ def test_peer_that_never_arrives_times_out_naming_it(world, phase, silent):
 
 def _rank_bad_inputs(group) -> dict[str, str]:
     """One bad input per scenario on one rank; returns each scenario's error on this rank
-    ('' = none). A layout disagreement must raise on every rank at setup (the first dispatch);
+    ('' = none). A layout disagreement must raise on every rank at setup (construction);
     bad routing ids raise on the bad rank, and its peers time out naming it."""
     W, rank = group.world, group.rank
     placement = Placement.contiguous(CFG.num_experts, W)
@@ -330,12 +330,12 @@ def _rank_bad_inputs(group) -> dict[str, str]:
     }
     out = {}
     for key, (cfg, opts, dtype) in scenarios.items():
-        b = SymmA2A(cfg, group, placement, **{"max_tokens_per_rank": 4, "timeout_s": 0.3, **opts})
         x = torch.randn(3, cfg.hidden).to(dtype)
         ids = torch.arange(cfg.top_k, dtype=torch.int32).repeat(3, 1)
         if key == "ids" and rank == W - 1:
             ids[2, 1] = cfg.num_experts
-        try:
+        try:  # the workspace is agreed on and built at construction
+            b = make_symm(cfg, group, placement, dtype=dtype, **{"max_tokens_per_rank": 4, "timeout_s": 0.3, **opts})
             d = b.dispatch(x, Routing(ids, torch.ones(3, cfg.top_k)))
             b.combine(torch.zeros(d.num_pairs, cfg.hidden, dtype=dtype), d)
             out[key] = ""
@@ -383,7 +383,7 @@ def _rank_bounded(group, device: str = "cpu", dtype: torch.dtype = torch.float32
     agreed T and matches the single-rank reference."""
     W, rank, errors = group.world, group.rank, []
     placement = Placement.contiguous(CFG.num_experts, W)
-    b = SymmA2A(CFG, group, placement, max_tokens_per_rank=TM, timeout_s=30.0, device=device, dtype=dtype)
+    b = make_symm(CFG, group, placement, max_tokens_per_rank=TM, timeout_s=30.0, device=device, dtype=dtype)
 
     def call(case: Case, bound: int | None) -> tuple[torch.Tensor, int]:
         x, ids, w = inputs(case, rank, W)
@@ -419,8 +419,7 @@ def _rank_bounded(group, device: str = "cpu", dtype: torch.dtype = torch.float32
     # the layer under comm="auto": the agreed T goes to dispatch as the bound
     weights = _full()
     layer = MoELayer.from_global(CFG, ExpertWeights(weights.w13.to(device, dtype), weights.w2.to(device, dtype)),
-                                 group, comm="auto", comm_options={"max_tokens_per_rank": TM, "device": device,
-                                                                   "dtype": dtype})
+                                 group, comm="auto", comm_options={"max_tokens_per_rank": TM})
     symm = layer.comms["symm_a2a"]
     bounds = []
     real_dispatch = symm.dispatch
@@ -455,7 +454,7 @@ def _rank_bf16_combine(group, device: str = "cpu", dtype: torch.dtype = torch.fl
     ys = {}
     for combine in ("bf16", "fp32"):
         layer = MoELayer.from_global(CFG, on_dev, group, comm="symm_a2a", comm_options={
-            "max_tokens_per_rank": TM, "combine_dtype": combine, "device": device, "dtype": dtype})
+            "max_tokens_per_rank": TM, "combine_dtype": combine})
         ys[combine] = layer(x.to(device, dtype), routing=Routing(ids.to(device), w.to(device)))
     return _rel(ys["bf16"], ref), _rel(ys["fp32"], ref), not torch.equal(ys["bf16"], ys["fp32"])
 
@@ -473,13 +472,13 @@ def test_construction_checks_and_memory_formula():
     placement = Placement.contiguous(CFG.num_experts, 2)
     group = None
     with pytest.raises(ValueError, match="max_tokens_per_rank"):
-        SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, 1), max_tokens_per_rank=0)
+        make_symm(CFG, group, Placement.contiguous(CFG.num_experts, 1), max_tokens_per_rank=0)
     with pytest.raises(ValueError, match="unknown payload"):
-        SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, 1), payload="int4")
+        make_symm(CFG, group, Placement.contiguous(CFG.num_experts, 1), payload="int4")
     with pytest.raises(ValueError, match="combine_mode must be 'push' or 'pull'"):
-        SymmA2A(CFG, group, Placement.contiguous(CFG.num_experts, 1), combine_mode="get")
+        make_symm(CFG, group, Placement.contiguous(CFG.num_experts, 1), combine_mode="get")
     with pytest.raises(ValueError, match="nvfp4 payloads need hidden % 16"):
-        SymmA2A(CFG.replace(hidden=40), group, Placement.contiguous(CFG.num_experts, 1), payload="nvfp4")
+        make_symm(CFG.replace(hidden=40), group, Placement.contiguous(CFG.num_experts, 1), payload="nvfp4")
     # the docstring's formula, region by region, before 128-byte alignment
     W, Tm, H, Kl = 2, 16, CFG.hidden, min(CFG.top_k, placement.local_experts)
     for payload, row in (("bf16", 2 * H), ("fp8", H + 4), ("fp8_block", H + 4), ("nvfp4", H // 2 + H // 16 + 4)):
@@ -529,9 +528,18 @@ interpreted = pytest.mark.skipif(
 )
 
 
+def make_symm(cfg: MoEConfig, group, placement: Placement, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None, **options) -> SymmA2A:
+    """A symm_a2a backend as the layer builds it (rows of dtype: by default bf16 on CUDA, fp32
+    on the CPU); options through make_options."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return SymmA2A(cfg, group, placement, SymmA2A.make_options(**options), device=device, dtype=dtype)
+
+
 def _virtual_backends(world: int, **options) -> list[SymmA2A]:
     placement = Placement.contiguous(CFG.num_experts, world)
-    return VirtualGroup(world).run(lambda g: SymmA2A(CFG, g, placement, max_tokens_per_rank=TM, **options))
+    return VirtualGroup(world).run(lambda g: make_symm(CFG, g, placement, max_tokens_per_rank=TM, **options))
 
 
 def split_phase_call(bs: list[SymmA2A], xs, routings, expert_fn, bound: int | None = None) -> list[torch.Tensor]:

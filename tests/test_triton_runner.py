@@ -22,22 +22,18 @@ from epmoe.comm.base import Dispatched, count_experts
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.reference import reference_experts
-from epmoe.experts.triton import (
+from epmoe.experts.triton import activation_quant, scratch_experts, triton_experts
+from epmoe.experts.tuning import (
     NVFP4_DEQUANT_MIN_RPE,
-    SMALL_SORT_MAX_PAIRS,
     ExpertsConfig,
     GemmConfig,
-    activation_quant,
     bucket_pairs,
     config_key,
     default_config,
     gluon_decode,
-    permute,
-    permute_torch,
-    scratch_experts,
     select_config,
-    triton_experts,
 )
+from epmoe.ops.permute import SMALL_SORT_MAX_PAIRS, permute, permute_torch
 from epmoe.quant import quantize_activations, quantize_fp8_block_torch, quantize_weights
 
 
@@ -280,7 +276,7 @@ def grouped_problem(counts: tuple[int, ...], capacity: int | None, seed: int = 0
     ((3, 0, 17, 1), None, 16), ((3, 0, 17, 1), 20, 16), ((0, 0, 0), None, 16), ((0, 40, 0, 2), 48, 32),
     ((1,) * 130, None, 16)], ids=["packed", "slabs", "empty", "slabs-bm32", "130-experts"])
 def test_permute_grouped_equals_the_sort(counts, capacity, block_m):
-    from epmoe.experts.triton import permute_grouped
+    from epmoe.ops.permute import permute_grouped
 
     *_, ids, cnt, off = grouped_problem(counts, capacity)
     got, want = permute_grouped(cnt, off, ids.numel(), block_m), permute(ids, len(counts), block_m)
@@ -386,9 +382,11 @@ def test_shipped_tables_hold_configs_the_kernels_take():
     """Every entry of the shipped tuned tables parses under a key config_key writes, and the nvfp4
     sorted entries (2-32-row blocks) hold tiles the tensor-core decode kernels take for their sizes:
     the runner sends such blocks to those kernels, where a bad tile is an error."""
-    from epmoe.experts import triton as runner
+    from epmoe.experts import tuning
+    from epmoe.ops.grouped_gemm import WEIGHT_FORMAT_CODES
+    from epmoe.ops.nvfp4 import mma_tile
 
-    paths = sorted((Path(runner.__file__).parent.parent / "tuning").glob("experts_*.json"))
+    paths = sorted((Path(tuning.__file__).parent.parent / "tuning").glob("experts_*.json"))
     assert paths
     for path in paths:
         for key, entry in json.loads(path.read_text())["configs"].items():
@@ -396,11 +394,11 @@ def test_shipped_tables_hold_configs_the_kernels_take():
             fmt, h, i, rpe = key.split("|")
             H, I = int(h.removeprefix("H=")), int(i.removeprefix("I="))
             assert config_key(fmt, H, I, float(rpe.removeprefix("rpe="))) == key
-            assert fmt in runner.WEIGHT_FORMAT_CODES and c.block_m & (c.block_m - 1) == 0, key
-            if fmt == "nvfp4" and 1 < c.block_m <= runner.NVFP4_GROUPED_MAX_BM:
-                assert runner._nvfp4_sorted_kernels(c, mma=True) == "mma", key
-                runner._mma_tile(c.gate_up, H)  # raises for a tile the kernels cannot take
-                runner._mma_tile(c.down, I)
+            assert fmt in WEIGHT_FORMAT_CODES and c.block_m & (c.block_m - 1) == 0, key
+            if fmt == "nvfp4" and 1 < c.block_m <= tuning.NVFP4_GROUPED_MAX_BM:
+                assert tuning.nvfp4_sorted_kernels(c, mma=True) == "mma", key
+                mma_tile(c.gate_up, H)  # raises for a tile the kernels cannot take
+                mma_tile(c.down, I)
 
 
 def test_nvfp4_prefill_dequantizes_with_the_bf16_config():
@@ -454,7 +452,7 @@ def test_dequant_scratch_is_per_thread():
     its later calls and grown when a call needs more."""
     import threading
 
-    from epmoe.experts.triton import dequant_scratch
+    from epmoe.ops.grouped_gemm import dequant_scratch
 
     dev = torch.device(DEVICE)
     mine = dequant_scratch(dev, torch.float32, 64)
@@ -664,63 +662,91 @@ def test_nvfp4_decode_choice_is_checked(monkeypatch):
     assert not gluon_decode(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("raw", ["lots", "nan", "inf", "-1", "0"])
+def test_triton_options_are_checked(raw, monkeypatch):
+    """Options default from the environment once, when built; bad values name the variable or field."""
+    from epmoe.experts.triton import TritonOptions
+
+    monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", raw)
+    with pytest.raises(ValueError, match=f"EPMOE_DEQUANT_SCRATCH_MB='{raw}' must be a number of megabytes, finite"):
+        TritonOptions()
+    with pytest.raises(ValueError, match="dequant_scratch_mb=.* must be a number of megabytes, finite and > 0"):
+        TritonOptions(dequant_scratch_mb=float(raw) if raw != "lots" else raw)
+    monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", "2")
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fma")
+    opts = TritonOptions()
+    assert opts == TritonOptions(nvfp4_decode="fma", dequant_scratch_mb=2.0)
+    monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fast")
+    with pytest.raises(ValueError, match="EPMOE_NVFP4_DECODE must be one of"):
+        TritonOptions()
+    with pytest.raises(ValueError, match="nvfp4_decode must be one of gluon, mma, fma, tl, got 'fast'"):
+        TritonOptions(nvfp4_decode="fast", dequant_scratch_mb=1.0)
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden=48, intermediate=32)
+    weights = ExpertWeights.random(cfg, 4)
+    runner = get_runner("triton")(cfg, weights, opts)  # built options: the environment is not read again
+    assert runner.options is opts
+    with pytest.raises(TypeError, match="takes TritonOptions"):
+        get_runner("triton")(cfg, weights, {"nvfp4_decode": "fma"})
+
+
 def test_nvfp4_pair_mode_reaches_one_row_per_expert_on_the_gluon_kernels(monkeypatch):
     """Pair mode up to 16 pairs for every format; nvfp4 on the Gluon decode kernels up to one
     (bucketed) row per expert (tensor-core tiles from NVFP4_MMA_MIN_WEIGHTS on), then sorted blocks
     of up to 32 rows on the tensor-core kernels below 128 rows per expert."""
-    import epmoe.experts.triton as runner
+    import epmoe.experts.tuning as tuning
+    from epmoe.ops.nvfp4 import mma_tile_ok
 
     cuda = torch.device("cuda", 0)
-    assert runner.pair_mode_for("bf16", 16, 128, cuda) and not runner.pair_mode_for("bf16", 32, 128, cuda)
-    monkeypatch.setattr(runner, "_gluon_capable", lambda index: False)
-    assert not runner.pair_mode_for("nvfp4", 128, 128, cuda)
-    monkeypatch.setattr(runner, "_gluon_capable", lambda index: True)
-    assert runner.pair_mode_for("nvfp4", 128, 128, cuda) and runner.pair_mode_for("nvfp4", 128, 256, cuda)
-    assert not runner.pair_mode_for("nvfp4", 256, 128, cuda) and not runner.pair_mode_for("fp8", 128, 128, cuda)
-    assert not runner.pair_mode_for("nvfp4", 128, 128, torch.device("cpu"))
+    assert tuning.pair_mode_for("bf16", 16, 128, cuda) and not tuning.pair_mode_for("bf16", 32, 128, cuda)
+    monkeypatch.setattr(tuning, "_gluon_capable", lambda index: False)
+    assert not tuning.pair_mode_for("nvfp4", 128, 128, cuda)
+    monkeypatch.setattr(tuning, "_gluon_capable", lambda index: True)
+    assert tuning.pair_mode_for("nvfp4", 128, 128, cuda) and tuning.pair_mode_for("nvfp4", 128, 256, cuda)
+    assert not tuning.pair_mode_for("nvfp4", 256, 128, cuda) and not tuning.pair_mode_for("fp8", 128, 128, cuda)
+    assert not tuning.pair_mode_for("nvfp4", 128, 128, torch.device("cpu"))
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "tl")
-    assert not runner.pair_mode_for("nvfp4", 128, 128, cuda)
+    assert not tuning.pair_mode_for("nvfp4", 128, 128, cuda)
     monkeypatch.delenv("EPMOE_NVFP4_DECODE")
-    assert runner.nvfp4_grouped_for("nvfp4", 256, 128, cuda) and runner.nvfp4_grouped_for("nvfp4", 2048, 128, cuda)
-    assert not runner.nvfp4_grouped_for("nvfp4", 128, 128, cuda)  # pair mode
-    assert runner.nvfp4_grouped_for("nvfp4", 8192, 128, cuda)  # 64 rows per expert
-    assert not runner.nvfp4_grouped_for("nvfp4", 16384, 128, cuda)  # 128 rows per expert: the decoded scratch
-    assert not runner.nvfp4_grouped_for("bf16", 256, 128, cuda)
+    assert tuning.nvfp4_grouped_for("nvfp4", 256, 128, cuda) and tuning.nvfp4_grouped_for("nvfp4", 2048, 128, cuda)
+    assert not tuning.nvfp4_grouped_for("nvfp4", 128, 128, cuda)  # pair mode
+    assert tuning.nvfp4_grouped_for("nvfp4", 8192, 128, cuda)  # 64 rows per expert
+    assert not tuning.nvfp4_grouped_for("nvfp4", 16384, 128, cuda)  # 128 rows per expert: the decoded scratch
+    assert not tuning.nvfp4_grouped_for("bf16", 256, 128, cuda)
     assert default_config(256, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 2
     assert default_config(1024, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 8
     assert default_config(2048, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True).block_m == 16
     c = default_config(128, 128, 2048, 768, "nvfp4", pair_mode=True)  # 402M weights: the tensor-core kernels
-    assert c.pair_mode and c.down.pdl and c.gate_up.block_n == 32 and runner._mma_ok(c.gate_up)
+    assert c.pair_mode and c.down.pdl and c.gate_up.block_n == 32 and mma_tile_ok(c.gate_up)
     c = default_config(8, 128, 2048, 768, "nvfp4", pair_mode=True)  # 25M: the CUDA-core kernels
     assert c.pair_mode and c.down.pdl and c.gate_up.block_n == 16
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "mma")
-    assert runner.nvfp4_mma_pairs(8, 2048, 768)
+    assert tuning.nvfp4_mma_pairs(8, 2048, 768)
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fma")
-    assert not runner.nvfp4_mma_pairs(128, 2048, 768)
+    assert not tuning.nvfp4_mma_pairs(128, 2048, 768)
     assert default_config(128, 128, 2048, 768, "bf16").block_m > 1
 
 
 def test_sorted_nvfp4_picks_the_tensor_core_kernels_only_for_their_tiles():
-    import epmoe.experts.triton as runner
+    import epmoe.experts.tuning as tuning
 
     mma_tiles = default_config(512, 128, 2048, 768, "nvfp4", pair_mode=False, grouped=True)
-    assert mma_tiles.block_m == 4 and runner._nvfp4_sorted_kernels(mma_tiles, mma=True) == "mma"
-    assert runner._nvfp4_sorted_kernels(mma_tiles, mma=False) == "tl-default"  # fp16 rows, older GPUs
-    assert runner._nvfp4_sorted_kernels(SORTED16, mma=True) == "tl"  # 16 rows, `tl` tiles: as given
-    assert runner._nvfp4_sorted_kernels(ExpertsConfig(32, mma_tiles.gate_up, mma_tiles.down), mma=True) == "mma"
-    assert runner._nvfp4_sorted_kernels(ExpertsConfig(64, mma_tiles.gate_up, mma_tiles.down), mma=True) == "tl"
+    assert mma_tiles.block_m == 4 and tuning.nvfp4_sorted_kernels(mma_tiles, mma=True) == "mma"
+    assert tuning.nvfp4_sorted_kernels(mma_tiles, mma=False) == "tl-default"  # fp16 rows, older GPUs
+    assert tuning.nvfp4_sorted_kernels(SORTED16, mma=True) == "tl"  # 16 rows, `tl` tiles: as given
+    assert tuning.nvfp4_sorted_kernels(ExpertsConfig(32, mma_tiles.gate_up, mma_tiles.down), mma=True) == "mma"
+    assert tuning.nvfp4_sorted_kernels(ExpertsConfig(64, mma_tiles.gate_up, mma_tiles.down), mma=True) == "tl"
     bad = ExpertsConfig(4, GemmConfig(16, 32, 4, 1), GemmConfig(16, 32, 4, 1))
-    assert runner._nvfp4_sorted_kernels(bad, mma=True) == "mma"  # and _mma_tile refuses the tiles
+    assert tuning.nvfp4_sorted_kernels(bad, mma=True) == "mma"  # and mma_tile refuses the tiles
 
 
 def test_nvfp4_mma_tiles_are_checked():
-    import epmoe.experts.triton as runner
+    from epmoe.ops.nvfp4 import mma_tile
 
-    assert runner._mma_tile(GemmConfig(64, 256, 4, 1), 2880).block_k == 64  # 2880 = 45 x 64: no k masks
-    assert runner._mma_tile(GemmConfig(64, 256, 4, 1), 112).block_k == 256  # no power of two divides: masked
+    assert mma_tile(GemmConfig(64, 256, 4, 1), 2880).block_k == 64  # 2880 = 45 x 64: no k masks
+    assert mma_tile(GemmConfig(64, 256, 4, 1), 112).block_k == 256  # no power of two divides: masked
     for bad in (GemmConfig(16, 256, 2, 1), GemmConfig(48, 256, 1, 1), GemmConfig(32, 32, 2, 1)):
         with pytest.raises(ValueError, match="tensor-core tiles"):
-            runner._mma_tile(bad, 2048)
+            mma_tile(bad, 2048)
 
 
 NVFP4_DECODE_SIG = {"w_ptr": "*i32", "stride_we": "i32", "stride_wn": "i32", "s_ptr": "*fp8e4nv",
@@ -731,7 +757,7 @@ NVFP4_DECODE_SIG = {"w_ptr": "*i32", "stride_we": "i32", "stride_wn": "i32", "s_
 
 _BUILD = """
 import importlib, json, sys
-from epmoe.kernels.build import compile_gluon
+from epmoe.ops.build import compile_gluon
 module, kernel, sig, consts, num_warps, divisible = json.loads(sys.argv[1])
 fn = getattr(importlib.import_module(module), kernel)
 ptx = compile_gluon(fn, sig, consts, num_warps, divisible=tuple(divisible)).asm["ptx"]

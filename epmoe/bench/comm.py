@@ -33,6 +33,7 @@ link.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 
-from epmoe.comm import COMM_BACKENDS, accepted_options, get_comm
+from epmoe.comm import COMM_BACKENDS, get_comm
 from epmoe.config import MoEConfig
 from epmoe.group import EPGroup, Placement, RankGroup, VirtualGroup
 from epmoe.routing import Routing, route
@@ -94,13 +95,12 @@ def _inputs(cfg: MoEConfig, rank: int, T: int, device: torch.device, dtype: torc
 def _options(cls: type, T: int, payload: str | None, device: torch.device, dtype: torch.dtype,
              static: bool) -> dict[str, Any]:
     """Options for a backend built for T tokens per rank (only those `cls` takes)."""
-    wanted: dict[str, Any] = {"max_tokens_per_rank": max(T, 1), "device": device, "dtype": dtype,
-                              "check_errors": False}
+    wanted: dict[str, Any] = {"max_tokens_per_rank": max(T, 1), "check_errors": False}
     if payload is not None:
         wanted["payload"] = payload
     if static:
         wanted["static_shapes"] = True
-    return accepted_options(cls, wanted)
+    return {k: v for k, v in wanted.items() if k in {f.name for f in dataclasses.fields(cls.Options)}}
 
 
 def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], check: Callable[[], None] | None,
@@ -213,13 +213,13 @@ def bench_comm(
             opts = _options(cls, T, payload, device, dtype, static)
             if mode is not None:
                 opts["combine_mode"] = mode
-            backend = cls(cfg, group, placement, **opts)
+            backend = cls(cfg, group, placement, cls.make_options(**opts), device=device, dtype=dtype)
             x, routing = _inputs(cfg, rank, T, device, dtype)
             capturable = (graphs and device.type == "cuda" and not virtual
                           and not getattr(backend, "needs_host_sync", True))
             mine, timing = _time_backend(backend, x, routing, capturable, warmup, iters, barrier)
             table = group.all_gather(torch.tensor(mine, device=device)).tolist() if world > 1 else [mine]
-            label = name + (" static" if static and accepted_options(cls, {"static_shapes": True}) else "")
+            label = name + (" static" if static and cls.static_capable else "")
             label += f" {mode}" if mode not in (None, "push") else ""
             rows.append(_row(label, _payload_name(payload, dtype), world, T, ranks, timing, table, link, False))
             destroy = getattr(backend, "destroy", None)
@@ -292,7 +292,9 @@ def bench_comm_virtual(
     rows = []
     for T in tokens:
         opts = {**_options(SymmA2A, T, payload, device, dtype, False), "combine_mode": combine_mode}
-        bs = VirtualGroup(world, timeout=600).run(lambda g, opts=opts: SymmA2A(cfg, g, placement, **opts))
+        options = SymmA2A.make_options(**opts)
+        bs = VirtualGroup(world, timeout=600).run(
+            lambda g, options=options: SymmA2A(cfg, g, placement, options, device=device, dtype=dtype))
         table = _time_virtual(bs, [_inputs(cfg, r, T, device, dtype) for r in range(world)], warmup, iters)
         label = f"symm_a2a (virtual x{world})" + (f" {combine_mode}" if combine_mode != "push" else "")
         rows.append(_row(label, _payload_name(payload, dtype), world, T, "virtual",

@@ -33,7 +33,8 @@ from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.experts.activation import activate
 from epmoe.experts.reference import reference_experts
-from epmoe.experts.triton import (
+from epmoe.experts.triton import triton_experts
+from epmoe.experts.tuning import (
     ExpertsConfig,
     GemmConfig,
     bucket_pairs,
@@ -44,7 +45,6 @@ from epmoe.experts.triton import (
     pair_mode_for,
     select_config,
     table_file_name,
-    triton_experts,
 )
 
 FORMAT_ALIASES = {"bf16": "bf16", "fp8": "fp8", "fp8-block": "fp8_block", "fp8_block": "fp8_block",
@@ -379,13 +379,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flush-l2", action="store_true", help="one routing + L2 flush instead of rotating routings")
     p.add_argument("--json", help="write rows (and the ceilings) to this file")
     p.add_argument("--tune", action="store_true", help="search configs and write a table to --out")
-    p.add_argument("--out", help="tuned table path (default: the user cache, see experts/triton.py)")
+    p.add_argument("--out", help="tuned table path (default: the user cache, see experts/tuning.py)")
     p.add_argument("--budget", type=float, default=300.0, help="tuning seconds per preset")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     device = torch.device("cuda", torch.cuda.current_device())
     if args.tune:
-        from epmoe.experts.triton import tuning_dir
+        from epmoe.experts.tuning import tuning_dir
 
         path = Path(args.out) if args.out else tuning_dir() / table_file_name(device_name(device))
         table = json.loads(path.read_text()) if path.exists() else {"device": device_name(device), "configs": {}}

@@ -27,7 +27,7 @@ import torch
 
 from epmoe.bench.core import bench, matmul_tflops, progress
 from epmoe.bench.plan import Links, predict
-from epmoe.comm import accepted_options, get_comm
+from epmoe.comm import get_comm
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.group import RankGroup, VirtualGroup
@@ -84,7 +84,8 @@ def _options(comm: str, max_tokens: int) -> dict[str, Any]:
     wanted = {"max_tokens_per_rank": max_tokens}
     if comm == "auto":
         return wanted  # auto hands each candidate the options it names
-    return accepted_options(get_comm(comm), wanted)
+    names = {f.name for f in dataclasses.fields(get_comm(comm).Options)}
+    return {k: v for k, v in wanted.items() if k in names}
 
 
 def _inputs(cfg: MoEConfig, tokens: int, rank: int, device: torch.device, dtype: torch.dtype):

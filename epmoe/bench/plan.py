@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from epmoe.config import MoEConfig
-from epmoe.experts.triton import (
+from epmoe.experts.tuning import (
     NVFP4_GROUPED_MAX_BM,
     NVFP4_MMA_MAX_RPE,
     NVFP4_PAIR_MODE_MAX_RPE,

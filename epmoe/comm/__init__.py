@@ -1,6 +1,7 @@
 """Communication backends: dispatch token rows to expert ranks, combine the results back.
 
-Importing this package registers every backend; `get_comm(name)` returns its class.
+Importing this package registers every backend; `get_comm(name)` returns its class, which is
+built as `cls(cfg, group, placement, cls.make_options(**options), device=..., dtype=...)`.
 """
 
 from epmoe.comm import (
@@ -9,7 +10,7 @@ from epmoe.comm import (
     none,  # noqa: F401  (registers "none")
     symmetric,  # noqa: F401  (registers "symm_a2a")
 )
-from epmoe.comm.base import CommBackend, Dispatched
-from epmoe.comm.registry import COMM_BACKENDS, accepted_options, get_comm, register_comm
+from epmoe.comm.base import CommBackend, CommOptions, Dispatched
+from epmoe.comm.registry import COMM_BACKENDS, get_comm, register_comm
 
-__all__ = ["COMM_BACKENDS", "CommBackend", "Dispatched", "accepted_options", "get_comm", "register_comm"]
+__all__ = ["COMM_BACKENDS", "CommBackend", "CommOptions", "Dispatched", "get_comm", "register_comm"]

@@ -38,21 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from epmoe.comm.base import Dispatched
+from epmoe.comm.base import Dispatched, local_pairs
+from epmoe.comm.payload import PAYLOADS, empty_rows, encode, pack_rows, row_layout, unpack_rows
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import (
-    Pairs,
-    WireBackend,
-    empty_rows,
-    encode,
-    local_experts_of,
-    make_pairs,
-    pack_rows,
-    partial_sums,
-    row_layout,
-    sum_in_rank_order,
-    unpack_rows,
-)
+from epmoe.comm.wire import Pairs, WireBackend, WireOptions, make_pairs, partial_sums, sum_in_rank_order
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing
@@ -84,38 +73,44 @@ class AllGatherHandle:
     combine_bytes: int
 
 
+@dataclass(frozen=True)
+class AllGatherOptions(WireOptions):
+    """`WireOptions` and gather: "auto", "padded" or "a2a" (see the module docstring)."""
+
+    gather: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gather not in GATHER_MODES:
+            raise ValueError(f"gather must be one of {GATHER_MODES}, got {self.gather!r}")
+
+
 @register_comm
 class AllGatherComm(WireBackend):
-    """All-gather-v dispatch, reduce-scatter-v combine (see the module docstring and
-    `WireBackend` for the options)."""
+    """All-gather-v dispatch, reduce-scatter-v combine (see the module docstring; options:
+    `AllGatherOptions`)."""
 
     name = "allgather"
+    layouts = ("dp",)
+    payloads = PAYLOADS
+    devices = ("cpu", "cuda")
+    needs_host_sync = True  # unless static_shapes (the instance attribute then reads False)
+    static_capable = True
+    single_node = False
+    moves_tokens = True
+    Options = AllGatherOptions
+    options: AllGatherOptions
 
-    def __init__(
-        self,
-        cfg: MoEConfig,
-        group: RankGroup | None,
-        placement: Placement,
-        *,
-        max_tokens_per_rank: int | None = None,
-        payload: str | None = None,
-        combine_dtype: torch.dtype | str = torch.float32,
-        static_shapes: bool = False,
-        gather: str = "auto",
-        input_scale: float | torch.Tensor | None = None,
-    ) -> None:
-        """gather: "auto", "padded" or "a2a" (see the module docstring); the other options are
-        `WireBackend`'s."""
-        super().__init__(cfg, group, placement, max_tokens_per_rank=max_tokens_per_rank, payload=payload,
-                         combine_dtype=combine_dtype, static_shapes=static_shapes, input_scale=input_scale)
-        if gather not in GATHER_MODES:
-            raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
-        self.gather = gather
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
+                 options: AllGatherOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
+        self.gather = self.options.gather
 
     def _padded(self, counts: list[int]) -> bool:
         """Whether to gather padded rows (the same answer on every rank: counts are shared)."""
         if self.gather != "auto":
             return self.gather == "padded"
+        # RankGroup.backend names the transport; groups built before it was declared lack it
         if getattr(self.group, "backend", None) == "gloo":
             return False
         return self.world * max(counts) <= 1.25 * sum(counts)
@@ -149,7 +144,7 @@ class AllGatherComm(WireBackend):
             sent_rows = (W - 1) * T
         parts = unpack_rows(gathered, layout)
         g_ids, g_w = parts[-2], parts[-1]  # [N, K] int32, fp32
-        local = local_experts_of(g_ids, self.placement_on(x.device), self.rank)  # [N, K]
+        local = local_pairs(g_ids, self.placement_on(x.device), self.rank)  # [N, K]
         pairs = make_pairs(local, g_w, compact=not self.static_shapes)
         combine_rows = (W - 1) * cap if counts is None else sum(counts) - T
         handle = AllGatherHandle(

@@ -4,11 +4,21 @@
 
 A backend moves token rows to the ranks owning their experts (dispatch) and brings the expert
 outputs back, weighted by the router and reduced in a fixed order (combine).
+
+Every backend declares its capabilities as class attributes (`CommBackend`: what select.py, the
+layer and the conformance tests read; the registry refuses a backend that leaves one to a base
+class) and its options as a frozen dataclass (`Options`, a `CommOptions`), built with
+`make_options(**kwargs)`, which names unknown keys and lists the valid ones. Backends that
+exchange anything check first that every rank agrees (`agree`), so a rank whose inputs fail
+raises on every rank instead of leaving its peers waiting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -83,15 +93,24 @@ def pick_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def expert_owners(ids: torch.Tensor, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank, local index) of each global expert id in `ids` (any shape, int32), -1 for masked
+    pairs: ids < 0 or >= E (padding rows of a CUDA-graph bucket carry -1; eager calls reject
+    ids past E, or report them in the count exchange, so there they index nothing). The one
+    expert-owner lookup of every backend; `placement` should already live on ids' device (see
+    CommBackend.placement_on)."""
+    masked = (ids < 0) | (ids >= placement.num_experts)
+    safe = ids.long().masked_fill(masked, 0)
+    ranks = placement.expert_rank.to(ids.device)[safe].masked_fill(masked, -1)
+    local = placement.expert_local.to(ids.device)[safe].masked_fill(masked, -1)
+    return ranks, local
+
+
 def local_pairs(ids: torch.Tensor, placement: Placement, rank: int) -> torch.Tensor:
     """Map global expert ids (any shape, int32) to this rank's local ids; -1 where another rank
-    owns the expert and where the pair is masked: ids < 0 or >= E (padding rows of a CUDA-graph
-    bucket carry -1). `placement` should already live on ids' device (see CommBackend.placement_on)."""
-    valid = (ids >= 0) & (ids < placement.num_experts)
-    safe = torch.where(valid, ids, 0).long()
-    owner = placement.expert_rank.to(ids.device)[safe]
-    local = placement.expert_local.to(ids.device)[safe]
-    return torch.where(valid & (owner == rank), local, -1).to(torch.int32)
+    owns the expert and where the pair is masked (`expert_owners`)."""
+    ranks, local = expert_owners(ids, placement)
+    return torch.where(ranks == rank, local, -1).to(torch.int32)
 
 
 def check_grouped(expert_ids: torch.Tensor, expert_counts: torch.Tensor, expert_offsets: torch.Tensor) -> None:
@@ -314,32 +333,142 @@ def finish(acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = Non
     return out.copy_(acc)
 
 
+COMBINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_combine_dtype(combine_dtype: torch.dtype | str) -> torch.dtype:
+    """fp32 (default) or bf16 partial sums on the combine wire."""
+    if isinstance(combine_dtype, str):
+        if combine_dtype not in COMBINE_DTYPES:
+            raise ValueError(f"combine_dtype must be one of {sorted(COMBINE_DTYPES)}, got {combine_dtype!r}")
+        return COMBINE_DTYPES[combine_dtype]
+    if combine_dtype not in COMBINE_DTYPES.values():
+        raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
+    return combine_dtype
+
+
+def config_code(cfg: MoEConfig) -> int:
+    """A MoEConfig as one int, for the cross-rank agreement checks."""
+    return zlib.crc32(repr(cfg).encode())
+
+
+def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Sequence[int] = (), *,
+          device: torch.device | str = "cpu", shown: Mapping[str, Callable[[int], str]] | None = None,
+          report: Callable[[list[list[int]]], list[str]] | None = None, fix: str = "") -> list[list[int]]:
+    """The cross-rank agreement of every backend that exchanges anything: one all_gather_ints of
+    this rank's `fields` (name -> an int every rank must share) followed by `mine` (this rank's
+    own ints: token counts, error flags), then a ValueError raised alike on every rank (so no
+    rank is left waiting in a later collective or on a flag):
+
+        "{who}: ranks [2] differ from rank 0 on payload (rank 0: bf16, ..., rank 2: fp8); <report>. {fix}"
+
+    shown: field -> how a value reads in the message (default: the int). report(table): further
+    problems found in every rank's `mine` ints (table[r] = rank r's). Returns every rank's `mine`
+    ints. With no group or one rank nothing is exchanged, but `report` still runs."""
+    row = [int(v) for v in fields.values()] + [int(v) for v in mine]
+    world = group.world if group is not None else 1
+    table = group.all_gather_ints(row, device=device) if world > 1 else [row]
+    n = len(fields)
+    problems = []
+    for i, name in enumerate(fields):
+        values = [r[i] for r in table]
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        if differ:
+            show = (shown or {}).get(name, str)
+            text = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
+            problems.append(f"ranks {differ} differ from rank 0 on {name} ({text})")
+    rest = [r[n:] for r in table]
+    if report is not None:
+        problems += report(rest)
+    if problems:
+        raise ValueError(f"{who}: " + "; ".join(problems) + (f". {fix}" if fix else ""))
+    return rest
+
+
+@dataclass(frozen=True)
+class CommOptions:
+    """Base of every backend's options: a frozen dataclass whose fields all have defaults and
+    whose `__post_init__` raises a ValueError naming the fix for a bad value."""
+
+
 class CommBackend:
     """A dispatch/combine implementation, built once per layer.
 
-    Class attributes describe what it supports (select.py reads them):
+    Class attributes every backend declares itself (select.py, the layer and the conformance
+    tests read them; nothing probes a backend with getattr):
     name:            registry key.
     layouts:         attention layouts it serves ("dp": each rank its own tokens; "tp": every
                      rank the same tokens).
+    payloads:        what dispatch can move (epmoe.comm.payload PAYLOADS; "bf16" = the
+                     activations as they are).
+    devices:         "cpu", "cuda".
     needs_host_sync: whether a call reads device values on the host (count exchange), so it
-                     cannot sit inside a CUDA graph.
+                     cannot sit inside a CUDA graph (unless static_shapes).
+    static_capable:  has a static_shapes option that makes it graph-capturable.
+    single_node:     all ranks must share one NVLink domain.
+    moves_tokens:    False for "none": with the dp layout it serves one rank only.
+    Options:         the frozen dataclass of its options (a CommOptions, every field defaulted).
+
+    Instance attributes: options, payload (what dispatch really moves), static_shapes, capacity
+    (the largest T per rank one call accepts; None = unbounded), graph_safe.
     """
 
-    name: ClassVar[str] = ""
-    layouts: ClassVar[tuple[str, ...]] = ()
-    needs_host_sync: ClassVar[bool] = False
+    name: ClassVar[str]
+    layouts: ClassVar[tuple[str, ...]]
+    payloads: ClassVar[tuple[str, ...]]
+    devices: ClassVar[tuple[str, ...]]
+    needs_host_sync: ClassVar[bool]
+    static_capable: ClassVar[bool]
+    single_node: ClassVar[bool]
+    moves_tokens: ClassVar[bool]
+    Options: ClassVar[type[CommOptions]]
 
-    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement, **options: Any) -> None:
-        if options:
-            raise ValueError(
-                f"comm backend {self.name!r} takes no options, got {sorted(options)}"
-            )
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
+                 options: CommOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        """options: None = `Options()`; device, dtype: the weights' device and the activation
+        dtype (backends that pre-allocate use them here; others may ignore them)."""
+        if options is None:
+            options = self.Options()
+        if not isinstance(options, self.Options):
+            raise TypeError(f"comm {self.name!r} takes {self.Options.__name__} options (build them with "
+                            f"{type(self).__name__}.make_options(...)), got {type(options).__name__}")
+        self.options = options
         self.cfg = cfg
         self.group = group
         self.rank = group.rank if group is not None else 0
         self.world = group.world if group is not None else 1
         self.placement = placement
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.payload = "bf16"
+        self.static_shapes = False
+        self.capacity: int | None = None
         self._placements: dict[torch.device, Placement] = {}
+
+    @classmethod
+    def make_options(cls, **kwargs: Any) -> CommOptions:
+        """`Options(**kwargs)`; a ValueError naming each unknown key and listing the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls.Options)]
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            raise ValueError(f"comm {cls.name!r} has no option{plural} {', '.join(map(repr, unknown))}; its options: "
+                             f"{', '.join(valid) or 'none'}")
+        try:
+            return cls.Options(**kwargs)
+        except ValueError as exc:
+            raise ValueError(f"comm {cls.name!r}: {exc}") from None
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a call can be captured in a CUDA graph (no host sync)."""
+        return not self.needs_host_sync or self.static_shapes
+
+    def check(self) -> None:
+        """Raise the errors a device-side wait recorded (none here)."""
+
+    def after_replay(self) -> None:
+        """What the layer calls after a CUDA-graph replay (nothing here)."""
 
     def placement_on(self, device: torch.device) -> Placement:
         """The placement map on `device`, copied once (the first call runs before any graph

@@ -31,20 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from epmoe.comm.base import Dispatched
+from epmoe.comm.base import Dispatched, expert_owners, local_pairs
+from epmoe.comm.payload import PAYLOADS, empty_rows, encode, pack_rows, row_layout, unpack_rows
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import (
-    Pairs,
-    WireBackend,
-    empty_rows,
-    encode,
-    local_experts_of,
-    make_pairs,
-    pack_rows,
-    partial_sums,
-    row_layout,
-    unpack_rows,
-)
+from epmoe.comm.wire import Pairs, WireBackend, WireOptions, make_pairs, partial_sums
 from epmoe.routing import Routing
 
 
@@ -75,10 +65,17 @@ class A2AHandle:
 
 @register_comm
 class NcclA2AComm(WireBackend):
-    """Count exchange + all-to-all with splits (see the module docstring and `WireBackend` for
-    the options)."""
+    """Count exchange + all-to-all with splits (see the module docstring; options: `WireOptions`)."""
 
     name = "nccl_a2a"
+    layouts = ("dp",)
+    payloads = PAYLOADS
+    devices = ("cpu", "cuda")
+    needs_host_sync = True  # unless static_shapes (the instance attribute then reads False)
+    static_capable = True
+    single_node = False
+    moves_tokens = True
+    Options = WireOptions
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
         ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
@@ -87,8 +84,7 @@ class NcclA2AComm(WireBackend):
         dev = x.device
         p = self.placement_on(dev)
         # Out-of-range ids are reported by the count exchange below; until then they index nothing.
-        ok = (ids >= 0) & (ids < self.cfg.num_experts)
-        dest = torch.where(ok, p.expert_rank[torch.where(ok, ids, 0).long()], -1)  # [T, K]
+        dest = expert_owners(ids, p)[0]  # [T, K] rank of each pair's expert, -1 = masked
         ranks = torch.arange(W, dtype=dest.dtype, device=dev)
         hit = (dest.unsqueeze(-1) == ranks).any(dim=1)  # [T, W]
         pos = hit.long().cumsum(0) - 1  # [T, W] position of t among rank r's rows
@@ -127,7 +123,7 @@ class NcclA2AComm(WireBackend):
             recv = send
         parts = unpack_rows(recv, layout)
         r_ids, r_w = parts[-2], parts[-1]  # [R, K]
-        local = local_experts_of(r_ids, p, me)  # [R, K]
+        local = local_pairs(r_ids, p, me)  # [R, K]
         R = recv.shape[0]
         pairs = make_pairs(local, r_w, compact=not self.static_shapes)
         out_elt = self.combine_dtype.itemsize

@@ -30,6 +30,7 @@ import torch
 from epmoe.comm.base import (
     IMPLS,
     CommBackend,
+    CommOptions,
     Dispatched,
     count_experts,
     finish,
@@ -107,20 +108,36 @@ class LocalHandle:
     dtype: torch.dtype
 
 
-@register_comm
-class NoComm(CommBackend):
+@dataclass(frozen=True)
+class NoneOptions(CommOptions):
     """impl: "auto" (Triton kernels on CUDA, plain torch elsewhere), "triton" (also on the CPU
     under TRITON_INTERPRET=1) or "torch"."""
 
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"comm 'none': impl must be one of {IMPLS}, got {self.impl!r}")
+
+
+@register_comm
+class NoComm(CommBackend):
+    """Local compute (see the module docstring; options: `NoneOptions`)."""
+
     name = "none"
     layouts = ("dp", "tp")
+    payloads = ("bf16",)
+    devices = ("cpu", "cuda")
     needs_host_sync = False
+    static_capable = False
+    single_node = False
+    moves_tokens = False
+    Options = NoneOptions
 
-    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement, *, impl: str = "auto") -> None:
-        super().__init__(cfg, group, placement)
-        if impl not in IMPLS:
-            raise ValueError(f"comm 'none': impl must be one of {IMPLS}, got {impl!r}")
-        self.impl = impl
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
+                 options: NoneOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
+        self.impl = self.options.impl
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
         T, K = routing.ids.shape

@@ -1,31 +1,15 @@
-"""The comm backend registry: name -> CommBackend subclass."""
+"""The comm backend registry: name -> CommBackend subclass (an `epmoe.registry.Registry` that
+refuses a backend leaving any declared capability to a base class)."""
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 from epmoe.comm.base import CommBackend
+from epmoe.registry import Registry
 
-COMM_BACKENDS: dict[str, type[CommBackend]] = {}
-
-
-def register_comm(cls: type[CommBackend]) -> type[CommBackend]:
-    """Class decorator: make a backend available under `cls.name`."""
-    if not cls.name or cls.name in COMM_BACKENDS:
-        raise ValueError(f"comm backend name {cls.name!r} is empty or taken")
-    COMM_BACKENDS[cls.name] = cls
-    return cls
-
-
-def get_comm(name: str) -> type[CommBackend]:
-    if name not in COMM_BACKENDS:
-        raise ValueError(f"unknown comm backend {name!r}; available: {', '.join(sorted(COMM_BACKENDS))}")
-    return COMM_BACKENDS[name]
-
-
-def accepted_options(cls: type[CommBackend], options: dict[str, Any]) -> dict[str, Any]:
-    """The subset of `options` that `cls.__init__` names explicitly (for callers that hand the
-    same options, e.g. max_tokens_per_rank, to several backends)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in options.items() if k in params}
+COMM_BACKENDS: Registry[type[CommBackend]] = Registry(
+    "comm backend",
+    required=("layouts", "payloads", "devices", "needs_host_sync", "static_capable", "single_node",
+              "moves_tokens", "Options"),
+)
+register_comm = COMM_BACKENDS.register
+get_comm = COMM_BACKENDS.get

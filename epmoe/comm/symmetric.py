@@ -84,39 +84,49 @@ atomics.
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from epmoe.comm.base import (
+    IMPLS,
     CommBackend,
+    CommOptions,
     Dispatched,
+    agree,
     call_bound,
     check_addend,
+    check_combine_dtype,
+    config_code,
     count_experts,
+    expert_owners,
     finish,
     weighted_sum,
 )
+from epmoe.comm.payload import (
+    PAYLOADS,
+    check_input_scale,
+    check_payload,
+    decode_bytes,
+    encode_bytes,
+    payload_row_bytes,
+    scale_code,
+    scale_text,
+)
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import check_input_scale, scale_code, scale_text
 from epmoe.config import MoEConfig
 from epmoe.group import EPGroup, Placement, RankGroup
 from epmoe.routing import Routing
 
-PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
 COMBINE_MODES = ("push", "pull")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # codes of the setup agreement
 SEQ_WRAP = 2**31 - 1  # sequence numbers run 1 .. SEQ_WRAP, then 1 again
 ALIGN = 128
-FP8_GROUP = 128
-NVFP4_BLOCK = 16
 DEFAULT_MAX_TOKENS = 128  # decode batches; prefill callers pass max_tokens_per_rank
 
 
@@ -133,21 +143,6 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def payload_row_bytes(payload: str, hidden: int, itemsize: int) -> tuple[int, int, int]:
-    """(data, scales, global scale) bytes per row on the wire for `payload`."""
-    if payload == "bf16":
-        return hidden * itemsize, 0, 0
-    if payload == "fp8":
-        return hidden, 4, 0
-    if payload == "fp8_block":
-        return hidden, 4 * math.ceil(hidden / FP8_GROUP), 0
-    if payload == "nvfp4":
-        if hidden % NVFP4_BLOCK:
-            raise ValueError(f"nvfp4 payloads need hidden % 16 == 0, got hidden={hidden}")
-        return hidden // 2, hidden // NVFP4_BLOCK, 4
-    raise ValueError(f"unknown payload {payload!r}; choose one of {PAYLOADS}")
-
-
 @dataclass(frozen=True)
 class Layout:
     """Byte offsets of the regions of one rank's workspace (identical on every rank)."""
@@ -161,7 +156,7 @@ class Layout:
     combine_dtype: torch.dtype
 
     def __post_init__(self) -> None:
-        d, s, g = payload_row_bytes(self.payload, self.hidden, self.dtype.itemsize)
+        d, s, g = payload_row_bytes(self.payload, self.hidden, self.dtype)
         W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
         slots = W * Tm
         sizes = [
@@ -232,9 +227,9 @@ class SymmHandle:
                 device so that graph replays advance it).
     bound:      B, the call's bound on every rank's T (dispatch's max_tokens, else Tm): the
                 pair list has W * B * Kl entries.
-    expert_rank, rank, world, wire_row_bytes, meta_bytes, combine_row_bytes: what the byte
-                counts below need ([E] int32 owner of each expert on ids' device; D + S + G
-                payload bytes of a row; Kl * 8 meta bytes of a slot; H * combine dtype size).
+    placement, rank, world, wire_row_bytes, meta_bytes, combine_row_bytes: what the byte
+                counts below need (the placement on ids' device; D + S + G payload bytes of a
+                row; Kl * 8 meta bytes of a slot; H * combine dtype size).
 
     dispatch_bytes, combine_bytes (as the other backends' handles report them; computed from
     `ids` on first read, a host sync, so never read them inside a CUDA graph):
@@ -250,7 +245,7 @@ class SymmHandle:
     num_tokens: int
     dtype: torch.dtype
     seq: int
-    expert_rank: torch.Tensor | None = field(default=None, repr=False)
+    placement: Placement | None = field(default=None, repr=False)
     rank: int = 0
     world: int = 1
     wire_row_bytes: int = 0
@@ -262,10 +257,10 @@ class SymmHandle:
     def _tokens_per_rank(self) -> list[int]:
         """[W] host ints: tokens with at least one expert on each rank."""
         if self._hits is None:
-            if self.expert_rank is None or self.num_tokens == 0:
+            if self.placement is None or self.num_tokens == 0:
                 self._hits = [0] * self.world
             else:
-                owner = self.expert_rank[self.ids.long().clamp_min(0)].masked_fill(self.ids < 0, -1)  # [T, K]
+                owner = expert_owners(self.ids, self.placement)[0]  # [T, K]
                 r = torch.arange(self.world, device=owner.device)
                 self._hits = (owner.unsqueeze(-1) == r).any(dim=1).sum(0).tolist()  # [W]
         return self._hits
@@ -357,37 +352,12 @@ def _map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[l
 # ---------------------------------------------------------------------------------------
 
 
-def quantize_rows(x: torch.Tensor, payload: str, backend: str = "torch", scale: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, ...]:
-    """x [T, H] -> (data, scales, gscale) byte/float rows as the wire carries them:
-    data uint8 [T, D], scales uint8 [T, S], gscale fp32 [T, G/4] (per-tensor scales repeated
-    per row, so rows from different ranks can sit side by side). scale: a static fp8 scale /
-    nvfp4 global scale on x's device (the checkpoint's input_scale), else from x's amax."""
-    T = x.shape[0]
-    if payload == "bf16":
-        data = x.contiguous().view(torch.uint8).view(T, x.shape[1] * x.element_size())
-        return data, x.new_empty(T, 0, dtype=torch.uint8), x.new_empty(T, 0, dtype=torch.float32)
-    from epmoe.quant import quantize_activations
-
-    q = quantize_activations(x, payload, scale=scale, backend=backend)
-    data = q.data.contiguous().view(torch.uint8)
-    scales = q.scales.float() if payload != "nvfp4" else q.scales
-    rows = torch.empty((T, scales.shape[1]), dtype=scales.dtype, device=x.device)
-    rows.copy_(scales.expand(T, scales.shape[1]))  # per-tensor scales: one copy per row
-    scales = rows.view(torch.uint8).view(T, rows.shape[1] * rows.element_size())
-    g = x.new_empty(T, 0, dtype=torch.float32)
-    if payload == "nvfp4":
-        g = torch.empty((T, 1), dtype=torch.float32, device=x.device)
-        g.copy_(q.global_scale.float().reshape(-1, 1).expand(T, 1))
-    return data, scales, g
-
-
 def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, world: int, kl: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per destination rank: (meta ids [W, T, Kl] int32 local ids in k order, -1 padded;
     meta weights [W, T, Kl] fp32, 0 where padded; has [W, T] bool: t picks an expert on r)."""
     T, K = ids.shape
-    ranks, local = _owners(ids, placement)  # [T, K] each, -1 for masked pairs
+    ranks, local = expert_owners(ids, placement)  # [T, K] each, -1 for masked pairs
     r = torch.arange(world, device=ids.device).view(world, 1, 1)
     sel = ranks.unsqueeze(0) == r  # [W, T, K]
     order = torch.sort((~sel).to(torch.int8), dim=2, stable=True).indices[..., :kl]  # selected first
@@ -395,16 +365,6 @@ def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, wo
     meta_ids = torch.where(valid, local.unsqueeze(0).expand(world, T, K).gather(2, order), -1)
     meta_w = torch.where(valid, weights.unsqueeze(0).expand(world, T, K).gather(2, order), 0.0)
     return meta_ids.to(torch.int32), meta_w.float(), sel.any(dim=2)
-
-
-def _owners(ids: torch.Tensor, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank, local index) of each id; -1 for masked pairs (id -1; ids past E count as masked,
-    as in the kernels: eager calls reject them before this runs)."""
-    masked = (ids < 0) | (ids >= placement.expert_rank.numel())
-    long = ids.long().masked_fill(masked, 0)
-    ranks = placement.expert_rank.to(ids.device)[long].masked_fill(masked, -1)
-    local = placement.expert_local.to(ids.device)[long].masked_fill(masked, -1)
-    return ranks, local
 
 
 def wait_flags(flags: torch.Tensor, seq: int, timeout_s: float, what: str) -> None:
@@ -487,7 +447,7 @@ def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: t
     wait_flags(own.flags[1], seq, timeout_s, f"symm_a2a rank {rank}: combine")
     T = ids.shape[0]
     H = own.comb_out.shape[-1]
-    ranks = _owners(ids, placement)[0]  # [T, K]
+    ranks = expert_owners(ids, placement)[0]  # [T, K]
     acc = torch.zeros(T, H, dtype=torch.float32, device=ids.device)
     for r, peer in enumerate(peers):
         picked = (ranks == r).any(dim=1, keepdim=True)  # [T, 1]
@@ -496,29 +456,19 @@ def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: t
     return acc
 
 
-def _shown(key: str, value: int, names: dict[str, tuple]) -> str:
-    """A value of the setup agreement as a person reads it."""
-    if key in names:
-        return str(names[key][value])
-    return scale_text(value) if key == "input_scale" else str(value)
-
-
 # ---------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------
 
 
-@register_comm
-class SymmA2A(CommBackend):
-    """One-sided dispatch/combine through every rank's workspace (see the module docstring).
+@dataclass(frozen=True)
+class SymmOptions(CommOptions):
+    """Options of `symm_a2a`.
 
-    Options:
     max_tokens_per_rank: T limit of one call on one rank; sizes the workspace (default 128).
     payload:       "bf16" or None (rows as x holds them), "fp8" (per-tensor scale), "fp8_block"
                    (a scale per 128 values), "nvfp4" (e4m3 scale per 16 values + global).
     timeout_s:     bound of every wait for peers' flags (default 10 s).
-    device, dtype: where the workspace lives and the dtype of bf16 payload rows; when not
-                   given, taken from the first dispatch's x (whose setup is then collective).
     combine_dtype: dtype of the partial sums sent back: torch.float32 / "fp32" (default: the
                    home rank casts once) or torch.bfloat16 / "bf16" (half the bytes, one more
                    rounding).
@@ -528,70 +478,79 @@ class SymmA2A(CommBackend):
     impl:          "triton" (CUDA kernels; default on CUDA) or "torch" (the plain-torch twin;
                    default on CPU; on CUDA it polls flags from the host).
     check_errors:  read the kernels' error word after every eager combine (a host sync) and
-                   raise on timeouts; with False call `check()` yourself (e.g. after graph
-                   replays).
+                   after every graph replay of the layer, and raise on timeouts; with False call
+                   `check()` yourself.
     input_scale:   static activation scale shared by every rank (the checkpoint's per-layer
                    `input_scale`): fp8's per-tensor scale or nvfp4's global scale instead of
                    this rank's batch amax; fp8 / nvfp4 payloads only. Eager calls only for now:
                    the quantizers (epmoe.quant) check a static scale on the host, which a CUDA
                    graph capture cannot hold, so a capture with it raises.
+
+    payload and combine_dtype read back canonical ("bf16", torch.float32 / torch.bfloat16).
     """
+
+    max_tokens_per_rank: int | None = DEFAULT_MAX_TOKENS
+    payload: str | None = "bf16"
+    timeout_s: float = 10.0
+    combine_dtype: torch.dtype | str = torch.float32
+    combine_mode: str = "push"
+    impl: str = "auto"
+    check_errors: bool = True
+    input_scale: float | torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        m = DEFAULT_MAX_TOKENS if self.max_tokens_per_rank is None else self.max_tokens_per_rank
+        if not isinstance(m, int) or m <= 0:
+            raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
+        object.__setattr__(self, "max_tokens_per_rank", m)
+        object.__setattr__(self, "payload", check_payload(self.payload))
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        object.__setattr__(self, "combine_dtype", check_combine_dtype(self.combine_dtype))
+        if self.combine_mode not in COMBINE_MODES:
+            raise ValueError(f"combine_mode must be 'push' or 'pull', got {self.combine_mode!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {self.impl!r}")
+        check_input_scale(self.input_scale, self.payload)
+
+
+@register_comm
+class SymmA2A(CommBackend):
+    """One-sided dispatch/combine through every rank's workspace (see the module docstring;
+    options: `SymmOptions`). The workspace is built at construction, on `device`, for bf16
+    payload rows of `dtype` (a collective: every rank constructs the backend together)."""
 
     name = "symm_a2a"
     layouts = ("dp",)
-    needs_host_sync = False
     payloads = PAYLOADS
     devices = ("cpu", "cuda")
+    needs_host_sync = False
+    static_capable = False
     single_node = True
+    moves_tokens = True
+    Options = SymmOptions
+    options: SymmOptions
 
-    def __init__(
-        self,
-        cfg: MoEConfig,
-        group: RankGroup | None,
-        placement: Placement,
-        max_tokens_per_rank: int | None = None,
-        payload: str | None = None,
-        timeout_s: float = 10.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        combine_dtype: torch.dtype | str = torch.float32,
-        combine_mode: str = "push",
-        impl: str = "auto",
-        check_errors: bool = True,
-        input_scale: float | torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(cfg, group, placement)
-        max_tokens_per_rank = DEFAULT_MAX_TOKENS if max_tokens_per_rank is None else max_tokens_per_rank
-        payload = payload or "bf16"
-        combine_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(combine_dtype, combine_dtype)
-        if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank <= 0:
-            raise ValueError(f"max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
-        payload_row_bytes(payload, cfg.hidden, 2)  # validates the payload name and H
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if combine_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
-        if combine_mode not in ("push", "pull"):
-            raise ValueError(f"combine_mode must be 'push' or 'pull', got {combine_mode!r}")
-        if impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-        self.max_tokens = max_tokens_per_rank
-        self.payload = payload
-        self.timeout_s = float(timeout_s)
-        self.combine_dtype = combine_dtype
-        self.combine_mode = combine_mode
-        self.impl = impl
-        self.check_errors = check_errors
-        self.input_scale = check_input_scale(input_scale, payload)
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
+                 options: SymmOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
+        o = self.options
+        self.max_tokens: int = o.max_tokens_per_rank  # type: ignore[assignment]
+        self.capacity = self.max_tokens
+        self.payload = check_payload(o.payload, cfg.hidden)
+        self.timeout_s = float(o.timeout_s)
+        self.combine_dtype: torch.dtype = o.combine_dtype  # type: ignore[assignment]
+        self.combine_mode = o.combine_mode
+        self.impl = o.impl
+        self.check_errors = o.check_errors
+        self.input_scale = check_input_scale(o.input_scale, self.payload)
         self._scale_dev: torch.Tensor | None = None
         self.slot_experts = min(cfg.top_k, placement.local_experts)
         self.seq = 0  # last completed call's sequence number (host copy)
         self.layout: Layout | None = None
         self._open: SymmHandle | None = None
         self._broken: str | None = None
-        if device is not None:
-            device = torch.device(device)
-            self._setup(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        self._setup(self.device, dtype)
 
     # ---- sizing ----------------------------------------------------------------------------
 
@@ -662,34 +621,22 @@ class SymmA2A(CommBackend):
             self._timeout_arg = int(self.timeout_s * 1e9) if self._use_timer else max(1, int(self.timeout_s * 1e4))
 
     def _agree(self, lay: Layout, device: torch.device) -> None:
-        """One all-gather of what every rank's workspace layout depends on; a ValueError on
-        every rank (so none is left waiting on a peer's flags) naming the ranks that differ
-        from rank 0."""
-        if self.group is None or self.world == 1:
-            return
+        """One all-gather (`agree`) of what every rank's workspace layout depends on; a
+        ValueError on every rank (so none is left waiting on a peer's flags) naming the ranks
+        that differ from rank 0."""
         fields = {
             "world": lay.world, "max_tokens_per_rank": lay.max_tokens, "hidden": lay.hidden,
             "local experts per token (Kl)": lay.slot_experts, "payload": PAYLOADS.index(lay.payload),
             "row dtype": _DTYPES.index(lay.dtype), "combine dtype": _DTYPES.index(lay.combine_dtype),
-            "workspace bytes": lay.nbytes, "config": zlib.crc32(repr(self.cfg).encode()),
+            "workspace bytes": lay.nbytes, "config": config_code(self.cfg),
             "input_scale": scale_code(self.input_scale), "combine_mode": COMBINE_MODES.index(self.combine_mode),
         }
-        names = {"payload": PAYLOADS, "row dtype": _DTYPES, "combine dtype": _DTYPES, "combine_mode": COMBINE_MODES}
-        table = self.group.all_gather_ints(list(fields.values()), device=device)
-        problems = []
-        for i, key in enumerate(fields):
-            values = [row[i] for row in table]
-            differ = [r for r, v in enumerate(values) if v != values[0]]
-            if differ:
-                shown = ", ".join(f"rank {r}: {_shown(key, v, names)}" for r, v in enumerate(values))
-                problems.append(f"ranks {differ} differ from rank 0 on {key} ({shown})")
-        if problems:
-            raise ValueError(f"symm_a2a rank {self.rank}: " + "; ".join(problems) + ". Every rank must build the "
-                             "layer with the same MoEConfig and comm_options and pass x of the same dtype")
-
-    def _ensure_setup(self, x: torch.Tensor) -> None:
-        if self.layout is None:
-            self._setup(x.device, x.dtype)
+        shown = {"payload": PAYLOADS.__getitem__, "row dtype": lambda v: str(_DTYPES[v]),
+                 "combine dtype": lambda v: str(_DTYPES[v]), "combine_mode": COMBINE_MODES.__getitem__,
+                 "input_scale": scale_text}
+        agree(self.group, f"symm_a2a rank {self.rank}", fields, device=device, shown=shown,
+              fix="Every rank must build the layer with the same MoEConfig and comm_options and pass x of the "
+                  "same dtype")
 
     def destroy(self) -> None:
         """Drop the workspace (collective: every rank calls it before any peer frees memory)."""
@@ -704,6 +651,8 @@ class SymmA2A(CommBackend):
     def _check_call(self, x: torch.Tensor, routing: Routing) -> None:
         if self._broken:
             raise RuntimeError(f"symm_a2a rank {self.rank} is unusable after an earlier failure: {self._broken}")
+        if self.layout is None:
+            raise RuntimeError(f"symm_a2a rank {self.rank}: the workspace was destroyed; build a new backend")
         T = x.shape[0]
         if T > self.max_tokens:
             raise ValueError(
@@ -715,11 +664,10 @@ class SymmA2A(CommBackend):
             raise ValueError(f"x must be [T, {self.cfg.hidden}], got {tuple(x.shape)}")
         if routing.ids.shape != (T, self.cfg.top_k):
             raise ValueError(f"routing must be [{T}, {self.cfg.top_k}], got {tuple(routing.ids.shape)}")
-        if self.layout is not None:
-            if x.device != self.device:
-                raise ValueError(f"x is on {x.device}, the symm_a2a workspace on {self.device}")
-            if self.payload == "bf16" and x.dtype != self.dtype:
-                raise ValueError(f"x is {x.dtype}, the workspace holds {self.dtype} rows; pass dtype= at construction")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device}, the symm_a2a workspace on {self.device}")
+        if self.payload == "bf16" and x.dtype != self.dtype:
+            raise ValueError(f"x is {x.dtype}, the workspace holds {self.dtype} rows; pass dtype= at construction")
         if self._open is not None:
             raise RuntimeError("symm_a2a: dispatch called again before combine; every dispatch needs its combine")
         if routing.ids.device != self.device or routing.weights.device != self.device:
@@ -776,15 +724,14 @@ class SymmA2A(CommBackend):
         before anything is written); calls being captured in a CUDA graph skip host checks, and
         the kernels treat an out-of-range id as a masked pair, so memory is never touched out
         of bounds."""
-        self._ensure_setup(x)  # collective the first time: before any check that raises on one rank
         self._check_call(x, routing)
         bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
         seq = next_seq(self.seq)
-        handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev.expert_rank, self.rank,
+        handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev, self.rank,
                             self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
                             self.cfg.hidden * self.combine_dtype.itemsize, bound)
         if self._impl == "torch":
-            rows = quantize_rows(x, self.payload, scale=self._scale_dev)
+            rows = encode_bytes(x, self.payload, self._scale_dev, backend="torch")
             meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
             dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
         else:
@@ -842,18 +789,8 @@ class SymmA2A(CommBackend):
         peer that then finishes its combine_recv may start its next dispatch and overwrite its
         slots here, before this rank's own combine_recv returns. Read (or copy) the rows before
         combine_send, as the expert stage does."""
-        v, H, N = self.own, self.cfg.hidden, self.world * self.max_tokens
-        if self.payload == "bf16":
-            return v.data.view(self.dtype)
-        from epmoe.quant import FP8_DTYPE, QuantizedTensor
-
-        if self.payload == "fp8":
-            return QuantizedTensor(v.data.view(FP8_DTYPE), v.scales.view(torch.float32), (1, H), "fp8")
-        if self.payload == "fp8_block":
-            return QuantizedTensor(v.data.view(FP8_DTYPE), v.scales.view(torch.float32), (1, FP8_GROUP),
-                                   "fp8_block")
-        return QuantizedTensor(v.data, v.scales.view(FP8_DTYPE), (1, NVFP4_BLOCK), "nvfp4",
-                               v.gscale.view(N, 1))
+        v = self.own
+        return decode_bytes([v.data, v.scales, v.gscale], self.payload, self.cfg.hidden, self.dtype)
 
     def combine_send(self, expert_out: torch.Tensor, dispatched: Dispatched) -> None:
         """Phase 3 (expert rank): weighted partial sums into own buffer, flags to every home."""
@@ -961,9 +898,8 @@ def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> Any:
 
     lay, o = b.layout, b.layout.offsets
     T, K, Kl = x.shape[0], b.cfg.top_k, b.slot_experts
-    # the Triton quantizers need whole groups of 128 for fp8_block; the torch twin handles any H
-    fast = x.is_cuda and (b.payload != "fp8_block" or x.shape[1] % 128 == 0)
-    data, scales, gscale = quantize_rows(x, b.payload, backend="triton" if fast else "torch", scale=b._scale_dev)
+    # Triton quantizers on CUDA (fp8_block: where H holds whole groups of 128), else the torch ones
+    data, scales, gscale = encode_bytes(x, b.payload, b._scale_dev)
     d_bytes, s_bytes, g_bytes = lay.row_bytes
     if d_bytes % 4 == 0:  # move 4-byte words, not bytes
         data = data.view(torch.int32)

@@ -17,6 +17,7 @@ import torch
 
 from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
+from epmoe.registry import Registry
 
 FLOAT_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what "bf16" format means
 
@@ -111,35 +112,43 @@ class ExpertRunner:
 
     Built once per layer with the rank's weights; `runner(d)` returns out [M, H] in the
     activation dtype, one row per pair (padding pairs: undefined rows), no router weights.
-    `formats` lists the weight formats it accepts ("bf16" = any unquantized float dtype),
-    `needs_host_sync` whether a call reads device values on the host (select.py reads both).
+
+    Every runner declares itself (the registry refuses one that leaves any to this class):
+        formats:         weight formats it accepts ("bf16" = any unquantized float dtype)
+        devices:         "cpu" / "cuda"
+        needs_host_sync: whether a call reads device values on the host
+        priority:        higher = faster; select.py picks the highest-priority runner that fits
+        Options:         frozen dataclass of its options, all with defaults
+    and `prepare(weights, cfg)`, the one-time transform of loaded weights into the layout its
+    kernels read (checkpoint.py calls it at the end of loading).
     """
 
-    name: ClassVar[str] = ""
-    formats: ClassVar[tuple[str, ...]] = ()
-    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
-    needs_host_sync: ClassVar[bool] = False
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]
+    devices: ClassVar[tuple[str, ...]]
+    needs_host_sync: ClassVar[bool]
+    priority: ClassVar[int]
+    Options: ClassVar[type]
 
-    def __init__(self, cfg: MoEConfig, weights: ExpertWeights) -> None:
+    def __init__(self, cfg: MoEConfig, weights: ExpertWeights, options: Any = None) -> None:
+        """options None = `Options()`."""
         self.cfg = cfg
         self.weights = weights
+        self.options = self.Options() if options is None else options
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"runner {self.name!r} takes {self.Options.__name__} options, "
+                            f"got {type(self.options).__name__}")
+
+    @classmethod
+    def prepare(cls, weights: ExpertWeights, cfg: MoEConfig) -> ExpertWeights:
+        """The weights in the layout this runner reads (one-time, at load)."""
+        raise NotImplementedError
 
     def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
-RUNNERS: dict[str, type[ExpertRunner]] = {}
-
-
-def register_runner(cls: type[ExpertRunner]) -> type[ExpertRunner]:
-    """Class decorator: make a runner available under `cls.name`."""
-    if not cls.name or cls.name in RUNNERS:
-        raise ValueError(f"runner name {cls.name!r} is empty or taken")
-    RUNNERS[cls.name] = cls
-    return cls
-
-
-def get_runner(name: str) -> type[ExpertRunner]:
-    if name not in RUNNERS:
-        raise ValueError(f"unknown expert runner {name!r}; available: {', '.join(sorted(RUNNERS))}")
-    return RUNNERS[name]
+RUNNERS: Registry[type[ExpertRunner]] = Registry(
+    "expert runner", required=("formats", "devices", "needs_host_sync", "priority"))
+register_runner = RUNNERS.register
+get_runner = RUNNERS.get

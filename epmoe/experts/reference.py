@@ -15,6 +15,8 @@ row and 128 values (`quantize_fp8_groups_torch`), as the fp8 tensor-core GEMMs s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from epmoe.comm.base import Dispatched
@@ -65,11 +67,24 @@ def reference_experts(
     return out.to(out_dtype)
 
 
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """The reference runner has no options."""
+
+
 @register_runner
 class ReferenceRunner(ExpertRunner):
     name = "reference"
     formats = ("bf16", "fp8", "fp8_block", "nvfp4")
+    devices = ("cpu", "cuda")
     needs_host_sync = True  # loops over the experts present (unique / nonzero)
+    priority = 0
+    Options = ReferenceOptions
+
+    @classmethod
+    def prepare(cls, weights: ExpertWeights, cfg: MoEConfig) -> ExpertWeights:
+        """The reference runner reads our layout as is (it dequantizes per expert)."""
+        return weights
 
     def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
         y = reference_experts(d.hidden, d.row_ids, d.expert_ids, self.weights, self.cfg)

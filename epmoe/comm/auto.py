@@ -1,0 +1,194 @@
+"""`auto`: a composite comm backend that runs each call on one of its candidates.
+
+    tokens  = max over ranks of T          one all_gather_ints of one int per call (skipped on
+                                           one rank, with one candidate, and while a CUDA graph
+                                           is captured: the bucket size stands in for it)
+    backend = the first rung of the crossover ladder whose limit covers tokens, that is a
+              candidate and whose capacity holds tokens            (select.pick_comm)
+    dispatch, combine = backend's, with max_tokens = tokens
+
+The layer builds it for comm="auto"; it is not registered (it moves nothing itself). Candidates:
+every registered backend that select.py's table allows for the layer's combination, with the
+options it names; on one rank or with the tp layout only those that move no tokens
+(`moves_tokens=False`). The ladder comes from epmoe/tuning/crossovers.json (select.crossovers),
+measured per GPU model and world size, else its default entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree
+from epmoe.comm.payload import PAYLOADS
+from epmoe.comm.registry import COMM_BACKENDS
+from epmoe.config import MoEConfig
+from epmoe.graphs import capturing
+from epmoe.group import Placement, RankGroup
+from epmoe.routing import Routing
+from epmoe.select import DEVICES, LAYOUTS, Combo, check, crossovers, pick_comm
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU model crossovers are measured for ("cpu" off CUDA)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def option_names(cls: type[CommBackend]) -> tuple[str, ...]:
+    """The fields of a backend's Options dataclass."""
+    return tuple(f.name for f in dataclasses.fields(cls.Options))
+
+
+@dataclass(frozen=True)
+class AutoOptions(CommOptions):
+    """auto has no options of its own: each candidate gets the keys its own Options has."""
+
+
+@dataclass
+class AutoHandle:
+    """backend: the candidate that dispatched the call; handle: its own handle."""
+
+    backend: CommBackend
+    handle: Any
+
+
+class AutoComm(CommBackend):
+    """Picks a candidate per call by the largest token count over ranks (see the module docstring).
+
+    options: keyword options for the candidates; every key must be a field of at least one
+             candidate's Options (ValueError naming it and the valid ones otherwise).
+    combo:   the layer's combination (layout, world, nodes, device, runner, weights, routing);
+             its comm, payload and static_shapes fields are ignored.
+
+    backends: name -> built candidate; ladder: the crossover ladder (None with one candidate);
+    current: the candidate of the last call (before any call, the pick for one token); allowed:
+    while set (graph capture), the only names that may be picked.
+    """
+
+    name = "auto"
+    layouts = LAYOUTS
+    payloads = PAYLOADS
+    devices = DEVICES
+    needs_host_sync = True  # the per-call agreement on max T, with several ranks
+    static_capable = False
+    single_node = False
+    moves_tokens = True
+    Options = AutoOptions
+
+    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
+                 options: Mapping[str, Any] | None = None, *, device: torch.device | str, dtype: torch.dtype,
+                 combo: Combo) -> None:
+        super().__init__(cfg, group, placement, AutoOptions(), device=device, dtype=dtype)
+        wanted = dict(options or {})
+        chosen = self.candidates(combo, wanted)
+        self.backends: dict[str, CommBackend] = {
+            n: COMM_BACKENDS[n](cfg, group, placement, opts, device=device, dtype=dtype) for n, opts in chosen.items()
+        }
+        self.ladder = crossovers(device_name(self.device), self.world)[0] if len(self.backends) > 1 else None
+        caps = [b.capacity for b in self.backends.values()]
+        self.capacity = None if None in caps else max(caps)
+        self.allowed: list[str] | None = None
+        self._current = next(iter(self.backends.values()))
+        self.current = self.pick(1)
+
+    @staticmethod
+    def candidates(combo: Combo, options: Mapping[str, Any]) -> dict[str, CommOptions]:
+        """name -> Options of every backend auto runs `combo` on, given `options`.
+
+        A backend is a candidate when the table allows combo with its comm, payload and
+        static_shapes taken from the options it names; each candidate's options are built (and
+        their values checked) by its make_options. On one rank or with the tp layout only the
+        candidates that move no tokens are kept."""
+        fits: dict[str, CommOptions] = {}
+        reasons = []
+        names: set[str] = set()
+        for n in sorted(COMM_BACKENDS):
+            cls = COMM_BACKENDS[n]
+            own = {k: v for k, v in options.items() if k in option_names(cls)}
+            mine = dataclasses.replace(combo, comm=n, payload=own.get("payload") or "bf16",
+                                       static_shapes=bool(own.get("static_shapes", False)))
+            ok, reason = check(mine)
+            if not ok:
+                reasons.append(f"{n}: {reason}")
+                continue
+            names.update(option_names(cls))
+            fits[n] = cls.make_options(**own)
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            raise ValueError(f"comm 'auto' has no option{plural} {', '.join(map(repr, unknown))}; its candidates' "
+                             f"options: {', '.join(sorted(names)) or 'none'}")
+        if combo.layout == "tp" or combo.world == 1:
+            fits = {n: o for n, o in fits.items() if not COMM_BACKENDS[n].moves_tokens}
+            reasons.append("on one rank or with the tp layout auto runs only backends that move no tokens")
+        if not fits:
+            raise ValueError(f"comm 'auto': no registered backend can run ({combo}): " + "; ".join(reasons))
+        return fits
+
+    @property
+    def current(self) -> CommBackend:
+        """The candidate of the last call."""
+        return self._current
+
+    @current.setter
+    def current(self, backend: CommBackend) -> None:
+        self._current = backend
+        self.payload = backend.payload  # what the call really moved
+        self.static_shapes = backend.static_shapes
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether the current candidate can sit in a CUDA graph (a capture agrees on no T)."""
+        return self._current.graph_safe
+
+    def agree_tokens(self, x: torch.Tensor) -> int | None:
+        """The bound on every rank's T that picks this call's backend: the largest T over ranks
+        (one small exchange); T itself on one rank or while capturing (the graph's bucket); None
+        where nothing is to be picked (one candidate over several ranks: no exchange)."""
+        if self.world == 1:
+            return x.shape[0]
+        if self.ladder is None:
+            return None
+        if self.allowed is not None or capturing(x):
+            return x.shape[0]
+        return max(t for (t,) in agree(self.group, "comm 'auto'", {}, [x.shape[0]], device=self.device))
+
+    def pick(self, tokens: int) -> CommBackend:
+        """The candidate for a call whose ranks hold at most `tokens` tokens each."""
+        if self.ladder is None:
+            return self._current
+        names = self.allowed or list(self.backends)
+        caps = {n: self.backends[n].capacity for n in names}
+        return self.backends[pick_comm(tokens, names, self.ladder, capacities=caps)]
+
+    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
+        """max_tokens: the agreed bound when the caller already has it (a graph bucket, or the
+        layer's replay check); else auto agrees on it here."""
+        tokens = max_tokens if max_tokens is not None else self.agree_tokens(x)
+        backend = self.pick(tokens if tokens is not None else x.shape[0])
+        self.current = backend
+        inner = backend.dispatch(x, routing, max_tokens=tokens)
+        wrapped = copy.copy(inner)  # no __post_init__ again: the runner sees the same rows
+        wrapped.handle = AutoHandle(backend, inner.handle)
+        return wrapped
+
+    def combine(
+        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+        addend: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h: AutoHandle = dispatched.handle
+        inner = copy.copy(dispatched)
+        inner.handle = h.handle
+        return h.backend.combine(expert_out, inner, out, addend=addend)
+
+    def check(self) -> None:
+        for b in self.backends.values():
+            b.check()
+
+    def after_replay(self) -> None:
+        self._current.after_replay()

@@ -1,0 +1,228 @@
+"""The one wire format of dispatched token rows: payload names, bytes per row, encode / decode.
+
+payload ("bf16" or None: the activations as they are, any float dtype); the parts of one row:
+    bf16        x row                                   H * x.element_size() bytes
+    fp8         e4m3 row | its tensor's fp32 scale      H + 4 (one scale per sending rank's batch)
+    fp8_block   e4m3 row | fp32 scale per 128 values    H + 4 * ceil(H / 128)   (per-token groups)
+    nvfp4       e2m1 pairs | e4m3 scale per 16 | fp32 global scale    H / 2 + H / 16 + 4
+
+The sender quantizes its own rows (scales depend on its batch only; or on a static `input_scale`
+shared by every rank); per-tensor scales are repeated on every row, so rows of several ranks can
+sit side by side. The receiver views the bytes back as a `QuantizedTensor` with per-row scales,
+which runners dequantize. Block sizes and the e4m3 dtype are epmoe.quant's.
+
+The count-exchanging backends (`allgather`, `nccl_a2a`) move one byte row per token that also
+carries its routing (`row_layout`: the parts above, then ids int32 [K] and weights fp32 [K]);
+`symm_a2a` keeps the parts in separate planes of its workspace (`encode_bytes` /
+`decode_bytes`: data, scales, global scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from epmoe.config import MoEConfig
+from epmoe.quant import FP8_BLOCK, FP8_DTYPE, NVFP4_BLOCK, QuantizedTensor, quantize_activations, quantize_fp8
+from epmoe.util import cdiv
+
+PAYLOADS = ("bf16", "fp8", "fp8_block", "nvfp4")
+_FILL = 0xFF  # unused wire bytes: NaN floats, -1 ids, so a row nobody wrote is never taken as data
+
+
+def check_payload(payload: str | None, hidden: int | None = None) -> str:
+    """Validate a payload option (and, given `hidden`, that rows of that width can carry it);
+    returns the canonical name ("bf16" for None)."""
+    name = payload or "bf16"
+    if name not in PAYLOADS:
+        raise ValueError(f"unknown payload {payload!r}; supported payloads: {', '.join(PAYLOADS)} "
+                         "(None or 'bf16' = the activations unquantized)")
+    if name == "nvfp4" and hidden is not None and hidden % NVFP4_BLOCK:
+        raise ValueError(f"nvfp4 payloads need hidden % {NVFP4_BLOCK} == 0, got hidden={hidden}; use fp8_block")
+    return name
+
+
+def payload_parts(payload: str, hidden: int, dtype: torch.dtype) -> tuple[tuple[torch.dtype, int], ...]:
+    """(dtype, columns) of each part of a row (the module docstring's table); `dtype`: the
+    activations' dtype, which bf16 rows keep."""
+    H = hidden
+    if payload == "bf16":
+        return ((dtype, H),)
+    if payload == "fp8":
+        return ((FP8_DTYPE, H), (torch.float32, 1))
+    if payload == "fp8_block":
+        return ((FP8_DTYPE, H), (torch.float32, cdiv(H, FP8_BLOCK)))
+    return ((torch.uint8, H // 2), (FP8_DTYPE, H // NVFP4_BLOCK), (torch.float32, 1))
+
+
+def _width(dtype: torch.dtype, n: int) -> int:
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def payload_row_bytes(payload: str, hidden: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(data, scales, global scale) bytes per row for `payload` (0 for absent parts)."""
+    widths = [_width(d, n) for d, n in payload_parts(check_payload(payload, hidden), hidden, dtype)]
+    return tuple(widths + [0] * (3 - len(widths)))  # type: ignore[return-value]
+
+
+# ---- static scales -------------------------------------------------------------------------
+
+
+def check_input_scale(input_scale: float | torch.Tensor | None, payload: str) -> torch.Tensor | None:
+    """A static activation scale (the checkpoint's per-layer `input_scale`) as an fp32 scalar
+    tensor on the CPU, or None. It replaces the per-batch scale of fp8 (per-tensor) and the
+    global scale of nvfp4, so every rank quantizes with the same one; fp8_block scales are
+    per token group and bf16 rows are not quantized, so those payloads take none."""
+    if input_scale is None:
+        return None
+    if payload not in ("fp8", "nvfp4"):
+        raise ValueError(f"input_scale is the static scale of fp8 / nvfp4 payloads, not of {payload!r} "
+                         "(fp8_block scales are per token group; bf16 rows are not quantized)")
+    scale = torch.as_tensor(input_scale, dtype=torch.float32).detach().cpu()
+    if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or not float(scale) > 0:
+        raise ValueError(f"input_scale must be one finite value > 0, got {input_scale!r}")
+    return scale.reshape(())
+
+
+def scale_code(scale: torch.Tensor | None) -> int:
+    """The bits of a static scale as an int (0 = none), for the cross-rank agreement checks."""
+    return 0 if scale is None else int(scale.reshape(1).view(torch.int32)[0])
+
+
+def scale_text(code: int) -> str:
+    """A `scale_code` as a person reads it."""
+    return "none" if code == 0 else f"{torch.tensor([code], dtype=torch.int32).view(torch.float32).item():g}"
+
+
+# ---- encode / decode -----------------------------------------------------------------------
+
+
+def encode(x: torch.Tensor, payload: str, scale: torch.Tensor | None = None, backend: str = "auto"
+           ) -> list[torch.Tensor]:
+    """x [T, H] -> the parts of its rows ([T, n_i] each, dtypes of `payload_parts`), quantized on
+    this rank. scale: static fp8 scale / nvfp4 global scale on x's device (`check_input_scale`),
+    or None for the dynamic one of this rank's batch. backend: the quantizers' ("torch",
+    "triton"); "auto": Triton on CUDA where it takes the shape (fp8_block: whole groups of
+    128), plain torch otherwise."""
+    if payload == "bf16":
+        return [x]
+    T, H = x.shape
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and (payload != "fp8_block" or H % FP8_BLOCK == 0) else "torch"
+    if payload == "fp8":  # one scale for this rank's batch, repeated per row for the receivers
+        q = quantize_fp8(x, scale)
+        return [q.data, q.scales.reshape(1, 1).expand(T, 1)]
+    q = quantize_activations(x, payload, scale=scale, backend=backend)
+    if payload == "fp8_block":
+        return [q.data, q.scales]
+    return [q.data, q.scales, q.global_scale.reshape(1, 1).expand(T, 1)]
+
+
+def decode(parts: Sequence[torch.Tensor], payload: str, hidden: int) -> Any:
+    """Received payload parts -> hidden rows [N, H]: a Tensor, or a QuantizedTensor whose
+    scales (and nvfp4 global scale) are per row."""
+    if payload == "bf16":
+        return parts[0]
+    if payload == "fp8":
+        return QuantizedTensor(parts[0], parts[1], (1, hidden), "fp8")
+    if payload == "fp8_block":
+        return QuantizedTensor(parts[0], parts[1], (1, FP8_BLOCK), "fp8_block")
+    return QuantizedTensor(parts[0], parts[1], (1, NVFP4_BLOCK), "nvfp4", parts[2])
+
+
+def encode_bytes(x: torch.Tensor, payload: str, scale: torch.Tensor | None = None, backend: str = "auto"
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (data uint8 [T, D], scales uint8 [T, S], gscale fp32 [T, G/4]): `encode`'s
+    parts as the byte planes of `payload_row_bytes` (absent parts have 0 columns; per-tensor
+    scales are copied onto every row)."""
+    parts = encode(x, payload, scale, backend)
+    T = x.shape[0]
+    (d_type, d_cols), *rest = payload_parts(payload, x.shape[1], x.dtype)
+    data = parts[0].contiguous().view(torch.uint8).view(T, _width(d_type, d_cols))
+    scales = x.new_empty(T, 0, dtype=torch.uint8)
+    gscale = x.new_empty(T, 0, dtype=torch.float32)
+    if rest:
+        s_type, s_cols = rest[0]
+        rows = torch.empty((T, s_cols), dtype=s_type, device=x.device)
+        rows.copy_(parts[1])  # per-tensor scales: one copy per row
+        scales = rows.view(torch.uint8).view(T, _width(s_type, s_cols))
+    if len(rest) > 1:
+        gscale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+        gscale.copy_(parts[2])
+    return data, scales, gscale
+
+
+def decode_bytes(planes: Sequence[torch.Tensor], payload: str, hidden: int, dtype: torch.dtype) -> Any:
+    """Byte planes (data uint8 [N, D], scales uint8 [N, S], gscale fp32 [N, G/4]; views of a
+    receive buffer) -> `decode`'s hidden rows, viewing each plane in its part's dtype (no copy)."""
+    parts = [p if p.dtype == d else p.view(d) for p, (d, _) in zip(planes, payload_parts(payload, hidden, dtype))]
+    return decode(parts, payload, hidden)
+
+
+# ---- byte rows of the count-exchanging backends ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Byte layout of one wire row: `parts` are (dtype, columns) in order; ids and weights last."""
+
+    payload: str
+    parts: tuple[tuple[torch.dtype, int], ...]
+
+    @property
+    def widths(self) -> list[int]:
+        return [_width(d, n) for d, n in self.parts]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per row."""
+        return sum(self.widths)
+
+
+def row_layout(cfg: MoEConfig, payload: str, x_dtype: torch.dtype) -> RowLayout:
+    """The wire row for `payload` with activations of `x_dtype`: the payload parts, then the
+    token's routing ids int32 [K] and weights fp32 [K]."""
+    meta = ((torch.int32, cfg.top_k), (torch.float32, cfg.top_k))
+    return RowLayout(payload, payload_parts(payload, cfg.hidden, x_dtype) + meta)
+
+
+def pack_rows(parts: Sequence[torch.Tensor], layout: RowLayout, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row parts ([T, n_i] each, dtypes of `layout`) -> uint8 [T, layout.nbytes]."""
+    T = parts[0].shape[0]
+    if out is None:
+        out = torch.empty(T, layout.nbytes, dtype=torch.uint8, device=parts[0].device)
+    col = 0
+    for p, width in zip(parts, layout.widths):
+        out[:, col : col + width] = p.contiguous().view(torch.uint8).reshape(T, width)
+        col += width
+    return out
+
+
+def unpack_rows(buf: torch.Tensor, layout: RowLayout) -> list[torch.Tensor]:
+    """uint8 [N, layout.nbytes] -> the parts, each [N, n_i] in its dtype. The first part (the
+    payload, the largest) is a strided view of `buf` where the row stride allows it; the small
+    ones are copies."""
+    out, col = [], 0
+    for i, ((dtype, n), width) in enumerate(zip(layout.parts, layout.widths)):
+        cols = buf[:, col : col + width]
+        elt = width // n
+        if i == 0 and buf.stride(0) % elt == 0:
+            out.append(cols.view(dtype))  # [N, n], row stride nbytes / elt
+        else:
+            # a fresh copy with standard strides: .contiguous() returns 0 or 1 rows as they are,
+            # with a byte offset and row stride that a wider dtype cannot view
+            out.append(cols.clone(memory_format=torch.contiguous_format).view(dtype).reshape(buf.shape[0], n))
+        col += width
+    return out
+
+
+def empty_rows(n: int, layout: RowLayout, device: torch.device, filled: int = 0) -> torch.Tensor:
+    """uint8 [n, nbytes] whose rows past `filled` (rows the caller will not write) hold 0xFF:
+    NaN payload and weights, -1 ids. Rows before `filled` are left uninitialised."""
+    buf = torch.empty((n, layout.nbytes), dtype=torch.uint8, device=device)
+    if filled < n:
+        buf[filled:].fill_(_FILL)
+    return buf

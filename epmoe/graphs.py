@@ -1,0 +1,188 @@
+"""CUDA-graph capture and replay of a whole MoELayer: route -> dispatch -> experts -> combine.
+
+    capture:  for each token bucket b (largest first, so smaller graphs reuse its memory pool):
+                  graph[b] = the layer's eager call on rows [0, b) of static buffers,
+                             rows >= valid routed to expert -1 (no expert computes them, no
+                             comm moves them)
+    replay:   T <= the largest bucket, b = the smallest bucket >= T:
+                  copy x, logits (or routing) into the static buffers; valid = T
+                  graph[b].replay(); its comm backend's after_replay(); return out[b][:T]
+
+`MoELayer.capture_graphs` builds a `LayerGraphs` and keeps it; `MoELayer.forward` asks it for the
+bucket of a call and replays. Under comm="auto" each bucket holds the backend auto picks for b
+among the capturable candidates; with several ranks every call first agrees on the largest T over
+ranks (one small exchange, as eager auto calls do), so every rank replays the same bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from epmoe.comm.base import CommBackend
+from epmoe.routing import Routing, check_routing
+from epmoe.select import check, ensure
+
+if TYPE_CHECKING:
+    from epmoe.layer import MoELayer
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's device (host reads are then illegal)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def default_buckets(max_tokens: int) -> list[int]:
+    """Powers of two up to max_tokens, and max_tokens itself."""
+    return sorted({min(2**i, max_tokens) for i in range(max_tokens.bit_length() + 1)})
+
+
+@dataclass
+class Bucket:
+    """One captured graph: graph replays the layer for `tokens` rows into out [tokens, H]; comm
+    is the backend it holds (under comm="auto": auto's pick for `tokens`)."""
+
+    tokens: int
+    graph: torch.cuda.CUDAGraph
+    out: torch.Tensor
+    comm: CommBackend
+
+
+class LayerGraphs:
+    """The static buffers and graphs of one layer, one graph per token bucket.
+
+    layer:    the MoELayer whose eager call is captured (its weights on a CUDA device).
+    buckets:  token counts, ascending; the last one is the largest call that replays.
+    routed:   False: the graphs take router logits (or the layer's gate); True: `routing=`.
+    validate: replays check their inputs on the host as eager calls do (one device-to-host read
+              per call); False where the inputs are trusted, so a replay never waits for the GPU.
+
+    Built empty by the constructor (buffers only); `LayerGraphs.capture` checks the layer can be
+    captured and captures every bucket.
+    """
+
+    def __init__(self, layer: MoELayer, buckets: list[int], routed: bool = False, validate: bool = True) -> None:
+        cfg, device = layer.cfg, layer.device
+        top, K = buckets[-1], cfg.top_k
+        self.layer = layer
+        self.buckets = buckets
+        self.routed = routed
+        self.validate = validate
+        self.x = torch.zeros(top, cfg.hidden, dtype=layer.dtype, device=device)  # [top, H]
+        self.logits = torch.zeros(top, cfg.num_experts, dtype=torch.float32, device=device)  # [top, E]
+        # routed mode: distinct valid ids for the warm-up calls; replays overwrite them
+        self.ids = torch.arange(K, dtype=torch.int32, device=device).repeat(top, 1)  # [top, K]
+        self.weights = torch.zeros(top, K, dtype=torch.float32, device=device)  # [top, K]
+        self.valid = torch.zeros((), dtype=torch.int32, device=device)  # rows < it are real
+        self.graphs: dict[int, Bucket] = {}
+
+    @classmethod
+    def capture(cls, layer: MoELayer, max_tokens: int, buckets: list[int] | None = None, routed: bool = False,
+                validate: bool = True) -> LayerGraphs:
+        """Check that `layer` can be captured (see MoELayer.capture_graphs), then capture one
+        graph per bucket."""
+        group = layer.group
+        if group is not None and group.world > 1 and group.virtual:
+            raise ValueError(
+                "virtual ranks share one device and exchange through host threads, so a CUDA graph cannot "
+                "hold their communication; capture with one process per GPU (EPGroup) or a world-1 layer"
+            )
+        if layer.device.type != "cuda":
+            raise ValueError("capture_graphs needs the layer's weights on a CUDA device")
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        names = cls.capturable(layer)
+        if not names:
+            ensure(dataclasses.replace(layer.combo, graph=True))  # raises with the reason
+        buckets = sorted(set(buckets or default_buckets(max_tokens)))
+        if buckets[-1] < max_tokens or buckets[0] <= 0:
+            raise ValueError(f"buckets {buckets} must be positive and reach max_tokens={max_tokens}")
+        graphs = cls(layer, buckets, routed, validate)
+        graphs._capture(names)
+        return graphs
+
+    @staticmethod
+    def capturable(layer: MoELayer) -> list[str]:
+        """The layer's comm backends that select.py's table lets a CUDA graph hold (under
+        comm="auto" some of its candidates, else its one backend or none)."""
+        return [n for n in layer.comms if check(dataclasses.replace(layer.combo_for(n), graph=True))[0]]
+
+    def _body(self, b: int) -> torch.Tensor:
+        """The layer's eager call on the first b rows of the static buffers."""
+        if self.routed:
+            routing = Routing(self.ids[:b], self.weights[:b])
+            return self.layer._eager(self.x[:b], None, routing, num_valid=self.valid, check=False)
+        return self.layer._eager(self.x[:b], self.logits[:b], None, num_valid=self.valid)
+
+    def _capture(self, names: list[str]) -> None:
+        layer, device = self.layer, self.layer.device
+        auto = layer.auto
+        if auto is not None:
+            auto.allowed = names  # only capturable candidates; the bucket size picks among them
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for b in self.buckets:  # warm up every shape outside the graph (allocations, autotuning)
+                    self.valid.fill_(b)
+                    self._body(b)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            pool = None
+            graphs = {}
+            for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = self._body(b)
+                pool = g.pool()
+                graphs[b] = Bucket(b, g, out, layer.comm)
+            torch.cuda.synchronize(device)
+        finally:
+            if auto is not None:
+                auto.allowed = None
+        self.graphs = graphs
+
+    def serves(self, x: torch.Tensor, routing: Routing | None) -> bool:
+        """Whether a call of this mode on x's device may replay (T decides the bucket after)."""
+        return bool(self.graphs) and x.is_cuda and not capturing(x) and (routing is not None) == self.routed
+
+    def bucket(self, tokens: int) -> int | None:
+        """The smallest bucket holding `tokens`, None when it is larger than every bucket."""
+        return next((b for b in self.buckets if b >= tokens), None) if self.graphs else None
+
+    def stage(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int) -> Bucket:
+        """Copy one call's inputs into the static buffers; returns the bucket to replay."""
+        T = x.shape[0]
+        self.x[:T].copy_(x)
+        if routing is not None:
+            self.ids[:T].copy_(routing.ids)
+            self.ids[T:bucket].fill_(-1)
+            self.weights[:T].copy_(routing.weights)
+        else:
+            self.logits[:T].copy_(logits)
+        self.valid.fill_(T)
+        return self.graphs[bucket]
+
+    def replay(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int
+               ) -> torch.Tensor:
+        """One call by replay: y [T, H] (a copy of the bucket's first T output rows)."""
+        T = x.shape[0]
+        layer = self.layer
+        if self.validate:
+            if routing is not None:
+                check_routing(routing, layer.cfg.num_experts)
+            elif logits.numel() and not bool(torch.isfinite(logits).all()):
+                raise ValueError("router_logits contain NaN or inf; check the router input")
+        b = self.stage(x, logits, routing, bucket)
+        b.graph.replay()
+        if layer.auto is not None:
+            layer.auto.current = b.comm
+        # A bounded wait inside the graph only records an error in the backend; the backend reads
+        # it here, as an eager combine does, unless the caller opted out (symm_a2a check_errors).
+        b.comm.after_replay()
+        if layer.capture is not None:
+            layer.capture.num_tokens = T
+            layer.capture.num_tokens_dev.fill_(T)
+        return b.out[:T].clone()
