@@ -2,7 +2,9 @@
 
 Each rank owns one workspace buffer that every peer can read and write: torch symmetric memory
 on GPUs of one node, plain device allocations shared in one table for a `VirtualGroup` (W ranks
-in one process), a file in /dev/shm mapped by every gloo process on the CPU. A call is
+in one process), a file in /dev/shm mapped by every gloo process on the CPU (the workspace and
+its transports: epmoe/comm/symm_workspace.py; the kernels' launches and the plain-torch twins of
+each step: epmoe/ops/symm.py). A call is
 
     dispatch_send   home s, for every destination rank r (itself included):
                       rows:  for each token t that picks an expert on r, copy x[t] once (bf16,
@@ -84,9 +86,6 @@ atomics.
 
 from __future__ import annotations
 
-import os
-import secrets
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,13 +109,13 @@ from epmoe.comm.payload import (
     check_payload,
     decode_bytes,
     encode_bytes,
-    payload_row_bytes,
     scale_code,
     scale_text,
 )
 from epmoe.comm.registry import register_comm
+from epmoe.comm.symm_workspace import Layout, map_workspaces
 from epmoe.config import MoEConfig
-from epmoe.group import EPGroup, Placement, RankGroup
+from epmoe.group import Placement, RankGroup
 from epmoe.ops import symm as symm_ops
 from epmoe.ops.combine import IMPLS, expert_owners
 from epmoe.ops.symm import (
@@ -134,89 +133,12 @@ from epmoe.routing import Routing
 COMBINE_MODES = ("push", "pull")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # codes of the setup agreement
 SEQ_WRAP = 2**31 - 1  # sequence numbers run 1 .. SEQ_WRAP, then 1 again
-ALIGN = 128
 DEFAULT_MAX_TOKENS = 128  # decode batches; prefill callers pass max_tokens_per_rank
 
 
 def next_seq(seq: int) -> int:
     """The sequence number of the call after `seq` (0 = no call yet)."""
     return seq % SEQ_WRAP + 1
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Byte offsets of the regions of one rank's workspace (identical on every rank)."""
-
-    world: int
-    max_tokens: int
-    hidden: int
-    slot_experts: int  # Kl
-    payload: str
-    dtype: torch.dtype  # activation dtype of bf16 payload rows
-    combine_dtype: torch.dtype
-
-    def __post_init__(self) -> None:
-        d, s, g = payload_row_bytes(self.payload, self.hidden, self.dtype)
-        W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
-        slots = W * Tm
-        sizes = [
-            ("flags", 3 * W * 4),
-            ("meta_ids", slots * Kl * 4),
-            ("meta_w", slots * Kl * 4),
-            ("data", slots * d),
-            ("scales", slots * s),
-            ("gscale", slots * g),
-            ("comb_out", slots * H * self.combine_dtype.itemsize),
-        ]
-        off = 0
-        offsets = {}
-        for name, n in sizes:
-            offsets[name] = off
-            off += _align(n)
-        object.__setattr__(self, "offsets", offsets)
-        object.__setattr__(self, "row_bytes", (d, s, g))
-        object.__setattr__(self, "nbytes", off)
-
-    offsets: dict = field(init=False, repr=False)  # region -> byte offset
-    row_bytes: tuple = field(init=False, repr=False)  # (D, S, G) bytes per row
-    nbytes: int = field(init=False)
-
-    def views(self, buf: torch.Tensor) -> RankViews:
-        """Typed views of one rank's workspace bytes `buf` [nbytes] uint8."""
-        W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
-        o, (d, s, g) = self.offsets, self.row_bytes
-
-        def region(name: str, nbytes: int) -> torch.Tensor:
-            return buf[o[name]: o[name] + nbytes]
-
-        slots = W * Tm
-        return RankViews(
-            flags=region("flags", 3 * W * 4).view(torch.int32).view(3, W),
-            meta_ids=region("meta_ids", slots * Kl * 4).view(torch.int32).view(W, Tm, Kl),
-            meta_w=region("meta_w", slots * Kl * 4).view(torch.float32).view(W, Tm, Kl),
-            data=region("data", slots * d).view(slots, d),
-            scales=region("scales", slots * s).view(slots, s),
-            gscale=region("gscale", slots * g).view(torch.float32).view(slots, g // 4),
-            comb_out=region("comb_out", slots * H * self.combine_dtype.itemsize)
-            .view(self.combine_dtype).view(W, Tm, H),
-        )
-
-
-@dataclass
-class RankViews:
-    """One rank's workspace as tensors (see the module docstring for each region)."""
-
-    flags: torch.Tensor  # int32 [3, W]
-    meta_ids: torch.Tensor  # int32 [W, Tm, Kl]
-    meta_w: torch.Tensor  # fp32 [W, Tm, Kl]
-    data: torch.Tensor  # uint8 [W*Tm, D]
-    scales: torch.Tensor  # uint8 [W*Tm, S]
-    gscale: torch.Tensor  # fp32 [W*Tm, G/4]
-    comb_out: torch.Tensor  # combine dtype [W, Tm, H]
 
 
 @dataclass
@@ -280,75 +202,6 @@ class SymmHandle:
         hits = self._tokens_per_rank()
         others = [r for r in range(self.world) if r != self.rank]
         return sum(hits[r] * self.combine_row_bytes + 4 for r in others)
-
-
-# ---------------------------------------------------------------------------------------
-# transports: how the W workspaces are created and mapped
-# ---------------------------------------------------------------------------------------
-
-_MAILBOX: dict[int, list[Any]] = {}
-_MAILBOX_LOCK = threading.Lock()
-
-
-def _shared_key(group: RankGroup | None) -> int:
-    """A random key every rank agrees on (rank 0's)."""
-    key = secrets.randbits(62)
-    if group is None or group.world == 1:
-        return key
-    return int(group.all_gather_ints([key])[0][0])
-
-
-def _exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
-    """Every rank's `value`, for ranks that live in one process (a VirtualGroup)."""
-    if group is None or group.world == 1:
-        return [value]
-    key = _shared_key(group)
-    with _MAILBOX_LOCK:
-        box = _MAILBOX.setdefault(key, [None] * group.world)
-        box[group.rank] = value
-    group.barrier()
-    values = list(_MAILBOX[key])
-    group.barrier()
-    if group.rank == 0:
-        with _MAILBOX_LOCK:
-            _MAILBOX.pop(key, None)
-    return values
-
-
-def _map_shm(group: RankGroup, nbytes: int) -> list[torch.Tensor]:
-    """W workspaces in one /dev/shm file that every process maps; unlinked once all mapped."""
-    key = _shared_key(group)
-    root = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    path = os.path.join(root, f"epmoe-symm-{key:x}-w{group.world}")
-    total = nbytes * group.world
-    if group.rank == 0:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, total)  # zero-filled
-        finally:
-            os.close(fd)
-    group.barrier()
-    try:
-        buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-    finally:
-        group.barrier()  # everyone has mapped it
-        if group.rank == 0:
-            os.unlink(path)
-    return list(buf.view(group.world, nbytes).unbind(0))
-
-
-def _map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[list[torch.Tensor], Any]:
-    """W workspaces in torch symmetric memory (one GPU per rank, one NVLink domain)."""
-    import torch.distributed as dist
-    import torch.distributed._symmetric_memory as symm_mem
-
-    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-    buf.zero_()
-    pg = group.pg or dist.group.WORLD
-    handle = symm_mem.rendezvous(buf, pg.group_name)
-    peers = [buf if r == group.rank else handle.get_remote_tensor(r, (nbytes,), torch.uint8)
-             for r in range(group.world)]
-    return peers, handle
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,19 +338,9 @@ class SymmA2A(CommBackend):
         self.device, self.dtype, self._impl = device, dtype, impl
         self.layout = lay
         self._scale_dev = self.input_scale.to(device) if self.input_scale is not None else None
-        self._symm_handle = None
-        self.in_process = not isinstance(self.group, EPGroup)
-        if self.in_process:
-            own = torch.zeros(lay.nbytes, dtype=torch.uint8, device=device)
-            peers = _exchange_local(self.group, own)
-        elif device.type == "cpu":
-            peers = _map_shm(self.group, lay.nbytes)
-        else:
-            peers, self._symm_handle = _map_symmetric(self.group, lay.nbytes, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # zeroed before any peer may write
-        if self.group is not None and W > 1:
-            self.group.barrier()
+        mapped = map_workspaces(self.group, lay.nbytes, device)
+        self.in_process, self._symm_handle = mapped.in_process, mapped.symm_handle
+        peers = mapped.buffers
         self._buffers = peers  # keeps peer mappings alive as long as this backend
         self.peers = [lay.views(b) for b in peers]
         self.own = self.peers[self.rank]
