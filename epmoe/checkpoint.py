@@ -57,6 +57,7 @@ from epmoe.group import Placement
 from epmoe.layer import SharedExperts
 from epmoe.quant import FP8_BLOCK, NVFP4_BLOCK, QuantizedTensor
 from epmoe.select import pick_runner
+from epmoe.util import cdiv
 
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -296,7 +297,7 @@ def _expect_proj(files: CheckpointFiles, proj: str, fmt: str, N: int, K: int) ->
         _expect(files, w, _FLOAT, (N, K))
     elif fmt == "fp8_block":
         _expect(files, w, ("F8_E4M3",), (N, K))
-        _expect(files, f"{proj}.weight_scale_inv", ("F32",), (math.ceil(N / FP8_BLOCK), math.ceil(K / FP8_BLOCK)))
+        _expect(files, f"{proj}.weight_scale_inv", ("F32",), (cdiv(N, FP8_BLOCK), cdiv(K, FP8_BLOCK)))
     elif fmt == "fp8":
         _expect(files, w, ("F8_E4M3",), (N, K))
         _expect(files, f"{proj}.weight_scale", ("F32",), None)
