@@ -55,6 +55,7 @@ from epmoe.experts.tuning import (
 from epmoe.ops.grouped_gemm import WEIGHT_FORMAT_CODES, chunk_experts, moe_down, moe_gate_up, quantized_tiles
 from epmoe.ops.nvfp4 import mma_tile_ok, nvfp4_decode_pairs, nvfp4_mma, words_ok
 from epmoe.ops.permute import Permutation, permute, permute_grouped
+from epmoe.ops.quant import quantize_fp8_groups_triton
 from epmoe.quant import FP8_BLOCK, QuantizedTensor
 from epmoe.util import cdiv
 
@@ -209,8 +210,6 @@ def _fp8_rows(hidden: Any) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(e4m3 rows [N, H], fp32 scales, row stride, group stride) with one scale per row
     and 128 values: an fp8_block payload as it is, an fp8 payload (one scale per row or per
     tensor) through broadcast strides, anything else quantized here (quantize_fp8_groups_triton)."""
-    from epmoe.quant import quantize_fp8_groups_triton
-
     if isinstance(hidden, QuantizedTensor) and hidden.format == "fp8_block" and hidden.block[-1] == FP8_BLOCK:
         q = hidden
     elif isinstance(hidden, QuantizedTensor) and hidden.format == "fp8" and hidden.scales.shape[-1] == 1:
