@@ -281,8 +281,7 @@ def comm_rank(group, combos: tuple[CommCombo, ...], device: str = "cpu", dtype: 
     return out
 
 
-@lru_cache(maxsize=None)
-def comm_results(ranks: str, world: int) -> dict[tuple[str, str], list[dict]]:
+def launch(ranks: str, world: int) -> dict[tuple[str, str], list[dict]]:
     """(combo, case id) -> per-rank checks of every CPU combo at `world`, from one launch."""
     combos = tuple(c for c in COMM_COMBOS if c.world == world)
     if ranks == "gloo":
@@ -290,6 +289,20 @@ def comm_results(ranks: str, world: int) -> dict[tuple[str, str], list[dict]]:
     else:
         per_rank = VirtualGroup(world, timeout=60).run(lambda g: comm_rank(g, combos))
     return {key: [r[key] for r in per_rank] for key in per_rank[0]}
+
+
+@pytest.fixture(scope="module")
+def comm_results():
+    """launch(ranks, world), run once per (ranks, world) and shared by that world's tests (the
+    gloo processes themselves are the launcher's pool, shared with the other test files)."""
+    done: dict[tuple[str, int], dict] = {}
+
+    def get(ranks: str, world: int) -> dict[tuple[str, str], list[dict]]:
+        if (ranks, world) not in done:
+            done[ranks, world] = launch(ranks, world)
+        return done[ranks, world]
+
+    return get
 
 
 def check_comm(results: list[dict], tag: str, payload: str, dtype: torch.dtype) -> None:
@@ -310,9 +323,9 @@ def check_comm(results: list[dict], tag: str, payload: str, dtype: torch.dtype) 
 # Failures the suite found in the package, marked strict (a fix turns them into XPASS failures:
 # then delete the entry). (backend, static, world, case id) -> what is wrong.
 KNOWN_BUGS = {
-    ("allgather", True, 1, "all_empty"): "allgather static_shapes with a call bound of 0 (the layer passes T as the "
-                                         "bound at world 1) takes the counted branch with counts None "
-                                         "(epmoe/comm/allgather.py dispatch: TypeError)",
+    # the layer passes T as the call's bound at world 1; with T = 0 allgather's static dispatch
+    # takes the counted branch with counts None
+    ("allgather", True, 1, "all_empty"): "allgather static_shapes dispatch with max_tokens=0: TypeError",
 }
 
 
@@ -330,7 +343,7 @@ def _tag(combo: CommCombo, case: Case, ranks: str) -> str:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("combo", COMM_COMBOS, ids=str)
 @pytest.mark.parametrize("ranks", ["gloo", "virtual"])
-def test_comm_backend_matches_reference(request, ranks, combo, case):
+def test_comm_backend_matches_reference(request, comm_results, ranks, combo, case):
     _known_bug(request, combo, case)
     check_comm(comm_results(ranks, combo.world)[str(combo), case.id], _tag(combo, case, ranks), combo.payload,
                torch.float32)
