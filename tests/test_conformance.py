@@ -320,6 +320,19 @@ def check_comm(results: list[dict], tag: str, payload: str, dtype: torch.dtype) 
             f"{where}: rel err {r['format_err']:.3g} > {format_tol} against the unquantized reference"
 
 
+def test_every_registered_backend_is_in_the_matrix():
+    """A backend that declares the CPU gets cases on it, with each layout and payload it declares
+    (a capability the table rejects everywhere would otherwise drop it silently)."""
+    for name in sorted(COMM_BACKENDS):
+        cls = COMM_BACKENDS[name]
+        if "cpu" in declared(cls, "devices"):
+            mine = [c for c in COMM_COMBOS if c.backend == name]
+            assert {c.layout for c in mine} == set(cls.layouts), name
+            assert {c.payload for c in mine} == set(declared(cls, "payloads")), name
+            assert {c.static for c in mine} == ({False, True} if declared(cls, "static_capable") else {False}), name
+    assert {c.runner for c in RUNNER_COMBOS} == set(RUNNERS)
+
+
 # Failures the suite found in the package, marked strict (a fix turns them into XPASS failures:
 # then delete the entry). (backend, static, world, case id) -> what is wrong.
 KNOWN_BUGS = {
