@@ -1,14 +1,16 @@
-"""`epmoe` command line: demo, doctor, bench.
+"""`epmoe` command line: demo, doctor, bench, plan.
 
-    epmoe demo                      # every comm backend on 2 ranks vs the single-rank reference
-    epmoe doctor                    # versions, GPUs and links, symmetric memory, default picks
-    epmoe bench comm|experts|layer  # benchmarks (see `epmoe bench -h`)
-    epmoe plan --gpus 8,64 ...      # cost model: predicted time per backend
+    epmoe demo                   # every comm backend on 2 ranks vs the single-rank reference (CPU or GPUs)
+    epmoe doctor                 # versions, GPUs and links, symmetric memory, default picks
+    epmoe bench comm|layer       # dispatch+combine / whole layer timings (CPU: scaled-down shapes by default)
+    epmoe bench experts          # expert runners against the roofline: needs a CUDA GPU
+    epmoe plan --gpus 8,64 ...   # cost model: predicted time per backend (--measured FILE: next to a bench run)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -31,39 +33,79 @@ from epmoe.bench.core import device_name, format_table, plot_time_vs_tokens, wri
 DEMO_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-def _demo_setup(cfg: Any, rank: int, tokens: int, device: torch.device, dtype: torch.dtype):
+def demo_features(cfg: Any) -> str:
+    """What a config exercises, in words: routing, activation, biases, shared experts."""
+    routing = {
+        "softmax": f"softmax top-{cfg.top_k}" + (", renormalised" if cfg.norm_topk_prob else ", not renormalised"),
+        "softmax_after_topk": f"top-{cfg.top_k} on the logits, softmax over the {cfg.top_k} (GPT-OSS)",
+        "sigmoid_bias": f"sigmoid top-{cfg.top_k} picked with a correction bias [E] (MiniMax)",
+        "sigmoid_grouped": f"DeepSeek grouped top-{cfg.top_k}: best {cfg.topk_group} of {cfg.n_group} expert "
+                           "groups, sigmoid + correction bias [E]",
+    }[cfg.routing]
+    if cfg.routed_scaling_factor != 1:
+        routing += f", weights x{cfg.routed_scaling_factor:g}"
+    act = {
+        "silu": "SiLU(gate) * up experts",
+        "gelu": "GELU(gate) * up experts",
+        "swiglu_clamped": f"GPT-OSS clamped SwiGLU experts (limit {cfg.swiglu_limit:g}, alpha {cfg.swiglu_alpha:g}) "
+                          "with biases b13/b2",
+    }[cfg.activation]
+    parts = [routing, act]
+    if cfg.shared_experts:
+        parts.append(f"{cfg.shared_experts} shared expert{'s' if cfg.shared_experts > 1 else ''} "
+                     f"(fused MLP of width {cfg.shared_width})")
+    return "; ".join(parts)
+
+
+def _demo_model(cfg: Any) -> tuple[Any, torch.Tensor | None, Any]:
+    """(all experts' weights, correction bias [E] or None, shared experts or None) in fp32 on
+    the CPU, as the model has them; the same on every rank (one seed)."""
     from epmoe import ExpertWeights
+    from epmoe.layer import SharedExperts
 
     g = torch.Generator().manual_seed(1234)
-    weights = ExpertWeights.random(cfg, cfg.num_experts, generator=g)  # identical on every rank
+    weights = ExpertWeights.random(cfg, cfg.num_experts, generator=g)  # GPT-OSS: with b13 / b2
+    bias = torch.randn(cfg.num_experts, generator=g) * 0.1 if cfg.uses_correction_bias else None
+    shared = SharedExperts.random(cfg, generator=g) if cfg.shared_experts else None
+    return weights, bias, shared
+
+
+def _demo_inputs(cfg: Any, rank: int, tokens: int, device: torch.device, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     gr = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(tokens, cfg.hidden, generator=gr)
     logits = torch.randn(tokens, cfg.num_experts, generator=gr)
-    return weights, x.to(device, dtype), logits.to(device)
+    return x.to(device, dtype), logits.to(device)
 
 
 def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Run every registered comm backend on this rank; return one row per backend."""
     import dataclasses
 
-    from epmoe import MoELayer
+    from epmoe import ExpertWeights, MoELayer
     from epmoe.comm import COMM_BACKENDS
+    from epmoe.layer import SharedExperts
 
     rank, world = group.rank, group.world
-    weights, x, logits = _demo_setup(cfg, rank, tokens, device, dtype)
-    dev_weights = type(weights)(weights.w13.to(device, dtype), weights.w2.to(device, dtype))
-    reference = MoELayer(cfg, weights)(x.float().cpu(), logits.cpu())  # single rank, fp32, CPU
+    weights, bias, shared = _demo_model(cfg)
+    x, logits = _demo_inputs(cfg, rank, tokens, device, dtype)
+    on = (lambda t, dt=None: None if t is None else t.to(device, dt or t.dtype))  # noqa: E731
+    dev_weights = ExpertWeights(on(weights.w13, dtype), on(weights.w2, dtype), on(weights.b13), on(weights.b2))
+    parts = {"correction_bias": on(bias),
+             "shared": SharedExperts(on(shared.w13, dtype), on(shared.w2, dtype)) if shared else None}
+    reference = MoELayer(cfg, weights, correction_bias=bias, shared=shared)  # single rank, fp32, CPU
+    expected = reference(x.float().cpu(), logits.cpu())
     # The tp layout needs every rank to hold the same tokens: all ranks use rank 0's.
-    x_all, logits_all = _demo_setup(cfg, 0, tokens, device, dtype)[1:]
-    ref_all = MoELayer(cfg, weights)(x_all.float().cpu(), logits_all.cpu())
+    x_all, logits_all = _demo_inputs(cfg, 0, tokens, device, dtype)
+    ref_all = reference(x_all.float().cpu(), logits_all.cpu())
     rows = []
     for name, cls in sorted(COMM_BACKENDS.items()):
-        layout = "dp" if "dp" in cls.layouts and not (name == "none" and world > 1) else "tp"
-        xi, li, ref = (x, logits, reference) if layout == "dp" else (x_all, logits_all, ref_all)
+        layout = "dp" if "dp" in cls.layouts and (cls.moves_tokens or world == 1) else "tp"
+        xi, li, ref = (x, logits, expected) if layout == "dp" else (x_all, logits_all, ref_all)
         layer = MoELayer.from_global(
             cfg, dev_weights, group, comm=name, layout=layout,
             comm_options={"max_tokens_per_rank": tokens} if "max_tokens_per_rank" in
-            {f.name for f in dataclasses.fields(cls.Options)} else {},
+            {f.name for f in dataclasses.fields(cls.Options)} else {}, **parts,
         )
         y = layer(xi, li)  # warm-up (and the checked output)
         if device.type == "cuda":
@@ -79,6 +121,22 @@ def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: to
     return rows
 
 
+def world_problem(num_experts: int, world: int, max_world: int | None = 8) -> str | None:
+    """Why `world` ranks cannot hold `num_experts` experts in contiguous blocks, or None."""
+    if world < 1 or (max_world is not None and world > max_world):
+        return f"--world {world} is out of range: choose 1 to {max_world} ranks"
+    if num_experts % world:
+        fits = [w for w in range(1, (max_world or num_experts) + 1) if num_experts % w == 0]
+        return (f"--world {world} does not divide the {num_experts} experts (each rank holds an equal block): "
+                f"choose --world among {', '.join(map(str, fits))}, or --experts a multiple of {world}")
+    return None
+
+
+def _fail(cmd: str, message: str) -> int:
+    print(f"epmoe {cmd}: {message}", file=sys.stderr)
+    return 2
+
+
 def _demo_process(group: Any, cfg: Any, tokens: int) -> list[dict]:
     """One process rank of the demo: its own GPU under NCCL, else the CPU under gloo."""
     use_cuda = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
@@ -91,9 +149,15 @@ def _demo_process(group: Any, cfg: Any, tokens: int) -> list[dict]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from epmoe import MoEConfig, VirtualGroup
 
-    cfg = MoEConfig.from_preset(args.preset).scaled(args.hidden, args.intermediate, args.experts)
+    try:
+        cfg = MoEConfig.from_preset(args.preset).scaled(args.hidden, args.intermediate, args.experts)
+    except ValueError as exc:
+        return _fail("demo", f"{args.preset} cannot be scaled that way: {exc}")
     world, tokens = args.world, args.tokens
     n_gpu = torch.cuda.device_count()
+    problem = world_problem(cfg.num_experts, world, None if n_gpu == 1 else 8)
+    if problem or tokens < 1:
+        return _fail("demo", problem or f"--tokens must be >= 1, got {tokens}")
     if n_gpu == 1 and world > 1:
         where = f"{world} virtual ranks on {torch.cuda.get_device_name(0)}"
         rows = [r for rank_rows in VirtualGroup(world).run(
@@ -123,6 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         })
     print(f"epmoe demo: {args.preset} scaled to H={cfg.hidden}, I={cfg.intermediate}, E={cfg.num_experts}, "
           f"top-{cfg.top_k}; {tokens} tokens per rank; {where}; {str(dtype).replace('torch.', '')}")
+    print(f"exercises: {demo_features(cfg)}")
     print(f"reference: single-rank fp32 layer; tolerance {tol:g} of the largest output")
     print(format_table(table))
     return 0 if all(r["ok"] == "yes" for r in table) else 1
@@ -164,7 +229,7 @@ def _rung(ladder: list[tuple[int | None, str]], i: int) -> str:
     return f"{cond} -> {name}"
 
 
-def _ladder_rule(tokens: int, cands: list[str], ladder: list[tuple[int | None, str]], source: str) -> str:
+def _ladder_rule(tokens: int, cands: list[str], ladder: list[tuple[int | None, str]]) -> str:
     """Why select.pick_comm picks what it picks for `tokens` (its rule, without capacities):
     the first rung whose threshold covers T and whose backend is a candidate, else a fallback."""
     skipped = []
@@ -174,9 +239,9 @@ def _ladder_rule(tokens: int, cands: list[str], ladder: list[tuple[int | None, s
                 why = f"rule {_rung(ladder, i)}"
                 if skipped:
                     why += f", after {', '.join(skipped)} (not candidates here)"
-                return f"{why}; thresholds from {source}"
+                return why
             skipped.append(name)
-    return f"no rung covering T={tokens} has a candidate: fallback along the ladder; thresholds from {source}"
+    return f"no rung covering T={tokens} has a candidate: fallback along the ladder"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -211,10 +276,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     ladder, source = crossovers(torch.cuda.get_device_name(0) if gpu else "cpu", world)
     if cands:
         rungs = ", ".join(_rung(ladder, i) for i in range(len(ladder)))
-        lines.append((f"comm=auto (dp, W={world})", f"candidates: {', '.join(cands)}; ladder: {rungs}; from {source}"))
+        lines.append((f"comm=auto (dp, W={world})", f"candidates: {', '.join(cands)}; ladder: {rungs}"))
+        lines.append(("  thresholds from", source))
         for t in (1, 128, 4096):
-            rule = _ladder_rule(t, cands, ladder, source)
-            lines.append((f"  {t} tokens", f"-> {pick_comm(t, cands, ladder)} ({rule})"))
+            lines.append((f"  {t} tokens", f"-> {pick_comm(t, cands, ladder)} ({_ladder_rule(t, cands, ladder)})"))
     else:
         lines.append((f"comm=auto (dp, W={world})", "no dp backend registered; one rank or tp layout use 'none'"))
     width = max(len(k) for k, _ in lines)
@@ -245,48 +310,141 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def _emit(rows: list[dict], args: argparse.Namespace, series: str, title: str, meta: dict) -> None:
+# Shapes `epmoe bench comm|layer` use on the CPU unless --full or --hidden/--intermediate/--experts
+# say otherwise (the demo's: the full presets take minutes per row and up to 30 GB in fp32 there).
+CPU_SHAPES = {"hidden": 256, "intermediate": 96, "experts": 16}
+CPU_TOKENS = "1,8,64"
+GPU_TOKENS = "1,8,64,128,512,2048,4096"
+
+
+def _available_bytes() -> int | None:
+    """Memory the kernel reports available (Linux /proc/meminfo), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _bench_config(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
+    """The bench's MoEConfig and a line saying how it relates to the preset."""
+    from epmoe import MoEConfig
+
+    full = MoEConfig.from_preset(args.preset)
+    base = {"hidden": full.hidden, "intermediate": full.intermediate, "experts": full.num_experts}
+    if not on_gpu and not args.full:
+        base = {k: min(v, base[k]) for k, v in CPU_SHAPES.items()}
+    shape = {**base, **{k: getattr(args, k) for k in base if getattr(args, k)}}
+    if shape == {"hidden": full.hidden, "intermediate": full.intermediate, "experts": full.num_experts}:
+        return full, f"{args.preset} at full size"
+    cfg = full.scaled(shape["hidden"], shape["intermediate"], shape["experts"])
+    why = "the CPU defaults; --full runs the preset's shapes" if not on_gpu and not args.full else "as asked"
+    return cfg, (f"{args.preset} scaled to H={cfg.hidden}, I={cfg.intermediate}, E={cfg.num_experts}, "
+                 f"top-{cfg.top_k} ({why}; --hidden/--intermediate/--experts set them)")
+
+
+def _layer_bytes(cfg: Any, world: int) -> int:
+    """fp32 bytes of one rank's expert weights and shared experts (what bench layer allocates on the CPU)."""
+    return 4 * 3 * cfg.hidden * (cfg.intermediate * (cfg.num_experts // world) + cfg.shared_width)
+
+
+def _emit(rows: list[dict], args: argparse.Namespace, series: str, title: str, meta: dict, y: str = "us",
+          ylabel: str = "µs") -> None:
     print(format_table(rows))
     if args.json:
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
-        roof = {r["tokens"]: r["expert_roofline_us"] for r in rows if "expert_roofline_us" in r} or None
-        plot_time_vs_tokens(rows, args.plot, series=series, title=title, roofline=roof)
+        # a roofline only where the rows carry one (a GPU's measured rates; never for CPU timings)
+        roof = {r["tokens"]: r["expert_roofline_us"] for r in rows if r.get("expert_roofline_us")} or None
+        plot_time_vs_tokens(rows, args.plot, series=series, y=y, ylabel=ylabel, title=title, roofline=roof)
         print(f"wrote {args.plot}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    meta = {"command": "epmoe " + " ".join(sys.argv[1:]), "device": device_name(
-        "cuda" if torch.cuda.is_available() else "cpu"), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d")}
+    from epmoe.launch import DistError, DistTimeout
+
+    on_gpu = torch.cuda.is_available()
+    cmd = f"bench {args.what}"
+    if args.what == "experts" and not on_gpu:
+        return _fail(cmd, "needs a CUDA GPU: it times the GPU expert runners (triton, torch._grouped_mm) against "
+                          "the GPU's measured HBM and tensor-core roofline. On the CPU, `epmoe bench layer` and "
+                          "`epmoe bench comm` run (scaled down), and `epmoe plan` predicts GPU times.")
+    try:
+        cfg, shape_note = _bench_config(args, on_gpu)
+    except ValueError as exc:
+        return _fail(cmd, f"{args.preset} cannot be scaled that way: {exc}")
+    tokens_text = args.tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS)
+    try:
+        tokens = _ints(tokens_text)
+    except ValueError:
+        return _fail(cmd, f"--tokens takes comma-separated integers, got {tokens_text!r}")
+    if not tokens or min(tokens) < 1:
+        return _fail(cmd, f"--tokens takes token counts >= 1, got {tokens_text!r}")
+    meta = {"command": "epmoe " + " ".join(args.argv), "device": device_name("cuda" if on_gpu else "cpu"),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
+            "config": dataclasses.asdict(cfg)}
+    print(f"epmoe {cmd}: {shape_note}; tokens per rank {tokens_text}")
+    if args.what == "experts":
+        from epmoe.bench.experts import bench_experts
+
+        if args.hidden or args.intermediate or args.experts:
+            return _fail(cmd, "times the preset's full shapes only: drop --hidden/--intermediate/--experts")
+        rows = bench_experts(args.preset, tokens, args.format.split(","))
+        for r in rows:
+            r["series"] = f"{r['impl']} {r['format']} {r['routing']}"
+        _emit(rows, args, series="series", title=f"experts stage, {args.preset}", meta=meta)
+        return 0
     if args.what == "layer":
         from epmoe.bench.layer import bench_layer, default_world
 
         world = args.world or default_world()
-        rows = bench_layer(args.preset, _ints(args.tokens), comm=args.comm, runner=args.runner, world=world)
-        meta.update(preset=args.preset, world=world)
+        problem = world_problem(cfg.num_experts, world, None if torch.cuda.device_count() == 1 else 8)
+        if problem:
+            return _fail(cmd, problem)
+        need, have = _layer_bytes(cfg, world), _available_bytes()
+        if not on_gpu and have is not None and need * world > 0.8 * have:  # every rank on this machine
+            return _fail(cmd, f"{cfg.num_experts // world} experts per rank of H={cfg.hidden}, I={cfg.intermediate} "
+                              f"take {need / 1e9:.1f} GB in fp32 per rank ({world} on this machine), more than it has "
+                              "available "
+                              f"({have / 1e9:.1f} GB): scale the preset down with --hidden/--intermediate/--experts "
+                              f"(drop --full for the CPU defaults) or run on a GPU")
+        try:
+            rows = bench_layer(cfg, tokens, comm=args.comm, runner=args.runner, world=world)
+        except (ValueError, DistError, DistTimeout) as exc:
+            return _fail(cmd, str(exc))
+        meta.update(world=world)
         if rows:
             r = rows[0]
-            print(f"W={world}, ranks: {r['ranks']}; expert roofline from {r['rates']}: HBM {r['hbm_TBps']:.2f} TB/s, "
-                  f"{r['TFLOPs']:.0f} TFLOP/s; timing: graph = replays of MoELayer.capture_graphs, eager = forward()")
+            roof = (f"expert roofline from {r['rates']}: HBM {r['hbm_TBps']:.2f} TB/s, {r['TFLOPs']:.0f} TFLOP/s"
+                    if "hbm_TBps" in r else r["rates"])
+            print(f"W={world}, ranks: {r['ranks']}; {roof}; timing: graph = replays of MoELayer.capture_graphs, "
+                  "eager = forward()")
         _emit(rows, args, series="comm", title=f"MoE layer forward, {args.preset}, W={world}", meta=meta)
-        return 0
-    if args.what == "experts":
-        from epmoe.bench.experts import bench_experts
-
-        rows = bench_experts(args.preset, _ints(args.tokens), args.format.split(","))
-        _emit(rows, args, series="impl", title=f"experts stage, {args.preset}", meta=meta)
         return 0
     from epmoe.bench.comm import ladder_from_rows, run_comm_bench
 
-    rows = run_comm_bench(args)
-    _emit(rows, args, series="backend", title=f"dispatch+combine, {args.preset}", meta=meta)
+    world = args.world or 2
+    problem = world_problem(cfg.num_experts, world, None if torch.cuda.device_count() == 1 else 8)
+    if problem:
+        return _fail(cmd, problem)
+    try:
+        rows = run_comm_bench(argparse.Namespace(**{**vars(args), "cfg": cfg, "tokens": tokens_text, "world": world}))
+    except (ValueError, DistError, DistTimeout) as exc:
+        return _fail(cmd, str(exc))
+    meta.update(world=world)
+    for r in rows:  # the round trip, what the plot shows (the rows keep each phase)
+        r["round_trip_us"] = r["dispatch_us"] + r["combine_us"]
+    _emit(rows, args, series="backend", title=f"dispatch+combine, {args.preset}, W={world}", meta=meta,
+          y="round_trip_us", ylabel="dispatch + combine µs")
     if args.store_crossovers:
         from epmoe.select import write_crossovers
 
-        on_gpu = torch.cuda.is_available() and rows and rows[0].get("ranks") != "gloo"
-        gpu = torch.cuda.get_device_name(0) if on_gpu else "cpu"
+        on_gpu_ranks = on_gpu and rows and rows[0].get("ranks") != "gloo"
+        gpu = torch.cuda.get_device_name(0) if on_gpu_ranks else "cpu"
         try:
             world, ladder = ladder_from_rows(rows)
         except ValueError as exc:
@@ -295,6 +453,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path = write_crossovers(gpu, world, ladder, None if args.store_crossovers is True else args.store_crossovers)
         print(f"crossovers for {gpu}, W={world}: {ladder} -> {path}")
     return 0
+
+
+PLAN_DEFAULTS = {"preset": "deepseek-v3", "gpus": "8,16,64,256", "tokens": "1,128,4096"}
+
+
+def _measured_rows(args: argparse.Namespace, rows: list[dict], meta: dict) -> tuple[list[dict], str | None]:
+    """The file's rows that --gpus / --tokens select, or (rows, why they conflict with the file)."""
+    for flag, key in (("gpus", "world"), ("tokens", "tokens")):
+        given = getattr(args, flag)
+        if given is None:
+            continue
+        have = sorted({int(r.get(key, 1)) for r in rows})
+        want = _ints(given)
+        missing = [v for v in want if v not in have]
+        if missing:
+            return rows, (f"--{flag} {given} conflicts with --measured {args.measured}: its rows were measured at "
+                          f"{key} {', '.join(map(str, have))} (drop --{flag}, or pick among those)")
+        rows = [r for r in rows if int(r.get(key, 1)) in want]
+    return rows, None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -306,20 +483,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rates = {k: v for k, v in (("hbm_tbps", args.hbm_tbps), ("tflops", args.tflops)) if v is not None}
     links = Links(nvlink_gbps=args.nvlink_gbps, net_gbps=args.net_gbps, gpus_per_node=args.gpus_per_node, **rates)
     if args.measured:
-        data = json.loads(open(args.measured).read())
-        meta, rows = data.get("meta", {}), data["rows"]
-        preset = preset_of(meta) or args.preset
-        table = compare(MoEConfig.from_preset(preset), rows, links, use_row_rates=not rates)
+        try:
+            data = json.loads(open(args.measured).read())
+            meta, rows = data.get("meta", {}), data["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return _fail("plan", f"--measured {args.measured}: not a file written by `epmoe bench ... --json` ({exc})")
+        measured_preset = preset_of(meta)
+        if args.preset and measured_preset and args.preset != measured_preset:
+            return _fail("plan", f"--preset {args.preset} conflicts with --measured {args.measured}, which was "
+                                 f"measured with {measured_preset}: drop --preset")
+        rows, conflict = _measured_rows(args, rows, meta)
+        if conflict:
+            return _fail("plan", conflict)
+        preset = measured_preset or args.preset or PLAN_DEFAULTS["preset"]
+        cfg = MoEConfig(**meta["config"]) if meta.get("config") else MoEConfig.from_preset(preset)
+        table = compare(cfg, rows, links, use_row_rates=not rates)
         source = f"{meta.get('command', '?')}; {meta.get('device', '?')}"
-        print(f"cost model vs {args.measured} ({source}), {preset}: {links}")
+        shape = "" if cfg == MoEConfig.from_preset(preset) else \
+            f" scaled to H={cfg.hidden}, I={cfg.intermediate}, E={cfg.num_experts}"
+        print(f"cost model vs {args.measured} ({source}), {preset}{shape}: {links}")
         print("ratio = measured / predicted; layer rows use the HBM and TFLOP/s rates measured in that run "
-              "unless --hbm-tbps / --tflops are given")
+              "unless --hbm-tbps / --tflops are given; rows timed on the CPU get no ratio (the model's rates are "
+              "a GPU's)")
         print(format_table(table))
         return 0
-    cfg = MoEConfig.from_preset(args.preset)
-    rows = plan(cfg, _ints(args.gpus), _ints(args.tokens), links, payload=args.payload, weights=args.weights,
-                combine_bytes=args.combine_bytes)
-    print(f"cost model, {args.preset}: {links}; combine partial sums {args.combine_bytes} bytes per element")
+    preset = args.preset or PLAN_DEFAULTS["preset"]
+    cfg = MoEConfig.from_preset(preset)
+    rows = plan(cfg, _ints(args.gpus or PLAN_DEFAULTS["gpus"]), _ints(args.tokens or PLAN_DEFAULTS["tokens"]), links,
+                payload=args.payload, weights=args.weights, combine_bytes=args.combine_bytes)
+    print(f"cost model, {preset}: {links}; combine partial sums {args.combine_bytes} bytes per element")
     print(format_table(rows))
     return 0
 
@@ -327,29 +519,58 @@ def cmd_plan(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default (options whose default depends on the machine say so in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from epmoe.config import preset_names
 
-    p = argparse.ArgumentParser(prog="epmoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="epmoe", description=__doc__, formatter_class=_Help)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,doctor,bench,plan}")
 
-    d = sub.add_parser("demo", help="run every comm backend on several ranks against the reference")
-    d.add_argument("--preset", default="qwen3-30b-a3b", choices=preset_names())
-    d.add_argument("--world", type=int, default=2, help="ranks (processes, or virtual ranks on one GPU)")
+    def parser(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=description or text, formatter_class=_Help)
+
+    d = parser("demo", "run every comm backend on several ranks against the single-rank reference",
+               "Run every comm backend on several ranks (gloo processes on the CPU, one GPU each, or virtual "
+               "ranks on one GPU) against the single-rank fp32 reference, with the preset's routing, activation, "
+               "biases and shared experts at scaled-down shapes.")
+    d.add_argument("--preset", default="qwen3-30b-a3b", choices=preset_names(), help="model whose layer to scale down")
+    d.add_argument("--world", type=int, default=2, help="ranks (processes, or virtual ranks on one GPU); must "
+                                                        "divide --experts")
     d.add_argument("--tokens", type=int, default=64, help="tokens per rank")
-    d.add_argument("--hidden", type=int, default=256)
-    d.add_argument("--intermediate", type=int, default=96)
-    d.add_argument("--experts", type=int, default=16)
-    d.add_argument("--timeout", type=float, default=300)
+    d.add_argument("--hidden", type=int, default=256, help="model width H")
+    d.add_argument("--intermediate", type=int, default=96, help="expert intermediate size I")
+    d.add_argument("--experts", type=int, default=16, help="routed experts E (top-k kept, at most E)")
+    d.add_argument("--timeout", type=float, default=300, help="seconds before a rank that does not answer fails")
     d.set_defaults(fn=cmd_demo)
 
-    doc = sub.add_parser("doctor", help="versions, GPUs and links, symmetric memory, default choices")
+    doc = parser("doctor", "versions, GPUs and links, symmetric memory, default choices")
     doc.set_defaults(fn=cmd_doctor)
 
-    b = sub.add_parser("bench", help="benchmarks: comm (dispatch/combine), experts (runners), layer (whole forward)")
-    b.add_argument("what", choices=["comm", "experts", "layer"])
-    b.add_argument("--preset", default="deepseek-v3", choices=preset_names())
-    b.add_argument("--tokens", default="1,8,64,128,512,2048,4096", help="comma-separated tokens per rank")
+    b = parser("bench", "benchmarks: comm (dispatch/combine), layer (whole forward), experts (runners; GPU only)",
+               "Benchmarks. comm: dispatch + combine per backend; layer: the whole layer forward per backend (both "
+               "run on the CPU: gloo ranks, fp32, the preset scaled down to H=256, I=96, E=16 unless --full or "
+               "--hidden/--intermediate/--experts say otherwise; no roofline there); experts: the expert runners "
+               "against the GPU roofline (needs a CUDA GPU).")
+    b.add_argument("what", choices=["comm", "experts", "layer"], help="what to time")
+    b.add_argument("--preset", default="deepseek-v3", choices=preset_names(), help="model whose layer to time")
+    b.add_argument("--hidden", type=int, default=None,
+                   help="scale the preset: model width H (default: the preset's on a GPU, 256 on the CPU)")
+    b.add_argument("--intermediate", type=int, default=None,
+                   help="scale the preset: expert intermediate size I (default: the preset's on a GPU, 96 on the CPU)")
+    b.add_argument("--experts", type=int, default=None,
+                   help="scale the preset: routed experts E (default: the preset's on a GPU, 16 on the CPU)")
+    b.add_argument("--full", action="store_true", help="on the CPU too, the preset's full shapes (slow; large "
+                                                       "presets need tens of GB)")
+    b.add_argument("--tokens", default=None,
+                   help=f"comma-separated tokens per rank (default: {GPU_TOKENS} on a GPU, {CPU_TOKENS} on the CPU)")
     b.add_argument("--backend", default="all", help="comm: comma-separated backends or 'all'")
     b.add_argument("--comm", default="all", help="layer: comma-separated backends, 'auto' or 'all' (each + auto)")
     b.add_argument("--runner", default="auto", help="layer: expert runner or 'auto'")
@@ -368,19 +589,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comm: store the fastest backend per token count as the comm='auto' ladder of this GPU "
                         "model and world size (default file: epmoe/tuning/crossovers.json)")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
-    b.add_argument("--json", help="write the rows as JSON here")
+    b.add_argument("--json", help="write the rows as JSON here (`epmoe plan --measured` reads it)")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")
     b.set_defaults(fn=cmd_bench)
 
-    pl = sub.add_parser("plan", help="predict each backend's time from bytes moved and link rates")
-    pl.add_argument("--preset", default="deepseek-v3", choices=preset_names())
-    pl.add_argument("--gpus", default="8,16,64,256")
-    pl.add_argument("--tokens", default="1,128,4096", help="tokens per rank")
-    pl.add_argument("--nvlink-gbps", type=float, default=450.0)
-    pl.add_argument("--net-gbps", type=float, default=50.0)
-    pl.add_argument("--gpus-per-node", type=int, default=8)
-    pl.add_argument("--payload", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"])
-    pl.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"])
+    pl = parser("plan", "predict each backend's time from bytes moved and link rates",
+                "Predict each backend's time of one layer forward from bytes moved and link / HBM / tensor-core "
+                "rates; with --measured, set the predictions next to the rows of a bench run.")
+    pl.add_argument("--preset", default=None, choices=preset_names(),
+                    help=f"model (default: {PLAN_DEFAULTS['preset']}; with --measured: the file's)")
+    pl.add_argument("--gpus", default=None, help=f"comma-separated EP world sizes (default: {PLAN_DEFAULTS['gpus']}; "
+                                                 "with --measured: selects the file's rows)")
+    pl.add_argument("--tokens", default=None, help=f"tokens per rank (default: {PLAN_DEFAULTS['tokens']}; with "
+                                                   "--measured: selects the file's rows)")
+    pl.add_argument("--nvlink-gbps", type=float, default=450.0, help="per-GPU NVLink bandwidth, GB/s")
+    pl.add_argument("--net-gbps", type=float, default=50.0, help="per-GPU network bandwidth, GB/s")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="ranks sharing one NVLink domain")
+    pl.add_argument("--payload", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"],
+                    help="dispatch payload format")
+    pl.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"],
+                    help="expert weight format")
     pl.add_argument("--combine-bytes", type=int, default=4, choices=[2, 4],
                     help="bytes per partial-sum element on the combine wire: 4 = fp32, the backends' default "
                          "combine_dtype; 2 = combine_dtype bf16")
@@ -395,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return int(args.fn(args) or 0)
 
 

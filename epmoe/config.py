@@ -2,7 +2,8 @@
 
 `MoEConfig` describes one MoE layer: its shapes, its activation and how tokens are routed.
 Presets (`MoEConfig.from_preset("deepseek-v3")`) come from the packaged ``presets.json``, whose
-values are taken from each model's published ``config.json``.
+values are taken from each model's published ``config.json``; `MoEConfig.from_hf` reads such a
+``config.json`` (a checkpoint folder, the file, its dict, or a transformers config object).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 ACTIVATIONS = ("silu", "gelu", "swiglu_clamped")
 ROUTINGS = ("softmax", "softmax_after_topk", "sigmoid_bias", "sigmoid_grouped")
+# Hugging Face `model_type`s whose MoE layers `MoEConfig.from_hf` maps (integrations/hf.py patches them).
+HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss")
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,109 @@ class MoEConfig:
             if key in entry:
                 entry[key] = float(entry[key])
         return cls(**fields, **entry)
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> MoEConfig:
+        """The config of the MoE layers of a Hugging Face model.
+
+        hf_config: a transformers config object (`model.config`, `AutoConfig.from_pretrained(...)`),
+        the dict of a ``config.json``, the path of that file, or a checkpoint folder holding it.
+        Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, gpt_oss.
+        Raises ValueError for other models or settings epmoe cannot compute.
+
+            cfg = MoEConfig.from_hf("/models/Qwen3-30B-A3B")          # reads config.json there
+        """
+        return _config_from_hf(_hf_text_config(hf_config))
+
+
+def _hf_text_config(hf_config: Any) -> Any:
+    """An object with the text model's config fields as attributes, from any input of `from_hf`."""
+    if isinstance(hf_config, (str, Path)):
+        path = Path(hf_config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"no Hugging Face config at {path}: pass a checkpoint folder holding config.json, "
+                             "the file itself, its dict or a transformers config")
+        hf_config = json.loads(path.read_text())
+    if isinstance(hf_config, dict):
+        d = dict(hf_config.get("text_config") or hf_config)
+        if "model_type" not in d:
+            raise ValueError("the Hugging Face config has no 'model_type'; is it a model's config.json?")
+        if d["model_type"] not in HF_MODEL_TYPES:
+            return _Fields(d)  # refused by name below
+        try:  # transformers fills in the fields a config.json leaves at their defaults
+            from transformers import AutoConfig
+        except ImportError:  # without transformers the config.json must hold every field read
+            return _Fields(d)
+        return AutoConfig.for_model(**d)
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+class _MissingField(AttributeError, ValueError):
+    """A field a config.json lacks: getattr(c, name, default) still falls back to its default."""
+
+
+class _Fields:
+    """A config.json dict read as attributes; a missing field is a ValueError naming it."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+    def __getattr__(self, name: str) -> Any:
+        raise _MissingField(f"the Hugging Face config ({self.__dict__.get('model_type')}) has no field {name!r}")
+
+
+def _hf_activation(c: Any) -> str:
+    act = getattr(c, "hidden_act", "silu")
+    if act in ("silu", "swish"):
+        return "silu"
+    if act == "gelu":  # transformers' "gelu" is the exact erf form, as ours
+        return "gelu"
+    raise ValueError(
+        f"{type(c).__name__}.hidden_act={act!r} is not supported; epmoe experts compute "
+        "'silu' or 'gelu' (exact) activations"
+    )
+
+
+def _config_from_hf(c: Any) -> MoEConfig:
+    """The field mapping of each supported model family (see integrations/hf.py for its blocks)."""
+    model_type = getattr(c, "model_type", None)
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"{type(c).__name__} (model_type={model_type!r}) is not a supported MoE family; "
+            f"supported model_types: {', '.join(HF_MODEL_TYPES)}"
+        )
+    common = {"hidden": c.hidden_size, "top_k": c.num_experts_per_tok}
+    if model_type == "mixtral":
+        # MixtralTopKRouter always renormalises the top-k probabilities.
+        return MoEConfig(
+            **common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
+            activation=_hf_activation(c), routing="softmax", norm_topk_prob=True,
+        )
+    if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        shared = getattr(c, "shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
+        return MoEConfig(
+            **common,
+            intermediate=c.moe_intermediate_size if model_type != "olmoe" else c.intermediate_size,
+            num_experts=c.num_experts, activation=_hf_activation(c), routing="softmax",
+            norm_topk_prob=bool(c.norm_topk_prob),
+            shared_experts=1 if shared else 0, shared_intermediate=shared or None,
+        )
+    if model_type == "deepseek_v3":
+        return MoEConfig(
+            **common, intermediate=c.moe_intermediate_size, num_experts=c.n_routed_experts,
+            activation=_hf_activation(c), routing="sigmoid_grouped", norm_topk_prob=bool(c.norm_topk_prob),
+            n_group=c.n_group or 1, topk_group=c.topk_group or 1,
+            routed_scaling_factor=float(c.routed_scaling_factor),
+            shared_experts=c.n_shared_experts or 0,  # each of width moe_intermediate_size
+        )
+    # gpt_oss: top-k on the biased logits, softmax over the k; hidden_act is not used by the experts.
+    return MoEConfig(
+        **common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
+        activation="swiglu_clamped", routing="softmax_after_topk",
+        swiglu_limit=float(c.swiglu_limit), swiglu_alpha=float(c.swiglu_alpha),
+    )
 
 
 @lru_cache(maxsize=1)

@@ -108,10 +108,18 @@ def test_compare_sets_predictions_next_to_measured_rows():
     (row,) = compare(olmoe, [COMM_ROW])
     p = predict(olmoe, 2, 16, "nccl_a2a", payload="float32")
     assert row["predicted_us"] == pytest.approx(p["dispatch_us"] + p["combine_us"])
-    assert row["ratio"] == pytest.approx(2000.0 / row["predicted_us"])
+    # timed on the CPU (gloo): no time ratio against a GPU's links
+    assert row["ratio"] == "-" and "gloo" in row["note"] and "no time ratio" in row["note"]
     # OLMoE at W=2: nearly every token hits both ranks, so the byte model meets the measured bytes
     assert row["predicted_MB"] == pytest.approx(row["measured_MB"], rel=0.01)
-    assert "gloo" in row["note"]
+    # rows of GPU ranks get the ratio; configuration labels are predicted as their backend
+    for label, backend in (("nccl_a2a", "nccl_a2a"), ("symm_a2a pull", "symm_a2a"), ("nccl_a2a static", "nccl_a2a"),
+                           ("symm_a2a (virtual x2) pull", "symm_a2a")):
+        gpu_row = {**COMM_ROW, "backend": label, "payload": "bfloat16", "ranks": "nccl", "timing": "graph"}
+        (row,) = compare(olmoe, [gpu_row])
+        p = predict(olmoe, 2, 16, backend, payload="bfloat16")
+        assert row["backend"] == label and row["predicted_us"] == pytest.approx(p["dispatch_us"] + p["combine_us"])
+        assert row["ratio"] == pytest.approx(2000.0 / row["predicted_us"])
     symm, auto = compare(ds, LAYER_ROWS)
     measured_links = Links(hbm_tbps=2.1, tflops=395.0)
     assert symm["predicted_us"] == pytest.approx(predict(ds, 8, 128, "symm_a2a", measured_links)["total_us"])
@@ -136,3 +144,32 @@ def test_plan_measured_cli(tmp_path, capsys):
     first = dict(zip(header, body[0], strict=True))
     assert float(first["measured_us"]) == 300.0
     assert float(first["ratio"]) == pytest.approx(300.0 / float(first["predicted_us"]), rel=0.01)
+
+
+def test_plan_one_gpu_has_a_none_row_and_no_latency_for_zero_bytes(capsys):
+    ds = MoEConfig.from_preset("deepseek-v3")
+    rows = plan(ds, [1], [1, 128])
+    for t in (1, 128):
+        group = [r for r in rows if r["tokens"] == t]
+        assert group[0]["backend"] == "none" and group[0]["best"] == "*"
+        assert all(r["dispatch_us"] == r["combine_us"] == 0 and r["dispatch_MB"] == 0 for r in group)
+        assert len({r["total_us"] for r in group}) == 1
+    assert predict(ds, 8, 0, "nccl_a2a")["dispatch_us"] == 0  # no token: nothing to wait for
+    assert main(["plan", "--gpus", "1", "--tokens", "1"]) == 0
+    assert "|      none |    1 |" in capsys.readouterr().out
+
+
+def test_plan_measured_says_when_flags_conflict_with_the_file(tmp_path, capsys):
+    path = tmp_path / "layer.json"
+    path.write_text(json.dumps({"meta": {"command": "epmoe bench layer --preset deepseek-v3", "device": "x"},
+                                "rows": LAYER_ROWS}))
+    assert main(["plan", "--measured", str(path), "--preset", "qwen3-30b-a3b"]) == 2
+    assert "--preset qwen3-30b-a3b conflicts with --measured" in capsys.readouterr().err
+    assert main(["plan", "--measured", str(path), "--gpus", "1"]) == 2
+    assert "its rows were measured at world 8" in capsys.readouterr().err
+    assert main(["plan", "--measured", str(path), "--gpus", "8", "--preset", "deepseek-v3", "--tokens", "128"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["plan", "--measured", str(bad)]) == 2
+    assert "not a file written by `epmoe bench" in capsys.readouterr().err

@@ -364,8 +364,8 @@ def _link_gbps() -> float:
 
 
 def run_comm_bench(args: Any) -> list[dict[str, Any]]:
-    """`epmoe bench comm` (args: preset, tokens, backend, world, payload, iters, static): rows
-    of `bench_comm`.
+    """`epmoe bench comm` (args: preset or cfg (a scaled MoEConfig), tokens, backend, world,
+    payload, iters, static): rows of `bench_comm`.
 
     Ranks are NCCL processes with one GPU each when there are enough GPUs, virtual ranks on one
     GPU (an HBM measurement, not a link one: see the module docstring), else gloo processes on
@@ -374,7 +374,7 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
     """
     from epmoe.launch import run_ranks
 
-    cfg = MoEConfig.from_preset(args.preset)
+    cfg = getattr(args, "cfg", None) or MoEConfig.from_preset(args.preset)
     world = args.world or 2
     tokens = [int(t) for t in str(args.tokens).split(",") if t]
     payloads = [p for p in str(args.payload).split(",") if p]
@@ -427,9 +427,12 @@ def ladder_from_rows(rows: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[in
     last rung has no limit: [(128, "symm_a2a"), (None, "nccl_a2a")]. Only registered backend
     names count (static-shape variants are configurations, not backends `auto` picks), and of
     several payloads the unquantized one (as the layer moves activations by default)."""
+    labels = sorted({r["backend"] for r in rows})
     rows = [r for r in rows if r["backend"] in COMM_BACKENDS]
     if not rows:
-        raise ValueError("no rows of registered backends to take crossovers from")
+        raise ValueError(f"no rows of registered backends to take crossovers from (rows: {', '.join(labels)}; "
+                         "static-shape and pull variants are configurations, not backends comm='auto' picks: "
+                         "time without --static)")
     if any(r.get("ranks") in ("virtual", "threads") for r in rows):
         raise ValueError("crossovers come from real ranks (one GPU per process); virtual ranks on one GPU "
                          "measure HBM, not links")

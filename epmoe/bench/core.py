@@ -130,24 +130,35 @@ def plot_time_vs_tokens(
     y: str = "us",
     title: str = "",
     roofline: dict[int, float] | None = None,
+    ylabel: str | None = None,
 ) -> None:
-    """A log-log PNG of `y` against `x`, one line per value of `series` (+ an optional roofline)."""
+    """A log-log PNG of `y` against `x`, one line per value of `series` (+ an optional roofline).
+    Points without a positive finite `y` (missing, NaN, 0) are left out; rows without `y` at all
+    are a ValueError naming the columns they have."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if rows and not any(y in r for r in rows):
+        raise ValueError(f"no {y!r} column to plot; the rows have {', '.join(rows[0])}")
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    plotted = 0
     for name in dict.fromkeys(r[series] for r in rows):
-        pts = sorted((r[x], r[y]) for r in rows if r[series] == name and r.get(y) is not None)
+        pts = sorted((r[x], float(r[y])) for r in rows
+                     if r[series] == name and isinstance(r.get(y), (int, float)) and 0 < r[y] < float("inf"))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(name))
+        plotted += len(pts)
     if roofline:
         pts = sorted(roofline.items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", label="roofline")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    if plotted:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    else:  # log axes of no data fail in matplotlib
+        ax.text(0.5, 0.5, f"no positive {y} to plot", ha="center", transform=ax.transAxes)
     ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    ax.set_ylabel(ylabel or y)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

@@ -1,6 +1,6 @@
 """`epmoe bench layer`: the whole MoE layer forward per comm backend and token count.
 
-    rates   = HBM copy TB/s and bf16 matmul TFLOP/s measured on this GPU (cost-model defaults on the CPU)
+    rates   = HBM copy TB/s and bf16 matmul TFLOP/s measured on this GPU (none on the CPU)
     for comm, T:
         layer(x [T, H], logits [T, E])        uniform random routing, bf16 on the GPU (fp32 on the CPU)
         timing "graph": capturable layers (select.py: no host sync in comm or runner) are
@@ -9,6 +9,7 @@
                "eager": every other layer, CUDA events (or perf_counter) around forward()
         row = slowest rank's median µs, next to the expert-stage roofline of `plan.predict`:
               max(touched expert weight bytes / HBM TB/s, FLOPs / TFLOP/s), uniform routing
+              (GPU rows only: CPU timings are never set against a GPU's rates)
 
 Ranks are real processes (NCCL with one GPU each, or gloo on the CPU) or, on a single GPU,
 virtual ranks (threads sharing the GPU, so their traffic goes through HBM; always eager: a
@@ -34,12 +35,14 @@ from epmoe.group import RankGroup, VirtualGroup
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.select import Combo, check, comm_candidates, pick_runner
 
+CPU_RATES = "timed on the CPU: no roofline (the cost model's rates are a GPU's)"
 
-def device_links(device: torch.device) -> tuple[Links, str]:
+
+def device_links(device: torch.device) -> tuple[Links | None, str]:
     """The cost model's rates for `device`: HBM copy bandwidth and bf16 matmul rate measured on
-    a GPU (read + write bytes of a 1 GiB copy; an 8192^3 GEMM), the model's defaults elsewhere."""
+    a GPU (read + write bytes of a 1 GiB copy; an 8192^3 GEMM); None on the CPU."""
     if device.type != "cuda":
-        return Links(), "cost-model defaults (no GPU)"
+        return None, CPU_RATES
     from epmoe.bench.comm import hbm_copy_gbps
 
     links = Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device))
@@ -144,10 +147,13 @@ def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms
 
 
 def _row(cfg: MoEConfig, comm: str, runner: str, world: int, ranks: str, tokens: int, us: float, timing: str,
-         links: Links, source: str) -> dict[str, Any]:
-    return {"comm": comm, "runner": runner, "world": world, "ranks": ranks, "tokens": tokens, "us": us,
-            "timing": timing, "expert_roofline_us": _roofline_us(cfg, world, tokens, links),
-            "hbm_TBps": links.hbm_tbps, "TFLOPs": links.tflops, "rates": source}
+         links: Links | None, source: str) -> dict[str, Any]:
+    row = {"comm": comm, "runner": runner, "world": world, "ranks": ranks, "tokens": tokens, "us": us,
+           "timing": timing}
+    if links is not None:  # a GPU: the roofline of its measured rates
+        row.update(expert_roofline_us=_roofline_us(cfg, world, tokens, links), hbm_TBps=links.hbm_tbps,
+                   TFLOPs=links.tflops)
+    return {**row, "rates": source}
 
 
 def _virtual_rows(cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str, world: int,
@@ -183,14 +189,15 @@ def default_world() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
-def bench_layer(preset: str, tokens: list[int], comm: str = "all", runner: str = "auto", world: int | None = None,
-                iters: int = 10) -> list[dict[str, Any]]:
-    """Rows (comm, runner, world, ranks, tokens, us, timing, expert_roofline_us, hbm_TBps, TFLOPs,
-    rates) for every requested backend. world=None: `default_world()`; more ranks than GPUs on
-    one GPU run as virtual ranks, on several GPUs or none as gloo processes on the CPU."""
+def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", runner: str = "auto",
+                world: int | None = None, iters: int = 10) -> list[dict[str, Any]]:
+    """Rows (comm, runner, world, ranks, tokens, us, timing, [expert_roofline_us, hbm_TBps, TFLOPs
+    on a GPU,] rates) for every requested backend of a preset name or a config. world=None:
+    `default_world()`; more ranks than GPUs on one GPU run as virtual ranks, on several GPUs or
+    none as gloo processes on the CPU."""
     from epmoe.launch import run_ranks
 
-    cfg = MoEConfig.from_preset(preset)
+    cfg = MoEConfig.from_preset(preset) if isinstance(preset, str) else preset
     world = default_world() if world is None else world
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
@@ -201,7 +208,10 @@ def bench_layer(preset: str, tokens: list[int], comm: str = "all", runner: str =
     if comm in ("all", "auto"):
         combo = Combo(runner=runner, layout="dp", world=world, device=device)
         names = ["none"] if world == 1 else [n for n in comm_candidates(combo) if n != "none"]
-        comms = names + (["auto"] if comm == "all" and len(names) > 1 else [])
+        if comm == "auto":  # auto alone (one rank: its only candidate)
+            comms = ["auto"] if len(names) > 1 else names
+        else:
+            comms = names + (["auto"] if len(names) > 1 else [])
     else:
         comms = comm.split(",")
     if not comms:

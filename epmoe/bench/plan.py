@@ -2,6 +2,7 @@
 
     time(backend) = dispatch + experts + combine
     dispatch      = latency(backend, peers) + max(bytes over NVLink / nvlink_bw, bytes over the net / net_bw)
+                    (0 when no byte moves: one rank, or no token)
     experts       = max(touched expert weight bytes / hbm_bw, FLOPs / tensor_peak)
                     (+ nvfp4 from 128 rows per local expert: the triton runner's decode of every
                     local expert into a bf16 scratch, 0.5625 bytes read + 2 written a value, at hbm_bw;
@@ -18,7 +19,7 @@ their handles' dispatch_bytes / combine_bytes):
              metadata (Kl ids and weights, Kl = min(K, E/W)) on every other rank; combine as nccl_a2a
   allgather  dispatch: every token's wire row to every other rank; combine: each peer's partial
              rows back (W - 1) * T
-  none       one rank: no bytes, no latency
+  none       one rank: no bytes, no latency (`plan` lists it for one GPU, where it is the choice)
 Partial sums travel in the backends' combine dtype, fp32 by default (`combine_bytes=4`).
 Latency constants are the model's assumptions, stated in `Links`; `compare` sets predictions
 next to rows measured by `epmoe bench comm|layer --json` (`epmoe plan --measured FILE`).
@@ -52,6 +53,8 @@ _PAYLOAD_BYTES = {
 }
 _WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4 / 128 / 128, "nvfp4": 0.5 + 1 / 16}
 BACKENDS = ("symm_a2a", "nccl_a2a", "allgather")
+# what `plan` predicts: "none" first, so that at one GPU (where every backend moves 0 bytes) it is the pick
+PLAN_BACKENDS = ("none", *BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ def predict(
         lat += links.net_latency_us
 
     def move(nbytes: float) -> float:
+        if nbytes == 0:
+            return 0.0  # nothing leaves the rank: no call to wait for
         nv, net = nbytes * local_share, nbytes * (1 - local_share)
         return lat + max(nv / (links.nvlink_gbps * 1e3), net / (links.net_gbps * 1e3))  # bytes/(GB/s) -> µs
 
@@ -166,12 +171,13 @@ def plan(
     gpus: list[int],
     tokens: list[int],
     links: Links = Links(),  # noqa: B008
-    backends: tuple[str, ...] = BACKENDS,
+    backends: tuple[str, ...] = PLAN_BACKENDS,
     payload: str = "bf16",
     weights: str = "bf16",
     combine_bytes: int = 4,
 ) -> list[dict[str, float | str | int]]:
-    """Predictions for every (gpus, tokens, backend), marking the fastest per (gpus, tokens)."""
+    """Predictions for every (gpus, tokens, backend), marking the fastest per (gpus, tokens)
+    (of equal times, the first in `backends`; "none" runs at one GPU only)."""
     rows = []
     for w in gpus:
         for t in tokens:
@@ -191,9 +197,22 @@ def plan(
 
 _NOTES = {
     "virtual": "virtual ranks: every byte through one GPU's HBM, not a link",
-    "gloo": "gloo on the CPU: not the modelled links",
-    "cpu": "run on the CPU: the model's rates are a GPU's",
+    "gloo": "gloo on the CPU: not the modelled links; no time ratio",
+    "cpu": "run on the CPU: the model's rates are a GPU's; no time ratio",
 }
+
+
+def backend_of(label: str) -> str:
+    """The registered backend of a bench row's label: "symm_a2a pull", "nccl_a2a static" and
+    "symm_a2a (virtual x4) pull" are configurations of symm_a2a / nccl_a2a."""
+    return str(label).split(" ")[0]
+
+
+def timed_on_cpu(row: dict[str, Any]) -> bool:
+    """Whether a bench row was timed on the CPU (gloo ranks, perf_counter, or no GPU rates)."""
+    rates = str(row.get("rates", ""))
+    return (row.get("ranks") == "gloo" or row.get("timing") == "cpu" or rates.startswith("cost-model defaults")
+            or rates.startswith("timed on the CPU"))
 
 
 def preset_of(meta: dict[str, Any]) -> str | None:
@@ -208,17 +227,20 @@ def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(), 
             use_row_rates: bool = True) -> list[dict[str, Any]]:
     """Predicted next to measured for rows of `epmoe bench comm --json` (dispatch + combine:
     `backend`, `dispatch_us`, `combine_us`, bytes) or `epmoe bench layer --json` (whole forward:
-    `comm`, `us`; comm "auto" is predicted as the fastest backend). ratio = measured / predicted.
+    `comm`, `us`; comm "auto" is predicted as the fastest backend). ratio = measured / predicted,
+    for rows timed on a GPU only (a CPU time against a GPU's rates says nothing); bytes are
+    compared wherever the row has them. Row labels of configurations ("symm_a2a pull",
+    "nccl_a2a static") are predicted as their backend.
     use_row_rates: a layer row's measured `hbm_TBps` / `TFLOPs` replace the links' rates, so
     the expert roofline uses the device the row was measured on."""
     out = []
     for r in rows:
         world, tokens = int(r.get("world", 1)), int(r["tokens"])
         ranks = str(r.get("ranks", ""))
-        on_cpu = str(r.get("rates", "")).startswith("cost-model defaults")
+        on_cpu = timed_on_cpu(r)
         note = next((v for k, v in _NOTES.items() if k in ranks), _NOTES["cpu"] if on_cpu else "")
         if "dispatch_us" in r:  # bench comm: the two phases only
-            backend, payload = r["backend"], r.get("payload") or "bf16"
+            backend, payload = backend_of(r["backend"]), r.get("payload") or "bf16"
             p = predict(cfg, world, tokens, backend, links, payload=payload)
             measured = float(r["dispatch_us"]) + float(r["combine_us"])
             predicted = p["dispatch_us"] + p["combine_us"] if p else None
@@ -226,21 +248,22 @@ def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(), 
             pred_mb = p["dispatch_MB"] + p["combine_MB"] if p else None
             what = "dispatch+combine"
         else:  # bench layer: the whole forward
-            backend = str(r["comm"]).split(" ")[0]  # "nccl_a2a (virtual x4)" in older files
+            backend = backend_of(r["comm"])  # "nccl_a2a (virtual x4)" in older files
             row_links = links
             if use_row_rates and r.get("hbm_TBps") and r.get("TFLOPs"):
                 row_links = replace(links, hbm_tbps=float(r["hbm_TBps"]), tflops=float(r["TFLOPs"]))
-            names = BACKENDS if backend == "auto" else (backend,)
+            names = PLAN_BACKENDS if backend == "auto" else (backend,)
             preds = [p for b in names if (p := predict(cfg, world, tokens, b, row_links)) is not None]
             best = min(preds, key=lambda p: p["total_us"]) if preds else None
             measured, predicted = float(r["us"]), best["total_us"] if best else None
             meas_mb = pred_mb = None
             what = "layer" if backend != "auto" else f"layer (auto; model: {best['backend'] if best else '-'})"
+        label = str(r.get("backend", r.get("comm", backend)))
         out.append({
-            "what": what, "backend": backend, "gpus": world, "tokens": tokens, "ranks": ranks or "-",
+            "what": what, "backend": label, "gpus": world, "tokens": tokens, "ranks": ranks or "-",
             "timing": r.get("timing", "-"), "predicted_us": "-" if predicted is None else predicted,
             "measured_us": measured,
-            "ratio": measured / predicted if predicted else "-",
+            "ratio": measured / predicted if predicted and not on_cpu else "-",
             "predicted_MB": "-" if pred_mb is None else pred_mb, "measured_MB": "-" if meas_mb is None else meas_mb,
             "note": note,
         })

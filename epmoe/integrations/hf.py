@@ -118,61 +118,9 @@ def _supported() -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _activation(hf_config: Any) -> str:
-    act = getattr(hf_config, "hidden_act", "silu")
-    if act in ("silu", "swish"):
-        return "silu"
-    if act == "gelu":  # transformers' "gelu" is the exact erf form, as ours
-        return "gelu"
-    raise ValueError(
-        f"{type(hf_config).__name__}.hidden_act={act!r} is not supported; epmoe experts compute "
-        "'silu' or 'gelu' (exact) activations"
-    )
-
-
 def config_from_hf(hf_config: Any) -> MoEConfig:
-    """The `MoEConfig` of the MoE layers of a transformers config (`model.config`).
-
-    Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, gpt_oss.
-    Raises ValueError for other models or settings epmoe cannot compute.
-    """
-    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    model_type = getattr(c, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"{type(c).__name__} (model_type={model_type!r}) is not a supported MoE family; "
-            f"supported model_types: {', '.join(FAMILIES)}"
-        )
-    common = {"hidden": c.hidden_size, "top_k": c.num_experts_per_tok}
-    if model_type == "mixtral":
-        # MixtralTopKRouter always renormalises the top-k probabilities.
-        return MoEConfig(
-            **common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
-            activation=_activation(c), routing="softmax", norm_topk_prob=True,
-        )
-    if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
-        shared = getattr(c, "shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
-        return MoEConfig(
-            **common,
-            intermediate=c.moe_intermediate_size if model_type != "olmoe" else c.intermediate_size,
-            num_experts=c.num_experts, activation=_activation(c), routing="softmax",
-            norm_topk_prob=bool(c.norm_topk_prob),
-            shared_experts=1 if shared else 0, shared_intermediate=shared or None,
-        )
-    if model_type == "deepseek_v3":
-        return MoEConfig(
-            **common, intermediate=c.moe_intermediate_size, num_experts=c.n_routed_experts,
-            activation=_activation(c), routing="sigmoid_grouped", norm_topk_prob=bool(c.norm_topk_prob),
-            n_group=c.n_group or 1, topk_group=c.topk_group or 1,
-            routed_scaling_factor=float(c.routed_scaling_factor),
-            shared_experts=c.n_shared_experts or 0,  # each of width moe_intermediate_size
-        )
-    # gpt_oss: top-k on the biased logits, softmax over the k; hidden_act is not used by the experts.
-    return MoEConfig(
-        **common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
-        activation="swiglu_clamped", routing="softmax_after_topk",
-        swiglu_limit=float(c.swiglu_limit), swiglu_alpha=float(c.swiglu_alpha),
-    )
+    """The `MoEConfig` of the MoE layers of a transformers config (`model.config`): `MoEConfig.from_hf`."""
+    return MoEConfig.from_hf(hf_config)
 
 
 def _block_config(cfg: MoEConfig, experts: Any) -> MoEConfig:
