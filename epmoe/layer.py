@@ -26,6 +26,7 @@ from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.activation import activate
 from epmoe.graphs import LayerGraphs, capturing
 from epmoe.group import Placement, RankGroup
+from epmoe.ops.moe import moe_forward, register_layer
 from epmoe.routing import Routing, RoutingCapture, check_correction_bias, check_routing, route
 from epmoe.select import LAYOUTS, Combo, ensure, pick_runner
 
@@ -155,6 +156,7 @@ class MoELayer(nn.Module):
         self.correction_bias = correction_bias
         self.shared = shared
         self.capture = capture
+        self.op_id = register_layer(self)  # how torch.ops.epmoe.moe_forward finds this layer
 
     def _check_routing_args(self, gate: torch.Tensor | None, gate_bias: torch.Tensor | None,
                             correction_bias: torch.Tensor | None) -> None:
@@ -291,6 +293,19 @@ class MoELayer(nn.Module):
         mode that fit a bucket replay a graph.
         """
         self._check_inputs(x, router_logits, routing)
+        if torch.compiler.is_compiling():
+            # torch.compile traces one opaque op: token counts, routing and the backend's choices stay
+            # inside it, so the traced graph has no data-dependent guard and no break (ops/moe.py)
+            if routing is None and router_logits is None:
+                router_logits = self._gate_logits(x)
+            ids, weights = (routing.ids, routing.weights) if routing is not None else (None, None)
+            return moe_forward(x, router_logits, ids, weights, self.op_id)
+        return self.forward_eager(x, router_logits, routing)
+
+    def forward_eager(self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None
+                      ) -> torch.Tensor:
+        """One call on shape-checked inputs: a graph replay where one serves it, else the eager stages
+        (what `forward` and the custom op run)."""
         self._mode = "routed" if routing is not None else self.cfg.routing
         tokens = None  # under comm="auto", the largest T over ranks once agreed
         if self.graphs is not None and self.graphs.serves(x, routing):
