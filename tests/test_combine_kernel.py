@@ -19,11 +19,19 @@ import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, SharedExperts, VirtualGroup
 from epmoe.comm import get_comm
-from epmoe.comm.base import gather_sum, gather_sum_torch, local_pairs, weighted_sum, weighted_sum_torch
-from epmoe.comm.none import NoComm, local_dispatch, local_dispatch_torch
+from epmoe.comm.none import NoComm
 from epmoe.comm.wire import make_pairs, partial_sums
 from epmoe.experts.reference import ReferenceRunner
 from epmoe.kernels import combine as combine_kernels
+from epmoe.ops.combine import (
+    gather_sum,
+    gather_sum_torch,
+    local_dispatch,
+    local_dispatch_torch,
+    local_pairs,
+    weighted_sum,
+    weighted_sum_torch,
+)
 from epmoe.routing import Routing
 
 # max |triton - twin| / max(|twin|, 1) per output dtype. Both sum the same fp32 products in the

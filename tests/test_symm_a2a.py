@@ -765,13 +765,11 @@ def test_gpu_send_kernels_publish_through_system_scope_counters():
     program stores they order go to, or are read by, peer GPUs): read off the compiled PTX."""
     import re
 
-    from epmoe.comm.symmetric import _triton_combine_send, _triton_dispatch_send
-
     bs = _virtual_backends(2, impl="triton", device="cuda", dtype=torch.bfloat16)
     x, ids, w = inputs(CASES[0], 0, 2)
-    sent = _triton_dispatch_send(bs[0], x.cuda().bfloat16(), Routing(ids.cuda(), w.cuda()))
+    sent = bs[0]._triton_dispatch_send(x.cuda().bfloat16(), Routing(ids.cuda(), w.cuda()))
     M = 2 * TM * bs[0].slot_experts
-    combined = _triton_combine_send(bs[0], torch.zeros(M, CFG.hidden, device="cuda", dtype=torch.bfloat16))
+    combined = bs[0]._triton_combine_send(torch.zeros(M, CFG.hidden, device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()
     for kernel in (sent, combined):
         counters = [ln for ln in kernel.asm["ptx"].splitlines() if re.search(r"\batom\.", ln) and ".add." in ln

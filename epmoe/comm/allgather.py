@@ -38,12 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
-from epmoe.comm.base import Dispatched, local_pairs
+from epmoe.comm.base import Dispatched
 from epmoe.comm.payload import PAYLOADS, empty_rows, encode, pack_rows, row_layout, unpack_rows
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import Pairs, WireBackend, WireOptions, make_pairs, partial_sums, sum_in_rank_order
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
+from epmoe.ops.combine import local_pairs
 from epmoe.routing import Routing
 
 GATHER_MODES = ("auto", "padded", "a2a")

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
-from epmoe.comm.base import Dispatched, expert_owners, local_pairs
+from epmoe.comm.base import Dispatched
 from epmoe.comm.payload import PAYLOADS, empty_rows, encode, pack_rows, row_layout, unpack_rows
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import Pairs, WireBackend, WireOptions, make_pairs, partial_sums
+from epmoe.ops.combine import expert_owners, local_pairs
 from epmoe.routing import Routing
 
 

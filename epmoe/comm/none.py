@@ -10,8 +10,9 @@
     combine:   y[t] = cast(sum_k w[t, k] * out[t*K + k]  (+ addend[t]))              one launch
                tp:   all_reduce(fp32 sums), + addend, cast
 
-On CUDA both stages are Triton kernels (epmoe/kernels/combine.py); `local_dispatch_torch` and
-`weighted_sum_torch` are their plain-torch twins, used on the CPU. Why: measured on an H200
+On CUDA both stages are Triton kernels (epmoe/kernels/combine.py, launched by
+epmoe/ops/combine.py); `local_dispatch_torch` and `weighted_sum_torch` are their plain-torch
+twins, used on the CPU. Why: measured on an H200
 (qwen3-30b-a3b) with the twins, the whole layer took 87.6 us at 1 token against 25 us for the
 experts stage (1732 vs 799 us at 4096 tokens); dispatch and combine were ~30 small torch ops
 (counted). The kernels' own times are not measured yet.
@@ -27,75 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from epmoe.comm.base import (
-    IMPLS,
-    CommBackend,
-    CommOptions,
-    Dispatched,
-    count_experts,
-    finish,
-    local_pairs,
-    pick_impl,
-    weighted_sum,
-)
+from epmoe.comm.base import CommBackend, CommOptions, Dispatched, finish
 from epmoe.comm.registry import register_comm
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
+from epmoe.ops.combine import IMPLS, local_dispatch, weighted_sum
 from epmoe.routing import Routing
-
-# Pairs one dispatch program handles; up to this many pairs (128 tokens at top-8) one program
-# does everything, counts included (a single launch). More pairs: one program per block, counts
-# added atomically into zeroed counts (a memset, then the kernel).
-DISPATCH_BLOCK = 1024
-
-
-@dataclass
-class LocalPairs:
-    """This rank's pairs p = t*K + k of a [T, K] routing.
-
-    expert_ids: [T*K] int32 local expert, -1 = masked (id -1 or outside [0, E)) or another rank's.
-    row_ids:    [T*K] int32 token row, p // K.
-    counts:     [E_local] int32 pairs per local expert.
-    """
-
-    expert_ids: torch.Tensor
-    row_ids: torch.Tensor
-    counts: torch.Tensor
-
-
-def local_dispatch_torch(ids: torch.Tensor, placement: Placement, rank: int) -> LocalPairs:
-    """Plain-torch twin of `local_dispatch`."""
-    T, K = ids.shape
-    flat = local_pairs(ids, placement, rank).reshape(-1)  # [T*K]
-    rows = torch.arange(T, dtype=torch.int32, device=ids.device).repeat_interleave(K)
-    return LocalPairs(flat, rows, count_experts(flat, placement.local_experts))
-
-
-def local_dispatch(ids: torch.Tensor, placement: Placement, rank: int, impl: str = "auto") -> LocalPairs:
-    """ids [T, K] int32 global expert ids (-1 = masked pair) -> this rank's pairs. `placement`
-    must live on ids' device. impl: "auto" (Triton on CUDA, the torch twin elsewhere), "triton",
-    "torch"."""
-    if ids.dim() != 2 or ids.dtype != torch.int32:
-        raise ValueError(f"ids must be int32 [T, K], got {ids.dtype} {tuple(ids.shape)}; build a Routing")
-    if pick_impl(impl, ids.device) == "torch":
-        return local_dispatch_torch(ids, placement, rank)
-    from epmoe.kernels.combine import local_pairs_kernel
-
-    T, K = ids.shape
-    M, E_local, dev = T * K, placement.local_experts, ids.device
-    expert_ids = torch.empty(M, dtype=torch.int32, device=dev)
-    row_ids = torch.empty(M, dtype=torch.int32, device=dev)
-    single = M <= DISPATCH_BLOCK
-    block = max(16, 1 << max(M - 1, 0).bit_length()) if single else DISPATCH_BLOCK
-    alloc = torch.empty if single else torch.zeros
-    counts = alloc(E_local, dtype=torch.int32, device=dev)
-    local_pairs_kernel[(-(-M // block) if M else 1,)](
-        ids.contiguous(), placement.expert_rank, placement.expert_local, expert_ids, row_ids, counts,
-        M, placement.num_experts, rank,
-        K=K, E_LOCAL=E_local, NB=max(16, 1 << max(E_local - 1, 0).bit_length()), BLOCK=block,
-        ATOMIC=not single, num_warps=4,
-    )
-    return LocalPairs(expert_ids, row_ids, counts)
 
 
 @dataclass

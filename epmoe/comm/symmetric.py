@@ -2,7 +2,9 @@
 
 Each rank owns one workspace buffer that every peer can read and write: torch symmetric memory
 on GPUs of one node, plain device allocations shared in one table for a `VirtualGroup` (W ranks
-in one process), a file in /dev/shm mapped by every gloo process on the CPU. A call is
+in one process), a file in /dev/shm mapped by every gloo process on the CPU (the workspace and
+its transports: epmoe/comm/symm_workspace.py; the kernels' launches and the plain-torch twins of
+each step: epmoe/ops/symm.py). A call is
 
     dispatch_send   home s, for every destination rank r (itself included):
                       rows:  for each token t that picks an expert on r, copy x[t] once (bf16,
@@ -84,17 +86,12 @@ atomics.
 
 from __future__ import annotations
 
-import os
-import secrets
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from epmoe.comm.base import (
-    IMPLS,
     CommBackend,
     CommOptions,
     Dispatched,
@@ -104,9 +101,7 @@ from epmoe.comm.base import (
     check_combine_dtype,
     config_code,
     count_experts,
-    expert_owners,
     finish,
-    weighted_sum,
 )
 from epmoe.comm.payload import (
     PAYLOADS,
@@ -114,105 +109,36 @@ from epmoe.comm.payload import (
     check_payload,
     decode_bytes,
     encode_bytes,
-    payload_row_bytes,
     scale_code,
     scale_text,
 )
 from epmoe.comm.registry import register_comm
+from epmoe.comm.symm_workspace import Layout, map_workspaces
 from epmoe.config import MoEConfig
-from epmoe.group import EPGroup, Placement, RankGroup
+from epmoe.group import Placement, RankGroup
+from epmoe.ops import symm as symm_ops
+from epmoe.ops.combine import IMPLS, expert_owners
+from epmoe.ops.symm import (
+    KernelWorkspace,
+    SymmTimeoutError,
+    combine_recv_torch,
+    combine_send_torch,
+    dispatch_recv_torch,
+    dispatch_send_torch,
+    interpreting,
+    slot_meta,
+)
 from epmoe.routing import Routing
 
 COMBINE_MODES = ("push", "pull")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # codes of the setup agreement
 SEQ_WRAP = 2**31 - 1  # sequence numbers run 1 .. SEQ_WRAP, then 1 again
-ALIGN = 128
 DEFAULT_MAX_TOKENS = 128  # decode batches; prefill callers pass max_tokens_per_rank
 
 
 def next_seq(seq: int) -> int:
     """The sequence number of the call after `seq` (0 = no call yet)."""
     return seq % SEQ_WRAP + 1
-
-
-class SymmTimeoutError(RuntimeError):
-    """A wait for peers' flags ran past timeout_s; the message names the silent ranks."""
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Byte offsets of the regions of one rank's workspace (identical on every rank)."""
-
-    world: int
-    max_tokens: int
-    hidden: int
-    slot_experts: int  # Kl
-    payload: str
-    dtype: torch.dtype  # activation dtype of bf16 payload rows
-    combine_dtype: torch.dtype
-
-    def __post_init__(self) -> None:
-        d, s, g = payload_row_bytes(self.payload, self.hidden, self.dtype)
-        W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
-        slots = W * Tm
-        sizes = [
-            ("flags", 3 * W * 4),
-            ("meta_ids", slots * Kl * 4),
-            ("meta_w", slots * Kl * 4),
-            ("data", slots * d),
-            ("scales", slots * s),
-            ("gscale", slots * g),
-            ("comb_out", slots * H * self.combine_dtype.itemsize),
-        ]
-        off = 0
-        offsets = {}
-        for name, n in sizes:
-            offsets[name] = off
-            off += _align(n)
-        object.__setattr__(self, "offsets", offsets)
-        object.__setattr__(self, "row_bytes", (d, s, g))
-        object.__setattr__(self, "nbytes", off)
-
-    offsets: dict = field(init=False, repr=False)  # region -> byte offset
-    row_bytes: tuple = field(init=False, repr=False)  # (D, S, G) bytes per row
-    nbytes: int = field(init=False)
-
-    def views(self, buf: torch.Tensor) -> RankViews:
-        """Typed views of one rank's workspace bytes `buf` [nbytes] uint8."""
-        W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
-        o, (d, s, g) = self.offsets, self.row_bytes
-
-        def region(name: str, nbytes: int) -> torch.Tensor:
-            return buf[o[name]: o[name] + nbytes]
-
-        slots = W * Tm
-        return RankViews(
-            flags=region("flags", 3 * W * 4).view(torch.int32).view(3, W),
-            meta_ids=region("meta_ids", slots * Kl * 4).view(torch.int32).view(W, Tm, Kl),
-            meta_w=region("meta_w", slots * Kl * 4).view(torch.float32).view(W, Tm, Kl),
-            data=region("data", slots * d).view(slots, d),
-            scales=region("scales", slots * s).view(slots, s),
-            gscale=region("gscale", slots * g).view(torch.float32).view(slots, g // 4),
-            comb_out=region("comb_out", slots * H * self.combine_dtype.itemsize)
-            .view(self.combine_dtype).view(W, Tm, H),
-        )
-
-
-@dataclass
-class RankViews:
-    """One rank's workspace as tensors (see the module docstring for each region)."""
-
-    flags: torch.Tensor  # int32 [3, W]
-    meta_ids: torch.Tensor  # int32 [W, Tm, Kl]
-    meta_w: torch.Tensor  # fp32 [W, Tm, Kl]
-    data: torch.Tensor  # uint8 [W*Tm, D]
-    scales: torch.Tensor  # uint8 [W*Tm, S]
-    gscale: torch.Tensor  # fp32 [W*Tm, G/4]
-    comb_out: torch.Tensor  # combine dtype [W, Tm, H]
 
 
 @dataclass
@@ -276,184 +202,6 @@ class SymmHandle:
         hits = self._tokens_per_rank()
         others = [r for r in range(self.world) if r != self.rank]
         return sum(hits[r] * self.combine_row_bytes + 4 for r in others)
-
-
-# ---------------------------------------------------------------------------------------
-# transports: how the W workspaces are created and mapped
-# ---------------------------------------------------------------------------------------
-
-_MAILBOX: dict[int, list[Any]] = {}
-_MAILBOX_LOCK = threading.Lock()
-
-
-def _shared_key(group: RankGroup | None) -> int:
-    """A random key every rank agrees on (rank 0's)."""
-    key = secrets.randbits(62)
-    if group is None or group.world == 1:
-        return key
-    return int(group.all_gather_ints([key])[0][0])
-
-
-def _exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
-    """Every rank's `value`, for ranks that live in one process (a VirtualGroup)."""
-    if group is None or group.world == 1:
-        return [value]
-    key = _shared_key(group)
-    with _MAILBOX_LOCK:
-        box = _MAILBOX.setdefault(key, [None] * group.world)
-        box[group.rank] = value
-    group.barrier()
-    values = list(_MAILBOX[key])
-    group.barrier()
-    if group.rank == 0:
-        with _MAILBOX_LOCK:
-            _MAILBOX.pop(key, None)
-    return values
-
-
-def _map_shm(group: RankGroup, nbytes: int) -> list[torch.Tensor]:
-    """W workspaces in one /dev/shm file that every process maps; unlinked once all mapped."""
-    key = _shared_key(group)
-    root = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    path = os.path.join(root, f"epmoe-symm-{key:x}-w{group.world}")
-    total = nbytes * group.world
-    if group.rank == 0:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, total)  # zero-filled
-        finally:
-            os.close(fd)
-    group.barrier()
-    try:
-        buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-    finally:
-        group.barrier()  # everyone has mapped it
-        if group.rank == 0:
-            os.unlink(path)
-    return list(buf.view(group.world, nbytes).unbind(0))
-
-
-def _map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[list[torch.Tensor], Any]:
-    """W workspaces in torch symmetric memory (one GPU per rank, one NVLink domain)."""
-    import torch.distributed as dist
-    import torch.distributed._symmetric_memory as symm_mem
-
-    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-    buf.zero_()
-    pg = group.pg or dist.group.WORLD
-    handle = symm_mem.rendezvous(buf, pg.group_name)
-    peers = [buf if r == group.rank else handle.get_remote_tensor(r, (nbytes,), torch.uint8)
-             for r in range(group.world)]
-    return peers, handle
-
-
-# ---------------------------------------------------------------------------------------
-# the protocol in plain torch (the reference twin of kernels/symm_a2a.py)
-# ---------------------------------------------------------------------------------------
-
-
-def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, world: int, kl: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per destination rank: (meta ids [W, T, Kl] int32 local ids in k order, -1 padded;
-    meta weights [W, T, Kl] fp32, 0 where padded; has [W, T] bool: t picks an expert on r)."""
-    T, K = ids.shape
-    ranks, local = expert_owners(ids, placement)  # [T, K] each, -1 for masked pairs
-    r = torch.arange(world, device=ids.device).view(world, 1, 1)
-    sel = ranks.unsqueeze(0) == r  # [W, T, K]
-    order = torch.sort((~sel).to(torch.int8), dim=2, stable=True).indices[..., :kl]  # selected first
-    valid = sel.gather(2, order)  # [W, T, Kl]
-    meta_ids = torch.where(valid, local.unsqueeze(0).expand(world, T, K).gather(2, order), -1)
-    meta_w = torch.where(valid, weights.unsqueeze(0).expand(world, T, K).gather(2, order), 0.0)
-    return meta_ids.to(torch.int32), meta_w.float(), sel.any(dim=2)
-
-
-def wait_flags(flags: torch.Tensor, seq: int, timeout_s: float, what: str) -> None:
-    """Poll `flags` [W] until every entry equals seq; SymmTimeoutError naming the others."""
-    deadline = time.monotonic() + timeout_s
-    spins = 0
-    while True:
-        missing = [s for s, v in enumerate(flags.tolist()) if v != seq]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise SymmTimeoutError(
-                f"{what} (sequence number {seq}) timed out after {timeout_s}s: ranks {missing} never "
-                "signalled (they crashed, are slower than timeout_s, or did not make this call)"
-            )
-        spins += 1
-        time.sleep(0 if spins < 64 else 50e-6)
-
-
-def dispatch_send_torch(peers: list[RankViews], rank: int, rows: tuple[torch.Tensor, ...],
-                        meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seq: int, max_tokens: int) -> None:
-    """Write this rank's rows, meta and count into every peer's slots, then raise its flags."""
-    data, scales, gscale = rows
-    meta_ids, meta_w, has = meta
-    T = data.shape[0]
-    base = rank * max_tokens
-    for r, peer in enumerate(peers):
-        peer.meta_ids[rank, :T] = meta_ids[r]
-        peer.meta_w[rank, :T] = meta_w[r]
-        t = has[r].nonzero().flatten()
-        if t.numel():
-            peer.data[base + t] = data[t]
-            if scales.shape[1]:
-                peer.scales[base + t] = scales[t]
-            if gscale.shape[1]:
-                peer.gscale[base + t] = gscale[t]
-        peer.flags[2, rank] = T
-    for peer in peers:  # flags last: a peer that sees one sees everything above
-        peer.flags[0, rank] = seq
-
-
-def dispatch_recv_torch(own: RankViews, seq: int, timeout_s: float, rank: int, bound: int | None = None
-                        ) -> tuple[torch.Tensor, tuple[int, int] | None]:
-    """Wait for every source's flag; return the pair expert ids [W * B * Kl] (-1 = padding; B =
-    `bound`, default Tm: pair (s, t, j) at (s * B + t) * Kl + j) and (source, count) of the
-    first source that sent more than B tokens (its tokens past B are not listed), else None."""
-    wait_flags(own.flags[0], seq, timeout_s, f"symm_a2a rank {rank}: dispatch")
-    W, Tm, Kl = own.meta_ids.shape
-    B = Tm if bound is None else bound
-    counts = own.flags[2].clone()  # [W]
-    over = [(s, c) for s, c in enumerate(counts.tolist()) if c > B]
-    live = torch.arange(B, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)  # [W, B]
-    return torch.where(live.unsqueeze(-1), own.meta_ids[:, :B], -1).reshape(-1), (over[0] if over else None)
-
-
-def combine_send_torch(own: RankViews, peers: list[RankViews], rank: int, expert_out: torch.Tensor,
-                       seq: int, push: bool = True) -> None:
-    """Weighted fp32 partial sums of the (source, token) slots that picked an expert here, into
-    home s's comb_out[rank] (push) or own comb_out[s] (pull), then flags. expert_out: [W * B *
-    Kl, H], one row per pair of dispatch_recv_torch's list (B = its bound)."""
-    W, Tm, Kl = own.meta_ids.shape
-    B = expert_out.shape[0] // (W * Kl)
-    out = expert_out.view(W, B, Kl, own.comb_out.shape[-1])
-    counts = own.flags[2].tolist()
-    for s in range(W):
-        n = min(counts[s], B)
-        if n:
-            ids = own.meta_ids[s, :n]  # [n, Kl]
-            acc = weighted_sum(out[s, :n].reshape(n * Kl, -1), own.meta_w[s, :n], ids >= 0, n, Kl, impl="torch")
-            live = (ids >= 0).any(dim=1).nonzero().flatten()  # tokens its home reads back from here
-            dst = peers[s].comb_out[rank] if push else own.comb_out[s]
-            dst[live] = acc[live].to(dst.dtype)
-    for peer in peers:
-        peer.flags[1, rank] = seq
-
-
-def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: torch.Tensor,
-                       placement: Placement, seq: int, timeout_s: float, push: bool = True) -> torch.Tensor:
-    """Wait for every expert rank's flag; y [T, H] fp32 = partial sums added in rank order."""
-    wait_flags(own.flags[1], seq, timeout_s, f"symm_a2a rank {rank}: combine")
-    T = ids.shape[0]
-    H = own.comb_out.shape[-1]
-    ranks = expert_owners(ids, placement)[0]  # [T, K]
-    acc = torch.zeros(T, H, dtype=torch.float32, device=ids.device)
-    for r, peer in enumerate(peers):
-        picked = (ranks == r).any(dim=1, keepdim=True)  # [T, 1]
-        part = own.comb_out[r, :T] if push else peer.comb_out[rank, :T]
-        acc += torch.where(picked, part.float(), 0.0)
-    return acc
 
 
 # ---------------------------------------------------------------------------------------
@@ -581,7 +329,7 @@ class SymmA2A(CommBackend):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         impl = self.impl if self.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
-        if impl == "triton" and device.type != "cuda" and not _interpreting():
+        if impl == "triton" and device.type != "cuda" and not interpreting():
             raise ValueError("impl='triton' needs a CUDA device (or TRITON_INTERPRET=1); use impl='torch' on the CPU")
         W = self.world
         lay = Layout(W, self.max_tokens, self.cfg.hidden, self.slot_experts, self.payload, dtype,
@@ -590,19 +338,9 @@ class SymmA2A(CommBackend):
         self.device, self.dtype, self._impl = device, dtype, impl
         self.layout = lay
         self._scale_dev = self.input_scale.to(device) if self.input_scale is not None else None
-        self._symm_handle = None
-        self.in_process = not isinstance(self.group, EPGroup)
-        if self.in_process:
-            own = torch.zeros(lay.nbytes, dtype=torch.uint8, device=device)
-            peers = _exchange_local(self.group, own)
-        elif device.type == "cpu":
-            peers = _map_shm(self.group, lay.nbytes)
-        else:
-            peers, self._symm_handle = _map_symmetric(self.group, lay.nbytes, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # zeroed before any peer may write
-        if self.group is not None and W > 1:
-            self.group.barrier()
+        mapped = map_workspaces(self.group, lay.nbytes, device)
+        self.in_process, self._symm_handle = mapped.in_process, mapped.symm_handle
+        peers = mapped.buffers
         self._buffers = peers  # keeps peer mappings alive as long as this backend
         self.peers = [lay.views(b) for b in peers]
         self.own = self.peers[self.rank]
@@ -610,15 +348,20 @@ class SymmA2A(CommBackend):
         self._overflow: str | None = None
         self._placement_dev = self.placement.to(device)
         if impl == "triton":
-            self._ptrs = torch.tensor([b.data_ptr() for b in peers], dtype=torch.int64, device=device)
             # [seq, counter x3, err code, err seq, over-bound source + 1, its count] then [2, W] silent flags
             self._state = torch.zeros(8 + 2 * W, dtype=torch.int32, device=device)
-            self._dummy = torch.zeros(4, dtype=torch.float32, device=device)  # stands in for absent planes
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-            self._max_programs = 4 * sms
-            self._use_timer = device.type == "cuda" and not _interpreting()
-            # the interpreter has no %globaltimer: bound its spins instead (about 10k per second)
-            self._timeout_arg = int(self.timeout_s * 1e9) if self._use_timer else max(1, int(self.timeout_s * 1e4))
+            use_timer = device.type == "cuda" and not interpreting()
+            self._kernel_ws = KernelWorkspace(
+                ptrs=torch.tensor([b.data_ptr() for b in peers], dtype=torch.int64, device=device),
+                state=self._state, offsets=lay.offsets, rank=self.rank, world=W, num_experts=self.cfg.num_experts,
+                max_tokens=self.max_tokens, slot_experts=self.slot_experts, hidden=self.cfg.hidden,
+                row_bytes=lay.row_bytes, combine_dtype=self.combine_dtype, push=self.combine_mode == "push",
+                max_programs=4 * sms, use_timer=use_timer,
+                # the interpreter has no %globaltimer: bound its spins instead (about 10k per second)
+                timeout=int(self.timeout_s * 1e9) if use_timer else max(1, int(self.timeout_s * 1e4)),
+                dummy=torch.zeros(4, dtype=torch.float32, device=device),  # stands in for absent planes
+            )
 
     def _agree(self, lay: Layout, device: torch.device) -> None:
         """One all-gather (`agree`) of what every rank's workspace layout depends on; a
@@ -735,7 +478,7 @@ class SymmA2A(CommBackend):
             meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
             dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
         else:
-            _triton_dispatch_send(self, x, routing)
+            self._triton_dispatch_send(x, routing)
         self._open = handle
         return handle
 
@@ -755,7 +498,7 @@ class SymmA2A(CommBackend):
             if over is not None:
                 self._overflow = self._overflow_text(*over, h.bound)
         else:
-            expert_ids = _triton_dispatch_recv(self, ids_buf, h.bound)
+            expert_ids = symm_ops.dispatch_recv(self._kernel_ws, ids_buf, h.bound)
         return Dispatched(
             hidden=self.received_rows(),
             row_ids=row_ids,
@@ -804,7 +547,7 @@ class SymmA2A(CommBackend):
         if self._impl == "torch":
             combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq, self.combine_mode == "push")
         else:
-            _triton_combine_send(self, expert_out, h.bound)
+            self._triton_combine_send(expert_out, h.bound)
 
     def combine_recv(self, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                      addend: torch.Tensor | None = None) -> torch.Tensor:
@@ -822,9 +565,10 @@ class SymmA2A(CommBackend):
                                          self.timeout_s, self.combine_mode == "push")
                 y = finish(acc, h.dtype, out, addend, "symm_a2a")
             elif addend is None:
-                y = _triton_combine_recv(self, h, out)
+                y = symm_ops.combine_recv(self._kernel_ws, h.ids, self._placement_dev.expert_rank, out, h.dtype)
             else:  # the kernel casts as it stores: sum in fp32, add, then cast
-                acc = _triton_combine_recv(self, h, torch.empty(T, H, dtype=torch.float32, device=self.device))
+                acc = symm_ops.combine_recv(self._kernel_ws, h.ids, self._placement_dev.expert_rank,
+                                            torch.empty(T, H, dtype=torch.float32, device=self.device))
                 y = finish(acc, h.dtype, out, addend, "symm_a2a")
         except SymmTimeoutError as exc:
             self._broken = str(exc)
@@ -833,6 +577,18 @@ class SymmA2A(CommBackend):
             self._open = None
         self.seq = h.seq
         return y
+
+    def _triton_dispatch_send(self, x: torch.Tensor, routing: Routing) -> Any:
+        """Quantize x (Triton quantizers on CUDA; fp8_block where H holds whole groups of 128) and
+        launch the send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
+        planes = encode_bytes(x, self.payload, self._scale_dev)
+        p = self._placement_dev
+        return symm_ops.dispatch_send(self._kernel_ws, routing.ids, routing.weights, p.expert_rank, p.expert_local,
+                                      planes)
+
+    def _triton_combine_send(self, expert_out: torch.Tensor, bound: int | None = None) -> Any:
+        """Launch the combine-send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
+        return symm_ops.combine_send(self._kernel_ws, expert_out, bound)
 
     def check(self) -> None:
         """Raise SymmTimeoutError if a kernel of an earlier call timed out (a host sync on GPU)."""
@@ -865,96 +621,3 @@ class SymmA2A(CommBackend):
                 "did not make this call)"
             )
             raise SymmTimeoutError(self._broken)
-
-
-# ---------------------------------------------------------------------------------------
-# Triton launch wrappers (kernels: epmoe/kernels/symm_a2a.py)
-# ---------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (max(1, n) - 1).bit_length())
-
-
-def _row_warps(hidden: int) -> int:
-    """Warps of the combine kernels, which hold a whole fp32 row in registers: about 32 values
-    per thread (H = 7168 -> 8 warps)."""
-    return max(1, min(16, _pow2(hidden) // 1024))
-
-
-def _tl_dtype(dtype: torch.dtype) -> Any:
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
-def _triton_dispatch_send(b: SymmA2A, x: torch.Tensor, routing: Routing) -> Any:
-    """Launch the send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
-    from epmoe.kernels.symm_a2a import symm_dispatch_send_kernel
-
-    lay, o = b.layout, b.layout.offsets
-    T, K, Kl = x.shape[0], b.cfg.top_k, b.slot_experts
-    # Triton quantizers on CUDA (fp8_block: where H holds whole groups of 128), else the torch ones
-    data, scales, gscale = encode_bytes(x, b.payload, b._scale_dev)
-    d_bytes, s_bytes, g_bytes = lay.row_bytes
-    if d_bytes % 4 == 0:  # move 4-byte words, not bytes
-        data = data.view(torch.int32)
-    D = data.shape[1]
-    scales = scales if s_bytes else b._dummy.view(torch.uint8)
-    gscale = gscale if g_bytes else b._dummy
-    p = b._placement_dev
-    return symm_dispatch_send_kernel[(max(1, min(T, b._max_programs)),)](
-        b._ptrs, b._state, routing.ids.contiguous(), routing.weights.contiguous(), p.expert_rank, p.expert_local,
-        data, scales, gscale, T, b.rank, b.cfg.num_experts,
-        o["flags"], o["meta_ids"], o["meta_w"], o["data"], o["scales"], o["gscale"],
-        Tm=b.max_tokens, D=D, D_BYTES=d_bytes, S=s_bytes, G=g_bytes // 4,
-        W=b.world, K=K, K_PAD=_pow2(K), KL=Kl, KL_PAD=_pow2(Kl),
-        BLOCK_D=min(_pow2(D), 2048), BLOCK_S=min(_pow2(max(s_bytes, 1)), 1024),
-    )
-
-
-def _triton_dispatch_recv(b: SymmA2A, expert_ids: torch.Tensor, bound: int) -> torch.Tensor:
-    from epmoe.kernels.symm_a2a import symm_dispatch_recv_kernel
-
-    o, Tm, Kl = b.layout.offsets, b.max_tokens, b.slot_experts
-    block_t = min(_pow2(bound), max(1, 2048 // _pow2(Kl)))
-    symm_dispatch_recv_kernel[(b.world, max(1, -(-bound // block_t)))](  # >= 1: every source's flag is awaited
-        b._ptrs, b._state, expert_ids, b.rank, b._timeout_arg, bound, o["flags"], o["meta_ids"],
-        Tm=Tm, W=b.world, KL=Kl, KL_PAD=_pow2(Kl), BLOCK_T=block_t, USE_TIMER=b._use_timer,
-    )
-    return expert_ids
-
-
-def _triton_combine_send(b: SymmA2A, expert_out: torch.Tensor, bound: int | None = None) -> Any:
-    """Launch the combine-send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
-    from epmoe.kernels.symm_a2a import symm_combine_send_kernel
-
-    o, H = b.layout.offsets, b.cfg.hidden
-    bound = b.max_tokens if bound is None else bound
-    return symm_combine_send_kernel[(max(1, min(bound, b._max_programs)),)](
-        b._ptrs, b._state, expert_out.contiguous(), b.rank, bound,
-        o["flags"], o["meta_ids"], o["meta_w"], o["comb_out"],
-        Tm=b.max_tokens, H=H, W=b.world, KL=b.slot_experts, H_PAD=_pow2(H),
-        COMB_DTYPE=_tl_dtype(b.combine_dtype), PUSH=b.combine_mode == "push", num_warps=_row_warps(H),
-    )
-
-
-def _triton_combine_recv(b: SymmA2A, h: SymmHandle, out: torch.Tensor | None) -> torch.Tensor:
-    from epmoe.kernels.symm_a2a import symm_combine_recv_kernel
-
-    o, H, T, K = b.layout.offsets, b.cfg.hidden, h.num_tokens, b.cfg.top_k
-    y = out if out is not None else torch.empty(T, H, dtype=h.dtype, device=b.device)
-    if y.stride(-1) != 1:
-        raise ValueError("combine out must have unit stride along H")
-    symm_combine_recv_kernel[(max(1, min(T, b._max_programs)),)](
-        b._ptrs, b._state, h.ids.contiguous(), b._placement_dev.expert_rank, y, y.stride(0) if T else H,
-        T, b.rank, b.cfg.num_experts, b._timeout_arg, o["flags"], o["comb_out"],
-        Tm=b.max_tokens, H=H, W=b.world, K=K, K_PAD=_pow2(K), H_PAD=_pow2(H),
-        COMB_DTYPE=_tl_dtype(b.combine_dtype), USE_TIMER=b._use_timer, PUSH=b.combine_mode == "push",
-        num_warps=_row_warps(H),
-    )
-    return y

@@ -44,12 +44,11 @@ from epmoe.comm.base import (
     config_code,
     count_experts,
     finish,
-    gather_sum,
-    weighted_sum,
 )
 from epmoe.comm.payload import PAYLOADS, check_input_scale, check_payload, decode, scale_code, scale_text
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
+from epmoe.ops.combine import gather_sum, weighted_sum
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
