@@ -57,6 +57,7 @@ from epmoe.group import Placement
 from epmoe.layer import SharedExperts
 from epmoe.quant import FP8_BLOCK, NVFP4_BLOCK, QuantizedTensor
 from epmoe.select import pick_runner
+from epmoe.util import cdiv
 
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -296,7 +297,7 @@ def _expect_proj(files: CheckpointFiles, proj: str, fmt: str, N: int, K: int) ->
         _expect(files, w, _FLOAT, (N, K))
     elif fmt == "fp8_block":
         _expect(files, w, ("F8_E4M3",), (N, K))
-        _expect(files, f"{proj}.weight_scale_inv", ("F32",), (math.ceil(N / FP8_BLOCK), math.ceil(K / FP8_BLOCK)))
+        _expect(files, f"{proj}.weight_scale_inv", ("F32",), (cdiv(N, FP8_BLOCK), cdiv(K, FP8_BLOCK)))
     elif fmt == "fp8":
         _expect(files, w, ("F8_E4M3",), (N, K))
         _expect(files, f"{proj}.weight_scale", ("F32",), None)
@@ -588,19 +589,27 @@ def _load_fused(files: CheckpointFiles, lay: _Layout, cfg: MoEConfig, ids: torch
             return files.read(name, lo, hi)  # contiguous placement: one slice
         return torch.stack([files.read(name, e, e + 1)[0] for e in ids.tolist()])
 
-    w13, w2 = rows(gu), rows(dn)
-    b13 = b2 = None
-    if gpt_oss:
-        # HF GPT-OSS: x @ gate_up [H, 2I]; gate = cols 0::2, up = cols 1::2; x @ down [I, H]
-        w13 = w13.transpose(1, 2)  # [E_l, 2I, H] interleaved rows
-        w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1).contiguous()
-        w2 = w2.transpose(1, 2).contiguous()  # [E_l, H, I]
-        _expect(files, f"{gu}_bias", _FLOAT, (E, 2 * I))
-        _expect(files, f"{dn}_bias", _FLOAT, (E, H))
-        b = rows(f"{gu}_bias").float()
-        b13 = torch.cat([b[:, 0::2], b[:, 1::2]], dim=1).contiguous()
-        b2 = rows(f"{dn}_bias").float()
-    return ExpertWeights(w13, w2, b13, b2)
+    if not gpt_oss:
+        return ExpertWeights(rows(gu), rows(dn))
+    _expect(files, f"{gu}_bias", _FLOAT, (E, 2 * I))
+    _expect(files, f"{dn}_bias", _FLOAT, (E, H))
+    return gpt_oss_experts(rows(gu), rows(f"{gu}_bias"), rows(dn), rows(f"{dn}_bias"))
+
+
+def gpt_oss_experts(gate_up: torch.Tensor, gate_up_bias: torch.Tensor, down: torch.Tensor,
+                    down_bias: torch.Tensor) -> ExpertWeights:
+    """HF GPT-OSS expert tensors in our layout (used by the loader and by integrations/hf.py).
+
+    HF computes x @ gate_up [H, 2I] with gate = columns 0::2, up = columns 1::2, then
+    act @ down [I, H]. gate_up [E, H, 2I], gate_up_bias [E, 2I], down [E, I, H], down_bias [E, H]
+    -> w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], fp32 biases b13 [E, 2I], b2 [E, H];
+    new contiguous tensors for the weights and b13.
+    """
+    w13 = gate_up.transpose(1, 2)  # [E, 2I, H] interleaved rows
+    w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1).contiguous()  # gate rows | up rows
+    b13 = gate_up_bias.float()
+    b13 = torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1).contiguous()  # [E, 2I]
+    return ExpertWeights(w13, down.transpose(1, 2).contiguous(), b13, down_bias.float())
 
 
 def _load_router(files: CheckpointFiles, lay: _Layout, cfg: MoEConfig, out: MoELayerWeights) -> None:

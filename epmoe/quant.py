@@ -18,19 +18,21 @@ Scale layout, one rule for every format: `scales` has the logical tensor's numbe
 dim d a scale of size 1 broadcasts, any other size covers `block[d]` consecutive elements (the
 last block may be partial). `global_scale` (nvfp4 only) broadcasts the same way with block 1.
 
-The `*_torch` functions here are the plain-torch reference; `quantize_*_triton` are the launch
-wrappers of the Triton activation kernels (epmoe/kernels/quant.py), which match them bit for bit.
+The `*_torch` functions here are the plain-torch reference; `quantize_*_triton` (epmoe/ops/quant.py)
+are the launch wrappers of the Triton activation kernels, which match them bit for bit;
+`quantize_activations` picks one.
 See docs/formats.md for conventions and their sources.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from epmoe.util import cdiv
 
 FORMATS = ("fp8", "fp8_block", "nvfp4")
 FP8_DTYPE = torch.float8_e4m3fn
@@ -81,10 +83,10 @@ class QuantizedTensor:
                 f"dim of the logical shape {tuple(shape)}"
             )
         for d, (n, s, b) in enumerate(zip(shape, self.scales.shape, self.block)):
-            if s != 1 and s != math.ceil(n / b):
+            if s != 1 and s != cdiv(n, b):
                 raise ValueError(
                     f"scales dim {d} has {s} entries; {n} elements in blocks of {b} need "
-                    f"{math.ceil(n / b)} (or 1 to broadcast)"
+                    f"{cdiv(n, b)} (or 1 to broadcast)"
                 )
         if self.format == "nvfp4":
             if self.global_scale is None or self.global_scale.dtype != torch.float32:
@@ -261,7 +263,7 @@ def quantize_fp8_block_torch(x: torch.Tensor, block: tuple[int, int] = (FP8_BLOC
         raise ValueError(f"block quantization needs [..., N, K], got {tuple(x.shape)}")
     *lead, N, K = x.shape
     bn, bk = block
-    pn, pk = math.ceil(N / bn) * bn, math.ceil(K / bk) * bk
+    pn, pk = cdiv(N, bn) * bn, cdiv(K, bk) * bk
     xf = torch.nn.functional.pad(x.float(), (0, pk - K, 0, pn - N))  # [..., pn, pk], zero padding
     tiles = xf.reshape(*lead, pn // bn, bn, pk // bk, bk)
     amax = tiles.abs().amax(dim=(-3, -1))  # [..., N/bn, K/bk]
@@ -278,7 +280,7 @@ def quantize_fp8_groups_torch(x: torch.Tensor, group: int = FP8_BLOCK) -> Quanti
     if x.dim() != 2:
         raise ValueError(f"activation quantization needs [T, H], got {tuple(x.shape)}")
     T, H = x.shape
-    G = math.ceil(H / group)
+    G = cdiv(H, group)
     xf = torch.nn.functional.pad(x.float(), (0, G * group - H)).view(T, G, group)  # [T, G, group]
     scales = div_rn(xf.abs().amax(dim=-1).clamp_min(AMAX_EPS), FP8_MAX)  # [T, G]
     q = (xf / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -349,68 +351,6 @@ def quantize_nvfp4_torch(x: torch.Tensor, global_scale: torch.Tensor | None = No
     return QuantizedTensor(data, bs.squeeze(-1).contiguous(), (*[1] * len(lead), NVFP4_BLOCK), "nvfp4", g)
 
 
-# ---- Triton launch wrappers (activations) -------------------------------------------------------
-
-
-def _check_activation(x: torch.Tensor, group: int = 1) -> None:
-    if x.dim() != 2 or x.stride(-1) != 1:
-        raise ValueError(f"activations must be [T, H] with unit stride in H, got shape {tuple(x.shape)}, "
-                         f"strides {x.stride()}; call .contiguous()")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"activations must be bf16/fp16/fp32, got {x.dtype}")
-    if x.shape[1] % group:
-        raise ValueError(f"hidden size {x.shape[1]} is not a multiple of the quantization group {group}")
-
-
-def quantize_fp8_groups_triton(x: torch.Tensor, group: int = FP8_BLOCK) -> QuantizedTensor:
-    """Triton twin of `quantize_fp8_groups_torch` (bit-exact): [T, H] -> fp8 + [T, H/group] fp32."""
-    import triton
-
-    from epmoe.kernels.quant import fp8_group_quant_kernel
-
-    _check_activation(x)
-    T, H = x.shape
-    G = math.ceil(H / group)
-    data = torch.empty(T, H, dtype=FP8_DTYPE, device=x.device)
-    scales = torch.empty(T, G, dtype=torch.float32, device=x.device)
-    if T:
-        block = triton.next_power_of_2(group)
-        groups = min(triton.next_power_of_2(G), max(1, 2048 // block))  # up to 2048 values a program
-        fp8_group_quant_kernel[(T, triton.cdiv(G, groups))](
-            x, x.stride(0), data.view(torch.uint8), H, scales, G,
-            EPS=AMAX_EPS, GROUP=group, BLOCK=block, GROUPS=groups,
-        )
-    return QuantizedTensor(data, scales, (1, group), "fp8_block")
-
-
-def quantize_nvfp4_triton(
-    x: torch.Tensor, global_scale: torch.Tensor | None = None, blocks_per_program: int = 8
-) -> QuantizedTensor:
-    """Triton twin of `quantize_nvfp4_torch` for activations [T, H] (bit-exact). global_scale:
-    a static fp32 scalar (checkpoint `input_scale`) or None for amax / (6 * 448) of x."""
-    from epmoe.kernels.quant import nvfp4_quant_kernel
-
-    _check_activation(x, NVFP4_BLOCK)
-    T, H = x.shape
-    if global_scale is None:
-        g = nvfp4_global_scale(x) if x.numel() else x.new_ones(1, 1, dtype=torch.float32)
-    else:
-        if global_scale.numel() != 1:
-            raise ValueError("the Triton nvfp4 activation quantizer takes one global scale for the tensor")
-        g = global_scale.float().reshape(1, 1).to(x.device)
-        if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
-            raise ValueError("nvfp4 global scale must be finite and > 0")
-    data = torch.empty(T, H // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(T, H // NVFP4_BLOCK, dtype=FP8_DTYPE, device=x.device)
-    nb = H // NVFP4_BLOCK
-    if T:
-        nvfp4_quant_kernel[(T, math.ceil(nb / blocks_per_program))](
-            x, x.stride(0), data, H // 2, scales.view(torch.uint8), nb, g,
-            BLOCKS=blocks_per_program,
-        )
-    return QuantizedTensor(data, scales, (1, NVFP4_BLOCK), "nvfp4", g.contiguous())
-
-
 def quantize_activations(x: torch.Tensor, fmt: str, scale: torch.Tensor | None = None,
                          backend: str = "auto") -> QuantizedTensor:
     """Quantize activation rows [T, H] for the wire in `fmt` ("fp8", "fp8_block", "nvfp4").
@@ -419,6 +359,8 @@ def quantize_activations(x: torch.Tensor, fmt: str, scale: torch.Tensor | None =
     scale), shared by every rank so that rows can be concatenated; None: dynamic from x's amax.
     fp8_block activations always use dynamic per-token-group scales.
     backend: "torch", "triton", or "auto" (Triton on CUDA, torch elsewhere)."""
+    from epmoe.ops.quant import quantize_fp8_groups_triton, quantize_nvfp4_triton
+
     if fmt == "fp8_block" and scale is not None:
         raise ValueError("fp8_block activations have dynamic per-token-group scales; pass scale=None")
     if backend == "auto":

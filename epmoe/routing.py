@@ -6,14 +6,14 @@ All modes compute in fp32. Ties break deterministically towards the lowest exper
 lowest group id for grouped top-k): `_topk` sorts stably instead of calling `torch.topk`,
 whose order among equal values is unspecified.
 
-Two implementations: `route_torch` (plain PyTorch, ~15 ops) and `route_triton` (one launch of
-kernels/routing.py, which repeats the argmax k times with the same tie rule). `route` picks
-the kernel for CUDA logits: at decode the torch path's launch overhead dominates the layer.
+Two implementations: `route_torch` (plain PyTorch, ~15 ops, here) and `route_triton`
+(epmoe/ops/routing.py: one launch of kernels/routing.py, which repeats the argmax k times with
+the same tie rule). `route` picks the kernel for CUDA logits: at decode the torch path's launch
+overhead dominates the layer.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +122,6 @@ def check_correction_bias(correction_bias: torch.Tensor, num_experts: int) -> No
 
 
 IMPLS = ("auto", "torch", "triton")
-_MODES = {"softmax": 0, "softmax_after_topk": 1, "sigmoid_bias": 2, "sigmoid_grouped": 3}  # kernel MODE
-_MAX_COLUMNS = 1024  # kernel tile width (padded experts); wider configs route with torch
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # loaded as they are
 
 
 def route(
@@ -144,6 +141,8 @@ def route(
     impl: "triton" (`route_triton`, one kernel launch), "torch" (`route_torch`, its twin) or
     "auto": Triton for CUDA logits when the kernel takes the config, torch otherwise.
     """
+    from epmoe.ops.routing import kernel_supports, route_triton
+
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton" or (impl == "auto" and router_logits.is_cuda and kernel_supports(cfg)[0]):
@@ -151,7 +150,7 @@ def route(
     return route_torch(router_logits, cfg, correction_bias, num_valid)
 
 
-def _check_inputs(
+def check_route_inputs(
     router_logits: torch.Tensor,
     cfg: MoEConfig,
     correction_bias: torch.Tensor | None,
@@ -203,7 +202,7 @@ def route_torch(
     num_valid: torch.Tensor | None = None,
 ) -> Routing:
     """Plain-PyTorch twin of `route_triton` (same arguments, see `route`)."""
-    _check_inputs(router_logits, cfg, correction_bias, num_valid)
+    check_route_inputs(router_logits, cfg, correction_bias, num_valid)
     logits = router_logits.float()  # [T, E]
     k = cfg.top_k
     if cfg.routing == "softmax":
@@ -240,83 +239,6 @@ def route_torch(
         ids = ids.masked_fill(pad, -1)
         weights = weights.masked_fill(pad, 0.0)
     return Routing(ids, weights.contiguous())
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _kernel_groups(cfg: MoEConfig) -> tuple[int, int, int]:
-    """(groups, experts per group, groups kept) as the kernel tiles them."""
-    if cfg.routing == "sigmoid_grouped":
-        return cfg.n_group, cfg.num_experts // cfg.n_group, cfg.topk_group
-    return 1, cfg.num_experts, 1
-
-
-def kernel_supports(cfg: MoEConfig) -> tuple[bool, str]:
-    """(ok, reason): whether `route_triton` takes this config (its tile must fit)."""
-    groups, per_group, _ = _kernel_groups(cfg)
-    columns = _next_pow2(groups) * max(2, _next_pow2(per_group))
-    if columns > _MAX_COLUMNS:
-        return False, (
-            f"{cfg.num_experts} experts in {groups} group(s) pad to {columns} columns, over the "
-            f"routing kernel's {_MAX_COLUMNS}; use impl='torch'"
-        )
-    return True, ""
-
-
-def route_triton(
-    router_logits: torch.Tensor,
-    cfg: MoEConfig,
-    correction_bias: torch.Tensor | None = None,
-    num_valid: torch.Tensor | None = None,
-) -> Routing:
-    """`route` in one Triton launch (kernels/routing.py); no host sync besides `route`'s own
-    input checks, which are skipped while a CUDA graph is captured.
-
-    Logits live on CUDA, or on the CPU under the Triton interpreter (TRITON_INTERPRET=1).
-    """
-    import triton
-
-    from epmoe.kernels.routing import moe_route_kernel
-
-    _check_inputs(router_logits, cfg, correction_bias, num_valid)
-    ok, reason = kernel_supports(cfg)
-    if not ok:
-        raise ValueError(reason)
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if not router_logits.is_cuda and not interpret:
-        raise ValueError(
-            f"route_triton needs CUDA logits, got {router_logits.device}; use impl='torch' "
-            "(or TRITON_INTERPRET=1 to run the kernel on the CPU)"
-        )
-    logits = router_logits if router_logits.dtype in _KERNEL_DTYPES else router_logits.float()
-    bias = None
-    if cfg.uses_correction_bias:
-        bias = correction_bias if correction_bias.dtype in _KERNEL_DTYPES else correction_bias.float()
-        bias = bias.contiguous()
-
-    T, K = logits.shape[0], cfg.top_k
-    ids = torch.empty(T, K, dtype=torch.int32, device=logits.device)
-    weights = torch.empty(T, K, dtype=torch.float32, device=logits.device)
-    if T == 0:
-        return Routing(ids, weights)
-    groups, per_group, topk_group = _kernel_groups(cfg)
-    g_pad, pg_pad = _next_pow2(groups), max(2, _next_pow2(per_group))
-    columns = g_pad * pg_pad
-    # a tile of <= 2K elements, one warp per 256 (not tuned on a GPU yet); at decode one token
-    # per program, and for E <= 256 one warp, so every reduction stays within the warp
-    block_t = min(_next_pow2(T), max(1, 2048 // columns), 64)
-    num_warps = min(4, max(1, block_t * columns // 256))
-    moe_route_kernel[(triton.cdiv(T, block_t),)](
-        logits, bias, num_valid, ids, weights,
-        T, logits.stride(0), logits.stride(1), float(cfg.routed_scaling_factor),
-        MODE=_MODES[cfg.routing], K=K, K_PAD=_next_pow2(K),
-        N_GROUP=groups, PER_GROUP=per_group, G_PAD=g_pad, PG_PAD=pg_pad, TOPK_GROUP=topk_group,
-        NORM=cfg.norm_topk_prob, HAS_NUM_VALID=num_valid is not None, PRECISE_EXP=not interpret,
-        BLOCK_T=block_t, num_warps=num_warps,
-    )
-    return Routing(ids, weights)
 
 
 class RoutingCapture:

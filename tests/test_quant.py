@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from epmoe import ExpertWeights, MoEConfig
 from epmoe.comm.base import Dispatched, count_experts
 from epmoe.experts.reference import reference_experts
+from epmoe.ops.quant import quantize_fp8_groups_triton, quantize_nvfp4_triton
 from epmoe.quant import (
     E2M1_VALUES,
     FP8_DTYPE,
@@ -21,9 +22,7 @@ from epmoe.quant import (
     quantize_fp8,
     quantize_fp8_block_torch,
     quantize_fp8_groups_torch,
-    quantize_fp8_groups_triton,
     quantize_nvfp4_torch,
-    quantize_nvfp4_triton,
     quantize_weights,
     round_e2m1,
 )

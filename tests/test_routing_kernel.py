@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epmoe.config import MoEConfig
-from epmoe.routing import kernel_supports, route, route_torch, route_triton
+from epmoe.ops.routing import kernel_supports, route_triton
+from epmoe.routing import route, route_torch
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -7,13 +7,12 @@ in the docstrings below and docs/formats.md). `_scale_rows` is the per-row view 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from epmoe.config import MoEConfig
 from epmoe.experts.base import ExpertWeights
 from epmoe.quant import FP8_BLOCK, FP8_DTYPE, FP8_MAX, NVFP4_BLOCK, QuantizedTensor, pack_e2m1, round_e2m1, unpack_e2m1
+from epmoe.util import cdiv
 
 
 def prepare_triton(weights: ExpertWeights, cfg: MoEConfig) -> ExpertWeights:
@@ -70,7 +69,7 @@ def _merge_fp8_scales(w: QuantizedTensor) -> QuantizedTensor:
     rows = _scale_rows(w)  # [E, N, Kb]
     if rows.shape[2] == 1:
         col_block = K
-    nb = math.ceil(N / row_block)
+    nb = cdiv(N, row_block)
     padded = torch.nn.functional.pad(rows, (0, 0, 0, nb * row_block - N))  # zeros never win the max
     tiles = padded.view(E, nb, row_block, rows.shape[2]).amax(dim=2)  # [E, N/rb, Kb]
     target = tiles.repeat_interleave(row_block, dim=1)[:, :N]  # [E, N, Kb]

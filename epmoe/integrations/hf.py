@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from epmoe.checkpoint import gpt_oss_experts
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.group import Placement, RankGroup
@@ -219,15 +220,10 @@ def _expert_weights(family: _Family, experts: nn.Module, ids: torch.Tensor, own:
     if family.name != "gpt_oss":
         # gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I]: ours as they are.
         return ExpertWeights(_rows(experts.gate_up_proj, ids, own), _rows(experts.down_proj, ids, own))
-    gate_up = _rows(experts.gate_up_proj, ids, own=False)  # [E, H, 2I], gate/up interleaved
-    w13 = torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], dim=-1)  # [E, H, 2I] gate | up
-    bias = _rows(experts.gate_up_proj_bias, ids, own=False)  # [E, 2I] interleaved
-    return ExpertWeights(
-        w13=w13.transpose(1, 2).contiguous(),  # [E, 2I, H]
-        w2=_rows(experts.down_proj, ids, own=False).transpose(1, 2).contiguous(),  # [E, I, H] -> [E, H, I]
-        b13=torch.cat([bias[:, 0::2], bias[:, 1::2]], dim=-1).float(),  # [E, 2I]
-        b2=_rows(experts.down_proj_bias, ids, own).float(),  # [E, H]
-    )
+    # gate_up_proj [E, H, 2I] gate/up interleaved, down_proj [E, I, H]: de-interleaved and transposed
+    return gpt_oss_experts(_rows(experts.gate_up_proj, ids, own=False),
+                           _rows(experts.gate_up_proj_bias, ids, own=False),
+                           _rows(experts.down_proj, ids, own=False), _rows(experts.down_proj_bias, ids, own))
 
 
 def _mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
