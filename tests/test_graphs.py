@@ -167,3 +167,25 @@ def test_routed_mode_graphs_and_padding_rows_go_nowhere(preset):
     torch.testing.assert_close(layer(x, logits), eager(x, logits), atol=0, rtol=0)
     assert bool((cap.ids[3:16] == -1).all()) and torch.equal(cap.captured(), route(logits, cfg, bias).ids)
     layer(x, torch.full_like(logits, float("nan")))  # not read on the host: no error, no sync
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_graph_body_on_the_cpu_routes_padding_rows_nowhere(routed):
+    """What capture_graphs captures, run eagerly on the CPU: the layer on a bucket's static
+    buffers, rows at or past `valid` routed to expert -1. The real rows equal an eager call."""
+    from epmoe.graphs import LayerGraphs
+
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    g = torch.Generator().manual_seed(0)
+    cap = RoutingCapture(max_tokens=8, top_k=cfg.top_k)
+    layer = MoELayer(cfg, ExpertWeights.random(cfg, 4, generator=g), capture=cap)
+    graphs = LayerGraphs(layer, [2, 8], routed=routed)
+    x, logits = torch.randn(3, cfg.hidden, generator=g), torch.randn(3, cfg.num_experts, generator=g)
+    r = route(logits, cfg)
+    graphs.x.fill_(float("nan"))  # rows past T hold garbage: it must not reach the real rows
+    graphs.graphs = {8: None}  # stage only copies the inputs in
+    graphs.stage(x, None if routed else logits, r if routed else None, 8)
+    y = graphs._body(8)
+    assert int(graphs.valid) == 3 and bool((cap.ids[3:8] == -1).all())
+    want = layer(x, routing=r) if routed else layer(x, logits)
+    torch.testing.assert_close(y[:3], want, atol=0, rtol=0)

@@ -377,3 +377,11 @@ def test_auto_options_go_to_the_candidates_that_have_them():
     with pytest.raises(VirtualGroupError, match="comm 'auto' has no option 'payload'; its candidates' options: impl"):
         VirtualGroup(2).run(lambda g: MoELayer.from_global(cfg, w, g, comm="auto", layout="tp",
                                                            comm_options={"payload": "fp8"}))
+
+
+def test_auto_without_a_fitting_backend_names_every_reason():
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    w = ExpertWeights.random(cfg, 4)
+    with pytest.raises(VirtualGroupError, match=r"comm 'auto': no registered backend can run \(comm=auto, .*"
+                                                r"payload=int4.*nccl_a2a: comm 'nccl_a2a' moves .* not int4"):
+        VirtualGroup(2).run(lambda g: MoELayer.from_global(cfg, w, g, comm="auto", comm_options={"payload": "int4"}))

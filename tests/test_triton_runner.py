@@ -674,8 +674,9 @@ def test_triton_options_are_checked(raw, monkeypatch):
         TritonOptions(dequant_scratch_mb=float(raw) if raw != "lots" else raw)
     monkeypatch.setenv("EPMOE_DEQUANT_SCRATCH_MB", "2")
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fma")
+    monkeypatch.setenv("EPMOE_TUNING_DIR", "/tmp/tables")
     opts = TritonOptions()
-    assert opts == TritonOptions(nvfp4_decode="fma", dequant_scratch_mb=2.0)
+    assert opts == TritonOptions(nvfp4_decode="fma", dequant_scratch_mb=2.0, tuning_dir="/tmp/tables")
     monkeypatch.setenv("EPMOE_NVFP4_DECODE", "fast")
     with pytest.raises(ValueError, match="EPMOE_NVFP4_DECODE must be one of"):
         TritonOptions()

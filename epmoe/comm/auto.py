@@ -102,22 +102,25 @@ class AutoComm(CommBackend):
 
         A backend is a candidate when the table allows combo with its comm, payload and
         static_shapes taken from the options it names; each candidate's options are built (and
-        their values checked) by its make_options. On one rank or with the tp layout only the
-        candidates that move no tokens are kept."""
+        their values checked) by its make_options. A key that no backend fitting combo (with its
+        default options) has raises. On one rank or with the tp layout only the candidates that
+        move no tokens are kept."""
         fits: dict[str, CommOptions] = {}
         reasons = []
-        names: set[str] = set()
+        names: set[str] = set()  # the options of every backend that fits combo with its defaults
         for n in sorted(COMM_BACKENDS):
             cls = COMM_BACKENDS[n]
+            plain = dataclasses.replace(combo, comm=n, payload="bf16", static_shapes=False)
             own = {k: v for k, v in options.items() if k in option_names(cls)}
-            mine = dataclasses.replace(combo, comm=n, payload=own.get("payload") or "bf16",
+            mine = dataclasses.replace(plain, payload=own.get("payload") or "bf16",
                                        static_shapes=bool(own.get("static_shapes", False)))
+            if check(plain)[0]:
+                names.update(option_names(cls))
             ok, reason = check(mine)
-            if not ok:
+            if ok:
+                fits[n] = cls.make_options(**own)
+            else:
                 reasons.append(f"{n}: {reason}")
-                continue
-            names.update(option_names(cls))
-            fits[n] = cls.make_options(**own)
         unknown = [k for k in options if k not in names]
         if unknown:
             plural = "s" if len(unknown) > 1 else ""
@@ -127,7 +130,9 @@ class AutoComm(CommBackend):
             fits = {n: o for n, o in fits.items() if not COMM_BACKENDS[n].moves_tokens}
             reasons.append("on one rank or with the tp layout auto runs only backends that move no tokens")
         if not fits:
-            raise ValueError(f"comm 'auto': no registered backend can run ({combo}): " + "; ".join(reasons))
+            shown = dataclasses.replace(combo, comm="auto", payload=options.get("payload") or "bf16",
+                                        static_shapes=bool(options.get("static_shapes", False)))
+            raise ValueError(f"comm 'auto': no registered backend can run ({shown}): " + "; ".join(reasons))
         return fits
 
     @property

@@ -34,6 +34,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ from epmoe.experts.tuning import (
     nvfp4_sorted_kernels,
     select_config,
 )
+from epmoe.experts.tuning import tuning_dir as user_tuning_dir
 from epmoe.ops.grouped_gemm import WEIGHT_FORMAT_CODES, chunk_experts, moe_down, moe_gate_up, quantized_tiles
 from epmoe.ops.nvfp4 import mma_tile_ok, nvfp4_decode_pairs, nvfp4_mma, words_ok
 from epmoe.ops.permute import Permutation, permute, permute_grouped
@@ -98,15 +100,19 @@ class TritonOptions:
                         kernels decode nvfp4 weights (see gluon_decode).
     dequant_scratch_mb: EPMOE_DEQUANT_SCRATCH_MB, a finite number > 0 (default DEQUANT_SCRATCH_MB):
                         the cap of nvfp4 prefill's decoded-weights scratch (see scratch_experts).
+    tuning_dir:         EPMOE_TUNING_DIR (default ~/.cache/epmoe): the tuned tables written by
+                        `python -m epmoe.bench.experts --tune`, read before the shipped ones.
     Invalid values raise ValueError naming the variable (or field) and the valid values.
     """
 
     nvfp4_decode: str = field(default_factory=nvfp4_decode_choice)
     dequant_scratch_mb: float = field(default_factory=_env_scratch_mb)
+    tuning_dir: Path = field(default_factory=user_tuning_dir)
 
     def __post_init__(self) -> None:
         nvfp4_decode_choice(self.nvfp4_decode)
         object.__setattr__(self, "dequant_scratch_mb", dequant_scratch_mb(self.dequant_scratch_mb))
+        object.__setattr__(self, "tuning_dir", Path(self.tuning_dir))
 
 
 def scratch_experts(num_experts: int, n: int, k: int, dtype: torch.dtype, scratch_mb: float | None = None) -> int:
@@ -265,7 +271,7 @@ def triton_experts(
     if M == 0:
         return out
     if config is None:
-        config = select_config(weights.format, M, E, H, I, cfg.top_k, expert_ids.device, decode)
+        config = select_config(weights.format, M, E, H, I, cfg.top_k, expert_ids.device, decode, options.tuning_dir)
     a_fp8 = activation_quant(weights.format, config) is not None
     if a_fp8 and config.block_m > FP8_MAX_BLOCK_M:
         config = dataclasses.replace(config, block_m=FP8_MAX_BLOCK_M)

@@ -119,10 +119,11 @@ def table_file_name(device_name: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def _load_table(device_name: str) -> dict[str, ExpertsConfig]:
+def _load_table(device_name: str, user_dir: Path) -> dict[str, ExpertsConfig]:
+    """The shipped table of a GPU model, updated by the one in `user_dir` (its entries win)."""
     table: dict[str, ExpertsConfig] = {}
     name = table_file_name(device_name)
-    for path in (Path(__file__).parent.parent / "tuning" / name, tuning_dir() / name):  # user file wins
+    for path in (Path(__file__).parent.parent / "tuning" / name, user_dir / name):
         if path.exists():
             for k, v in json.loads(path.read_text()).get("configs", {}).items():
                 table[k] = ExpertsConfig.from_json(v)
@@ -233,18 +234,20 @@ def default_config(num_pairs: int, num_experts: int, hidden: int, intermediate: 
 
 
 def select_config(fmt: str, num_pairs: int, num_experts: int, hidden: int, intermediate: int,
-                  top_k: int = 1, device: torch.device | None = None, decode: str | None = None) -> ExpertsConfig:
+                  top_k: int = 1, device: torch.device | None = None, decode: str | None = None,
+                  table_dir: str | Path | None = None) -> ExpertsConfig:
     """The config for a call: the tuned table of the GPU model if it has the key, else the
     heuristic. nvfp4 from NVFP4_DEQUANT_MIN_RPE rows per expert on (NVFP4_MMA_MAX_RPE where the
-    tensor-core decode kernels run): the bf16 config, dequant=True."""
+    tensor-core decode kernels run): the bf16 config, dequant=True. table_dir: the user tables
+    (TritonOptions.tuning_dir; None: `tuning_dir()`)."""
     m = bucket_pairs(num_pairs, top_k)
     pair = pair_mode_for(fmt, m, num_experts, device, decode)
     grouped = nvfp4_grouped_for(fmt, m, num_experts, device, decode)
     if fmt == "nvfp4" and not pair and not grouped and m / max(num_experts, 1) >= NVFP4_DEQUANT_MIN_RPE:
-        bf16 = select_config("bf16", num_pairs, num_experts, hidden, intermediate, top_k, device, decode)
+        bf16 = select_config("bf16", num_pairs, num_experts, hidden, intermediate, top_k, device, decode, table_dir)
         return dataclasses.replace(bf16, dequant=True)
     if device is not None and device.type == "cuda":
-        table = _load_table(torch.cuda.get_device_name(device))
+        table = _load_table(torch.cuda.get_device_name(device), tuning_dir() if table_dir is None else Path(table_dir))
         hit = table.get(config_key(fmt, hidden, intermediate, m / max(num_experts, 1)))
         if hit is not None and (hit.block_m == 1) == pair:
             return hit
