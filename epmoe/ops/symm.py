@@ -24,7 +24,7 @@ import torch
 
 from epmoe.group import Placement
 from epmoe.ops.combine import expert_owners, weighted_sum
-from epmoe.util import next_pow2
+from epmoe.util import cdiv, next_pow2
 
 if TYPE_CHECKING:
     from epmoe.comm.symm_workspace import RankViews
@@ -237,7 +237,7 @@ def dispatch_recv(ws: KernelWorkspace, expert_ids: torch.Tensor, bound: int) -> 
 
     o, Tm, Kl = ws.offsets, ws.max_tokens, ws.slot_experts
     block_t = min(next_pow2(bound), max(1, 2048 // next_pow2(Kl)))
-    symm_dispatch_recv_kernel[(ws.world, max(1, -(-bound // block_t)))](  # >= 1: every source's flag is awaited
+    symm_dispatch_recv_kernel[(ws.world, max(1, cdiv(bound, block_t)))](  # >= 1: every source's flag is awaited
         ws.ptrs, ws.state, expert_ids, ws.rank, ws.timeout, bound, o["flags"], o["meta_ids"],
         Tm=Tm, W=ws.world, KL=Kl, KL_PAD=next_pow2(Kl), BLOCK_T=block_t, USE_TIMER=ws.use_timer,
     )
