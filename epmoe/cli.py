@@ -382,8 +382,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tokens = _ints(tokens_text)
     except ValueError:
         return _fail(cmd, f"--tokens takes comma-separated integers, got {tokens_text!r}")
-    if not tokens or min(tokens) < 1:
-        return _fail(cmd, f"--tokens takes token counts >= 1, got {tokens_text!r}")
+    if not tokens or min(tokens) < 0:
+        return _fail(cmd, f"--tokens takes token counts >= 0 (0: a rank with no tokens), got {tokens_text!r}")
     meta = {"command": "epmoe " + " ".join(args.argv), "device": device_name("cuda" if on_gpu else "cpu"),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
             "config": dataclasses.asdict(cfg)}

@@ -112,7 +112,7 @@ class AllGatherComm(WireBackend):
         if self.gather != "auto":
             return self.gather == "padded"
         # RankGroup.backend names the transport; groups built before it was declared lack it
-        if self.group.backend == "gloo":
+        if self.group is not None and self.group.backend == "gloo":
             return False
         return self.world * max(counts) <= 1.25 * sum(counts)
 

@@ -247,7 +247,9 @@ class CommBackend:
         self.payload = "bf16"
         self.static_shapes = False
         self.capacity: int | None = None
-        self._placements: dict[torch.device, Placement] = {}
+        # copied to the device here, not on the first call: a first call may run inside a CUDA-graph
+        # capture (torch.compile's cudagraph trees record it), whose pool must not hold the layer's state
+        self._placements: dict[torch.device, Placement] = {self.device: placement.to(self.device)}
 
     @classmethod
     def make_options(cls, **kwargs: Any) -> CommOptions:
@@ -275,8 +277,8 @@ class CommBackend:
         """What the layer calls after a CUDA-graph replay (nothing here)."""
 
     def placement_on(self, device: torch.device) -> Placement:
-        """The placement map on `device`, copied once (the first call runs before any graph
-        capture, so no host-to-device copy happens inside one)."""
+        """The placement map on `device`: the construction device's copy (made in __init__), any
+        other device's copied once."""
         p = self._placements.get(device)
         if p is None:
             p = self._placements[device] = self.placement.to(device)

@@ -118,7 +118,9 @@ class WireBackend(CommBackend):
         self.static_shapes = o.static_shapes
         self.needs_host_sync = not self.static_shapes  # type: ignore[misc]
         self.input_scale = check_input_scale(o.input_scale, self.payload)
-        self._scales: dict[torch.device, torch.Tensor] = {}
+        # on the construction device now, so no first call copies it inside a graph capture
+        self._scales: dict[torch.device, torch.Tensor] = (
+            {} if self.input_scale is None else {self.device: self.input_scale.to(self.device)})
 
     def scale_on(self, device: torch.device) -> torch.Tensor | None:
         """The static input scale on `device`, copied once (before any graph capture)."""
