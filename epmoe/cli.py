@@ -383,7 +383,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         return _fail(cmd, f"--tokens takes comma-separated integers, got {tokens_text!r}")
     if not tokens or min(tokens) < 0:
-        return _fail(cmd, f"--tokens takes token counts >= 0 (0: a rank with no tokens), got {tokens_text!r}")
+        return _fail(cmd, f"--tokens takes token counts >= 0, got {tokens_text!r}")
     meta = {"command": "epmoe " + " ".join(args.argv), "device": device_name("cuda" if on_gpu else "cpu"),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
             "config": dataclasses.asdict(cfg)}
@@ -409,9 +409,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not on_gpu and have is not None and need * world > 0.8 * have:  # every rank on this machine
             return _fail(cmd, f"{cfg.num_experts // world} experts per rank of H={cfg.hidden}, I={cfg.intermediate} "
                               f"take {need / 1e9:.1f} GB in fp32 per rank ({world} on this machine), more than it has "
-                              "available "
-                              f"({have / 1e9:.1f} GB): scale the preset down with --hidden/--intermediate/--experts "
-                              f"(drop --full for the CPU defaults) or run on a GPU")
+                              f"available ({have / 1e9:.1f} GB): scale the preset down with "
+                              "--hidden/--intermediate/--experts (drop --full for the CPU defaults) or run on a GPU")
         try:
             rows = bench_layer(cfg, tokens, comm=args.comm, runner=args.runner, world=world)
         except (ValueError, DistError, DistTimeout) as exc:
@@ -458,7 +457,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 PLAN_DEFAULTS = {"preset": "deepseek-v3", "gpus": "8,16,64,256", "tokens": "1,128,4096"}
 
 
-def _measured_rows(args: argparse.Namespace, rows: list[dict], meta: dict) -> tuple[list[dict], str | None]:
+def _measured_rows(args: argparse.Namespace, rows: list[dict]) -> tuple[list[dict], str | None]:
     """The file's rows that --gpus / --tokens select, or (rows, why they conflict with the file)."""
     for flag, key in (("gpus", "world"), ("tokens", "tokens")):
         given = getattr(args, flag)
@@ -492,7 +491,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.preset and measured_preset and args.preset != measured_preset:
             return _fail("plan", f"--preset {args.preset} conflicts with --measured {args.measured}, which was "
                                  f"measured with {measured_preset}: drop --preset")
-        rows, conflict = _measured_rows(args, rows, meta)
+        rows, conflict = _measured_rows(args, rows)
         if conflict:
             return _fail("plan", conflict)
         preset = measured_preset or args.preset or PLAN_DEFAULTS["preset"]

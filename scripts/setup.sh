@@ -36,7 +36,7 @@ fi
 # Triton 3.6 matches the GPU machines the kernels are tuned on; its interpreter runs on the CPU.
 if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
     say "[4/5] Triton 3.6 (about 150 MB: under a minute to a few)"
-    pip install -q "triton==3.6.0" 2>/dev/null || pip install -q "triton>=3.2"
+    pip install -q "triton==3.6.0" 2>/dev/null || pip install -q "triton>=3.6,<3.10"
     done_step
 else
     say "[4/5] no Triton wheel for $(uname -s) $(uname -m): skipped"

@@ -286,6 +286,8 @@ def test_bench_on_the_cpu_refuses_what_it_cannot_run_before_starting(capsys, mon
     assert "take 45.3 GB in fp32 per rank" in err and "--hidden/--intermediate/--experts" in err
     assert main(["bench", "layer", "--tokens", "-1"]) == 2
     assert "--tokens takes token counts >= 0" in capsys.readouterr().err
+    assert main(["bench", "layer", "--tokens", "1,x"]) == 2
+    assert "--tokens takes comma-separated integers, got '1,x'" in capsys.readouterr().err
 
 
 def test_plot_of_nonpositive_or_missing_columns(tmp_path):

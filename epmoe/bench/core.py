@@ -133,8 +133,8 @@ def plot_time_vs_tokens(
     ylabel: str | None = None,
 ) -> None:
     """A log-log PNG of `y` against `x`, one line per value of `series` (+ an optional roofline).
-    Points without a positive finite `y` (missing, NaN, 0) are left out; rows without `y` at all
-    are a ValueError naming the columns they have."""
+    Points without a positive `x` or a positive finite `y` (missing, NaN, 0) are left out; rows
+    without `y` at all are a ValueError naming the columns they have."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +146,8 @@ def plot_time_vs_tokens(
     plotted = 0
     for name in dict.fromkeys(r[series] for r in rows):
         pts = sorted((r[x], float(r[y])) for r in rows
-                     if r[series] == name and isinstance(r.get(y), (int, float)) and 0 < r[y] < float("inf"))
+                     if r[series] == name and isinstance(r.get(y), (int, float)) and 0 < r[y] < float("inf")
+                     and r[x] > 0)  # log axes: 0 tokens has no place on them
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(name))
         plotted += len(pts)
     if roofline:

@@ -364,7 +364,8 @@ def _rows(pid_m, expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_p
         slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         e = tl.load(block_expert_ptr + pid_m)
         end = tl.load(expert_end_ptr + tl.maximum(e, 0))
-        valid = (slots < end) & (e >= 0)
+        # not (slots < end) & (e >= 0): a scalar int1 splat is no mask in Triton 3.9's interpreter
+        valid = tl.where(e >= 0, slots < end, False)
         pairs = tl.load(sorted_pair_ptr + slots, mask=valid, other=0)
     return e, slots, pairs, valid
 

@@ -82,7 +82,8 @@ def _fan_out_row(src, ptrs, region, row_bytes, hits, n: tl.constexpr, BLOCK: tl.
         v = tl.load(src + offs, mask=m)
         for r in tl.static_range(W):
             dst = (tl.load(ptrs + r) + region + row_bytes).to(tl.pointer_type(src.dtype.element_ty))
-            tl.store(dst + offs, v, mask=m & (((hits >> r) & 1) != 0))
+            # tl.where(scalar, m, False), not m & scalar: Triton 3.9's interpreter refuses the latter as a mask
+            tl.store(dst + offs, v, mask=tl.where(((hits >> r) & 1) != 0, m, False))
 
 
 @triton.jit
@@ -224,11 +225,11 @@ def symm_combine_send_kernel(
                 e = tl.load(mi + slot * KL + j)
                 w = tl.load(mw + slot * KL + j)
                 row = ((s * B + t).to(tl.int64) * KL + j) * H
-                v = tl.load(out_ptr + row + offs, mask=m & (e >= 0), other=0.0)
+                v = tl.load(out_ptr + row + offs, mask=tl.where(e >= 0, m, False), other=0.0)
                 acc += tl.where(e >= 0, w * v.to(tl.float32), 0.0)
                 live += (e >= 0).to(tl.int32)
             # a token that picked nothing here is never read by its home: no bytes for it
-            tl.store(dst + t.to(tl.int64) * H + offs, acc.to(COMB_DTYPE), mask=m & (live > 0))
+            tl.store(dst + t.to(tl.int64) * H + offs, acc.to(COMB_DTYPE), mask=tl.where(live > 0, m, False))
             t += nprog
     tl.debug_barrier()
     # sys scope, not gpu: the partial sums went to peer GPUs (PUSH) or are read by them; the last
@@ -278,7 +279,7 @@ def symm_combine_recv_kernel(
                 src = (own + OFF_COMB).to(tl.pointer_type(COMB_DTYPE)) + (r * Tm + t).to(tl.int64) * H
             else:  # a read from r's workspace (over NVLink)
                 src = (tl.load(ptrs + r) + OFF_COMB).to(tl.pointer_type(COMB_DTYPE)) + (rank * Tm + t).to(tl.int64) * H
-            acc += tl.load(src + offs, mask=m & hit, other=0.0, cache_modifier=".cg").to(tl.float32)
+            acc += tl.load(src + offs, mask=tl.where(hit, m, False), other=0.0, cache_modifier=".cg").to(tl.float32)
         tl.store(y_ptr + t * y_stride + offs, acc.to(y_ptr.dtype.element_ty), mask=m)
         t += nprog
     tl.debug_barrier()
