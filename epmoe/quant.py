@@ -305,9 +305,21 @@ def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
+_E2M1_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def _e2m1_lut(device: torch.device) -> torch.Tensor:
+    """The 16 e2m1 values (code order) on `device`, copied once: a copy inside a CUDA-graph capture
+    is illegal, and a first eager call (a capture's warm-up) makes it."""
+    lut = _E2M1_LUT.get(device)
+    if lut is None:
+        lut = _E2M1_LUT[device] = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), device=device)
+    return lut
+
+
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """[..., K/2] uint8 -> [..., K] fp32 values (inverse of pack_e2m1 + the e2m1 grid)."""
-    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), device=packed.device)  # [16]
+    lut = _e2m1_lut(packed.device)  # [16]
     codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).long()  # [..., K]
     return lut[codes]
 

@@ -336,16 +336,7 @@ def test_every_registered_backend_is_in_the_matrix():
 # Failures the suite found in the package, marked strict (a fix turns them into XPASS failures:
 # then delete the entry): (fields that must all match, what is wrong). Fields: the combo's
 # (backend, payload, static, world), the case id, and mode ("eager" or "graph").
-KNOWN_BUGS = [
-    # the layer passes T as the call's bound at world 1; with T = 0 allgather's static dispatch
-    # takes the counted branch with counts None
-    ({"backend": "allgather", "static": True, "world": 1, "case": "all_empty", "mode": "eager"},
-     "allgather static_shapes dispatch with max_tokens=0: TypeError"),
-    # the triton runner dequantizes nvfp4 rows with quant.unpack_e2m1, which copies its lookup
-    # table to the GPU on every call (seen on an H100 for symm_a2a and static allgather / nccl_a2a)
-    ({"payload": "nvfp4", "mode": "graph"}, "nvfp4 payload under CUDA-graph capture: a host-to-device copy "
-                                            "in quant.unpack_e2m1"),
-]
+KNOWN_BUGS: list[tuple[dict[str, object], str]] = []
 
 
 def _known_bug(request, combo: CommCombo, case: Case, mode: str = "eager") -> None:

@@ -132,7 +132,7 @@ class AllGatherComm(WireBackend):
         wire = empty_rows(cap or T, layout, x.device, filled=T)  # [cap or T, B] uint8
         if T:
             pack_rows([*encode(x, self.payload, self.scale_on(x.device)), ids, w], layout, out=wire[:T])
-        if cap:
+        if counts is None or cap:  # static (cap may be 0: every rank's bound is 0) or padded
             starts = [r * cap for r in range(W)]
             gathered = self.group.all_gather(wire).view(W * cap, layout.nbytes) if W > 1 else wire
             sent_rows = (W - 1) * cap
