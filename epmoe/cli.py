@@ -369,6 +369,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     on_gpu = torch.cuda.is_available()
     cmd = f"bench {args.what}"
+    if args.what == "generate":
+        from epmoe.bench.generate import main as bench_generate
+
+        args.preset = args.preset or "qwen3-30b-a3b"
+        return bench_generate(args)
+    args.preset = args.preset or "deepseek-v3"
     if args.what == "experts" and not on_gpu:
         return _fail(cmd, "needs a CUDA GPU: it times the GPU expert runners (triton, torch._grouped_mm) against "
                           "the GPU's measured HBM and tensor-core roofline. On the CPU, `epmoe bench layer` and "
@@ -553,13 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
     doc = parser("doctor", "versions, GPUs and links, symmetric memory, default choices")
     doc.set_defaults(fn=cmd_doctor)
 
-    b = parser("bench", "benchmarks: comm (dispatch/combine), layer (whole forward), experts (runners; GPU only)",
+    b = parser("bench", "benchmarks: comm (dispatch/combine), layer (whole forward), experts (runners; GPU only), "
+                        "generate (HF generate, HF experts vs epmoe)",
                "Benchmarks. comm: dispatch + combine per backend; layer: the whole layer forward per backend (both "
                "run on the CPU: gloo ranks, fp32, the preset scaled down to H=256, I=96, E=16 unless --full or "
                "--hidden/--intermediate/--experts say otherwise; no roofline there); experts: the expert runners "
-               "against the GPU roofline (needs a CUDA GPU).")
-    b.add_argument("what", choices=["comm", "experts", "layer"], help="what to time")
-    b.add_argument("--preset", default="deepseek-v3", choices=preset_names(), help="model whose layer to time")
+               "against the GPU roofline (needs a CUDA GPU); generate: Hugging Face generate() of the preset's "
+               "model with HF's experts and patched with epmoe, eager and with a static cache (a scaled-down "
+               "model on the CPU).")
+    b.add_argument("what", choices=["comm", "experts", "layer", "generate"], help="what to time")
+    b.add_argument("--preset", default=None, choices=preset_names(),
+                   help="model whose layer to time (default: deepseek-v3; generate: qwen3-30b-a3b)")
     b.add_argument("--hidden", type=int, default=None,
                    help="scale the preset: model width H (default: the preset's on a GPU, 256 on the CPU)")
     b.add_argument("--intermediate", type=int, default=None,
@@ -588,6 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comm: store the fastest backend per token count as the comm='auto' ladder of this GPU "
                         "model and world size (default file: epmoe/tuning/crossovers.json)")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
+    b.add_argument("--batch", default="1,16,64", help="generate: comma-separated batch sizes")
+    b.add_argument("--prompt", type=int, default=None, help="generate: prompt tokens (default: 512 on a GPU, 16 on "
+                                                            "the CPU)")
+    b.add_argument("--new", type=int, default=None, help="generate: new tokens (default: 32 on a GPU, 4 on the CPU)")
+    b.add_argument("--mode", default="eager,static", help="generate: eager and/or static (static cache, compiled "
+                                                          "decode step)")
+    b.add_argument("--layers", type=int, default=None, help="generate: decoder layers (default: the model's own)")
     b.add_argument("--json", help="write the rows as JSON here (`epmoe plan --measured` reads it)")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")
     b.set_defaults(fn=cmd_bench)

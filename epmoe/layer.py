@@ -230,8 +230,6 @@ class MoELayer(nn.Module):
         comm = self.comms[name]
         return dataclasses.replace(self._base, comm=name, payload=comm.payload, static_shapes=comm.static_shapes)
 
-    _combo_of = combo_for  # the name epmoe/bench/layer.py calls
-
     def extra_repr(self) -> str:
         """Shapes, routing, comm (under auto: its candidates and the last pick), runner, layout,
         rank/world and the weights' format, e.g. `hidden=2048, intermediate=768, experts=128 (16 on
@@ -272,13 +270,6 @@ class MoELayer(nn.Module):
         """
         self.graphs = LayerGraphs.capture(self, max_tokens, buckets, routed, validate)
         return self.graphs.buckets
-
-    def _stage(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int
-               ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, CommBackend]:
-        """(graph, output rows, comm) of `bucket` after copying a call's inputs in (what
-        epmoe/bench/layer.py replays; see LayerGraphs.stage)."""
-        b = self.graphs.stage(x, logits, routing, bucket)
-        return b.graph, b.out, b.comm
 
     def forward(
         self,

@@ -192,18 +192,8 @@ def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: i
     return rows, meta
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(HF_MODELS), help="model whose config is built")
-    p.add_argument("--batch", default="1,16,64", help="comma-separated batch sizes")
-    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default: 512 on a GPU, 16 on the CPU)")
-    p.add_argument("--new", type=int, default=None, help="generated tokens (default: 32 on a GPU, 4 on the CPU)")
-    p.add_argument("--mode", default="eager,static", help="eager and/or static (static cache, compiled decode)")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's own)")
-    p.add_argument("--json", default=None, help="write the rows as JSON here")
-    p.add_argument("--plot", default=None, help="write a PNG of decode tokens/s against batch here")
-
-
 def main(args: argparse.Namespace) -> int:
+    """`epmoe bench generate` (arguments from epmoe/cli.py: preset, batch, prompt, new, mode, layers, json, plot)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cpu = device.type != "cuda"
@@ -217,6 +207,9 @@ def main(args: argparse.Namespace) -> int:
                          f">= 1, got --new {new} --prompt {prompt}")
     batches = [int(b) for b in args.batch.split(",")]
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    if args.preset not in HF_MODELS:
+        raise SystemExit(f"bench generate: no transformers model for preset {args.preset!r}; choose one of "
+                         f"{', '.join(HF_MODELS)}")
     rows, meta = run_generate(args.preset, batches, prompt, new, modes, args.layers, device, dtype, {})
     columns = list(dict.fromkeys(k for r in rows for k in r))
     print(format_table(rows, columns))

@@ -101,9 +101,9 @@ def _inputs(cfg: MoEConfig, tokens: int, rank: int, device: torch.device, dtype:
 def capturable(layer: MoELayer) -> bool:
     """Whether `capture_graphs` can capture the layer: a CUDA device, real ranks, and select.py's
     table allowing a graph for its backend (under comm="auto": for one of its candidates)."""
-    if layer.runner.weights.device.type != "cuda" or getattr(layer.group, "virtual", False):
+    if layer.runner.weights.device.type != "cuda" or (layer.group is not None and layer.group.virtual):
         return False
-    return any(check(dataclasses.replace(layer._combo_of(name), graph=True))[0] for name in layer.comms)
+    return any(check(dataclasses.replace(layer.combo_for(name), graph=True))[0] for name in layer.comms)
 
 
 def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: int) -> tuple[float, str]:
@@ -112,11 +112,9 @@ def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: i
     if capturable(layer) and x.shape[0] > 0:
         T = x.shape[0]
         layer.capture_graphs(T, buckets=[T])
-        graph = layer._stage(x, logits, None, T)[0]  # the bucket's graph: route -> ... -> combine
-        us = bench(graph.replay, device=device, warmup=2, iters=iters, flush_l2=False)
-        check = getattr(layer.comm, "check", None)  # a bounded wait that timed out in a replay raises here
-        if callable(check):
-            check()
+        bucket = layer.graphs.stage(x, logits, None, T)  # the bucket's graph: route -> ... -> combine
+        us = bench(bucket.graph.replay, device=device, warmup=2, iters=iters, flush_l2=False)
+        bucket.comm.after_replay()  # a bounded wait that timed out in a replay raises here
         return us, "graph"
     return bench(lambda: layer(x, logits), device=device, warmup=2, iters=iters, flush_l2=False), "eager"
 

@@ -590,6 +590,12 @@ class SymmA2A(CommBackend):
         """Launch the combine-send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
         return symm_ops.combine_send(self._kernel_ws, expert_out, bound)
 
+    def after_replay(self) -> None:
+        """After a CUDA-graph replay: a bounded wait inside the graph only records a timeout in the
+        error word, so read it here as an eager combine does (unless check_errors=False)."""
+        if self.check_errors:
+            self.check()
+
     def check(self) -> None:
         """Raise SymmTimeoutError if a kernel of an earlier call timed out (a host sync on GPU)."""
         if self._broken:
