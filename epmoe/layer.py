@@ -91,6 +91,11 @@ class MoELayer(nn.Module):
               least one candidate, and each candidate gets the keys it has. Backends get the
               weights' device and `activation_dtype(weights)`, so those that pre-allocate do it at
               construction, not on the first forward.
+    validate: True (default): each eager call reads its inputs' values on the host once (NaN /
+              inf router logits; routed ids in range and distinct, finite weights) and raises a
+              ValueError naming the problem. False: shapes and dtypes only, no device read, so an
+              eager call never waits for the GPU; for trusted inputs (a model's own router, as
+              `patch_model` passes). The correction bias is checked once, here.
     """
 
     def __init__(
@@ -108,8 +113,10 @@ class MoELayer(nn.Module):
         shared: SharedExperts | None = None,
         capture: RoutingCapture | None = None,
         comm_options: dict[str, Any] | None = None,
+        validate: bool = True,
     ) -> None:
         super().__init__()
+        self.validate = bool(validate)
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
         self.cfg = cfg
@@ -340,18 +347,22 @@ class MoELayer(nn.Module):
 
     def _eager(
         self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None, *,
-        tokens: int | None = None, num_valid: torch.Tensor | None = None, check: bool = True,
+        tokens: int | None = None, num_valid: torch.Tensor | None = None, check: bool | None = None,
     ) -> torch.Tensor:
         """One call without replay, on checked inputs. tokens: the largest T over ranks when
         already agreed (comm="auto"); num_valid: a graph bucket's device count of real rows (rows
-        at or past it are routed nowhere, ids -1); check: validate routed-mode ids on the host
-        (never inside a capture)."""
+        at or past it are routed nowhere, ids -1); check: read the inputs' values on the host once
+        (default: the layer's `validate`; never inside a capture)."""
         cfg = self.cfg
+        check = (self.validate if check is None else check) and not capturing(x)
         if routing is None:
             if router_logits is None:
                 router_logits = self._gate_logits(x)
-            routing = route(router_logits, cfg, self.correction_bias, num_valid=num_valid)
-        elif check and not capturing(x):
+            if check and router_logits.numel() and not bool(torch.isfinite(router_logits).all()):
+                raise ValueError("router_logits contain NaN or inf; check the router input")
+            # values checked above (logits) and at construction (bias): route reads nothing on the host
+            routing = route(router_logits, cfg, self.correction_bias, num_valid=num_valid, check_values=False)
+        elif check:
             check_routing(routing, cfg.num_experts)
         if self.capture is not None:
             self.capture.record(routing)

@@ -84,21 +84,22 @@ def check_routing(routing: Routing, num_experts: int) -> None:
         raise ValueError(f"top_k={routing.top_k} exceeds num_experts={num_experts}")
     if ids.numel() == 0:
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    # one host read for every check: [min id, max id, a token repeats an expert, a weight is not finite]
+    ordered = ids.sort(dim=1).values
+    dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)  # [T]
+    lo, hi, repeats, nonfinite = torch.stack([
+        ids.min().long(), ids.max().long(), dup.any().long(), (~torch.isfinite(weights)).any().long()]).tolist()
     if lo < 0 or hi >= num_experts:
         raise ValueError(
             f"routing ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]"
         )
-    if routing.top_k > 1:
-        ordered = ids.sort(dim=1).values
-        dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-        if bool(dup.any()):
-            token = int(dup.nonzero()[0, 0])
-            raise ValueError(
-                f"routing ids repeat an expert within token {token}: {ids[token].tolist()}; "
-                "each token's k experts must be distinct"
-            )
-    if not bool(torch.isfinite(weights).all()):
+    if repeats:
+        token = int(dup.nonzero()[0, 0])
+        raise ValueError(
+            f"routing ids repeat an expert within token {token}: {ids[token].tolist()}; "
+            "each token's k experts must be distinct"
+        )
+    if nonfinite:
         raise ValueError("routing weights contain NaN or inf")
 
 
@@ -130,6 +131,7 @@ def route(
     correction_bias: torch.Tensor | None = None,
     num_valid: torch.Tensor | None = None,
     impl: str = "auto",
+    check_values: bool = True,
 ) -> Routing:
     """Route tokens from router logits [T, E] (any float dtype) by `cfg.routing`.
 
@@ -140,14 +142,17 @@ def route(
     padding rows of a CUDA-graph bucket) get ids -1 and weights 0. Read on the device only.
     impl: "triton" (`route_triton`, one kernel launch), "torch" (`route_torch`, its twin) or
     "auto": Triton for CUDA logits when the kernel takes the config, torch otherwise.
+    check_values: read the logits (NaN / inf) and the bias on the host first (a sync); False
+    checks shapes and dtypes only (MoELayer checks the bias once at construction and the logits
+    in its one read per call).
     """
     from epmoe.ops.routing import kernel_supports, route_triton
 
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton" or (impl == "auto" and router_logits.is_cuda and kernel_supports(cfg)[0]):
-        return route_triton(router_logits, cfg, correction_bias, num_valid)
-    return route_torch(router_logits, cfg, correction_bias, num_valid)
+        return route_triton(router_logits, cfg, correction_bias, num_valid, check_values=check_values)
+    return route_torch(router_logits, cfg, correction_bias, num_valid, check_values=check_values)
 
 
 def check_route_inputs(
@@ -155,16 +160,17 @@ def check_route_inputs(
     cfg: MoEConfig,
     correction_bias: torch.Tensor | None,
     num_valid: torch.Tensor | None,
+    check_values: bool = True,
 ) -> None:
-    """Validate route()'s inputs. Outside CUDA-graph captures this reads the logits and the
-    bias on the host (NaN / inf checks); while capturing only metadata is checked."""
+    """Validate route()'s inputs. With check_values, outside CUDA-graph captures, this reads the
+    logits and the bias on the host (NaN / inf checks); otherwise only metadata is checked."""
     if router_logits.dim() != 2 or router_logits.shape[1] != cfg.num_experts:
         raise ValueError(
             f"router_logits must be [T, {cfg.num_experts}], got {tuple(router_logits.shape)}"
         )
     if not router_logits.is_floating_point():
         raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
-    capturing = router_logits.is_cuda and torch.cuda.is_current_stream_capturing()
+    capturing = not check_values or (router_logits.is_cuda and torch.cuda.is_current_stream_capturing())
     if router_logits.numel() and not capturing and not bool(torch.isfinite(router_logits).all()):
         raise ValueError("router_logits contain NaN or inf; check the router input")
     if cfg.uses_correction_bias:
@@ -200,9 +206,10 @@ def route_torch(
     cfg: MoEConfig,
     correction_bias: torch.Tensor | None = None,
     num_valid: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> Routing:
     """Plain-PyTorch twin of `route_triton` (same arguments, see `route`)."""
-    check_route_inputs(router_logits, cfg, correction_bias, num_valid)
+    check_route_inputs(router_logits, cfg, correction_bias, num_valid, check_values)
     logits = router_logits.float()  # [T, E]
     k = cfg.top_k
     if cfg.routing == "softmax":

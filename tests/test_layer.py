@@ -385,3 +385,46 @@ def test_auto_without_a_fitting_backend_names_every_reason():
     with pytest.raises(VirtualGroupError, match=r"comm 'auto': no registered backend can run \(comm=auto, .*"
                                                 r"payload=int4.*nccl_a2a: comm 'nccl_a2a' moves .* not int4"):
         VirtualGroup(2).run(lambda g: MoELayer.from_global(cfg, w, g, comm="auto", comm_options={"payload": "int4"}))
+
+
+def _small_layer(device: str = "cpu", **kwargs) -> MoELayer:
+    cfg = MoEConfig.from_preset("qwen3-30b-a3b").scaled(hidden=32, intermediate=16, num_experts=8)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    w = ExpertWeights.random(cfg, 8, dtype=dtype, device=device, generator=torch.Generator().manual_seed(0))
+    return MoELayer(cfg, w, **kwargs)
+
+
+def test_validate_reads_values_once_or_never():
+    """validate=True (default): NaN logits and bad routed ids raise; validate=False reads nothing on the host
+    (shapes and dtypes are still checked)."""
+    strict, trusting = _small_layer(), _small_layer(validate=False)
+    x = torch.randn(3, 32)
+    nan = torch.full((3, 8), float("nan"))
+    with pytest.raises(ValueError, match="router_logits contain NaN or inf"):
+        strict(x, nan)
+    assert trusting(x, nan).shape == (3, 32)
+    repeated = Routing(torch.tensor([[1, 1]] * 3, dtype=torch.int32).repeat(1, 4), torch.ones(3, 8))
+    with pytest.raises(ValueError, match="repeat an expert within token 0"):
+        strict(x, routing=repeated)
+    nonfinite = Routing(torch.arange(8, dtype=torch.int32).repeat(3, 1), torch.full((3, 8), float("inf")))
+    with pytest.raises(ValueError, match="routing weights contain NaN or inf"):
+        strict(x, routing=nonfinite)
+    with pytest.raises(ValueError, match=r"x must be \[T, 32\]"):
+        trusting(torch.randn(3, 31), torch.randn(3, 8))
+    good = torch.randn(3, 8)
+    torch.testing.assert_close(trusting(x, good), strict(x, good), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unvalidated_eager_call_never_syncs_with_the_gpu():
+    layer = _small_layer("cuda", validate=False)
+    x = torch.randn(5, 32, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(5, 8, device="cuda")
+    layer(x, logits)  # warm-up: compilation, first-call state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = layer(x, logits)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.shape == (5, 32)

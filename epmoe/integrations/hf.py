@@ -224,7 +224,7 @@ class HFMoEBlock(nn.Module):
         # so `output_router_logits` still records its logits.
         router_logits, router_scores, router_ids = getattr(self, self.router_name)(x)  # [T, E], [T, K] x2
         if self.picks == "hf":
-            # HF's own picks, ties included; validate=False: MoELayer checks routed calls itself.
+            # HF's own picks, ties included; checked by MoELayer only when built with validate=True.
             routing = Routing.external(router_ids, router_scores, self.moe.cfg.num_experts, validate=False)
             y = self.moe(x, routing=routing).reshape(shape)
         else:
@@ -288,7 +288,10 @@ def patch_model(
     picks:  "hf" (default): run the experts and weights the HF router picked (ties broken as
             HF does); "logits": `epmoe.route` on the router logits (ties to the lowest id; the
             path CUDA graphs replay). See the module docstring.
-    layer_kwargs: further `MoELayer` arguments (placement, capture, comm_options).
+    layer_kwargs: further `MoELayer` arguments (placement, capture, comm_options, validate).
+            `validate` defaults to False here: the inputs come from the model's own router (HF's
+            top-k gives distinct ids in range), so a call reads nothing on the host and never
+            waits for the GPU; pass validate=True to have every call check them (one host read).
     """
     if quant is not None and quant not in QUANT_FORMATS:
         raise ValueError(
@@ -297,6 +300,7 @@ def patch_model(
         )
     if picks not in PICKS:
         raise ValueError(f"picks={picks!r} is not supported; pass one of {PICKS}")
+    layer_kwargs.setdefault("validate", False)
     bad = sorted(set(layer_kwargs) & set(_DERIVED))
     if bad:
         raise ValueError(f"patch_model sets {bad} itself from the model; do not pass them in layer_kwargs")

@@ -44,6 +44,7 @@ def route_triton(
     cfg: MoEConfig,
     correction_bias: torch.Tensor | None = None,
     num_valid: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> Routing:
     """`route` in one Triton launch (kernels/routing.py); no host sync besides `route`'s own
     input checks, which are skipped while a CUDA graph is captured.
@@ -52,7 +53,7 @@ def route_triton(
     """
     from epmoe.kernels.routing import moe_route_kernel
 
-    check_route_inputs(router_logits, cfg, correction_bias, num_valid)
+    check_route_inputs(router_logits, cfg, correction_bias, num_valid, check_values)
     ok, reason = kernel_supports(cfg)
     if not ok:
         raise ValueError(reason)
