@@ -372,9 +372,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "generate":
         from epmoe.bench.generate import main as bench_generate
 
-        args.preset = args.preset or "qwen3-30b-a3b"
+        if not any(a.split("=")[0] == "--preset" for a in args.argv):  # a whole model: one that fits one GPU
+            args.preset = "qwen3-30b-a3b"
         return bench_generate(args)
-    args.preset = args.preset or "deepseek-v3"
     if args.what == "experts" and not on_gpu:
         return _fail(cmd, "needs a CUDA GPU: it times the GPU expert runners (triton, torch._grouped_mm) against "
                           "the GPU's measured HBM and tensor-core roofline. On the CPU, `epmoe bench layer` and "
@@ -568,8 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                "model with HF's experts and patched with epmoe, eager and with a static cache (a scaled-down "
                "model on the CPU).")
     b.add_argument("what", choices=["comm", "experts", "layer", "generate"], help="what to time")
-    b.add_argument("--preset", default=None, choices=preset_names(),
-                   help="model whose layer to time (default: deepseek-v3; generate: qwen3-30b-a3b)")
+    b.add_argument("--preset", default="deepseek-v3", choices=preset_names(),
+                   help="model whose layer to time; bench generate builds the whole model and defaults to "
+                        "qwen3-30b-a3b, which fits one GPU")
     b.add_argument("--hidden", type=int, default=None,
                    help="scale the preset: model width H (default: the preset's on a GPU, 256 on the CPU)")
     b.add_argument("--intermediate", type=int, default=None,
