@@ -36,27 +36,7 @@ from epmoe.experts.tuning import (
 from epmoe.ops.permute import SMALL_SORT_MAX_PAIRS, permute, permute_torch
 from epmoe.quant import quantize_activations, quantize_fp8_block_torch, quantize_weights
 
-
-def _fix_interpreter_scalar_index() -> None:
-    """Triton 3.6's interpreter holds scalar kernel arguments as 1-element arrays and calls
-    int() on them for `range(lo, hi)`, which numpy >= 2.4 refuses; index the element instead."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # pragma: no cover
-        return
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_scalar_index_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._scalar_index_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-_fix_interpreter_scalar_index()
+# (the interpreter's scalar-index fix for numpy >= 2.4 is applied in tests/conftest.py)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
