@@ -393,6 +393,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     meta = {"command": "epmoe " + " ".join(args.argv), "device": device_name("cuda" if on_gpu else "cpu"),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
             "config": dataclasses.asdict(cfg)}
+    if args.what == "layer" and args.host:
+        shape_note = ("the preset's transformers model, one MoE layer (full size on a GPU; on the CPU scaled down as "
+                      "bench generate's, --hidden/--intermediate/--experts do not apply)")
     print(f"epmoe {cmd}: {shape_note}; tokens per rank {tokens_text}")
     if args.what == "experts":
         from epmoe.bench.experts import bench_experts
@@ -403,6 +406,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for r in rows:
             r["series"] = f"{r['impl']} {r['format']} {r['routing']}"
         _emit(rows, args, series="series", title=f"experts stage, {args.preset}", meta=meta)
+        return 0
+    if args.what == "layer" and args.host:
+        from epmoe.bench.host import host_rows
+
+        rows = host_rows(args.preset, tokens, torch.device("cuda" if on_gpu else "cpu"))
+        print("host us: median wall time of the Python call (GPU drained before each); gpu us: CUDA events"
+              + ("" if on_gpu else " (none on the CPU, where the host does the work)"))
+        _emit(rows, args, series="impl", title=f"host time per call, {args.preset}", meta=meta, y="host_us")
         return 0
     if args.what == "layer":
         from epmoe.bench.layer import bench_layer, default_world
@@ -599,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comm: store the fastest backend per token count as the comm='auto' ladder of this GPU "
                         "model and world size (default file: epmoe/tuning/crossovers.json)")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
+    b.add_argument("--host", action="store_true",
+                   help="layer: host µs per call (HF block, patched block, MoELayer eager, graph replay) of the "
+                        "preset's transformers model, next to GPU µs")
     b.add_argument("--batch", default="1,16,64", help="generate: comma-separated batch sizes")
     b.add_argument("--prompt", type=int, default=None, help="generate: prompt tokens (default: 512 on a GPU, 16 on "
                                                             "the CPU)")

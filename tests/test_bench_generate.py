@@ -36,3 +36,16 @@ def test_bench_generate_refuses_what_it_cannot_build(capsys):
         main(["bench", "generate", "--preset", "minimax-m2.5"])
     with pytest.raises(SystemExit, match="--new must be >= 2"):
         main(["bench", "generate", "--new", "1"])
+
+
+def test_bench_layer_host_rows(tmp_path):
+    """`epmoe bench layer --host` on the CPU: host µs per call of the HF block, the patched block and the
+    bare layer (graph replays only on a GPU)."""
+    from epmoe.cli import main
+
+    out = tmp_path / "host.json"
+    assert main(["bench", "layer", "--host", "--preset", "olmoe-1b-7b", "--tokens", "1,8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted({(r["impl"], r["tokens"]) for r in rows}) == sorted(
+        (impl, t) for impl in ("hf block", "patched block", "layer eager") for t in (1, 8))
+    assert all(r["host_us"] > 0 for r in rows)
