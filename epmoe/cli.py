@@ -535,7 +535,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Help with each option's default (options whose default depends on the machine say so in words)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -544,10 +544,14 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
         return super()._get_help_string(action)
 
 
+class _TopHelp(_Help, argparse.RawDescriptionHelpFormatter):
+    """The top-level help: the module docstring as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from epmoe.config import preset_names
 
-    p = argparse.ArgumentParser(prog="epmoe", description=__doc__, formatter_class=_Help)
+    p = argparse.ArgumentParser(prog="epmoe", description=__doc__, formatter_class=_TopHelp)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,doctor,bench,plan}")
 
     def parser(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:

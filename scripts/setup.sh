@@ -34,7 +34,10 @@ else
     say "[3/5] PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already installed"
 fi
 # Triton 3.6 matches the GPU machines the kernels are tuned on; its interpreter runs on the CPU.
-if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+triton_version=$("$VENV/bin/python" -c 'import triton; print(triton.__version__)' 2>/dev/null || true)
+if [ "$triton_version" = 3.6.0 ]; then
+    say "[4/5] Triton 3.6.0 already installed"
+elif [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
     say "[4/5] Triton 3.6 (about 150 MB: under a minute to a few)"
     pip install -q "triton==3.6.0" 2>/dev/null || pip install -q "triton>=3.6,<3.10"
     done_step
