@@ -269,7 +269,8 @@ def _multi_builds(group, bad_rank: int) -> list[str]:
 # Ranks built differently: every rank raises the agreement's ValueError naming the difference.
 DIFFER_CASES = [
     ("comm", {"comm": "nccl_a2a"}, {"comm": "allgather"}, r"differ from rank 0 on comm \(rank 0: 'nccl_a2a'"),
-    ("layout+comm", {"comm": "nccl_a2a"}, {"comm": "none", "layout": "tp"}, r"differ from rank 0 on comm .*on layout \(rank 0: 'dp'"),
+    ("layout+comm", {"comm": "nccl_a2a"}, {"comm": "none", "layout": "tp"},
+     r"differ from rank 0 on comm .*on layout \(rank 0: 'dp'"),
     ("options", {"comm": "allgather"}, {"comm": "allgather", "comm_options": {"payload": "fp8"}},
      r"differ from rank 0 on comm_options"),
     ("activation", {}, {"cfg": MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2, activation="gelu")},
