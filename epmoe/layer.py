@@ -381,8 +381,16 @@ class MoELayer(nn.Module):
             self._check_inputs(x, router_logits, routing)
         except Exception as exc:  # noqa: BLE001 - the peers are told first
             device = x.device if isinstance(x, torch.Tensor) else self.device
+            self._start_call()  # the call its peers make: counted alike on every rank
             self._fail(exc, device)
         return self.forward_eager(x, router_logits, routing)
+
+    def _start_call(self) -> None:
+        """Count an eager call (its number is agreed by the tp check and named by errors) and
+        name it on the group, whose collectives name it when they time out."""
+        self.calls += 1
+        if self.group is not None:
+            self.group.call = f"MoELayer {self.op_id} call {self.calls}"
 
     def _fail(self, failure: BaseException, device: torch.device, tp_check: bool | None = None) -> NoReturn:
         """This rank failed its own checks of a call: report it in the exchange its peers enter
@@ -476,9 +484,7 @@ class MoELayer(nn.Module):
         (default: the layer's `validate`; never inside a capture)."""
         cfg = self.cfg
         check = (self.validate if check is None else check) and not capturing(x)
-        self.calls += 1
-        if self.group is not None:
-            self.group.call = f"MoELayer {self.op_id} call {self.calls}"  # named by a collective's timeout
+        self._start_call()
         tp_check = check and self._tp_check(x.device)
         given_logits, given_routing = router_logits, routing
         try:  # this rank's own work and checks before any exchange: a failure is reported to the peers

@@ -67,7 +67,7 @@ def _fwd(x_edit=None, logits_edit=None, routing=None, tokens: int = T, no_logits
     """A forward call whose inputs the bad rank edits."""
 
     def call(layer: MoELayer, bad: bool, rank: int) -> Any:
-        x, logits = _inputs(rank, tokens, layer.cfg)
+        x, logits = _inputs(0 if layer.layout == "tp" else rank, tokens, layer.cfg)  # tp: the same tokens
         r = None
         if bad and x_edit is not None:
             x = x_edit(x)
@@ -190,7 +190,9 @@ BUILD_CASES = [
 
 
 def _layer(group, bad: bool, case: Case, comm: str) -> MoELayer:
-    kw: dict[str, Any] = {"comm": comm}
+    """comm: a backend's name, or "none/tp" (the tp layout)."""
+    comm, _, layout = comm.partition("/")
+    kw: dict[str, Any] = {"comm": comm, "layout": layout or "dp"}
     kw.update(case.build(bad))
     cfg = kw.pop("cfg", CFG)
     full = kw.pop("all_weights", _full(cfg))
@@ -249,7 +251,7 @@ def _multi_calls(group, comms: list[str], bad_rank: int) -> list[str]:
                         peer_words=PEER.format(bad=bad_rank) + rf" \(rank {bad_rank}: {case.error.__name__}: ")
             problems += _check(peer, got, bad, f"rank {group.rank} {comm}")
         # the ranks stay in step: a good call afterwards works on every rank
-        x, logits = _inputs(group.rank)
+        x, logits = _inputs(0 if layer.layout == "tp" else group.rank)
         if tuple(layer(x, logits).shape) != (T, CFG.hidden):
             problems.append(f"rank {group.rank} {comm}: a good call after the bad ones failed")
     return problems
@@ -319,7 +321,7 @@ def _multi_differ(group, bad_rank: int) -> list[str]:
 
 
 def _multi(group, bad_rank: int) -> list[str]:
-    return (_multi_calls(group, ["nccl_a2a", "allgather", "auto"], bad_rank) + _multi_builds(group, bad_rank)
+    return (_multi_calls(group, ["nccl_a2a", "allgather", "auto", "none/tp"], bad_rank) + _multi_builds(group, bad_rank)
             + _multi_differ(group, bad_rank))
 
 
@@ -331,5 +333,5 @@ def test_bad_input_on_one_of_several_ranks_raises_on_every_rank(world, bad_rank)
 
 
 def test_the_table_is_large_enough():
-    multi = len(CALL_CASES) * 3 + len(BUILD_CASES) + len(DIFFER_CASES) + 3
+    multi = len(CALL_CASES) * 4 + len(BUILD_CASES) + len(DIFFER_CASES) + 3
     assert len(CALL_CASES) * 2 + len(BUILD_CASES) >= 40 and multi >= 60
