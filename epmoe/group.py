@@ -220,7 +220,9 @@ class EPGroup(RankGroup):
         try:
             store = dist.distributed_c10d._get_default_store()
             name = getattr(self.pg, "group_name", "") if self.pg is not None else "world"
-            key = f"epmoe/arrived/{name}/{self._ops}"
+            # ranks in the same layer call meet at the same key even where a dead peer made them
+            # fail in different collectives of it; outside a call, the collective's number
+            key = f"epmoe/arrived/{name}/{self.call or self._ops}"
             store.set(f"{key}/{self.rank}", "1")
             deadline = time.monotonic() + grace
             while True:

@@ -53,8 +53,7 @@ def _named(names: list[str]) -> Callable[[int], str]:
 
 
 def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, comm: str, runner: str,
-                       layout: str, placement: Placement | None, comm_options: dict[str, Any] | None,
-                       failure: BaseException | None) -> None:
+                       layout: str, comm_options: dict[str, Any] | None, failure: BaseException | None) -> None:
     """Construction agreement (world > 1): one `agree` of a fingerprint of what every rank's layer
     must share (comm, layout, runner, options, config, shapes, experts, placement, validate), so
     ranks built differently raise at construction on every rank, the difference named, instead
@@ -64,11 +63,9 @@ def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, 
         if failure is not None:
             raise failure
         return
-    fields: dict[str, int] = {}
     if failure is None:
-        w13 = weights.w13
-        shapes = [(n, getattr(t, "dtype", None), tuple(getattr(t, "shape", ()))) for n, t in
-                  (("w13", w13), ("w2", weights.w2), ("b13", weights.b13), ("b2", weights.b2))]
+        shapes = [(n, getattr(t, "dtype", None), tuple(getattr(t, "shape", ()))) for n, t in  # None or quantized
+                  (("w13", weights.w13), ("w2", weights.w2), ("b13", weights.b13), ("b2", weights.b2))]
         fields = {
             "comm": _code(comm), "layout": _code(layout), "runner": _code(runner),
             "comm_options": _code(sorted((comm_options or {}).items())), "config": _code(cfg),
@@ -227,7 +224,7 @@ class MoELayer(nn.Module):
             self._check_shared(shared)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the peers are told
             failure = exc
-        agree_construction(self, cfg, weights, comm, runner, layout, placement, comm_options, failure)
+        agree_construction(self, cfg, weights, comm, runner, layout, comm_options, failure)
         setup = {"device": self.device, "dtype": self.dtype}
         # comm="auto": a composite holding every candidate, built once; it picks per call.
         self.auto: AutoComm | None = None

@@ -39,25 +39,27 @@ MAX_T = 48
 TOKENS = (0, 0, 1, 2, 3, 5, 8, 13, 31, MAX_T)
 DISTS = ("uniform", "skewed", "one_expert", "one_rank")
 
-# (name, comm, layout, comm_options, relative tolerance against the fp32 reference): the
-# quantized payloads round x once (fp8 e4m3: 2^-4 relative per value; nvfp4 e2m1 with block
-# scales: ~0.1), a bf16 combine rounds each rank's partial sum once (2^-9); bf16 rows of fp32 x
-# move exactly. Tolerances are normwise, about 3x the worst error seen over 1000 calls.
+# (name, comm, layout, comm_options, normwise relative tolerance against the fp32 reference):
+# bf16 rows of fp32 x move exactly (only the fp32 sum order differs: ~1e-6); the quantized
+# payloads round x once (fp8 e4m3: 2^-4 relative per value; nvfp4 e2m1 with block scales: up to
+# 1/4 per value) and a bf16 combine rounds each rank's partial sum once (2^-9). The worst seen
+# over 1000 calls (seed 0): fp8 0.077, fp8_block 0.072, nvfp4 0.31, bf16 combine 0.0018, the rest
+# below 1e-6; the tolerances are about twice those.
 BACKENDS = [
     ("nccl_a2a", "nccl_a2a", "dp", {}, 1e-5),
-    ("nccl_a2a fp8", "nccl_a2a", "dp", {"payload": "fp8"}, 0.1),
-    ("nccl_a2a fp8_block", "nccl_a2a", "dp", {"payload": "fp8_block"}, 0.1),
-    ("nccl_a2a nvfp4", "nccl_a2a", "dp", {"payload": "nvfp4"}, 0.4),
+    ("nccl_a2a fp8", "nccl_a2a", "dp", {"payload": "fp8"}, 0.15),
+    ("nccl_a2a fp8_block", "nccl_a2a", "dp", {"payload": "fp8_block"}, 0.15),
+    ("nccl_a2a nvfp4", "nccl_a2a", "dp", {"payload": "nvfp4"}, 0.6),
     ("nccl_a2a static", "nccl_a2a", "dp", {"static_shapes": True, "max_tokens_per_rank": MAX_T}, 1e-5),
     ("nccl_a2a bf16 combine", "nccl_a2a", "dp", {"combine_dtype": "bf16"}, 0.01),
     ("allgather", "allgather", "dp", {}, 1e-5),
     ("allgather padded", "allgather", "dp", {"gather": "padded"}, 1e-5),
-    ("allgather fp8", "allgather", "dp", {"payload": "fp8"}, 0.1),
-    ("allgather nvfp4", "allgather", "dp", {"payload": "nvfp4"}, 0.4),
+    ("allgather fp8", "allgather", "dp", {"payload": "fp8"}, 0.15),
+    ("allgather nvfp4", "allgather", "dp", {"payload": "nvfp4"}, 0.6),
     ("allgather static", "allgather", "dp", {"static_shapes": True, "max_tokens_per_rank": MAX_T}, 1e-5),
     ("symm_a2a", "symm_a2a", "dp", {"max_tokens_per_rank": MAX_T, "timeout_s": 30.0}, 1e-5),
     ("symm_a2a fp8_block", "symm_a2a", "dp", {"max_tokens_per_rank": MAX_T, "payload": "fp8_block",
-                                              "timeout_s": 30.0}, 0.1),
+                                              "timeout_s": 30.0}, 0.15),
     ("auto", "auto", "dp", {"max_tokens_per_rank": MAX_T}, 1e-5),
     ("none tp", "none", "tp", {}, 1e-5),
 ]
@@ -300,7 +302,7 @@ def _terminal_trial(rng: random.Random, collective_timeout: float, kind: str | N
         if not any(w in tb for w in want):
             hang = "did not finish" in text and str(r) in text.split("did not finish")[0]
             return False, hang, f"{tag}: rank {r} did not raise ({took:.1f}s): {text[-800:]}"
-        if not re.search(rf"\[{faulty}\]|rank {faulty}\b|ranks? \[?{faulty}", tb):
+        if not re.search(rf"ranks? \[(\d+, )*{faulty}(, \d+)*\]|rank {faulty}\b", tb):
             return False, False, f"{tag}: rank {r}'s error does not name rank {faulty}: {tb[-400:]}"
     return True, False, f"{tag}: every other rank raised in {took:.1f}s"
 
