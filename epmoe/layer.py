@@ -161,7 +161,15 @@ class MoELayer(nn.Module):
               inf router logits; routed ids in range and distinct, finite weights) and raises a
               ValueError naming the problem. False: shapes and dtypes only, no device read, so an
               eager call never waits for the GPU; for trusted inputs (a model's own router, as
-              `patch_model` passes). The correction bias is checked once, here.
+              `patch_model` passes). The correction bias is checked once, here. With the tp
+              layout on several ranks, True also checks that every rank passes the same tokens
+              (count and a hash of the inputs, one small exchange per call).
+
+    Several ranks: construction agrees once (`agree_construction`: comm, layout, runner, options,
+    config, weights' format and shapes, placement, validate), so ranks built differently all
+    raise naming the difference. A rank whose own checks of a call fail reports it in the call's
+    first exchange (the backend's `fail`), so its peers raise `PeerFailedError` naming it; what
+    no exchange covers (a rank that skips a call or dies) ends in the group's bounded waits.
     """
 
     def __init__(

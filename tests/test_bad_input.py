@@ -335,3 +335,30 @@ def test_bad_input_on_one_of_several_ranks_raises_on_every_rank(world, bad_rank)
 def test_the_table_is_large_enough():
     multi = len(CALL_CASES) * 4 + len(BUILD_CASES) + len(DIFFER_CASES) + 3
     assert len(CALL_CASES) * 2 + len(BUILD_CASES) >= 40 and multi >= 60
+
+
+def _virtual_nan_on_rank1(group) -> str:
+    layer = MoELayer.from_global(CFG, _full(), group, comm="nccl_a2a")
+    x, logits = _inputs(group.rank)
+    if group.rank == 1:
+        logits[0, 0] = float("nan")
+    try:
+        layer(x, logits)
+    except PeerFailedError as exc:
+        return f"peer: {exc}"
+    except ValueError as exc:
+        return f"own: {exc}"
+    return "went ahead"
+
+
+def test_virtual_ranks_raise_alike_and_the_failure_travels_in_the_exchange():
+    from epmoe.comm.base import failure_ints, failure_text
+    from epmoe.group import VirtualGroup
+
+    got = VirtualGroup(2, timeout=20).run(_virtual_nan_on_rank1)
+    assert got[1] == "own: router_logits contain NaN or inf; check the router input"
+    assert re.search(r"peer: comm 'nccl_a2a' on rank 0: rank 1 failed its own checks, so no rank goes ahead "
+                     r"\(rank 1: ValueError: router_logits contain NaN or inf", got[0]), got[0]
+    text = "ValueError: " + "é" * 100  # cut at 120 bytes, a split character replaced
+    assert failure_text(failure_ints(text)).startswith("ValueError: éé")
+    assert failure_ints(None) == [0] * 16

@@ -6,8 +6,11 @@ collective moves the payload, its scales and the routing of the token together:
     row = [ payload bytes | scale bytes (quantized payloads) | ids int32 [K] | weights fp32 [K] ]
 
 `WireBackend` holds what `allgather` and `nccl_a2a` share: the options, the check that every
-rank called with the same config (folded into the count exchange, so it costs no extra
-collective), and the fp32 rank-order reduction at the home rank.
+rank called with the same config and call number (folded into the count exchange, so it costs
+no extra collective), and the fp32 rank-order reduction at the home rank. A rank whose own
+checks of a call fail (or the layer's, before dispatch: `fail`) still takes part in that
+exchange, its failure in the row, so every peer raises `PeerFailedError` naming it instead of
+waiting in the next collective.
 
 Host syncs and CUDA graphs: by default each call exchanges counts (and the config check) on the
 host, so both backends declare `needs_host_sync = True`. With `static_shapes=True` (and
