@@ -434,6 +434,7 @@ def load_moe_layer(
     runner: str = "auto",
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    check_finite: bool = True,
 ) -> MoELayerWeights:
     """Read MoE layer `layer` of the checkpoint at `path` for EP rank `rank` of `world`.
 
@@ -446,6 +447,8 @@ def load_moe_layer(
     runner.
     Static activation scales (`input_scale`) come back in `input_scales`; they are not applied
     to the experts, which quantize nothing (see the module docstring).
+    check_finite: raise a ValueError naming the expert when this rank's float (bf16 / fp16 / fp32)
+    expert weights or biases hold NaN or inf (one read of each, before any cast); False skips it.
     """
     E = cfg.num_experts
     if placement is None:
@@ -468,6 +471,8 @@ def load_moe_layer(
             input_scales: dict[str, torch.Tensor] = {}
         else:
             experts, input_scales = _load_per_expert(files, lay, cfg, ids)
+        if check_finite:
+            _check_finite(files, lay, experts, ids)
         if dtype is not None and experts.format == "bf16":
             experts = ExpertWeights(experts.w13.to(dtype), experts.w2.to(dtype), experts.b13, experts.b2)
         out = MoELayerWeights(experts, ids, lay.format, input_scales=input_scales)
@@ -487,6 +492,20 @@ def load_moe_layer(
         out.shared = SharedExperts(out.shared.w13.to(device), out.shared.w2.to(device))
     out.input_scales = {k: v.to(device) for k, v in out.input_scales.items()}
     return out
+
+
+def _check_finite(files: CheckpointFiles, lay: _Layout, experts: ExpertWeights, ids: torch.Tensor) -> None:
+    """ValueError naming the first expert whose float weights or biases hold NaN or inf (quantized
+    weights: their scales are checked as they are read)."""
+    named = {"w13 (gate/up)": experts.w13, "w2 (down)": experts.w2, "b13": experts.b13, "b2": experts.b2}
+    for what, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+            continue
+        bad = ~torch.isfinite(t).flatten(1).all(dim=1)  # [E_local]
+        if bool(bad.any()):
+            e = int(ids[int(bad.nonzero()[0])])
+            raise ValueError(f"{lay.moe} in {files.origin}: expert {e}'s {what} weights hold NaN or inf; "
+                             "the checkpoint is corrupt (re-export it), or pass check_finite=False to load anyway")
 
 
 def _to(w: ExpertWeights, device: torch.device | str) -> ExpertWeights:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -85,6 +87,8 @@ class RankGroup:
              backends when it is larger than 1.
     virtual: ranks of one process exchanging through host threads (`VirtualGroup`), which no
              CUDA graph can hold.
+    call:    what the ranks are doing now, named by a collective that times out (the layer sets
+             it per call: "MoELayer 3 call 17"; "" outside a call).
     """
 
     rank: int
@@ -92,6 +96,7 @@ class RankGroup:
     backend: str
     nodes: int
     virtual: bool
+    call: str
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns t."""
@@ -158,9 +163,20 @@ class EPGroup(RankGroup):
     nodes: the hosts the group spans. Counted at construction with one all-gather of a hash of
     each rank's host name (every rank of the group constructs its EPGroup, as for any
     collective), unless given. With NCCL, set the rank's CUDA device first.
+
+    timeout: seconds any collective may wait before it raises `CollectiveTimeoutError` naming
+    the ranks that did not arrive and the call (`call`). gloo: each collective waits at most
+    this long (None: the process group's own timeout, `init_process_group(timeout=...)`).
+    NCCL: collectives run on the GPU stream, bounded by the process group's timeout and its
+    watchdog (set `init_process_group(timeout=...)`; TORCH_NCCL_ASYNC_ERROR_HANDLING, on by
+    default, aborts a collective that ran past it); a host-side failure is named the same way.
+    A collective that fails because a peer left (its connection closed) raises the same error.
+    Which ranks did not arrive is found through the process group's store after the timeout:
+    each rank that waited writes its mark, then reads the others' for a short grace period.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None, nodes: int | None = None) -> None:
+    def __init__(self, process_group: dist.ProcessGroup | None = None, nodes: int | None = None,
+                 timeout: float | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "EPGroup needs torch.distributed to be initialised "
@@ -172,6 +188,11 @@ class EPGroup(RankGroup):
         self.world = dist.get_world_size(process_group)
         self.backend = dist.get_backend(process_group)
         self.virtual = False
+        self.call = ""
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.timeout = timeout
+        self._ops = 0  # collectives so far (the key of the arrival marks after a timeout)
         if nodes is None:
             device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
             nodes = len(set(sum(self.all_gather_ints([_host_code()], device=device), []))) if self.world > 1 else 1
@@ -179,17 +200,61 @@ class EPGroup(RankGroup):
             raise ValueError(f"nodes must be an int in [1, world={self.world}], got {nodes!r}")
         self.nodes = nodes
 
+    def _run(self, op: str, start: Callable[..., Any]) -> None:
+        """Run one collective (`start(async_op=...)`), bounded by `timeout` on gloo; a failure or
+        timeout becomes a `CollectiveTimeoutError` naming the late ranks and the call."""
+        self._ops += 1
+        try:
+            if self.backend == "gloo" and self.timeout is not None:
+                start(async_op=True).wait(timedelta(seconds=self.timeout))
+            else:
+                start(async_op=False)
+        except RuntimeError as exc:
+            raise self._late(op, exc) from exc
+
+    def _late(self, op: str, exc: BaseException) -> CollectiveTimeoutError:
+        """The error of collective `op` that failed with `exc`: which ranks did not arrive (each
+        rank that waited marks its arrival in the store; marks are read for a grace period)."""
+        grace = min(5.0, max(1.0, (self.timeout or 10.0) / 2))
+        missing: list[int] | None = None
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            name = getattr(self.pg, "group_name", "") if self.pg is not None else "world"
+            # ranks in the same layer call meet at the same key even where a dead peer made them
+            # fail in different collectives of it; outside a call, the collective's number
+            key = f"epmoe/arrived/{name}/{self.call or self._ops}"
+            store.set(f"{key}/{self.rank}", "1")
+            deadline = time.monotonic() + grace
+            while True:
+                here = [r for r in range(self.world) if store.check([f"{key}/{r}"])]
+                if len(here) == self.world or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            missing = [r for r in range(self.world) if r not in here]
+        except Exception:  # noqa: BLE001 - the store may be gone with rank 0; the error says so
+            missing = None
+        late = (f"ranks {missing} did not arrive" if missing else
+                "every rank arrived (a collective of other sizes, or a transport error)" if missing == [] else
+                "the late ranks are unknown (the store is unreachable: rank 0 may have left)")
+        limit = f"within {self.timeout:g}s" if self.timeout is not None else "(process-group timeout)"
+        return CollectiveTimeoutError(
+            f"rank {self.rank}: {op} #{self._ops} of {self.call or 'no layer call'} did not complete {limit}: "
+            f"{late} (they failed, left, skipped the call or called another collective); {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}", missing)
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, group=self.pg)
+        self._run("all_reduce", lambda async_op: dist.all_reduce(t, group=self.pg, async_op=async_op))
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
         out = t.new_empty((self.world, *t.shape))
         if self.backend == "gloo":
-            dist.all_gather(list(out.unbind(0)), t, group=self.pg)
+            self._run("all_gather", lambda async_op: dist.all_gather(list(out.unbind(0)), t, group=self.pg,
+                                                                     async_op=async_op))
         else:
-            dist.all_gather_into_tensor(out, t, group=self.pg)
+            self._run("all_gather", lambda async_op: dist.all_gather_into_tensor(out, t, group=self.pg,
+                                                                                 async_op=async_op))
         return out
 
     def all_to_all_v(
@@ -200,11 +265,34 @@ class EPGroup(RankGroup):
         if t.shape[0] != sum(send):
             raise ValueError(f"all_to_all_v got {t.shape[0]} rows, send splits sum to {sum(send)}")
         out = t.new_empty((sum(recv), *t.shape[1:]))
-        dist.all_to_all_single(out, t.contiguous(), recv, send, group=self.pg)
+        t = t.contiguous()
+        self._run("all_to_all", lambda async_op: dist.all_to_all_single(out, t, recv, send, group=self.pg,
+                                                                        async_op=async_op))
         return out
 
     def barrier(self) -> None:
-        dist.barrier(group=self.pg)
+        self._run("barrier", lambda async_op: dist.barrier(group=self.pg, async_op=async_op))
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete in time, or failed because a peer left; the message names
+    the ranks that did not arrive (`missing`; None when unknown) and the call."""
+
+    def __init__(self, message: str, missing: list[int] | None) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class PeerFailedError(ValueError):
+    """Another rank failed its own checks of this call (or of construction) and told its peers
+    through the agreement; raised on every other rank, naming the failing rank and its reason.
+
+    ranks: the failing ranks; reasons: rank -> the start of its error message."""
+
+    def __init__(self, message: str, ranks: list[int], reasons: dict[int, str]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+        self.reasons = reasons
 
 
 class VirtualGroupError(RuntimeError):
@@ -220,6 +308,7 @@ class _Rendezvous:
         self.slots: list[Any] = [None] * world
         self.arrived: list[bool] = [False] * world
         self.barrier = threading.Barrier(world)
+        self.ranks: list[Any] = [None] * world  # each rank's group (its `call` names a timeout)
 
     def exchange(self, rank: int, value: Any) -> list[Any]:
         self.slots[rank] = value
@@ -235,9 +324,10 @@ class _Rendezvous:
             self.barrier.wait(self.timeout)
         except threading.BrokenBarrierError:
             missing = [r for r in range(self.world) if not self.arrived[r]]
+            call = self.ranks[rank].call or "no layer call"
             raise VirtualGroupError(
-                f"virtual rank {rank}: collective did not complete; ranks {missing} never "
-                "arrived (they failed or called a different collective)"
+                f"virtual rank {rank}: collective of {call} did not complete (timeout {self.timeout:g}s); ranks "
+                f"{missing} never arrived (they failed or called a different collective)"
             ) from None
 
     def abort(self) -> None:
@@ -255,7 +345,9 @@ class _VirtualRank(RankGroup):
     def __init__(self, rank: int, world: int, rdv: _Rendezvous) -> None:
         self.rank = rank
         self.world = world
+        self.call = ""
         self._rdv = rdv
+        rdv.ranks[rank] = self
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         parts = self._rdv.exchange(self.rank, t.clone())
@@ -329,7 +421,8 @@ class VirtualGroup:
             rdv.abort()
             raise VirtualGroupError(f"virtual ranks {alive} did not finish within {self.timeout * 4}s")
         # Report the root cause first: a rank's own error before the aborts it caused.
-        primary = [r for r, e in enumerate(errors) if e is not None and not isinstance(e, VirtualGroupError)]
+        primary = [r for r, e in enumerate(errors)
+                   if e is not None and not isinstance(e, (VirtualGroupError, PeerFailedError))]
         failed = primary or [r for r, e in enumerate(errors) if e is not None]
         if failed:
             r = failed[0]

@@ -8,7 +8,10 @@ the CPU. Used by the tests, `epmoe demo` and `epmoe bench` when not launched by 
 Workers stay alive between calls (one pool per world size) because starting a process that
 imports torch costs seconds; a pool that failed or timed out is killed and started afresh.
 A rank that does not answer within `timeout` seconds makes the call raise `DistTimeout`
-naming it; a rank that raises makes the call raise `DistError` with its traceback.
+naming it; a rank that raises makes the call raise `DistError` with its traceback. Inside the
+ranks every collective is bounded too (`EPGroup(timeout=collective_timeout)`, default
+min(timeout, 60) s): a rank waiting on a peer that failed, left or skipped a call raises
+`CollectiveTimeoutError` naming it, so its traceback reaches the caller instead of a hang.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 _CTX = mp.get_context("spawn")
-_POOLS: dict[tuple[int, str], _Pool] = {}
+_POOLS: dict[tuple[int, str, float], _Pool] = {}
 
 
 class DistError(RuntimeError):
@@ -61,7 +64,7 @@ def _worker(
     )
     from epmoe.group import EPGroup
 
-    group = EPGroup()
+    group = EPGroup(timeout=pg_timeout)
     while True:
         job = inbox.get()
         if job is None:
@@ -77,6 +80,7 @@ def _worker(
 class _Pool:
     def __init__(self, world: int, pg_timeout: float, backend: str) -> None:
         self.world = world
+        self.pg_timeout = pg_timeout
         self.outbox = _CTX.Queue()
         self.inboxes = [_CTX.Queue() for _ in range(world)]
         port = _free_port()
@@ -97,16 +101,26 @@ class _Pool:
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
         deadline = time.monotonic() + timeout
+        dead_at: float | None = None  # when a dead rank was first seen
         while len(results) + len(errors) < self.world:
-            left = deadline - time.monotonic()
-            dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in results]
-            if left <= 0 or (dead and not errors and left < timeout - 5):
+            now = time.monotonic()
+            left = deadline - now
+            dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in results and r not in errors]
+            if dead and dead_at is None:
+                dead_at = now
+            # a dead rank never answers: give the live ones time to raise (their collectives are
+            # bounded by pg_timeout) so their errors are reported with it, then stop waiting
+            gave_up = dead_at is not None and now - dead_at > self.pg_timeout + 10
+            if left <= 0 or gave_up:
                 missing = [r for r in range(self.world) if r not in results and r not in errors]
                 detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
                 raise DistTimeout(
                     f"{fn.__name__} on {self.world} ranks: ranks {missing} did not finish within "
-                    f"{timeout:.0f}s (dead processes: {dead}){detail}"
+                    f"{now - deadline + timeout:.0f}s (dead processes: {dead}){detail}"
                 )
+            if dead and len(results) + len(errors) + len(dead) == self.world:
+                dead_at = now - self.pg_timeout - 11  # every live rank answered: report now
+                continue
             try:
                 rank, ok, value = self.outbox.get(timeout=min(left, 1.0))
             except queue.Empty:
@@ -136,9 +150,12 @@ def run_ranks(
     kwargs: dict | None = None,
     timeout: float = 120.0,
     backend: str = "gloo",
+    collective_timeout: float | None = None,
 ) -> list[Any]:
     """Run fn(group, *args, **kwargs) on `world` ranks ("gloo" on the CPU, or "nccl" with one
-    GPU per rank); return the per-rank results."""
+    GPU per rank); return the per-rank results. timeout: seconds the whole call may take;
+    collective_timeout: seconds one collective may wait inside the ranks (default
+    min(timeout, 60); pools are kept per world, backend and this bound)."""
     if not 1 <= world <= 8:
         raise ValueError(f"world must be in 1..8, got {world}")
     if backend not in ("gloo", "nccl"):
@@ -148,10 +165,13 @@ def run_ranks(
 
         if torch.cuda.device_count() < world:
             raise ValueError(f"nccl ranks need {world} GPUs, found {torch.cuda.device_count()}; use gloo")
-    key = (world, backend)
+    pg_timeout = float(collective_timeout) if collective_timeout is not None else min(timeout, 60.0)
+    if not pg_timeout > 0:
+        raise ValueError(f"collective_timeout must be positive seconds, got {collective_timeout!r}")
+    key = (world, backend, pg_timeout)
     pool = _POOLS.get(key)
     if pool is None:
-        pool = _POOLS[key] = _Pool(world, pg_timeout=min(timeout, 60.0), backend=backend)
+        pool = _POOLS[key] = _Pool(world, pg_timeout=pg_timeout, backend=backend)
     try:
         return pool.run(fn, args, kwargs or {}, timeout)
     except BaseException:

@@ -12,17 +12,19 @@ construction, from the registries and select.py's table; CUDA graphs live in gra
 from __future__ import annotations
 
 import dataclasses
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
-from epmoe.comm import get_comm
+from epmoe.comm import COMM_BACKENDS, get_comm
 from epmoe.comm.auto import AutoComm
-from epmoe.comm.base import CommBackend
+from epmoe.comm.base import CommBackend, agree
 from epmoe.config import MoEConfig
-from epmoe.experts import ExpertWeights, get_runner
+from epmoe.experts import RUNNERS, ExpertWeights, get_runner
 from epmoe.experts.activation import activate
 from epmoe.graphs import LayerGraphs, capturing
 from epmoe.group import Placement, RankGroup
@@ -37,6 +39,70 @@ def activation_dtype(weights: ExpertWeights) -> torch.dtype:
     if isinstance(weights.w13, torch.Tensor):
         return weights.w13.dtype
     return torch.bfloat16 if weights.device.type == "cuda" else torch.float32
+
+
+def _code(value: Any) -> int:
+    """A value as one int (crc32 of its repr), for the cross-rank agreement."""
+    return zlib.crc32(repr(value).encode())
+
+
+def _named(names: list[str]) -> Callable[[int], str]:
+    """How an agreed `_code` reads in a message: the name among `names` it codes, else its hex."""
+    table = {_code(n): repr(n) for n in names}
+    return lambda v: table.get(v, f"{v:#010x}")
+
+
+def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, comm: str, runner: str,
+                       layout: str, comm_options: dict[str, Any] | None, failure: BaseException | None) -> None:
+    """Construction agreement (world > 1): one `agree` of a fingerprint of what every rank's layer
+    must share (comm, layout, runner, options, config, shapes, experts, placement, validate), so
+    ranks built differently raise at construction on every rank, the difference named, instead
+    of crashing or hanging in the first call; a rank whose own checks failed (`failure`)
+    reports it there and its peers raise `PeerFailedError` naming it. One rank: raises `failure`."""
+    if layer.world == 1 or layer.group is None:
+        if failure is not None:
+            raise failure
+        return
+    if failure is None:
+        shapes = [(n, getattr(t, "dtype", None), tuple(getattr(t, "shape", ()))) for n, t in  # None or quantized
+                  (("w13", weights.w13), ("w2", weights.w2), ("b13", weights.b13), ("b2", weights.b2))]
+        fields = {
+            "comm": _code(comm), "layout": _code(layout), "runner": _code(runner),
+            "comm_options": _code(sorted((comm_options or {}).items())), "config": _code(cfg),
+            "experts": cfg.num_experts, "hidden": cfg.hidden, "top_k": cfg.top_k,
+            "weights (format, dtypes, shapes)": _code((weights.format, shapes)),
+            "placement": _code((layer.placement.expert_rank.tolist(), layer.placement.expert_local.tolist())),
+            "activation dtype": _code(layer.dtype), "validate": int(layer.validate),
+        }
+    else:  # zeros stand in: the peers read the failure
+        fields = dict.fromkeys(("comm", "layout", "runner", "comm_options", "config", "experts", "hidden", "top_k",
+                                "weights (format, dtypes, shapes)", "placement", "activation dtype", "validate"), 0)
+    shown = {"comm": _named([*COMM_BACKENDS, "auto"]), "layout": _named(list(LAYOUTS)),
+             "runner": _named(list(RUNNERS)), "activation dtype": lambda v: _named(
+                 [torch.float32, torch.bfloat16, torch.float16])(v).strip("'")}
+    device = "cuda" if layer.group.backend == "nccl" else "cpu"  # type: ignore[union-attr]
+    if device == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    agree(layer.group, f"MoELayer on rank {layer.rank} (construction)", fields, device=device, shown=shown,
+          failure=failure, fix="Build every rank's layer with the same comm, layout, runner, comm_options, "
+          "MoEConfig, placement and weight format")
+
+
+def token_code(x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None) -> int:
+    """A cheap hash of a call's inputs (x, and the logits or routing ids and weights given): the
+    bits of each, weighted by a position pattern, summed in int64 (one pass, one host read)."""
+    h = torch.zeros((), dtype=torch.int64, device=x.device)
+    parts = [x] + ([logits] if logits is not None else []) + (
+        [routing.ids, routing.weights] if routing is not None else [])
+    for i, t in enumerate(parts):
+        if not t.numel():
+            continue
+        t = t.contiguous()
+        bits = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+        bits = bits.flatten().long()
+        pos = torch.arange(bits.numel(), dtype=torch.int64, device=x.device)
+        h = h + (bits * ((pos * 2654435761 + 97 * i) % 1000003 + 1)).sum()
+    return int(h)
 
 
 @dataclass
@@ -95,7 +161,15 @@ class MoELayer(nn.Module):
               inf router logits; routed ids in range and distinct, finite weights) and raises a
               ValueError naming the problem. False: shapes and dtypes only, no device read, so an
               eager call never waits for the GPU; for trusted inputs (a model's own router, as
-              `patch_model` passes). The correction bias is checked once, here.
+              `patch_model` passes). The correction bias is checked once, here. With the tp
+              layout on several ranks, True also checks that every rank passes the same tokens
+              (count and a hash of the inputs, one small exchange per call).
+
+    Several ranks: construction agrees once (`agree_construction`: comm, layout, runner, options,
+    config, weights' format and shapes, placement, validate), so ranks built differently all
+    raise naming the difference. A rank whose own checks of a call fail reports it in the call's
+    first exchange (the backend's `fail`), so its peers raise `PeerFailedError` naming it; what
+    no exchange covers (a rank that skips a call or dies) ends in the group's bounded waits.
     """
 
     def __init__(
@@ -116,46 +190,56 @@ class MoELayer(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        self.validate = bool(validate)
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
-        self.cfg = cfg
         self.group = group
-        self.layout = layout
         self.rank = group.rank if group is not None else 0
         self.world = group.world if group is not None else 1
-        self.placement = placement or Placement.contiguous(cfg.num_experts, self.world)
-        if self.placement.world != self.world or self.placement.num_experts != cfg.num_experts:
-            raise ValueError(
-                f"placement covers {self.placement.num_experts} experts on {self.placement.world} "
-                f"ranks, layer has {cfg.num_experts} experts on {self.world} ranks"
+        self.calls = 0  # eager calls so far (named by errors and by the tp layout's token check)
+        # Every rank checks its own arguments, then (world > 1) all agree once on what must be alike
+        # (agree_construction): a rank whose checks failed reports it there, so every rank raises
+        # instead of its peers waiting in the first collective.
+        failure = None
+        try:
+            self.validate = bool(validate)
+            if layout not in LAYOUTS:
+                raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+            self.cfg = cfg
+            self.layout = layout
+            self.placement = placement or Placement.contiguous(cfg.num_experts, self.world)
+            if self.placement.world != self.world or self.placement.num_experts != cfg.num_experts:
+                raise ValueError(
+                    f"placement covers {self.placement.num_experts} experts on {self.placement.world} "
+                    f"ranks, layer has {cfg.num_experts} experts on {self.world} ranks"
+                )
+            weights.check(cfg, self.placement.local_experts)
+            self.device = weights.device
+            self.dtype = activation_dtype(weights)  # what x should be; backends size their rows by it
+            if runner == "auto":
+                runner = pick_runner(self.device.type, weights.format)
+            runner_cls = get_runner(runner)  # unknown names fail here with the list of known ones
+            # The combination without its comm fields; comm, payload and static_shapes come from the backend.
+            self._base = Combo(
+                runner=runner, weights=weights.format, layout=layout, world=self.world, device=self.device.type,
+                nodes=group.nodes if group is not None else 1, routing=cfg.routing,
             )
-        weights.check(cfg, self.placement.local_experts)
-        self.device = weights.device
-        self.dtype = activation_dtype(weights)  # what x should be; backends size their rows by it
-        if runner == "auto":
-            runner = pick_runner(self.device.type, weights.format)
-        runner_cls = get_runner(runner)  # unknown names fail here with the list of known ones
-        # The combination without its comm fields; comm, payload and static_shapes come from the backend.
-        self._base = Combo(
-            runner=runner, weights=weights.format, layout=layout, world=self.world, device=self.device.type,
-            nodes=group.nodes if group is not None else 1, routing=cfg.routing,
-        )
-        options = dict(comm_options or {})
-        if comm != "auto":
-            comm_cls = get_comm(comm)
-            ensure(dataclasses.replace(self._base, comm=comm, payload=options.get("payload") or "bf16",
-                                       static_shapes=bool(options.get("static_shapes", False))))
-        self._mode = cfg.routing  # the routing mode of the last call ("routed" or cfg.routing)
-        self._check_routing_args(gate, gate_bias, correction_bias)
-        self._check_shared(shared)
+            options = dict(comm_options or {})
+            if comm != "auto":
+                comm_cls = get_comm(comm)
+                ensure(dataclasses.replace(self._base, comm=comm, payload=options.get("payload") or "bf16",
+                                           static_shapes=bool(options.get("static_shapes", False))))
+                comm_opts = comm_cls.make_options(**options)
+            self._mode = cfg.routing  # the routing mode of the last call ("routed" or cfg.routing)
+            self._check_routing_args(gate, gate_bias, correction_bias)
+            self._check_shared(shared)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the peers are told
+            failure = exc
+        agree_construction(self, cfg, weights, comm, runner, layout, comm_options, failure)
         setup = {"device": self.device, "dtype": self.dtype}
         # comm="auto": a composite holding every candidate, built once; it picks per call.
         self.auto: AutoComm | None = None
         if comm == "auto":
             self.auto = self._comm = AutoComm(cfg, group, self.placement, options, combo=self._base, **setup)
         else:
-            self._comm = comm_cls(cfg, group, self.placement, comm_cls.make_options(**options), **setup)
+            self._comm = comm_cls(cfg, group, self.placement, comm_opts, **setup)
         self.graphs: LayerGraphs | None = None
         self.runner = runner_cls(cfg, weights)
         self.gate = gate
@@ -290,15 +374,65 @@ class MoELayer(nn.Module):
         from the layer's `gate` (+ `gate_bias`). After `capture_graphs`, calls of the captured
         mode that fit a bucket replay a graph.
         """
-        self._check_inputs(x, router_logits, routing)
         if torch.compiler.is_compiling():
+            self._check_inputs(x, router_logits, routing)
             # torch.compile traces one opaque op: token counts, routing and the backend's choices stay
             # inside it, so the traced graph has no data-dependent guard and no break (ops/moe.py)
             if routing is None and router_logits is None:
                 router_logits = self._gate_logits(x)
             ids, weights = (routing.ids, routing.weights) if routing is not None else (None, None)
             return moe_forward(x, router_logits, ids, weights, self.op_id)
+        try:
+            self._check_inputs(x, router_logits, routing)
+        except Exception as exc:  # noqa: BLE001 - the peers are told first
+            device = x.device if isinstance(x, torch.Tensor) else self.device
+            self._start_call()  # the call its peers make: counted alike on every rank
+            self._fail(exc, device)
         return self.forward_eager(x, router_logits, routing)
+
+    def _start_call(self) -> None:
+        """Count an eager call (its number is agreed by the tp check and named by errors) and
+        name it on the group, whose collectives name it when they time out."""
+        self.calls += 1
+        if self.group is not None:
+            self.group.call = f"MoELayer {self.op_id} call {self.calls}"
+
+    def _fail(self, failure: BaseException, device: torch.device, tp_check: bool | None = None) -> NoReturn:
+        """This rank failed its own checks of a call: report it in the exchange its peers enter
+        first (the tp token check when it runs, else the comm backend's agreement: `fail`), so
+        every rank raises (the peers `PeerFailedError` naming this rank), then raise it."""
+        if tp_check is None:
+            tp_check = self._tp_check(device)
+        if tp_check:
+            self._agree_tokens_tp(None, None, None, failure, device)
+        self._comm.fail(failure, device)
+
+    def _tp_check(self, device: torch.device) -> bool:
+        """Whether eager calls check that every rank passes the same tokens (tp layout, several
+        ranks, validate=True; never while a CUDA graph is captured)."""
+        return (self.layout == "tp" and self.world > 1 and self.validate
+                and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+
+    def _agree_tokens_tp(self, x: torch.Tensor | None, logits: torch.Tensor | None, routing: Routing | None,
+                         failure: BaseException | None, device: torch.device) -> None:
+        """The tp layout's check (validate=True): one `agree` of this call's number, token count
+        and a hash of its inputs (`token_code`); a ValueError on every rank naming the ranks whose
+        tokens differ from rank 0's (a tp layer needs the same tokens on every rank), or the
+        failure a rank reports."""
+        T = x.shape[0] if x is not None else 0
+        code = token_code(x, logits, routing) if x is not None and failure is None else 0
+
+        def report(table: list[list[int]]) -> list[str]:
+            differ = [r for r, (t, c) in enumerate(table) if (t, c) != tuple(table[0])]
+            if not differ:
+                return []
+            counts = ", ".join(f"rank {r}: T={t}" for r, (t, _) in enumerate(table))
+            same = "; same T, other values" if all(t == table[0][0] for t, _ in table) else ""
+            return [f"ranks {differ} pass other tokens than rank 0 ({counts}{same})"]
+
+        agree(self.group, f"MoELayer (tp) on rank {self.rank}, call {self.calls}", {"call number": self.calls},
+              [T, code], device=device, report=report, failure=failure,
+              fix="With layout='tp' every rank passes the same x and router logits (or routing)")
 
     def forward_eager(self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None
                       ) -> torch.Tensor:
@@ -355,15 +489,23 @@ class MoELayer(nn.Module):
         (default: the layer's `validate`; never inside a capture)."""
         cfg = self.cfg
         check = (self.validate if check is None else check) and not capturing(x)
-        if routing is None:
-            if router_logits is None:
-                router_logits = self._gate_logits(x)
-            if check and router_logits.numel() and not bool(torch.isfinite(router_logits).all()):
-                raise ValueError("router_logits contain NaN or inf; check the router input")
-            # values checked above (logits) and at construction (bias): route reads nothing on the host
-            routing = route(router_logits, cfg, self.correction_bias, num_valid=num_valid, check_values=False)
-        elif check:
-            check_routing(routing, cfg.num_experts)
+        self._start_call()
+        tp_check = check and self._tp_check(x.device)
+        given_logits, given_routing = router_logits, routing
+        try:  # this rank's own work and checks before any exchange: a failure is reported to the peers
+            if routing is None:
+                if router_logits is None:
+                    router_logits = self._gate_logits(x)
+                if check and router_logits.numel() and not bool(torch.isfinite(router_logits).all()):
+                    raise ValueError("router_logits contain NaN or inf; check the router input")
+                # values checked above (logits) and at construction (bias): route reads nothing on the host
+                routing = route(router_logits, cfg, self.correction_bias, num_valid=num_valid, check_values=False)
+            elif check:
+                check_routing(routing, cfg.num_experts)
+        except Exception as exc:  # noqa: BLE001 - re-raised by _fail after the peers are told
+            self._fail(exc, x.device, tp_check)
+        if tp_check:
+            self._agree_tokens_tp(x, given_logits, given_routing, None, x.device)
         if self.capture is not None:
             self.capture.record(routing)
         # dispatch's bound on every rank's T: T on one rank, the agreed one under auto (which

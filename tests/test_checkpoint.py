@@ -394,6 +394,20 @@ def test_bad_fp8_block_tensors(tmp_path, edit, match):
         load_moe_layer(b.path, DS, LAYER)
 
 
+@pytest.mark.parametrize("scheme", ["hf", "fused"])
+def test_bf16_weights_holding_nan_or_inf_fail_at_load_unless_unchecked(tmp_path, scheme):
+    if scheme == "fused":
+        name, where = f"model.layers.{LAYER}.mlp.experts.down_proj", (5, 0, 0)
+    else:
+        name, where = f"model.layers.{LAYER}.mlp.experts.5.down_proj.weight", (0, 0)
+    b = build(tmp_path, "bf16", scheme=scheme, edit=lambda t: t[name].__setitem__(where, float("nan")))
+    with pytest.raises(ValueError, match=r"expert 5's w2 \(down\) weights hold NaN or inf.*check_finite=False"):
+        load_moe_layer(b.path, DS, LAYER, rank=1, world=2)  # rank 1 owns experts 4..7
+    assert load_moe_layer(b.path, DS, LAYER, rank=0, world=2).expert_ids.tolist() == [0, 1, 2, 3]
+    w = load_moe_layer(b.path, DS, LAYER, rank=1, world=2, check_finite=False).experts.w2
+    assert bool(torch.isnan(w.float()).any())
+
+
 def test_bad_nvfp4_global_scale(tmp_path):
     name = f"model.layers.{LAYER}.mlp.experts.4.down_proj.weight_scale_2"
     b = build(tmp_path, "nvfp4", edit=lambda t: t.__setitem__(name, torch.tensor(0.0)))

@@ -133,8 +133,10 @@ def test_valid_combos_match_reference(world):
 
 
 def _fake_group(world: int, nodes: int = 1) -> SimpleNamespace:
-    """Rank 0 of a group that is never called (construction only): what a RankGroup declares."""
-    return SimpleNamespace(rank=0, world=world, nodes=nodes, backend="fake", virtual=False)
+    """Rank 0 of a group used for construction only: what a RankGroup declares, and the one
+    exchange of construction (the layer's agreement), answered as if every rank sent rank 0's ints."""
+    return SimpleNamespace(rank=0, world=world, nodes=nodes, backend="fake", virtual=False, call="",
+                           all_gather_ints=lambda values, device="cpu": [list(values)] * world)
 
 
 def test_invalid_combos_raise_the_documented_reason():

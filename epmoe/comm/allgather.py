@@ -118,10 +118,9 @@ class AllGatherComm(WireBackend):
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
         ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
-        self._check_local(x, ids)
+        cap = self._checked(x, ids, max_tokens)  # a failure here is reported to the peers first
         T, H, W = x.shape[0], self.cfg.hidden, self.world
         if self.static_shapes:
-            cap = self._static_cap(T, max_tokens)
             if self.host_checks(x):  # eager calls: the checks of a counted call; captures skip them
                 self._exchange(x, ids, cap=cap)
             counts = None

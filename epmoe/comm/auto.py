@@ -20,7 +20,7 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -162,6 +162,14 @@ class AutoComm(CommBackend):
         if self.allowed is not None or capturing(x):
             return x.shape[0]
         return max(t for (t,) in agree(self.group, "comm 'auto'", {}, [x.shape[0]], device=self.device))
+
+    def fail(self, failure: BaseException, device: torch.device) -> NoReturn:
+        """Report `failure` in the exchange this call's peers enter first: auto's agreement on T
+        (with a ladder), else the one candidate's own (`CommBackend.fail`)."""
+        if self.world > 1 and self.ladder is not None and self.allowed is None and not (
+                device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            agree(self.group, "comm 'auto'", {}, [0], device=self.device, failure=failure)
+        self._current.fail(failure, device)
 
     def pick(self, tokens: int) -> CommBackend:
         """The candidate for a call whose ranks hold at most `tokens` tokens each."""

@@ -19,12 +19,12 @@ import dataclasses
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 
 from epmoe.config import MoEConfig
-from epmoe.group import Placement, RankGroup
+from epmoe.group import PeerFailedError, Placement, RankGroup
 from epmoe.ops.combine import count_experts
 from epmoe.routing import Routing
 
@@ -156,22 +156,66 @@ def config_code(cfg: MoEConfig) -> int:
     return zlib.crc32(repr(cfg).encode())
 
 
+FAILURE_INTS = 16  # the failure slot of an agreement row: a flag and 15 int64 of message text (120 bytes)
+
+
+def failure_ints(failure: BaseException | str | None) -> list[int]:
+    """A rank's failure as the ints it sends in an agreement row: [1, text...] (the exception's
+    type and the start of its message, utf-8, 8 bytes per int) or [0, 0...] when it did not fail."""
+    if failure is None:
+        return [0] * FAILURE_INTS
+    text = failure if isinstance(failure, str) else f"{type(failure).__name__}: {failure}"
+    raw = text.encode()[: 8 * (FAILURE_INTS - 1)].ljust(8 * (FAILURE_INTS - 1), b"\0")
+    return [1] + [int.from_bytes(raw[i : i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
+
+
+def failure_text(ints: Sequence[int]) -> str:
+    """The message text `failure_ints` packed (cut at 120 bytes)."""
+    raw = b"".join(int(v).to_bytes(8, "little", signed=True) for v in ints[1:FAILURE_INTS])
+    return raw.rstrip(b"\0").decode(errors="replace")
+
+
 def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Sequence[int] = (), *,
           device: torch.device | str = "cpu", shown: Mapping[str, Callable[[int], str]] | None = None,
-          report: Callable[[list[list[int]]], list[str]] | None = None, fix: str = "") -> list[list[int]]:
+          report: Callable[[list[list[int]]], list[str]] | None = None, fix: str = "",
+          failure: BaseException | str | None = None) -> list[list[int]]:
     """The cross-rank agreement of every backend that exchanges anything: one all_gather_ints of
-    this rank's `fields` (name -> an int every rank must share) followed by `mine` (this rank's
-    own ints: token counts, error flags), then a ValueError raised alike on every rank (so no
-    rank is left waiting in a later collective or on a flag):
+    this rank's failure slot (`failure_ints`), its `fields` (name -> an int every rank must
+    share) and `mine` (this rank's own ints: token counts, error flags), then an error raised
+    alike on every rank (so no rank is left waiting in a later collective or on a flag).
+
+    failure: this rank failed its own checks before the exchange (an exception or a reason); it
+    still takes part (its fields and `mine` may be zeros, every rank must send as many) so its
+    peers learn it: they raise `PeerFailedError`
+
+        "{who}: rank 1 failed its own checks, so no rank goes ahead: ValueError: router_logits ..."
+
+    and the failing rank re-raises `failure` itself (a str becomes a ValueError). When no rank
+    failed, ranks whose fields differ raise a ValueError on every rank:
 
         "{who}: ranks [2] differ from rank 0 on payload (rank 0: bf16, ..., rank 2: fp8); <report>. {fix}"
 
     shown: field -> how a value reads in the message (default: the int). report(table): further
     problems found in every rank's `mine` ints (table[r] = rank r's). Returns every rank's `mine`
-    ints. With no group or one rank nothing is exchanged, but `report` still runs."""
-    row = [int(v) for v in fields.values()] + [int(v) for v in mine]
+    ints. With no group or one rank nothing is exchanged, but `failure` and `report` still raise."""
+    row = failure_ints(failure) + [int(v) for v in fields.values()] + [int(v) for v in mine]
     world = group.world if group is not None else 1
     table = group.all_gather_ints(row, device=device) if world > 1 else [row]
+    lengths = {len(r) for r in table}
+    if len(lengths) > 1:  # ranks in different agreements (different backends or call kinds)
+        text = ", ".join(f"rank {r}: {len(t)} ints" for r, t in enumerate(table))
+        raise ValueError(f"{who}: ranks exchanged agreement rows of different lengths ({text}): they run "
+                         "different comm backends, layouts or calls. Build every rank's layer alike and call "
+                         "it on every rank")
+    failed = {r: failure_text(t[:FAILURE_INTS]) for r, t in enumerate(table) if t[0]}
+    if failure is not None:
+        raise failure if isinstance(failure, BaseException) else ValueError(f"{who}: {failure}")
+    if failed:
+        ranks = sorted(failed)
+        text = "; ".join(f"rank {r}: {why}" for r, why in failed.items())
+        raise PeerFailedError(f"{who}: rank{'s' if len(ranks) > 1 else ''} {ranks if len(ranks) > 1 else ranks[0]} "
+                              f"failed its own checks, so no rank goes ahead ({text})", ranks, failed)
+    table = [t[FAILURE_INTS:] for t in table]
     n = len(fields)
     problems = []
     for i, name in enumerate(fields):
@@ -275,6 +319,13 @@ class CommBackend:
 
     def after_replay(self) -> None:
         """What the layer calls after a CUDA-graph replay (nothing here)."""
+
+    def fail(self, failure: BaseException, device: torch.device) -> NoReturn:
+        """This rank failed its checks of a call before dispatch: tell the peers, which are
+        entering this call's first exchange, then raise `failure`. Here: nothing to tell (no
+        per-call exchange; a backend whose waits are bounded lets its peers time out). Backends
+        with a per-call agreement override it to take part in that agreement with the failure."""
+        raise failure
 
     def placement_on(self, device: torch.device) -> Placement:
         """The placement map on `device`: the construction device's copy (made in __init__), any

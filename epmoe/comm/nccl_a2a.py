@@ -80,7 +80,7 @@ class NcclA2AComm(WireBackend):
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
         ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
-        self._check_local(x, ids)
+        cap = self._checked(x, ids, max_tokens)  # a failure here is reported to the peers first
         T, H, W, me = x.shape[0], self.cfg.hidden, self.world, self.rank
         dev = x.device
         p = self.placement_on(dev)
@@ -90,7 +90,6 @@ class NcclA2AComm(WireBackend):
         hit = (dest.unsqueeze(-1) == ranks).any(dim=1)  # [T, W]
         pos = hit.long().cumsum(0) - 1  # [T, W] position of t among rank r's rows
         if self.static_shapes:
-            cap = self._static_cap(T, max_tokens)
             if self.host_checks(x):  # eager calls: the checks of a counted call; captures skip them
                 self._exchange(x, ids, [0] * W, cap=cap)
             send_splits, recv_splits = [cap] * W, [cap] * W

@@ -6,8 +6,11 @@ collective moves the payload, its scales and the routing of the token together:
     row = [ payload bytes | scale bytes (quantized payloads) | ids int32 [K] | weights fp32 [K] ]
 
 `WireBackend` holds what `allgather` and `nccl_a2a` share: the options, the check that every
-rank called with the same config (folded into the count exchange, so it costs no extra
-collective), and the fp32 rank-order reduction at the home rank.
+rank called with the same config and call number (folded into the count exchange, so it costs
+no extra collective), and the fp32 rank-order reduction at the home rank. A rank whose own
+checks of a call fail (or the layer's, before dispatch: `fail`) still takes part in that
+exchange, its failure in the row, so every peer raises `PeerFailedError` naming it instead of
+waiting in the next collective.
 
 Host syncs and CUDA graphs: by default each call exchanges counts (and the config check) on the
 host, so both backends declare `needs_host_sync = True`. With `static_shapes=True` (and
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -118,6 +121,7 @@ class WireBackend(CommBackend):
         self.static_shapes = o.static_shapes
         self.needs_host_sync = not self.static_shapes  # type: ignore[misc]
         self.input_scale = check_input_scale(o.input_scale, self.payload)
+        self.calls = 0  # count exchanges so far: an agreed field, so a rank that skipped a call is named
         # on the construction device now, so no first call copies it inside a graph capture
         self._scales: dict[torch.device, torch.Tensor] = (
             {} if self.input_scale is None else {self.device: self.input_scale.to(self.device)})
@@ -160,20 +164,29 @@ class WireBackend(CommBackend):
         rank passes alike; eager calls check that in the exchange) or max_tokens_per_rank."""
         return call_bound(max_tokens, T, self.max_tokens_per_rank, f"comm {self.name!r} on rank {self.rank}")
 
-    def _exchange(self, x: torch.Tensor, ids: torch.Tensor, counts: Sequence[int] = (), cap: int = 0
-                  ) -> list[list[int]]:
-        """One all-gather (`agree`) of what every rank must share, this rank's T and whether its
-        routing ids are bad, and `counts`; raises the same ValueError on every rank when ranks
-        disagree, so no rank is left waiting in a later collective. cap: a static-shape call's
-        rows per rank pair (0 otherwise). Returns each rank's `counts` part."""
-        T, E = x.shape[0], self.cfg.num_experts
-        bad = int(bool(((ids < -1) | (ids >= E)).any())) if ids.numel() else 0
+    def _exchange(self, x: torch.Tensor, ids: torch.Tensor, counts: Sequence[int] = (), cap: int = 0,
+                  failure: BaseException | None = None) -> list[list[int]]:
+        """One all-gather (`agree`) of what every rank must share, this rank's T, whether its
+        routing ids are bad, and `counts` (up to W ints); raises the same error on every rank
+        when ranks disagree or one failed (`failure`: this rank's own check failed, which it
+        reports here instead of leaving its peers in the exchange), so no rank is left waiting
+        in a later collective. cap: a static-shape call's rows per rank pair (0 otherwise).
+        Returns each rank's `counts` part (W ints, zero-padded)."""
+        E, W = self.cfg.num_experts, self.world
+        self.calls += 1
+        if failure is None:
+            T = x.shape[0]
+            bad = int(bool(((ids < -1) | (ids >= E)).any())) if ids.numel() else 0
+            shape = {"hidden": x.shape[1], "top_k": ids.shape[1], "x dtype": _X_DTYPES.index(x.dtype)}
+        else:  # x may be anything here: zeros stand in, the failure is what the peers read
+            T, bad, counts = 0, 0, ()
+            shape = {"hidden": 0, "top_k": 0, "x dtype": 0}
         fields = {
-            "hidden": x.shape[1], "top_k": ids.shape[1], "experts": E, "config": config_code(self.cfg),
-            "x dtype": _X_DTYPES.index(x.dtype), "payload": PAYLOADS.index(self.payload),
+            **shape, "experts": E, "config": config_code(self.cfg), "payload": PAYLOADS.index(self.payload),
             "combine dtype": 0 if self.combine_dtype == torch.float32 else 1,
             "max_tokens_per_rank": self.max_tokens_per_rank or 0, "static_shapes": int(self.static_shapes),
             "input_scale": scale_code(self.input_scale), "max_tokens of the call": cap,
+            "call number (a rank skipped a call)": self.calls,
         }
         limit = self.max_tokens_per_rank
 
@@ -188,11 +201,31 @@ class WireBackend(CommBackend):
                                 f"({[table[r][0] for r in over]})")
             return problems
 
+        counts = [*counts, *[0] * (W - len(counts))]
         table = agree(self.group, f"comm {self.name!r} on rank {self.rank}", fields, [T, bad, *counts],
-                      device=x.device, shown={"input_scale": scale_text}, report=report,
+                      device=x.device, shown={"input_scale": scale_text}, report=report, failure=failure,
                       fix="Every rank must build the layer with the same MoEConfig and options and pass x [T, H] "
                           "with valid routing")
         return [row[2:] for row in table]
+
+    def fail(self, failure: BaseException, device: torch.device) -> NoReturn:
+        """Take part in this call's count exchange with `failure` (peers raise `PeerFailedError`
+        naming this rank and its reason), then raise it; on one rank or while a CUDA graph is
+        captured (no exchange) just raise it."""
+        if self.world > 1 and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self._exchange(torch.empty(0, 0, device=device), torch.empty(0, 0, dtype=torch.int32, device=device),
+                           failure=failure)
+        raise failure
+
+    def _checked(self, x: torch.Tensor, ids: torch.Tensor, max_tokens: int | None) -> int:
+        """This rank's own checks of a call (`_check_local`, and a static call's bound): a failure
+        travels in the count exchange (`fail`), so the peers raise too. Returns a static call's
+        rows per rank pair (0 otherwise)."""
+        try:
+            self._check_local(x, ids)
+            return self._static_cap(x.shape[0], max_tokens) if self.static_shapes else 0
+        except Exception as exc:  # noqa: BLE001 - re-raised by fail on this rank, reported to its peers
+            self.fail(exc, x.device)
 
     # ---- combine helpers --------------------------------------------------------------------
 
