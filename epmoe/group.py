@@ -1,7 +1,7 @@
 """Expert-parallel rank groups and expert placement.
 
 Comm backends talk to other ranks only through the small collective interface of `RankGroup`:
-`all_reduce`, `all_gather`, `all_gather_v`, `all_to_all_v`, `reduce_scatter_v`, `barrier`.
+`all_reduce`, `all_gather`, `all_to_all_v`, `barrier` (and `all_gather_ints`, built on all_gather).
 
 - `EPGroup` implements it over a torch.distributed process group (NCCL on GPUs, gloo on CPU).
 - `VirtualGroup(W)` runs W ranks inside one process, one Python thread per rank, and
@@ -117,34 +117,6 @@ class RankGroup:
         raise NotImplementedError
 
     # Derived collectives, shared by every implementation.
-
-    def all_gather_v(self, t: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """Concatenate every rank's rows in rank order; rank r holds counts[r] rows.
-
-        Implemented as one padded all-gather of max(counts) rows per rank, then a compaction:
-        one collective call instead of W broadcasts.
-        """
-        counts = [int(c) for c in counts]
-        if t.shape[0] != counts[self.rank]:
-            raise ValueError(f"rank {self.rank} holds {t.shape[0]} rows, counts say {counts[self.rank]}")
-        cap = max(counts) if counts else 0
-        padded = t.new_zeros((cap, *t.shape[1:]))
-        padded[: t.shape[0]] = t
-        gathered = self.all_gather(padded)  # [W, cap, ...]
-        return torch.cat([gathered[r, : counts[r]] for r in range(self.world)])
-
-    def reduce_scatter_v(self, t: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """Sum over ranks of t [sum(counts), ...]; rank r keeps rows of block r.
-
-        Sums in rank order in t's dtype (pass fp32 for the combine rule), so the result does
-        not depend on the transport's reduction order.
-        """
-        counts = [int(c) for c in counts]
-        if t.shape[0] != sum(counts):
-            raise ValueError(f"reduce_scatter_v got {t.shape[0]} rows, counts sum to {sum(counts)}")
-        mine = counts[self.rank]
-        recv = self.all_to_all_v(t, counts, [mine] * self.world)
-        return recv.view(self.world, mine, *t.shape[1:]).sum(dim=0) if mine else recv[:0]
 
     def all_gather_ints(self, values: Sequence[int], device: torch.device | str = "cpu") -> list[list[int]]:
         """Exchange a short list of ints with every rank (one host sync)."""
