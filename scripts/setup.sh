@@ -3,8 +3,7 @@
 # Idempotent: a second run only re-installs epmoe itself when pyproject.toml changed.
 # Says what it installs and roughly how long each step takes (the first run: a few minutes,
 # most of it downloading torch and triton); QUIET=1 silences the progress lines.
-# VENV, TRITON_VERSION and EXTRAS choose another environment: scripts/test.sh also keeps
-# .venv-triton-new, the newest Triton release that pyproject.toml allows, for the kernel tests.
+# VENV, TRITON_VERSION and EXTRAS choose another environment (the stamp records the last two).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CI test run: lint, the Triton kernel tests (the CPU interpreter) under the newest Triton
-# release pyproject.toml allows, in .venv-triton-new (set up once and kept between runs, like
-# .venv), then the whole CPU test suite in .venv (Triton 3.6). Fails when either pytest run
+# release pyproject.toml allows, in .venv-triton-new (scripts/setup_triton_new.sh: that Triton
+# over .venv's packages, set up once and kept between runs), then the whole CPU test suite in
+# .venv (Triton 3.6). Fails when either pytest run
 # fails or collects no test. Arguments go to the whole suite's pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ bash scripts/setup.sh || exit 1
 "$VENV/bin/ruff" check epmoe tests || exit 1
 
 start=$SECONDS
-VENV=$NEW_VENV TRITON_VERSION=$NEW_TRITON EXTRAS=test bash scripts/setup.sh || exit 1
+NEW_VENV=$NEW_VENV bash scripts/setup_triton_new.sh "$NEW_TRITON" || exit 1
 versions=$("$NEW_VENV/bin/python" -c 'import torch, triton; print(f"Triton {triton.__version__}, torch {torch.__version__}")')
 echo "kernel tests under $versions"
 run_pytest "$NEW_VENV/bin/python" -p no:cacheprovider "${KERNEL_TESTS[@]}"
