@@ -2,8 +2,8 @@
 # The CI test run: lint, the Triton kernel tests (the CPU interpreter) under the newest Triton
 # release pyproject.toml allows, in .venv-triton-new (scripts/setup_triton_new.sh: that Triton
 # over .venv's packages, set up once and kept between runs), then the whole CPU test suite in
-# .venv (Triton 3.6). Fails when either pytest run
-# fails or collects no test. Arguments go to the whole suite's pytest.
+# .venv (Triton 3.6). Fails when either pytest run fails or collects no test. Arguments go to
+# the whole suite's pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
