@@ -190,7 +190,8 @@ class MoELayerWeights:
 
     experts:         this rank's experts by local index (global ids in `expert_ids`).
     expert_ids:      [E_local] int64 global expert ids.
-    format:          "bf16", "fp8", "fp8_block" or "nvfp4".
+    format:          the experts' format as loaded (ExpertWeights.format): their dtype for
+                     unquantized weights ("bf16", "fp16", "fp32"), else "fp8", "fp8_block" or "nvfp4".
     gate:            [E, H] router weight (checkpoint dtype) or None.
     gate_bias:       [E] router bias (GPT-OSS) or None.
     correction_bias: [E] fp32 `e_score_correction_bias` or None.
@@ -473,9 +474,9 @@ def load_moe_layer(
             experts, input_scales = _load_per_expert(files, lay, cfg, ids)
         if check_finite:
             _check_finite(files, lay, experts, ids)
-        if dtype is not None and experts.format == "bf16":
+        if dtype is not None and lay.format == "bf16":  # unquantized, in any float dtype
             experts = ExpertWeights(experts.w13.to(dtype), experts.w2.to(dtype), experts.b13, experts.b2)
-        out = MoELayerWeights(experts, ids, lay.format, input_scales=input_scales)
+        out = MoELayerWeights(experts, ids, experts.format, input_scales=input_scales)
         _load_router(files, lay, cfg, out)
         out.shared = _load_shared(files, lay, cfg, dtype or (None if lay.format == "bf16" else torch.float32))
     finally:

@@ -37,7 +37,10 @@ from epmoe.comm import COMM_BACKENDS, CommBackend
 from epmoe.comm.payload import PAYLOADS
 from epmoe.config import ROUTINGS
 from epmoe.experts import RUNNERS
+from epmoe.experts.base import weight_family
 
+# The weight formats the table enumerates: "bf16" stands for the unquantized family (bf16, fp16
+# and fp32 weights are matched alike, see experts.base.weight_family).
 WEIGHT_FORMATS = ("bf16", "fp8", "fp8_block", "nvfp4")
 LAYOUTS = ("dp", "tp")
 DEVICES = ("cpu", "cuda")
@@ -51,9 +54,11 @@ class Combo:
     """One way to run a layer.
 
     comm, runner: registry names. payload: what dispatch moves ("bf16" = activations as they
-    are). weights: expert weight format. layout: "dp" or "tp". world: EP ranks. device:
-    "cpu" or "cuda". graph: captured in a CUDA graph. nodes: hosts the ranks span. routing:
-    one of ROUTING_MODES. static_shapes: the comm backend's `static_shapes` option is set.
+    are). weights: expert weight format (ExpertWeights.format: "bf16", "fp16", "fp32", "fp8",
+    "fp8_block" or "nvfp4"; the three float dtypes are held to the same rules). layout: "dp"
+    or "tp". world: EP ranks. device: "cpu" or "cuda". graph: captured in a CUDA graph. nodes:
+    hosts the ranks span. routing: one of ROUTING_MODES. static_shapes: the comm backend's
+    `static_shapes` option is set.
     """
 
     comm: str = "none"
@@ -125,7 +130,7 @@ def _runner_rules(c: Combo, runner: type) -> str | None:
     """The reason the expert runner class `runner` cannot run `c`, or None."""
     if c.device not in runner.devices:
         return f"runner {c.runner!r} runs on {'/'.join(runner.devices)}, not {c.device}"
-    if c.weights not in runner.formats:
+    if weight_family(c.weights) not in runner.formats:
         return f"runner {c.runner!r} computes {'/'.join(runner.formats)} weights, not {c.weights}"
     if c.graph and runner.needs_host_sync:
         return f"runner {c.runner!r} reads counts on the host, which a CUDA graph cannot hold"

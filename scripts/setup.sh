@@ -3,12 +3,18 @@
 # Idempotent: a second run only re-installs epmoe itself when pyproject.toml changed.
 # Says what it installs and roughly how long each step takes (the first run: a few minutes,
 # most of it downloading torch and triton); QUIET=1 silences the progress lines.
+# VENV, TRITON_VERSION and EXTRAS choose another environment (the stamp records the last two).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+# Triton 3.6 matches the GPU machines the kernels are tuned on; its interpreter runs on the CPU.
+TRITON_VERSION=${TRITON_VERSION:-3.6.0}
+EXTRAS=${EXTRAS:-test,bench}
 stamp="$VENV/.epmoe-setup"
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/setup.sh ]; then
+want="triton $TRITON_VERSION, extras $EXTRAS"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/setup.sh ] \
+        && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 say() { [ -n "${QUIET:-}" ] || echo "setup: $*" >&2; }
@@ -33,19 +39,18 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
 else
     say "[3/5] PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already installed"
 fi
-# Triton 3.6 matches the GPU machines the kernels are tuned on; its interpreter runs on the CPU.
 triton_version=$("$VENV/bin/python" -c 'import triton; print(triton.__version__)' 2>/dev/null || true)
-if [ "$triton_version" = 3.6.0 ]; then
-    say "[4/5] Triton 3.6.0 already installed"
+if [ "$triton_version" = "$TRITON_VERSION" ]; then
+    say "[4/5] Triton $TRITON_VERSION already installed"
 elif [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
-    say "[4/5] Triton 3.6 (about 150 MB: under a minute to a few)"
-    pip install -q "triton==3.6.0" 2>/dev/null || pip install -q "triton>=3.6,<3.10"
+    say "[4/5] Triton $TRITON_VERSION (about 150 MB: under a minute to a few)"
+    pip install -q "triton==$TRITON_VERSION" 2>/dev/null || pip install -q "triton>=3.6,<3.10"
     done_step
 else
     say "[4/5] no Triton wheel for $(uname -s) $(uname -m): skipped"
 fi
-say "[5/5] epmoe (editable) with its test and bench extras: transformers, pytest, hypothesis, ruff, matplotlib, tqdm (about 100 MB: 1-2 min)"
-pip install -q -e ".[test,bench]"
+say "[5/5] epmoe (editable) with its extras [$EXTRAS] (test: transformers, pytest, hypothesis, ruff; bench: matplotlib, tqdm; about 100 MB: 1-2 min)"
+pip install -q -e ".[$EXTRAS]"
 done_step
-touch "$stamp"
+echo "$want" > "$stamp"
 say "ready: $VENV ($(( SECONDS )) s in all)"

@@ -29,9 +29,8 @@ from epmoe.quant import (
 )
 from epmoe.routing import route
 from tests.dist import run_ranks
-from tests.test_triton_runner import _fix_interpreter_scalar_index
 
-_fix_interpreter_scalar_index()  # the Triton runner runs on the CPU through the interpreter
+# (the Triton runner runs on the CPU through the interpreter: tests/conftest.py fixes its scalar index)
 
 LAYER = 3
 # DeepSeek-style layer at test size: grouped sigmoid routing with correction bias, one shared
@@ -430,6 +429,22 @@ def test_zero_input_scale_falls_back_to_layer_max(tmp_path):
     assert torch.isfinite(quantize_activations(_inputs(DS), "nvfp4", s.max()).dequantize()).all()
     with pytest.warns(UserWarning, match=r"experts \[1\]"):
         load_moe_layer(b.path, DS, LAYER, rank=0, world=2)
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(torch.float32, "fp32"), (torch.float16, "fp16")])
+def test_float_checkpoints_report_their_dtype(tmp_path, dtype, name):
+    """fp32 / fp16 expert tensors load as they are stored and say so (they used to report bf16);
+    dtype= casts them and the format follows."""
+    def cast(t):
+        for k in [k for k in t if ".experts." in k]:
+            t[k] = t[k].to(dtype)
+
+    b = build(tmp_path / "a", "bf16", edit=cast)
+    ck = load_moe_layer(b.path, DS, LAYER)
+    assert ck.experts.w13.dtype == dtype and ck.format == ck.experts.format == name
+    cast_ck = load_moe_layer(b.path, DS, LAYER, dtype=torch.bfloat16)
+    assert cast_ck.experts.w13.dtype == torch.bfloat16 and cast_ck.format == "bf16"
+    assert load_moe_layer(build(tmp_path / "b", "bf16").path, DS, LAYER, dtype=dtype).format == name
 
 
 def test_not_divisible_unrecognised_and_mismatched(tmp_path):

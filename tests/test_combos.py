@@ -2,6 +2,7 @@
 invalid ones raise the table's reason. A new backend, runner or format is covered by registering
 it; a new format needs one entry in `make_weights` / `PAYLOAD_TOL`."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -102,7 +103,10 @@ def _one(group, c: Combo, full: ExpertWeights, device: torch.device, dtype: torc
                                  correction_bias=None if bias is None else bias.to(device))
     y = torch.full(x.shape, float("nan"), dtype=dtype, device=device)
     y.copy_(_call(layer, x.to(device, dtype), logits.to(device), c.routing))
-    assert layer.combo == c, (layer.combo, c)
+    # the table's "bf16" stands for unquantized weights; the layer's combo names their dtype
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    shown = names[dtype] if c.weights == "bf16" else None
+    assert layer.combo == (replace(c, weights=shown) if shown else c), (layer.combo, c)
     ref = _call(MoELayer(cfg, weights, correction_bias=bias), x, logits, c.routing)
     scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
     err = (y.float().cpu() - ref).abs().max().item() / scale if ref.numel() else 0.0
@@ -280,3 +284,19 @@ def test_rules_read_declared_capabilities_not_names(monkeypatch):
     assert pick_runner("cpu", "fp8") == "reference"  # the fast one does not compute fp8 weights
     with pytest.raises(ValueError, match="no registered runner computes nvfp4 weights on cpu inside a CUDA graph"):
         pick_runner("cpu", "nvfp4", graph=True)
+    assert pick_runner("cpu", "fp32") == pick_runner("cpu", "fp16") == "fast_bf16"  # "bf16" = the float family
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp32"])
+def test_unquantized_formats_are_one_family_in_the_table(fmt):
+    """fp32 and fp16 weights name their dtype in a Combo and are held to the rules of "bf16"."""
+    from epmoe.select import ensure, pick_runner
+
+    for runner in ("reference", "triton"):
+        for device in ("cpu", "cuda"):
+            base = Combo(runner=runner, device=device, weights="bf16")
+            assert check(replace(base, weights=fmt)) == check(base)
+    assert pick_runner("cpu", fmt) == "reference" and pick_runner("cuda", fmt) == "triton"
+    ensure(Combo(weights=fmt))
+    ok, reason = check(Combo(runner="triton", weights=fmt))
+    assert not ok and "runs on cuda, not cpu" in reason

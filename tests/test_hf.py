@@ -363,7 +363,7 @@ def test_patch_model_defaults(monkeypatch):
     monkeypatch.setattr(epmoe.layer, "pick_runner", lambda *a, **k: asked.append(a) or pick(*a, **k))
     model = build_model("olmoe")
     names = patch_model(model)
-    assert asked == [("cpu", "bf16")] * len(names)
+    assert asked == [("cpu", "fp32")] * len(names)
     moe = model.get_submodule(names[0]).moe
     assert (moe.combo.comm, moe.combo.runner, moe.layout) == ("none", "reference", "dp")
     assert "picks=hf, comm=none, runner=reference" in repr(model.get_submodule(names[0]))

@@ -239,10 +239,25 @@ def test_default_runner_is_auto_and_reference_on_cpu(monkeypatch):
     asked = []
     monkeypatch.setattr(layer_module, "pick_runner", lambda *a, **k: asked.append(a) or "reference")
     MoELayer(cfg, w)
-    assert asked == [("cpu", "bf16")]  # the default goes through select.pick_runner
+    assert asked == [("cpu", "fp32")]  # the default goes through select.pick_runner
     monkeypatch.undo()
     q = ExpertWeights(quantize_weights(w.w13, "fp8"), quantize_weights(w.w2, "fp8"))
     assert MoELayer(cfg, q).combo.runner == "reference"
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(torch.float32, "fp32"), (torch.float16, "fp16"),
+                                             (torch.bfloat16, "bf16")])
+def test_weight_format_names_the_dtype(dtype, name):
+    """Unquantized weights report their own dtype (the format, the combo, the repr) and run alike."""
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    w = ExpertWeights.random(cfg, 4, dtype=dtype)
+    assert w.format == name
+    layer = MoELayer(cfg, w)
+    assert layer.combo.weights == name and layer.combo.runner == "reference"
+    assert f"weights={name}" in repr(layer)
+    x = torch.randn(5, 16, dtype=dtype)
+    ref = MoELayer(cfg, ExpertWeights(w.w13.float(), w.w2.float()))(x.float(), torch.zeros(5, 4))
+    torch.testing.assert_close(layer(x, torch.zeros(5, 4)).float(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_non_float_weights_are_refused():
@@ -338,7 +353,7 @@ def test_repr_names_shapes_comm_runner_and_ranks():
     text = repr(MoELayer(cfg, weights, shared=shared, correction_bias=torch.zeros(8)))
     for part in ("hidden=32", "intermediate=16", "experts=8 (8 on this rank)", f"top_k={cfg.top_k}",
                  "routing=sigmoid_bias", "comm=none", "payload=bf16", "runner=reference", "layout=dp",
-                 "rank=0/world=1", "weights=bf16", "shared=1x16"):
+                 "rank=0/world=1", "weights=fp32", "shared=1x16"):
         assert part in text, (part, text)
 
     def ranked(g):

@@ -19,7 +19,24 @@ from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
 from epmoe.registry import Registry
 
-FLOAT_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what "bf16" format means
+# The unquantized weight formats, each named after its dtype. The runners, the selection table
+# (select.WEIGHT_FORMATS, a runner's `formats`) and the tuned tables treat them alike, as the
+# unquantized family keyed "bf16" (see weight_family); what a user sees names the real dtype.
+FLOAT_FORMATS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FLOAT_WEIGHT_DTYPES = tuple(FLOAT_FORMATS.values())
+UNQUANTIZED = "bf16"  # the key of the unquantized family in runners' formats and tuned tables
+
+
+def float_format(dtype: torch.dtype) -> str:
+    """The format name of unquantized weights of `dtype` ("bf16", "fp16", "fp32"); other dtypes
+    (refused by ExpertWeights.check) by their torch name, e.g. "int8"."""
+    return next((k for k, v in FLOAT_FORMATS.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
+def weight_family(fmt: str) -> str:
+    """The format runners, the selection table and tuned tables key on: "bf16" for every
+    unquantized float format ("bf16", "fp16", "fp32"), else `fmt` itself ("fp8", ...)."""
+    return UNQUANTIZED if fmt in FLOAT_FORMATS else fmt
 
 
 def as_float(t: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -44,8 +61,10 @@ class ExpertWeights:
 
     @property
     def format(self) -> str:
-        """"bf16" for plain floating-point weights (any float dtype), else the quantized format."""
-        return "bf16" if isinstance(self.w13, torch.Tensor) else self.w13.format
+        """The weights' format: their dtype for plain tensors ("bf16", "fp16", "fp32"), else the
+        quantized format ("fp8", "fp8_block", "nvfp4"). weight_family(format) is what runners
+        and the selection table match against their `formats`."""
+        return float_format(self.w13.dtype) if isinstance(self.w13, torch.Tensor) else self.w13.format
 
     @property
     def device(self) -> torch.device:
@@ -114,7 +133,8 @@ class ExpertRunner:
     activation dtype, one row per pair (padding pairs: undefined rows), no router weights.
 
     Every runner declares itself (the registry refuses one that leaves any to this class):
-        formats:         weight formats it accepts ("bf16" = any unquantized float dtype)
+        formats:         weight formats it accepts ("bf16" = the unquantized family: bf16, fp16
+                         and fp32 weights alike; see weight_family)
         devices:         "cpu" / "cuda"
         needs_host_sync: whether a call reads device values on the host
         priority:        higher = faster; select.py picks the highest-priority runner that fits

@@ -41,7 +41,7 @@ import torch
 
 from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
-from epmoe.experts.base import ExpertRunner, ExpertWeights, register_runner
+from epmoe.experts.base import ExpertRunner, ExpertWeights, register_runner, weight_family
 from epmoe.experts.triton_prepare import prepare_triton
 from epmoe.experts.tuning import (
     ExpertsConfig,
@@ -271,7 +271,8 @@ def triton_experts(
     if M == 0:
         return out
     if config is None:
-        config = select_config(weights.format, M, E, H, I, cfg.top_k, expert_ids.device, decode, options.tuning_dir)
+        config = select_config(weight_family(weights.format), M, E, H, I, cfg.top_k, expert_ids.device, decode,
+                               options.tuning_dir)
     a_fp8 = activation_quant(weights.format, config) is not None
     if a_fp8 and config.block_m > FP8_MAX_BLOCK_M:
         config = dataclasses.replace(config, block_m=FP8_MAX_BLOCK_M)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from epmoe.config import MoEConfig
-from epmoe.experts.base import ExpertWeights
+from epmoe.experts.base import ExpertWeights, weight_family
 from epmoe.quant import FP8_BLOCK, FP8_DTYPE, FP8_MAX, NVFP4_BLOCK, QuantizedTensor, pack_e2m1, round_e2m1, unpack_e2m1
 from epmoe.util import cdiv
 
@@ -31,7 +31,7 @@ def prepare_triton(weights: ExpertWeights, cfg: MoEConfig) -> ExpertWeights:
     that had a smaller one; the bounds on that extra rounding are in their docstrings and
     docs/formats.md.
     """
-    if weights.format == "bf16":
+    if weight_family(weights.format) == "bf16":  # unquantized: bf16, fp16 or fp32
         return ExpertWeights(weights.w13.contiguous(), weights.w2.contiguous(), weights.b13, weights.b2)
     fix = _merge_nvfp4_globals if weights.format == "nvfp4" else _merge_fp8_scales
     return ExpertWeights(fix(weights.w13), fix(weights.w2), weights.b13, weights.b2)

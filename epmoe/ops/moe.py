@@ -50,7 +50,9 @@ def _layer(i: int) -> _Layer:
     return layer
 
 
-@torch.library.custom_op("epmoe::moe_forward", mutates_args=())
+# The schema is spelled out: torch < 2.5 cannot infer one from postponed (string) annotations.
+@torch.library.custom_op("epmoe::moe_forward", mutates_args=(),
+                         schema="(Tensor x, Tensor? router_logits, Tensor? ids, Tensor? weights, int layer) -> Tensor")
 def moe_forward(x: torch.Tensor, router_logits: torch.Tensor | None, ids: torch.Tensor | None,
                 weights: torch.Tensor | None, layer: int) -> torch.Tensor:
     """One eager forward of the registered layer `layer` (see the module docstring)."""
