@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from epmoe.comm.base import CommBackend
-from epmoe.routing import Routing, check_routing
+from epmoe.routing import Routing, check_finite_logits, check_routing
 from epmoe.select import check, ensure
 
 if TYPE_CHECKING:
@@ -173,8 +173,8 @@ class LayerGraphs:
         if self.validate:
             if routing is not None:
                 check_routing(routing, layer.cfg.num_experts)
-            elif logits.numel() and not bool(torch.isfinite(logits).all()):
-                raise ValueError("router_logits contain NaN or inf; check the router input")
+            else:
+                check_finite_logits(logits)
         b = self.stage(x, logits, routing, bucket)
         b.graph.replay()
         if layer.auto is not None:

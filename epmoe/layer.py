@@ -29,7 +29,7 @@ from epmoe.experts.activation import activate
 from epmoe.graphs import LayerGraphs, capturing
 from epmoe.group import Placement, RankGroup
 from epmoe.ops.moe import moe_forward, register_layer
-from epmoe.routing import Routing, RoutingCapture, check_correction_bias, check_routing, route
+from epmoe.routing import Routing, RoutingCapture, check_correction_bias, check_finite_logits, check_routing, route
 from epmoe.select import LAYOUTS, Combo, ensure, pick_runner
 
 
@@ -496,8 +496,8 @@ class MoELayer(nn.Module):
             if routing is None:
                 if router_logits is None:
                     router_logits = self._gate_logits(x)
-                if check and router_logits.numel() and not bool(torch.isfinite(router_logits).all()):
-                    raise ValueError("router_logits contain NaN or inf; check the router input")
+                if check:
+                    check_finite_logits(router_logits)
                 # values checked above (logits) and at construction (bias): route reads nothing on the host
                 routing = route(router_logits, cfg, self.correction_bias, num_valid=num_valid, check_values=False)
             elif check:

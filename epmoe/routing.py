@@ -155,6 +155,12 @@ def route(
     return route_torch(router_logits, cfg, correction_bias, num_valid, check_values=check_values)
 
 
+def check_finite_logits(router_logits: torch.Tensor) -> None:
+    """ValueError if the router logits hold NaN or inf (one host read)."""
+    if router_logits.numel() and not bool(torch.isfinite(router_logits).all()):
+        raise ValueError("router_logits contain NaN or inf; check the router input")
+
+
 def check_route_inputs(
     router_logits: torch.Tensor,
     cfg: MoEConfig,
@@ -171,8 +177,8 @@ def check_route_inputs(
     if not router_logits.is_floating_point():
         raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
     capturing = not check_values or (router_logits.is_cuda and torch.cuda.is_current_stream_capturing())
-    if router_logits.numel() and not capturing and not bool(torch.isfinite(router_logits).all()):
-        raise ValueError("router_logits contain NaN or inf; check the router input")
+    if not capturing:
+        check_finite_logits(router_logits)
     if cfg.uses_correction_bias:
         if correction_bias is None:
             raise ValueError(f"routing {cfg.routing!r} needs correction_bias [E]")
