@@ -393,7 +393,8 @@ class MoELayer(nn.Module):
     def _start_call(self) -> None:
         """Count an eager call (its number is agreed by the tp check and named by errors) and
         name it on the group, whose collectives name it when they time out."""
-        self.calls += 1
+        # per-call counters skip nn.Module.__setattr__ (a few us each): they are plain ints
+        object.__setattr__(self, "calls", self.calls + 1)
         if self.group is not None:
             self.group.call = f"MoELayer {self.op_id} call {self.calls}"
 
@@ -438,7 +439,7 @@ class MoELayer(nn.Module):
                       ) -> torch.Tensor:
         """One call on shape-checked inputs: a graph replay where one serves it, else the eager stages
         (what `forward` and the custom op run)."""
-        self._mode = "routed" if routing is not None else self.cfg.routing
+        object.__setattr__(self, "_mode", "routed" if routing is not None else self.cfg.routing)
         tokens = None  # under comm="auto", the largest T over ranks once agreed
         if self.graphs is not None and self.graphs.serves(x, routing):
             tokens = self.auto.agree_tokens(x) if self.auto is not None else None

@@ -45,6 +45,7 @@ from epmoe.experts.base import ExpertRunner, ExpertWeights, register_runner, wei
 from epmoe.experts.triton_prepare import prepare_triton
 from epmoe.experts.tuning import (
     ExpertsConfig,
+    GemmConfig,
     bucket_pairs,
     default_config,
     gluon_decode,
@@ -54,7 +55,14 @@ from epmoe.experts.tuning import (
     select_config,
 )
 from epmoe.experts.tuning import tuning_dir as user_tuning_dir
-from epmoe.ops.grouped_gemm import WEIGHT_FORMAT_CODES, chunk_experts, moe_down, moe_gate_up, quantized_tiles
+from epmoe.ops.grouped_gemm import (
+    WEIGHT_FORMAT_CODES,
+    chunk_experts,
+    moe_down,
+    moe_gate_up,
+    quantized_tiles,
+    weight_launch,
+)
 from epmoe.ops.nvfp4 import mma_tile_ok, nvfp4_decode_pairs, nvfp4_mma, words_ok
 from epmoe.ops.permute import Permutation, permute, permute_grouped
 from epmoe.ops.quant import quantize_fp8_groups_triton
@@ -234,6 +242,110 @@ def _gluon_nvfp4(weights: ExpertWeights, device: torch.device, decode: str) -> b
             and all(words_ok(w.data) and w.scales.stride(-1) == 1 for w in (weights.w13, weights.w2)))
 
 
+@dataclass(frozen=True)
+class CallPlan:
+    """What one call of M pairs runs, decided on the host once per (M, activation kind, layout) and
+    kept by the runner: the tiles, the kernel family and the weight arguments, so a repeated call
+    spends its host time on launches only.
+
+    kernels: "mma" (Gluon tensor-core nvfp4), "decode_pairs" (Gluon CUDA-core nvfp4 pairs) or
+             "gemm" (the grouped GEMMs of ops/grouped_gemm.py)
+    w13 / w2: the weights' kernel arguments (`weight_launch`), None where each call decodes nvfp4
+             weights into the scratch first
+    """
+
+    config: ExpertsConfig
+    kernels: str
+    a_fp8: bool
+    gate_up: GemmConfig
+    down: GemmConfig
+    dot_prec: str
+    pdl: bool
+    scratch_mb: float | None
+    out_dtype: torch.dtype
+    w13: tuple[Any, ...] | None = None
+    w2: tuple[Any, ...] | None = None
+
+
+def plan_call(weights: ExpertWeights, cfg: MoEConfig, hidden: Any, M: int, device: torch.device,
+              options: TritonOptions, config: ExpertsConfig | None = None) -> CallPlan:
+    """The `CallPlan` of a call of M > 0 pairs on `hidden` (its dtype, or its quantized format)."""
+    decode, E, H, I = options.nvfp4_decode, weights.w13.shape[0], cfg.hidden, cfg.intermediate
+    dtype = out_dtype_for(hidden, weights)
+    if config is None:
+        config = select_config(weight_family(weights.format), M, E, H, I, cfg.top_k, device, decode,
+                               options.tuning_dir)
+    a_fp8 = activation_quant(weights.format, config) is not None
+    if a_fp8 and config.block_m > FP8_MAX_BLOCK_M:
+        config = dataclasses.replace(config, block_m=FP8_MAX_BLOCK_M)
+    gluon = _gluon_nvfp4(weights, device, decode)
+    mma = gluon and not a_fp8 and dtype == torch.bfloat16  # the tensor-core decode kernels multiply bf16
+    route = (nvfp4_sorted_kernels(config, mma)
+             if weights.format == "nvfp4" and not config.pair_mode and not config.dequant else "")
+    if route == "tl-default":
+        config = default_config(bucket_pairs(M, cfg.top_k), E, H, I, "nvfp4", pair_mode=False, decode=decode)
+    mma_pairs = (config.pair_mode and nvfp4_mma_pairs(bucket_pairs(M, cfg.top_k), H, I, decode)
+                 and (decode == "mma" or mma_tile_ok(config.gate_up) and mma_tile_ok(config.down)))
+    common = dict(config=config, a_fp8=a_fp8, out_dtype=dtype, dot_prec="ieee" if dtype == torch.float32 else "tf32")
+    if mma and (route == "mma" or mma_pairs):
+        return CallPlan(kernels="mma", gate_up=config.gate_up, down=config.down, scratch_mb=None,
+                        pdl=config.down.pdl and config.pair_mode, **common)
+    dequant = config.dequant and not config.pair_mode  # acts on nvfp4 weights (see ops decode_chunks)
+    g, d = quantized_tiles(config, 0 if dequant and weights.format == "nvfp4"
+                           else WEIGHT_FORMAT_CODES.get(weights.format, 0))
+    pdl = d.pdl and config.pair_mode and device.type == "cuda"
+    if gluon and config.pair_mode:
+        return CallPlan(kernels="decode_pairs", gate_up=g, down=d, scratch_mb=None, pdl=pdl, **common)
+    scratch = options.dequant_scratch_mb if dequant else None
+    w13 = weight_launch(weights.w13, g, config.pair_mode, scratch)
+    w2 = weight_launch(weights.w2, d, config.pair_mode, scratch)
+    return CallPlan(kernels="gemm", gate_up=g, down=d, scratch_mb=scratch, pdl=pdl, w13=w13, w2=w2, **common)
+
+
+def run_plan(plan: CallPlan, hidden: Any, row_ids: torch.Tensor, expert_ids: torch.Tensor,
+             weights: ExpertWeights, cfg: MoEConfig, out: torch.Tensor,
+             expert_counts: torch.Tensor | None = None, expert_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch `plan` on checked inputs (M > 0): out [M, H], rows in pair order."""
+    config, I, w = plan.config, cfg.intermediate, weights
+    if plan.a_fp8:
+        x, xs, stride_xsm, stride_xsg = _fp8_rows(hidden)
+    else:
+        x = hidden.dequantize(plan.out_dtype) if isinstance(hidden, QuantizedTensor) else hidden
+    if config.pair_mode:  # one slot per pair: the kernels read no slot tensors
+        perm = Permutation(expert_ids, expert_ids, expert_ids, 1)
+    elif expert_offsets is not None:
+        perm = permute_grouped(expert_counts, expert_offsets, expert_ids.shape[0], config.block_m)
+    else:
+        perm = permute(expert_ids, w.w13.shape[0], config.block_m)
+    slots = perm.max_blocks * perm.block_m
+    if plan.a_fp8:  # e4m3 activations with one fp32 scale per slot and 128 values
+        act = torch.empty(slots, I, dtype=torch.float8_e4m3fn, device=out.device)
+        act_s = torch.empty(slots, cdiv(I, FP8_BLOCK), dtype=torch.float32, device=out.device)
+    else:
+        act, act_s = torch.empty(slots, I, dtype=plan.out_dtype, device=out.device), None
+    g, d = plan.gate_up, plan.down
+    if plan.kernels == "mma":
+        nvfp4_mma(x, row_ids, expert_ids, perm, w.w13, w.b13, w.w2, w.b2, cfg, act, out, g, d, plan.pdl)
+    elif plan.kernels == "decode_pairs":
+        nvfp4_decode_pairs(x, row_ids, expert_ids, w.w13, w.b13, w.w2, w.b2, cfg, act, out, g, d, plan.pdl)
+    else:
+        moe_gate_up(x, (xs, stride_xsm, stride_xsg) if plan.a_fp8 else None, row_ids, expert_ids, perm, w.w13,
+                    w.b13, act, act_s, cfg, g, dot_prec=plan.dot_prec, pdl=plan.pdl, scratch_mb=plan.scratch_mb,
+                    launch=plan.w13)
+        moe_down(act, act_s, expert_ids, perm, w.w2, w.b2, out, cfg, d, dot_prec=plan.dot_prec, pdl=plan.pdl,
+                 scratch_mb=plan.scratch_mb, launch=plan.w2)
+    return out
+
+
+def _check_grouped_args(expert_counts: torch.Tensor | None, expert_offsets: torch.Tensor | None, E: int,
+                        device: torch.device) -> None:
+    if (expert_offsets is not None) != (expert_counts is not None):
+        raise ValueError("pass expert_counts and expert_offsets together (the grouped layout), or neither")
+    for name, t in (("expert_counts", expert_counts), ("expert_offsets", expert_offsets)):
+        if t is not None and (t.dtype != torch.int32 or tuple(t.shape) != (E,) or t.device != device):
+            raise ValueError(f"{name} must be an int32 [{E}] tensor on {device}")
+
+
 def triton_experts(
     hidden: torch.Tensor | QuantizedTensor,
     row_ids: torch.Tensor,
@@ -253,77 +365,29 @@ def triton_experts(
     of `out` are left as they were. expert_counts and expert_offsets ([E] int32, both or
     neither): the pairs are grouped by expert as Dispatched.expert_offsets describes (checked
     there, trusted here), and the device sort is skipped. options None: `TritonOptions()`
-    (its defaults from the environment).
+    (its defaults from the environment). `TritonRunner` runs the same with its plans cached.
     """
     _check(hidden, row_ids, expert_ids, weights, cfg, out)
     options = TritonOptions() if options is None else options
-    decode, scratch_mb = options.nvfp4_decode, options.dequant_scratch_mb
-    E, H, I, M = weights.w13.shape[0], cfg.hidden, cfg.intermediate, expert_ids.shape[0]
-    grouped = expert_offsets is not None
-    if grouped != (expert_counts is not None):
-        raise ValueError("pass expert_counts and expert_offsets together (the grouped layout), or neither")
-    for name, t in (("expert_counts", expert_counts), ("expert_offsets", expert_offsets)):
-        if grouped and (t.dtype != torch.int32 or tuple(t.shape) != (E,) or t.device != expert_ids.device):
-            raise ValueError(f"{name} must be an int32 [{E}] tensor on {expert_ids.device}")
-    dtype = out_dtype_for(hidden, weights)
+    _check_grouped_args(expert_counts, expert_offsets, weights.w13.shape[0], expert_ids.device)
+    M = expert_ids.shape[0]
     if out is None:
-        out = torch.empty(M, H, dtype=dtype, device=expert_ids.device)
+        out = torch.empty(M, cfg.hidden, dtype=out_dtype_for(hidden, weights), device=expert_ids.device)
     if M == 0:
         return out
-    if config is None:
-        config = select_config(weight_family(weights.format), M, E, H, I, cfg.top_k, expert_ids.device, decode,
-                               options.tuning_dir)
-    a_fp8 = activation_quant(weights.format, config) is not None
-    if a_fp8 and config.block_m > FP8_MAX_BLOCK_M:
-        config = dataclasses.replace(config, block_m=FP8_MAX_BLOCK_M)
-    if a_fp8:
-        x, xs, stride_xsm, stride_xsg = _fp8_rows(hidden)
-    else:
-        x = hidden.dequantize(dtype) if isinstance(hidden, QuantizedTensor) else hidden
-    gluon = _gluon_nvfp4(weights, out.device, decode)
-    mma = gluon and x.dtype == torch.bfloat16  # the tensor-core decode kernels multiply bf16
-    route = (nvfp4_sorted_kernels(config, mma)
-             if weights.format == "nvfp4" and not config.pair_mode and not config.dequant else "")
-    few_rows = route == "mma"
-    if route == "tl-default":
-        config = default_config(bucket_pairs(M, cfg.top_k), E, H, I, "nvfp4", pair_mode=False, decode=decode)
-    if config.pair_mode:  # one slot per pair: the kernels read no slot tensors
-        perm = Permutation(expert_ids, expert_ids, expert_ids, 1)
-    elif grouped:
-        perm = permute_grouped(expert_counts, expert_offsets, M, config.block_m)
-    else:
-        perm = permute(expert_ids, E, config.block_m)
-    slots = perm.max_blocks * perm.block_m
-    if a_fp8:  # e4m3 activations with one fp32 scale per slot and 128 values
-        act = torch.empty(slots, I, dtype=torch.float8_e4m3fn, device=out.device)
-        act_s = torch.empty(slots, cdiv(I, FP8_BLOCK), dtype=torch.float32, device=out.device)
-    else:
-        act, act_s = torch.empty(slots, I, dtype=dtype, device=out.device), None
-    mma_pairs = (config.pair_mode and nvfp4_mma_pairs(bucket_pairs(M, cfg.top_k), H, I, decode)
-                 and (decode == "mma" or mma_tile_ok(config.gate_up) and mma_tile_ok(config.down)))
-    w = weights
-    if mma and (few_rows or mma_pairs):
-        nvfp4_mma(x, row_ids, expert_ids, perm, w.w13, w.b13, w.w2, w.b2, cfg, act, out,
-                  config.gate_up, config.down, config.down.pdl and config.pair_mode)
-        return out
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    dequant = config.dequant and not config.pair_mode  # acts on nvfp4 weights (see ops decode_chunks)
-    g, d = quantized_tiles(config, 0 if dequant and weights.format == "nvfp4"
-                           else WEIGHT_FORMAT_CODES.get(weights.format, 0))
-    pdl = d.pdl and config.pair_mode and out.is_cuda
-    if gluon and config.pair_mode:
-        nvfp4_decode_pairs(x, row_ids, expert_ids, w.w13, w.b13, w.w2, w.b2, cfg, act, out, g, d, pdl)
-        return out
-    scratch = scratch_mb if dequant else None
-    moe_gate_up(x, (xs, stride_xsm, stride_xsg) if a_fp8 else None, row_ids, expert_ids, perm, w.w13, w.b13,
-                act, act_s, cfg, g, dot_prec=prec, pdl=pdl, scratch_mb=scratch)
-    moe_down(act, act_s, expert_ids, perm, w.w2, w.b2, out, cfg, d, dot_prec=prec, pdl=pdl, scratch_mb=scratch)
-    return out
+    plan = plan_call(weights, cfg, hidden, M, out.device, options, config)
+    return run_plan(plan, hidden, row_ids, expert_ids, weights, cfg, out, expert_counts, expert_offsets)
+
+
+# plans one runner keeps (distinct pair counts seen); past it the cache starts over
+MAX_PLANS = 4096
 
 
 @register_runner
 class TritonRunner(ExpertRunner):
-    """Grouped-GEMM runner in Triton; capturable in CUDA graphs (no host sync)."""
+    """Grouped-GEMM runner in Triton; capturable in CUDA graphs (no host sync). The weights are
+    checked once at construction; each call's host work is a dictionary lookup of its `CallPlan`
+    (built on the first call of its pair count) and the launches."""
 
     name = "triton"
     formats = ("bf16", "fp8", "fp8_block", "nvfp4")
@@ -343,12 +407,32 @@ class TritonRunner(ExpertRunner):
                                     None if weights.b13 is None else weights.b13.float().contiguous(),
                                     None if weights.b2 is None else weights.b2.float().contiguous())
         super().__init__(cfg, weights, options)
+        self._plans: dict[tuple[Any, ...], CallPlan] = {}
 
     def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
-        hidden, w = d.hidden, self.weights
-        if isinstance(hidden, torch.Tensor) and isinstance(w.w13, torch.Tensor) and w.w13.dtype != hidden.dtype:
-            raise ValueError(f"hidden is {hidden.dtype} but the weights are {w.w13.dtype}; build the layer "
-                             f"with weights in the activation dtype")
-        return triton_experts(hidden, d.row_ids.contiguous(), d.expert_ids.contiguous(), w, self.cfg, out,
-                              expert_counts=None if d.expert_offsets is None else d.expert_counts.contiguous(),
-                              expert_offsets=d.expert_offsets, options=self.options)
+        hidden, w, cfg = d.hidden, self.weights, self.cfg
+        row_ids, expert_ids, M = d.row_ids.contiguous(), d.expert_ids.contiguous(), d.expert_ids.shape[0]
+        plain = isinstance(hidden, torch.Tensor)
+        key = (M, hidden.dtype if plain else hidden.format, d.expert_offsets is not None, hidden.device,
+               expert_ids.device, hidden.stride(-1) if plain else hidden.data.stride(-1),
+               out is None or (out.shape, out.dtype, out.stride(-1)))
+        plan = self._plans.get(key)
+        if plan is None:  # the first call of its kind: every check, then the plan
+            if plain and isinstance(w.w13, torch.Tensor) and w.w13.dtype != hidden.dtype:
+                raise ValueError(f"hidden is {hidden.dtype} but the weights are {w.w13.dtype}; build the layer "
+                                 f"with weights in the activation dtype")
+            _check(hidden, row_ids, expert_ids, w, cfg, out)
+            if M == 0:
+                return torch.empty(0, cfg.hidden, dtype=out_dtype_for(hidden, w), device=expert_ids.device) \
+                    if out is None else out
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = plan_call(w, cfg, hidden, M, expert_ids.device, self.options)
+        elif hidden.shape[-1] != cfg.hidden or hidden.dim() != 2:  # what the key does not pin
+            raise ValueError(f"hidden must be [N, {cfg.hidden}], got {tuple(hidden.shape)}")
+        if out is None:
+            out = torch.empty(M, cfg.hidden, dtype=plan.out_dtype, device=expert_ids.device)
+        counts = None if d.expert_offsets is None else d.expert_counts.contiguous()
+        if counts is not None:
+            _check_grouped_args(counts, d.expert_offsets, w.w13.shape[0], expert_ids.device)
+        return run_plan(plan, hidden, row_ids, expert_ids, w, cfg, out, counts, d.expert_offsets)

@@ -100,11 +100,12 @@ def local_dispatch_torch(ids: torch.Tensor, placement: Placement, rank: int) -> 
     return LocalPairs(flat, rows, count_experts(flat, placement.local_experts))
 
 
-def local_dispatch(ids: torch.Tensor, placement: Placement, rank: int, impl: str = "auto") -> LocalPairs:
+def local_dispatch(ids: torch.Tensor, placement: Placement, rank: int, impl: str = "auto",
+                   check: bool = True) -> LocalPairs:
     """ids [T, K] int32 global expert ids (-1 = masked pair) -> this rank's pairs. `placement`
     must live on ids' device. impl: "auto" (Triton on CUDA, the torch twin elsewhere), "triton",
-    "torch"."""
-    if ids.dim() != 2 or ids.dtype != torch.int32:
+    "torch". check False: the caller vouches for ids (a `Routing`'s, which checked them)."""
+    if check and (ids.dim() != 2 or ids.dtype != torch.int32):
         raise ValueError(f"ids must be int32 [T, K], got {ids.dtype} {tuple(ids.shape)}; build a Routing")
     if pick_impl(impl, ids.device) == "torch":
         return local_dispatch_torch(ids, placement, rank)
@@ -169,7 +170,7 @@ def gather_sum_torch(
 
 def weighted_sum(
     out: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, num_tokens: int, top_k: int, *,
-    addend: torch.Tensor | None = None, y: torch.Tensor | None = None, impl: str = "auto",
+    addend: torch.Tensor | None = None, y: torch.Tensor | None = None, impl: str = "auto", check: bool = True,
 ) -> torch.Tensor:
     """Per-token fp32 sum over k of weights * out, in k order, skipping invalid pairs; plus an
     optional fp32 addend; cast once:
@@ -181,9 +182,13 @@ def weighted_sum(
     shared experts' output), y [T, H] fp32/bf16/fp16: the result buffer (None: a new fp32
     tensor). Invalid rows are masked with `where`, not multiplied by zero, so garbage (NaN,
     inf) in padding rows never leaks into the sum. impl: "auto" (one Triton launch on CUDA,
-    `weighted_sum_torch` elsewhere), "triton" or "torch".
+    `weighted_sum_torch` elsewhere), "triton" or "torch". check False: the caller built every
+    argument to this contract (a comm backend's own combine) and y is given; nothing is checked.
     """
     T, K = num_tokens, top_k
+    if not check and y is not None and pick_impl(impl, out.device) == "triton":
+        return _launch_sum(out, weights, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, addend,
+                           y, gather=False)
     H = out.shape[-1] if out.dim() == 2 else 0
     _check_out(out, T * K, "weighted_sum")
     if tuple(weights.shape) != (T, K) or weights.dtype != torch.float32:

@@ -150,16 +150,29 @@ def _weight_launches(w: Any, tile: GemmConfig, dtype: torch.dtype, pair_mode: bo
         yield args, e_lo, e_hi, {"W_TMA": tma, "W_FMT": f, "W_GLOBAL": decoded}
 
 
+def weight_launch(w: Any, tile: GemmConfig, pair_mode: bool, scratch_mb: float | None
+                  ) -> tuple[tuple[Any, ...], int, int, dict[str, Any]] | None:
+    """The one launch's weight arguments of a GEMM over `w` (as `_weight_launches` yields them),
+    for a caller to keep and pass back as `launch=`; None where each call decodes nvfp4 weights
+    into the scratch first (the arguments then change per chunk)."""
+    if scratch_mb is not None and isinstance(w, QuantizedTensor) and w.format == "nvfp4":
+        return None
+    return next(_weight_launches(w, tile, w.dtype if isinstance(w, torch.Tensor) else torch.bfloat16, pair_mode,
+                                 None))
+
+
 def moe_gate_up(x: torch.Tensor, x_scales: tuple[torch.Tensor, int, int] | None, row_ids: torch.Tensor,
                 expert_ids: torch.Tensor, perm: Permutation, w13: Any, b13: torch.Tensor | None,
                 act: torch.Tensor, act_scales: torch.Tensor | None, cfg: MoEConfig, tile: GemmConfig, *,
-                dot_prec: str, pdl: bool = False, scratch_mb: float | None = None) -> None:
+                dot_prec: str, pdl: bool = False, scratch_mb: float | None = None,
+                launch: tuple[Any, ...] | None = None) -> None:
     """act [slots, I] = ACT(x rows @ w13.T + b13) per slot of `perm` (see the module docstring).
 
     x [N, H]; x_scales (w8a8: x holds e4m3 rows): (fp32 scales, row stride, 128-group stride),
     and act_scales [slots, I / 128] fp32 receives the scales of act, quantized to e4m3 in the
     epilogue. dot_prec: "ieee" (fp32) or "tf32". pdl: programmatic dependent launch (GPU pair
-    mode). scratch_mb: decode nvfp4 weights into a scratch of this many MB (see decode_chunks)."""
+    mode). scratch_mb: decode nvfp4 weights into a scratch of this many MB (see decode_chunks).
+    launch: the weights' arguments kept from `weight_launch` (None: computed here)."""
     from epmoe.kernels.grouped_gemm import moe_gate_up_kernel
 
     E, I, H, g = w13.shape[0], cfg.intermediate, cfg.hidden, tile
@@ -169,7 +182,8 @@ def moe_gate_up(x: torch.Tensor, x_scales: tuple[torch.Tensor, int, int] | None,
     has_bias = b13 is not None
     b = b13 if has_bias else act_s  # not read without biases
     num_m, pair_mode = perm.max_blocks, perm.pair_mode
-    for w_args, e_lo, e_hi, w_flags in _weight_launches(w13, g, act.dtype, pair_mode, scratch_mb):
+    launches = [launch] if launch is not None else _weight_launches(w13, g, act.dtype, pair_mode, scratch_mb)
+    for w_args, e_lo, e_hi, w_flags in launches:
         moe_gate_up_kernel[(num_m * cdiv(I, g.block_n),)](
             x, x.stride(0), xs, stride_xsm, stride_xsg, *w_args, b, b.stride(0) if has_bias else 0,
             act, act.stride(0), act_s, act_s.stride(0), row_ids, expert_ids, perm.sorted_pair, perm.block_expert,
@@ -183,7 +197,8 @@ def moe_gate_up(x: torch.Tensor, x_scales: tuple[torch.Tensor, int, int] | None,
 
 def moe_down(act: torch.Tensor, act_scales: torch.Tensor | None, expert_ids: torch.Tensor, perm: Permutation,
              w2: Any, b2: torch.Tensor | None, out: torch.Tensor, cfg: MoEConfig, tile: GemmConfig, *,
-             dot_prec: str, pdl: bool = False, scratch_mb: float | None = None) -> None:
+             dot_prec: str, pdl: bool = False, scratch_mb: float | None = None,
+             launch: tuple[Any, ...] | None = None) -> None:
     """out [M, H] = act @ w2.T + b2, each slot's row written at its pair (padding pairs: untouched).
     act_scales: act holds e4m3 values with these scales (w8a8); other arguments as moe_gate_up."""
     from epmoe.kernels.grouped_gemm import moe_down_kernel
@@ -194,7 +209,8 @@ def moe_down(act: torch.Tensor, act_scales: torch.Tensor | None, expert_ids: tor
     has_bias = b2 is not None
     b = b2 if has_bias else out  # not read without biases
     num_m, pair_mode = perm.max_blocks, perm.pair_mode
-    for w_args, e_lo, e_hi, w_flags in _weight_launches(w2, d, out.dtype, pair_mode, scratch_mb):
+    launches = [launch] if launch is not None else _weight_launches(w2, d, out.dtype, pair_mode, scratch_mb)
+    for w_args, e_lo, e_hi, w_flags in launches:
         moe_down_kernel[(num_m * cdiv(H, d.block_n),)](
             act, act.stride(0), act_s, act_s.stride(0), *w_args, b, b.stride(0) if has_bias else 0,
             out, out.stride(0), expert_ids, perm.sorted_pair, perm.block_expert, perm.expert_end,

@@ -6,6 +6,8 @@ weights within fp32 rounding; see kernels/routing.py). `epmoe.routing.route` pic
 from __future__ import annotations
 
 import os
+from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -27,6 +29,7 @@ def _kernel_groups(cfg: MoEConfig) -> tuple[int, int, int]:
     return 1, cfg.num_experts, 1
 
 
+@lru_cache(maxsize=64)
 def kernel_supports(cfg: MoEConfig) -> tuple[bool, str]:
     """(ok, reason): whether `route_triton` takes this config (its tile must fit)."""
     groups, per_group, _ = _kernel_groups(cfg)
@@ -37,6 +40,21 @@ def kernel_supports(cfg: MoEConfig) -> tuple[bool, str]:
             f"routing kernel's {_MAX_COLUMNS}; use impl='torch'"
         )
     return True, ""
+
+
+@lru_cache(maxsize=256)
+def _launch_params(cfg: MoEConfig, t_pow2: int, interpret: bool) -> tuple[int, dict[str, Any]]:
+    """The routing kernel's constexprs for `cfg` at up to t_pow2 tokens (kept per argument set).
+    A tile of <= 2K elements, one warp per 256 (not tuned on a GPU yet); at decode one token per
+    program, and for E <= 256 one warp, so every reduction stays within the warp."""
+    groups, per_group, topk_group = _kernel_groups(cfg)
+    g_pad, pg_pad = next_pow2(groups), max(2, next_pow2(per_group))
+    columns = g_pad * pg_pad
+    block_t = min(t_pow2, max(1, 2048 // columns), 64)
+    return block_t, dict(
+        MODE=_MODES[cfg.routing], K=cfg.top_k, K_PAD=next_pow2(cfg.top_k), N_GROUP=groups, PER_GROUP=per_group,
+        G_PAD=g_pad, PG_PAD=pg_pad, TOPK_GROUP=topk_group, NORM=cfg.norm_topk_prob, PRECISE_EXP=not interpret,
+        BLOCK_T=block_t, num_warps=min(4, max(1, block_t * columns // 256)))
 
 
 def route_triton(
@@ -57,8 +75,8 @@ def route_triton(
     ok, reason = kernel_supports(cfg)
     if not ok:
         raise ValueError(reason)
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if not router_logits.is_cuda and not interpret:
+    interpret = router_logits.device.type != "cuda"
+    if interpret and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
             f"route_triton needs CUDA logits, got {router_logits.device}; use impl='torch' "
             "(or TRITON_INTERPRET=1 to run the kernel on the CPU)"
@@ -74,19 +92,9 @@ def route_triton(
     weights = torch.empty(T, K, dtype=torch.float32, device=logits.device)
     if T == 0:
         return Routing(ids, weights)
-    groups, per_group, topk_group = _kernel_groups(cfg)
-    g_pad, pg_pad = next_pow2(groups), max(2, next_pow2(per_group))
-    columns = g_pad * pg_pad
-    # a tile of <= 2K elements, one warp per 256 (not tuned on a GPU yet); at decode one token
-    # per program, and for E <= 256 one warp, so every reduction stays within the warp
-    block_t = min(next_pow2(T), max(1, 2048 // columns), 64)
-    num_warps = min(4, max(1, block_t * columns // 256))
+    block_t, kwargs = _launch_params(cfg, next_pow2(T), interpret)
     moe_route_kernel[(cdiv(T, block_t),)](
-        logits, bias, num_valid, ids, weights,
-        T, logits.stride(0), logits.stride(1), float(cfg.routed_scaling_factor),
-        MODE=_MODES[cfg.routing], K=K, K_PAD=next_pow2(K),
-        N_GROUP=groups, PER_GROUP=per_group, G_PAD=g_pad, PG_PAD=pg_pad, TOPK_GROUP=topk_group,
-        NORM=cfg.norm_topk_prob, HAS_NUM_VALID=num_valid is not None, PRECISE_EXP=not interpret,
-        BLOCK_T=block_t, num_warps=num_warps,
+        logits, bias, num_valid, ids, weights, T, logits.stride(0), logits.stride(1),
+        float(cfg.routed_scaling_factor), HAS_NUM_VALID=num_valid is not None, **kwargs,
     )
     return Routing(ids, weights)
