@@ -78,12 +78,40 @@ class LayerGraphs:
         self.weights = torch.zeros(top, K, dtype=torch.float32, device=device)  # [top, K]
         self.valid = torch.zeros((), dtype=torch.int32, device=device)  # rows < it are real
         self.graphs: dict[int, Bucket] = {}
+        self.pool: tuple[int, int] | None = None  # the memory pool the graphs share
+        self.names: list[str] | None = None  # set by `lazy`: capture each bucket when first needed
 
     @classmethod
     def capture(cls, layer: MoELayer, max_tokens: int, buckets: list[int] | None = None, routed: bool = False,
                 validate: bool = True) -> LayerGraphs:
         """Check that `layer` can be captured (see MoELayer.capture_graphs), then capture one
         graph per bucket."""
+        names = cls._check(layer, max_tokens)
+        buckets = sorted(set(buckets or default_buckets(max_tokens)))
+        if buckets[-1] < max_tokens or buckets[0] <= 0:
+            raise ValueError(f"buckets {buckets} must be positive and reach max_tokens={max_tokens}")
+        graphs = cls(layer, buckets, routed, validate)
+        graphs._capture(names)
+        return graphs
+
+    @classmethod
+    def lazy(cls, layer: MoELayer, max_tokens: int, routed: bool = False, validate: bool = True,
+             pool: tuple[int, int] | None = None) -> LayerGraphs:
+        """The graphs of `capture`, each bucket captured when a call first needs it (powers of two
+        up to max_tokens). pool: a `torch.cuda.graph_pool_handle()` several layers share (their
+        graphs replay one after the other on one stream, and each replay's output is copied out
+        before the next, so they may reuse each other's intermediate memory); None: one of its own.
+        One rank only: ranks capture when their own calls first need a bucket."""
+        if layer.world > 1:
+            raise ValueError("graphs captured on first use serve one rank; with several ranks call "
+                             "capture_graphs(max_tokens) on every rank alike")
+        graphs = cls(layer, default_buckets(max_tokens), routed, validate)
+        graphs.names, graphs.pool = cls._check(layer, max_tokens), pool
+        return graphs
+
+    @classmethod
+    def _check(cls, layer: MoELayer, max_tokens: int) -> list[str]:
+        """The layer's capturable comm backends; a ValueError naming why it cannot be captured."""
         group = layer.group
         if group is not None and group.world > 1 and group.virtual:
             raise ValueError(
@@ -97,12 +125,7 @@ class LayerGraphs:
         names = cls.capturable(layer)
         if not names:
             ensure(dataclasses.replace(layer.combo, graph=True))  # raises with the reason
-        buckets = sorted(set(buckets or default_buckets(max_tokens)))
-        if buckets[-1] < max_tokens or buckets[0] <= 0:
-            raise ValueError(f"buckets {buckets} must be positive and reach max_tokens={max_tokens}")
-        graphs = cls(layer, buckets, routed, validate)
-        graphs._capture(names)
-        return graphs
+        return names
 
     @staticmethod
     def capturable(layer: MoELayer) -> list[str]:
@@ -117,7 +140,9 @@ class LayerGraphs:
             return self.layer._eager(self.x[:b], None, routing, num_valid=self.valid, check=False)
         return self.layer._eager(self.x[:b], self.logits[:b], None, num_valid=self.valid)
 
-    def _capture(self, names: list[str]) -> None:
+    def _capture(self, names: list[str], buckets: list[int] | None = None) -> None:
+        """Warm up, then capture `buckets` (default: all), largest first so smaller graphs reuse its
+        memory pool (or the shared `pool`)."""
         layer, device = self.layer, self.layer.device
         auto = layer.auto
         if auto is not None:
@@ -125,32 +150,31 @@ class LayerGraphs:
         try:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
+            todo = sorted(buckets or self.buckets, reverse=True)
             with torch.cuda.stream(stream):
-                for b in self.buckets:  # warm up every shape outside the graph (allocations, autotuning)
+                for b in todo:  # warm up every shape outside the graph (allocations, autotuning)
                     self.valid.fill_(b)
                     self._body(b)
             torch.cuda.current_stream(device).wait_stream(stream)
-            pool = None
-            graphs = {}
-            for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+            for b in todo:
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
+                with torch.cuda.graph(g, pool=self.pool):
                     out = self._body(b)
-                pool = g.pool()
-                graphs[b] = Bucket(b, g, out, layer.comm)
+                self.pool = self.pool or g.pool()
+                self.graphs[b] = Bucket(b, g, out, layer.comm)
             torch.cuda.synchronize(device)
         finally:
             if auto is not None:
                 auto.allowed = None
-        self.graphs = graphs
 
     def serves(self, x: torch.Tensor, routing: Routing | None) -> bool:
         """Whether a call of this mode on x's device may replay (T decides the bucket after)."""
-        return bool(self.graphs) and x.is_cuda and not capturing(x) and (routing is not None) == self.routed
+        return ((bool(self.graphs) or self.names is not None) and x.is_cuda and not capturing(x)
+                and (routing is not None) == self.routed)
 
     def bucket(self, tokens: int) -> int | None:
         """The smallest bucket holding `tokens`, None when it is larger than every bucket."""
-        return next((b for b in self.buckets if b >= tokens), None) if self.graphs else None
+        return next((b for b in self.buckets if b >= tokens), None) if self.graphs or self.names else None
 
     def stage(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int) -> Bucket:
         """Copy one call's inputs into the static buffers; returns the bucket to replay."""
@@ -170,6 +194,8 @@ class LayerGraphs:
         """One call by replay: y [T, H] (a copy of the bucket's first T output rows)."""
         T = x.shape[0]
         layer = self.layer
+        if bucket not in self.graphs:  # lazy graphs: this bucket's first call captures it
+            self._capture(self.names, [bucket])
         if self.validate:
             if routing is not None:
                 check_routing(routing, layer.cfg.num_experts)

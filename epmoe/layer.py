@@ -337,7 +337,8 @@ class MoELayer(nn.Module):
                 f"device={self.device}")
 
     def capture_graphs(self, max_tokens: int, buckets: list[int] | None = None, routed: bool = False,
-                       validate: bool = True) -> list[int]:
+                       validate: bool = True, lazy: bool = False, pool: tuple[int, int] | None = None
+                       ) -> list[int]:
         """Capture route -> dispatch -> experts -> combine in CUDA graphs, one per token bucket
         (graphs.py `LayerGraphs`).
 
@@ -358,8 +359,18 @@ class MoELayer(nn.Module):
         exchange, as eager auto calls do), so every rank replays the same bucket and backend.
         Buckets default to powers of two up to max_tokens. Returns the buckets. select.py's table
         must allow graph=True (no host-sync comm or runner; a backend with static_shapes=True).
+
+        lazy:     capture each power-of-two bucket when a call first needs it (one rank only), so
+                  a model's eager calls turn into replays with no capture step up front; pool: a
+                  `torch.cuda.graph_pool_handle()` the lazy graphs of several layers share (one
+                  stream, one call at a time: see `LayerGraphs.lazy`).
         """
-        self.graphs = LayerGraphs.capture(self, max_tokens, buckets, routed, validate)
+        if lazy:
+            if buckets is not None:
+                raise ValueError("lazy graphs use power-of-two buckets up to max_tokens; pass buckets=None")
+            self.graphs = LayerGraphs.lazy(self, max_tokens, routed, validate, pool)
+        else:
+            self.graphs = LayerGraphs.capture(self, max_tokens, buckets, routed, validate)
         return self.graphs.buckets
 
     def forward(

@@ -264,6 +264,7 @@ def patch_model(
     layout: str | None = None,
     quant: str | None = None,
     picks: str = "hf",
+    graphs: int = 0,
     **layer_kwargs: Any,
 ) -> list[str]:
     """Replace every MoE block of a transformers model by an `HFMoEBlock`; return their names.
@@ -288,6 +289,10 @@ def patch_model(
     picks:  "hf" (default): run the experts and weights the HF router picked (ties broken as
             HF does); "logits": `epmoe.route` on the router logits (ties to the lowest id; the
             path CUDA graphs replay). See the module docstring.
+    graphs: > 0 (CUDA, one rank): each layer's calls of up to this many tokens replay CUDA graphs,
+            each power-of-two bucket captured on its first call (`MoELayer.capture_graphs(graphs,
+            lazy=True)`, all layers sharing one memory pool), so decode steps cost a replay per
+            layer instead of a chain of launches; 0: eager calls.
     layer_kwargs: further `MoELayer` arguments (placement, capture, comm_options, validate).
             `validate` defaults to False here: the inputs come from the model's own router (HF's
             top-k gives distinct ids in range), so a call reads nothing on the host and never
@@ -326,6 +331,10 @@ def patch_model(
     placement = layer_kwargs.pop("placement", None) or Placement.contiguous(cfg.num_experts, world)
     ids = placement.global_ids(rank)  # [E_local] global ids of this rank's experts
 
+    if graphs < 0 or graphs and (world > 1 or next(model.parameters()).device.type != "cuda"):
+        raise ValueError(f"graphs={graphs}: graphs captured on first use need a model on a CUDA device and one "
+                         "rank (graphs > 0), or pass graphs=0")
+    pool = torch.cuda.graph_pool_handle() if graphs else None
     names = []
     for name, block, family in blocks:
         if not name:
@@ -347,6 +356,8 @@ def patch_model(
             placement=placement,
             correction_bias=bias, shared=_shared(family, block, cfg), **layer_kwargs,
         )
+        if graphs:
+            moe.capture_graphs(graphs, routed=picks == "hf", validate=moe.validate, lazy=True, pool=pool)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks))
