@@ -1,4 +1,4 @@
-"""Counting sort of (row, expert) pairs by local expert, on the device, with no host sync.
+"""Counting sort of (row, expert) pairs by local expert, on the device, with no host sync (notes: docs/kernels.md).
 
 Expert e owns slots [start[e], start[e] + padded[e]), padded[e] = ceil(count[e] / BLOCK_M) * BLOCK_M,
 so a GEMM tile of BLOCK_M slots never straddles two experts.

@@ -1,4 +1,4 @@
-"""Routing in one launch: scores, (grouped) top-k, renormalisation and scaling.
+"""Routing in one launch: scores, (grouped) top-k, renormalisation and scaling (notes: docs/kernels.md).
 
 Each program routes BLOCK_T tokens over a [BLOCK_T, C] tile of logits, C = G_PAD * PG_PAD
 columns: column c holds expert (c // PG_PAD) * PER_GROUP + c % PG_PAD, so group g owns the
