@@ -150,9 +150,7 @@ def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] 
     return [Combo(**dict(zip(keys, v))) for v in itertools.product(*values)]
 
 
-# ---------------------------------------------------------------------------------------
-# auto
-# ---------------------------------------------------------------------------------------
+# --- auto -------------------------------------------------------------------------------
 
 _CROSSOVER_FILE = Path(__file__).parent / "tuning" / "crossovers.json"
 # The ladder where nothing was measured for the GPU model and world size: the shipped file's
@@ -160,8 +158,7 @@ _CROSSOVER_FILE = Path(__file__).parent / "tuning" / "crossovers.json"
 # all-to-all). Thresholds are tokens per rank (the largest over ranks); replaced per GPU model by
 # `epmoe bench comm --store-crossovers`.
 DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [
-    (row[0], row[1]) for row in json.loads(_CROSSOVER_FILE.read_text())["default"]["*"]
-]
+    (row[0], row[1]) for row in json.loads(_CROSSOVER_FILE.read_text())["default"]["*"]]
 
 
 def crossovers(device_name: str, world: int, path: str | Path | None = None
