@@ -8,16 +8,5 @@ from epmoe.routing import Routing, RoutingCapture, route
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "EPGroup",
-    "ExpertWeights",
-    "MoEConfig",
-    "MoELayer",
-    "Placement",
-    "Routing",
-    "RoutingCapture",
-    "SharedExperts",
-    "VirtualGroup",
-    "preset_names",
-    "route",
-]
+__all__ = ["EPGroup", "ExpertWeights", "MoEConfig", "MoELayer", "Placement", "Routing", "RoutingCapture",
+           "SharedExperts", "VirtualGroup", "preset_names", "route"]

@@ -1,16 +1,10 @@
 """Expert-parallel rank groups and expert placement.
 
-Comm backends talk to other ranks only through the small collective interface of `RankGroup`:
-`all_reduce`, `all_gather`, `all_to_all_v`, `barrier` (and `all_gather_ints`, built on all_gather).
-
-- `EPGroup` implements it over a torch.distributed process group (NCCL on GPUs, gloo on CPU).
-- `VirtualGroup(W)` runs W ranks inside one process, one Python thread per rank, and
-  implements the same interface with a shared rendezvous, so the *same* backend code runs on
-  one GPU (or CPU) with W virtual ranks. `VirtualGroup.run(fn)` calls fn(rank_group) on every
-  virtual rank and returns the per-rank results.
-
-`Placement` maps each global expert to (rank, local index); kernels read the map and never
-recompute it, so replicated or rebalanced placements can come later.
+Comm backends talk to other ranks only through `RankGroup`: `all_reduce`, `all_gather`,
+`all_to_all_v`, `barrier` (and `all_gather_ints`). `EPGroup` implements it over a
+torch.distributed process group; `VirtualGroup(W).run(fn)` runs fn(rank_group) on W ranks, one
+Python thread each, through a shared rendezvous, so the same backend code runs on one device.
+`Placement` maps each global expert to (rank, local index); kernels read the map, never recompute it.
 """
 
 from __future__ import annotations
@@ -32,18 +26,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Placement:
-    """Where each expert lives.
+    """Where each expert lives."""
 
-    expert_rank:  [E] int32, rank owning expert e.
-    expert_local: [E] int32, index of expert e among its rank's local experts.
-    world:        number of EP ranks.
-    local_experts: experts per rank (every rank holds the same number).
-    """
-
-    expert_rank: torch.Tensor
-    expert_local: torch.Tensor
-    world: int
-    local_experts: int
+    expert_rank: torch.Tensor  # [E] int32, rank owning expert e
+    expert_local: torch.Tensor  # [E] int32, index of expert e among its rank's local experts
+    world: int  # EP ranks
+    local_experts: int  # experts per rank (every rank holds the same number)
 
     @classmethod
     def contiguous(cls, num_experts: int, world: int) -> Placement:
@@ -51,11 +39,9 @@ class Placement:
         if world <= 0:
             raise ValueError(f"world size must be positive, got {world}")
         if num_experts % world:
-            raise ValueError(
-                f"num_experts={num_experts} is not divisible by the EP world size {world}; "
-                f"use a world size that divides it (e.g. one of "
-                f"{[w for w in range(1, num_experts + 1) if num_experts % w == 0][:8]})"
-            )
+            raise ValueError(f"num_experts={num_experts} is not divisible by the EP world size {world}; use a "
+                             f"world size that divides it (e.g. one of "
+                             f"{[w for w in range(1, num_experts + 1) if num_experts % w == 0][:8]})")
         per = num_experts // world
         e = torch.arange(num_experts, dtype=torch.int32)
         return cls(e // per, e % per, world, per)
@@ -70,33 +56,19 @@ class Placement:
         return owned[self.expert_local[owned].argsort()]
 
     def to(self, device: torch.device | str) -> Placement:
-        return Placement(
-            self.expert_rank.to(device), self.expert_local.to(device), self.world, self.local_experts
-        )
+        return Placement(self.expert_rank.to(device), self.expert_local.to(device), self.world, self.local_experts)
 
 
 class RankGroup:
-    """The collectives comm backends use. Counts and splits are host lists of ints.
-
-    Every implementation declares (set by each subclass, never inherited; readers use them
-    directly, no probing):
-    rank, world: this rank and the number of ranks.
-    backend: the transport ("nccl", "gloo", ... for torch.distributed; "virtual" for
-             `VirtualGroup` ranks); allgather gathers with an all-to-all on "gloo".
-    nodes:   the hosts the ranks span (1 for virtual ranks); select.py refuses single-node
-             backends when it is larger than 1.
-    virtual: ranks of one process exchanging through host threads (`VirtualGroup`), which no
-             CUDA graph can hold.
-    call:    what the ranks are doing now, named by a collective that times out (the layer sets
-             it per call: "MoELayer 3 call 17"; "" outside a call).
-    """
+    """The collectives comm backends use. Counts and splits are host lists of ints. Every
+    implementation declares these itself (never inherited; readers use them, no probing):"""
 
     rank: int
     world: int
-    backend: str
-    nodes: int
-    virtual: bool
-    call: str
+    backend: str  # "nccl", "gloo", ... ("virtual" for VirtualGroup); allgather gathers with a2a on gloo
+    nodes: int  # hosts the ranks span (1 for virtual ranks); select.py refuses single-node backends above 1
+    virtual: bool  # ranks of one process exchanging through host threads, which no CUDA graph can hold
+    call: str  # what the ranks are doing, named by a timeout ("MoELayer 3 call 17"; "" outside a call)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns t."""
@@ -106,9 +78,7 @@ class RankGroup:
         """[W, *t.shape]: every rank's t (same shape on all ranks)."""
         raise NotImplementedError
 
-    def all_to_all_v(
-        self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
-    ) -> torch.Tensor:
+    def all_to_all_v(self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]) -> torch.Tensor:
         """Rows t[sum(send[:j]) : sum(send[:j+1])] go to rank j; returns the received rows in
         rank order, [sum(recv_splits), *t.shape[1:]]."""
         raise NotImplementedError
@@ -116,7 +86,12 @@ class RankGroup:
     def barrier(self) -> None:
         raise NotImplementedError
 
-    # Derived collectives, shared by every implementation.
+    def _sends(self, t: torch.Tensor, send_splits: Sequence[int]) -> list[int]:
+        """send_splits as ints, checked against t's rows."""
+        send = [int(s) for s in send_splits]
+        if t.shape[0] != sum(send):
+            raise ValueError(f"all_to_all_v got {t.shape[0]} rows, send splits sum to {sum(send)}")
+        return send
 
     def all_gather_ints(self, values: Sequence[int], device: torch.device | str = "cpu") -> list[list[int]]:
         """Exchange a short list of ints with every rank (one host sync)."""
@@ -124,37 +99,23 @@ class RankGroup:
         return self.all_gather(t).tolist()
 
 
-def _host_code() -> int:
-    """This host's name as an int64 (crc32), for counting the hosts a group spans."""
-    return zlib.crc32(socket.gethostname().encode())
-
-
 class EPGroup(RankGroup):
     """A `RankGroup` over a torch.distributed process group (default: the world group).
 
-    nodes: the hosts the group spans. Counted at construction with one all-gather of a hash of
-    each rank's host name (every rank of the group constructs its EPGroup, as for any
-    collective), unless given. With NCCL, set the rank's CUDA device first.
-
-    timeout: seconds any collective may wait before it raises `CollectiveTimeoutError` naming
-    the ranks that did not arrive and the call (`call`). gloo: each collective waits at most
-    this long (None: the process group's own timeout, `init_process_group(timeout=...)`).
-    NCCL: collectives run on the GPU stream, bounded by the process group's timeout and its
-    watchdog (set `init_process_group(timeout=...)`; TORCH_NCCL_ASYNC_ERROR_HANDLING, on by
-    default, aborts a collective that ran past it); a host-side failure is named the same way.
-    A collective that fails because a peer left (its connection closed) raises the same error.
-    Which ranks did not arrive is found through the process group's store after the timeout:
-    each rank that waited writes its mark, then reads the others' for a short grace period.
+    nodes: the hosts the group spans; unless given, counted at construction with one all-gather
+    of a hash of each host name (every rank constructs its EPGroup; with NCCL set the CUDA device first).
+    timeout: seconds a collective may wait before it raises `CollectiveTimeoutError` naming the
+    ranks that did not arrive (found through the store) and the `call`; so does a collective a
+    peer left. gloo: each collective waits at most this long (None: the process group's timeout).
+    NCCL: collectives are bounded by the process group's timeout and its watchdog
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING aborts one that ran past it); host-side failures are named alike.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, nodes: int | None = None,
                  timeout: float | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "EPGroup needs torch.distributed to be initialised "
-                "(dist.init_process_group, e.g. under torchrun); for one process use world=1 "
-                "layers or VirtualGroup"
-            )
+            raise RuntimeError("EPGroup needs torch.distributed to be initialised (dist.init_process_group, e.g. "
+                               "under torchrun); for one process use world=1 layers or VirtualGroup")
         self.pg = process_group
         self.rank = dist.get_rank(process_group)
         self.world = dist.get_world_size(process_group)
@@ -167,20 +128,21 @@ class EPGroup(RankGroup):
         self._ops = 0  # collectives so far (the key of the arrival marks after a timeout)
         if nodes is None:
             device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
-            nodes = len(set(sum(self.all_gather_ints([_host_code()], device=device), []))) if self.world > 1 else 1
+            host = zlib.crc32(socket.gethostname().encode())  # this host's name as an int
+            nodes = len(set(sum(self.all_gather_ints([host], device=device), []))) if self.world > 1 else 1
         if not isinstance(nodes, int) or not 1 <= nodes <= self.world:
             raise ValueError(f"nodes must be an int in [1, world={self.world}], got {nodes!r}")
         self.nodes = nodes
 
     def _run(self, op: str, start: Callable[..., Any]) -> None:
-        """Run one collective (`start(async_op=...)`), bounded by `timeout` on gloo; a failure or
+        """Run one collective (`start(async_op)`), bounded by `timeout` on gloo; a failure or
         timeout becomes a `CollectiveTimeoutError` naming the late ranks and the call."""
         self._ops += 1
         try:
             if self.backend == "gloo" and self.timeout is not None:
-                start(async_op=True).wait(timedelta(seconds=self.timeout))
+                start(True).wait(timedelta(seconds=self.timeout))
             else:
-                start(async_op=False)
+                start(False)
         except RuntimeError as exc:
             raise self._late(op, exc) from exc
 
@@ -188,7 +150,6 @@ class EPGroup(RankGroup):
         """The error of collective `op` that failed with `exc`: which ranks did not arrive (each
         rank that waited marks its arrival in the store; marks are read for a grace period)."""
         grace = min(5.0, max(1.0, (self.timeout or 10.0) / 2))
-        missing: list[int] | None = None
         try:
             store = dist.distributed_c10d._get_default_store()
             name = getattr(self.pg, "group_name", "") if self.pg is not None else "world"
@@ -202,7 +163,7 @@ class EPGroup(RankGroup):
                 if len(here) == self.world or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            missing = [r for r in range(self.world) if r not in here]
+            missing: list[int] | None = [r for r in range(self.world) if r not in here]
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0; the error says so
             missing = None
         late = (f"ranks {missing} did not arrive" if missing else
@@ -215,35 +176,28 @@ class EPGroup(RankGroup):
             f"{str(exc).splitlines()[0] if str(exc) else ''}", missing)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        self._run("all_reduce", lambda async_op: dist.all_reduce(t, group=self.pg, async_op=async_op))
+        self._run("all_reduce", lambda a: dist.all_reduce(t, group=self.pg, async_op=a))
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
         out = t.new_empty((self.world, *t.shape))
         if self.backend == "gloo":
-            self._run("all_gather", lambda async_op: dist.all_gather(list(out.unbind(0)), t, group=self.pg,
-                                                                     async_op=async_op))
+            self._run("all_gather", lambda a: dist.all_gather(list(out.unbind(0)), t, group=self.pg, async_op=a))
         else:
-            self._run("all_gather", lambda async_op: dist.all_gather_into_tensor(out, t, group=self.pg,
-                                                                                 async_op=async_op))
+            self._run("all_gather", lambda a: dist.all_gather_into_tensor(out, t, group=self.pg, async_op=a))
         return out
 
-    def all_to_all_v(
-        self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
-    ) -> torch.Tensor:
-        send = [int(s) for s in send_splits]
+    def all_to_all_v(self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]) -> torch.Tensor:
+        send = self._sends(t, send_splits)
         recv = [int(s) for s in recv_splits]
-        if t.shape[0] != sum(send):
-            raise ValueError(f"all_to_all_v got {t.shape[0]} rows, send splits sum to {sum(send)}")
         out = t.new_empty((sum(recv), *t.shape[1:]))
         t = t.contiguous()
-        self._run("all_to_all", lambda async_op: dist.all_to_all_single(out, t, recv, send, group=self.pg,
-                                                                        async_op=async_op))
+        self._run("all_to_all", lambda a: dist.all_to_all_single(out, t, recv, send, group=self.pg, async_op=a))
         return out
 
     def barrier(self) -> None:
-        self._run("barrier", lambda async_op: dist.barrier(group=self.pg, async_op=async_op))
+        self._run("barrier", lambda a: dist.barrier(group=self.pg, async_op=a))
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -257,9 +211,8 @@ class CollectiveTimeoutError(RuntimeError):
 
 class PeerFailedError(ValueError):
     """Another rank failed its own checks of this call (or of construction) and told its peers
-    through the agreement; raised on every other rank, naming the failing rank and its reason.
-
-    ranks: the failing ranks; reasons: rank -> the start of its error message."""
+    through the agreement; raised on every other rank. ranks: the failing ranks; reasons: rank ->
+    the start of its error message."""
 
     def __init__(self, message: str, ranks: list[int], reasons: dict[int, str]) -> None:
         super().__init__(message)
@@ -297,10 +250,9 @@ class _Rendezvous:
         except threading.BrokenBarrierError:
             missing = [r for r in range(self.world) if not self.arrived[r]]
             call = self.ranks[rank].call or "no layer call"
-            raise VirtualGroupError(
-                f"virtual rank {rank}: collective of {call} did not complete (timeout {self.timeout:g}s); ranks "
-                f"{missing} never arrived (they failed or called a different collective)"
-            ) from None
+            raise VirtualGroupError(f"virtual rank {rank}: collective of {call} did not complete (timeout "
+                                    f"{self.timeout:g}s); ranks {missing} never arrived (they failed or called a "
+                                    "different collective)") from None
 
     def abort(self) -> None:
         self.barrier.abort()
@@ -326,19 +278,13 @@ class _VirtualRank(RankGroup):
         total = parts[0].clone()
         for p in parts[1:]:
             total += p
-        t.copy_(total)
-        return t
+        return t.copy_(total)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         return torch.stack(self._rdv.exchange(self.rank, t.contiguous()))
 
-    def all_to_all_v(
-        self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
-    ) -> torch.Tensor:
-        send = [int(s) for s in send_splits]
-        if t.shape[0] != sum(send):
-            raise ValueError(f"all_to_all_v got {t.shape[0]} rows, send splits sum to {sum(send)}")
-        chunks = self._rdv.exchange(self.rank, list(t.split(send)))
+    def all_to_all_v(self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]) -> torch.Tensor:
+        chunks = self._rdv.exchange(self.rank, list(t.split(self._sends(t, send_splits))))
         mine = [chunks[src][self.rank] for src in range(self.world)]
         got = [c.shape[0] for c in mine]
         if got != [int(s) for s in recv_splits]:
@@ -350,14 +296,13 @@ class _VirtualRank(RankGroup):
 
 
 class VirtualGroup:
-    """W ranks inside one process (one thread each), sharing one device.
+    """W ranks inside one process (one thread each), sharing one device; backend, nodes, virtual
+    are what each of its ranks declares.
 
     `run(fn)` calls fn(group) on each virtual rank concurrently and returns [result of rank 0,
     ...]. A rank that raises aborts the others' pending collectives, and the first error is
     re-raised naming its rank; a collective that waits longer than `timeout` seconds fails
     naming the ranks that never arrived.
-
-    backend, nodes, virtual: what each of its ranks declares ("virtual", 1, True).
     """
 
     backend = "virtual"

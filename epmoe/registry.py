@@ -5,12 +5,9 @@
     class MyComm(CommBackend): name = "mine"
     COMM_BACKENDS.get("mine")  # the class; an unknown name raises ValueError listing the known ones
 
-`required` names the class attributes every registered class must set itself (its declared
-capabilities: what select.py, the layer and the conformance suite read); registering a class
-that leaves one to a base class raises, so no capability is ever an inherited default.
-
-A registry is a read-only mapping name -> class, so `name in REG`, `sorted(REG)` and `REG[name]`
-work as on a dict.
+`required` names the class attributes (declared capabilities) every registered class must set
+itself: one left to a base class raises, so no capability is an inherited default. A registry is
+a read-only mapping name -> class (`name in REG`, `sorted(REG)`, `REG[name]`).
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ class Registry(Mapping[str, T], Generic[T]):
             raise TypeError(f"{self.kind} {name!r} must declare {', '.join(missing)} (class attributes)")
         self._items[name] = cls
         return cls
-
 
     def get(self, name: str) -> T:  # type: ignore[override]
         """The class registered as `name`; ValueError naming the known ones otherwise."""

@@ -3,26 +3,10 @@
     check(Combo(comm="nccl_a2a", runner="triton", ...)) -> (ok, reason)
 
 Every rule lives in `_rules` (with `_comm_rules` and `_runner_rules`), read off the registered
-classes' declared capabilities, never off their names:
-
-CommBackend class attributes
-    layouts           attention layouts served ("dp", "tp")
-    moves_tokens      False for a backend that only computes locally: with the dp layout it
-                      serves one rank; the tp layout needs one
-    needs_host_sync   reads device values on the host per call (not CUDA-graph capturable)
-    payloads          payload formats it can move ("bf16" = the activation dtype unquantized)
-    devices           "cpu" / "cuda"
-    single_node       needs every rank inside one NVLink domain
-    static_capable    has a `static_shapes` option that fixes every collective's size, which
-                      makes an instance capturable although the class needs host syncs
-ExpertRunner class attributes
-    formats           weight formats it computes
-    devices           "cpu" / "cuda"
-    needs_host_sync   reads counts on the host (not CUDA-graph capturable)
-    priority          higher = faster; `pick_runner` takes the highest that fits
-
-`ensure(combo)` raises a ValueError with the reason and the valid alternatives. The crossover
-ladder that comm="auto" follows (`crossovers`, `pick_comm`) is data: epmoe/tuning/crossovers.json.
+classes' declared capabilities (CommBackend's in comm/base.py, ExpertRunner's in experts/base.py),
+never off their names. `ensure(combo)` raises a ValueError with the reason and the valid
+alternatives. The crossover ladder that comm="auto" follows (`crossovers`, `pick_comm`) is data:
+epmoe/tuning/crossovers.json.
 """
 
 from __future__ import annotations
@@ -39,13 +23,11 @@ from epmoe.config import ROUTINGS
 from epmoe.experts import RUNNERS
 from epmoe.experts.base import weight_family
 
-# The weight formats the table enumerates: "bf16" stands for the unquantized family (bf16, fp16
-# and fp32 weights are matched alike, see experts.base.weight_family).
+# "bf16" stands for the unquantized family (bf16, fp16 and fp32 alike, see experts.base.weight_family).
 WEIGHT_FORMATS = ("bf16", "fp8", "fp8_block", "nvfp4")
 LAYOUTS = ("dp", "tp")
 DEVICES = ("cpu", "cuda")
-# How a layer gets its routing: one of the router functions from logits, or "routed" (ids and
-# weights from the caller, e.g. RL routing replay).
+# A router function from logits, or "routed" (ids and weights from the caller, e.g. RL routing replay).
 ROUTING_MODES = (*ROUTINGS, "routed")
 
 
@@ -54,11 +36,9 @@ class Combo:
     """One way to run a layer.
 
     comm, runner: registry names. payload: what dispatch moves ("bf16" = activations as they
-    are). weights: expert weight format (ExpertWeights.format: "bf16", "fp16", "fp32", "fp8",
-    "fp8_block" or "nvfp4"; the three float dtypes are held to the same rules). layout: "dp"
-    or "tp". world: EP ranks. device: "cpu" or "cuda". graph: captured in a CUDA graph. nodes:
-    hosts the ranks span. routing: one of ROUTING_MODES. static_shapes: the comm backend's
-    `static_shapes` option is set.
+    are). weights: ExpertWeights.format (bf16/fp16/fp32 held to the same rules). world: EP ranks.
+    graph: captured in a CUDA graph. nodes: hosts the ranks span. routing: one of ROUTING_MODES.
+    static_shapes: the comm backend's `static_shapes` option is set.
     """
 
     comm: str = "none"
@@ -121,8 +101,7 @@ def _comm_rules(c: Combo, comm: type) -> str | None:
         return f"{c.comm} needs all ranks on one NVLink domain; use {across} across nodes"
     if c.graph and comm.needs_host_sync and not c.static_shapes:
         fix = "; build it with static_shapes=True and max_tokens_per_rank" if comm.static_capable else ""
-        return (f"comm {c.comm!r} exchanges token counts on the host each call, which a CUDA graph cannot "
-                f"hold{fix}")
+        return f"comm {c.comm!r} exchanges token counts on the host each call, which a CUDA graph cannot hold{fix}"
     return None
 
 
@@ -144,17 +123,11 @@ def check(combo: Combo) -> tuple[bool, str]:
 
 
 def alternatives(combo: Combo, limit: int = 6) -> list[Combo]:
-    """Valid combos that differ from `combo` in one field (comm, runner, payload, layout,
-    static_shapes or graph)."""
-    out = []
-    for name, values in (("comm", sorted(COMM_BACKENDS)), ("runner", sorted(RUNNERS)),
-                         ("payload", PAYLOADS), ("layout", LAYOUTS), ("static_shapes", (True, False)),
-                         ("graph", (False,))):
-        for v in values:
-            alt = replace(combo, **{name: v})
-            if alt != combo and _rules(alt) is None:
-                out.append(alt)
-    return out[:limit]
+    """Valid combos that differ from `combo` in one field (comm, runner, payload, layout, static_shapes, graph)."""
+    choices = (("comm", sorted(COMM_BACKENDS)), ("runner", sorted(RUNNERS)), ("payload", PAYLOADS),
+               ("layout", LAYOUTS), ("static_shapes", (True, False)), ("graph", (False,)))
+    alts = (replace(combo, **{name: v}) for name, values in choices for v in values)
+    return [a for a in alts if a != combo and _rules(a) is None][:limit]
 
 
 def ensure(combo: Combo) -> None:
@@ -162,45 +135,30 @@ def ensure(combo: Combo) -> None:
     reason = _rules(combo)
     if reason is None:
         return
-    alts = alternatives(combo)
-    base = {f.name: getattr(combo, f.name) for f in fields(combo)}
-    hint = "; ".join(
-        ", ".join(f"{k}={v}" for k, v in vars(a).items() if base[k] != v) for a in alts
-    ) or "none with one change"
+    base = vars(combo)
+    hint = "; ".join(", ".join(f"{k}={v}" for k, v in vars(a).items() if base[k] != v)
+                     for a in alternatives(combo)) or "none with one change"
     raise ValueError(f"unsupported combination ({combo}): {reason}. Valid alternatives: {hint}")
 
 
 def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] = DEVICES,
                routings: tuple[str, ...] = ROUTING_MODES) -> list[Combo]:
     """Every combination of registered pieces (valid or not), for the combinatorial tests."""
-    return [
-        Combo(comm=comm, runner=runner, payload=payload, weights=weights, layout=layout, world=world,
-              device=device, graph=graph, routing=routing, static_shapes=static)
-        for comm, runner, payload, weights, layout, world, device, graph, routing, static in itertools.product(
-            sorted(COMM_BACKENDS), sorted(RUNNERS), PAYLOADS, WEIGHT_FORMATS, LAYOUTS, worlds, devices,
-            (False, True), routings, (False, True),
-        )
-    ]
+    keys = ("comm", "runner", "payload", "weights", "layout", "world", "device", "graph", "routing", "static_shapes")
+    values = (sorted(COMM_BACKENDS), sorted(RUNNERS), PAYLOADS, WEIGHT_FORMATS, LAYOUTS, worlds, devices,
+              (False, True), routings, (False, True))
+    return [Combo(**dict(zip(keys, v))) for v in itertools.product(*values)]
 
 
-# ---------------------------------------------------------------------------------------
-# auto
-# ---------------------------------------------------------------------------------------
+# --- auto -------------------------------------------------------------------------------
 
-def _crossover_file() -> Path:
-    return Path(__file__).parent / "tuning" / "crossovers.json"
-
-
-# The ladder used where no crossover was measured for the GPU model and world size: the shipped
-# file's "default" entry (data, like every measured one). It sends decode-sized batches to the
-# one-sided backend, whose latency wins there, and larger ones to the NCCL all-to-all, whose
-# bandwidth does. Thresholds are tokens per rank (the largest over ranks); replaced per GPU model
-# by `epmoe bench comm --store-crossovers`. A rung whose backend was built for fewer tokens (a
-# pre-sized workspace) is skipped by pick_comm when it is given the capacities.
-DEFAULT_ENTRY = "default"
+_CROSSOVER_FILE = Path(__file__).parent / "tuning" / "crossovers.json"
+# The ladder where nothing was measured for the GPU model and world size: the shipped file's
+# "default" entry (decode-sized batches to the one-sided backend, larger ones to the NCCL
+# all-to-all). Thresholds are tokens per rank (the largest over ranks); replaced per GPU model by
+# `epmoe bench comm --store-crossovers`.
 DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [
-    (row[0], row[1]) for row in json.loads(_crossover_file().read_text())[DEFAULT_ENTRY]["*"]
-]
+    (row[0], row[1]) for row in json.loads(_CROSSOVER_FILE.read_text())["default"]["*"]]
 
 
 def crossovers(device_name: str, world: int, path: str | Path | None = None
@@ -208,27 +166,24 @@ def crossovers(device_name: str, world: int, path: str | Path | None = None
     """The (max tokens, backend) ladder for a GPU model and world size, and where it came from.
 
     The file (default epmoe/tuning/crossovers.json) maps GPU model -> world size -> ladder:
-    {"NVIDIA H200": {"4": [[128, "symm_a2a"], [null, "nccl_a2a"]]}}; where it holds none for
-    them, the shipped file's "default" entry (DEFAULT_CROSSOVERS)."""
-    path = Path(path) if path is not None else _crossover_file()
-    if path.exists():
-        table = json.loads(path.read_text())
-        entry = table.get(device_name, {}).get(str(world))
-        if entry:
-            return [(row[0], row[1]) for row in entry], f"measured ({path.name}: {device_name}, W={world})"
+    {"NVIDIA H200": {"4": [[128, "symm_a2a"], [null, "nccl_a2a"]]}}; else DEFAULT_CROSSOVERS."""
+    path = Path(path) if path is not None else _CROSSOVER_FILE
+    entry = json.loads(path.read_text()).get(device_name, {}).get(str(world)) if path.exists() else None
+    if entry:
+        return [(row[0], row[1]) for row in entry], f"measured ({path.name}: {device_name}, W={world})"
     return DEFAULT_CROSSOVERS, "defaults (nothing measured for this GPU and world size)"
 
 
 def write_crossovers(device_name: str, world: int, ladder: list[tuple[int | None, str]],
                      path: str | Path | None = None) -> Path:
-    """Store `ladder` for (device_name, world) in the file `crossovers` reads (other entries
-    kept). The last rung must have no limit (None), so every token count has a backend."""
+    """Store `ladder` for (device_name, world) in the file `crossovers` reads (other entries kept).
+    The last rung must have no limit (None), so every token count has a backend."""
     if not ladder or ladder[-1][0] is not None:
         raise ValueError(f"a crossover ladder ends with (None, backend), got {ladder}")
     limits = [n for n, _ in ladder[:-1]]
     if any(n is None for n in limits) or limits != sorted(set(limits)):
         raise ValueError(f"ladder limits must increase, with only the last one None: {ladder}")
-    path = Path(path) if path is not None else _crossover_file()
+    path = Path(path) if path is not None else _CROSSOVER_FILE
     table = json.loads(path.read_text()) if path.exists() else {}
     table.setdefault(device_name, {})[str(world)] = [[n, name] for n, name in ladder]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,8 +192,7 @@ def write_crossovers(device_name: str, world: int, ladder: list[tuple[int | None
 
 
 def comm_capacity(backend: CommBackend) -> int | None:
-    """The largest token count per rank one call of `backend` (an instance) accepts (its
-    declared `capacity`: a pre-sized workspace or a static bound), None when unbounded."""
+    """The largest token count per rank one call of `backend` accepts (its `capacity`), None = unbounded."""
     return backend.capacity
 
 
@@ -247,10 +201,8 @@ def pick_comm(tokens: int, candidates: list[str], ladder: list[tuple[int | None,
     """The first backend of the ladder whose limit covers `tokens`, that is a candidate and
     whose capacity holds `tokens`; falls back along the ladder, then to the first candidate.
 
-    capacities: backend name -> `comm_capacity` of the built instance (None or absent =
-    unbounded). A backend whose pre-sized workspace is smaller than `tokens` would raise, so it
-    is never picked while another candidate fits; when none fits, the largest one is returned
-    (its call raises the error that names max_tokens_per_rank)."""
+    capacities: backend name -> `comm_capacity` (None or absent = unbounded). When no candidate
+    fits, the largest one is returned (its call raises the error that names max_tokens_per_rank)."""
     caps = capacities or {}
     fits = [n for n in candidates if caps.get(n) is None or tokens <= caps[n]]
     if not fits:
@@ -258,15 +210,12 @@ def pick_comm(tokens: int, candidates: list[str], ladder: list[tuple[int | None,
     for limit, name in ladder:
         if (limit is None or tokens <= limit) and name in fits:
             return name
-    for _, name in reversed(ladder):
-        if name in fits:
-            return name
-    return fits[0]
+    return next((name for _, name in reversed(ladder) if name in fits), fits[0])
 
 
 def pick_runner(device: str, weights: str, graph: bool = False) -> str:
-    """The registered runner of highest declared `priority` (the fastest) that computes
-    `weights` on `device` (and sits in a CUDA graph, with graph=True)."""
+    """The registered runner of highest declared `priority` that computes `weights` on `device`
+    (and sits in a CUDA graph, with graph=True)."""
     fits = [n for n in RUNNERS if _runner_rules(Combo(runner=n, weights=weights, device=device, graph=graph),
                                                 RUNNERS[n]) is None]
     if not fits:
@@ -278,9 +227,6 @@ def pick_runner(device: str, weights: str, graph: bool = False) -> str:
 def comm_candidates(combo: Combo) -> list[str]:
     """Registered backends that can run `combo` with its comm field replaced (static_shapes
     counts only for the backends that have the option)."""
-    out = []
-    for n in sorted(COMM_BACKENDS):
-        static = combo.static_shapes and COMM_BACKENDS[n].static_capable
-        if _rules(replace(combo, comm=n, static_shapes=static)) is None:
-            out.append(n)
-    return out
+    return [n for n in sorted(COMM_BACKENDS)
+            if _rules(replace(combo, comm=n, static_shapes=combo.static_shapes and COMM_BACKENDS[n].static_capable))
+            is None]

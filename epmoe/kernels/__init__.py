@@ -1,1 +1,1 @@
-"""Triton kernels (`@triton.jit` functions only; wrappers and policy live with their callers)."""
+"""Triton and Gluon kernels only; wrappers and policy live with their callers (notes: docs/kernels.md)."""

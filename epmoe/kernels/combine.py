@@ -77,8 +77,7 @@ def weighted_sum_kernel(
             else:
                 ok = s >= 0
         w = tl.load(w_ptr + p, mask=ok, other=0.0)
-        # tl.where(ok, cm, False), not cm & ok: Triton 3.9's interpreter splats a scalar int1 into a
-        # non-bool array, which its loads refuse as a mask (the same predicate either way)
+        # tl.where(ok, cm, False), not cm & ok: Triton 3.9's interpreter refuses the splatted int1 as a mask
         o = tl.load(out_ptr + p * stride_out + cols, mask=tl.where(ok, cm, False), other=0.0).to(tl.float32)
         acc += tl.where(ok, w * o, 0.0)
     if HAS_ADDEND:

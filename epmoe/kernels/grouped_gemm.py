@@ -1,4 +1,4 @@
-"""Grouped GEMMs of the expert MLP, rows gathered by index inside the kernel.
+"""Grouped GEMMs of the expert MLP, rows gathered by index inside the kernel (design: docs/kernels.md).
 
     gate_up:  for each tile of slots s owned by expert e (see permute.py):
                   p = sorted_pair[s]; r = row_ids[p]
@@ -7,41 +7,19 @@
     down:     for each tile of slots s owned by expert e:
                   out[sorted_pair[s]] = act[s] @ w2[e].T + b2[e]   # rows land in pair order
 
-PAIR_MODE (decode): no sort at all; program m is pair m, its expert read from expert_ids, and
-the product is a matrix-vector one on the CUDA cores (one row gains nothing from tensor cores
-and the kernel is bound by streaming the weights). The act buffer is then in pair order.
-USE_PDL (pair mode, GPU): the down kernel is a programmatic dependent launch; gate_up lets it
-start early, and each down program loads its first weight tile before waiting for gate_up to
-finish, so the two weight streams overlap instead of paying a launch gap and a tail between them.
-
-Weights are [E, N, K] with K contiguous (w13: N = 2I, K = H; w2: N = H, K = I). Padding
-pairs (expert -1) and padding slots are never loaded or stored.
-
-Quantized weights (W_FMT, see epmoe/quant.py):
-    1 fp8:       w = data * scale[e]                        (one fp32 scale per expert or tensor)
-    2 fp8_block: w = data * scale[e, n // 128, k // 128]
-    3 nvfp4:     w = e2m1(nibble) * scale_e4m3[e, n, k // 16] * global[e]
-Scale strides of broadcast (size-1) dims are 0.
-
-  PAIR_MODE (decode, bound by the weight stream): weight-only. Tiles are dequantized in
-  registers and multiplied with the bf16/fp32 activation row on the CUDA cores; fp8_block and
-  nvfp4 tiles are 3-D ([rows, blocks, values of a block]) so a block's scale broadcasts; nvfp4
-  bytes are split into their even (low nibble) and odd (high nibble) values and multiplied with
-  the even and odd activations, so no register shuffle interleaves them.
-  Sorted, fp8 / fp8_block (A_FP8): w8a8 on the fp8 tensor cores. A holds e4m3 rows with one
-  fp32 scale per row and 128 values (per-token-group activations, DeepSeek-V3 style), BLOCK_K is
-  128, and every k step adds dot(a, w) * a_scale[m] * w_scale[n] in fp32. gate_up's epilogue
-  quantizes the activation it produces the same way (BLOCK_N is 128: one group per program),
-  so the down GEMM reads e4m3 rows too:
-      s[m] = max(amax_n |act[m, n]|, EPS) / 448;  act_q[m, n] = e4m3(act[m, n] / s[m])
-  Sorted, nvfp4: e2m1 x e4m3 block scale is exact in bf16/fp16 (at most 5 significant bits),
-  so tiles are dequantized exactly to the activation dtype and multiplied on the bf16 tensor
-  cores as two dots over the even and the odd k; the global scale multiplies the accumulator.
-  At prefill (many rows per expert) the runner instead dequantizes whole experts once with
-  nvfp4_dequant_kernel into a scratch buffer and runs the float path on it (W_FMT 0) with
-  W_GLOBAL: the same exact values, decoded once per call instead of once per m tile.
-e_lo, e_hi: the launch computes only the tiles of experts e_lo <= e < e_hi, whose weights start
-at w_ptr (expert e at (e - e_lo) * stride_we): the scratch holds a chunk of experts at a time.
+Weights are [E, N, K], K contiguous (w13: N = 2I, K = H; w2: N = H, K = I); scale strides of
+broadcast dims are 0. Padding pairs (expert -1) and padding slots are never loaded or stored.
+W_FMT (epmoe/quant.py): 0 float; 1 fp8: w = data * scale[e]; 2 fp8_block: w = data * scale[e, n // 128,
+k // 128]; 3 nvfp4: w = e2m1(nibble) * scale_e4m3[e, n, k // 16] * global[e].
+PAIR_MODE (decode): program m is pair m, no sort, act in pair order; matrix-vector products on the
+CUDA cores, weights dequantized in registers. USE_PDL (pair mode): down is a programmatic
+dependent launch that loads its first weight tile before gdc_wait().
+A_FP8 (sorted fp8 / fp8_block): w8a8, e4m3 rows with one fp32 scale per row and 128 values, BLOCK_K
+128; gate_up's epilogue (BLOCK_N 128) quantizes act the same way:
+    s[m] = max(amax_n |act[m, n]|, EPS) / 448;  act_q[m, n] = e4m3(act[m, n] / s[m])
+Sorted nvfp4: tiles dequantized exactly to the activation dtype, two dots (even / odd k), global
+scale on the accumulator. W_GLOBAL: weights pre-dequantized by nvfp4_dequant_kernel (W_FMT 0),
+global scale in the epilogue. e_lo, e_hi: only experts e_lo <= e < e_hi, from w_ptr at (e - e_lo) * stride_we.
 """
 
 import triton
@@ -50,14 +28,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from epmoe.kernels.quant import e4m3_groups
 
-ACT_SILU = 0
-ACT_GELU = 1
-ACT_SWIGLU_CLAMPED = 2
-
 
 @triton.jit
 def _activation(g, u, ACT: tl.constexpr, limit, alpha):
-    """fp32 gate/up -> fp32 activation (see epmoe.experts.activation.activate)."""
+    """fp32 gate/up -> fp32 activation; ACT: ops.grouped_gemm.ACT_CODES (0 silu, 1 gelu, 2 swiglu_clamped)."""
     if ACT == 0:
         return g * tl.sigmoid(g) * u
     elif ACT == 1:
@@ -70,22 +44,18 @@ def _activation(g, u, ACT: tl.constexpr, limit, alpha):
 
 @triton.jit
 def _e2m1_scaled(code):
-    """uint8 e2m1 code (0..15, bit 3 = sign) -> fp32 value * 2^-14: the sign and the three
-    magnitude bits placed in an fp16 bit pattern (sign -> bit 15, exponent -> bits 10-11,
-    mantissa -> bit 9) give e2m1 * 2^-14 exactly, subnormal 0.5 included; callers fold 2^14
-    into the scale."""
+    """uint8 e2m1 code (bit 3 = sign) -> fp32 e2m1 * 2^-14, exact, via an fp16 bit pattern (sign -> bit 15,
+    exponent -> bits 10-11, mantissa -> bit 9); callers fold 2^14 into the scale."""
     c = code.to(tl.uint16)
     return (((c & 8) << 12) | ((c & 7) << 9)).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def _e2m1_pairs_asm(b):
-    """uint8 bytes -> (even, odd) bf16 e2m1 values of their low and high nibbles, exact, on
-    sm_90: per 32-bit register of 4 bytes, `prmt` spreads bytes b0..b3 over two bf16 pairs, two
-    shifts and masks place each nibble's magnitude bits (e1 e0 m) on bf16 bits 8-6 (lowest
-    exponent bits and top mantissa bit) and its sign on bit 15, giving e2m1 * 2^-126 (0.5 lands
-    on a bf16 subnormal), and one mul.bf16x2 by 2^126 restores the value: ~3.4 instructions per
-    value against ~9 for shifting each nibble into an fp16 pattern and converting it."""
+    """uint8 bytes -> (even, odd) bf16 e2m1 values of their low / high nibbles, exact (sm_90 PTX): `prmt`
+    spreads 4 bytes over two bf16 pairs, shifts and masks put each nibble's bits (e1 e0 m) on bf16 bits 8-6
+    and its sign on bit 15 (= e2m1 * 2^-126), one mul.bf16x2 by 2^126 restores the value: ~3.4
+    instructions per value against ~9 for converting an fp16 pattern per nibble."""
     return tl.inline_asm_elementwise(
         asm="""
         {
@@ -113,9 +83,8 @@ def _e2m1_pairs_asm(b):
 
 @triton.jit
 def _e2m1_pairs(b, FAST_E2M1: tl.constexpr):
-    """uint8 bytes -> (even, odd) e2m1 values of their low and high nibbles (exact): bf16
-    through inline PTX on the GPU (FAST_E2M1), fp32 through fp16 bit patterns elsewhere (the
-    Triton interpreter runs no PTX)."""
+    """uint8 bytes -> (even, odd) e2m1 values of their low and high nibbles, exact: bf16 through PTX
+    (FAST_E2M1, GPU), else fp32 through fp16 bit patterns (the interpreter runs no PTX)."""
     if FAST_E2M1:
         return _e2m1_pairs_asm(b)
     else:
@@ -125,11 +94,9 @@ def _e2m1_pairs(b, FAST_E2M1: tl.constexpr):
 @triton.jit
 def _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, FAST_E2M1: tl.constexpr,
                 BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
-    """nvfp4 weight tile of `rows` [R] (-1: none) at k0, split by parity: (even, odd) [R, BLOCK_K // 2]
-    in DTYPE = the values at k0 + 2j and k0 + 2j + 1 times their e4m3 block scale (exact in
-    bf16/fp16: e2m1 x e4m3 has at most 5 significant bits; the global scale is the caller's).
-    K % 16 == 0, BLOCK_K % 16 == 0. The bytes load as [R, G, 8] (8 bytes = one 16-value block)
-    so the block scale broadcasts over the last dim."""
+    """nvfp4 tile of `rows` [R] (-1: none) at k0 as (even, odd) [R, BLOCK_K // 2] in DTYPE: values at k0 + 2j
+    and k0 + 2j + 1 times their e4m3 block scale (exact: at most 5 significant bits; global scale is the
+    caller's). K, BLOCK_K % 16 == 0; bytes load as [R, G, 8] (one block per row of 8) so the scale broadcasts."""
     G: tl.constexpr = BLOCK_K // 16
     R: tl.constexpr = rows.shape[0]
     r_ok = rows >= 0
@@ -147,12 +114,10 @@ def _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, FA
 
 
 @triton.jit
-def nvfp4_dequant_kernel(w_ptr, stride_we, stride_wn, s_ptr, stride_se, stride_sn, stride_sk,
-                         out_ptr, stride_oe, stride_on, e_lo, N, K,
-                         FAST_E2M1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[e - e_lo, n, k] = e2m1(w[e, n, k]) * scale_e4m3[e, n, k // 16] for the experts e_lo +
-    program_id(1), in out's dtype: exact (at most 5 significant bits; the global scale is left
-    to the GEMM's epilogue, as in the fused sorted path). Program 0 axis: [BLOCK_N, BLOCK_K] tiles."""
+def nvfp4_dequant_kernel(w_ptr, stride_we, stride_wn, s_ptr, stride_se, stride_sn, stride_sk, out_ptr, stride_oe,
+                         stride_on, e_lo, N, K, FAST_E2M1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e - e_lo, n, k] = e2m1(w[e, n, k]) * scale_e4m3[e, n, k // 16], e = e_lo + program_id(1), exact in
+    out's dtype (the global scale is the GEMM epilogue's). Axis 0: [BLOCK_N, BLOCK_K] tiles."""
     e = e_lo + tl.program_id(1)
     num_k = tl.cdiv(K, BLOCK_K)
     n0 = (tl.program_id(0) // num_k) * BLOCK_N
@@ -170,10 +135,8 @@ def nvfp4_dequant_kernel(w_ptr, stride_we, stride_wn, s_ptr, stride_se, stride_s
 @triton.jit
 def _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
                        FAST_E2M1: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One k step of the pair-mode nvfp4 product, per 16-value block: fp32 [R, BLOCK_K // 16] =
-    scale[r, blk] * sum_{i < 16} e2m1(w[r, 16 blk + i]) * x[16 blk + i]. The tile is [R, G, 8]
-    bytes (8 bytes = one block, contiguous in a thread), so the sum over a block needs no data
-    movement and the scale multiplies once per block, not per value."""
+    """Pair-mode nvfp4 k step: fp32 [R, BLOCK_K // 16] = scale[r, blk] * sum_{i < 16} e2m1(w[r, 16 blk + i]) *
+    x[16 blk + i]; [R, G, 8]-byte tiles keep a block in one thread, so the scale multiplies once per block."""
     G: tl.constexpr = BLOCK_K // 16
     r_ok = rows >= 0
     rows64 = tl.maximum(rows, 0).to(tl.int64)
@@ -194,11 +157,9 @@ def _nvfp4_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn,
 
 
 @triton.jit
-def _load_w8(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, W_FMT: tl.constexpr,
-             BLOCK_K: tl.constexpr):
-    """Weight tile [R, BLOCK_K] in fp32 of rows `rows` (-1: none): bf16/fp16/fp32 as stored,
-    fp8_block times its block scale (BLOCK_K divides 128: one scale per row), fp8 unscaled
-    (the per-expert scale is the caller's)."""
+def _load_w8(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, W_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weight tile [R, BLOCK_K] of `rows` (-1: none): floats as stored, fp8_block times its block scale
+    (BLOCK_K divides 128), fp8 unscaled (the per-expert scale is the caller's)."""
     r_ok = rows >= 0
     rows64 = tl.maximum(rows, 0).to(tl.int64)
     k = k0 + tl.arange(0, BLOCK_K)
@@ -210,11 +171,9 @@ def _load_w8(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, W_FMT
 
 
 @triton.jit
-def _fp8_block_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
-                           BLOCK_K: tl.constexpr):
-    """One k step of the pair-mode fp8_block product, elementwise: fp32 [R, BLOCK_K // 128, 128] =
-    w[r, k] * scale[r // 128, k // 128] * x[k]; a [R, G, 128] tile keeps each 128-value block on
-    its own axis so its scale broadcasts (tiles deeper than one block stream more bytes per load)."""
+def _fp8_block_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, BLOCK_K: tl.constexpr):
+    """Pair-mode fp8_block k step, elementwise: fp32 [R, BLOCK_K // 128, 128] = w[r, k] * scale[r // 128,
+    k // 128] * x[k] (a block per axis-1 entry, so its scale broadcasts)."""
     G: tl.constexpr = BLOCK_K // 128
     r_ok = rows >= 0
     rows64 = tl.maximum(rows, 0).to(tl.int64)
@@ -232,10 +191,8 @@ def _fp8_block_matvec_step(x_row, w_base, s_base, rows, k0, K, stride_wn, stride
 @triton.jit
 def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride_sk,
             W_FMT: tl.constexpr, WAIT: tl.constexpr, FAST_E2M1: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Pair mode: fp32 [R] = W[rows, :] . x for one activation row (weights dequantized in
-    registers). Products accumulate elementwise and reduce over k once after the loop, so the
-    loop is loads and FMAs only. WAIT: the first weight tile is loaded before gdc_wait()
-    (programmatic dependent launch: it does not depend on the previous kernel)."""
+    """Pair mode: fp32 [R] = W[rows, :] . x, products summed elementwise and reduced once after the loop
+    (loads and FMAs only in it). WAIT: gdc_wait() after the first weight tile's load (PDL)."""
     R: tl.constexpr = rows.shape[0]
     if W_FMT == 3:
         if WAIT:
@@ -271,12 +228,10 @@ def _matvec(x_row, w_base, s_base, g_base, rows, K, stride_wn, stride_sn, stride
 @triton.jit
 def _fp8_scales(as_ptrs, stride_asg, valid, s_base, n0, rows, k0, K, stride_sn, stride_sk,
                 W_FMT: tl.constexpr, W_UNIFORM: tl.constexpr):
-    """Scales of the w8a8 k step at k0: (row [BLOCK_M], column [BLOCK_N]). The activation scale
-    a_s[m] of the step's 128 values; fp8_block: W_UNIFORM (the tile's weight rows lie in one
-    128-row scale block) folds the step's one weight scale into the row scale (one FMA per
-    accumulator element, as for fp8), else the column scale is the weight rows' block scale (a
-    second multiply). fp8: the per-expert weight scale is the caller's; the column scale is
-    unused. k0 past K (the prefetch after the last step) reads the last group."""
+    """(row [BLOCK_M], column [BLOCK_N]) scales of the w8a8 k step at k0: a_s[m] of the step's 128 values;
+    fp8_block with W_UNIFORM (tile rows in one 128-row scale block) folds the weight scale into the row
+    scale, else the column scale is the rows' block scale. fp8: column scale unused (per-expert scale is
+    the caller's). k0 past K (the last prefetch) reads the last group."""
     kg = tl.minimum(k0, K - 1) // 128
     a_s = tl.load(as_ptrs + kg * stride_asg, mask=valid, other=0.0)
     w_s = a_s  # unused unless fp8_block with mixed scale blocks
@@ -289,14 +244,11 @@ def _fp8_scales(as_ptrs, stride_asg, valid, s_base, n0, rows, k0, K, stride_sn, 
 
 
 @triton.jit
-def _mma_fp8(acc, a_ptrs, valid, w_ptrs, w_desc, e, n0, rows, k0, K, a_s, w_s,
-             W_FMT: tl.constexpr, W_TMA: tl.constexpr, W_UNIFORM: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One k step of the w8a8 GEMM: acc + dot(a, w) * a_s[:, None] (* w_s[None, :]; scales from
-    _fp8_scales, loaded a step ahead by the caller: the pipeliner stages only the tiles, so a scale
-    loaded in its own step stalled the scaling after every MMA). a: e4m3 [BLOCK_M, 128], w: e4m3
-    [128, BLOCK_N] (rows `rows` from n0). Both pointers are typed e4m3, so the pipelined tiles feed
-    the MMA from shared memory (a bitcast of bytes would take `a` through registers first)."""
+def _mma_fp8(acc, a_ptrs, valid, w_ptrs, w_desc, e, n0, rows, k0, K, a_s, w_s, W_FMT: tl.constexpr, W_TMA: tl.constexpr,
+             W_UNIFORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w8a8 k step: acc + dot(a, w) * a_s[:, None] (* w_s[None, :]), a: e4m3 [BLOCK_M, 128], w: e4m3 [128,
+    BLOCK_N]. Scales come a step ahead (a scale loaded in its own step stalled after every MMA); e4m3-typed
+    pointers let pipelined tiles feed the MMA from shared memory (bitcast bytes went through registers)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
@@ -305,8 +257,7 @@ def _mma_fp8(acc, a_ptrs, valid, w_ptrs, w_desc, e, n0, rows, k0, K, a_s, w_s,
     else:
         w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & (rows >= 0)[None, :], other=0.0)
     if W_FMT == 2 and not W_UNIFORM:
-        # the column scale multiplies the dot's result after a_s: a [BLOCK_M, BLOCK_N] scale
-        # matrix formed before the dot would stay live across it (register pressure)
+        # scale after the dot: a [BLOCK_M, BLOCK_N] scale matrix formed before it stays live (registers)
         return acc + tl.dot(a, w) * a_s[:, None] * w_s[None, :]
     return acc + tl.dot(a, w) * a_s[:, None]
 
@@ -314,22 +265,19 @@ def _mma_fp8(acc, a_ptrs, valid, w_ptrs, w_desc, e, n0, rows, k0, K, a_s, w_s,
 @triton.jit
 def _mma_nvfp4(acc, x_ptrs, valid, w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk,
                DOT_PREC: tl.constexpr, FAST_E2M1: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One k step of the nvfp4 GEMM on the bf16/fp16/fp32 tensor cores: acc + a_even @ w_even.T +
-    a_odd @ w_odd.T (the exact block-scaled values; the global scale is the caller's)."""
+    """nvfp4 k step on the tensor cores: acc + a_even @ w_even.T + a_odd @ w_odd.T (global scale: the caller's)."""
     j = tl.arange(0, BLOCK_K // 2)
     m = valid[:, None] & (k0 + 2 * j < K)[None, :]
     xe = tl.load(x_ptrs + k0 + 2 * j[None, :], mask=m, other=0.0)
     xo = tl.load(x_ptrs + k0 + 2 * j[None, :] + 1, mask=m, other=0.0)
-    even, odd = _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, FAST_E2M1, BLOCK_K,
-                            xe.dtype)
+    even, odd = _load_nvfp4(w_base, s_base, rows, k0, K, stride_wn, stride_sn, stride_sk, FAST_E2M1, BLOCK_K, xe.dtype)
     acc = tl.dot(xe, tl.trans(even), acc, input_precision=DOT_PREC)
     return tl.dot(xo, tl.trans(odd), acc, input_precision=DOT_PREC)
 
 
 @triton.jit
 def _store_fp8_rows(act_ptr, stride_am, as_ptr, stride_asm, h, slots, offs_n, valid, n_ok, pid_n, EPS):
-    """Quantize act rows h [BLOCK_M, 128] (one 128-value group) to e4m3 with one scale per row,
-    as quantize_fp8_groups_triton does (e4m3_groups)."""
+    """Store act rows h [BLOCK_M, 128] (one group) as e4m3 with one scale per row (e4m3_groups)."""
     bits, s = e4m3_groups(tl.where(valid[:, None] & n_ok[None, :], h, 0.0), EPS)  # [BLOCK_M, 128], [BLOCK_M]
     slots64 = slots.to(tl.int64)
     tl.store(act_ptr + slots64[:, None] * stride_am + offs_n[None, :], bits.to(tl.float8e4nv, bitcast=True),
@@ -408,8 +356,7 @@ def moe_gate_up_kernel(
         x_row = x_ptr + tl.max(rows, axis=0) * stride_xm
         if W_FMT == 0:
             wg_ptrs = w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-            # elementwise fp32 partial sums, reduced over k once after the loop: the loop is loads
-            # and FMAs only, so the next tile's loads issue without waiting on a reduction
+            # elementwise partial sums, reduced after the loop: next loads issue without waiting on a reduction
             part_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             part_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -466,8 +413,7 @@ def moe_gate_up_kernel(
             for k0 in range(0, K, BLOCK_K):
                 k_ok = (k0 + offs_k) < K
                 a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
-                if W_TMA:  # the bulk copy engine zero-fills past K and past 2I; gate columns past I are never stored
-                    # (the descriptor spans this launch's experts: e_lo is its first)
+                if W_TMA:  # zero-filled past K and 2I; gate columns past I never stored; descriptor from e_lo
                     wg = tl.trans(w_desc.load([e - e_lo, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
                     wu = tl.trans(w_desc.load([e - e_lo, I + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K))
                 else:

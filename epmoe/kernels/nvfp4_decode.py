@@ -4,35 +4,19 @@
     down:     out[m, n] = act[m] . w2[e, n] + b2[e, n]                    e = expert_ids[m]
 
 w = e2m1(nibble) * scale_e4m3[e, n, k // 16] * global[e] (epmoe/quant.py; element 2i in the low
-nibble). The same products as the PAIR_MODE path of grouped_gemm.py; the differences are where the
-operands live and what decoding costs. At decode the kernels are bound by instruction issue, not
-by HBM: every weight value is decoded, widened and multiplied once.
-  - Triton's `tl` version broadcasts the activation row over a tile's weight rows and moves it,
-    and the per-block sums, between register layouts through shared memory: four to six CTA
-    barriers per k step in the generated code. Here every operand is loaded straight in the
-    layout its product uses, so the loop has no barrier and no shared memory:
+nibble): the PAIR_MODE products of grouped_gemm.py, with every operand loaded straight in the layout
+its product uses (no shared memory, no barrier; `tl` needed four to six per k step) and weights read
+as 32-bit words decoded by byte permutes (_E2M1_WORD_ASM; `gl.fp4_to_fp` on bytes ran 1.3-1.4x
+slower). Layouts and measurements: docs/kernels.md.
 
         weight words  [R, G, 2]   the two 32-bit words (16 values) of one block per thread
-        activation    8 x [G, 2]  value j of every word, fp32 (row threads that share a block
-                                  load it again from L1)
+        activation    8 x [G, 2]  value j of every word, fp32
         block scales  [R, G]
 
-  - The weights are read as 32-bit words (the stack viewed as int32) and decoded with the byte
-    permute unit (_E2M1_WORD_ASM): 25 instructions per eight fp32 values. Byte loads decoded by
-    `gl.fp4_to_fp` spent about 1.5 times the instructions per value (bytes repacked into words,
-    one address per byte, bf16 widened to fp32 separately) and ran 1.3-1.4x slower end to end.
-
-The tile is BLOCK_N rows by BLOCK_K values (G = BLOCK_K / 16 blocks); TG threads of a warp lie
-along the blocks and 32 / TG along the rows. gate_up streams the gate and the up rows in the same
-loop (two independent loads per k step in flight) and loads the activation once for both.
-PREFETCH: each k step issues the next step's weight loads before it computes on its own words
-(more bytes in flight, more registers live).
-
-USE_PDL: programmatic dependent launch, as in grouped_gemm.py: gate_up lets the down kernel start
-early; down loads its first weight tile, then waits for gate_up's activations.
-
-Gluon kernels run on NVIDIA GPUs only (not in the Triton interpreter); the runner uses the `tl`
-pair-mode kernels elsewhere. Both compute the same sums in fp32, in a different order.
+BLOCK_N rows by BLOCK_K values (G = BLOCK_K / 16) per tile, TG threads of a warp along the blocks.
+PREFETCH: the next k step's weight loads go out before this step's compute. USE_PDL: as in
+grouped_gemm.py (down loads its first weight tile, then waits). NVIDIA GPUs only (not the
+interpreter); both paths sum in fp32, in a different order.
 """
 
 from triton.experimental import gluon
@@ -68,12 +52,8 @@ def _rows_layout(tg: int, num_warps: int) -> gl.SliceLayout:
     return gl.SliceLayout(1, _sums_layout(tg, num_warps))
 
 
-# e2m1 -> fp32 for the eight values of one 32-bit word (value j in nibble j, low nibble first).
-# Two byte-permute lookups turn four 3-bit magnitudes at once into the top and the second byte of
-# their bf16 pattern (tables: magnitude m -> 0x00/0x3F/0x3F/0x3F/0x40/0x40/0x40/0x40 and
-# 0x00/0x00/0x80/0xC0/0x00/0x40/0x80/0xC0, i.e. 0, 0.5, 1, 1.5, 2, 3, 4, 6), a third puts the sign
-# bits in, a fourth pairs the bytes into bf16x2, and a shift or a mask widens each half to fp32:
-# 25 instructions per eight values, exact.
+# e2m1 -> fp32 for the eight values of one 32-bit word (value j in nibble j): byte-permute lookups give
+# the two bytes of each bf16 pattern (0, 0.5, 1, 1.5, 2, 3, 4, 6), then the signs; 25 instructions, exact.
 _E2M1_WORD_ASM = gl.constexpr("""{
 .reg .b32 m, mh, s, sl, sh, t0, t1, c0, c1, p0, p1, p2, p3;
 and.b32 m, $8, 0x77777777;
@@ -114,8 +94,7 @@ def _decode8(w):
 @gluon.jit
 def _w_ptrs(w_base, s_base, n0, N, stride_wn, stride_sn, stride_sk,
             BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TG: gl.constexpr):
-    """Pointers and masks of the first k tile of rows n0..n0+BLOCK_N: weights [R, G, 2] 32-bit
-    words in the tile layout (stride_wn in words), scales [R, G] in the sums layout."""
+    """Pointers and masks of rows n0.. at k 0: words [R, G, 2] (stride_wn in words), scales [R, G]."""
     G: gl.constexpr = BLOCK_K // 16
     LW: gl.constexpr = _tile_layout(2, TG, gl.num_warps())
     LS: gl.constexpr = _sums_layout(TG, gl.num_warps())
@@ -132,8 +111,7 @@ def _w_ptrs(w_base, s_base, n0, N, stride_wn, stride_sn, stride_sk,
 
 @gluon.jit
 def _x_ptrs(x_row, BLOCK_K: gl.constexpr, TG: gl.constexpr):
-    """Pointers [G, 2] of the activation's first k tile, at value 0 of each weight word (the
-    loads add 0..7), and the block index of each."""
+    """Pointers [G, 2] of the activation at value 0 of each weight word (loads add 0..7), and block indices."""
     G: gl.constexpr = BLOCK_K // 16
     LX: gl.constexpr = gl.SliceLayout(0, _tile_layout(2, TG, gl.num_warps()))
     gx = gl.arange(0, G, layout=gl.SliceLayout(1, LX))
@@ -173,7 +151,7 @@ def _block_dots(w, s_ptrs, s_rows_ok, gs, x, k0, K, stride_sk):
 
 @gluon.jit
 def _activation(g, u, ACT: gl.constexpr, limit, alpha):
-    """fp32 gate/up -> fp32 activation (the same formulas as grouped_gemm._activation)."""
+    """fp32 gate/up -> fp32 activation (grouped_gemm._activation's formulas)."""
     if ACT == 0:
         return g / (1.0 + gl.exp(-g)) * u
     elif ACT == 1:
@@ -213,15 +191,13 @@ def nvfp4_decode_gate_up_kernel(
         e64 = e.to(gl.int64)
         w_base = w_ptr + e64 * stride_we
         s_base = s_ptr + e64 * stride_se
-        wg, wok, g3, sg, sok, gs = _w_ptrs(w_base, s_base, n0, I, stride_wn, stride_sn, stride_sk, BLOCK_N,
-                                           BLOCK_K, TG)
+        wg, wok, g3, sg, sok, gs = _w_ptrs(w_base, s_base, n0, I, stride_wn, stride_sn, stride_sk, BLOCK_N, BLOCK_K, TG)
         wu = wg + I.to(gl.int64) * stride_wn
         su = sg + I.to(gl.int64) * stride_sn
         x_ptrs, gx = _x_ptrs(x_ptr + gl.load(row_ids_ptr + m).to(gl.int64) * stride_xm, BLOCK_K, TG)
         bg = _load_w(wg, wok, g3, 0, K)
         bu = _load_w(wu, wok, g3, 0, K)
-        part_g = gl.zeros([BLOCK_N, BLOCK_K // 16], gl.float32,
-                          layout=_sums_layout(TG, gl.num_warps()))
+        part_g = gl.zeros([BLOCK_N, BLOCK_K // 16], gl.float32, layout=_sums_layout(TG, gl.num_warps()))
         part_u = gl.zeros_like(part_g)
         for k0 in range(0, K, BLOCK_K):
             if PREFETCH:
@@ -269,8 +245,7 @@ def nvfp4_decode_down_kernel(
         b = _load_w(w, wok, g3, 0, K)  # weights do not depend on gate_up: loaded before the wait
         if USE_PDL:
             _pdl_wait()
-        part = gl.zeros([BLOCK_N, BLOCK_K // 16], gl.float32,
-                        layout=_sums_layout(TG, gl.num_warps()))
+        part = gl.zeros([BLOCK_N, BLOCK_K // 16], gl.float32, layout=_sums_layout(TG, gl.num_warps()))
         for k0 in range(0, K, BLOCK_K):
             if PREFETCH:
                 b_next = _load_w(w, wok, g3, k0 + BLOCK_K, K)

@@ -3,38 +3,17 @@
     gate_up:  act[s, n] = ACT(x_s . w_gate[e, n] + b, x_s . w_up[e, n] + b),  x_s = hidden[row_ids[pair(s)]]
     down:     out[pair(s), n] = act[s] . w2[e, n] + b2[e, n]
 
-Hopper has no fp4 tensor cores, so at decode the nvfp4 kernels are bound by the instructions
-that turn weights into numbers, not by HBM. Here the decoded weight tile is the mma's A operand
-(16 weight rows by 16 k per instruction) and the activation rows its B operand (8 columns per
-instruction), so the products cost one tensor-core instruction per eight values and eight rows,
-and the decode (_DECODE_ASM: 15 shifts and masks and 4 bf16 multiplies per 32-bit word of eight
-values) is shared by all the rows:
-
-    A  weights  [BLOCK_N, BLOCK_K] bf16  DotOperand(0, k_width=8), decoded in registers
+    A  weights  [BLOCK_N, BLOCK_K] bf16  DotOperand(0, k_width=8), decoded in registers (_decode)
     B  rows     [BLOCK_K, NC] bf16       DotOperand(1, k_width=8), NC = max(8, BLOCK_M) columns
     C           [BLOCK_N, NC] fp32       the mma layout, warps along the weight rows
 
-No shared memory, no barrier. The k order inside a tile is free (a dot product does not care, as
-long as A and B agree), and two choices make the loads wide and the decode short:
-  - A thread's k_width=8 operand runs (operand k = 32 j + 8 t + i, lane t, register run j) map to
-    memory words t J + j (J = BLOCK_K / 32): each lane reads J consecutive words of a row (one
-    16-byte load per four words) and their J / 2 block scales (one load); _words_layout.
-  - Inside a word, operand position i holds nibble _PAIR_ORDER[i]: bf16x2 pairs of nibbles
-    (j, j + 4), whose sign bits already sit on the halves' sign bits. The activations load 16
-    bytes per eight values and are put in the same order in registers (_load_b).
-
-The decode is exact: e2m1 * scale * 2^-62 has at most 6 significant bits and is a normal bf16 for
-every e4m3 scale, subnormals included; the accumulator is multiplied by global * 2^62 at the end.
-Products and sums are fp32 on the tensor cores (the CUDA-core kernels sum in another order;
-results agree to fp32 rounding). Activations are bf16 (the runner sends fp16 / fp32 elsewhere).
-
-Rows: PAIR_MODE, program m is pair m (one of the 8 columns used, act in pair order, no sort);
-else the sorted blocks of kernels/permute.py, BLOCK_M slots of one expert per program (act in
-slot order). USE_PDL (pair mode), PREFETCH (the next k step's loads before this step's
-decode): as in nvfp4_decode.py. EVEN_K: K is a multiple of BLOCK_K, no k masks. Weight rows past
-N and unused columns read valid memory (clamped rows, repeated slots) and are never stored.
-
-Gluon kernels run on NVIDIA GPUs only (mma.sync: sm_80 and newer; the runner uses them on Hopper).
+No shared memory, no barrier; the k order inside a tile is permuted alike in A and B so loads are
+wide and the decode short (why and how: docs/kernels.md). The decode is exact (e2m1 * scale * 2^-62,
+a normal bf16); the accumulator is multiplied by global * 2^62 at the end. Activations are bf16.
+Rows: PAIR_MODE, program m is pair m (act in pair order); else BLOCK_M sorted slots of one expert
+(kernels/permute.py; act in slot order). USE_PDL, PREFETCH: as in nvfp4_decode.py. EVEN_K: K % BLOCK_K
+== 0, no k masks. Weight rows past N and unused columns read valid memory and are never stored.
+NVIDIA GPUs only (mma.sync: sm_80 and newer; the runner uses them on Hopper).
 """
 
 from triton.experimental import gluon
@@ -52,18 +31,10 @@ def _num_cols(block_m: int) -> int:
     return max(MMA_N, block_m)
 
 
-# One 32-bit word q (eight e2m1 values, value j in nibble j) and its block's e4m3 scale byte ->
-# eight bf16 values w * 2^-62, as four bf16x2 pairs of the nibbles (3, 7), (2, 6), (1, 5), (0, 4)
-# (_PAIR_ORDER). A pair's sign bits already sit on bf16 bits 15 and 31; its magnitude bits
-# (e1 e0 m) shift onto bits 8-6 (the two lowest exponent bits and the top mantissa bit), which
-# reads as e2m1 * 2^-126 (0.5 lands on a bf16 subnormal); then q moves up a nibble for the next
-# pair. The scale byte placed on bits 10-4 of each half reads as scale * 2^-120 (e4m3 subnormals
-# included); two multiplies by 2^127 and 2^57 make it scale * 2^64, and one mul.bf16x2 per pair
-# applies it: e2m1 * scale * 2^-62, exact (at most 6 significant bits, a normal bf16). About 21
-# instructions per eight values (the scale's two multiplies serve the two words of a block), 15 of
-# them shifts and masks.
 def _decode_asm() -> str:
-    """The PTX of the decode above ($0-$7: the eight bf16 outputs, $8: the word, $9: the scale)."""
+    """PTX: word $8 (eight e2m1, value j in nibble j) and scale byte $9 -> $0-$7, bf16 w * 2^-62 as four bf16x2
+    pairs of nibbles _PAIR_ORDER: magnitude bits shifted onto bf16 bits 8-6 (= e2m1 * 2^-126), the scale on
+    bits 10-4 (* 2^127 * 2^57 = scale * 2^64), one mul.bf16x2 per pair. ~21 instructions per eight values."""
     pair = ("shr.u32 t, {q}, 6;\nand.b32 t, t, 0x01C001C0;\nand.b32 o, {q}, 0x80008000;\nor.b32 o, o, t;\n"
             "mul.rn.bf16x2 o, o, m;\nmov.b32 {{${lo}, ${hi}}}, o;\n")
     asm = ("{\n.reg .b32 q, t, o, m, c;\nmul.lo.u32 m, $9, 0x00100010;\nmov.b32 c, 0x7F007F00;\n"
@@ -92,9 +63,8 @@ def _operand(index: int, num_warps: int) -> gl.DotOperandLayout:
 
 @gluon.constexpr_function
 def _words_layout(block_n: int, per_thread: int, num_warps: int) -> gl.DistributedLinearLayout:
-    """[BLOCK_N, 4, per_thread]: the A operand's rows (lanes g -> rows 0-7, a register -> row 8,
-    warps -> 16-row slabs, registers -> further slabs), the four lanes t of a row group on dim
-    1, and `per_thread` consecutive elements on dim 2 in each thread's registers."""
+    """[BLOCK_N, 4, per_thread]: A operand rows (lanes g -> rows 0-7, a register -> row 8, warps -> 16-row
+    slabs, registers -> further slabs), the four lanes t on dim 1, per_thread elements in registers."""
     slab = 16 * num_warps
     reg = ([[0, 0, 1 << i] for i in range(per_thread.bit_length() - 1)] + [[8, 0, 0]]
            + [[slab << i, 0, 0] for i in range((block_n // slab).bit_length() - 1)])
@@ -105,9 +75,8 @@ def _words_layout(block_n: int, per_thread: int, num_warps: int) -> gl.Distribut
 
 @gluon.constexpr_function
 def _acts_layout(per_thread: int, cols: int, num_warps: int) -> gl.DistributedLinearLayout:
-    """[4, per_thread, 8, cols]: the B operand in memory order: lanes t on dim 0, per_thread
-    groups of eight consecutive values on dims 1-2 in registers, lanes g on the columns (further
-    groups of eight columns in registers), every warp holding all of it."""
+    """[4, per_thread, 8, cols]: B in memory order: lanes t on dim 0, per_thread groups of eight values in
+    registers, lanes g on the columns (further groups of eight in registers), every warp holding all of it."""
     reg = ([[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]] + [[0, 1 << i, 0, 0] for i in range(per_thread.bit_length() - 1)]
            + [[0, 0, 0, 8 << i] for i in range((cols // 8).bit_length() - 1)])
     lane = [[1, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]]
@@ -117,9 +86,8 @@ def _acts_layout(per_thread: int, cols: int, num_warps: int) -> gl.DistributedLi
 
 @gluon.jit
 def _decode(w, s):
-    """bf16 [R, 32 J]: the A operand of int32 words w [R, 4, J] and their scale bytes s [R, 4, J]
-    (int32). Operand position 32 j + 8 t + i holds nibble _PAIR_ORDER[i] of w[:, t, j] (memory
-    word t J + j of the tile) times its scale and 2^-62."""
+    """bf16 [R, 32 J] A operand of int32 words w [R, 4, J] and scales s [R, 4, J]: position 32 j + 8 t + i
+    holds nibble _PAIR_ORDER[i] of w[:, t, j] (tile word t J + j) times its scale and 2^-62."""
     v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
         _DECODE_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, s], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
     # join appends a minor dim: [R, 4, J, 2, 2, 2] with [.., p, q, r] = v[p + 2q + 4r]
@@ -130,9 +98,8 @@ def _decode(w, s):
 
 @gluon.jit
 def _a_ptrs(w_base, s_base, n0, N, stride_wn, stride_sn, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Pointers of the words [BLOCK_N, 4, J] and of the scale bytes [BLOCK_N, 4, J / 2] of rows
-    n0.. at k 0 (J = BLOCK_K / 32; lane t reads words t J .. t J + J - 1 of a row: one vector
-    load, as are its J / 2 scale bytes), and the word index of each (for the k mask)."""
+    """Pointers of words [BLOCK_N, 4, J] and scale bytes [BLOCK_N, 4, J / 2] of rows n0.. at k 0 (J = BLOCK_K /
+    32; lane t reads words t J .. t J + J - 1: one vector load), and their word / block index (k masks)."""
     J: gl.constexpr = BLOCK_K // 32
     LW: gl.constexpr = _words_layout(BLOCK_N, J, gl.num_warps())
     LS: gl.constexpr = _words_layout(BLOCK_N, J // 2, gl.num_warps())
@@ -151,8 +118,7 @@ def _a_ptrs(w_base, s_base, n0, N, stride_wn, stride_sn, BLOCK_N: gl.constexpr, 
 
 @gluon.jit
 def _load_a(w_ptrs, s_ptrs, word, block, k0, K, EVEN_K: gl.constexpr):
-    """The words [R, 4, J] and scale bytes (as int32, one per word) of the k tile at k0; EVEN_K:
-    K is a multiple of BLOCK_K (no masks). Scale strides along k are 1 (the runner's layout)."""
+    """Words [R, 4, J] and scale bytes (int32, one per word) of the k tile at k0 (scale stride along k: 1)."""
     if EVEN_K:
         w = gl.load(w_ptrs + k0 // 8)
         s = gl.load(s_ptrs + k0 // 16)
@@ -166,8 +132,7 @@ def _load_a(w_ptrs, s_ptrs, word, block, k0, K, EVEN_K: gl.constexpr):
 
 @gluon.jit
 def _b_ptrs(x_base, row_off, BLOCK_K: gl.constexpr):
-    """Pointers [4, J, 8, NC] of the activation rows (row_off [NC] element offsets) at k 0, in
-    memory order (value t 8 J + 8 j + m), and that offset (for the k mask)."""
+    """Pointers [4, J, 8, NC] of the rows at offsets row_off [NC] at k 0 (value t 8 J + 8 j + m), and k."""
     J: gl.constexpr = BLOCK_K // 32
     L4: gl.constexpr = _acts_layout(J, row_off.shape[0], gl.num_warps())
     t = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
@@ -183,9 +148,8 @@ def _b_ptrs(x_base, row_off, BLOCK_K: gl.constexpr):
 
 @gluon.jit
 def _next_k(k0, K, BLOCK_K: gl.constexpr, EVEN_K: gl.constexpr):
-    """k of the next step's loads; EVEN_K (unmasked loads): the last step loads the first tile
-    again instead of reading past the rows (a select keeps k a known multiple of BLOCK_K, so the
-    loads stay vectorized)."""
+    """k of the next step's loads; EVEN_K: the last step reloads tile 0 rather than read past the rows (a
+    select keeps k a known multiple of BLOCK_K, so loads stay vectorized)."""
     if EVEN_K:
         return gl.where(k0 + BLOCK_K < K, k0 + BLOCK_K, 0)
     return k0 + BLOCK_K
@@ -199,9 +163,8 @@ def _swap_last(y):
 
 @gluon.jit
 def _load_b(b_ptrs, k, k0, K, EVEN_K: gl.constexpr):
-    """The B operand [32 J, NC] bf16 of the k tile at k0, in the order of the decoded weights:
-    position 32 j + 8 t + i holds value t 8 J + 8 j + 4 (i % 2) + 3 - i // 2 (_PAIR_ORDER). One
-    16-byte load per eight values, then register moves."""
+    """B operand [32 J, NC] bf16 of the k tile at k0 in decoded-weight order: position 32 j + 8 t + i holds
+    value t 8 J + 8 j + 4 (i % 2) + 3 - i // 2 (one 16-byte load per eight values, then register moves)."""
     if EVEN_K:
         x = gl.load(b_ptrs + k0).to(gl.bfloat16)
     else:
@@ -220,11 +183,9 @@ def _load_b(b_ptrs, k, k0, K, EVEN_K: gl.constexpr):
 @gluon.jit
 def _columns(expert_ids_ptr, sorted_pair_ptr, block_expert_ptr, expert_end_ptr, E, N,
              PAIR_MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, L: gl.constexpr):
-    """(expert, n0, slots, pairs, used) of this program; slots / pairs / used are [NC] in L.
-    Every column's slot lies inside the act buffer (slot-order buffers have BLOCK_M slots per
-    block), so the activation loads need no column mask: an unused column computes a product
-    that is never stored. Programs walk the m blocks fastest, so the blocks of one expert share
-    its weight tile in L2."""
+    """(expert, n0, slots, pairs, used) of this program, slots / pairs / used [NC] in L. Every column's slot
+    lies inside act, so loads need no column mask (unused columns are never stored). Programs walk m blocks
+    fastest, so one expert's blocks share its weight tile in L2."""
     num_m = gl.num_programs(0) // gl.cdiv(N, BLOCK_N)
     pid = gl.program_id(0)
     pid_m = pid % num_m

@@ -1,8 +1,7 @@
-"""Counting sort of (row, expert) pairs by local expert, on the device, with no host sync.
+"""Counting sort of (row, expert) pairs by local expert, on the device, with no host sync (notes: docs/kernels.md).
 
-The grouped GEMM reads pairs through a *slot* array: expert e owns slots
-[start[e], start[e] + padded[e]) where padded[e] = ceil(count[e] / BLOCK_M) * BLOCK_M, so a
-GEMM tile of BLOCK_M slots never straddles two experts.
+Expert e owns slots [start[e], start[e] + padded[e]), padded[e] = ceil(count[e] / BLOCK_M) * BLOCK_M,
+so a GEMM tile of BLOCK_M slots never straddles two experts.
 
     count[e]        = #{p : expert_ids[p] == e}                       (histogram; -1 skipped)
     start[e]        = sum_{e' < e} padded[e']                         (offsets)
@@ -10,19 +9,12 @@ GEMM tile of BLOCK_M slots never straddles two experts.
     expert_end[e]   = start[e] + count[e]     slots at or past it are padding (never read)
     block_expert[b] = e owning slots [b*BLOCK_M, (b+1)*BLOCK_M), or -1 past the last expert
 
-Every size is static given the pair count M: at most cdiv(M, BLOCK_M) + min(E, M) blocks, so
-the buffers can be allocated once and the whole sort sits inside a CUDA graph.
-
-The sort is stable and uses no atomics (a pair's rank inside its chunk is a cumulative sum of
-a one-hot [SUB, E_PAD] matrix), so repeated runs write identical buffers. Two entry points:
-`moe_permute_small_kernel` (one program does everything: the decode path, one launch) and the
-segmented `moe_histogram_kernel` -> `moe_align_kernel` -> `moe_scatter_kernel` for many pairs
-(many small segments in parallel; the one-program align only scans the [segments, E] counts).
-Expert ids outside [0, E) are treated as padding.
-
-Pairs that arrive grouped by expert (`Dispatched.expert_offsets`: the pairs of e are
-[offset[e], offset[e] + count[e])) need no histogram and no ranking: `moe_grouped_slots_kernel`
-writes the same buffers from the counts and offsets alone, sorted_pair[start[e] + i] = offset[e] + i.
+Sizes are static given M (at most cdiv(M, BLOCK_M) + min(E, M) blocks), so the sort fits a CUDA
+graph. Stable, no atomics (ranks are cumulative sums of a one-hot [SUB, E_PAD] matrix): repeated runs
+write identical buffers. Expert ids outside [0, E) are padding. Entry points: moe_permute_small_kernel
+(one program, one launch: decode); moe_histogram_kernel -> moe_align_kernel -> moe_scatter_kernel
+(segments in parallel, for many pairs); moe_grouped_slots_kernel for pairs already grouped by expert
+(pairs of e at [offset[e], offset[e] + count[e])): sorted_pair[start[e] + i] = offset[e] + i.
 """
 
 import triton
@@ -69,10 +61,8 @@ def _padded_ends(counts, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _block_experts(ends, E, block_expert_ptr, b_lo, b_hi, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                   NB: tl.constexpr):
-    """block_expert[b] for b in [b_lo, b_hi): the expert whose slots hold b * BLOCK_M, -1 past
-    the last expert; `ends` [E_PAD] is the padded end of each expert's slots (see _padded_ends)."""
+def _block_experts(ends, E, block_expert_ptr, b_lo, b_hi, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr):
+    """block_expert[b], b in [b_lo, b_hi): the expert whose slots (padded ends `ends`) hold b * BLOCK_M, or -1."""
     experts = tl.arange(0, E_PAD)
     total = tl.max(ends, axis=0)
     for b0 in range(b_lo, b_hi, NB):
@@ -97,9 +87,8 @@ def _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks,
 
 
 @triton.jit
-def moe_permute_small_kernel(expert_ids_ptr, M, E, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
-                             max_blocks, BLOCK_M: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr,
-                             NB: tl.constexpr):
+def moe_permute_small_kernel(expert_ids_ptr, M, E, sorted_pair_ptr, block_expert_ptr, expert_end_ptr, max_blocks,
+                             BLOCK_M: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr):
     """Grid (1,): histogram, offsets and scatter of all M pairs in one program."""
     counts = _histogram(expert_ids_ptr, 0, M, E, SUB, E_PAD)
     starts = _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks, BLOCK_M, E_PAD, NB)
@@ -107,8 +96,7 @@ def moe_permute_small_kernel(expert_ids_ptr, M, E, sorted_pair_ptr, block_expert
 
 
 @triton.jit
-def moe_histogram_kernel(expert_ids_ptr, M, E, hist_ptr, SEG: tl.constexpr, SUB: tl.constexpr,
-                         E_PAD: tl.constexpr):
+def moe_histogram_kernel(expert_ids_ptr, M, E, hist_ptr, SEG: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr):
     """Grid (segments,): hist[seg, e] = pairs of expert e among pairs [seg*SEG, (seg+1)*SEG)."""
     seg = tl.program_id(0)
     lo = seg * SEG
@@ -120,9 +108,8 @@ def moe_histogram_kernel(expert_ids_ptr, M, E, hist_ptr, SEG: tl.constexpr, SUB:
 @triton.jit
 def moe_align_kernel(hist_ptr, num_segs, E, seg_base_ptr, bounds_ptr, expert_end_ptr,
                      BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, SC: tl.constexpr):
-    """Grid (1,): one exclusive scan over the segments, SC at a time: seg_base[seg, e] = pairs of
-    e in the segments before seg; then the totals give expert_end and bounds = (start [E_PAD],
-    padded end [E_PAD]) of each expert's slots, for the scatter."""
+    """Grid (1,): exclusive scan over segments (SC at a time): seg_base[seg, e] = pairs of e before seg;
+    then expert_end and bounds = (start [E_PAD], padded end [E_PAD]) of each expert's slots."""
     experts = tl.arange(0, E_PAD)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for s0 in range(0, num_segs, SC):
@@ -142,8 +129,8 @@ def moe_align_kernel(hist_ptr, num_segs, E, seg_base_ptr, bounds_ptr, expert_end
 def moe_scatter_kernel(expert_ids_ptr, M, E, seg_base_ptr, bounds_ptr, sorted_pair_ptr, block_expert_ptr,
                        max_blocks, SEG: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                        NB: tl.constexpr):
-    """Grid (segments,): write each segment's pairs to their slots (stable), and a share of
-    block_expert (blocks [seg * per, (seg + 1) * per), per = cdiv(max_blocks, segments))."""
+    """Grid (segments,): each segment's pairs to their slots (stable), and block_expert of blocks
+    [seg * per, (seg + 1) * per), per = cdiv(max_blocks, segments)."""
     seg = tl.program_id(0)
     lo = seg * SEG
     hi = tl.minimum(lo + SEG, M)
@@ -157,11 +144,9 @@ def moe_scatter_kernel(expert_ids_ptr, M, E, seg_base_ptr, bounds_ptr, sorted_pa
 
 
 @triton.jit
-def moe_grouped_slots_kernel(counts_ptr, offsets_ptr, E, sorted_pair_ptr, block_expert_ptr, expert_end_ptr,
-                             max_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr,
-                             CHUNK: tl.constexpr):
-    """Grid (E,): program e writes the slots of expert e; program 0 also writes block_expert and
-    expert_end (the same `_align` as the sort, so the slot layout is identical)."""
+def moe_grouped_slots_kernel(counts_ptr, offsets_ptr, E, sorted_pair_ptr, block_expert_ptr, expert_end_ptr, max_blocks,
+                             BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr):
+    """Grid (E,): program e writes expert e's slots; program 0 also block_expert and expert_end (`_align`)."""
     e = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
     counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)

@@ -1,11 +1,8 @@
 """Activation quantization kernels (fp8 per-token-group, nvfp4 per 16 values).
 
-Launch wrappers and the plain-torch twins live in epmoe/quant.py; the kernels reproduce the
-twins bit for bit, so every step is the same fp32 operation in the same order:
-IEEE division (`div_rn`; plain `/` lowers to an approximate division on NVIDIA GPUs) and
-round-to-nearest-even to e4m3 computed on the bits. The e4m3 rounding is done by hand rather
-than with `.to(tl.float8e4nv)` because the Triton interpreter flushes e4m3 subnormals to zero
-(measured: 0.0013 -> 0 instead of 2^-9), so the CPU tests could not prove bit-exactness.
+Bit for bit the plain-torch twins of epmoe/quant.py (the same fp32 operations in the same order):
+IEEE division (`div_rn`; `/` is approximate on NVIDIA GPUs), and e4m3 round-to-nearest-even done
+on the bits, since the interpreter's `.to(tl.float8e4nv)` flushes subnormals (0.0013 -> 0, not 2^-9).
 """
 
 import triton
@@ -27,9 +24,8 @@ def e4m3_bits(y):
 
 @triton.jit
 def e4m3_groups(x, EPS):
-    """fp32 rows x [R, G], each one group of values (zeros outside it) -> (e4m3 bit patterns
-    uint8 [R, G], fp32 scales [R]): s = max(amax, EPS) / 448, q = e4m3(clamp(x / s, +-448)), the
-    operations of quantize_fp8_groups_torch in its order."""
+    """fp32 rows x [R, G] of one group each -> (e4m3 bits uint8 [R, G], fp32 scales [R]):
+    s = max(amax, EPS) / 448, q = e4m3(clamp(x / s, +-448)) (quantize_fp8_groups_torch's order)."""
     s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), 448.0)
     y = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -448.0), 448.0)
     return e4m3_bits(y), s
@@ -47,8 +43,7 @@ def e4m3_value(bits):
 
 @triton.jit
 def e2m1_code(y):
-    """fp32 y (already divided by its scale) -> e2m1 code (uint8, bit 3 = sign), round to nearest,
-    ties to the even code, saturating at 6."""
+    """fp32 y (divided by its scale) -> e2m1 code (uint8, bit 3 = sign), nearest, ties to even, saturating."""
     a = tl.abs(y)
     mag = ((a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8)
            + (a >= 1.75).to(tl.uint8) + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8)

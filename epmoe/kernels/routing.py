@@ -1,4 +1,4 @@
-"""Routing in one launch: scores, (grouped) top-k, renormalisation and scaling.
+"""Routing in one launch: scores, (grouped) top-k, renormalisation and scaling (notes: docs/kernels.md).
 
 Each program routes BLOCK_T tokens over a [BLOCK_T, C] tile of logits, C = G_PAD * PG_PAD
 columns: column c holds expert (c // PG_PAD) * PER_GROUP + c % PG_PAD, so group g owns the
@@ -16,14 +16,11 @@ order is expert order, so "lowest column" and "lowest expert id" break ties alik
         softmax_after_topk: w = softmax(w);  else if NORM: w = w / max(sum(w), 1e-20)
         w *= scaling
 
-This reproduces `epmoe.routing.route_torch` (a stable descending sort): ids exactly wherever
-the two compute the same scores, weights to fp32 rounding. Exponentials use libdevice's expf
-on the GPU (PRECISE_EXP) and divisions round to nearest (`div_rn`): `tl.exp` is ex2.approx
-and fp32 `/` is div.full, ~1e-6 relative off torch's `expf` and IEEE division. NaN keys (only
-reachable under graph capture, where route() skips its NaN check) still give distinct
-in-range ids: an all-NaN row picks its lowest free columns. Triton builds libdevice with
-flush-to-zero, so on the GPU a softmax probability below 2^-126 (logits more than ~87 under the
-row's max) is 0 where torch keeps a denormal; such experts then rank by id, not by value.
+Reproduces `epmoe.routing.route_torch` (stable descending sort): ids exactly where the scores
+agree, weights to fp32 rounding. PRECISE_EXP: libdevice expf; divisions `div_rn` (`tl.exp` and
+fp32 `/` are ~1e-6 relative off torch). NaN keys (graph capture skips route()'s check) still give
+distinct in-range ids. libdevice flushes to zero: a probability below 2^-126 is 0 on the GPU
+(torch keeps a denormal), so such experts rank by id.
 """
 
 import triton
@@ -77,22 +74,11 @@ def moe_route_kernel(
     num_valid_ptr,  # int32 scalar: tokens to route (HAS_NUM_VALID), else None
     ids_ptr,  # [T, K] int32 out, -1 = padding row
     weights_ptr,  # [T, K] fp32 out
-    T,
-    stride_t,
-    stride_e,
+    T, stride_t, stride_e,
     scaling,  # routed_scaling_factor
-    MODE: tl.constexpr,
-    K: tl.constexpr,
-    K_PAD: tl.constexpr,
-    N_GROUP: tl.constexpr,
-    PER_GROUP: tl.constexpr,
-    G_PAD: tl.constexpr,
-    PG_PAD: tl.constexpr,
-    TOPK_GROUP: tl.constexpr,
-    NORM: tl.constexpr,
-    HAS_NUM_VALID: tl.constexpr,
-    PRECISE_EXP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    MODE: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, N_GROUP: tl.constexpr, PER_GROUP: tl.constexpr,
+    G_PAD: tl.constexpr, PG_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
+    HAS_NUM_VALID: tl.constexpr, PRECISE_EXP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_T),): route tokens [pid * BLOCK_T, (pid + 1) * BLOCK_T)."""
     C: tl.constexpr = G_PAD * PG_PAD
