@@ -20,9 +20,8 @@ their handles' dispatch_bytes / combine_bytes):
   allgather  dispatch: every token's wire row to every other rank; combine: each peer's partial
              rows back (W - 1) * T
   none       one rank: no bytes, no latency (`plan` lists it for one GPU, where it is the choice)
-Partial sums travel in the backends' combine dtype, fp32 by default (`combine_bytes=4`).
-Latency constants are the model's assumptions, stated in `Links`; `compare` sets predictions
-next to rows measured by `epmoe bench comm|layer --json` (`epmoe plan --measured FILE`).
+Partial sums travel in the combine dtype, fp32 by default (`combine_bytes=4`). Latencies are the
+model's assumptions (`Links`); `compare` sets predictions next to `epmoe bench comm|layer --json` rows.
 """
 
 from __future__ import annotations
@@ -33,25 +32,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from epmoe.config import MoEConfig
-from epmoe.experts.tuning import (
-    NVFP4_GROUPED_MAX_BM,
-    NVFP4_MMA_MAX_RPE,
-    NVFP4_PAIR_MODE_MAX_RPE,
-    PAIR_MODE_MAX_PAIRS,
-)
+from epmoe.experts import tuning
 
 # bytes per activation row of each payload format, with its scales (wire.row_layout); bench comm
 # rows name unquantized payloads by their dtype
 _PAYLOAD_BYTES = {
-    "bf16": lambda h: 2 * h,
-    "bfloat16": lambda h: 2 * h,
-    "float16": lambda h: 2 * h,
-    "float32": lambda h: 4 * h,
+    "bf16": lambda h: 2 * h, "bfloat16": lambda h: 2 * h, "float16": lambda h: 2 * h, "float32": lambda h: 4 * h,
     "fp8": lambda h: h + 4,  # one fp32 scale per row
     "fp8_block": lambda h: h + 4 * math.ceil(h / 128),  # fp32 scale per 128 values
     "nvfp4": lambda h: h // 2 + math.ceil(h / 16) + 4,  # e2m1 pairs + e4m3 scale per 16 + fp32 global
 }
-_WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4 / 128 / 128, "nvfp4": 0.5 + 1 / 16}
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4 / 128 / 128, "nvfp4": 0.5 + 1 / 16}
 BACKENDS = ("symm_a2a", "nccl_a2a", "allgather")
 # what `plan` predicts: "none" first, so that at one GPU (where every backend moves 0 bytes) it is the pick
 PLAN_BACKENDS = ("none", *BACKENDS)
@@ -59,20 +50,14 @@ PLAN_BACKENDS = ("none", *BACKENDS)
 
 @dataclass(frozen=True)
 class Links:
-    """Rates and latencies (assumptions, defaults for H200 nodes with NVLink 4 and 400 Gb/s NICs).
+    """Rates and latencies (assumptions, defaults for H200 nodes with NVLink 4 and 400 Gb/s NICs)."""
 
-    nvlink_gbps: per-GPU unidirectional NVLink bandwidth, GB/s. net_gbps: per-GPU network, GB/s.
-    hbm_tbps: HBM bandwidth, TB/s. tflops: dense bf16 tensor-core rate.
-    gpus_per_node: ranks sharing one NVLink domain.
-    *_latency_us: fixed cost of one dispatch or combine call.
-    """
-
-    nvlink_gbps: float = 450.0
-    net_gbps: float = 50.0
-    hbm_tbps: float = 4.2
-    tflops: float = 790.0
-    gpus_per_node: int = 8
-    nccl_latency_us: float = 25.0
+    nvlink_gbps: float = 450.0  # per-GPU unidirectional NVLink bandwidth, GB/s
+    net_gbps: float = 50.0  # per-GPU network, GB/s
+    hbm_tbps: float = 4.2  # HBM bandwidth, TB/s
+    tflops: float = 790.0  # dense bf16 tensor-core rate
+    gpus_per_node: int = 8  # ranks sharing one NVLink domain
+    nccl_latency_us: float = 25.0  # *_latency_us: fixed cost of one dispatch or combine call
     symm_latency_us: float = 6.0
     net_latency_us: float = 15.0
 
@@ -91,21 +76,11 @@ def _touched_experts(cfg: MoEConfig, world: int, pairs_per_rank: float) -> float
     return local * (1.0 - (1.0 - 1.0 / local) ** pairs_per_rank)
 
 
-def predict(
-    cfg: MoEConfig,
-    world: int,
-    tokens: int,
-    backend: str,
-    links: Links = Links(),  # noqa: B008 (frozen dataclass)
-    payload: str = "bf16",
-    weights: str = "bf16",
-    combine_bytes: int = 4,
-) -> dict[str, float | str | int] | None:
+def predict(cfg: MoEConfig, world: int, tokens: int, backend: str, links: Links = Links(),  # noqa: B008
+            payload: str = "bf16", weights: str = "bf16", combine_bytes: int = 4
+            ) -> dict[str, float | str | int] | None:
     """Predicted µs of one layer forward on one rank; None where the backend cannot run.
-
-    combine_bytes: bytes per element of the partial sums on the combine wire: 4 for the
-    backends' default fp32 combine dtype, 2 for combine_dtype=bf16.
-    """
+    combine_bytes: bytes per partial-sum element on the combine wire (4: fp32, the default; 2: bf16)."""
     if cfg.num_experts % world:
         return None
     G = min(links.gpus_per_node, world)
@@ -148,34 +123,24 @@ def predict(
     pairs = tokens * cfg.top_k  # balanced routing: each rank computes as many pairs as it sends
     touched = _touched_experts(cfg, world, pairs)
     local = cfg.num_experts // world
-    if weights == "nvfp4" and PAIR_MODE_MAX_PAIRS < pairs <= NVFP4_PAIR_MODE_MAX_RPE * local:
+    if weights == "nvfp4" and tuning.PAIR_MODE_MAX_PAIRS < pairs <= tuning.NVFP4_PAIR_MODE_MAX_RPE * local:
         touched = pairs  # pair mode: each pair streams its expert's weights
-    elif weights == "nvfp4" and pairs > PAIR_MODE_MAX_PAIRS and pairs / local < NVFP4_MMA_MAX_RPE:
-        touched *= math.ceil(pairs / local / NVFP4_GROUPED_MAX_BM)  # each block streams its expert
-    w_bytes = touched * 3 * cfg.hidden * cfg.intermediate * _WEIGHT_BYTES[weights]
+    elif weights == "nvfp4" and pairs > tuning.PAIR_MODE_MAX_PAIRS and pairs / local < tuning.NVFP4_MMA_MAX_RPE:
+        touched *= math.ceil(pairs / local / tuning.NVFP4_GROUPED_MAX_BM)  # each block streams its expert
+    w_bytes = touched * 3 * cfg.hidden * cfg.intermediate * WEIGHT_BYTES[weights]
     flops = 2 * 3 * cfg.hidden * cfg.intermediate * pairs
     experts_us = max(w_bytes / (links.hbm_tbps * 1e6), flops / (links.tflops * 1e6))
-    if weights == "nvfp4" and pairs / local >= NVFP4_MMA_MAX_RPE:
-        decode_bytes = local * 3 * cfg.hidden * cfg.intermediate * (_WEIGHT_BYTES["nvfp4"] + 2.0)
+    if weights == "nvfp4" and pairs / local >= tuning.NVFP4_MMA_MAX_RPE:
+        decode_bytes = local * 3 * cfg.hidden * cfg.intermediate * (WEIGHT_BYTES["nvfp4"] + 2.0)
         experts_us += decode_bytes / (links.hbm_tbps * 1e6)
-    return {
-        "backend": backend, "gpus": world, "tokens": tokens,
-        "dispatch_us": dispatch_us, "combine_us": combine_us, "experts_us": experts_us,
-        "total_us": dispatch_us + combine_us + experts_us,
-        "dispatch_MB": d_bytes / 1e6, "combine_MB": c_bytes / 1e6,
-    }
+    return {"backend": backend, "gpus": world, "tokens": tokens, "dispatch_us": dispatch_us, "combine_us": combine_us,
+            "experts_us": experts_us, "total_us": dispatch_us + combine_us + experts_us,
+            "dispatch_MB": d_bytes / 1e6, "combine_MB": c_bytes / 1e6}
 
 
-def plan(
-    cfg: MoEConfig,
-    gpus: list[int],
-    tokens: list[int],
-    links: Links = Links(),  # noqa: B008
-    backends: tuple[str, ...] = PLAN_BACKENDS,
-    payload: str = "bf16",
-    weights: str = "bf16",
-    combine_bytes: int = 4,
-) -> list[dict[str, float | str | int]]:
+def plan(cfg: MoEConfig, gpus: list[int], tokens: list[int], links: Links = Links(),  # noqa: B008
+         backends: tuple[str, ...] = PLAN_BACKENDS, payload: str = "bf16", weights: str = "bf16",
+         combine_bytes: int = 4) -> list[dict[str, float | str | int]]:
     """Predictions for every (gpus, tokens, backend), marking the fastest per (gpus, tokens)
     (of equal times, the first in `backends`; "none" runs at one GPU only)."""
     rows = []
@@ -191,9 +156,7 @@ def plan(
     return rows
 
 
-# ---------------------------------------------------------------------------------------
-# predicted vs measured
-# ---------------------------------------------------------------------------------------
+# --- predicted vs measured ---
 
 _NOTES = {
     "virtual": "virtual ranks: every byte through one GPU's HBM, not a link",
@@ -225,18 +188,14 @@ def preset_of(meta: dict[str, Any]) -> str | None:
 
 def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(),  # noqa: B008
             use_row_rates: bool = True) -> list[dict[str, Any]]:
-    """Predicted next to measured for rows of `epmoe bench comm --json` (dispatch + combine:
-    `backend`, `dispatch_us`, `combine_us`, bytes) or `epmoe bench layer --json` (whole forward:
-    `comm`, `us`; comm "auto" is predicted as the fastest backend). ratio = measured / predicted,
-    for rows timed on a GPU only (a CPU time against a GPU's rates says nothing); bytes are
-    compared wherever the row has them. Row labels of configurations ("symm_a2a pull",
-    "nccl_a2a static") are predicted as their backend.
-    use_row_rates: a layer row's measured `hbm_TBps` / `TFLOPs` replace the links' rates, so
-    the expert roofline uses the device the row was measured on."""
+    """Predicted next to measured for rows of `epmoe bench comm --json` (dispatch + combine) or
+    `epmoe bench layer --json` (whole forward; comm "auto" predicted as the fastest backend).
+    ratio = measured / predicted, for rows timed on a GPU only; bytes compared wherever the row
+    has them; configurations ("symm_a2a pull") predicted as their backend. use_row_rates: a
+    layer row's measured `hbm_TBps` / `TFLOPs` replace the links' rates."""
     out = []
     for r in rows:
-        world, tokens = int(r.get("world", 1)), int(r["tokens"])
-        ranks = str(r.get("ranks", ""))
+        world, tokens, ranks = int(r.get("world", 1)), int(r["tokens"]), str(r.get("ranks", ""))
         on_cpu = timed_on_cpu(r)
         note = next((v for k, v in _NOTES.items() if k in ranks), _NOTES["cpu"] if on_cpu else "")
         if "dispatch_us" in r:  # bench comm: the two phases only
@@ -259,12 +218,9 @@ def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(), 
             meas_mb = pred_mb = None
             what = "layer" if backend != "auto" else f"layer (auto; model: {best['backend'] if best else '-'})"
         label = str(r.get("backend", r.get("comm", backend)))
-        out.append({
-            "what": what, "backend": label, "gpus": world, "tokens": tokens, "ranks": ranks or "-",
-            "timing": r.get("timing", "-"), "predicted_us": "-" if predicted is None else predicted,
-            "measured_us": measured,
-            "ratio": measured / predicted if predicted and not on_cpu else "-",
-            "predicted_MB": "-" if pred_mb is None else pred_mb, "measured_MB": "-" if meas_mb is None else meas_mb,
-            "note": note,
-        })
+        out.append({"what": what, "backend": label, "gpus": world, "tokens": tokens, "ranks": ranks or "-",
+                    "timing": r.get("timing", "-"), "predicted_us": "-" if predicted is None else predicted,
+                    "measured_us": measured, "ratio": measured / predicted if predicted and not on_cpu else "-",
+                    "predicted_MB": "-" if pred_mb is None else pred_mb,
+                    "measured_MB": "-" if meas_mb is None else meas_mb, "note": note})
     return out
