@@ -5,9 +5,7 @@
     gpu us   = median CUDA-event time of the same call (eager), or of a graph replay
     for T in tokens:  epmoe eager call | epmoe graph replay | the HF block (when transformers has the
                       preset's family), same weights, same x
-
-Eager host time is what a model feels when its layers are called from Python: a layer whose host
-time exceeds its GPU time leaves the GPU idle between launches.
+(Why host time matters: docs/bench.md.)
 """
 
 from __future__ import annotations
@@ -40,20 +38,6 @@ def host_and_gpu_us(fn: Callable[[], Any], device: torch.device, iters: int = 50
             end.synchronize()
             gpu.append(start.elapsed_time(end) * 1e3)
     return statistics.median(host), (statistics.median(gpu) if gpu else float("nan"))
-
-
-def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 40) -> str:
-    """torch.profiler's table of one call's host-side ops, by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(10):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def host_rows(preset: str, tokens: list[int], device: torch.device, iters: int = 50) -> list[dict[str, Any]]:

@@ -11,22 +11,18 @@
               max(touched expert weight bytes / HBM TB/s, FLOPs / TFLOP/s), uniform routing
               (GPU rows only: CPU timings are never set against a GPU's rates)
 
-Ranks are real processes (NCCL with one GPU each, or gloo on the CPU) or, on a single GPU,
-virtual ranks (threads sharing the GPU, so their traffic goes through HBM; always eager: a
-virtual rank's collective cannot be captured while its peers run outside the graph). Rows
-carry `ranks` ("one", "nccl", "gloo", "virtual") and `world`, so `epmoe plan --measured` can
-set them next to its predictions.
+Ranks: NCCL processes (one GPU each), gloo processes (CPU) or virtual ranks on one GPU (always
+eager); rows carry `ranks` and `world` for `epmoe plan --measured`. More in docs/bench.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import torch
 
-from epmoe.bench.core import bench, matmul_tflops, progress
+from epmoe.bench.core import bench, hbm_copy_gbps, matmul_tflops, options_for, progress, random_inputs
 from epmoe.bench.plan import Links, predict
 from epmoe.comm import get_comm
 from epmoe.config import MoEConfig
@@ -43,10 +39,7 @@ def device_links(device: torch.device) -> tuple[Links | None, str]:
     a GPU (read + write bytes of a 1 GiB copy; an 8192^3 GEMM); None on the CPU."""
     if device.type != "cuda":
         return None, CPU_RATES
-    from epmoe.bench.comm import hbm_copy_gbps
-
-    links = Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device))
-    return links, "measured on this GPU"
+    return Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device)), "measured on this GPU"
 
 
 def _roofline_us(cfg: MoEConfig, world: int, tokens: int, links: Links) -> float:
@@ -62,9 +55,8 @@ def _roofline_us(cfg: MoEConfig, world: int, tokens: int, links: Links) -> float
 
 def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: str, device: torch.device,
             dtype: torch.dtype, max_tokens: int) -> dict[str, MoELayer]:
-    world = group.world if group is not None else 1
-    rank = group.rank if group is not None else 0
-    local = cfg.num_experts // world
+    """One layer per comm backend over the same weights of this rank's experts."""
+    rank, local = (group.rank, cfg.num_experts // group.world) if group is not None else (0, cfg.num_experts)
     g = torch.Generator().manual_seed(1000 + rank)
     if device.type == "cuda":  # drawn on the GPU: the large presets take tens of GB
         from epmoe.bench.experts import random_weights
@@ -76,26 +68,9 @@ def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: s
     bias = torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(7)).to(device) * 0.1 \
         if cfg.uses_correction_bias else None
     shared = SharedExperts.random(cfg, dtype, device, g) if cfg.shared_experts else None
-    return {
-        c: MoELayer(cfg, weights, group, comm=c, runner=runner, correction_bias=bias, shared=shared,
-                    comm_options=_options(c, max_tokens))
-        for c in comms
-    }
-
-
-def _options(comm: str, max_tokens: int) -> dict[str, Any]:
-    wanted = {"max_tokens_per_rank": max_tokens}
-    if comm == "auto":
-        return wanted  # auto hands each candidate the options it names
-    names = {f.name for f in dataclasses.fields(get_comm(comm).Options)}
-    return {k: v for k, v in wanted.items() if k in names}
-
-
-def _inputs(cfg: MoEConfig, tokens: int, rank: int, device: torch.device, dtype: torch.dtype):
-    g = torch.Generator().manual_seed(rank)
-    x = torch.randn(tokens, cfg.hidden, generator=g).to(device, dtype)
-    logits = torch.randn(tokens, cfg.num_experts, generator=g).to(device)
-    return x, logits
+    opts = {"max_tokens_per_rank": max_tokens}  # auto hands each candidate the options it names
+    return {c: MoELayer(cfg, weights, group, comm=c, runner=runner, correction_bias=bias, shared=shared,
+                        comm_options=opts if c == "auto" else options_for(get_comm(c), **opts)) for c in comms}
 
 
 def capturable(layer: MoELayer) -> bool:
@@ -122,8 +97,7 @@ def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: i
 def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str,
                iters: int = 10, show_progress: bool = True) -> list[dict[str, Any]]:
     """Time every (comm, tokens) on this rank; rows carry the slowest rank's time."""
-    world = group.world if group is not None else 1
-    rank = group.rank if group is not None else 0
+    world, rank = (group.world, group.rank) if group is not None else (1, 0)
     backend = torch.distributed.get_backend() if world > 1 else None
     on_gpu = torch.cuda.is_available() and (world == 1 or backend == "nccl")
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
@@ -134,7 +108,7 @@ def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms
     rows = []
     for comm, t in progress(cases, "bench layer") if rank == 0 and show_progress else cases:
         layer = layers[comm]
-        x, logits = _inputs(cfg, t, rank, device, dtype)
+        x, logits = random_inputs(cfg, t, rank, device, dtype)
         if world > 1:
             group.barrier()
         us, timing = _time_layer(layer, x, logits, iters)
@@ -146,8 +120,7 @@ def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms
 
 def _row(cfg: MoEConfig, comm: str, runner: str, world: int, ranks: str, tokens: int, us: float, timing: str,
          links: Links | None, source: str) -> dict[str, Any]:
-    row = {"comm": comm, "runner": runner, "world": world, "ranks": ranks, "tokens": tokens, "us": us,
-           "timing": timing}
+    row = {"comm": comm, "runner": runner, "world": world, "ranks": ranks, "tokens": tokens, "us": us, "timing": timing}
     if links is not None:  # a GPU: the roofline of its measured rates
         row.update(expert_roofline_us=_roofline_us(cfg, world, tokens, links), hbm_TBps=links.hbm_tbps,
                    TFLOPs=links.tflops)
@@ -156,29 +129,20 @@ def _row(cfg: MoEConfig, comm: str, runner: str, world: int, ranks: str, tokens:
 
 def _virtual_rows(cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str, world: int,
                   iters: int) -> list[dict[str, Any]]:
-    """Virtual ranks on one GPU: time a whole group step (all ranks' forwards) with wall clock."""
+    """Virtual ranks on one GPU: a whole group step (all ranks' forwards, then a sync), wall clock."""
     device = torch.device("cuda:0")
     links, source = device_links(device)
     vg = VirtualGroup(world)
     layers = vg.run(lambda g: _layers(cfg, g, comms, runner, device, torch.bfloat16, max(tokens)))
     rows = []
     for comm, t in progress([(c, t) for c in comms for t in tokens], f"bench layer (virtual x{world})"):
-        inputs = [_inputs(cfg, t, r, device, torch.bfloat16) for r in range(world)]
+        inputs = [random_inputs(cfg, t, r, device, torch.bfloat16) for r in range(world)]
 
         def step(g: RankGroup, comm: str = comm, inputs: list = inputs) -> None:
             layers[g.rank][comm](*inputs[g.rank])
 
-        for _ in range(2):
-            vg.run(step)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            vg.run(step)
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e6)
-        times.sort()
-        rows.append(_row(cfg, comm, runner, world, "virtual", t, times[len(times) // 2], "eager", links, source))
+        us = bench(lambda step=step: (vg.run(step), torch.cuda.synchronize()), "cpu", warmup=2, iters=iters)
+        rows.append(_row(cfg, comm, runner, world, "virtual", t, us, "eager", links, source))
     return rows
 
 
@@ -206,10 +170,8 @@ def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", r
     if comm in ("all", "auto"):
         combo = Combo(runner=runner, layout="dp", world=world, device=device)
         names = ["none"] if world == 1 else [n for n in comm_candidates(combo) if n != "none"]
-        if comm == "auto":  # auto alone (one rank: its only candidate)
-            comms = ["auto"] if len(names) > 1 else names
-        else:
-            comms = names + (["auto"] if len(names) > 1 else [])
+        auto = ["auto"] if len(names) > 1 else []
+        comms = (auto or names) if comm == "auto" else names + auto  # auto alone (one rank: its only candidate)
     else:
         comms = comm.split(",")
     if not comms:
@@ -218,6 +180,5 @@ def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", r
         return layer_rank(None, cfg, tokens, comms, runner, iters)
     if n_gpu == 1:
         return _virtual_rows(cfg, tokens, comms, runner, world, iters)
-    per_rank = run_ranks(layer_rank, world, args=(cfg, tokens, comms, runner, iters), timeout=1800,
-                         backend="nccl" if n_gpu >= world else "gloo")
-    return per_rank[0]
+    return run_ranks(layer_rank, world, args=(cfg, tokens, comms, runner, iters), timeout=1800,
+                     backend="nccl" if n_gpu >= world else "gloo")[0]
