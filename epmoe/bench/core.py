@@ -176,6 +176,7 @@ def emit(rows: list[dict[str, Any]], args: Any, meta: dict[str, Any], series: st
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
+        plot.setdefault("ylabel", "µs")
         roof = {r["tokens"]: r["expert_roofline_us"] for r in rows if r.get("expert_roofline_us")} or None
         plot_time_vs_tokens(rows, args.plot, series=series, title=title, roofline=roof, **plot)
         print(f"wrote {args.plot}")

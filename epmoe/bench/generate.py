@@ -198,6 +198,6 @@ def main(args: argparse.Namespace) -> int:
                          f"{', '.join(HF_MODELS)}")
     rows, meta = run_generate(args.preset, batches, prompt, new, modes, args.layers, device, dtype, {})
     emit(rows, args, meta, series=lambda r: f"{r['impl']} {r['mode']}", x="batch", y="decode_tok_s",
-         title=f"generate decode tokens/s, {args.preset} ({meta['device']})",
+         ylabel="decode_tok_s", title=f"generate decode tokens/s, {args.preset} ({meta['device']})",
          columns=list(dict.fromkeys(k for r in rows for k in r)))
     return 0
