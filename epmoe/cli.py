@@ -22,7 +22,21 @@ from typing import Any
 
 import torch
 
+from epmoe import ExpertWeights, MoEConfig, MoELayer, VirtualGroup
+from epmoe.bench.comm import ladder_from_rows, run_comm_bench
 from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs
+from epmoe.bench.experts import bench_experts
+from epmoe.bench.generate import main as bench_generate
+from epmoe.bench.host import host_rows
+from epmoe.bench.layer import bench_layer, default_world
+from epmoe.bench.plan import Links, compare, plan, preset_of
+from epmoe.comm import COMM_BACKENDS
+from epmoe.comm.symmetric import SymmA2A
+from epmoe.config import preset_names
+from epmoe.experts import RUNNERS
+from epmoe.launch import DistError, DistTimeout, run_ranks
+from epmoe.layer import SharedExperts
+from epmoe.select import Combo, comm_candidates, crossovers, pick_comm, pick_runner, write_crossovers
 
 # --- demo ---
 
@@ -52,10 +66,6 @@ def demo_features(cfg: Any) -> str:
 
 def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Run every registered comm backend on this rank; return one row per backend."""
-    from epmoe import ExpertWeights, MoELayer
-    from epmoe.comm import COMM_BACKENDS
-    from epmoe.layer import SharedExperts
-
     g = torch.Generator().manual_seed(1234)  # the model, fp32 on the CPU: the same on every rank (one seed)
     weights = ExpertWeights.random(cfg, cfg.num_experts, generator=g)  # GPT-OSS: with b13 / b2
     bias = torch.randn(cfg.num_experts, generator=g) * 0.1 if cfg.uses_correction_bias else None
@@ -109,8 +119,6 @@ def _demo_process(group: Any, cfg: Any, tokens: int) -> list[dict]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from epmoe import MoEConfig, VirtualGroup
-
     try:
         cfg = MoEConfig.from_preset(args.preset).scaled(args.hidden, args.intermediate, args.experts)
     except ValueError as exc:
@@ -123,8 +131,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         where, dtype = f"{world} virtual ranks on {torch.cuda.get_device_name(0)}", torch.bfloat16
         per_rank = VirtualGroup(world).run(lambda g: demo_rank(g, cfg, tokens, torch.device("cuda:0"), dtype))
     else:
-        from epmoe.launch import DistError, DistTimeout, run_ranks
-
         use_cuda = n_gpu >= world
         where = f"{world} {'nccl' if use_cuda else 'gloo'} processes on {'GPUs' if use_cuda else 'CPU'}"
         dtype = torch.bfloat16 if use_cuda else torch.float32
@@ -195,12 +201,6 @@ def _ladder_rule(tokens: int, cands: list[str], ladder: list[tuple[int | None, s
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from epmoe.comm import COMM_BACKENDS
-    from epmoe.comm.symmetric import SymmA2A
-    from epmoe.config import MoEConfig
-    from epmoe.experts import RUNNERS
-    from epmoe.select import Combo, comm_candidates, crossovers, pick_comm, pick_runner
-
     try:
         import triton
 
@@ -270,8 +270,6 @@ def _available_bytes() -> int | None:
 
 def _bench_config(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
     """The bench's MoEConfig and a line saying how it relates to the preset."""
-    from epmoe import MoEConfig
-
     full = MoEConfig.from_preset(args.preset)
     base = {"hidden": full.hidden, "intermediate": full.intermediate, "experts": full.num_experts}
     cpu_defaults = not on_gpu and not args.full
@@ -285,12 +283,8 @@ def _bench_config(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from epmoe.launch import DistError, DistTimeout
-
     on_gpu, cmd = torch.cuda.is_available(), f"bench {args.what}"
     if args.what == "generate":
-        from epmoe.bench.generate import main as bench_generate
-
         if not any(a.split("=")[0] == "--preset" for a in args.argv):  # a whole model: one that fits one GPU
             args.preset = "qwen3-30b-a3b"
         return bench_generate(args)
@@ -317,8 +311,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       "bench generate's, --hidden/--intermediate/--experts do not apply)")
     print(f"epmoe {cmd}: {shape_note}; tokens per rank {tokens_text}")
     if args.what == "experts":
-        from epmoe.bench.experts import bench_experts
-
         if args.hidden or args.intermediate or args.experts:
             return _fail(cmd, "times the preset's full shapes only: drop --hidden/--intermediate/--experts")
         rows = [dict(r, series=f"{r['impl']} {r['format']} {r['routing']}")
@@ -326,15 +318,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         emit(rows, args, meta, series="series", title=f"experts stage, {args.preset}")
         return 0
     if args.what == "layer" and args.host:
-        from epmoe.bench.host import host_rows
-
         rows = host_rows(args.preset, tokens, torch.device("cuda" if on_gpu else "cpu"))
         print("host us: median wall time of the Python call (GPU drained before each); gpu us: CUDA events"
               + ("" if on_gpu else " (none on the CPU, where the host does the work)"))
         emit(rows, args, meta, series="impl", title=f"host time per call, {args.preset}", y="host_us")
         return 0
-    from epmoe.bench.comm import ladder_from_rows, run_comm_bench
-    from epmoe.bench.layer import bench_layer, default_world
 
     world = args.world or (default_world() if args.what == "layer" else 2)
     problem = world_problem(cfg.num_experts, world, None if torch.cuda.device_count() == 1 else 8)
@@ -371,8 +359,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     emit(rows, args, meta, series="backend", title=f"dispatch+combine, {args.preset}, W={world}", y="round_trip_us",
          ylabel="dispatch + combine µs")
     if args.store_crossovers:
-        from epmoe.select import write_crossovers
-
         gpu = torch.cuda.get_device_name(0) if on_gpu and rows and rows[0].get("ranks") != "gloo" else "cpu"
         try:
             world, ladder = ladder_from_rows(rows)
@@ -404,9 +390,6 @@ def _measured_rows(args: argparse.Namespace, rows: list[dict]) -> tuple[list[dic
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from epmoe import MoEConfig
-    from epmoe.bench.plan import Links, compare, plan, preset_of
-
     rates = {k: v for k, v in (("hbm_tbps", args.hbm_tbps), ("tflops", args.tflops)) if v is not None}
     links = Links(nvlink_gbps=args.nvlink_gbps, net_gbps=args.net_gbps, gpus_per_node=args.gpus_per_node, **rates)
     if not args.measured:
@@ -460,8 +443,6 @@ class _TopHelp(_Help, argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The `epmoe` parser: one sub-command per cmd_* function."""
-    from epmoe.config import preset_names
-
     p = argparse.ArgumentParser(prog="epmoe", description=__doc__, formatter_class=_TopHelp)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,doctor,bench,plan}")
 

@@ -22,31 +22,19 @@ docs/bench.md.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from epmoe.bench.core import hbm_copy_gbps, options_for, random_inputs
+from epmoe.bench.core import hbm_copy_gbps, options_for, random_inputs, timed
+from epmoe.bench.plan import Links
 from epmoe.comm import COMM_BACKENDS, get_comm
+from epmoe.comm.symmetric import SymmA2A
 from epmoe.config import MoEConfig
 from epmoe.group import EPGroup, Placement, RankGroup, VirtualGroup
+from epmoe.launch import run_ranks
 from epmoe.routing import Routing, route
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(µs, result) of one call; on the GPU from CUDA events around it."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        result = fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3, result
-    t0 = time.perf_counter()
-    result = fn()
-    return (time.perf_counter() - t0) * 1e6, result
 
 
 def _inputs(cfg: MoEConfig, rank: int, T: int, device: torch.device, dtype: torch.dtype
@@ -188,9 +176,9 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
         times_d, times_c = [], []
         for i in range(warmup + iters):
             barrier()
-            td, d = _timed(lambda: backend.dispatch(x, routing), device)
+            td, d = timed(lambda: backend.dispatch(x, routing), device)
             barrier()
-            tc, _ = _timed(lambda d=d: backend.combine(expert_out, d), device)
+            tc, _ = timed(lambda d=d: backend.combine(expert_out, d), device)
             if i >= warmup:
                 times_d.append(td)
                 times_c.append(tc)
@@ -209,8 +197,6 @@ def bench_comm_virtual(cfg: MoEConfig, world: int, tokens: Sequence[int], dtype:
     """symm_a2a on `world` virtual ranks of one GPU, one row per token count: each phase of all
     ranks (every send, then every receive) is one CUDA graph, replayed as in `bench_comm`; GB/s is
     the GPU's total, rated against the HBM copy bandwidth (`hbm_gbps`, measured when not given)."""
-    from epmoe.comm.symmetric import SymmA2A
-
     device = _cuda_index(device)
     if device.type != "cuda":
         raise ValueError("bench_comm_virtual times CUDA graphs: it needs a CUDA device")
@@ -266,8 +252,6 @@ def _payload_name(payload: str | None, dtype: torch.dtype) -> str:
 def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: list[int], payloads: list[str],
                 iters: int, static: bool, symm_combine: tuple[str, ...] = ("push",)) -> list[dict[str, Any]]:
     """One process rank: its own GPU under NCCL (rated against the cost model's NVLink), else the CPU in fp32."""
-    from epmoe.bench.plan import Links
-
     on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -281,8 +265,6 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
     symm_combine): rows of `bench_comm`. Ranks: NCCL processes with one GPU each when there are
     enough GPUs, virtual ranks on one GPU (an HBM measurement, not a link one), else gloo
     processes on the CPU. Multi-node: `bench_comm(cfg, ..., group=EPGroup())` under torchrun."""
-    from epmoe.launch import run_ranks
-
     cfg = getattr(args, "cfg", None) or MoEConfig.from_preset(args.preset)
     world = args.world or 2
     tokens = [int(t) for t in str(args.tokens).split(",") if t]

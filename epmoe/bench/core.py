@@ -33,18 +33,9 @@ def bench(fn: Callable[[], Any], device: torch.device | str = "cpu", warmup: int
           graph: bool = False, flush_l2: bool = True) -> float:
     """Median time of fn() in microseconds. graph=True captures fn once in a CUDA graph and times
     replays (fn must be capturable); on the CPU: perf_counter, `graph`/`flush_l2` ignored."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(times)
-    run = fn
-    if graph:
+    device, run = torch.device(device), fn
+    cuda = device.type == "cuda"
+    if graph and cuda:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -57,18 +48,28 @@ def bench(fn: Callable[[], Any], device: torch.device | str = "cpu", warmup: int
         run = g.replay
     for _ in range(warmup):
         run()
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(iters):
-        if flush_l2:
+        if flush_l2 and cuda:
             _flush_l2(device)
+        times.append(timed(run, device)[0])
+    return statistics.median(times)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(µs, result) of one call fn(): CUDA events around it on the GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run()
+        result = fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+        return start.elapsed_time(end) * 1e3, result
+    t0 = time.perf_counter()
+    result = fn()
+    return (time.perf_counter() - t0) * 1e6, result
 
 
 def matmul_tflops(device: torch.device | str, n: int = 8192, iters: int = 10) -> float:

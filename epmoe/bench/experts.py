@@ -33,6 +33,7 @@ from epmoe.experts.activation import activate
 from epmoe.experts.reference import reference_experts
 from epmoe.experts.triton import triton_experts
 from epmoe.experts.tuning import ExpertsConfig, GemmConfig
+from epmoe.quant import QuantizedTensor, quantize_weights
 
 FORMAT_ALIASES = {"bf16": "bf16", "fp8": "fp8", "fp8-block": "fp8_block", "fp8_block": "fp8_block", "nvfp4": "nvfp4"}
 COLUMNS = ("impl", "format", "routing", "tokens", "us", "tflops", "weight_tbps", "roofline_us", "ratio", "vs_bf16")
@@ -78,8 +79,6 @@ def route_tokens(tokens: int, num_experts: int, top_k: int, routing: str, device
 
 def quantized_weights(weights: ExpertWeights, fmt: str, chunk: int = 8) -> ExpertWeights:
     """The bf16 weights quantized to `fmt` (epmoe.quant), a few experts at a time to bound memory."""
-    from epmoe.quant import QuantizedTensor, quantize_weights
-
     def q(t: torch.Tensor) -> QuantizedTensor:
         return QuantizedTensor.cat([quantize_weights(t[i:i + chunk], fmt) for i in range(0, t.shape[0], chunk)])
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from epmoe.bench.core import device_name, emit, progress
+from epmoe.integrations.hf import patch_model
 
 # The published configs of the presets' models (transformers class, its arguments). Only the
 # families `patch_model` supports; MiniMax has no transformers class in the versions we support.
@@ -141,8 +142,6 @@ def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: i
                  layers: int | None, device: torch.device, dtype: torch.dtype, patch_kwargs: dict[str, Any]
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of (model, mode, batch): prefill and decode tokens/s; meta of the run."""
-    from epmoe.integrations.hf import patch_model
-
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from epmoe.bench.generate import build_model, hf_config
+from epmoe.integrations.hf import HFMoEBlock, _family_of, patch_model
+
 
 def host_and_gpu_us(fn: Callable[[], Any], device: torch.device, iters: int = 50, warmup: int = 5
                     ) -> tuple[float, float]:
@@ -46,9 +49,6 @@ def host_rows(preset: str, tokens: list[int], device: torch.device, iters: int =
     the HF block, the same block patched with epmoe, the bare MoELayer eager and (on a GPU) its
     graph replay, at each token count."""
     import transformers
-
-    from epmoe.bench.generate import build_model, hf_config
-    from epmoe.integrations.hf import HFMoEBlock, _family_of, patch_model
 
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32

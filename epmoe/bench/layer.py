@@ -23,11 +23,13 @@ from typing import Any
 import torch
 
 from epmoe.bench.core import bench, hbm_copy_gbps, matmul_tflops, options_for, progress, random_inputs
+from epmoe.bench.experts import random_weights
 from epmoe.bench.plan import Links, predict
 from epmoe.comm import get_comm
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.group import RankGroup, VirtualGroup
+from epmoe.launch import run_ranks
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.select import Combo, check, comm_candidates, pick_runner
 
@@ -59,8 +61,6 @@ def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: s
     rank, local = (group.rank, cfg.num_experts // group.world) if group is not None else (0, cfg.num_experts)
     g = torch.Generator().manual_seed(1000 + rank)
     if device.type == "cuda":  # drawn on the GPU: the large presets take tens of GB
-        from epmoe.bench.experts import random_weights
-
         weights = random_weights(cfg, local, device, seed=1000 + rank)
     else:
         weights = ExpertWeights.random(cfg, local, dtype=dtype, device=device, generator=g)
@@ -157,8 +157,6 @@ def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", r
     on a GPU,] rates) for every requested backend of a preset name or a config. world=None:
     `default_world()`; more ranks than GPUs on one GPU run as virtual ranks, on several GPUs or
     none as gloo processes on the CPU."""
-    from epmoe.launch import run_ranks
-
     cfg = MoEConfig.from_preset(preset) if isinstance(preset, str) else preset
     world = default_world() if world is None else world
     if world < 1:
