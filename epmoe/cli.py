@@ -27,8 +27,7 @@ from epmoe.bench.comm import ladder_from_rows, run_comm_bench
 from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs
 from epmoe.bench.experts import bench_experts
 from epmoe.bench.generate import main as bench_generate
-from epmoe.bench.host import host_rows
-from epmoe.bench.layer import bench_layer, default_world
+from epmoe.bench.layer import bench_layer, default_world, host_rows
 from epmoe.bench.plan import Links, compare, plan, preset_of
 from epmoe.comm import COMM_BACKENDS
 from epmoe.comm.symmetric import SymmA2A

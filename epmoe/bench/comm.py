@@ -110,17 +110,12 @@ def bench_comm(cfg: MoEConfig, backends: Sequence[str], tokens: Sequence[int], g
                device: torch.device | str | None = None, link_gbps: float | None = None, link_name: str = "NVLink",
                static: bool = False, graphs: bool = True, symm_combine: Sequence[str] = ("push",)
                ) -> list[dict[str, Any]]:
-    """Time dispatch and combine of each backend at each token count (per rank) on this rank.
-
-    Every rank of `group` calls it with the same arguments. One row per (backend, tokens), the
-    columns of `_row`; timing: "graph" (CUDA graph replays), "events" (CUDA events around eager
-    calls) or "cpu" (perf_counter); link_frac: GB/s / link_gbps (None without link_gbps).
-    static: allgather/nccl_a2a with static_shapes. graphs: time host-sync-free backends on real
-    GPU ranks through CUDA graphs. symm_combine: symm_a2a's combine modes, one row each
-    ("symm_a2a" is push; "symm_a2a pull"). Virtual ranks on a GPU: `bench_comm_virtual`.
-    """
-    world = group.world if group is not None else 1
-    rank = group.rank if group is not None else 0
+    """One row (`_row`'s columns) per (backend, tokens per rank), timed on this rank; every rank of `group`
+    calls it alike. timing: "graph" (CUDA graph replays of host-sync-free backends on real GPU ranks when
+    `graphs`), "events" (CUDA events, eager) or "cpu"; link_frac = GB/s / link_gbps. static: allgather/nccl_a2a
+    with static_shapes. symm_combine: symm_a2a's combine modes, one row each ("symm_a2a" = push, "symm_a2a
+    pull"). Virtual ranks on a GPU: `bench_comm_virtual`."""
+    world, rank = (group.world, group.rank) if group is not None else (1, 0)
     device = _cuda_index(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if iters <= 0 or warmup < 0:
         raise ValueError(f"need iters > 0 and warmup >= 0, got iters={iters}, warmup={warmup}")
@@ -173,15 +168,13 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
                                            check, device, warmup, iters, barrier)
         timing = "graph"
     else:
-        times_d, times_c = [], []
-        for i in range(warmup + iters):
+        times = []
+        for _ in range(warmup + iters):
             barrier()
             td, d = timed(lambda: backend.dispatch(x, routing), device)
             barrier()
-            tc, _ = timed(lambda d=d: backend.combine(expert_out, d), device)
-            if i >= warmup:
-                times_d.append(td)
-                times_c.append(tc)
+            times.append((td, timed(lambda d=d: backend.combine(expert_out, d), device)[0]))
+        times_d, times_c = zip(*times[warmup:])
         if check is not None:
             check()
         timing = "events" if device.type == "cuda" else "cpu"
@@ -261,10 +254,8 @@ def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: l
 
 
 def run_comm_bench(args: Any) -> list[dict[str, Any]]:
-    """`epmoe bench comm` (args: preset or cfg, tokens, backend, world, payload, iters, static,
-    symm_combine): rows of `bench_comm`. Ranks: NCCL processes with one GPU each when there are
-    enough GPUs, virtual ranks on one GPU (an HBM measurement, not a link one), else gloo
-    processes on the CPU. Multi-node: `bench_comm(cfg, ..., group=EPGroup())` under torchrun."""
+    """`epmoe bench comm` (args: preset or cfg, tokens, backend, world, payload, iters, static, symm_combine):
+    rows of `bench_comm` on NCCL processes (one GPU each), virtual ranks on one GPU, else gloo processes."""
     cfg = getattr(args, "cfg", None) or MoEConfig.from_preset(args.preset)
     world = args.world or 2
     tokens = [int(t) for t in str(args.tokens).split(",") if t]
@@ -304,12 +295,9 @@ def run_comm_bench(args: Any) -> list[dict[str, Any]]:
 
 
 def ladder_from_rows(rows: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int | None, str]]]:
-    """(world, crossover ladder) from the rows of one `epmoe bench comm` run on real ranks.
-
-    At each token count the shortest round trip (dispatch + combine) wins; runs of one winner
-    become one rung whose limit is the largest token count it won, the last rung has no limit:
-    [(128, "symm_a2a"), (None, "nccl_a2a")]. Only registered backend names count (static and pull
-    variants are configurations), and of several payloads the unquantized one."""
+    """(world, crossover ladder) from one `epmoe bench comm` run on real ranks: the shortest round trip wins
+    each token count; a run of one winner is one rung up to its largest count, the last open:
+    [(128, "symm_a2a"), (None, "nccl_a2a")]. Registered backend names only, the unquantized payload."""
     labels = sorted({r["backend"] for r in rows})
     rows = [r for r in rows if r["backend"] in COMM_BACKENDS]
     if not rows:

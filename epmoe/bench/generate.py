@@ -79,9 +79,7 @@ def hf_config(preset: str, layers: int | None = None, cpu: bool = False) -> Any:
         if cls_name == "GptOssConfig":
             scale["intermediate_size"] = scale["hidden_size"] = 128
         kwargs.update(scale)
-        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-            if key in kwargs:
-                kwargs[key] = CPU_EXPERTS
+        kwargs.update({k: CPU_EXPERTS for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in kwargs})
     if layers is not None:
         if layers <= 0:
             raise ValueError(f"--layers must be positive, got {layers}")
@@ -179,14 +177,12 @@ def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: i
 
 def main(args: argparse.Namespace) -> int:
     """`epmoe bench generate` (arguments from epmoe/cli.py: preset, batch, prompt, new, mode, layers, json, plot)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cpu = device.type != "cuda"
+    cpu = not torch.cuda.is_available()
+    device, dtype = torch.device("cpu" if cpu else "cuda"), torch.float32 if cpu else torch.bfloat16
     if cpu:
         print("bench generate on the CPU: a scaled-down model (widths in epmoe/bench/generate.py CPU_SCALE); "
               "the full-size comparison needs a GPU")
-    prompt = args.prompt or (16 if cpu else 512)
-    new = args.new or (4 if cpu else 32)
+    prompt, new = args.prompt or (16 if cpu else 512), args.new or (4 if cpu else 32)
     if new < 2 or prompt < 1:
         raise SystemExit(f"bench generate: --new must be >= 2 (decode is timed from the second token) and --prompt "
                          f">= 1, got --new {new} --prompt {prompt}")

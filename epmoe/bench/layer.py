@@ -13,22 +13,35 @@
 
 Ranks: NCCL processes (one GPU each), gloo processes (CPU) or virtual ranks on one GPU (always
 eager); rows carry `ranks` and `world` for `epmoe plan --measured`. More in docs/bench.md.
+
+`epmoe bench layer --host` (`host_rows`): what the CPU spends per call, next to the GPU time.
+
+    host us  = median wall time of the Python call itself (no synchronisation inside the timed
+               region; the GPU queue is drained between calls so a full queue never blocks a launch)
+    gpu us   = median CUDA-event time of the same call (eager), or of a graph replay
+    for T in tokens:  epmoe eager call | epmoe graph replay | the HF block (when transformers has the
+                      preset's family), same weights, same x
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from epmoe.bench.core import bench, hbm_copy_gbps, matmul_tflops, options_for, progress, random_inputs
 from epmoe.bench.experts import random_weights
+from epmoe.bench.generate import build_model, hf_config
 from epmoe.bench.plan import Links, predict
 from epmoe.comm import get_comm
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.group import RankGroup, VirtualGroup
+from epmoe.integrations.hf import HFMoEBlock, _family_of, patch_model
 from epmoe.launch import run_ranks
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.select import Combo, check, comm_candidates, pick_runner
@@ -37,8 +50,7 @@ CPU_RATES = "timed on the CPU: no roofline (the cost model's rates are a GPU's)"
 
 
 def device_links(device: torch.device) -> tuple[Links | None, str]:
-    """The cost model's rates for `device`: HBM copy bandwidth and bf16 matmul rate measured on
-    a GPU (read + write bytes of a 1 GiB copy; an 8192^3 GEMM); None on the CPU."""
+    """The cost model's rates measured on a GPU (a 1 GiB copy, an 8192^3 GEMM); None on the CPU."""
     if device.type != "cuda":
         return None, CPU_RATES
     return Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device)), "measured on this GPU"
@@ -74,8 +86,7 @@ def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: s
 
 
 def capturable(layer: MoELayer) -> bool:
-    """Whether `capture_graphs` can capture the layer: a CUDA device, real ranks, and select.py's
-    table allowing a graph for its backend (under comm="auto": for one of its candidates)."""
+    """Whether `capture_graphs` can: a CUDA device, real ranks, select.py allowing a graph for a backend."""
     if layer.runner.weights.device.type != "cuda" or (layer.group is not None and layer.group.virtual):
         return False
     return any(check(dataclasses.replace(layer.combo_for(name), graph=True))[0] for name in layer.comms)
@@ -153,18 +164,15 @@ def default_world() -> int:
 
 def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", runner: str = "auto",
                 world: int | None = None, iters: int = 10) -> list[dict[str, Any]]:
-    """Rows (comm, runner, world, ranks, tokens, us, timing, [expert_roofline_us, hbm_TBps, TFLOPs
-    on a GPU,] rates) for every requested backend of a preset name or a config. world=None:
-    `default_world()`; more ranks than GPUs on one GPU run as virtual ranks, on several GPUs or
-    none as gloo processes on the CPU."""
+    """Rows (comm, runner, world, ranks, tokens, us, timing, [expert_roofline_us, hbm_TBps, TFLOPs on a GPU,]
+    rates) per requested backend. More ranks than GPUs: virtual ranks on one GPU, else gloo processes."""
     cfg = MoEConfig.from_preset(preset) if isinstance(preset, str) else preset
     world = default_world() if world is None else world
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
     n_gpu = torch.cuda.device_count()
     device = "cuda" if n_gpu else "cpu"
-    if runner == "auto":
-        runner = pick_runner(device, "bf16")
+    runner = pick_runner(device, "bf16") if runner == "auto" else runner
     if comm in ("all", "auto"):
         combo = Combo(runner=runner, layout="dp", world=world, device=device)
         names = ["none"] if world == 1 else [n for n in comm_candidates(combo) if n != "none"]
@@ -180,3 +188,68 @@ def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", r
         return _virtual_rows(cfg, tokens, comms, runner, world, iters)
     return run_ranks(layer_rank, world, args=(cfg, tokens, comms, runner, iters), timeout=1800,
                      backend="nccl" if n_gpu >= world else "gloo")[0]
+
+
+# --- host time per call (`epmoe bench layer --host`) ---
+
+
+def host_and_gpu_us(fn: Callable[[], Any], device: torch.device, iters: int = 50, warmup: int = 5
+                    ) -> tuple[float, float]:
+    """(median host µs of one call, median GPU µs of one call)."""
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    host, gpu = [], []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+        if cuda:
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(host), (statistics.median(gpu) if gpu else float("nan"))
+
+
+def host_rows(preset: str, tokens: list[int], device: torch.device, iters: int = 50) -> list[dict[str, Any]]:
+    """Host and GPU µs per call of the first MoE block of `preset`'s transformers model (random weights; on the
+    CPU `bench.generate`'s scaled-down one): HF block, patched block, MoELayer eager, (GPU) graph replay."""
+    import transformers
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    dense = getattr(hf_config(preset, cpu=not cuda), "first_k_dense_replace", None) or 0
+    config = hf_config(preset, layers=dense + 1, cpu=not cuda)  # the first MoE layer is the last one
+    model = build_model(config, device, dtype)
+    name, block = next((n, m) for n, m in model.named_modules() if _family_of(m) is not None)
+    H = config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    xs = {T: torch.randn(1, T, H, generator=gen).to(device, dtype) for T in tokens}
+    rows: list[dict[str, Any]] = []
+
+    def add(impl: str, T: int, fn: Callable[[], Any]) -> None:
+        h, g = host_and_gpu_us(fn, device, iters=iters)
+        rows.append({"impl": impl, "tokens": T, "host_us": h, "gpu_us": g})
+
+    with torch.no_grad():
+        for T in tokens:
+            add("hf block", T, lambda T=T: block(xs[T]))
+        patch_model(model)
+        patched = model.get_submodule(name)
+        assert isinstance(patched, HFMoEBlock)
+        layer, router = patched.moe, getattr(patched, patched.router_name)
+        logits = {T: router(xs[T].reshape(T, H))[0].float() for T in tokens}
+        for T in tokens:
+            add("patched block", T, lambda T=T: patched(xs[T]))
+            add("layer eager", T, lambda T=T: layer(xs[T].reshape(T, H), logits[T]))
+        if cuda:
+            layer.capture_graphs(max(tokens), buckets=sorted(set(tokens)), validate=False)
+            for T in tokens:
+                add("layer replay", T, lambda T=T: layer(xs[T].reshape(T, H), logits[T]))
+    for r in rows:
+        r.update(preset=preset, transformers=transformers.__version__)
+    return rows
