@@ -19,14 +19,7 @@ from typing import Any
 
 import torch
 
-_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
-
-
-def _flush_l2(device: torch.device) -> None:
-    buf = _L2_FLUSH.get(device)
-    if buf is None:  # 256 MiB: larger than any Hopper L2 (50-60 MB)
-        buf = _L2_FLUSH[device] = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)
-    buf.zero_()
+_L2_FLUSH: dict[torch.device, torch.Tensor] = {}  # per device, 256 MiB: larger than any Hopper L2 (50-60 MB)
 
 
 def bench(fn: Callable[[], Any], device: torch.device | str = "cpu", warmup: int = 3, iters: int = 20,
@@ -53,7 +46,9 @@ def bench(fn: Callable[[], Any], device: torch.device | str = "cpu", warmup: int
     times = []
     for _ in range(iters):
         if flush_l2 and cuda:
-            _flush_l2(device)
+            if device not in _L2_FLUSH:
+                _L2_FLUSH[device] = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)
+            _L2_FLUSH[device].zero_()
         times.append(timed(run, device)[0])
     return statistics.median(times)
 

@@ -197,7 +197,7 @@ def _bench_point(cfg: MoEConfig, weights: ExpertWeights, fmt: str, routing: str,
         else:
             raise ValueError(f"unknown impl {impl!r}; choose triton, grouped_mm, reference")
         try:
-            us = bench(partial(_run_all, calls), device=device, warmup=2, iters=iters, graph=True,
+            us = bench(lambda calls=calls: [c() for c in calls], device=device, warmup=2, iters=iters, graph=True,
                        flush_l2=not rotate) / reps
         except Exception as exc:  # e.g. a tile that does not fit this GPU: report it, keep going
             torch.cuda.synchronize()
@@ -206,11 +206,6 @@ def _bench_point(cfg: MoEConfig, weights: ExpertWeights, fmt: str, routing: str,
             continue
         rows.append(_row(impl, fmt, routing, T, us, flops, wbytes, ceilings))
     return rows
-
-
-def _run_all(calls: Sequence[Any]) -> None:
-    for c in calls:
-        c()
 
 
 # --- tuning ---
@@ -235,9 +230,8 @@ DOWN_CANDIDATES = [GemmConfig(bn, bk, w, s, tma=bool(t)) for bn, bk, w, s, t in 
     (128, 128, 4, 3, 1)]]
 
 
-def _block_m_candidates(rows_per_expert: float) -> list[int]:
-    limits = ((8, [16]), (32, [16, 32]), (128, [32, 64]), (512, [64, 128]))
-    return next((bms for limit, bms in limits if rows_per_expert <= limit), [128, 64])
+# block_m to try (sorted mode) by rows per expert: up to 8 rows [16], to 32 [16, 32], ..., above 512 [128, 64]
+BLOCK_M_CANDIDATES = ((8, [16]), (32, [16, 32]), (128, [32, 64]), (512, [64, 128]), (math.inf, [128, 64]))
 
 
 def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s: float = 300.0,
@@ -270,7 +264,7 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
         def run(c: ExpertsConfig, routings: list = routings, x: torch.Tensor = x, row_ids: torch.Tensor = row_ids,
                 out: torch.Tensor = out) -> float:
             calls = [partial(triton_experts, x, row_ids, e, weights, cfg, out=out, config=c) for e in routings]
-            return bench(partial(_run_all, calls), device=device, warmup=2, iters=iters, graph=True,
+            return bench(lambda: [c() for c in calls], device=device, warmup=2, iters=iters, graph=True,
                          flush_l2=False) / len(calls)
 
         def time_config(c: ExpertsConfig, run: Any = run) -> float:
@@ -290,7 +284,7 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
         grouped = tuning.nvfp4_grouped_for(fmt, m, E, device)  # block_m fixed by the rows per expert
         mma = grouped or pair and fmt == "nvfp4" and tuning.gluon_decode(device) and tuning.nvfp4_mma_pairs(m, H, I)
         best, best_us = base, run(base)
-        bms = [1] if pair else [base.block_m] if grouped else _block_m_candidates(m / E)
+        bms = [1] if pair else [base.block_m] if grouped else next(b for lim, b in BLOCK_M_CANDIDATES if m / E <= lim)
         for bm in bms:
             cur = ExpertsConfig(bm, best.gate_up, best.down) if bm != best.block_m else best
             cur_us = time_config(cur) if cur is not best else best_us

@@ -70,12 +70,6 @@ def expected_ranks_hit(cfg: MoEConfig, world: int) -> float:
     return world * (1.0 - p_miss)
 
 
-def _touched_experts(cfg: MoEConfig, world: int, pairs_per_rank: float) -> float:
-    """Expected local experts with at least one pair, when `pairs_per_rank` land uniformly."""
-    local = cfg.num_experts / world
-    return local * (1.0 - (1.0 - 1.0 / local) ** pairs_per_rank)
-
-
 def predict(cfg: MoEConfig, world: int, tokens: int, backend: str, links: Links = Links(),  # noqa: B008
             payload: str = "bf16", weights: str = "bf16", combine_bytes: int = 4
             ) -> dict[str, float | str | int] | None:
@@ -121,8 +115,9 @@ def predict(cfg: MoEConfig, world: int, tokens: int, backend: str, links: Links 
 
     dispatch_us, combine_us = move(d_bytes), move(c_bytes)
     pairs = tokens * cfg.top_k  # balanced routing: each rank computes as many pairs as it sends
-    touched = _touched_experts(cfg, world, pairs)
     local = cfg.num_experts // world
+    # expected local experts with at least one pair, the pairs landing uniformly
+    touched = cfg.num_experts / world * (1.0 - (1.0 - world / cfg.num_experts) ** pairs)
     if weights == "nvfp4" and tuning.PAIR_MODE_MAX_PAIRS < pairs <= tuning.NVFP4_PAIR_MODE_MAX_RPE * local:
         touched = pairs  # pair mode: each pair streams its expert's weights
     elif weights == "nvfp4" and pairs > tuning.PAIR_MODE_MAX_PAIRS and pairs / local < tuning.NVFP4_MMA_MAX_RPE:
@@ -165,19 +160,6 @@ _NOTES = {
 }
 
 
-def backend_of(label: str) -> str:
-    """The registered backend of a bench row's label: "symm_a2a pull", "nccl_a2a static" and
-    "symm_a2a (virtual x4) pull" are configurations of symm_a2a / nccl_a2a."""
-    return str(label).split(" ")[0]
-
-
-def timed_on_cpu(row: dict[str, Any]) -> bool:
-    """Whether a bench row was timed on the CPU (gloo ranks, perf_counter, or no GPU rates)."""
-    rates = str(row.get("rates", ""))
-    return (row.get("ranks") == "gloo" or row.get("timing") == "cpu" or rates.startswith("cost-model defaults")
-            or rates.startswith("timed on the CPU"))
-
-
 def preset_of(meta: dict[str, Any]) -> str | None:
     """The preset a `--json` file was measured with: meta["preset"], else `--preset` in meta["command"]."""
     if meta.get("preset"):
@@ -196,10 +178,13 @@ def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(), 
     out = []
     for r in rows:
         world, tokens, ranks = int(r.get("world", 1)), int(r["tokens"]), str(r.get("ranks", ""))
-        on_cpu = timed_on_cpu(r)
+        # timed on the CPU: gloo ranks, perf_counter, or no GPU rates
+        on_cpu = r.get("ranks") == "gloo" or r.get("timing") == "cpu" or str(r.get("rates", "")).startswith(
+            ("cost-model defaults", "timed on the CPU"))
         note = next((v for k, v in _NOTES.items() if k in ranks), _NOTES["cpu"] if on_cpu else "")
         if "dispatch_us" in r:  # bench comm: the two phases only
-            backend, payload = backend_of(r["backend"]), r.get("payload") or "bf16"
+            # a row's label names a configuration of its backend: "symm_a2a pull", "nccl_a2a static"
+            backend, payload = str(r["backend"]).split(" ")[0], r.get("payload") or "bf16"
             p = predict(cfg, world, tokens, backend, links, payload=payload)
             measured = float(r["dispatch_us"]) + float(r["combine_us"])
             predicted = p["dispatch_us"] + p["combine_us"] if p else None
@@ -207,7 +192,7 @@ def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(), 
             pred_mb = p["dispatch_MB"] + p["combine_MB"] if p else None
             what = "dispatch+combine"
         else:  # bench layer: the whole forward
-            backend = backend_of(r["comm"])  # "nccl_a2a (virtual x4)" in older files
+            backend = str(r["comm"]).split(" ")[0]  # "nccl_a2a (virtual x4)" in older files
             row_links = links
             if use_row_rates and r.get("hbm_TBps") and r.get("TFLOPs"):
                 row_links = replace(links, hbm_tbps=float(r["hbm_TBps"]), tflops=float(r["TFLOPs"]))
