@@ -350,7 +350,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         emit(rows, args, meta, series="comm", title=f"MoE layer forward, {args.preset}, W={world}")
         return 0
     try:
-        rows = run_comm_bench(argparse.Namespace(**{**vars(args), "cfg": cfg, "tokens": tokens_text, "world": world}))
+        modes = tuple(m for m in (args.symm_combine or "push").split(",") if m)
+        rows = run_comm_bench(cfg, world, tokens, args.backend, [p for p in args.payload.split(",") if p],
+                              args.iters or 20, args.static, modes)
     except (ValueError, DistError, DistTimeout) as exc:
         return _fail(cmd, str(exc))
     for r in rows:  # the round trip, what the plot shows (the rows keep each phase)

@@ -253,22 +253,17 @@ def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: l
                                                     static=static, symm_combine=symm_combine)]
 
 
-def run_comm_bench(args: Any) -> list[dict[str, Any]]:
-    """`epmoe bench comm` (args: preset or cfg, tokens, backend, world, payload, iters, static, symm_combine):
-    rows of `bench_comm` on NCCL processes (one GPU each), virtual ranks on one GPU, else gloo processes."""
-    cfg = getattr(args, "cfg", None) or MoEConfig.from_preset(args.preset)
-    world = args.world or 2
-    tokens = [int(t) for t in str(args.tokens).split(",") if t]
-    payloads = [p for p in str(args.payload).split(",") if p]
-    static = bool(getattr(args, "static", False))
-    symm_combine = tuple(m for m in str(getattr(args, "symm_combine", None) or "push").split(",") if m)
-    if args.backend == "all":
+def run_comm_bench(cfg: MoEConfig, world: int, tokens: list[int], backend: str = "all",
+                   payloads: Sequence[str] = ("bf16",), iters: int = 20, static: bool = False,
+                   symm_combine: tuple[str, ...] = ("push",)) -> list[dict[str, Any]]:
+    """`epmoe bench comm` (backend: comma-separated names or "all"): rows of `bench_comm` on NCCL processes
+    (one GPU each), virtual ranks on one GPU, else gloo processes."""
+    if backend == "all":
         backends = [n for n, c in sorted(COMM_BACKENDS.items()) if "dp" in c.layouts and (n != "none" or world == 1)]
     else:
-        backends = args.backend.split(",")
+        backends = backend.split(",")
         for n in backends:
             get_comm(n)  # unknown names fail here with the list
-    iters = getattr(args, "iters", None) or 20
     n_gpu = torch.cuda.device_count()
     if world == 1:
         dtype = torch.bfloat16 if n_gpu else torch.float32
