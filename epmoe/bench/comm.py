@@ -1,22 +1,16 @@
 """`epmoe bench comm`: dispatch and combine alone, per backend, payload and token count.
 
-    for backend, T:   build the backend for T (a pre-sized workspace holds exactly T tokens)
-                      no host sync in a call (symm_a2a; static-shape allgather/nccl_a2a on real
-                      ranks), on the GPU:
-                          capture dispatch in graph gd and combine in graph gc, then
-                          [event; gd.replay(); event; gc.replay(); event] x iters, one sync at the
-                          end, then check() once (a timed-out wait raises there)
-                      otherwise (count exchanges, CPU):
-                          barrier; t0; dispatch(x, routing); t1        (CUDA events, or perf_counter)
-                          barrier; t0; combine(out, dispatched); t1
-    row = slowest rank's median µs of each phase, bytes this rank sent to other ranks (largest
-          over ranks), GB/s of the round trip and of dispatch alone, and that rate as a fraction
-          of the link bandwidth
+    for backend, T:  build the backend for T (a pre-sized workspace holds exactly T tokens)
+        no host sync in a call (symm_a2a; static allgather/nccl_a2a on real ranks), on the GPU:
+            graphs gd = dispatch, gc = combine; [event; gd.replay(); event; gc.replay(); event] x iters,
+            one sync at the end, then check() once (a timed-out wait raises there)
+        otherwise (count exchanges, CPU):
+            barrier; t0; dispatch(x, routing); t1; barrier; t0; combine(out, d); t1  (CUDA events or perf_counter)
+    row = slowest rank's median µs per phase, bytes sent to other ranks (largest over ranks), GB/s of the
+          round trip and of dispatch alone, that rate over the link bandwidth
 
-Uniform routing, equal tokens per rank, no expert stage (combine reads zeros): the rows isolate
-the communication. Virtual ranks (W ranks on one GPU) are rated against the HBM copy bandwidth
-measured in the same run. What the bytes count and why virtual ranks run as they do:
-docs/bench.md.
+Uniform routing, equal tokens per rank, no expert stage (combine reads zeros). Virtual ranks (W ranks on
+one GPU) are rated against the HBM copy bandwidth measured in the run. Bytes counted, why: docs/bench.md.
 """
 
 from __future__ import annotations

@@ -3,13 +3,11 @@
     rates   = HBM copy TB/s and bf16 matmul TFLOP/s measured on this GPU (none on the CPU)
     for comm, T:
         layer(x [T, H], logits [T, E])        uniform random routing, bf16 on the GPU (fp32 on the CPU)
-        timing "graph": capturable layers (select.py: no host sync in comm or runner) are
-                        captured with MoELayer.capture_graphs(T, buckets=[T]) and that graph's
-                        replays are timed (no launch overhead, as a serving engine runs decode)
+        timing "graph": capturable layers (select.py: no host sync) captured by MoELayer.capture_graphs(T,
+                        buckets=[T]), replays timed (no launch overhead, as a serving engine runs decode)
                "eager": every other layer, CUDA events (or perf_counter) around forward()
-        row = slowest rank's median µs, next to the expert-stage roofline of `plan.predict`:
+        row = slowest rank's median µs, next to the expert-stage roofline of `plan.predict` (GPU rows only):
               max(touched expert weight bytes / HBM TB/s, FLOPs / TFLOP/s), uniform routing
-              (GPU rows only: CPU timings are never set against a GPU's rates)
 
 Ranks: NCCL processes (one GPU each), gloo processes (CPU) or virtual ranks on one GPU (always
 eager); rows carry `ranks` and `world` for `epmoe plan --measured`. More in docs/bench.md.

@@ -4,15 +4,13 @@
     dispatch      = latency(backend, peers) + max(bytes over NVLink / nvlink_bw, bytes over the net / net_bw)
                     (0 when no byte moves: one rank, or no token)
     experts       = max(touched expert weight bytes / hbm_bw, FLOPs / tensor_peak)
-                    (+ nvfp4 from 128 rows per local expert: the triton runner's decode of every
-                    local expert into a bf16 scratch, 0.5625 bytes read + 2 written a value, at hbm_bw;
-                    nvfp4 from 17 pairs up to one pair per local expert: pair mode, every pair
-                    streams its expert's weights; then below 128 rows per local expert: sorted
-                    blocks of up to 32 rows, each streams its expert's weights; a Hopper GPU)
+                    nvfp4 (a Hopper GPU): from 17 pairs up to one pair per local expert, pair mode (every
+                    pair streams its expert's weights); then below 128 rows per local expert, sorted blocks
+                    of up to 32 rows (each streams its expert's); from 128, + the decode of every local
+                    expert into a bf16 scratch (0.5625 bytes read + 2 written a value) at hbm_bw
 
-Routing is modelled as uniform: each token picks K of E experts without replacement, experts
-spread evenly over W ranks, G ranks per node. Bytes are those the backends send (and report in
-their handles' dispatch_bytes / combine_bytes):
+Uniform routing (each token picks K of E experts without replacement), experts spread evenly over W
+ranks, G per node. Bytes are those the backends send (their handles' dispatch_bytes / combine_bytes):
   nccl_a2a   dispatch: one wire row (payload + scales + K ids and K fp32 weights) per (token,
              other rank hit); combine: one partial-sum row per (token, other rank hit)
   symm_a2a   dispatch: one payload row per (token, other rank hit) plus every token's slot
