@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from epmoe.bench.core import bench, hbm_copy_gbps, matmul_tflops, options_for, progress, random_inputs
+from epmoe.bench.core import bench, hbm_copy_gbps, matmul_tflops, options_for, progress, random_inputs, timed
 from epmoe.bench.experts import random_weights
 from epmoe.bench.generate import build_model, hf_config
 from epmoe.bench.plan import Links, predict
@@ -196,21 +196,18 @@ def host_and_gpu_us(fn: Callable[[], Any], device: torch.device, iters: int = 50
     """(median host µs of one call, median GPU µs of one call)."""
     for _ in range(warmup):
         fn()
-    cuda = device.type == "cuda"
     host, gpu = [], []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+
+    def call() -> None:  # the host time of fn() alone, inside the CUDA events
         t0 = time.perf_counter()
         fn()
         host.append((time.perf_counter() - t0) * 1e6)
-        if cuda:
-            end.record()
-            end.synchronize()
-            gpu.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(host), (statistics.median(gpu) if gpu else float("nan"))
+
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        gpu.append(timed(call, device)[0])
+    return statistics.median(host), statistics.median(gpu) if device.type == "cuda" else float("nan")
 
 
 def host_rows(preset: str, tokens: list[int], device: torch.device, iters: int = 50) -> list[dict[str, Any]]:
