@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import shutil
@@ -21,103 +22,73 @@ from typing import Any
 
 import torch
 
-from epmoe.bench.core import device_name, format_table, plot_time_vs_tokens, write_json
+from epmoe import ExpertWeights, MoEConfig, MoELayer, VirtualGroup
+from epmoe.bench.comm import ladder_from_rows, run_comm_bench
+from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs
+from epmoe.bench.experts import bench_experts
+from epmoe.bench.generate import main as bench_generate
+from epmoe.bench.layer import bench_layer, default_world, host_rows
+from epmoe.bench.plan import Links, compare, plan, preset_of
+from epmoe.comm import COMM_BACKENDS
+from epmoe.comm.symmetric import SymmA2A
+from epmoe.config import preset_names
+from epmoe.experts import RUNNERS
+from epmoe.launch import DistError, DistTimeout, run_ranks
+from epmoe.layer import SharedExperts
+from epmoe.select import Combo, comm_candidates, crossovers, pick_comm, pick_runner, write_crossovers
 
-# ---------------------------------------------------------------------------------------
-# demo
-# ---------------------------------------------------------------------------------------
+# --- demo ---
 
-# Error bounds of the demo's check, relative to the largest reference value: fp32 on the CPU
-# differs from the reference only by summation order; bf16 on the GPU rounds x, the weights
-# and the output to 8 mantissa bits (~0.4% each), so 2% leaves room for accumulation.
+# Error bounds of the demo's check, relative to the largest reference value: fp32 on the CPU differs from the
+# reference only by summation order; bf16 on the GPU rounds x, the weights and the output to 8 mantissa bits
+# (~0.4% each), so 2% leaves room for accumulation.
 DEMO_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def demo_features(cfg: Any) -> str:
     """What a config exercises, in words: routing, activation, biases, shared experts."""
-    routing = {
-        "softmax": f"softmax top-{cfg.top_k}" + (", renormalised" if cfg.norm_topk_prob else ", not renormalised"),
-        "softmax_after_topk": f"top-{cfg.top_k} on the logits, softmax over the {cfg.top_k} (GPT-OSS)",
-        "sigmoid_bias": f"sigmoid top-{cfg.top_k} picked with a correction bias [E] (MiniMax)",
-        "sigmoid_grouped": f"DeepSeek grouped top-{cfg.top_k}: best {cfg.topk_group} of {cfg.n_group} expert "
-                           "groups, sigmoid + correction bias [E]",
-    }[cfg.routing]
-    if cfg.routed_scaling_factor != 1:
-        routing += f", weights x{cfg.routed_scaling_factor:g}"
-    act = {
-        "silu": "SiLU(gate) * up experts",
-        "gelu": "GELU(gate) * up experts",
-        "swiglu_clamped": f"GPT-OSS clamped SwiGLU experts (limit {cfg.swiglu_limit:g}, alpha {cfg.swiglu_alpha:g}) "
-                          "with biases b13/b2",
-    }[cfg.activation]
-    parts = [routing, act]
+    k, scale = cfg.top_k, cfg.routed_scaling_factor
+    routing = {"softmax": f"softmax top-{k}, {'' if cfg.norm_topk_prob else 'not '}renormalised",
+               "softmax_after_topk": f"top-{k} on the logits, softmax over the {k} (GPT-OSS)",
+               "sigmoid_bias": f"sigmoid top-{k} picked with a correction bias [E] (MiniMax)",
+               "sigmoid_grouped": f"DeepSeek grouped top-{k}: best {cfg.topk_group} of {cfg.n_group} expert groups, "
+                                  "sigmoid + correction bias [E]"}[cfg.routing]
+    act = {"silu": "SiLU(gate) * up experts", "gelu": "GELU(gate) * up experts",
+           "swiglu_clamped": f"GPT-OSS clamped SwiGLU experts (limit {cfg.swiglu_limit:g}, alpha "
+                             f"{cfg.swiglu_alpha:g}) with biases b13/b2"}[cfg.activation]
+    parts = [routing + (f", weights x{scale:g}" if scale != 1 else ""), act]
     if cfg.shared_experts:
         parts.append(f"{cfg.shared_experts} shared expert{'s' if cfg.shared_experts > 1 else ''} "
                      f"(fused MLP of width {cfg.shared_width})")
     return "; ".join(parts)
 
 
-def _demo_model(cfg: Any) -> tuple[Any, torch.Tensor | None, Any]:
-    """(all experts' weights, correction bias [E] or None, shared experts or None) in fp32 on
-    the CPU, as the model has them; the same on every rank (one seed)."""
-    from epmoe import ExpertWeights
-    from epmoe.layer import SharedExperts
-
-    g = torch.Generator().manual_seed(1234)
+def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Run every registered comm backend on this rank; return one row per backend."""
+    g = torch.Generator().manual_seed(1234)  # the model, fp32 on the CPU: the same on every rank (one seed)
     weights = ExpertWeights.random(cfg, cfg.num_experts, generator=g)  # GPT-OSS: with b13 / b2
     bias = torch.randn(cfg.num_experts, generator=g) * 0.1 if cfg.uses_correction_bias else None
     shared = SharedExperts.random(cfg, generator=g) if cfg.shared_experts else None
-    return weights, bias, shared
-
-
-def _demo_inputs(cfg: Any, rank: int, tokens: int, device: torch.device, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gr = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(tokens, cfg.hidden, generator=gr)
-    logits = torch.randn(tokens, cfg.num_experts, generator=gr)
-    return x.to(device, dtype), logits.to(device)
-
-
-def demo_rank(group: Any, cfg: Any, tokens: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """Run every registered comm backend on this rank; return one row per backend."""
-    import dataclasses
-
-    from epmoe import ExpertWeights, MoELayer
-    from epmoe.comm import COMM_BACKENDS
-    from epmoe.layer import SharedExperts
-
-    rank, world = group.rank, group.world
-    weights, bias, shared = _demo_model(cfg)
-    x, logits = _demo_inputs(cfg, rank, tokens, device, dtype)
-    on = (lambda t, dt=None: None if t is None else t.to(device, dt or t.dtype))  # noqa: E731
+    on = lambda t, dt=None: None if t is None else t.to(device, dt or t.dtype)  # noqa: E731
     dev_weights = ExpertWeights(on(weights.w13, dtype), on(weights.w2, dtype), on(weights.b13), on(weights.b2))
     parts = {"correction_bias": on(bias),
              "shared": SharedExperts(on(shared.w13, dtype), on(shared.w2, dtype)) if shared else None}
     reference = MoELayer(cfg, weights, correction_bias=bias, shared=shared)  # single rank, fp32, CPU
-    expected = reference(x.float().cpu(), logits.cpu())
-    # The tp layout needs every rank to hold the same tokens: all ranks use rank 0's.
-    x_all, logits_all = _demo_inputs(cfg, 0, tokens, device, dtype)
-    ref_all = reference(x_all.float().cpu(), logits_all.cpu())
+    inputs = {}  # dp: each rank its own tokens; tp needs every rank to hold the same tokens: rank 0's
+    for layout, seed in (("dp", 100 + group.rank), ("tp", 100)):
+        x, logits = random_inputs(cfg, tokens, seed, device, dtype)
+        inputs[layout] = (x, logits, reference(x.float().cpu(), logits.cpu()))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
     for name, cls in sorted(COMM_BACKENDS.items()):
-        layout = "dp" if "dp" in cls.layouts and (cls.moves_tokens or world == 1) else "tp"
-        xi, li, ref = (x, logits, expected) if layout == "dp" else (x_all, logits_all, ref_all)
-        layer = MoELayer.from_global(
-            cfg, dev_weights, group, comm=name, layout=layout,
-            comm_options={"max_tokens_per_rank": tokens} if "max_tokens_per_rank" in
-            {f.name for f in dataclasses.fields(cls.Options)} else {}, **parts,
-        )
-        y = layer(xi, li)  # warm-up (and the checked output)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            layer(xi, li)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        ms = (time.perf_counter() - t0) / 5 * 1e3
+        layout = "dp" if "dp" in cls.layouts and (cls.moves_tokens or group.world == 1) else "tp"
+        x, logits, ref = inputs[layout]
+        layer = MoELayer.from_global(cfg, dev_weights, group, comm=name, layout=layout,
+                                     comm_options=options_for(cls, max_tokens_per_rank=tokens), **parts)
+        y = layer(x, logits)  # warm-up (and the checked output)
+        ms = bench(lambda: (layer(x, logits), sync()), "cpu", warmup=1, iters=5) / 1e3  # noqa: B023
         err = (y.float().cpu() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
-        rows.append({"backend": name, "layout": layout, "rank": rank, "rel_err": err, "ms": ms})
+        rows.append({"backend": name, "layout": layout, "rank": group.rank, "rel_err": err, "ms": ms})
     return rows
 
 
@@ -140,32 +111,25 @@ def _fail(cmd: str, message: str) -> int:
 def _demo_process(group: Any, cfg: Any, tokens: int) -> list[dict]:
     """One process rank of the demo: its own GPU under NCCL, else the CPU under gloo."""
     use_cuda = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
-    device = torch.device(f"cuda:{group.rank}") if use_cuda else torch.device("cpu")
     if not use_cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // group.world))
-    return demo_rank(group, cfg, tokens, device, torch.bfloat16 if use_cuda else torch.float32)
+    return demo_rank(group, cfg, tokens, torch.device(f"cuda:{group.rank}" if use_cuda else "cpu"),
+                     torch.bfloat16 if use_cuda else torch.float32)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from epmoe import MoEConfig, VirtualGroup
-
     try:
         cfg = MoEConfig.from_preset(args.preset).scaled(args.hidden, args.intermediate, args.experts)
     except ValueError as exc:
         return _fail("demo", f"{args.preset} cannot be scaled that way: {exc}")
-    world, tokens = args.world, args.tokens
-    n_gpu = torch.cuda.device_count()
+    world, tokens, n_gpu = args.world, args.tokens, torch.cuda.device_count()
     problem = world_problem(cfg.num_experts, world, None if n_gpu == 1 else 8)
     if problem or tokens < 1:
         return _fail("demo", problem or f"--tokens must be >= 1, got {tokens}")
     if n_gpu == 1 and world > 1:
-        where = f"{world} virtual ranks on {torch.cuda.get_device_name(0)}"
-        rows = [r for rank_rows in VirtualGroup(world).run(
-            lambda g: demo_rank(g, cfg, tokens, torch.device("cuda:0"), torch.bfloat16)) for r in rank_rows]
-        dtype = torch.bfloat16
+        where, dtype = f"{world} virtual ranks on {torch.cuda.get_device_name(0)}", torch.bfloat16
+        per_rank = VirtualGroup(world).run(lambda g: demo_rank(g, cfg, tokens, torch.device("cuda:0"), dtype))
     else:
-        from epmoe.launch import DistError, DistTimeout, run_ranks
-
         use_cuda = n_gpu >= world
         where = f"{world} {'nccl' if use_cuda else 'gloo'} processes on {'GPUs' if use_cuda else 'CPU'}"
         dtype = torch.bfloat16 if use_cuda else torch.float32
@@ -175,16 +139,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except (DistError, DistTimeout) as exc:
             print(f"demo failed: {exc}", file=sys.stderr)
             return 1
-        rows = [r for rank_rows in per_rank for r in rank_rows]
-    tol = DEMO_TOL[dtype]
-    table = []
+    rows, tol, table = [r for rank_rows in per_rank for r in rank_rows], DEMO_TOL[dtype], []
     for name in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == name]
         err = max(r["rel_err"] for r in mine)
-        table.append({
-            "backend": name, "layout": mine[0]["layout"], "max_rel_err": err,
-            "ms_per_call": max(r["ms"] for r in mine), "ok": "yes" if err <= tol else "NO",
-        })
+        table.append({"backend": name, "layout": mine[0]["layout"], "max_rel_err": err,
+                      "ms_per_call": max(r["ms"] for r in mine), "ok": "yes" if err <= tol else "NO"})
     print(f"epmoe demo: {args.preset} scaled to H={cfg.hidden}, I={cfg.intermediate}, E={cfg.num_experts}, "
           f"top-{cfg.top_k}; {tokens} tokens per rank; {where}; {str(dtype).replace('torch.', '')}")
     print(f"exercises: {demo_features(cfg)}")
@@ -193,14 +153,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] == "yes" for r in table) else 1
 
 
-# ---------------------------------------------------------------------------------------
-# doctor
-# ---------------------------------------------------------------------------------------
+# --- doctor ---
 
 
 def _symmetric_memory_status() -> str:
     try:
-        import torch.distributed._symmetric_memory as symm_mem  # noqa: F401
+        import torch.distributed._symmetric_memory as symm_mem
     except ImportError as exc:
         return f"not importable ({exc})"
     if not torch.cuda.is_available():
@@ -209,10 +167,9 @@ def _symmetric_memory_status() -> str:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            store = dist.HashStore()
-            dist.init_process_group("nccl", store=store, rank=0, world_size=1)
-        buf = symm_mem.empty(1024, dtype=torch.uint8, device="cuda")
-        handle = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        handle = symm_mem.rendezvous(symm_mem.empty(1024, dtype=torch.uint8, device="cuda"),
+                                     dist.group.WORLD.group_name)
         return f"works (1-rank rendezvous, signal pad {handle.signal_pad_size} bytes)"
     except Exception as exc:  # reported, not raised: doctor diagnoses
         return f"fails: {exc!r}"
@@ -223,9 +180,9 @@ def _rung(ladder: list[tuple[int | None, str]], i: int) -> str:
     limit, name = ladder[i]
     prev = ladder[i - 1][0] if i > 0 else None
     if limit is None:
-        cond = f"T > {prev}" if prev is not None else "any T"
+        cond = "any T" if prev is None else f"T > {prev}"
     else:
-        cond = f"{prev} < T <= {limit}" if prev is not None else f"T <= {limit}"
+        cond = f"T <= {limit}" if prev is None else f"{prev} < T <= {limit}"
     return f"{cond} -> {name}"
 
 
@@ -236,59 +193,46 @@ def _ladder_rule(tokens: int, cands: list[str], ladder: list[tuple[int | None, s
     for i, (limit, name) in enumerate(ladder):
         if limit is None or tokens <= limit:
             if name in cands:
-                why = f"rule {_rung(ladder, i)}"
-                if skipped:
-                    why += f", after {', '.join(skipped)} (not candidates here)"
-                return why
+                return f"rule {_rung(ladder, i)}" + (f", after {', '.join(skipped)} (not candidates here)"
+                                                     if skipped else "")
             skipped.append(name)
     return f"no rung covering T={tokens} has a candidate: fallback along the ladder"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from epmoe.comm import COMM_BACKENDS
-    from epmoe.experts import RUNNERS
-
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
+    gpu = torch.cuda.is_available()
+    device, world = "cuda" if gpu else "cpu", max(torch.cuda.device_count(), 2)
+    runner = pick_runner(device, "bf16")
     lines = [
-        ("python", platform.python_version()),
-        ("torch", torch.__version__),
-        ("triton", triton_version),
+        ("python", platform.python_version()), ("torch", torch.__version__), ("triton", triton_version),
         ("CUDA (torch build)", torch.version.cuda or "none (CPU build)"),
         ("GPUs", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
         ("symmetric memory", _symmetric_memory_status()),
         ("comm backends", ", ".join(f"{n} ({'/'.join(c.layouts)}{', host sync' if c.needs_host_sync else ''})"
                                     for n, c in sorted(COMM_BACKENDS.items()))),
         ("expert runners", ", ".join(sorted(RUNNERS))),
+        ("runner=auto", f"{runner} ({'GPU present' if gpu else 'no GPU: the plain-torch reference'})"),
     ]
-    from epmoe.select import Combo, comm_candidates, crossovers, pick_comm, pick_runner
-
-    gpu = torch.cuda.is_available()
-    device = "cuda" if gpu else "cpu"
-    runner = pick_runner(device, "bf16")
-    lines.append(("runner=auto", f"{runner} ({'GPU present' if gpu else 'no GPU: the plain-torch reference'})"))
-    world = max(torch.cuda.device_count(), 2)
     cands = [n for n in comm_candidates(Combo(runner=runner, layout="dp", world=world, device=device)) if n != "none"]
     ladder, source = crossovers(torch.cuda.get_device_name(0) if gpu else "cpu", world)
     if cands:
         rungs = ", ".join(_rung(ladder, i) for i in range(len(ladder)))
-        lines.append((f"comm=auto (dp, W={world})", f"candidates: {', '.join(cands)}; ladder: {rungs}"))
-        lines.append(("  thresholds from", source))
-        for t in (1, 128, 4096):
-            lines.append((f"  {t} tokens", f"-> {pick_comm(t, cands, ladder)} ({_ladder_rule(t, cands, ladder)})"))
+        lines += [(f"comm=auto (dp, W={world})", f"candidates: {', '.join(cands)}; ladder: {rungs}"),
+                  ("  thresholds from", source)]
+        lines += [(f"  {t} tokens", f"-> {pick_comm(t, cands, ladder)} ({_ladder_rule(t, cands, ladder)})")
+                  for t in (1, 128, 4096)]
     else:
         lines.append((f"comm=auto (dp, W={world})", "no dp backend registered; one rank or tp layout use 'none'"))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")
     print("\nsymm_a2a workspace per rank (W=8, fp32 combine; SymmA2A.workspace_bytes):")
-    from epmoe.comm.symmetric import SymmA2A
-    from epmoe.config import MoEConfig
-
     for preset in ("deepseek-v3", "qwen3-30b-a3b"):
         cfg = MoEConfig.from_preset(preset)
         cells = [f"Tm={tm} {payload} {SymmA2A.workspace_bytes(cfg, 8, tm, payload) / 2**20:.1f} MiB"
@@ -301,77 +245,45 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------
-# bench
-# ---------------------------------------------------------------------------------------
+# --- bench ---
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-# Shapes `epmoe bench comm|layer` use on the CPU unless --full or --hidden/--intermediate/--experts
-# say otherwise (the demo's: the full presets take minutes per row and up to 30 GB in fp32 there).
+# Shapes `epmoe bench comm|layer` use on the CPU unless --full or --hidden/--intermediate/--experts say otherwise
+# (the demo's: the full presets take minutes per row and up to 30 GB in fp32 there).
 CPU_SHAPES = {"hidden": 256, "intermediate": 96, "experts": 16}
-CPU_TOKENS = "1,8,64"
-GPU_TOKENS = "1,8,64,128,512,2048,4096"
+CPU_TOKENS, GPU_TOKENS = "1,8,64", "1,8,64,128,512,2048,4096"
 
 
 def _available_bytes() -> int | None:
     """Memory the kernel reports available (Linux /proc/meminfo), None where unknown."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def _bench_config(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
     """The bench's MoEConfig and a line saying how it relates to the preset."""
-    from epmoe import MoEConfig
-
     full = MoEConfig.from_preset(args.preset)
     base = {"hidden": full.hidden, "intermediate": full.intermediate, "experts": full.num_experts}
-    if not on_gpu and not args.full:
-        base = {k: min(v, base[k]) for k, v in CPU_SHAPES.items()}
-    shape = {**base, **{k: getattr(args, k) for k in base if getattr(args, k)}}
-    if shape == {"hidden": full.hidden, "intermediate": full.intermediate, "experts": full.num_experts}:
+    cpu_defaults = not on_gpu and not args.full
+    shape = {k: getattr(args, k) or (min(CPU_SHAPES[k], v) if cpu_defaults else v) for k, v in base.items()}
+    if shape == base:
         return full, f"{args.preset} at full size"
     cfg = full.scaled(shape["hidden"], shape["intermediate"], shape["experts"])
-    why = "the CPU defaults; --full runs the preset's shapes" if not on_gpu and not args.full else "as asked"
+    why = "the CPU defaults; --full runs the preset's shapes" if cpu_defaults else "as asked"
     return cfg, (f"{args.preset} scaled to H={cfg.hidden}, I={cfg.intermediate}, E={cfg.num_experts}, "
                  f"top-{cfg.top_k} ({why}; --hidden/--intermediate/--experts set them)")
 
 
-def _layer_bytes(cfg: Any, world: int) -> int:
-    """fp32 bytes of one rank's expert weights and shared experts (what bench layer allocates on the CPU)."""
-    return 4 * 3 * cfg.hidden * (cfg.intermediate * (cfg.num_experts // world) + cfg.shared_width)
-
-
-def _emit(rows: list[dict], args: argparse.Namespace, series: str, title: str, meta: dict, y: str = "us",
-          ylabel: str = "µs") -> None:
-    print(format_table(rows))
-    if args.json:
-        write_json(rows, args.json, meta)
-        print(f"wrote {args.json}")
-    if args.plot:
-        # a roofline only where the rows carry one (a GPU's measured rates; never for CPU timings)
-        roof = {r["tokens"]: r["expert_roofline_us"] for r in rows if r.get("expert_roofline_us")} or None
-        plot_time_vs_tokens(rows, args.plot, series=series, y=y, ylabel=ylabel, title=title, roofline=roof)
-        print(f"wrote {args.plot}")
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    from epmoe.launch import DistError, DistTimeout
-
-    on_gpu = torch.cuda.is_available()
-    cmd = f"bench {args.what}"
+    on_gpu, cmd = torch.cuda.is_available(), f"bench {args.what}"
     if args.what == "generate":
-        from epmoe.bench.generate import main as bench_generate
-
         if not any(a.split("=")[0] == "--preset" for a in args.argv):  # a whole model: one that fits one GPU
             args.preset = "qwen3-30b-a3b"
         return bench_generate(args)
@@ -398,31 +310,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       "bench generate's, --hidden/--intermediate/--experts do not apply)")
     print(f"epmoe {cmd}: {shape_note}; tokens per rank {tokens_text}")
     if args.what == "experts":
-        from epmoe.bench.experts import bench_experts
-
         if args.hidden or args.intermediate or args.experts:
             return _fail(cmd, "times the preset's full shapes only: drop --hidden/--intermediate/--experts")
-        rows = bench_experts(args.preset, tokens, args.format.split(","))
-        for r in rows:
-            r["series"] = f"{r['impl']} {r['format']} {r['routing']}"
-        _emit(rows, args, series="series", title=f"experts stage, {args.preset}", meta=meta)
+        rows = [dict(r, series=f"{r['impl']} {r['format']} {r['routing']}")
+                for r in bench_experts(args.preset, tokens, args.format.split(","))]
+        emit(rows, args, meta, series="series", title=f"experts stage, {args.preset}")
         return 0
     if args.what == "layer" and args.host:
-        from epmoe.bench.host import host_rows
-
         rows = host_rows(args.preset, tokens, torch.device("cuda" if on_gpu else "cpu"))
         print("host us: median wall time of the Python call (GPU drained before each); gpu us: CUDA events"
               + ("" if on_gpu else " (none on the CPU, where the host does the work)"))
-        _emit(rows, args, series="impl", title=f"host time per call, {args.preset}", meta=meta, y="host_us")
+        emit(rows, args, meta, series="impl", title=f"host time per call, {args.preset}", y="host_us")
         return 0
-    if args.what == "layer":
-        from epmoe.bench.layer import bench_layer, default_world
 
-        world = args.world or default_world()
-        problem = world_problem(cfg.num_experts, world, None if torch.cuda.device_count() == 1 else 8)
-        if problem:
-            return _fail(cmd, problem)
-        need, have = _layer_bytes(cfg, world), _available_bytes()
+    world = args.world or (default_world() if args.what == "layer" else 2)
+    problem = world_problem(cfg.num_experts, world, None if torch.cuda.device_count() == 1 else 8)
+    if problem:
+        return _fail(cmd, problem)
+    meta.update(world=world)
+    if args.what == "layer":
+        # fp32 bytes of one rank's expert weights and shared experts (what bench layer allocates on the CPU)
+        need, have = 4 * 3 * cfg.hidden * (cfg.intermediate * (cfg.num_experts // world) + cfg.shared_width), \
+            _available_bytes()
         if not on_gpu and have is not None and need * world > 0.8 * have:  # every rank on this machine
             return _fail(cmd, f"{cfg.num_experts // world} experts per rank of H={cfg.hidden}, I={cfg.intermediate} "
                               f"take {need / 1e9:.1f} GB in fp32 per rank ({world} on this machine), more than it has "
@@ -432,35 +341,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rows = bench_layer(cfg, tokens, comm=args.comm, runner=args.runner, world=world)
         except (ValueError, DistError, DistTimeout) as exc:
             return _fail(cmd, str(exc))
-        meta.update(world=world)
         if rows:
             r = rows[0]
             roof = (f"expert roofline from {r['rates']}: HBM {r['hbm_TBps']:.2f} TB/s, {r['TFLOPs']:.0f} TFLOP/s"
                     if "hbm_TBps" in r else r["rates"])
             print(f"W={world}, ranks: {r['ranks']}; {roof}; timing: graph = replays of MoELayer.capture_graphs, "
                   "eager = forward()")
-        _emit(rows, args, series="comm", title=f"MoE layer forward, {args.preset}, W={world}", meta=meta)
+        emit(rows, args, meta, series="comm", title=f"MoE layer forward, {args.preset}, W={world}")
         return 0
-    from epmoe.bench.comm import ladder_from_rows, run_comm_bench
-
-    world = args.world or 2
-    problem = world_problem(cfg.num_experts, world, None if torch.cuda.device_count() == 1 else 8)
-    if problem:
-        return _fail(cmd, problem)
     try:
-        rows = run_comm_bench(argparse.Namespace(**{**vars(args), "cfg": cfg, "tokens": tokens_text, "world": world}))
+        modes = tuple(m for m in (args.symm_combine or "push").split(",") if m)
+        rows = run_comm_bench(cfg, world, tokens, args.backend, [p for p in args.payload.split(",") if p],
+                              args.iters or 20, args.static, modes)
     except (ValueError, DistError, DistTimeout) as exc:
         return _fail(cmd, str(exc))
-    meta.update(world=world)
     for r in rows:  # the round trip, what the plot shows (the rows keep each phase)
         r["round_trip_us"] = r["dispatch_us"] + r["combine_us"]
-    _emit(rows, args, series="backend", title=f"dispatch+combine, {args.preset}, W={world}", meta=meta,
-          y="round_trip_us", ylabel="dispatch + combine µs")
+    emit(rows, args, meta, series="backend", title=f"dispatch+combine, {args.preset}, W={world}", y="round_trip_us",
+         ylabel="dispatch + combine µs")
     if args.store_crossovers:
-        from epmoe.select import write_crossovers
-
-        on_gpu_ranks = on_gpu and rows and rows[0].get("ranks") != "gloo"
-        gpu = torch.cuda.get_device_name(0) if on_gpu_ranks else "cpu"
+        gpu = torch.cuda.get_device_name(0) if on_gpu and rows and rows[0].get("ranks") != "gloo" else "cpu"
         try:
             world, ladder = ladder_from_rows(rows)
         except ValueError as exc:
@@ -471,6 +371,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- plan ---
+
 PLAN_DEFAULTS = {"preset": "deepseek-v3", "gpus": "8,16,64,256", "tokens": "1,128,4096"}
 
 
@@ -480,10 +382,8 @@ def _measured_rows(args: argparse.Namespace, rows: list[dict]) -> tuple[list[dic
         given = getattr(args, flag)
         if given is None:
             continue
-        have = sorted({int(r.get(key, 1)) for r in rows})
-        want = _ints(given)
-        missing = [v for v in want if v not in have]
-        if missing:
+        have, want = sorted({int(r.get(key, 1)) for r in rows}), _ints(given)
+        if any(v not in have for v in want):
             return rows, (f"--{flag} {given} conflicts with --measured {args.measured}: its rows were measured at "
                           f"{key} {', '.join(map(str, have))} (drop --{flag}, or pick among those)")
         rows = [r for r in rows if int(r.get(key, 1)) in want]
@@ -491,48 +391,42 @@ def _measured_rows(args: argparse.Namespace, rows: list[dict]) -> tuple[list[dic
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from epmoe import MoEConfig
-    from epmoe.bench.plan import Links, compare, plan, preset_of
-
     rates = {k: v for k, v in (("hbm_tbps", args.hbm_tbps), ("tflops", args.tflops)) if v is not None}
     links = Links(nvlink_gbps=args.nvlink_gbps, net_gbps=args.net_gbps, gpus_per_node=args.gpus_per_node, **rates)
-    if args.measured:
-        try:
-            data = json.loads(open(args.measured).read())
-            meta, rows = data.get("meta", {}), data["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return _fail("plan", f"--measured {args.measured}: not a file written by `epmoe bench ... --json` ({exc})")
-        measured_preset = preset_of(meta)
-        if args.preset and measured_preset and args.preset != measured_preset:
-            return _fail("plan", f"--preset {args.preset} conflicts with --measured {args.measured}, which was "
-                                 f"measured with {measured_preset}: drop --preset")
-        rows, conflict = _measured_rows(args, rows)
-        if conflict:
-            return _fail("plan", conflict)
-        preset = measured_preset or args.preset or PLAN_DEFAULTS["preset"]
-        cfg = MoEConfig(**meta["config"]) if meta.get("config") else MoEConfig.from_preset(preset)
-        table = compare(cfg, rows, links, use_row_rates=not rates)
-        source = f"{meta.get('command', '?')}; {meta.get('device', '?')}"
-        shape = "" if cfg == MoEConfig.from_preset(preset) else \
-            f" scaled to H={cfg.hidden}, I={cfg.intermediate}, E={cfg.num_experts}"
-        print(f"cost model vs {args.measured} ({source}), {preset}{shape}: {links}")
-        print("ratio = measured / predicted; layer rows use the HBM and TFLOP/s rates measured in that run "
-              "unless --hbm-tbps / --tflops are given; rows timed on the CPU get no ratio (the model's rates are "
-              "a GPU's)")
-        print(format_table(table))
+    if not args.measured:
+        preset = args.preset or PLAN_DEFAULTS["preset"]
+        rows = plan(MoEConfig.from_preset(preset), _ints(args.gpus or PLAN_DEFAULTS["gpus"]),
+                    _ints(args.tokens or PLAN_DEFAULTS["tokens"]), links, payload=args.payload, weights=args.weights,
+                    combine_bytes=args.combine_bytes)
+        print(f"cost model, {preset}: {links}; combine partial sums {args.combine_bytes} bytes per element")
+        print(format_table(rows))
         return 0
-    preset = args.preset or PLAN_DEFAULTS["preset"]
-    cfg = MoEConfig.from_preset(preset)
-    rows = plan(cfg, _ints(args.gpus or PLAN_DEFAULTS["gpus"]), _ints(args.tokens or PLAN_DEFAULTS["tokens"]), links,
-                payload=args.payload, weights=args.weights, combine_bytes=args.combine_bytes)
-    print(f"cost model, {preset}: {links}; combine partial sums {args.combine_bytes} bytes per element")
-    print(format_table(rows))
+    try:
+        with open(args.measured) as f:
+            data = json.load(f)
+        meta, rows = data.get("meta", {}), data["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return _fail("plan", f"--measured {args.measured}: not a file written by `epmoe bench ... --json` ({exc})")
+    measured_preset = preset_of(meta)
+    if args.preset and measured_preset and args.preset != measured_preset:
+        return _fail("plan", f"--preset {args.preset} conflicts with --measured {args.measured}, which was "
+                             f"measured with {measured_preset}: drop --preset")
+    rows, conflict = _measured_rows(args, rows)
+    if conflict:
+        return _fail("plan", conflict)
+    preset = measured_preset or args.preset or PLAN_DEFAULTS["preset"]
+    cfg = MoEConfig(**meta["config"]) if meta.get("config") else MoEConfig.from_preset(preset)
+    shape = "" if cfg == MoEConfig.from_preset(preset) else \
+        f" scaled to H={cfg.hidden}, I={cfg.intermediate}, E={cfg.num_experts}"
+    print(f"cost model vs {args.measured} ({meta.get('command', '?')}; {meta.get('device', '?')}), {preset}{shape}: "
+          f"{links}")
+    print("ratio = measured / predicted; layer rows use the HBM and TFLOP/s rates measured in that run unless "
+          "--hbm-tbps / --tflops are given; rows timed on the CPU get no ratio (the model's rates are a GPU's)")
+    print(format_table(compare(cfg, rows, links, use_row_rates=not rates)))
     return 0
 
 
-# ---------------------------------------------------------------------------------------
+# --- parser ---
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -549,115 +443,85 @@ class _TopHelp(_Help, argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from epmoe.config import preset_names
-
+    """The `epmoe` parser: one sub-command per cmd_* function."""
     p = argparse.ArgumentParser(prog="epmoe", description=__doc__, formatter_class=_TopHelp)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,doctor,bench,plan}")
 
-    def parser(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=description or text, formatter_class=_Help)
+    def parser(name: str, text: str, fn: Any, description: str | None = None) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=text, description=description or text, formatter_class=_Help)
+        sp.set_defaults(fn=fn)
+        return sp
 
-    d = parser("demo", "run every comm backend on several ranks against the single-rank reference",
-               "Run every comm backend on several ranks (gloo processes on the CPU, one GPU each, or virtual "
-               "ranks on one GPU) against the single-rank fp32 reference, with the preset's routing, activation, "
-               "biases and shared experts at scaled-down shapes.")
+    def shape(sp: argparse.ArgumentParser, fixed: bool) -> None:  # --hidden/--intermediate/--experts
+        for k, text in (("hidden", "model width H"), ("intermediate", "expert intermediate size I"),
+                        ("experts", "routed experts E (top-k kept, at most E)")):
+            sp.add_argument(f"--{k}", type=int, default=CPU_SHAPES[k] if fixed else None, help=text if fixed else
+                            f"scale the preset: {text} (default: the preset's on a GPU, {CPU_SHAPES[k]} on the CPU)")
+
+    d = parser("demo", "run every comm backend on several ranks against the single-rank reference", cmd_demo,
+               "Run every comm backend on several ranks (gloo processes on the CPU, one GPU each, or virtual ranks "
+               "on one GPU) against the single-rank fp32 reference, at the preset's features and scaled-down shapes.")
     d.add_argument("--preset", default="qwen3-30b-a3b", choices=preset_names(), help="model whose layer to scale down")
-    d.add_argument("--world", type=int, default=2, help="ranks (processes, or virtual ranks on one GPU); must "
-                                                        "divide --experts")
+    d.add_argument("--world", type=int, default=2, help="ranks (processes, or virtual ranks on one GPU); must divide E")
     d.add_argument("--tokens", type=int, default=64, help="tokens per rank")
-    d.add_argument("--hidden", type=int, default=256, help="model width H")
-    d.add_argument("--intermediate", type=int, default=96, help="expert intermediate size I")
-    d.add_argument("--experts", type=int, default=16, help="routed experts E (top-k kept, at most E)")
+    shape(d, fixed=True)
     d.add_argument("--timeout", type=float, default=300, help="seconds before a rank that does not answer fails")
-    d.set_defaults(fn=cmd_demo)
-
-    doc = parser("doctor", "versions, GPUs and links, symmetric memory, default choices")
-    doc.set_defaults(fn=cmd_doctor)
-
-    b = parser("bench", "benchmarks: comm (dispatch/combine), layer (whole forward), experts (runners; GPU only), "
-                        "generate (HF generate, HF experts vs epmoe)",
-               "Benchmarks. comm: dispatch + combine per backend; layer: the whole layer forward per backend (both "
-               "run on the CPU: gloo ranks, fp32, the preset scaled down to H=256, I=96, E=16 unless --full or "
-               "--hidden/--intermediate/--experts say otherwise; no roofline there); experts: the expert runners "
-               "against the GPU roofline (needs a CUDA GPU); generate: Hugging Face generate() of the preset's "
-               "model with HF's experts and patched with epmoe, eager and with a static cache (a scaled-down "
-               "model on the CPU).")
+    parser("doctor", "versions, GPUs and links, symmetric memory, default choices", cmd_doctor)
+    b = parser("bench", "benchmarks: comm, layer, experts (GPU only), generate", cmd_bench,
+               "Benchmarks. comm: dispatch + combine per backend; layer: the whole layer forward per backend (on the "
+               "CPU: gloo ranks, fp32, the preset scaled down, no roofline); experts: the expert runners against the "
+               "GPU roofline (needs a CUDA GPU); generate: HF generate() with HF's experts vs patched with epmoe.")
     b.add_argument("what", choices=["comm", "experts", "layer", "generate"], help="what to time")
     b.add_argument("--preset", default="deepseek-v3", choices=preset_names(),
-                   help="model whose layer to time; bench generate builds the whole model and defaults to "
-                        "qwen3-30b-a3b, which fits one GPU")
-    b.add_argument("--hidden", type=int, default=None,
-                   help="scale the preset: model width H (default: the preset's on a GPU, 256 on the CPU)")
-    b.add_argument("--intermediate", type=int, default=None,
-                   help="scale the preset: expert intermediate size I (default: the preset's on a GPU, 96 on the CPU)")
-    b.add_argument("--experts", type=int, default=None,
-                   help="scale the preset: routed experts E (default: the preset's on a GPU, 16 on the CPU)")
-    b.add_argument("--full", action="store_true", help="on the CPU too, the preset's full shapes (slow; large "
-                                                       "presets need tens of GB)")
-    b.add_argument("--tokens", default=None,
-                   help=f"comma-separated tokens per rank (default: {GPU_TOKENS} on a GPU, {CPU_TOKENS} on the CPU)")
+                   help="model whose layer to time (bench generate: qwen3-30b-a3b, the whole model fits one GPU)")
+    shape(b, fixed=False)
+    b.add_argument("--full", action="store_true", help="on the CPU too, the preset's full shapes (slow, large)")
+    b.add_argument("--tokens", help=f"tokens per rank, comma-separated (default: {GPU_TOKENS} on a GPU, {CPU_TOKENS} "
+                                    "on the CPU)")
     b.add_argument("--backend", default="all", help="comm: comma-separated backends or 'all'")
     b.add_argument("--comm", default="all", help="layer: comma-separated backends, 'auto' or 'all' (each + auto)")
     b.add_argument("--runner", default="auto", help="layer: expert runner or 'auto'")
-    b.add_argument("--world", type=int, default=None,
-                   help="ranks: processes (NCCL per GPU, or gloo on the CPU), or virtual ranks on one GPU "
-                        "(default: 2 for comm; for layer the number of GPUs, 1 on the CPU)")
+    b.add_argument("--world", type=int, help="ranks: processes or virtual ranks on one GPU (default: comm 2, "
+                                             "layer one per GPU, 1 on the CPU)")
     b.add_argument("--payload", default="bf16", help="comm: payload format(s), comma-separated")
     b.add_argument("--iters", type=int, default=20, help="comm: timed iterations per row")
-    b.add_argument("--symm-combine", default="push,pull",
-                   help="comm: symm_a2a combine modes to time side by side (push: peers write the partial sums "
-                        "home; pull: the home reads them), comma-separated")
-    b.add_argument("--static", action="store_true",
-                   help="comm: build allgather/nccl_a2a with static_shapes (no host sync: timed through CUDA graphs "
-                        "on GPU ranks)")
-    b.add_argument("--store-crossovers", nargs="?", const=True, default=None, metavar="PATH",
-                   help="comm: store the fastest backend per token count as the comm='auto' ladder of this GPU "
-                        "model and world size (default file: epmoe/tuning/crossovers.json)")
+    b.add_argument("--symm-combine", default="push,pull", help="comm: symm_a2a combine modes (push, pull) to time")
+    b.add_argument("--static", action="store_true", help="comm: allgather/nccl_a2a with static_shapes (graphs on GPUs)")
+    b.add_argument("--store-crossovers", nargs="?", const=True, metavar="PATH", help="comm: store the fastest "
+                   "backend per token count as comm='auto' ladder (default: epmoe/tuning/crossovers.json)")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
-    b.add_argument("--host", action="store_true",
-                   help="layer: host µs per call (HF block, patched block, MoELayer eager, graph replay) of the "
-                        "preset's transformers model, next to GPU µs")
+    b.add_argument("--host", action="store_true", help="layer: host µs per call of the preset's transformers model "
+                                                       "(HF block, patched, MoELayer eager, graph), next to GPU µs")
     b.add_argument("--batch", default="1,16,64", help="generate: comma-separated batch sizes")
-    b.add_argument("--prompt", type=int, default=None, help="generate: prompt tokens (default: 512 on a GPU, 16 on "
-                                                            "the CPU)")
-    b.add_argument("--new", type=int, default=None, help="generate: new tokens (default: 32 on a GPU, 4 on the CPU)")
-    b.add_argument("--mode", default="eager,static", help="generate: eager and/or static (static cache, compiled "
-                                                          "decode step)")
-    b.add_argument("--layers", type=int, default=None, help="generate: decoder layers (default: the model's own)")
+    b.add_argument("--prompt", type=int, help="generate: prompt tokens (default: 512 on a GPU, 16 on the CPU)")
+    b.add_argument("--new", type=int, help="generate: new tokens (default: 32 on a GPU, 4 on the CPU)")
+    b.add_argument("--mode", default="eager,static", help="generate: eager and/or static (static cache, compiled)")
+    b.add_argument("--layers", type=int, help="generate: decoder layers (default: the model's own)")
     b.add_argument("--json", help="write the rows as JSON here (`epmoe plan --measured` reads it)")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")
-    b.set_defaults(fn=cmd_bench)
-
-    pl = parser("plan", "predict each backend's time from bytes moved and link rates",
+    pl = parser("plan", "predict each backend's time from bytes moved and link rates", cmd_plan,
                 "Predict each backend's time of one layer forward from bytes moved and link / HBM / tensor-core "
                 "rates; with --measured, set the predictions next to the rows of a bench run.")
-    pl.add_argument("--preset", default=None, choices=preset_names(),
-                    help=f"model (default: {PLAN_DEFAULTS['preset']}; with --measured: the file's)")
-    pl.add_argument("--gpus", default=None, help=f"comma-separated EP world sizes (default: {PLAN_DEFAULTS['gpus']}; "
-                                                 "with --measured: selects the file's rows)")
-    pl.add_argument("--tokens", default=None, help=f"tokens per rank (default: {PLAN_DEFAULTS['tokens']}; with "
-                                                   "--measured: selects the file's rows)")
+    pl.add_argument("--preset", choices=preset_names(), help=f"model (default: {PLAN_DEFAULTS['preset']}; with "
+                                                             "--measured: the file's)")
+    for flag, text in (("gpus", "comma-separated EP world sizes"), ("tokens", "tokens per rank")):
+        pl.add_argument(f"--{flag}", help=f"{text} (default: {PLAN_DEFAULTS[flag]}; with --measured: selects rows)")
     pl.add_argument("--nvlink-gbps", type=float, default=450.0, help="per-GPU NVLink bandwidth, GB/s")
     pl.add_argument("--net-gbps", type=float, default=50.0, help="per-GPU network bandwidth, GB/s")
     pl.add_argument("--gpus-per-node", type=int, default=8, help="ranks sharing one NVLink domain")
-    pl.add_argument("--payload", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"],
-                    help="dispatch payload format")
-    pl.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"],
-                    help="expert weight format")
+    for flag, text in (("payload", "dispatch payload format"), ("weights", "expert weight format")):
+        pl.add_argument(f"--{flag}", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"], help=text)
     pl.add_argument("--combine-bytes", type=int, default=4, choices=[2, 4],
-                    help="bytes per partial-sum element on the combine wire: 4 = fp32, the backends' default "
-                         "combine_dtype; 2 = combine_dtype bf16")
-    pl.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth, TB/s (default: the model's, 4.2)")
-    pl.add_argument("--tflops", type=float, default=None,
-                    help="dense bf16 tensor-core TFLOP/s (default: the model's, 790)")
-    pl.add_argument("--measured", metavar="FILE.json",
-                    help="rows written by `epmoe bench comm --json` or `epmoe bench layer --json`: print predicted "
-                         "and measured side by side with their ratio")
-    pl.set_defaults(fn=cmd_plan)
+                    help="bytes per partial-sum element on the combine wire (4: fp32; 2: bf16)")
+    pl.add_argument("--hbm-tbps", type=float, help="HBM bandwidth, TB/s (default: the model's, 4.2)")
+    pl.add_argument("--tflops", type=float, help="dense bf16 tensor-core TFLOP/s (default: the model's, 790)")
+    pl.add_argument("--measured", metavar="FILE.json", help="rows of `epmoe bench comm|layer --json`: predicted and "
+                                                            "measured side by side with their ratio")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`epmoe ...` (also `python -m epmoe`): parse `argv` and run the command; its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

@@ -1,115 +1,59 @@
 """`epmoe bench comm`: dispatch and combine alone, per backend, payload and token count.
 
-    for backend, T:   build the backend for T (a pre-sized workspace holds exactly T tokens)
-                      no host sync in a call (symm_a2a; static-shape allgather/nccl_a2a on real
-                      ranks), on the GPU:
-                          capture dispatch in graph gd and combine in graph gc, then
-                          [event; gd.replay(); event; gc.replay(); event] x iters, one sync at the
-                          end, then check() once (a timed-out wait raises there)
-                      otherwise (count exchanges, CPU):
-                          barrier; t0; dispatch(x, routing); t1        (CUDA events, or perf_counter)
-                          barrier; t0; combine(out, dispatched); t1
-    row = slowest rank's median µs of each phase, bytes this rank sent to other ranks (largest
-          over ranks), GB/s of the round trip and of dispatch alone, and that rate as a fraction
-          of the link bandwidth
+    for backend, T:  build the backend for T (a pre-sized workspace holds exactly T tokens)
+        no host sync in a call (symm_a2a; static allgather/nccl_a2a on real ranks), on the GPU:
+            graphs gd = dispatch, gc = combine; [event; gd.replay(); event; gc.replay(); event] x iters,
+            one sync at the end, then check() once (a timed-out wait raises there)
+        otherwise (count exchanges, CPU):
+            barrier; t0; dispatch(x, routing); t1; barrier; t0; combine(out, d); t1  (CUDA events or perf_counter)
+    row = slowest rank's median µs per phase, bytes sent to other ranks (largest over ranks), GB/s of the
+          round trip and of dispatch alone, that rate over the link bandwidth
 
-Routing is uniform (random router logits through `route`), tokens per rank equal on every
-rank, the expert stage is skipped (combine reads a zero tensor of the runner's output shape),
-so the rows isolate the communication. Bytes count what leaves the rank (rows to itself are
-free): allgather sends (W - 1) * T rows each way, nccl_a2a one row per (token, other rank hit),
-symm_a2a one row per (token, other rank hit) plus every token's slot metadata (see
-`SymmHandle`). The prefill target of symm_a2a is dispatch >= 400 GB/s per GPU (84% of H200
-NVLink), read off the `dispatch GB/s` column.
-
-Virtual ranks (W ranks on one GPU) move every byte through that GPU's HBM, so their rows are
-rated against the HBM copy bandwidth measured in the same run (a large device-to-device copy,
-read + write bytes): `GB/s` is then what the one GPU moved for all ranks together and
-`link_frac` counts each moved byte as one HBM read and one write. symm_a2a on virtual ranks runs
-every rank's send, then every rank's receive, from one thread in one graph per phase (a rank's
-receive spinning ahead of a peer's send on the shared stream would wait for ever). The other
-backends on virtual ranks exchange through host threads: their rows time the code path, not a
-link.
+Uniform routing, equal tokens per rank, no expert stage (combine reads zeros). Virtual ranks (W ranks on
+one GPU) are rated against the HBM copy bandwidth measured in the run. Bytes counted, why: docs/bench.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from epmoe.bench.core import hbm_copy_gbps, options_for, random_inputs, timed
+from epmoe.bench.plan import Links
 from epmoe.comm import COMM_BACKENDS, get_comm
+from epmoe.comm.symmetric import SymmA2A
 from epmoe.config import MoEConfig
 from epmoe.group import EPGroup, Placement, RankGroup, VirtualGroup
+from epmoe.launch import run_ranks
 from epmoe.routing import Routing, route
-
-COLUMNS = ("backend", "payload", "world", "tokens", "ranks", "timing", "dispatch_us", "combine_us",
-           "dispatch_bytes", "combine_bytes", "bytes_per_rank", "GB/s", "dispatch GB/s", "link", "link_frac")
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(µs, result) of one call; on the GPU from CUDA events around it."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        result = fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3, result
-    t0 = time.perf_counter()
-    result = fn()
-    return (time.perf_counter() - t0) * 1e6, result
-
-
-def hbm_copy_gbps(device: torch.device | str, nbytes: int = 1 << 30, iters: int = 5) -> float:
-    """HBM bandwidth of a device-to-device copy of `nbytes`, counting read + write bytes (GB/s)."""
-    device = torch.device(device)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    gbps = 2 * nbytes * iters / (start.elapsed_time(end) * 1e-3) / 1e9
-    del src, dst
-    torch.cuda.empty_cache()
-    return gbps
 
 
 def _inputs(cfg: MoEConfig, rank: int, T: int, device: torch.device, dtype: torch.dtype
             ) -> tuple[torch.Tensor, Routing]:
     """x [T, H] and uniform routing of one rank (the same on every path of the benchmark)."""
-    g = torch.Generator().manual_seed(1000 * rank + T)
-    x = torch.randn(T, cfg.hidden, generator=g).to(device, dtype)
+    x, logits = random_inputs(cfg, T, 1000 * rank + T, device, dtype)
     bias = torch.zeros(cfg.num_experts, device=device) if cfg.uses_correction_bias else None
-    routing = route(torch.randn(T, cfg.num_experts, generator=g).to(device), cfg, bias)
-    return x, routing
+    return x, route(logits, cfg, bias)
 
 
-def _options(cls: type, T: int, payload: str | None, device: torch.device, dtype: torch.dtype,
-             static: bool) -> dict[str, Any]:
+def _options(cls: type, T: int, payload: str | None, static: bool) -> dict[str, Any]:
     """Options for a backend built for T tokens per rank (only those `cls` takes)."""
     wanted: dict[str, Any] = {"max_tokens_per_rank": max(T, 1), "check_errors": False}
     if payload is not None:
         wanted["payload"] = payload
     if static:
         wanted["static_shapes"] = True
-    return {k: v for k, v in wanted.items() if k in {f.name for f in dataclasses.fields(cls.Options)}}
+    return options_for(cls, **wanted)
 
 
 def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], check: Callable[[], None] | None,
                  device: torch.device, warmup: int, iters: int, barrier: Callable[[], None]
                  ) -> tuple[list[float], list[float], Any]:
-    """dispatch() and combine(its result) each captured in a CUDA graph, replayed alternately
-    with events between them and no host sync until the end; then check() once (a wait that
-    timed out during the replays raises there). Returns (dispatch µs, combine µs, the captured
-    dispatch's result)."""
+    """(dispatch µs, combine µs, the captured dispatch's result): each phase captured in a CUDA
+    graph, replayed alternately with events between, no host sync until the end; then check()."""
     gd, gc = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.cuda.graph(gd):
         d = dispatch()
@@ -126,9 +70,9 @@ def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], che
     torch.cuda.synchronize(device)
     if check is not None:
         check()
-    times_d = [events[3 * i].elapsed_time(events[3 * i + 1]) * 1e3 for i in range(warmup, warmup + iters)]
-    times_c = [events[3 * i + 1].elapsed_time(events[3 * i + 2]) * 1e3 for i in range(warmup, warmup + iters)]
-    return times_d, times_c, d
+    times = [[events[3 * i + j].elapsed_time(events[3 * i + j + 1]) * 1e3 for i in range(warmup, warmup + iters)]
+             for j in (0, 1)]
+    return times[0], times[1], d
 
 
 def _row(name: str, payload: str, world: int, T: int, ranks: str, timing: str, table: list[list[float]],
@@ -140,55 +84,33 @@ def _row(name: str, payload: str, world: int, T: int, ranks: str, timing: str, t
     else:
         moved_d, moved = disp_b, disp_b + comb_b
     gbps = moved / ((disp_us + comb_us) * 1e3) if disp_us + comb_us > 0 else 0.0
-    gbps_d = moved_d / (disp_us * 1e3) if disp_us > 0 else 0.0
-    frac = None
-    if link is not None:
-        frac = (2 * gbps if one_gpu else gbps) / link[1]  # one HBM read + one write per moved byte
-    return {
-        "backend": name, "payload": payload, "world": world, "tokens": T, "ranks": ranks, "timing": timing,
-        "dispatch_us": disp_us, "combine_us": comb_us,
-        "dispatch_bytes": int(disp_b), "combine_bytes": int(comb_b), "bytes_per_rank": int(disp_b + comb_b),
-        "GB/s": gbps, "dispatch GB/s": gbps_d,
-        "link": f"{link[0]} {link[1]:.0f} GB/s" if link is not None else None, "link_frac": frac,
-    }
+    # link_frac: one HBM read + one write per moved byte on one GPU
+    frac = None if link is None else (2 * gbps if one_gpu else gbps) / link[1]
+    return {"backend": name, "payload": payload, "world": world, "tokens": T, "ranks": ranks, "timing": timing,
+            "dispatch_us": disp_us, "combine_us": comb_us, "dispatch_bytes": int(disp_b),
+            "combine_bytes": int(comb_b), "bytes_per_rank": int(disp_b + comb_b), "GB/s": gbps,
+            "dispatch GB/s": moved_d / (disp_us * 1e3) if disp_us > 0 else 0.0,
+            "link": f"{link[0]} {link[1]:.0f} GB/s" if link is not None else None, "link_frac": frac}
 
 
-def bench_comm(
-    cfg: MoEConfig,
-    backends: Sequence[str],
-    tokens: Sequence[int],
-    group: RankGroup | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    payload: str | None = None,
-    iters: int = 20,
-    warmup: int = 3,
-    device: torch.device | str | None = None,
-    link_gbps: float | None = None,
-    link_name: str = "NVLink",
-    static: bool = False,
-    graphs: bool = True,
-    symm_combine: Sequence[str] = ("push",),
-) -> list[dict[str, Any]]:
-    """Time dispatch and combine of each backend at each token count (per rank) on this rank.
-
-    Every rank of `group` must call it with the same arguments. Returns one row per (backend,
-    tokens): backend, payload, world, tokens, ranks (how the ranks run), timing ("graph": CUDA
-    graph replays, "events": CUDA events around eager calls, "cpu": perf_counter), dispatch_us,
-    combine_us (slowest rank's median), dispatch_bytes, combine_bytes, bytes_per_rank (largest
-    over ranks), GB/s (bytes_per_rank over dispatch + combine time), dispatch GB/s, link and
-    link_frac (GB/s / link_gbps, None without link_gbps). static: build allgather/nccl_a2a with
-    static_shapes (capturable). graphs: time host-sync-free backends on real GPU ranks through
-    CUDA graphs. symm_combine: symm_a2a's combine modes to time, one row each ("symm_a2a" is
-    push, the default; "symm_a2a pull" reads the partial sums from the peers). Virtual ranks on
-    a GPU: use `bench_comm_virtual` (symm_a2a needs one thread).
-    """
-    world = group.world if group is not None else 1
-    rank = group.rank if group is not None else 0
-    if device is None:
-        device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else "cpu"
+def _cuda_index(device: torch.device | str) -> torch.device:
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
+def bench_comm(cfg: MoEConfig, backends: Sequence[str], tokens: Sequence[int], group: RankGroup | None = None,
+               dtype: torch.dtype = torch.bfloat16, payload: str | None = None, iters: int = 20, warmup: int = 3,
+               device: torch.device | str | None = None, link_gbps: float | None = None, link_name: str = "NVLink",
+               static: bool = False, graphs: bool = True, symm_combine: Sequence[str] = ("push",)
+               ) -> list[dict[str, Any]]:
+    """One row (`_row`'s columns) per (backend, tokens per rank), timed on this rank; every rank of `group`
+    calls it alike. timing: "graph" (CUDA graph replays of host-sync-free backends on real GPU ranks when
+    `graphs`), "events" (CUDA events, eager) or "cpu"; link_frac = GB/s / link_gbps. static: allgather/nccl_a2a
+    with static_shapes. symm_combine: symm_a2a's combine modes, one row each ("symm_a2a" = push, "symm_a2a
+    pull"). Virtual ranks on a GPU: `bench_comm_virtual`."""
+    world, rank = (group.world, group.rank) if group is not None else (1, 0)
+    device = _cuda_index(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if iters <= 0 or warmup < 0:
         raise ValueError(f"need iters > 0 and warmup >= 0, got iters={iters}, warmup={warmup}")
     virtual = world > 1 and not isinstance(group, EPGroup)
@@ -206,32 +128,27 @@ def bench_comm(
             torch.cuda.synchronize(device)
 
     rows = []
-    runs = [(name, mode) for name in backends for mode in (symm_combine if name == "symm_a2a" else (None,))]
-    for name, mode in runs:
+    for name, mode in [(n, m) for n in backends for m in (symm_combine if n == "symm_a2a" else (None,))]:
         cls = get_comm(name)
         for T in tokens:
-            opts = _options(cls, T, payload, device, dtype, static)
-            if mode is not None:
-                opts["combine_mode"] = mode
+            opts = _options(cls, T, payload, static) | ({} if mode is None else {"combine_mode": mode})
             backend = cls(cfg, group, placement, cls.make_options(**opts), device=device, dtype=dtype)
             x, routing = _inputs(cfg, rank, T, device, dtype)
-            capturable = (graphs and device.type == "cuda" and not virtual
-                          and not getattr(backend, "needs_host_sync", True))
+            capturable = graphs and device.type == "cuda" and not virtual and not getattr(
+                backend, "needs_host_sync", True)
             mine, timing = _time_backend(backend, x, routing, capturable, warmup, iters, barrier)
             table = group.all_gather(torch.tensor(mine, device=device)).tolist() if world > 1 else [mine]
             label = name + (" static" if static and cls.static_capable else "")
             label += f" {mode}" if mode not in (None, "push") else ""
             rows.append(_row(label, _payload_name(payload, dtype), world, T, ranks, timing, table, link, False))
-            destroy = getattr(backend, "destroy", None)
-            if destroy is not None:
-                destroy()  # collective: every rank is here
+            if getattr(backend, "destroy", None) is not None:
+                backend.destroy()  # collective: every rank is here
     return rows
 
 
 def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: bool, warmup: int, iters: int,
                   barrier: Callable[[], None]) -> tuple[list[float], str]:
-    """([median dispatch µs, median combine µs, dispatch bytes, combine bytes], timing) of one
-    backend on this rank."""
+    """([median dispatch µs, median combine µs, dispatch bytes, combine bytes], timing) on this rank."""
     device = x.device
     d = backend.dispatch(x, routing)  # every dispatch is paired with its combine
     expert_out = torch.zeros(d.num_pairs, x.shape[1], dtype=x.dtype, device=device)  # [M, H]
@@ -245,15 +162,13 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
                                            check, device, warmup, iters, barrier)
         timing = "graph"
     else:
-        times_d, times_c = [], []
-        for i in range(warmup + iters):
+        times = []
+        for _ in range(warmup + iters):
             barrier()
-            td, d = _timed(lambda: backend.dispatch(x, routing), device)
+            td, d = timed(lambda: backend.dispatch(x, routing), device)
             barrier()
-            tc, _ = _timed(lambda d=d: backend.combine(expert_out, d), device)
-            if i >= warmup:
-                times_d.append(td)
-                times_c.append(tc)
+            times.append((td, timed(lambda d=d: backend.combine(expert_out, d), device)[0]))
+        times_d, times_c = zip(*times[warmup:])
         if check is not None:
             check()
         timing = "events" if device.type == "cuda" else "cpu"
@@ -262,52 +177,35 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
             float(getattr(h, "combine_bytes", 0))], timing
 
 
-def bench_comm_virtual(
-    cfg: MoEConfig,
-    world: int,
-    tokens: Sequence[int],
-    dtype: torch.dtype = torch.bfloat16,
-    payload: str | None = None,
-    iters: int = 20,
-    warmup: int = 3,
-    device: torch.device | str = "cuda",
-    hbm_gbps: float | None = None,
-    combine_mode: str = "push",
-) -> list[dict[str, Any]]:
-    """symm_a2a on `world` virtual ranks of one GPU, one row per token count.
-
-    Each phase of all ranks (every send, then every receive) is one CUDA graph, replayed as in
-    `bench_comm`; times are of all ranks together, so GB/s is the GPU's total, rated against
-    the HBM copy bandwidth (`hbm_gbps`, measured here when not given)."""
-    from epmoe.comm.symmetric import SymmA2A
-
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+def bench_comm_virtual(cfg: MoEConfig, world: int, tokens: Sequence[int], dtype: torch.dtype = torch.bfloat16,
+                       payload: str | None = None, iters: int = 20, warmup: int = 3,
+                       device: torch.device | str = "cuda", hbm_gbps: float | None = None,
+                       combine_mode: str = "push") -> list[dict[str, Any]]:
+    """symm_a2a on `world` virtual ranks of one GPU, one row per token count: each phase of all
+    ranks (every send, then every receive) is one CUDA graph, replayed as in `bench_comm`; GB/s is
+    the GPU's total, rated against the HBM copy bandwidth (`hbm_gbps`, measured when not given)."""
+    device = _cuda_index(device)
     if device.type != "cuda":
         raise ValueError("bench_comm_virtual times CUDA graphs: it needs a CUDA device")
-    if hbm_gbps is None:
-        hbm_gbps = hbm_copy_gbps(device)
+    hbm_gbps = hbm_gbps or hbm_copy_gbps(device)
     placement = Placement.contiguous(cfg.num_experts, world)
     rows = []
     for T in tokens:
-        opts = {**_options(SymmA2A, T, payload, device, dtype, False), "combine_mode": combine_mode}
-        options = SymmA2A.make_options(**opts)
+        options = SymmA2A.make_options(**_options(SymmA2A, T, payload, False), combine_mode=combine_mode)
         bs = VirtualGroup(world, timeout=600).run(
             lambda g, options=options: SymmA2A(cfg, g, placement, options, device=device, dtype=dtype))
         table = _time_virtual(bs, [_inputs(cfg, r, T, device, dtype) for r in range(world)], warmup, iters)
         label = f"symm_a2a (virtual x{world})" + (f" {combine_mode}" if combine_mode != "push" else "")
-        rows.append(_row(label, _payload_name(payload, dtype), world, T, "virtual",
-                         "graph", table, ("HBM copy", hbm_gbps), True))
-        # no destroy(): its barrier is collective over the virtual ranks' threads, gone by now
-        del bs
+        rows.append(_row(label, _payload_name(payload, dtype), world, T, "virtual", "graph", table,
+                         ("HBM copy", hbm_gbps), True))
+        del bs  # no destroy(): its barrier is collective over the virtual ranks' threads, gone by now
         torch.cuda.empty_cache()
     return rows
 
 
 def _time_virtual(bs: list[Any], inputs: list[tuple[torch.Tensor, Routing]], warmup: int, iters: int
                   ) -> list[list[float]]:
-    """Per rank [dispatch µs, combine µs, dispatch bytes, combine bytes] of symm_a2a backends
+    """Per rank [dispatch µs, combine µs, dispatch bytes, combine bytes] of the symm_a2a backends
     `bs` of all virtual ranks, each phase of all ranks one CUDA graph."""
     world, device, H = len(bs), bs[0].device, bs[0].cfg.hidden
     M = world * bs[0].max_tokens * bs[0].slot_experts
@@ -324,109 +222,71 @@ def _time_virtual(bs: list[Any], inputs: list[tuple[torch.Tensor, Routing]], war
         for b, d in zip(bs, ds):
             b.combine_recv(d)
 
-    def check() -> None:
-        for b in bs:
-            b.check()
-
     for _ in range(max(warmup, 1)):
         combine(dispatch())
     torch.cuda.synchronize(device)
-    times_d, times_c, ds = _graph_times(dispatch, combine, check, device, warmup, iters, lambda: None)
+    times_d, times_c, ds = _graph_times(dispatch, combine, lambda: [b.check() for b in bs], device, warmup,
+                                        iters, lambda: None)
     med_d, med_c = statistics.median(times_d), statistics.median(times_c)
     return [[med_d, med_c, float(d.handle.dispatch_bytes), float(d.handle.combine_bytes)] for d in ds]
 
 
 def _payload_name(payload: str | None, dtype: torch.dtype) -> str:
     """The wire format of a row: the quantized format, or the activation dtype as it is."""
-    if payload in (None, "bf16"):
-        return str(dtype).removeprefix("torch.")
-    return payload
+    return str(dtype).removeprefix("torch.") if payload in (None, "bf16") else payload
 
 
-def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: list[int],
-                payloads: list[str], iters: int, static: bool, symm_combine: tuple[str, ...] = ("push",)
-                ) -> list[dict[str, Any]]:
-    """One process rank: its own GPU under NCCL, else the CPU in fp32."""
+def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: list[int], payloads: list[str],
+                iters: int, static: bool, symm_combine: tuple[str, ...] = ("push",)) -> list[dict[str, Any]]:
+    """One process rank: its own GPU under NCCL (rated against the cost model's NVLink), else the CPU in fp32."""
     on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    link = _link_gbps() if on_gpu else None
-    return [r for p in payloads
-            for r in bench_comm(cfg, backends, tokens, group, dtype, p, iters, device=device, link_gbps=link,
-                                static=static, symm_combine=symm_combine)]
+    return [r for p in payloads for r in bench_comm(cfg, backends, tokens, group, dtype, p, iters, device=device,
+                                                    link_gbps=Links().nvlink_gbps if on_gpu else None,
+                                                    static=static, symm_combine=symm_combine)]
 
 
-def _link_gbps() -> float:
-    """The per-GPU NVLink bandwidth assumed by the cost model (epmoe.bench.plan.Links)."""
-    from epmoe.bench.plan import Links
-
-    return Links().nvlink_gbps
-
-
-def run_comm_bench(args: Any) -> list[dict[str, Any]]:
-    """`epmoe bench comm` (args: preset or cfg (a scaled MoEConfig), tokens, backend, world,
-    payload, iters, static): rows of `bench_comm`.
-
-    Ranks are NCCL processes with one GPU each when there are enough GPUs, virtual ranks on one
-    GPU (an HBM measurement, not a link one: see the module docstring), else gloo processes on
-    the CPU. Multi-node: launch the same rows under torchrun with
-    `bench_comm(cfg, ..., group=EPGroup())` on every rank.
-    """
-    from epmoe.launch import run_ranks
-
-    cfg = getattr(args, "cfg", None) or MoEConfig.from_preset(args.preset)
-    world = args.world or 2
-    tokens = [int(t) for t in str(args.tokens).split(",") if t]
-    payloads = [p for p in str(args.payload).split(",") if p]
-    static = bool(getattr(args, "static", False))
-    symm_combine = tuple(m for m in str(getattr(args, "symm_combine", None) or "push").split(",") if m)
-    if args.backend == "all":
+def run_comm_bench(cfg: MoEConfig, world: int, tokens: list[int], backend: str = "all",
+                   payloads: Sequence[str] = ("bf16",), iters: int = 20, static: bool = False,
+                   symm_combine: tuple[str, ...] = ("push",)) -> list[dict[str, Any]]:
+    """`epmoe bench comm` (backend: comma-separated names or "all"): rows of `bench_comm` on NCCL processes
+    (one GPU each), virtual ranks on one GPU, else gloo processes."""
+    if backend == "all":
         backends = [n for n, c in sorted(COMM_BACKENDS.items()) if "dp" in c.layouts and (n != "none" or world == 1)]
     else:
-        backends = args.backend.split(",")
+        backends = backend.split(",")
         for n in backends:
             get_comm(n)  # unknown names fail here with the list
-    iters = getattr(args, "iters", None) or 20
     n_gpu = torch.cuda.device_count()
     if world == 1:
-        device = "cuda" if n_gpu else "cpu"
         dtype = torch.bfloat16 if n_gpu else torch.float32
-        return [r for p in payloads
-                for r in bench_comm(cfg, backends, tokens, None, dtype, p, iters, device=device, static=static,
-                                    symm_combine=symm_combine)]
-    if n_gpu == 1:
-        hbm = hbm_copy_gbps("cuda:0")
-        rows = []
-        for p in payloads:
-            for name in backends:
-                if name == "symm_a2a":
-                    for mode in symm_combine:
-                        rows += bench_comm_virtual(cfg, world, tokens, torch.bfloat16, p, iters, hbm_gbps=hbm,
-                                                   combine_mode=mode)
-                    continue
-                per_rank = VirtualGroup(world, timeout=600).run(
-                    lambda g, name=name, p=p: bench_comm(cfg, [name], tokens, g, torch.bfloat16, p, iters,
-                                                         device="cuda:0", static=static))
-                for r in per_rank[0]:
-                    r["backend"] = f"{r['backend']} (virtual x{world})"
-                    r["ranks"] = "virtual"
-                    # host-thread exchanges: no link rate to compare with (see the module docstring)
-                rows += per_rank[0]
-        return rows
-    per_rank = run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters, static, symm_combine),
-                         timeout=3600,
-                         backend="nccl" if n_gpu >= world else "gloo")
-    return per_rank[0]
+        return [r for p in payloads for r in bench_comm(cfg, backends, tokens, None, dtype, p, iters, static=static,
+                                                        device="cuda" if n_gpu else "cpu", symm_combine=symm_combine)]
+    if n_gpu != 1:
+        return run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters, static, symm_combine),
+                         timeout=3600, backend="nccl" if n_gpu >= world else "gloo")[0]
+    hbm, rows = hbm_copy_gbps("cuda:0"), []
+    for p in payloads:
+        for name in backends:
+            if name == "symm_a2a":
+                for mode in symm_combine:
+                    rows += bench_comm_virtual(cfg, world, tokens, torch.bfloat16, p, iters, hbm_gbps=hbm,
+                                               combine_mode=mode)
+                continue
+            per_rank = VirtualGroup(world, timeout=600).run(
+                lambda g, name=name, p=p: bench_comm(cfg, [name], tokens, g, torch.bfloat16, p, iters,
+                                                     device="cuda:0", static=static))
+            for r in per_rank[0]:  # host-thread exchanges: no link rate to compare with
+                r.update(backend=f"{r['backend']} (virtual x{world})", ranks="virtual")
+            rows += per_rank[0]
+    return rows
 
 
 def ladder_from_rows(rows: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int | None, str]]]:
-    """(world, crossover ladder) from the rows of one `epmoe bench comm` run on real ranks.
-
-    At each token count the backend with the shortest round trip (dispatch + combine) wins;
-    runs of one winner become one rung whose limit is the largest token count it won, and the
-    last rung has no limit: [(128, "symm_a2a"), (None, "nccl_a2a")]. Only registered backend
-    names count (static-shape variants are configurations, not backends `auto` picks), and of
-    several payloads the unquantized one (as the layer moves activations by default)."""
+    """(world, crossover ladder) from one `epmoe bench comm` run on real ranks: the shortest round trip wins
+    each token count; a run of one winner is one rung up to its largest count, the last open:
+    [(128, "symm_a2a"), (None, "nccl_a2a")]. Registered backend names only, the unquantized payload."""
     labels = sorted({r["backend"] for r in rows})
     rows = [r for r in rows if r["backend"] in COMM_BACKENDS]
     if not rows:
@@ -440,14 +300,11 @@ def ladder_from_rows(rows: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[in
     if len(worlds) != 1:
         raise ValueError(f"rows of one world size only, got {sorted(worlds)}")
     payloads = list(dict.fromkeys(r["payload"] for r in rows))
-    plain = [p for p in payloads if p in ("bfloat16", "float16", "float32")]
-    payload = (plain or payloads)[0]
+    payload = ([p for p in payloads if p in ("bfloat16", "float16", "float32")] or payloads)[0]
     best: dict[int, tuple[float, str]] = {}
     for r in rows:
-        if r["payload"] != payload:
-            continue
         t = r["dispatch_us"] + r["combine_us"]
-        if r["tokens"] not in best or t < best[r["tokens"]][0]:
+        if r["payload"] == payload and (r["tokens"] not in best or t < best[r["tokens"]][0]):
             best[r["tokens"]] = (t, r["backend"])
     ladder: list[tuple[int | None, str]] = []
     for tokens in sorted(best):

@@ -2,13 +2,10 @@
 order) per runner, weight format and token count, next to its roofline.
 
     roofline = max(bytes of the touched experts' weights / HBM copy bandwidth,
-                   6 * pairs * H * I FLOPs / dense bf16 GEMM rate)
+                   6 * pairs * H * I FLOPs / dense bf16 GEMM rate)      (both measured in the run)
 
-Both ceilings are measured in the same run (a large device-to-device copy counting bytes read
-and written; an 8192^3 bf16 matmul on random data). Runners that need no host sync are timed
-as CUDA-graph replays with the L2 flushed between replays (each replay reads weights from HBM);
-the reference runner syncs, so it is timed eagerly. Tokens are routed uniformly at random
-(top-k distinct experts) or, for `skewed`, with expert popularity ~ 1/rank.
+Host-sync-free runners are timed as CUDA-graph replays, the reference runner eagerly; routing
+uniform, or `skewed` (expert popularity ~ 1/rank). Method in docs/bench.md.
 
     python -m epmoe.bench.experts --preset qwen3-30b-a3b --tokens 1,16,128,1024,4096,16384
     python -m epmoe.bench.experts --tune --preset qwen3-30b-a3b --out tuned.json   # retune
@@ -27,48 +24,27 @@ from typing import Any
 
 import torch
 
-from epmoe.bench.core import bench, device_name, format_table
+from epmoe.bench.core import bench, device_name, format_table, hbm_copy_gbps, matmul_tflops
+from epmoe.bench.plan import WEIGHT_BYTES
 from epmoe.comm.base import count_experts
 from epmoe.config import MoEConfig
-from epmoe.experts import ExpertWeights
+from epmoe.experts import ExpertWeights, tuning
 from epmoe.experts.activation import activate
 from epmoe.experts.reference import reference_experts
 from epmoe.experts.triton import triton_experts
-from epmoe.experts.tuning import (
-    ExpertsConfig,
-    GemmConfig,
-    bucket_pairs,
-    config_key,
-    gluon_decode,
-    nvfp4_grouped_for,
-    nvfp4_mma_pairs,
-    pair_mode_for,
-    select_config,
-    table_file_name,
-)
+from epmoe.experts.tuning import ExpertsConfig, GemmConfig
+from epmoe.quant import QuantizedTensor, quantize_weights
 
-FORMAT_ALIASES = {"bf16": "bf16", "fp8": "fp8", "fp8-block": "fp8_block", "fp8_block": "fp8_block",
-                  "nvfp4": "nvfp4"}
-BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4.0 / (128 * 128), "nvfp4": 0.5 + 1.0 / 16}
+FORMAT_ALIASES = {"bf16": "bf16", "fp8": "fp8", "fp8-block": "fp8_block", "fp8_block": "fp8_block", "nvfp4": "nvfp4"}
 COLUMNS = ("impl", "format", "routing", "tokens", "us", "tflops", "weight_tbps", "roofline_us", "ratio", "vs_bf16")
 
 
-# ---------------------------------------------------------------------------------------
-# ceilings and inputs
-# ---------------------------------------------------------------------------------------
+# --- ceilings and inputs ---
 
 
 def measure_ceilings(device: torch.device) -> tuple[float, float]:
     """(HBM copy bandwidth in TB/s counting read + write, dense bf16 GEMM rate in TFLOP/s)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()  # 1 GiB, far over L2
-    dst = torch.empty_like(src)
-    us = bench(partial(dst.copy_, src), device=device, warmup=3, iters=20, flush_l2=False)
-    tbps = 2 * src.numel() / (us * 1e-6) / 1e12
-    src = dst = None
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    us = bench(partial(torch.matmul, a, b), device=device, warmup=3, iters=20, flush_l2=False)
-    return tbps, 2 * 8192**3 / (us * 1e-6) / 1e12
+    return hbm_copy_gbps(device, iters=20) / 1e3, matmul_tflops(device, iters=20)
 
 
 def random_weights(cfg: MoEConfig, num_experts: int, device: torch.device, seed: int = 0) -> ExpertWeights:
@@ -103,17 +79,13 @@ def route_tokens(tokens: int, num_experts: int, top_k: int, routing: str, device
 
 def quantized_weights(weights: ExpertWeights, fmt: str, chunk: int = 8) -> ExpertWeights:
     """The bf16 weights quantized to `fmt` (epmoe.quant), a few experts at a time to bound memory."""
-    from epmoe.quant import QuantizedTensor, quantize_weights
-
     def q(t: torch.Tensor) -> QuantizedTensor:
         return QuantizedTensor.cat([quantize_weights(t[i:i + chunk], fmt) for i in range(0, t.shape[0], chunk)])
 
     return ExpertWeights(q(weights.w13), q(weights.w2), weights.b13, weights.b2)
 
 
-# ---------------------------------------------------------------------------------------
-# the torch._grouped_mm pipeline (baseline)
-# ---------------------------------------------------------------------------------------
+# --- the torch._grouped_mm pipeline (baseline) ---
 
 
 def grouped_mm_experts(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor,
@@ -136,9 +108,7 @@ def grouped_mm_experts(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: 
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# benchmark
-# ---------------------------------------------------------------------------------------
+# --- benchmark ---
 
 
 def _row(impl: str, fmt: str, routing: str, tokens: int, us: float, flops: float, wbytes: float,
@@ -149,26 +119,15 @@ def _row(impl: str, fmt: str, routing: str, tokens: int, us: float, flops: float
             "roofline_us": roof, "ratio": us / roof}
 
 
-def bench_experts(
-    preset: str,
-    tokens: Sequence[int],
-    formats: Sequence[str] = ("bf16",),
-    impls: Sequence[str] = ("triton", "grouped_mm", "reference"),
-    routings: Sequence[str] = ("uniform", "skewed"),
-    iters: int = 20,
-    reference_max_tokens: int = 1024,
-    ceilings: tuple[float, float] | None = None,
-    configs: dict[int, ExpertsConfig] | None = None,
-    rotate: bool = True,
-) -> list[dict[str, Any]]:
-    """Rows (impl, format, routing, tokens, us, tflops, weight_tbps, roofline_us, ratio) for one
-    preset with all its experts on this GPU. `configs` pins the triton config per token count.
-
-    rotate=True: one graph replays the stage for several routings in turn (as consecutive layers
-    would, so weights are never in L2) and no L2 flush runs between replays; a flush that zeroes
-    a buffer leaves tens of MB of dirty lines in L2 whose write-back lands inside the timed region
-    (about 60 MB at decode sizes, comparable to the 75 MB of weights qwen3 reads per token).
-    rotate=False: one routing, core.bench's L2 flush between replays."""
+def bench_experts(preset: str, tokens: Sequence[int], formats: Sequence[str] = ("bf16",),
+                  impls: Sequence[str] = ("triton", "grouped_mm", "reference"),
+                  routings: Sequence[str] = ("uniform", "skewed"), iters: int = 20, reference_max_tokens: int = 1024,
+                  ceilings: tuple[float, float] | None = None, configs: dict[int, ExpertsConfig] | None = None,
+                  rotate: bool = True) -> list[dict[str, Any]]:
+    """Rows (impl, format, routing, tokens, us, tflops, weight_tbps, roofline_us, ratio, vs_bf16) for
+    one preset with all its experts on this GPU. `configs` pins the triton config per token count.
+    rotate=True: one graph replays the stage for several routings in turn, no L2 flush (why: see
+    docs/bench.md); rotate=False: one routing, core.bench's L2 flush between replays."""
     if not torch.cuda.is_available():
         raise ValueError("bench experts needs a CUDA GPU")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -176,8 +135,7 @@ def bench_experts(
     ceilings = ceilings or measure_ceilings(device)
     weights = random_weights(cfg, cfg.num_experts, device)
     rows: list[dict[str, Any]] = []
-    formats = [FORMAT_ALIASES.get(f, f) for f in formats]
-    for fmt_name in formats:
+    for fmt_name in [FORMAT_ALIASES.get(f, f) for f in formats]:
         fmt = FORMAT_ALIASES.get(fmt_name)
         if fmt is None:
             raise ValueError(f"unknown format {fmt_name!r}; choose from {sorted(FORMAT_ALIASES)}")
@@ -208,7 +166,7 @@ def _bench_point(cfg: MoEConfig, weights: ExpertWeights, fmt: str, routing: str,
                  iters: int, reference_max_tokens: int, ceilings: tuple[float, float],
                  config: ExpertsConfig | None, rotate: bool, device: torch.device) -> list[dict[str, Any]]:
     E, H, I, K = cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k
-    per_expert = 3 * H * I * BYTES_PER_WEIGHT[fmt]
+    per_expert = 3 * H * I * WEIGHT_BYTES[fmt]
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=g)
     row_ids = torch.arange(T, device=device, dtype=torch.int32).repeat_interleave(K)
@@ -239,7 +197,7 @@ def _bench_point(cfg: MoEConfig, weights: ExpertWeights, fmt: str, routing: str,
         else:
             raise ValueError(f"unknown impl {impl!r}; choose triton, grouped_mm, reference")
         try:
-            us = bench(partial(_run_all, calls), device=device, warmup=2, iters=iters, graph=True,
+            us = bench(lambda calls=calls: [c() for c in calls], device=device, warmup=2, iters=iters, graph=True,
                        flush_l2=not rotate) / reps
         except Exception as exc:  # e.g. a tile that does not fit this GPU: report it, keep going
             torch.cuda.synchronize()
@@ -250,14 +208,7 @@ def _bench_point(cfg: MoEConfig, weights: ExpertWeights, fmt: str, routing: str,
     return rows
 
 
-def _run_all(calls: Sequence[Any]) -> None:
-    for c in calls:
-        c()
-
-
-# ---------------------------------------------------------------------------------------
-# tuning
-# ---------------------------------------------------------------------------------------
+# --- tuning ---
 
 PAIR_CANDIDATES = [GemmConfig(bn, bk, w, s) for bn, bk, w, s in [
     (16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1), (8, 512, 4, 1),
@@ -279,16 +230,8 @@ DOWN_CANDIDATES = [GemmConfig(bn, bk, w, s, tma=bool(t)) for bn, bk, w, s, t in 
     (128, 128, 4, 3, 1)]]
 
 
-def _block_m_candidates(rows_per_expert: float) -> list[int]:
-    if rows_per_expert <= 8:
-        return [16]
-    if rows_per_expert <= 32:
-        return [16, 32]
-    if rows_per_expert <= 128:
-        return [32, 64]
-    if rows_per_expert <= 512:
-        return [64, 128]
-    return [128, 64]
+# block_m to try (sorted mode) by rows per expert: up to 8 rows [16], to 32 [16, 32], ..., above 512 [128, 64]
+BLOCK_M_CANDIDATES = ((8, [16]), (32, [16, 32]), (128, [32, 64]), (512, [64, 128]), (math.inf, [128, 64]))
 
 
 def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s: float = 300.0,
@@ -306,14 +249,14 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
     for T in tokens:
         if time.perf_counter() > deadline:
             break
-        if select_config(fmt, T * K, E, H, I, K, device).dequant:
+        if tuning.select_config(fmt, T * K, E, H, I, K, device).dequant:
             if log:
                 log(f"{preset} T={T}: nvfp4 runs the bf16 tiles on decoded weights here; tune bf16 instead")
             continue
         x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
         row_ids = torch.arange(T, device=device, dtype=torch.int32).repeat_interleave(K)
-        M = T * K
-        reps = min(8, max(1, math.ceil(0.5e9 / (min(M, E) * 3 * H * I * 2))))  # as in bench_experts
+        M = T * K  # reps as in bench_experts
+        reps = min(8, max(1, math.ceil(0.5e9 / (min(M, E) * 3 * H * I * 2))))
         routings = [route_tokens(T, E, K, "uniform", device, seed=T + 1000 * r).flatten().contiguous()
                     for r in range(reps)]
         out = torch.empty(M, H, device=device, dtype=torch.bfloat16)
@@ -321,7 +264,7 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
         def run(c: ExpertsConfig, routings: list = routings, x: torch.Tensor = x, row_ids: torch.Tensor = row_ids,
                 out: torch.Tensor = out) -> float:
             calls = [partial(triton_experts, x, row_ids, e, weights, cfg, out=out, config=c) for e in routings]
-            return bench(partial(_run_all, calls), device=device, warmup=2, iters=iters, graph=True,
+            return bench(lambda: [c() for c in calls], device=device, warmup=2, iters=iters, graph=True,
                          flush_l2=False) / len(calls)
 
         def time_config(c: ExpertsConfig, run: Any = run) -> float:
@@ -335,37 +278,33 @@ def tune_experts(preset: str, tokens: Sequence[int], fmt: str = "bf16", budget_s
                 torch.cuda.synchronize()
                 return math.inf
 
-        base = select_config(fmt, M, E, H, I, K, device)
-        m = bucket_pairs(M, K)
-        pair = pair_mode_for(fmt, m, E, device)
-        grouped = nvfp4_grouped_for(fmt, m, E, device)  # block_m fixed by the rows per expert
-        mma = grouped or pair and fmt == "nvfp4" and gluon_decode(device) and nvfp4_mma_pairs(m, H, I)
+        base = tuning.select_config(fmt, M, E, H, I, K, device)
+        m = tuning.bucket_pairs(M, K)
+        pair = tuning.pair_mode_for(fmt, m, E, device)
+        grouped = tuning.nvfp4_grouped_for(fmt, m, E, device)  # block_m fixed by the rows per expert
+        mma = grouped or pair and fmt == "nvfp4" and tuning.gluon_decode(device) and tuning.nvfp4_mma_pairs(m, H, I)
         best, best_us = base, run(base)
-        bms = [1] if pair else [base.block_m] if grouped else _block_m_candidates(m / E)
+        bms = [1] if pair else [base.block_m] if grouped else next(b for lim, b in BLOCK_M_CANDIDATES if m / E <= lim)
         for bm in bms:
             cur = ExpertsConfig(bm, best.gate_up, best.down) if bm != best.block_m else best
             cur_us = time_config(cur) if cur is not best else best_us
-            for field, cands in (("gate_up", MMA_CANDIDATES if mma else PAIR_CANDIDATES if pair else
-                                  GATE_UP_CANDIDATES),
-                                 ("down", MMA_CANDIDATES if mma else PAIR_CANDIDATES if pair else DOWN_CANDIDATES)):
-                for cand in cands:
-                    trial = ExpertsConfig(bm, cand, cur.down) if field == "gate_up" else \
-                        ExpertsConfig(bm, cur.gate_up, cand)
+            for field, sorted_cands in (("gate_up", GATE_UP_CANDIDATES), ("down", DOWN_CANDIDATES)):
+                for cand in MMA_CANDIDATES if mma else PAIR_CANDIDATES if pair else sorted_cands:
+                    trial = ExpertsConfig(bm, cand, cur.down) if field == "gate_up" else ExpertsConfig(
+                        bm, cur.gate_up, cand)
                     us = time_config(trial)
                     if us < cur_us:
                         cur, cur_us = trial, us
             if cur_us < best_us:
                 best, best_us = cur, cur_us
-        key = config_key(fmt, H, I, bucket_pairs(M, K) / E)
+        key = tuning.config_key(fmt, H, I, tuning.bucket_pairs(M, K) / E)
         found[key] = best.to_json() | {"us": round(best_us, 2), "tokens": T}
         if log:
             log(f"{preset} T={T}: {key} -> {best} {best_us:.1f} us")
     return found
 
 
-# ---------------------------------------------------------------------------------------
-# entry point
-# ---------------------------------------------------------------------------------------
+# --- entry point ---
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,9 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     device = torch.device("cuda", torch.cuda.current_device())
     if args.tune:
-        from epmoe.experts.tuning import tuning_dir
-
-        path = Path(args.out) if args.out else tuning_dir() / table_file_name(device_name(device))
+        path = Path(args.out) if args.out else tuning.tuning_dir() / tuning.table_file_name(device_name(device))
         table = json.loads(path.read_text()) if path.exists() else {"device": device_name(device), "configs": {}}
         for preset in args.preset.split(","):
             for fmt in args.format.split(","):

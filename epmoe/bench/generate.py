@@ -9,11 +9,9 @@
         for batch B: prompt of P random tokens, N new tokens (greedy, no early stop)
             prefill tok/s = B * P / time(generate(max_new_tokens=1))
             decode tok/s  = B * (N - 1) / (time(generate(max_new_tokens=N)) - prefill time)
-    agreement = share of greedy tokens equal between hf and epmoe (random weights have tiny logit
-                margins, so this is a report, not a pass/fail)
+    agreement = share of greedy tokens equal between hf and epmoe (a report, not a pass/fail)
 
-One model is built per run: hf rows are timed first, then its blocks are patched in place
-(`patch_model` keeps views of the same weight tensors) and the epmoe rows are timed.
+One model per run: hf rows first, then its blocks patched in place (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -25,8 +23,8 @@ from typing import Any
 
 import torch
 
-from epmoe.bench.core import device_name, format_table, plot_time_vs_tokens, progress, write_json
-from epmoe.config import MoEConfig
+from epmoe.bench.core import device_name, emit, progress
+from epmoe.integrations.hf import patch_model
 
 # The published configs of the presets' models (transformers class, its arguments). Only the
 # families `patch_model` supports; MiniMax has no transformers class in the versions we support.
@@ -81,9 +79,7 @@ def hf_config(preset: str, layers: int | None = None, cpu: bool = False) -> Any:
         if cls_name == "GptOssConfig":
             scale["intermediate_size"] = scale["hidden_size"] = 128
         kwargs.update(scale)
-        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-            if key in kwargs:
-                kwargs[key] = CPU_EXPERTS
+        kwargs.update({k: CPU_EXPERTS for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in kwargs})
     if layers is not None:
         if layers <= 0:
             raise ValueError(f"--layers must be positive, got {layers}")
@@ -115,56 +111,43 @@ class GenerateTiming:
     tokens: torch.Tensor  # [B, N] generated ids
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, mode: str,
                   warmup: int = 1, reps: int = 3) -> GenerateTiming:
     """Wall time of a prefill-only generate and of a full one (greedy, exactly `new_tokens`): the
     fastest of `reps` alternating runs of each, after `warmup` full runs."""
-    device = prompt.device
-    extra: dict[str, Any] = {"do_sample": False, "min_new_tokens": new_tokens}
-    if mode == "static":
-        extra["cache_implementation"] = "static"
+    extra = {"cache_implementation": "static"} if mode == "static" else {}
+    sync = torch.cuda.synchronize if prompt.device.type == "cuda" else lambda _: None
 
     def run(n: int) -> torch.Tensor:
         with torch.no_grad():
-            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                  **{**extra, "min_new_tokens": n})
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                                  min_new_tokens=n, **extra)
 
     for _ in range(warmup):  # compilation, autotuning, allocator warm-up
         run(new_tokens)
-    prefill = total = float("inf")
+    best = {1: float("inf"), new_tokens: float("inf")}  # prefill, total
     for _ in range(reps):
         for n in (1, new_tokens):
-            _sync(device)
+            sync(prompt.device)
             t0 = time.perf_counter()
             out = run(n)
-            _sync(device)
-            if n == 1:
-                prefill = min(prefill, time.perf_counter() - t0)
-            else:
-                total = min(total, time.perf_counter() - t0)
-    return GenerateTiming(prefill, total, out[:, prompt.shape[1]:].cpu())
+            sync(prompt.device)
+            best[n] = min(best[n], time.perf_counter() - t0)
+    return GenerateTiming(best[1], best[new_tokens], out[:, prompt.shape[1]:].cpu())
 
 
 def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: int, modes: list[str],
                  layers: int | None, device: torch.device, dtype: torch.dtype, patch_kwargs: dict[str, Any]
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of (model, mode, batch): prefill and decode tokens/s; meta of the run."""
-    from epmoe.integrations.hf import patch_model
-
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     cpu = device.type != "cuda"
     config = hf_config(preset, layers, cpu=cpu)
     model = build_model(config, device, dtype)
-    vocab = config.vocab_size
-    prompts = {b: torch.randint(0, vocab, (b, prompt_len), generator=torch.Generator().manual_seed(b)).to(device)
-               for b in batches}
+    prompts = {b: torch.randint(0, config.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(b)
+                                ).to(device) for b in batches}
     rows: list[dict[str, Any]] = []
     tokens: dict[tuple[str, int], torch.Tensor] = {}
     for impl in ("hf", "epmoe"):
@@ -194,14 +177,12 @@ def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: i
 
 def main(args: argparse.Namespace) -> int:
     """`epmoe bench generate` (arguments from epmoe/cli.py: preset, batch, prompt, new, mode, layers, json, plot)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cpu = device.type != "cuda"
+    cpu = not torch.cuda.is_available()
+    device, dtype = torch.device("cpu" if cpu else "cuda"), torch.float32 if cpu else torch.bfloat16
     if cpu:
         print("bench generate on the CPU: a scaled-down model (widths in epmoe/bench/generate.py CPU_SCALE); "
               "the full-size comparison needs a GPU")
-    prompt = args.prompt or (16 if cpu else 512)
-    new = args.new or (4 if cpu else 32)
+    prompt, new = args.prompt or (16 if cpu else 512), args.new or (4 if cpu else 32)
     if new < 2 or prompt < 1:
         raise SystemExit(f"bench generate: --new must be >= 2 (decode is timed from the second token) and --prompt "
                          f">= 1, got --new {new} --prompt {prompt}")
@@ -211,19 +192,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench generate: no transformers model for preset {args.preset!r}; choose one of "
                          f"{', '.join(HF_MODELS)}")
     rows, meta = run_generate(args.preset, batches, prompt, new, modes, args.layers, device, dtype, {})
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    print(format_table(rows, columns))
-    if args.json:
-        write_json(rows, args.json, meta)
-    if args.plot:
-        series = [dict(r, series=f"{r['impl']} {r['mode']}") for r in rows]
-        plot_time_vs_tokens(series, args.plot, series="series", x="batch", y="decode_tok_s",
-                            title=f"generate decode tokens/s, {args.preset} ({meta['device']})")
+    emit(rows, args, meta, series=lambda r: f"{r['impl']} {r['mode']}", x="batch", y="decode_tok_s",
+         ylabel="decode_tok_s", title=f"generate decode tokens/s, {args.preset} ({meta['device']})",
+         columns=list(dict.fromkeys(k for r in rows for k in r)))
     return 0
-
-
-def cpu_config_of(preset: str) -> MoEConfig:
-    """The MoEConfig of the scaled-down CPU model's MoE blocks (for tests)."""
-    from epmoe.integrations.hf import config_from_hf
-
-    return config_from_hf(hf_config(preset, cpu=True))

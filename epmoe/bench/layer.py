@@ -3,35 +3,44 @@
     rates   = HBM copy TB/s and bf16 matmul TFLOP/s measured on this GPU (none on the CPU)
     for comm, T:
         layer(x [T, H], logits [T, E])        uniform random routing, bf16 on the GPU (fp32 on the CPU)
-        timing "graph": capturable layers (select.py: no host sync in comm or runner) are
-                        captured with MoELayer.capture_graphs(T, buckets=[T]) and that graph's
-                        replays are timed (no launch overhead, as a serving engine runs decode)
+        timing "graph": capturable layers (select.py: no host sync) captured by MoELayer.capture_graphs(T,
+                        buckets=[T]), replays timed (no launch overhead, as a serving engine runs decode)
                "eager": every other layer, CUDA events (or perf_counter) around forward()
-        row = slowest rank's median µs, next to the expert-stage roofline of `plan.predict`:
+        row = slowest rank's median µs, next to the expert-stage roofline of `plan.predict` (GPU rows only):
               max(touched expert weight bytes / HBM TB/s, FLOPs / TFLOP/s), uniform routing
-              (GPU rows only: CPU timings are never set against a GPU's rates)
 
-Ranks are real processes (NCCL with one GPU each, or gloo on the CPU) or, on a single GPU,
-virtual ranks (threads sharing the GPU, so their traffic goes through HBM; always eager: a
-virtual rank's collective cannot be captured while its peers run outside the graph). Rows
-carry `ranks` ("one", "nccl", "gloo", "virtual") and `world`, so `epmoe plan --measured` can
-set them next to its predictions.
+Ranks: NCCL processes (one GPU each), gloo processes (CPU) or virtual ranks on one GPU (always
+eager); rows carry `ranks` and `world` for `epmoe plan --measured`. More in docs/bench.md.
+
+`epmoe bench layer --host` (`host_rows`): what the CPU spends per call, next to the GPU time.
+
+    host us  = median wall time of the Python call itself (no synchronisation inside the timed
+               region; the GPU queue is drained between calls so a full queue never blocks a launch)
+    gpu us   = median CUDA-event time of the same call (eager), or of a graph replay
+    for T in tokens:  epmoe eager call | epmoe graph replay | the HF block (when transformers has the
+                      preset's family), same weights, same x
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from epmoe.bench.core import bench, matmul_tflops, progress
+from epmoe.bench.core import bench, hbm_copy_gbps, matmul_tflops, options_for, progress, random_inputs, timed
+from epmoe.bench.experts import random_weights
+from epmoe.bench.generate import build_model, hf_config
 from epmoe.bench.plan import Links, predict
 from epmoe.comm import get_comm
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.group import RankGroup, VirtualGroup
+from epmoe.integrations.hf import HFMoEBlock, _family_of, patch_model
+from epmoe.launch import run_ranks
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.select import Combo, check, comm_candidates, pick_runner
 
@@ -39,14 +48,10 @@ CPU_RATES = "timed on the CPU: no roofline (the cost model's rates are a GPU's)"
 
 
 def device_links(device: torch.device) -> tuple[Links | None, str]:
-    """The cost model's rates for `device`: HBM copy bandwidth and bf16 matmul rate measured on
-    a GPU (read + write bytes of a 1 GiB copy; an 8192^3 GEMM); None on the CPU."""
+    """The cost model's rates measured on a GPU (a 1 GiB copy, an 8192^3 GEMM); None on the CPU."""
     if device.type != "cuda":
         return None, CPU_RATES
-    from epmoe.bench.comm import hbm_copy_gbps
-
-    links = Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device))
-    return links, "measured on this GPU"
+    return Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device)), "measured on this GPU"
 
 
 def _roofline_us(cfg: MoEConfig, world: int, tokens: int, links: Links) -> float:
@@ -62,13 +67,10 @@ def _roofline_us(cfg: MoEConfig, world: int, tokens: int, links: Links) -> float
 
 def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: str, device: torch.device,
             dtype: torch.dtype, max_tokens: int) -> dict[str, MoELayer]:
-    world = group.world if group is not None else 1
-    rank = group.rank if group is not None else 0
-    local = cfg.num_experts // world
+    """One layer per comm backend over the same weights of this rank's experts."""
+    rank, local = (group.rank, cfg.num_experts // group.world) if group is not None else (0, cfg.num_experts)
     g = torch.Generator().manual_seed(1000 + rank)
     if device.type == "cuda":  # drawn on the GPU: the large presets take tens of GB
-        from epmoe.bench.experts import random_weights
-
         weights = random_weights(cfg, local, device, seed=1000 + rank)
     else:
         weights = ExpertWeights.random(cfg, local, dtype=dtype, device=device, generator=g)
@@ -76,31 +78,13 @@ def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: s
     bias = torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(7)).to(device) * 0.1 \
         if cfg.uses_correction_bias else None
     shared = SharedExperts.random(cfg, dtype, device, g) if cfg.shared_experts else None
-    return {
-        c: MoELayer(cfg, weights, group, comm=c, runner=runner, correction_bias=bias, shared=shared,
-                    comm_options=_options(c, max_tokens))
-        for c in comms
-    }
-
-
-def _options(comm: str, max_tokens: int) -> dict[str, Any]:
-    wanted = {"max_tokens_per_rank": max_tokens}
-    if comm == "auto":
-        return wanted  # auto hands each candidate the options it names
-    names = {f.name for f in dataclasses.fields(get_comm(comm).Options)}
-    return {k: v for k, v in wanted.items() if k in names}
-
-
-def _inputs(cfg: MoEConfig, tokens: int, rank: int, device: torch.device, dtype: torch.dtype):
-    g = torch.Generator().manual_seed(rank)
-    x = torch.randn(tokens, cfg.hidden, generator=g).to(device, dtype)
-    logits = torch.randn(tokens, cfg.num_experts, generator=g).to(device)
-    return x, logits
+    opts = {"max_tokens_per_rank": max_tokens}  # auto hands each candidate the options it names
+    return {c: MoELayer(cfg, weights, group, comm=c, runner=runner, correction_bias=bias, shared=shared,
+                        comm_options=opts if c == "auto" else options_for(get_comm(c), **opts)) for c in comms}
 
 
 def capturable(layer: MoELayer) -> bool:
-    """Whether `capture_graphs` can capture the layer: a CUDA device, real ranks, and select.py's
-    table allowing a graph for its backend (under comm="auto": for one of its candidates)."""
+    """Whether `capture_graphs` can: a CUDA device, real ranks, select.py allowing a graph for a backend."""
     if layer.runner.weights.device.type != "cuda" or (layer.group is not None and layer.group.virtual):
         return False
     return any(check(dataclasses.replace(layer.combo_for(name), graph=True))[0] for name in layer.comms)
@@ -122,8 +106,7 @@ def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: i
 def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str,
                iters: int = 10, show_progress: bool = True) -> list[dict[str, Any]]:
     """Time every (comm, tokens) on this rank; rows carry the slowest rank's time."""
-    world = group.world if group is not None else 1
-    rank = group.rank if group is not None else 0
+    world, rank = (group.world, group.rank) if group is not None else (1, 0)
     backend = torch.distributed.get_backend() if world > 1 else None
     on_gpu = torch.cuda.is_available() and (world == 1 or backend == "nccl")
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
@@ -134,7 +117,7 @@ def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms
     rows = []
     for comm, t in progress(cases, "bench layer") if rank == 0 and show_progress else cases:
         layer = layers[comm]
-        x, logits = _inputs(cfg, t, rank, device, dtype)
+        x, logits = random_inputs(cfg, t, rank, device, dtype)
         if world > 1:
             group.barrier()
         us, timing = _time_layer(layer, x, logits, iters)
@@ -146,8 +129,7 @@ def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms
 
 def _row(cfg: MoEConfig, comm: str, runner: str, world: int, ranks: str, tokens: int, us: float, timing: str,
          links: Links | None, source: str) -> dict[str, Any]:
-    row = {"comm": comm, "runner": runner, "world": world, "ranks": ranks, "tokens": tokens, "us": us,
-           "timing": timing}
+    row = {"comm": comm, "runner": runner, "world": world, "ranks": ranks, "tokens": tokens, "us": us, "timing": timing}
     if links is not None:  # a GPU: the roofline of its measured rates
         row.update(expert_roofline_us=_roofline_us(cfg, world, tokens, links), hbm_TBps=links.hbm_tbps,
                    TFLOPs=links.tflops)
@@ -156,29 +138,20 @@ def _row(cfg: MoEConfig, comm: str, runner: str, world: int, ranks: str, tokens:
 
 def _virtual_rows(cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str, world: int,
                   iters: int) -> list[dict[str, Any]]:
-    """Virtual ranks on one GPU: time a whole group step (all ranks' forwards) with wall clock."""
+    """Virtual ranks on one GPU: a whole group step (all ranks' forwards, then a sync), wall clock."""
     device = torch.device("cuda:0")
     links, source = device_links(device)
     vg = VirtualGroup(world)
     layers = vg.run(lambda g: _layers(cfg, g, comms, runner, device, torch.bfloat16, max(tokens)))
     rows = []
     for comm, t in progress([(c, t) for c in comms for t in tokens], f"bench layer (virtual x{world})"):
-        inputs = [_inputs(cfg, t, r, device, torch.bfloat16) for r in range(world)]
+        inputs = [random_inputs(cfg, t, r, device, torch.bfloat16) for r in range(world)]
 
         def step(g: RankGroup, comm: str = comm, inputs: list = inputs) -> None:
             layers[g.rank][comm](*inputs[g.rank])
 
-        for _ in range(2):
-            vg.run(step)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            vg.run(step)
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e6)
-        times.sort()
-        rows.append(_row(cfg, comm, runner, world, "virtual", t, times[len(times) // 2], "eager", links, source))
+        us = bench(lambda step=step: (vg.run(step), torch.cuda.synchronize()), "cpu", warmup=2, iters=iters)
+        rows.append(_row(cfg, comm, runner, world, "virtual", t, us, "eager", links, source))
     return rows
 
 
@@ -189,27 +162,20 @@ def default_world() -> int:
 
 def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", runner: str = "auto",
                 world: int | None = None, iters: int = 10) -> list[dict[str, Any]]:
-    """Rows (comm, runner, world, ranks, tokens, us, timing, [expert_roofline_us, hbm_TBps, TFLOPs
-    on a GPU,] rates) for every requested backend of a preset name or a config. world=None:
-    `default_world()`; more ranks than GPUs on one GPU run as virtual ranks, on several GPUs or
-    none as gloo processes on the CPU."""
-    from epmoe.launch import run_ranks
-
+    """Rows (comm, runner, world, ranks, tokens, us, timing, [expert_roofline_us, hbm_TBps, TFLOPs on a GPU,]
+    rates) per requested backend. More ranks than GPUs: virtual ranks on one GPU, else gloo processes."""
     cfg = MoEConfig.from_preset(preset) if isinstance(preset, str) else preset
     world = default_world() if world is None else world
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
     n_gpu = torch.cuda.device_count()
     device = "cuda" if n_gpu else "cpu"
-    if runner == "auto":
-        runner = pick_runner(device, "bf16")
+    runner = pick_runner(device, "bf16") if runner == "auto" else runner
     if comm in ("all", "auto"):
         combo = Combo(runner=runner, layout="dp", world=world, device=device)
         names = ["none"] if world == 1 else [n for n in comm_candidates(combo) if n != "none"]
-        if comm == "auto":  # auto alone (one rank: its only candidate)
-            comms = ["auto"] if len(names) > 1 else names
-        else:
-            comms = names + (["auto"] if len(names) > 1 else [])
+        auto = ["auto"] if len(names) > 1 else []
+        comms = (auto or names) if comm == "auto" else names + auto  # auto alone (one rank: its only candidate)
     else:
         comms = comm.split(",")
     if not comms:
@@ -218,6 +184,67 @@ def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", r
         return layer_rank(None, cfg, tokens, comms, runner, iters)
     if n_gpu == 1:
         return _virtual_rows(cfg, tokens, comms, runner, world, iters)
-    per_rank = run_ranks(layer_rank, world, args=(cfg, tokens, comms, runner, iters), timeout=1800,
-                         backend="nccl" if n_gpu >= world else "gloo")
-    return per_rank[0]
+    return run_ranks(layer_rank, world, args=(cfg, tokens, comms, runner, iters), timeout=1800,
+                     backend="nccl" if n_gpu >= world else "gloo")[0]
+
+
+# --- host time per call (`epmoe bench layer --host`) ---
+
+
+def host_and_gpu_us(fn: Callable[[], Any], device: torch.device, iters: int = 50, warmup: int = 5
+                    ) -> tuple[float, float]:
+    """(median host µs of one call, median GPU µs of one call)."""
+    for _ in range(warmup):
+        fn()
+    host, gpu = [], []
+
+    def call() -> None:  # the host time of fn() alone, inside the CUDA events
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        gpu.append(timed(call, device)[0])
+    return statistics.median(host), statistics.median(gpu) if device.type == "cuda" else float("nan")
+
+
+def host_rows(preset: str, tokens: list[int], device: torch.device, iters: int = 50) -> list[dict[str, Any]]:
+    """Host and GPU µs per call of the first MoE block of `preset`'s transformers model (random weights; on the
+    CPU `bench.generate`'s scaled-down one): HF block, patched block, MoELayer eager, (GPU) graph replay."""
+    import transformers
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    dense = getattr(hf_config(preset, cpu=not cuda), "first_k_dense_replace", None) or 0
+    config = hf_config(preset, layers=dense + 1, cpu=not cuda)  # the first MoE layer is the last one
+    model = build_model(config, device, dtype)
+    name, block = next((n, m) for n, m in model.named_modules() if _family_of(m) is not None)
+    H = config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    xs = {T: torch.randn(1, T, H, generator=gen).to(device, dtype) for T in tokens}
+    rows: list[dict[str, Any]] = []
+
+    def add(impl: str, T: int, fn: Callable[[], Any]) -> None:
+        h, g = host_and_gpu_us(fn, device, iters=iters)
+        rows.append({"impl": impl, "tokens": T, "host_us": h, "gpu_us": g})
+
+    with torch.no_grad():
+        for T in tokens:
+            add("hf block", T, lambda T=T: block(xs[T]))
+        patch_model(model)
+        patched = model.get_submodule(name)
+        assert isinstance(patched, HFMoEBlock)
+        layer, router = patched.moe, getattr(patched, patched.router_name)
+        logits = {T: router(xs[T].reshape(T, H))[0].float() for T in tokens}
+        for T in tokens:
+            add("patched block", T, lambda T=T: patched(xs[T]))
+            add("layer eager", T, lambda T=T: layer(xs[T].reshape(T, H), logits[T]))
+        if cuda:
+            layer.capture_graphs(max(tokens), buckets=sorted(set(tokens)), validate=False)
+            for T in tokens:
+                add("layer replay", T, lambda T=T: layer(xs[T].reshape(T, H), logits[T]))
+    for r in rows:
+        r.update(preset=preset, transformers=transformers.__version__)
+    return rows

@@ -4,15 +4,13 @@
     dispatch      = latency(backend, peers) + max(bytes over NVLink / nvlink_bw, bytes over the net / net_bw)
                     (0 when no byte moves: one rank, or no token)
     experts       = max(touched expert weight bytes / hbm_bw, FLOPs / tensor_peak)
-                    (+ nvfp4 from 128 rows per local expert: the triton runner's decode of every
-                    local expert into a bf16 scratch, 0.5625 bytes read + 2 written a value, at hbm_bw;
-                    nvfp4 from 17 pairs up to one pair per local expert: pair mode, every pair
-                    streams its expert's weights; then below 128 rows per local expert: sorted
-                    blocks of up to 32 rows, each streams its expert's weights; a Hopper GPU)
+                    nvfp4 (a Hopper GPU): from 17 pairs up to one pair per local expert, pair mode (every
+                    pair streams its expert's weights); then below 128 rows per local expert, sorted blocks
+                    of up to 32 rows (each streams its expert's); from 128, + the decode of every local
+                    expert into a bf16 scratch (0.5625 bytes read + 2 written a value) at hbm_bw
 
-Routing is modelled as uniform: each token picks K of E experts without replacement, experts
-spread evenly over W ranks, G ranks per node. Bytes are those the backends send (and report in
-their handles' dispatch_bytes / combine_bytes):
+Uniform routing (each token picks K of E experts without replacement), experts spread evenly over W
+ranks, G per node. Bytes are those the backends send (their handles' dispatch_bytes / combine_bytes):
   nccl_a2a   dispatch: one wire row (payload + scales + K ids and K fp32 weights) per (token,
              other rank hit); combine: one partial-sum row per (token, other rank hit)
   symm_a2a   dispatch: one payload row per (token, other rank hit) plus every token's slot
@@ -20,9 +18,8 @@ their handles' dispatch_bytes / combine_bytes):
   allgather  dispatch: every token's wire row to every other rank; combine: each peer's partial
              rows back (W - 1) * T
   none       one rank: no bytes, no latency (`plan` lists it for one GPU, where it is the choice)
-Partial sums travel in the backends' combine dtype, fp32 by default (`combine_bytes=4`).
-Latency constants are the model's assumptions, stated in `Links`; `compare` sets predictions
-next to rows measured by `epmoe bench comm|layer --json` (`epmoe plan --measured FILE`).
+Partial sums travel in the combine dtype, fp32 by default (`combine_bytes=4`). Latencies are the
+model's assumptions (`Links`); `compare` sets predictions next to `epmoe bench comm|layer --json` rows.
 """
 
 from __future__ import annotations
@@ -33,25 +30,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from epmoe.config import MoEConfig
-from epmoe.experts.tuning import (
-    NVFP4_GROUPED_MAX_BM,
-    NVFP4_MMA_MAX_RPE,
-    NVFP4_PAIR_MODE_MAX_RPE,
-    PAIR_MODE_MAX_PAIRS,
-)
+from epmoe.experts import tuning
 
 # bytes per activation row of each payload format, with its scales (wire.row_layout); bench comm
 # rows name unquantized payloads by their dtype
 _PAYLOAD_BYTES = {
-    "bf16": lambda h: 2 * h,
-    "bfloat16": lambda h: 2 * h,
-    "float16": lambda h: 2 * h,
-    "float32": lambda h: 4 * h,
+    "bf16": lambda h: 2 * h, "bfloat16": lambda h: 2 * h, "float16": lambda h: 2 * h, "float32": lambda h: 4 * h,
     "fp8": lambda h: h + 4,  # one fp32 scale per row
     "fp8_block": lambda h: h + 4 * math.ceil(h / 128),  # fp32 scale per 128 values
     "nvfp4": lambda h: h // 2 + math.ceil(h / 16) + 4,  # e2m1 pairs + e4m3 scale per 16 + fp32 global
 }
-_WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4 / 128 / 128, "nvfp4": 0.5 + 1 / 16}
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4 / 128 / 128, "nvfp4": 0.5 + 1 / 16}
 BACKENDS = ("symm_a2a", "nccl_a2a", "allgather")
 # what `plan` predicts: "none" first, so that at one GPU (where every backend moves 0 bytes) it is the pick
 PLAN_BACKENDS = ("none", *BACKENDS)
@@ -59,20 +48,14 @@ PLAN_BACKENDS = ("none", *BACKENDS)
 
 @dataclass(frozen=True)
 class Links:
-    """Rates and latencies (assumptions, defaults for H200 nodes with NVLink 4 and 400 Gb/s NICs).
+    """Rates and latencies (assumptions, defaults for H200 nodes with NVLink 4 and 400 Gb/s NICs)."""
 
-    nvlink_gbps: per-GPU unidirectional NVLink bandwidth, GB/s. net_gbps: per-GPU network, GB/s.
-    hbm_tbps: HBM bandwidth, TB/s. tflops: dense bf16 tensor-core rate.
-    gpus_per_node: ranks sharing one NVLink domain.
-    *_latency_us: fixed cost of one dispatch or combine call.
-    """
-
-    nvlink_gbps: float = 450.0
-    net_gbps: float = 50.0
-    hbm_tbps: float = 4.2
-    tflops: float = 790.0
-    gpus_per_node: int = 8
-    nccl_latency_us: float = 25.0
+    nvlink_gbps: float = 450.0  # per-GPU unidirectional NVLink bandwidth, GB/s
+    net_gbps: float = 50.0  # per-GPU network, GB/s
+    hbm_tbps: float = 4.2  # HBM bandwidth, TB/s
+    tflops: float = 790.0  # dense bf16 tensor-core rate
+    gpus_per_node: int = 8  # ranks sharing one NVLink domain
+    nccl_latency_us: float = 25.0  # *_latency_us: fixed cost of one dispatch or combine call
     symm_latency_us: float = 6.0
     net_latency_us: float = 15.0
 
@@ -85,27 +68,11 @@ def expected_ranks_hit(cfg: MoEConfig, world: int) -> float:
     return world * (1.0 - p_miss)
 
 
-def _touched_experts(cfg: MoEConfig, world: int, pairs_per_rank: float) -> float:
-    """Expected local experts with at least one pair, when `pairs_per_rank` land uniformly."""
-    local = cfg.num_experts / world
-    return local * (1.0 - (1.0 - 1.0 / local) ** pairs_per_rank)
-
-
-def predict(
-    cfg: MoEConfig,
-    world: int,
-    tokens: int,
-    backend: str,
-    links: Links = Links(),  # noqa: B008 (frozen dataclass)
-    payload: str = "bf16",
-    weights: str = "bf16",
-    combine_bytes: int = 4,
-) -> dict[str, float | str | int] | None:
+def predict(cfg: MoEConfig, world: int, tokens: int, backend: str, links: Links = Links(),  # noqa: B008
+            payload: str = "bf16", weights: str = "bf16", combine_bytes: int = 4
+            ) -> dict[str, float | str | int] | None:
     """Predicted µs of one layer forward on one rank; None where the backend cannot run.
-
-    combine_bytes: bytes per element of the partial sums on the combine wire: 4 for the
-    backends' default fp32 combine dtype, 2 for combine_dtype=bf16.
-    """
+    combine_bytes: bytes per partial-sum element on the combine wire (4: fp32, the default; 2: bf16)."""
     if cfg.num_experts % world:
         return None
     G = min(links.gpus_per_node, world)
@@ -146,36 +113,27 @@ def predict(
 
     dispatch_us, combine_us = move(d_bytes), move(c_bytes)
     pairs = tokens * cfg.top_k  # balanced routing: each rank computes as many pairs as it sends
-    touched = _touched_experts(cfg, world, pairs)
     local = cfg.num_experts // world
-    if weights == "nvfp4" and PAIR_MODE_MAX_PAIRS < pairs <= NVFP4_PAIR_MODE_MAX_RPE * local:
+    # expected local experts with at least one pair, the pairs landing uniformly
+    touched = cfg.num_experts / world * (1.0 - (1.0 - world / cfg.num_experts) ** pairs)
+    if weights == "nvfp4" and tuning.PAIR_MODE_MAX_PAIRS < pairs <= tuning.NVFP4_PAIR_MODE_MAX_RPE * local:
         touched = pairs  # pair mode: each pair streams its expert's weights
-    elif weights == "nvfp4" and pairs > PAIR_MODE_MAX_PAIRS and pairs / local < NVFP4_MMA_MAX_RPE:
-        touched *= math.ceil(pairs / local / NVFP4_GROUPED_MAX_BM)  # each block streams its expert
-    w_bytes = touched * 3 * cfg.hidden * cfg.intermediate * _WEIGHT_BYTES[weights]
+    elif weights == "nvfp4" and pairs > tuning.PAIR_MODE_MAX_PAIRS and pairs / local < tuning.NVFP4_MMA_MAX_RPE:
+        touched *= math.ceil(pairs / local / tuning.NVFP4_GROUPED_MAX_BM)  # each block streams its expert
+    w_bytes = touched * 3 * cfg.hidden * cfg.intermediate * WEIGHT_BYTES[weights]
     flops = 2 * 3 * cfg.hidden * cfg.intermediate * pairs
     experts_us = max(w_bytes / (links.hbm_tbps * 1e6), flops / (links.tflops * 1e6))
-    if weights == "nvfp4" and pairs / local >= NVFP4_MMA_MAX_RPE:
-        decode_bytes = local * 3 * cfg.hidden * cfg.intermediate * (_WEIGHT_BYTES["nvfp4"] + 2.0)
+    if weights == "nvfp4" and pairs / local >= tuning.NVFP4_MMA_MAX_RPE:
+        decode_bytes = local * 3 * cfg.hidden * cfg.intermediate * (WEIGHT_BYTES["nvfp4"] + 2.0)
         experts_us += decode_bytes / (links.hbm_tbps * 1e6)
-    return {
-        "backend": backend, "gpus": world, "tokens": tokens,
-        "dispatch_us": dispatch_us, "combine_us": combine_us, "experts_us": experts_us,
-        "total_us": dispatch_us + combine_us + experts_us,
-        "dispatch_MB": d_bytes / 1e6, "combine_MB": c_bytes / 1e6,
-    }
+    return {"backend": backend, "gpus": world, "tokens": tokens, "dispatch_us": dispatch_us, "combine_us": combine_us,
+            "experts_us": experts_us, "total_us": dispatch_us + combine_us + experts_us,
+            "dispatch_MB": d_bytes / 1e6, "combine_MB": c_bytes / 1e6}
 
 
-def plan(
-    cfg: MoEConfig,
-    gpus: list[int],
-    tokens: list[int],
-    links: Links = Links(),  # noqa: B008
-    backends: tuple[str, ...] = PLAN_BACKENDS,
-    payload: str = "bf16",
-    weights: str = "bf16",
-    combine_bytes: int = 4,
-) -> list[dict[str, float | str | int]]:
+def plan(cfg: MoEConfig, gpus: list[int], tokens: list[int], links: Links = Links(),  # noqa: B008
+         backends: tuple[str, ...] = PLAN_BACKENDS, payload: str = "bf16", weights: str = "bf16",
+         combine_bytes: int = 4) -> list[dict[str, float | str | int]]:
     """Predictions for every (gpus, tokens, backend), marking the fastest per (gpus, tokens)
     (of equal times, the first in `backends`; "none" runs at one GPU only)."""
     rows = []
@@ -191,28 +149,13 @@ def plan(
     return rows
 
 
-# ---------------------------------------------------------------------------------------
-# predicted vs measured
-# ---------------------------------------------------------------------------------------
+# --- predicted vs measured ---
 
 _NOTES = {
     "virtual": "virtual ranks: every byte through one GPU's HBM, not a link",
     "gloo": "gloo on the CPU: not the modelled links; no time ratio",
     "cpu": "run on the CPU: the model's rates are a GPU's; no time ratio",
 }
-
-
-def backend_of(label: str) -> str:
-    """The registered backend of a bench row's label: "symm_a2a pull", "nccl_a2a static" and
-    "symm_a2a (virtual x4) pull" are configurations of symm_a2a / nccl_a2a."""
-    return str(label).split(" ")[0]
-
-
-def timed_on_cpu(row: dict[str, Any]) -> bool:
-    """Whether a bench row was timed on the CPU (gloo ranks, perf_counter, or no GPU rates)."""
-    rates = str(row.get("rates", ""))
-    return (row.get("ranks") == "gloo" or row.get("timing") == "cpu" or rates.startswith("cost-model defaults")
-            or rates.startswith("timed on the CPU"))
 
 
 def preset_of(meta: dict[str, Any]) -> str | None:
@@ -225,22 +168,21 @@ def preset_of(meta: dict[str, Any]) -> str | None:
 
 def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(),  # noqa: B008
             use_row_rates: bool = True) -> list[dict[str, Any]]:
-    """Predicted next to measured for rows of `epmoe bench comm --json` (dispatch + combine:
-    `backend`, `dispatch_us`, `combine_us`, bytes) or `epmoe bench layer --json` (whole forward:
-    `comm`, `us`; comm "auto" is predicted as the fastest backend). ratio = measured / predicted,
-    for rows timed on a GPU only (a CPU time against a GPU's rates says nothing); bytes are
-    compared wherever the row has them. Row labels of configurations ("symm_a2a pull",
-    "nccl_a2a static") are predicted as their backend.
-    use_row_rates: a layer row's measured `hbm_TBps` / `TFLOPs` replace the links' rates, so
-    the expert roofline uses the device the row was measured on."""
+    """Predicted next to measured for rows of `epmoe bench comm --json` (dispatch + combine) or
+    `epmoe bench layer --json` (whole forward; comm "auto" predicted as the fastest backend).
+    ratio = measured / predicted, for rows timed on a GPU only; bytes compared wherever the row
+    has them; configurations ("symm_a2a pull") predicted as their backend. use_row_rates: a
+    layer row's measured `hbm_TBps` / `TFLOPs` replace the links' rates."""
     out = []
     for r in rows:
-        world, tokens = int(r.get("world", 1)), int(r["tokens"])
-        ranks = str(r.get("ranks", ""))
-        on_cpu = timed_on_cpu(r)
+        world, tokens, ranks = int(r.get("world", 1)), int(r["tokens"]), str(r.get("ranks", ""))
+        # timed on the CPU: gloo ranks, perf_counter, or no GPU rates
+        on_cpu = r.get("ranks") == "gloo" or r.get("timing") == "cpu" or str(r.get("rates", "")).startswith(
+            ("cost-model defaults", "timed on the CPU"))
         note = next((v for k, v in _NOTES.items() if k in ranks), _NOTES["cpu"] if on_cpu else "")
         if "dispatch_us" in r:  # bench comm: the two phases only
-            backend, payload = backend_of(r["backend"]), r.get("payload") or "bf16"
+            # a row's label names a configuration of its backend: "symm_a2a pull", "nccl_a2a static"
+            backend, payload = str(r["backend"]).split(" ")[0], r.get("payload") or "bf16"
             p = predict(cfg, world, tokens, backend, links, payload=payload)
             measured = float(r["dispatch_us"]) + float(r["combine_us"])
             predicted = p["dispatch_us"] + p["combine_us"] if p else None
@@ -248,7 +190,7 @@ def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(), 
             pred_mb = p["dispatch_MB"] + p["combine_MB"] if p else None
             what = "dispatch+combine"
         else:  # bench layer: the whole forward
-            backend = backend_of(r["comm"])  # "nccl_a2a (virtual x4)" in older files
+            backend = str(r["comm"]).split(" ")[0]  # "nccl_a2a (virtual x4)" in older files
             row_links = links
             if use_row_rates and r.get("hbm_TBps") and r.get("TFLOPs"):
                 row_links = replace(links, hbm_tbps=float(r["hbm_TBps"]), tflops=float(r["TFLOPs"]))
@@ -259,12 +201,9 @@ def compare(cfg: MoEConfig, rows: list[dict[str, Any]], links: Links = Links(), 
             meas_mb = pred_mb = None
             what = "layer" if backend != "auto" else f"layer (auto; model: {best['backend'] if best else '-'})"
         label = str(r.get("backend", r.get("comm", backend)))
-        out.append({
-            "what": what, "backend": label, "gpus": world, "tokens": tokens, "ranks": ranks or "-",
-            "timing": r.get("timing", "-"), "predicted_us": "-" if predicted is None else predicted,
-            "measured_us": measured,
-            "ratio": measured / predicted if predicted and not on_cpu else "-",
-            "predicted_MB": "-" if pred_mb is None else pred_mb, "measured_MB": "-" if meas_mb is None else meas_mb,
-            "note": note,
-        })
+        out.append({"what": what, "backend": label, "gpus": world, "tokens": tokens, "ranks": ranks or "-",
+                    "timing": r.get("timing", "-"), "predicted_us": "-" if predicted is None else predicted,
+                    "measured_us": measured, "ratio": measured / predicted if predicted and not on_cpu else "-",
+                    "predicted_MB": "-" if pred_mb is None else pred_mb,
+                    "measured_MB": "-" if meas_mb is None else meas_mb, "note": note})
     return out
