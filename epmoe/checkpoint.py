@@ -5,23 +5,14 @@
                      correction_bias=ckpt.correction_bias, shared=ckpt.shared)
 
 `path`: a directory (with `model.safetensors` or `model.safetensors.index.json`), one `.safetensors`
-file or an index `.json`. Only this rank's tensors are read (fused 3-D tensors: its expert slices,
-through `safe_open(...).get_slice`). Names (any prefix before `layers.{L}.`; docs/formats.md has the table):
-    per expert  `layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.*`       Qwen, DeepSeek, OLMoE
-                `layers.{L}.block_sparse_moe.experts.{e}.{w1,w3,w2}.*`   Mixtral, MiniMax
-    fused       `layers.{L}.mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I] (transformers v5);
-                GPT-OSS (swiglu_clamped): [E, H, 2I] gate/up interleaved, [E, I, H], `*_bias`
-    router      `{moe}.{gate,router}.weight` (+ `.bias`), `{moe}[.gate].e_score_correction_bias`
-    shared      `{moe}.shared_experts.*` or `{moe}.shared_expert.*` (dequantized at load)
-Weight formats, recognised from dtypes and sibling tensors (every scale multiplies):
-    bf16       float `weight`
-    fp8_block  e4m3 `weight` + fp32 `weight_scale_inv` [ceil(N/128), ceil(K/128)] (DeepSeek-V3)
-    fp8        e4m3 `weight` + fp32 scalar `weight_scale` (+ `input_scale`)    (ModelOpt FP8)
-    nvfp4      uint8 `weight` [N, K/2] + e4m3 `weight_scale` [N, K/16] + fp32 `weight_scale_2`
-               + fp32 `input_scale`                                          (ModelOpt NVFP4)
-The runner's `prepare` runs once, at the end (`runner="auto"`: the one `MoELayer` picks for the device).
-Static `input_scale`s are not applied to the experts (activations get dynamic scales); they come back in
-`MoELayerWeights.input_scales` for payload quantization with one shared scale (docs/formats.md).
+file or an index `.json`; only this rank's tensors are read (fused 3-D tensors: its expert slices).
+Names (docs/formats.md has the table): per expert `layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.*`
+(Qwen, DeepSeek, OLMoE) or `layers.{L}.block_sparse_moe.experts.{e}.{w1,w3,w2}.*` (Mixtral, MiniMax), or
+fused `experts.gate_up_proj` / `down_proj` (transformers v5, GPT-OSS); router, correction bias, shared experts.
+Formats (bf16, DeepSeek-V3 fp8_block, ModelOpt fp8 / nvfp4) are recognised from dtypes and sibling
+tensors (`_weight_format`; their tensors: `_proj_tensors`); every scale multiplies. Shared experts are
+dequantized; the runner's `prepare` runs once at the end. Static `input_scale`s are not applied to the
+experts (dynamic activation scales): `MoELayerWeights.input_scales` returns them for payload quantization.
 """
 
 from __future__ import annotations
@@ -258,7 +249,8 @@ class _Proj:
 
 
 def _proj_tensors(fmt: str, N: int, K: int) -> tuple[tuple[str, tuple[str, ...], tuple[int, ...] | None], ...]:
-    """(suffix, dtypes, shape or None for a scalar) of the tensors of one [N, K] projection in `fmt`."""
+    """(suffix, dtypes, shape or None for a scalar) of the tensors of one [N, K] projection in `fmt`:
+    fp8_block as DeepSeek-V3, fp8 and nvfp4 as ModelOpt (+ an optional fp32 scalar `input_scale`)."""
     return {
         "bf16": (("weight", _FLOAT, (N, K)),),
         "fp8_block": (("weight", ("F8_E4M3",), (N, K)),

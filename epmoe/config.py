@@ -43,38 +43,28 @@ _FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = 
 class MoEConfig:
     """Shapes and routing of one MoE layer.
 
-    hidden:        model width H (rows of `x` are [H]).
-    intermediate:  expert intermediate size I (w13 is [E, 2I, H], w2 is [E, H, I]).
-    num_experts:   routed experts E.
-    top_k:         experts per token K (K <= E).
-    activation:    "silu" (SiLU(gate) * up), "gelu" (GELU(gate) * up) or "swiglu_clamped"
-                   (GPT-OSS: gate clamped above at swiglu_limit, up clamped to +-swiglu_limit,
-                   (up + 1) * gate * sigmoid(swiglu_alpha * gate); experts carry biases).
-    routing:       "softmax"            softmax over E, top-k (renormalised if norm_topk_prob);
-                   "softmax_after_topk" top-k on logits, softmax over the k chosen (GPT-OSS);
-                   "sigmoid_bias"       pick by sigmoid + correction bias, weight by sigmoid (MiniMax);
-                   "sigmoid_grouped"    DeepSeek-V3 grouped top-k with correction bias.
-    norm_topk_prob:        renormalise the K chosen weights to sum to 1.
-    n_group, topk_group:   grouped top-k: keep the best `topk_group` of `n_group` expert groups.
-    routed_scaling_factor: multiplies the final routing weights (DeepSeek-V3: 2.5).
-    shared_experts:        number of always-on shared experts (fused into one MLP of width
-                           shared_experts * shared_intermediate).
-    shared_intermediate:   intermediate size of one shared expert (defaults to `intermediate`).
+    activation: "silu" (SiLU(gate) * up), "gelu" (GELU(gate) * up) or "swiglu_clamped" (GPT-OSS: gate
+                clamped above at swiglu_limit, up to +-swiglu_limit, (up + 1) * gate * sigmoid(swiglu_alpha *
+                gate); experts carry biases).
+    routing:    "softmax"            softmax over E, top-k (renormalised if norm_topk_prob);
+                "softmax_after_topk" top-k on logits, softmax over the k chosen (GPT-OSS);
+                "sigmoid_bias"       pick by sigmoid + correction bias, weight by sigmoid (MiniMax);
+                "sigmoid_grouped"    DeepSeek-V3 grouped top-k with correction bias.
     """
 
-    hidden: int
-    intermediate: int
-    num_experts: int
-    top_k: int
+    hidden: int  # model width H (rows of `x` are [H])
+    intermediate: int  # expert intermediate size I (w13 is [E, 2I, H], w2 is [E, H, I])
+    num_experts: int  # routed experts E
+    top_k: int  # experts per token K (K <= E)
     activation: str = "silu"
     routing: str = "softmax"
-    norm_topk_prob: bool = True
-    n_group: int = 1
+    norm_topk_prob: bool = True  # renormalise the K chosen weights to sum to 1
+    n_group: int = 1  # grouped top-k: keep the best `topk_group` of `n_group` expert groups
     topk_group: int = 1
-    routed_scaling_factor: float = 1.0
-    shared_experts: int = 0
-    shared_intermediate: int | None = None
-    swiglu_limit: float = 7.0
+    routed_scaling_factor: float = 1.0  # multiplies the final routing weights (DeepSeek-V3: 2.5)
+    shared_experts: int = 0  # always-on shared experts, fused into one MLP (width shared_experts * shared_intermediate)
+    shared_intermediate: int | None = None  # intermediate size of one shared expert (default: `intermediate`)
+    swiglu_limit: float = 7.0  # swiglu_clamped only
     swiglu_alpha: float = 1.702
 
     def __post_init__(self) -> None:
