@@ -237,14 +237,9 @@ def quantize_fp8_block_torch(x: torch.Tensor, block: tuple[int, int] = (FP8_BLOC
 
 def quantize_fp8_groups_torch(x: torch.Tensor, group: int = FP8_BLOCK) -> QuantizedTensor:
     """Activations [T, H] -> fp8 e4m3 with one fp32 scale per token per `group` values
-    (scales [T, ceil(H/group)]). Per group: s = max(amax, 1e-10) / 448, q = rne(clamp(x / s))."""
+    (scales [T, ceil(H/group)]): the block quantization with 1 x group tiles, s = max(amax, 1e-10) / 448."""
     _check_float(x, "quantize_fp8_groups_torch", "[T, H] (activation quantization)", x.dim() == 2)
-    T, H = x.shape
-    G = cdiv(H, group)
-    xf = torch.nn.functional.pad(x.float(), (0, G * group - H)).view(T, G, group)  # [T, G, group]
-    scales = div_rn(xf.abs().amax(dim=-1).clamp_min(AMAX_EPS), FP8_MAX)  # [T, G]
-    q = (xf / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return QuantizedTensor(q.view(T, G * group)[:, :H].contiguous(), scales, (1, group), "fp8_block")
+    return quantize_fp8_block_torch(x, (1, group))
 
 
 def round_e2m1(a: torch.Tensor) -> torch.Tensor:
