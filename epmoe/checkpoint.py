@@ -77,10 +77,9 @@ class CheckpointFiles:
             try:
                 handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError) as e:
-                raise ValueError(
-                    f"{file}{listed} is not a readable safetensors file ({e}); it is corrupt, truncated "
-                    "or in another format: re-download or re-export it (safetensors.torch.save_file)"
-                ) from e
+                raise ValueError(f"{file}{listed} is not a readable safetensors file ({e}); it is corrupt, "
+                                 "truncated or in another format: re-download or re-export it "
+                                 "(safetensors.torch.save_file)") from e
             h = self._handles[file] = self._stack.enter_context(handle)
         return h
 
@@ -161,8 +160,6 @@ class MoELayerWeights:
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-# ---- layer discovery -----------------------------------------------------------------------------
-
 
 @dataclass
 class _Layout:
@@ -176,11 +173,9 @@ def _find_layout(files: CheckpointFiles, layer: int) -> _Layout:
     moe = next((m.group(1) for n in files.files if (m := pat.match(n))), None)
     if moe is None:
         near = [n for n in files.files if f"layers.{layer}." in n][:6]
-        raise ValueError(
-            f"cannot recognise MoE layer {layer} in {files.origin}: no 'layers.{layer}.mlp.experts.*' or "
-            f"'layers.{layer}.block_sparse_moe.experts.*' tensors (names in that layer: {near or 'none'}); "
-            "check the layer index (dense layers have no experts) or the checkpoint"
-        )
+        raise ValueError(f"cannot recognise MoE layer {layer} in {files.origin}: no 'layers.{layer}.mlp.experts.*' "
+                         f"or 'layers.{layer}.block_sparse_moe.experts.*' tensors (names in that layer: "
+                         f"{near or 'none'}); check the layer index (dense layers have no experts) or the checkpoint")
     for scheme, (g, _, _) in _PROJ.items():
         if f"{moe}.experts.0.{g}.weight" in files:
             return _Layout(moe, scheme, _weight_format(files, f"{moe}.experts.0.{g}"))
@@ -194,10 +189,8 @@ def _find_layout(files: CheckpointFiles, layer: int) -> _Layout:
         raise _fail(files, f"{fused}_blocks", "MXFP4 expert weights are not supported",
                     "use a bf16 export of the model")
     sample = [n for n in files.files if n.startswith(f"{moe}.experts.")][:4]
-    raise ValueError(
-        f"cannot recognise the expert naming of {moe} in {files.origin} (e.g. {sample}); expected "
-        "experts.{e}.gate_proj.weight, experts.{e}.w1.weight or experts.gate_up_proj"
-    )
+    raise ValueError(f"cannot recognise the expert naming of {moe} in {files.origin} (e.g. {sample}); expected "
+                     "experts.{e}.gate_proj.weight, experts.{e}.w1.weight or experts.gate_up_proj")
 
 
 def _weight_format(files: CheckpointFiles, proj: str) -> str:
@@ -210,11 +203,9 @@ def _weight_format(files: CheckpointFiles, proj: str) -> str:
     if dt == "U8" and s and s2:
         return "nvfp4"
     siblings = sorted(n.rsplit(".", 1)[1] for n in files.files if n.startswith(proj + "."))
-    raise _fail(
-        files, f"{proj}.weight", f"cannot recognise the weight format (dtype {dt}, tensors {siblings})",
-        "supported: float weight; F8_E4M3 weight + weight_scale_inv (DeepSeek fp8 blocks); F8_E4M3 "
-        "weight + weight_scale (fp8 per-tensor); U8 weight + weight_scale + weight_scale_2 (ModelOpt nvfp4)",
-    )
+    raise _fail(files, f"{proj}.weight", f"cannot recognise the weight format (dtype {dt}, tensors {siblings})",
+                "supported: float weight; F8_E4M3 weight + weight_scale_inv (DeepSeek fp8 blocks); F8_E4M3 weight "
+                "+ weight_scale (fp8 per-tensor); U8 weight + weight_scale + weight_scale_2 (ModelOpt nvfp4)")
 
 
 def _check_expert_count(files: CheckpointFiles, lay: _Layout, E: int) -> None:
@@ -230,8 +221,6 @@ def _check_expert_count(files: CheckpointFiles, lay: _Layout, E: int) -> None:
         raise ValueError(f"{lay.moe} in {files.origin} has {n} experts, MoEConfig.num_experts is {E}; fix the "
                          "config or the layer index")
 
-
-# ---- per-projection reading --------------------------------------------------------------------
 
 
 @dataclass
@@ -327,8 +316,6 @@ def _fuse(gate: _Proj, up: _Proj, fmt: str) -> _Proj:
     return _Proj(data, torch.cat([gate.scales, up.scales]), g)
 
 
-# ---- validation and loading --------------------------------------------------------------------
-
 
 def _expect_fused(files: CheckpointFiles, lay: _Layout, cfg: MoEConfig) -> tuple[str, str]:
     """Check the fused gate_up / down tensors (GPT-OSS layout when swiglu_clamped); return their names."""
@@ -379,11 +366,9 @@ def validate_layer(path: str | Path | CheckpointFiles, cfg: MoEConfig, layer: in
             files.close()
 
 
-def load_moe_layer(
-    path: str | Path, cfg: MoEConfig, layer: int, rank: int = 0, world: int = 1, placement: Placement | None = None,
-    runner: str = "auto", dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-    check_finite: bool = True,
-) -> MoELayerWeights:
+def load_moe_layer(path: str | Path, cfg: MoEConfig, layer: int, rank: int = 0, world: int = 1,
+                   placement: Placement | None = None, runner: str = "auto", dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu", check_finite: bool = True) -> MoELayerWeights:
     """Read MoE layer `layer` of the checkpoint at `path` for EP rank `rank` of `world`.
 
     Experts come by local index of `placement` (default `Placement.contiguous(E, world)`).
@@ -449,9 +434,8 @@ def _check_finite(files: CheckpointFiles, lay: _Layout, experts: ExpertWeights, 
                              "the checkpoint is corrupt (re-export it), or pass check_finite=False to load anyway")
 
 
-def _load_per_expert(
-    files: CheckpointFiles, lay: _Layout, cfg: MoEConfig, ids: torch.Tensor
-) -> tuple[ExpertWeights, dict[str, torch.Tensor]]:
+def _load_per_expert(files: CheckpointFiles, lay: _Layout, cfg: MoEConfig,
+                     ids: torch.Tensor) -> tuple[ExpertWeights, dict[str, torch.Tensor]]:
     H, I, fmt = cfg.hidden, cfg.intermediate, lay.format
     gn, un, dn = _PROJ[lay.scheme]
     w13, w2, b13, b2 = [], [], [], []
@@ -549,14 +533,12 @@ def _load_router(files: CheckpointFiles, lay: _Layout, cfg: MoEConfig, out: MoEL
         if not bool(torch.isfinite(out.correction_bias).all()):
             raise _fail(files, corr, "contains NaN or inf", "the checkpoint is corrupt")
     elif cfg.uses_correction_bias:
-        raise ValueError(
-            f"routing {cfg.routing!r} needs {lay.moe}.gate.e_score_correction_bias, missing from {files.origin}"
-        )
+        raise ValueError(f"routing {cfg.routing!r} needs {lay.moe}.gate.e_score_correction_bias, missing from "
+                         f"{files.origin}")
 
 
-def _load_shared(
-    files: CheckpointFiles, lay: _Layout, cfg: MoEConfig, dtype: torch.dtype | None
-) -> SharedExperts | None:
+def _load_shared(files: CheckpointFiles, lay: _Layout, cfg: MoEConfig, dtype: torch.dtype | None
+                 ) -> SharedExperts | None:
     if f"{lay.moe}.shared_expert_gate.weight" in files and cfg.shared_experts:
         raise _fail(files, f"{lay.moe}.shared_expert_gate.weight",
                     "a sigmoid-gated shared expert (Qwen2-MoE) is not supported by SharedExperts")
@@ -566,10 +548,8 @@ def _load_shared(
             warnings.warn(f"{base} in {files.origin} is ignored: MoEConfig.shared_experts is 0", stacklevel=3)
         return None
     if base is None:
-        raise ValueError(
-            f"MoEConfig has {cfg.shared_experts} shared experts but {files.origin} has no "
-            f"{lay.moe}.shared_experts.gate_proj.weight; fix the config or the layer index"
-        )
+        raise ValueError(f"MoEConfig has {cfg.shared_experts} shared experts but {files.origin} has no "
+                         f"{lay.moe}.shared_experts.gate_proj.weight; fix the config or the layer index")
     fmt = _weight_format(files, f"{base}.gate_proj")
     parts = {p: _read_proj(files, name, fmt, N, K) for p, (name, N, K) in _shared_projs(cfg, base).items()}
     deq = {p: v.dequantize(fmt, dtype or (v.data.dtype if fmt == "bf16" else torch.float32)) for p, v in parts.items()}

@@ -165,13 +165,6 @@ def _check_picks(picks: str) -> None:
         raise ValueError(f"picks={picks!r} is not supported; pass one of {PICKS}")
 
 
-def _model_type(hf_config: Any) -> str | None:
-    """The `model_type` of a config (of its text config for composite ones)."""
-    if hasattr(hf_config, "get_text_config"):
-        hf_config = hf_config.get_text_config()
-    return getattr(hf_config, "model_type", None)
-
-
 def _family_of(module: nn.Module) -> _Family | None:
     cls = type(module)
     return next((f for f in FAMILIES.values() if cls.__name__ == f.block and cls.__module__ == f.module), None)
@@ -199,10 +192,8 @@ def patch_model(
             `validate` defaults to False here (the model's own router; docs/hf.md).
     """
     if quant is not None and quant not in QUANT_FORMATS:
-        raise ValueError(
-            f"quant={quant!r} is not supported; pass one of {(None, *QUANT_FORMATS)} (None keeps the "
-            "expert weights in the model's dtype)"
-        )
+        raise ValueError(f"quant={quant!r} is not supported; pass one of {(None, *QUANT_FORMATS)} (None keeps the "
+                         "expert weights in the model's dtype)")
     _check_picks(picks)
     layer_kwargs.setdefault("validate", False)
     bad = sorted(set(layer_kwargs) & set(_DERIVED))
@@ -225,6 +216,8 @@ def patch_model(
     if hf_config is None:
         raise ValueError(f"{type(model).__name__} has no .config; pass the transformers model itself")
     cfg = config_from_hf(hf_config)
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    model_type = getattr(text_config, "model_type", None)  # of the text config for composite ones
     placement = layer_kwargs.pop("placement", None) or Placement.contiguous(cfg.num_experts, world)
     ids = placement.global_ids(rank)  # [E_local] global ids of this rank's experts
 
@@ -232,9 +225,9 @@ def patch_model(
     for name, block, family in blocks:
         if not name:
             raise ValueError("patch the model that holds the MoE blocks, not a block itself")
-        if family.name != _model_type(hf_config):
+        if family.name != model_type:
             raise ValueError(f"{name} is a {family.title} block but the model config has "
-                             f"model_type={_model_type(hf_config)!r}; patch a model of one family")
+                             f"model_type={model_type!r}; patch a model of one family")
         w = _expert_weights(family, block.experts, ids, own=world > 1)
         if quant is not None:
             w = ExpertWeights(quantize_weights(w.w13, quant), quantize_weights(w.w2, quant), w.b13, w.b2)
