@@ -29,24 +29,22 @@ from epmoe.ops.nvfp4 import mma_tile_ok
 from epmoe.util import cdiv, next_pow2
 
 PAIR_MODE_MAX_PAIRS = 16  # default: at most this many pairs -> one program per pair, no sort
-# nvfp4 in sorted mode: from this many rows per expert (bucketed) on, decode whole experts into a
-# scratch buffer once and run the bf16 kernels, instead of decoding each weight tile per m tile
-# (the `tl` kernels); with the tensor-core decode kernels (Gluon, bf16 activations) from
-# NVFP4_MMA_MAX_RPE on: measured on H200 with 32-row blocks against the scratch, 1.9-2.5x at 32 rows
-# per expert (qwen3, mixtral, gpt-oss, deepseek-v3), 1.4x at 64 (qwen3, mixtral)
+# nvfp4, sorted mode: from this many rows per expert (bucketed) on, decode whole experts into a scratch buffer
+# once and run the bf16 kernels instead of decoding each weight tile per m tile (`tl` kernels); with the Gluon
+# tensor-core decode kernels (bf16 activations) from NVFP4_MMA_MAX_RPE on: measured on H200 with 32-row blocks
+# against the scratch, 1.9-2.5x at 32 rows per expert (qwen3, mixtral, gpt-oss, deepseek-v3), 1.4x at 64
 NVFP4_DEQUANT_MIN_RPE = 32
 NVFP4_MMA_MAX_RPE = 128
-# nvfp4 on the Gluon decode kernels: pair mode up to this many rows per expert (bucketed); measured
-# on H200 at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort
+# nvfp4 on the Gluon decode kernels: pair mode up to this many rows per expert (bucketed); measured on H200
+# at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort
 NVFP4_PAIR_MODE_MAX_RPE = 1
-# ... and past pair mode, below NVFP4_MMA_MAX_RPE rows per expert, the sorted blocks run the
-# tensor-core decode kernels (kernels/nvfp4_mma.py) with block_m = the bucketed rows per expert up to
-# this (each further 8 rows: one more mma per decoded word); measured on H200 against the `tl` sorted
-# path with 8-row blocks: 1.6-2.6x at 2-4 rows per expert, 3.5x at 16 (mixtral-8x7b, 64 tokens)
+# ... then, below NVFP4_MMA_MAX_RPE, sorted blocks on the tensor-core decode kernels (kernels/nvfp4_mma.py),
+# block_m = the bucketed rows per expert up to this (each 8 more rows: one more mma per decoded word);
+# measured on H200 against `tl` with 8-row blocks: 1.6-2.6x at 2-4 rows per expert, 3.5x at 16 (mixtral, 64 tokens)
 NVFP4_GROUPED_MAX_BM = 32
-# pair mode: the tensor-core kernels from this many weights of gate_up touched a launch (pairs x 2I x H)
-# on, the CUDA-core Gluon pair kernels below (measured on H200: 0.83x for qwen3 at one token, 25M
-# weights; 1.13-1.38x for deepseek-v3 / mixtral at one token and qwen3 from 4 tokens, 100M-235M)
+# pair mode: the tensor-core kernels from this many gate_up weights touched per launch (pairs x 2I x H) on,
+# else the CUDA-core Gluon pair kernels (measured on H200: 0.83x for qwen3 at one token, 25M weights;
+# 1.13-1.38x for deepseek-v3 / mixtral at one token and qwen3 from 4 tokens, 100M-235M)
 NVFP4_MMA_MIN_WEIGHTS = 1 << 26
 NVFP4_DECODE_CHOICES = ("gluon", "mma", "fma", "tl")
 
@@ -133,11 +131,11 @@ def nvfp4_decode_choice(decode: str | None = None, name: str = "nvfp4_decode") -
 
 
 def gluon_decode(device: torch.device, decode: str | None = None) -> bool:
-    """Whether nvfp4 decode (pair mode, sorted blocks of up to 32 rows) runs the Gluon kernels: on Hopper
-    and newer GPUs. "gluon" (default): the tensor-core kernels (kernels/nvfp4_mma.py) where they pay (see
-    nvfp4_mma_pairs), the CUDA-core pair kernels (kernels/nvfp4_decode.py) elsewhere; "mma" / "fma" one of
-    the two in pair mode always; "tl" the `tl` kernels of grouped_gemm.py (the only ones on the CPU
-    interpreter and older GPUs, for rows not 4-byte aligned, and for fp16 / fp32 activations in sorted blocks)."""
+    """Whether nvfp4 decode (pair mode, sorted blocks of up to 32 rows) runs the Gluon kernels (Hopper+).
+    "gluon": tensor-core kernels (kernels/nvfp4_mma.py) where they pay (nvfp4_mma_pairs), CUDA-core pair
+    kernels (kernels/nvfp4_decode.py) elsewhere; "mma" / "fma": one of them in pair mode always; "tl": the
+    grouped_gemm.py kernels (the only ones on the CPU interpreter, older GPUs, rows not 4-byte aligned and
+    fp16 / fp32 activations in sorted blocks)."""
     return nvfp4_decode_choice(decode) != "tl" and device.type == "cuda" and _gluon_capable(device.index or 0)
 
 
