@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -23,90 +24,74 @@ ROUTINGS = ("softmax", "softmax_after_topk", "sigmoid_bias", "sigmoid_grouped")
 HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# (fields, check, what the fields must be): the type and range checks of MoEConfig, in order
+_FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    (("hidden", "intermediate", "num_experts", "top_k"), lambda v: _is_int(v) and v > 0, "a positive int"),
+    (("norm_topk_prob",), lambda v: isinstance(v, bool), "a bool"),
+    (("n_group", "topk_group", "shared_experts"), _is_int, "an int"),
+    (("shared_intermediate",), lambda v: v is None or _is_int(v), "an int or None"),
+    (("routed_scaling_factor", "swiglu_limit", "swiglu_alpha"),
+     lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, "a finite number > 0"),
+)
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Shapes and routing of one MoE layer.
 
-    hidden:        model width H (rows of `x` are [H]).
-    intermediate:  expert intermediate size I (w13 is [E, 2I, H], w2 is [E, H, I]).
-    num_experts:   routed experts E.
-    top_k:         experts per token K (K <= E).
-    activation:    "silu" (SiLU(gate) * up), "gelu" (GELU(gate) * up) or "swiglu_clamped"
-                   (GPT-OSS: gate clamped above at swiglu_limit, up clamped to +-swiglu_limit,
-                   (up + 1) * gate * sigmoid(swiglu_alpha * gate); experts carry biases).
-    routing:       "softmax"            softmax over E, top-k (renormalised if norm_topk_prob);
-                   "softmax_after_topk" top-k on logits, softmax over the k chosen (GPT-OSS);
-                   "sigmoid_bias"       pick by sigmoid + correction bias, weight by sigmoid (MiniMax);
-                   "sigmoid_grouped"    DeepSeek-V3 grouped top-k with correction bias.
-    norm_topk_prob:        renormalise the K chosen weights to sum to 1.
-    n_group, topk_group:   grouped top-k: keep the best `topk_group` of `n_group` expert groups.
-    routed_scaling_factor: multiplies the final routing weights (DeepSeek-V3: 2.5).
-    shared_experts:        number of always-on shared experts (fused into one MLP of width
-                           shared_experts * shared_intermediate).
-    shared_intermediate:   intermediate size of one shared expert (defaults to `intermediate`).
+    activation: "silu" (SiLU(gate) * up), "gelu" (GELU(gate) * up) or "swiglu_clamped" (GPT-OSS: gate
+                clamped above at swiglu_limit, up to +-swiglu_limit, (up + 1) * gate * sigmoid(swiglu_alpha *
+                gate); experts carry biases).
+    routing:    "softmax"            softmax over E, top-k (renormalised if norm_topk_prob);
+                "softmax_after_topk" top-k on logits, softmax over the k chosen (GPT-OSS);
+                "sigmoid_bias"       pick by sigmoid + correction bias, weight by sigmoid (MiniMax);
+                "sigmoid_grouped"    DeepSeek-V3 grouped top-k with correction bias.
     """
 
-    hidden: int
-    intermediate: int
-    num_experts: int
-    top_k: int
+    hidden: int  # model width H (rows of `x` are [H])
+    intermediate: int  # expert intermediate size I (w13 is [E, 2I, H], w2 is [E, H, I])
+    num_experts: int  # routed experts E
+    top_k: int  # experts per token K (K <= E)
     activation: str = "silu"
     routing: str = "softmax"
-    norm_topk_prob: bool = True
-    n_group: int = 1
+    norm_topk_prob: bool = True  # renormalise the K chosen weights to sum to 1
+    n_group: int = 1  # grouped top-k: keep the best `topk_group` of `n_group` expert groups
     topk_group: int = 1
-    routed_scaling_factor: float = 1.0
-    shared_experts: int = 0
-    shared_intermediate: int | None = None
-    swiglu_limit: float = 7.0
+    routed_scaling_factor: float = 1.0  # multiplies the final routing weights (DeepSeek-V3: 2.5)
+    shared_experts: int = 0  # always-on shared experts, fused into one MLP (width shared_experts * shared_intermediate)
+    shared_intermediate: int | None = None  # intermediate size of one shared expert (default: `intermediate`)
+    swiglu_limit: float = 7.0  # swiglu_clamped only
     swiglu_alpha: float = 1.702
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "intermediate", "num_experts", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        for names, ok, what in _FIELD_CHECKS:
+            for name in names:
+                value = getattr(self, name)
+                if not ok(value):
+                    raise ValueError(f"MoEConfig.{name} must be {what}, got {value!r}")
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}; "
-                "a token cannot pick more distinct experts than exist"
-            )
+            raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}; "
+                             "a token cannot pick more distinct experts than exist")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"unknown routing {self.routing!r}; choose one of {ROUTINGS}")
-        if not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(f"MoEConfig.norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
-        for name in ("n_group", "topk_group", "shared_experts"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"MoEConfig.{name} must be an int, got {value!r}")
-        if self.shared_intermediate is not None and (
-            not isinstance(self.shared_intermediate, int) or isinstance(self.shared_intermediate, bool)
-        ):
-            raise ValueError(f"MoEConfig.shared_intermediate must be an int or None, got {self.shared_intermediate!r}")
-        for name in ("routed_scaling_factor", "swiglu_limit", "swiglu_alpha"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
-                raise ValueError(f"MoEConfig.{name} must be a finite number > 0, got {value!r}")
         if self.n_group <= 0 or self.topk_group <= 0 or self.topk_group > self.n_group:
-            raise ValueError(
-                f"need 0 < topk_group <= n_group, got topk_group={self.topk_group}, "
-                f"n_group={self.n_group}"
-            )
+            raise ValueError(f"need 0 < topk_group <= n_group, got topk_group={self.topk_group}, "
+                             f"n_group={self.n_group}")
         if self.routing == "sigmoid_grouped":
             if self.num_experts % self.n_group:
-                raise ValueError(
-                    f"num_experts={self.num_experts} is not divisible by n_group={self.n_group}"
-                )
+                raise ValueError(f"num_experts={self.num_experts} is not divisible by n_group={self.n_group}")
             per_group = self.num_experts // self.n_group
             if per_group < 2:
                 raise ValueError("sigmoid_grouped needs at least 2 experts per group")
             if self.top_k > self.topk_group * per_group:
-                raise ValueError(
-                    f"top_k={self.top_k} exceeds the {self.topk_group * per_group} experts in the "
-                    f"{self.topk_group} kept groups"
-                )
+                raise ValueError(f"top_k={self.top_k} exceeds the {self.topk_group * per_group} experts in the "
+                                 f"{self.topk_group} kept groups")
         if self.shared_experts < 0:
             raise ValueError("shared_experts must be >= 0")
         if self.shared_intermediate is not None and self.shared_intermediate <= 0:
@@ -134,15 +119,9 @@ class MoEConfig:
     def scaled(self, hidden: int, intermediate: int, num_experts: int | None = None) -> MoEConfig:
         """The same routing and activation at smaller shapes, for demos and tests."""
         experts = num_experts or self.num_experts
-        changes: dict[str, Any] = {
-            "hidden": hidden,
-            "intermediate": intermediate,
-            "num_experts": experts,
-            "top_k": min(self.top_k, experts),
-        }
-        if self.shared_intermediate is not None:
-            changes["shared_intermediate"] = intermediate
-        return self.replace(**changes)
+        shared = {} if self.shared_intermediate is None else {"shared_intermediate": intermediate}
+        return self.replace(hidden=hidden, intermediate=intermediate, num_experts=experts,
+                            top_k=min(self.top_k, experts), **shared)
 
     @classmethod
     def from_preset(cls, name: str) -> MoEConfig:
@@ -150,28 +129,19 @@ class MoEConfig:
         table = _presets()
         if name not in table:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(table))}")
-        entry = dict(table[name])
-        fields = {
-            "hidden": entry.pop("hidden"),
-            "intermediate": entry.pop("intermediate"),
-            "num_experts": entry.pop("experts"),
-            "top_k": entry.pop("top_k"),
-        }
+        entry = {"num_experts" if k == "experts" else k: v for k, v in table[name].items()}
         for key in ("swiglu_limit", "swiglu_alpha", "routed_scaling_factor"):
             if key in entry:
                 entry[key] = float(entry[key])
-        return cls(**fields, **entry)
+        return cls(**entry)
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> MoEConfig:
-        """The config of the MoE layers of a Hugging Face model.
+        """The config of the MoE layers of a Hugging Face model (`HF_MODEL_TYPES`; else a ValueError).
 
-        hf_config: a transformers config object (`model.config`, `AutoConfig.from_pretrained(...)`),
-        the dict of a ``config.json``, the path of that file, or a checkpoint folder holding it.
-        Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, gpt_oss.
-        Raises ValueError for other models or settings epmoe cannot compute.
+            cfg = MoEConfig.from_hf("/models/Qwen3-30B-A3B")   # reads config.json there
 
-            cfg = MoEConfig.from_hf("/models/Qwen3-30B-A3B")          # reads config.json there
+        hf_config: a transformers config object, the dict of a ``config.json``, its path or its folder.
         """
         return _config_from_hf(_hf_text_config(hf_config))
 
@@ -216,54 +186,36 @@ class _Fields:
 
 def _hf_activation(c: Any) -> str:
     act = getattr(c, "hidden_act", "silu")
-    if act in ("silu", "swish"):
-        return "silu"
-    if act == "gelu":  # transformers' "gelu" is the exact erf form, as ours
-        return "gelu"
-    raise ValueError(
-        f"{type(c).__name__}.hidden_act={act!r} is not supported; epmoe experts compute "
-        "'silu' or 'gelu' (exact) activations"
-    )
+    if act in ("silu", "swish", "gelu"):  # transformers' "gelu" is the exact erf form, as ours
+        return "gelu" if act == "gelu" else "silu"
+    raise ValueError(f"{type(c).__name__}.hidden_act={act!r} is not supported; epmoe experts compute "
+                     "'silu' or 'gelu' (exact) activations")
 
 
 def _config_from_hf(c: Any) -> MoEConfig:
     """The field mapping of each supported model family (see integrations/hf.py for its blocks)."""
     model_type = getattr(c, "model_type", None)
     if model_type not in HF_MODEL_TYPES:
-        raise ValueError(
-            f"{type(c).__name__} (model_type={model_type!r}) is not a supported MoE family; "
-            f"supported model_types: {', '.join(HF_MODEL_TYPES)}"
-        )
-    common = {"hidden": c.hidden_size, "top_k": c.num_experts_per_tok}
-    if model_type == "mixtral":
-        # MixtralTopKRouter always renormalises the top-k probabilities.
-        return MoEConfig(
-            **common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
-            activation=_hf_activation(c), routing="softmax", norm_topk_prob=True,
-        )
-    if model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
-        shared = getattr(c, "shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
-        return MoEConfig(
-            **common,
-            intermediate=c.moe_intermediate_size if model_type != "olmoe" else c.intermediate_size,
-            num_experts=c.num_experts, activation=_hf_activation(c), routing="softmax",
-            norm_topk_prob=bool(c.norm_topk_prob),
-            shared_experts=1 if shared else 0, shared_intermediate=shared or None,
-        )
-    if model_type == "deepseek_v3":
-        return MoEConfig(
-            **common, intermediate=c.moe_intermediate_size, num_experts=c.n_routed_experts,
-            activation=_hf_activation(c), routing="sigmoid_grouped", norm_topk_prob=bool(c.norm_topk_prob),
-            n_group=c.n_group or 1, topk_group=c.topk_group or 1,
-            routed_scaling_factor=float(c.routed_scaling_factor),
-            shared_experts=c.n_shared_experts or 0,  # each of width moe_intermediate_size
-        )
-    # gpt_oss: top-k on the biased logits, softmax over the k; hidden_act is not used by the experts.
-    return MoEConfig(
-        **common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
-        activation="swiglu_clamped", routing="softmax_after_topk",
-        swiglu_limit=float(c.swiglu_limit), swiglu_alpha=float(c.swiglu_alpha),
-    )
+        raise ValueError(f"{type(c).__name__} (model_type={model_type!r}) is not a supported MoE family; "
+                         f"supported model_types: {', '.join(HF_MODEL_TYPES)}")
+    common: dict[str, Any] = {"hidden": c.hidden_size, "top_k": c.num_experts_per_tok}
+    if model_type == "gpt_oss":  # top-k on the biased logits, softmax over the k; hidden_act unused by the experts
+        return MoEConfig(**common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
+                         activation="swiglu_clamped", routing="softmax_after_topk",
+                         swiglu_limit=float(c.swiglu_limit), swiglu_alpha=float(c.swiglu_alpha))
+    if model_type == "mixtral":  # MixtralTopKRouter always renormalises the top-k probabilities
+        return MoEConfig(**common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
+                         activation=_hf_activation(c), routing="softmax", norm_topk_prob=True)
+    if model_type == "deepseek_v3":  # n_shared_experts, each of width moe_intermediate_size
+        return MoEConfig(**common, intermediate=c.moe_intermediate_size, num_experts=c.n_routed_experts,
+                         activation=_hf_activation(c), routing="sigmoid_grouped", norm_topk_prob=bool(c.norm_topk_prob),
+                         n_group=c.n_group or 1, topk_group=c.topk_group or 1,
+                         routed_scaling_factor=float(c.routed_scaling_factor), shared_experts=c.n_shared_experts or 0)
+    shared = getattr(c, "shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
+    return MoEConfig(**common, intermediate=c.moe_intermediate_size if model_type != "olmoe" else c.intermediate_size,
+                     num_experts=c.num_experts, activation=_hf_activation(c), routing="softmax",
+                     norm_topk_prob=bool(c.norm_topk_prob), shared_experts=1 if shared else 0,
+                     shared_intermediate=shared or None)
 
 
 @lru_cache(maxsize=1)

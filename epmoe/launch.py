@@ -2,16 +2,13 @@
 
     results = run_ranks(fn, world=2, args=(cfg,))     # [fn(group, *args) on rank 0, ...]
 
-Ranks use NCCL with one GPU each when `backend="nccl"` (and enough GPUs exist), else gloo on
-the CPU. Used by the tests, `epmoe demo` and `epmoe bench` when not launched by torchrun.
-`fn` must be a module-level function (it is pickled by reference) taking an `EPGroup` first.
-Workers stay alive between calls (one pool per world size) because starting a process that
-imports torch costs seconds; a pool that failed or timed out is killed and started afresh.
-A rank that does not answer within `timeout` seconds makes the call raise `DistTimeout`
-naming it; a rank that raises makes the call raise `DistError` with its traceback. Inside the
-ranks every collective is bounded too (`EPGroup(timeout=collective_timeout)`, default
-min(timeout, 60) s): a rank waiting on a peer that failed, left or skipped a call raises
-`CollectiveTimeoutError` naming it, so its traceback reaches the caller instead of a hang.
+Ranks use NCCL with one GPU each when `backend="nccl"`, else gloo on the CPU (the tests, `epmoe demo`
+and `epmoe bench` outside torchrun). `fn` must be a module-level function (pickled by reference) taking
+an `EPGroup` first. Workers live on between calls (one pool per world size: a process importing torch
+costs seconds); a pool that failed or timed out is killed and started afresh. A rank that does not
+answer within `timeout` seconds makes the call raise `DistTimeout` naming it; a rank that raises, `DistError`
+with its traceback. Every collective inside is bounded too (`EPGroup(timeout=collective_timeout)`, default
+min(timeout, 60) s): a rank waiting on a failed or absent peer raises `CollectiveTimeoutError` naming it.
 """
 
 from __future__ import annotations
@@ -39,15 +36,7 @@ class DistTimeout(RuntimeError):
     """Some ranks did not finish in time; the message names them."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(
-    rank: int, world: int, port: int, inbox: Any, outbox: Any, pg_timeout: float, backend: str
-) -> None:
+def _worker(rank: int, world: int, port: int, inbox: Any, outbox: Any, pg_timeout: float, backend: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torch.distributed as dist
@@ -55,20 +44,12 @@ def _worker(
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=pg_timeout),
-    )
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=pg_timeout))
     from epmoe.group import EPGroup
 
     group = EPGroup(timeout=pg_timeout)
-    while True:
-        job = inbox.get()
-        if job is None:
-            break
+    while (job := inbox.get()) is not None:
         fn, args, kwargs = job
         try:
             outbox.put((rank, True, fn(group, *args, **kwargs)))
@@ -79,19 +60,15 @@ def _worker(
 
 class _Pool:
     def __init__(self, world: int, pg_timeout: float, backend: str) -> None:
-        self.world = world
-        self.pg_timeout = pg_timeout
+        self.world, self.pg_timeout = world, pg_timeout
         self.outbox = _CTX.Queue()
         self.inboxes = [_CTX.Queue() for _ in range(world)]
-        port = _free_port()
-        self.procs = [
-            _CTX.Process(
-                target=_worker,
-                args=(r, world, port, self.inboxes[r], self.outbox, pg_timeout, backend),
-                daemon=True,
-            )
-            for r in range(world)
-        ]
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.procs = [_CTX.Process(target=_worker, daemon=True,
+                                   args=(r, world, port, self.inboxes[r], self.outbox, pg_timeout, backend))
+                      for r in range(world)]
         for p in self.procs:
             p.start()
 
@@ -102,6 +79,10 @@ class _Pool:
         errors: dict[int, str] = {}
         deadline = time.monotonic() + timeout
         dead_at: float | None = None  # when a dead rank was first seen
+
+        def detail() -> str:
+            return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+
         while len(results) + len(errors) < self.world:
             now = time.monotonic()
             left = deadline - now
@@ -110,14 +91,10 @@ class _Pool:
                 dead_at = now
             # a dead rank never answers: give the live ones time to raise (their collectives are
             # bounded by pg_timeout) so their errors are reported with it, then stop waiting
-            gave_up = dead_at is not None and now - dead_at > self.pg_timeout + 10
-            if left <= 0 or gave_up:
+            if left <= 0 or (dead_at is not None and now - dead_at > self.pg_timeout + 10):
                 missing = [r for r in range(self.world) if r not in results and r not in errors]
-                detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-                raise DistTimeout(
-                    f"{fn.__name__} on {self.world} ranks: ranks {missing} did not finish within "
-                    f"{now - deadline + timeout:.0f}s (dead processes: {dead}){detail}"
-                )
+                raise DistTimeout(f"{fn.__name__} on {self.world} ranks: ranks {missing} did not finish within "
+                                  f"{now - deadline + timeout:.0f}s (dead processes: {dead}){detail()}")
             if dead and len(results) + len(errors) + len(dead) == self.world:
                 dead_at = now - self.pg_timeout - 11  # every live rank answered: report now
                 continue
@@ -127,8 +104,7 @@ class _Pool:
                 continue
             (results if ok else errors)[rank] = value
         if errors:
-            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-            raise DistError(f"{fn.__name__} failed on ranks {sorted(errors)}:{detail}")
+            raise DistError(f"{fn.__name__} failed on ranks {sorted(errors)}:{detail()}")
         return [results[r] for r in range(self.world)]
 
     def close(self) -> None:
@@ -143,15 +119,8 @@ class _Pool:
                 p.kill()
 
 
-def run_ranks(
-    fn: Callable[..., Any],
-    world: int,
-    args: tuple = (),
-    kwargs: dict | None = None,
-    timeout: float = 120.0,
-    backend: str = "gloo",
-    collective_timeout: float | None = None,
-) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), kwargs: dict | None = None,
+              timeout: float = 120.0, backend: str = "gloo", collective_timeout: float | None = None) -> list[Any]:
     """Run fn(group, *args, **kwargs) on `world` ranks ("gloo" on the CPU, or "nccl" with one
     GPU per rank); return the per-rank results. timeout: seconds the whole call may take;
     collective_timeout: seconds one collective may wait inside the ranks (default
@@ -169,13 +138,10 @@ def run_ranks(
     if not pg_timeout > 0:
         raise ValueError(f"collective_timeout must be positive seconds, got {collective_timeout!r}")
     key = (world, backend, pg_timeout)
-    pool = _POOLS.get(key)
-    if pool is None:
-        pool = _POOLS[key] = _Pool(world, pg_timeout=pg_timeout, backend=backend)
+    pool = _POOLS.get(key) or _POOLS.setdefault(key, _Pool(world, pg_timeout=pg_timeout, backend=backend))
     try:
         return pool.run(fn, args, kwargs or {}, timeout)
-    except BaseException:
-        # A failed collective can leave peers blocked or the group poisoned: start afresh.
+    except BaseException:  # a failed collective can leave peers blocked or the group poisoned: start afresh
         pool.close()
         _POOLS.pop(key, None)
         raise

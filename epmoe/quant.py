@@ -1,27 +1,20 @@
 """Quantized formats: fp8 e4m3 (per-tensor, 128x128 blocks / per-token groups of 128) and nvfp4.
 
-Every format stores `data` plus scales that *multiply* the stored value on dequantization:
+Every scale *multiplies* the stored value on dequantization (docs/formats.md: conventions, sources):
 
-    fp8        x ~ data.float() * scale                         scale fp32, one per tensor
-    fp8_block  x ~ data.float() * scale[block]                  weights: one per 128x128 block
-                                                                 (DeepSeek-V3 `weight_scale_inv`),
-                                                                 activations: one per token per 128
-    nvfp4      x ~ e2m1(nibble) * block_scale[16] * global      block_scale e4m3, global fp32
-                                                                 (ModelOpt `weight_scale`,
-                                                                 `weight_scale_2`, `input_scale`)
+    fp8        x ~ data.float() * scale                     scale fp32, one per tensor
+    fp8_block  x ~ data.float() * scale[block]              weights: one per 128x128 block (DeepSeek-V3
+                                                            `weight_scale_inv`); activations: per token per 128
+    nvfp4      x ~ e2m1(nibble) * block_scale[16] * global  block_scale e4m3, global fp32 (ModelOpt
+                                                            `weight_scale`, `weight_scale_2`, `input_scale`)
 
-`QuantizedTensor` carries one quantized tensor (an expert weight stack [E, N, K], one matrix
-[N, K] or activation rows [T, H]) with its scales; comm backends move it like a tensor (row
-selection, `cat`, `.to`, exact `nbytes`) and runners call `.dequantize()`.
-
-Scale layout, one rule for every format: `scales` has the logical tensor's number of dims; along
-dim d a scale of size 1 broadcasts, any other size covers `block[d]` consecutive elements (the
-last block may be partial). `global_scale` (nvfp4 only) broadcasts the same way with block 1.
-
-The `*_torch` functions here are the plain-torch reference; `quantize_*_triton` (epmoe/ops/quant.py)
-are the launch wrappers of the Triton activation kernels, which match them bit for bit;
-`quantize_activations` picks one.
-See docs/formats.md for conventions and their sources.
+`QuantizedTensor` is one quantized tensor (weights [E, N, K] or [N, K], activation rows [T, H]) with its
+scales; comm backends move it like a tensor (row selection, `cat`, `.to`, exact `nbytes`), runners call
+`.dequantize()`. Scale layout, one rule for every format: `scales` has the logical number of dims; along
+dim d a scale of size 1 broadcasts, any other size covers `block[d]` consecutive elements (the last block
+may be partial); `global_scale` (nvfp4) broadcasts the same way with block 1.
+The `*_torch` functions are the plain-torch reference; `quantize_*_triton` (epmoe/ops/quant.py) wrap the
+Triton activation kernels, which match them bit for bit; `quantize_activations` picks one.
 """
 
 from __future__ import annotations
@@ -40,11 +33,8 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 FP4_MAX = 6.0  # largest e2m1 value
 FP8_BLOCK = 128  # DeepSeek-V3 weight blocks are 128x128, activation groups 128 values
 NVFP4_BLOCK = 16  # values per e4m3 block scale
-# Smallest amax used for a scale, so an all-zero group gets a finite, positive scale (its
-# values quantize to zero) instead of 0/0.
-AMAX_EPS = 1e-10
-# e2m1 code (low 3 bits) -> magnitude; bit 3 is the sign.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+AMAX_EPS = 1e-10  # smallest amax a scale uses: an all-zero group gets a finite scale (values quantize to 0), not 0/0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 code (low 3 bits) -> magnitude; bit 3 is the sign
 
 
 @dataclass(eq=False)  # tensors inside: compare with dequantize() or the fields
@@ -53,8 +43,8 @@ class QuantizedTensor:
 
     data:         fp8: float8_e4m3fn, the logical shape. nvfp4: uint8 [..., K/2], two e2m1
                   codes per byte, the first (even index) in the low nibble.
-    scales:       fp32 (fp8, fp8_block) or float8_e4m3fn (nvfp4), same number of dims as
-                  the logical shape; size 1 broadcasts, else one scale per `block[d]` elements.
+    scales:       fp32 (fp8, fp8_block) or float8_e4m3fn (nvfp4), one dim per logical dim
+                  (size 1 broadcasts, else one scale per `block[d]` elements).
     block:        elements per scale along each logical dim.
     format:       "fp8", "fp8_block" or "nvfp4".
     global_scale: nvfp4 only: fp32, broadcastable to the logical shape (per tensor, per expert,
@@ -70,38 +60,27 @@ class QuantizedTensor:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unknown quantized format {self.format!r}; choose one of {FORMATS}")
-        want = torch.uint8 if self.format == "nvfp4" else FP8_DTYPE
-        if self.data.dtype != want:
-            raise ValueError(f"{self.format} data must be {want}, got {self.data.dtype}")
-        scale_dtype = FP8_DTYPE if self.format == "nvfp4" else torch.float32
-        if self.scales.dtype != scale_dtype:
-            raise ValueError(f"{self.format} scales must be {scale_dtype}, got {self.scales.dtype}")
+        nvfp4 = self.format == "nvfp4"
+        for what, t, want in (("data", self.data, torch.uint8 if nvfp4 else FP8_DTYPE),
+                              ("scales", self.scales, FP8_DTYPE if nvfp4 else torch.float32)):
+            if t.dtype != want:
+                raise ValueError(f"{self.format} {what} must be {want}, got {t.dtype}")
         shape = self.shape
         if self.scales.dim() != len(shape) or len(self.block) != len(shape):
-            raise ValueError(
-                f"scales {tuple(self.scales.shape)} and block {self.block} must have one entry per "
-                f"dim of the logical shape {tuple(shape)}"
-            )
+            raise ValueError(f"scales {tuple(self.scales.shape)} and block {self.block} must have one entry per "
+                             f"dim of the logical shape {tuple(shape)}")
         for d, (n, s, b) in enumerate(zip(shape, self.scales.shape, self.block)):
             if s != 1 and s != cdiv(n, b):
-                raise ValueError(
-                    f"scales dim {d} has {s} entries; {n} elements in blocks of {b} need "
-                    f"{cdiv(n, b)} (or 1 to broadcast)"
-                )
-        if self.format == "nvfp4":
-            if self.global_scale is None or self.global_scale.dtype != torch.float32:
-                raise ValueError("nvfp4 needs an fp32 global_scale")
-            if self.global_scale.dim() != len(shape) or any(
-                g not in (1, n) for g, n in zip(self.global_scale.shape, shape)
-            ):
-                raise ValueError(
-                    f"nvfp4 global_scale {tuple(self.global_scale.shape)} must broadcast to {tuple(shape)} "
-                    "with the same number of dims"
-                )
-        elif self.global_scale is not None:
+                raise ValueError(f"scales dim {d} has {s} entries; {n} elements in blocks of {b} need "
+                                 f"{cdiv(n, b)} (or 1 to broadcast)")
+        g = self.global_scale
+        if nvfp4 and (g is None or g.dtype != torch.float32):
+            raise ValueError("nvfp4 needs an fp32 global_scale")
+        if nvfp4 and (g.dim() != len(shape) or any(m not in (1, n) for m, n in zip(g.shape, shape))):
+            raise ValueError(f"nvfp4 global_scale {tuple(g.shape)} must broadcast to {tuple(shape)} "
+                             "with the same number of dims")
+        if not nvfp4 and g is not None:
             raise ValueError(f"{self.format} has no global_scale")
-
-    # ---- tensor-like surface ------------------------------------------------------------------
 
     @property
     def shape(self) -> torch.Size:
@@ -127,10 +106,8 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes of data + scales + global scale (what a transfer moves)."""
-        total = self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
-        if self.global_scale is not None:
-            total += self.global_scale.numel() * self.global_scale.element_size()
-        return total
+        parts = (self.data, self.scales) if self.global_scale is None else (self.data, self.scales, self.global_scale)
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """A copy on `device` (data, scales and global scale move together)."""
@@ -143,10 +120,8 @@ class QuantizedTensor:
         if isinstance(index, tuple):
             raise TypeError("QuantizedTensor supports indexing of the leading dim only")
         if self.block[0] != 1 and self.scales.shape[0] != 1:
-            raise ValueError(
-                f"cannot index the leading dim of a {self.format} tensor whose scales cover "
-                f"{self.block[0]} rows each; dequantize first"
-            )
+            raise ValueError(f"cannot index the leading dim of a {self.format} tensor whose scales cover "
+                             f"{self.block[0]} rows each; dequantize first")
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             if t.shape[0] == 1 and self.shape[0] != 1:  # broadcast dim
@@ -171,18 +146,14 @@ class QuantizedTensor:
 
         for p in parts[1:]:
             if p.format != first.format or blocks(p) != blocks(first) or p.shape[1:] != first.shape[1:]:
-                raise ValueError(
-                    f"cannot cat {p.format} {tuple(p.shape)} block {p.block} with "
-                    f"{first.format} {tuple(first.shape)} block {first.block}"
-                )
+                raise ValueError(f"cannot cat {p.format} {tuple(p.shape)} block {p.block} with "
+                                 f"{first.format} {tuple(first.shape)} block {first.block}")
 
         def join(ts: list[torch.Tensor], shapes: list[int]) -> torch.Tensor:
             if all(t.shape[0] == 1 for t in ts) and any(n != 1 for n in shapes):
                 if not all(torch.equal(t, ts[0]) for t in ts):
-                    raise ValueError(
-                        "cannot cat quantized tensors with different per-tensor scales; quantize "
-                        "every part with the same scale (static input scale or an all-reduced amax)"
-                    )
+                    raise ValueError("cannot cat quantized tensors with different per-tensor scales; quantize "
+                                     "every part with the same scale (static input scale or an all-reduced amax)")
                 return ts[0]
             return torch.cat([t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t for t, n in zip(ts, shapes)])
 
@@ -193,10 +164,7 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The logical tensor in `dtype` (computed in fp32)."""
-        if self.format == "nvfp4":
-            values = unpack_e2m1(self.data)  # [..., K] fp32
-        else:
-            values = self.data.float()
+        values = unpack_e2m1(self.data) if self.format == "nvfp4" else self.data.float()  # [..., K] fp32
         out = values * expand_scales(self.scales.float(), self.block, self.shape)
         if self.global_scale is not None:
             out = out * self.global_scale
@@ -214,53 +182,47 @@ def expand_scales(scales: torch.Tensor, block: Sequence[int], shape: Sequence[in
 
 
 def div_rn(t: torch.Tensor, c: float) -> torch.Tensor:
-    """t / c with IEEE round-to-nearest division on every device. PyTorch's CUDA kernels divide
-    by a Python scalar as a multiply by its reciprocal (1 ulp off at times), so the same bf16 rows
-    got other fp8 scales on a GPU than on the CPU; dividing by a 0-dim tensor on t's device is
-    true division everywhere (and what the Triton kernels' div_rn computes)."""
+    """t / c with IEEE round-to-nearest division on every device. PyTorch's CUDA kernels divide by a
+    Python scalar as a multiply by its reciprocal (1 ulp off at times: other fp8 scales on a GPU than on
+    the CPU); a 0-dim tensor on t's device divides truly everywhere (as the Triton kernels' div_rn)."""
     return t / torch.full((), c, dtype=t.dtype, device=t.device)
 
 
-def _check_float(x: torch.Tensor, what: str) -> None:
+def _check_float(x: torch.Tensor, what: str, dims: str = "", ok: bool = True) -> None:
     if not x.is_floating_point() or x.dtype == FP8_DTYPE:
         raise ValueError(f"{what} expects a bf16/fp16/fp32 tensor, got {x.dtype}")
+    if not ok:
+        raise ValueError(f"{what} needs {dims}, got shape {tuple(x.shape)}")
 
 
-# ---- fp8 per-tensor ---------------------------------------------------------------------------
+def _static_scale(scale: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError(f"{what} must be finite and > 0")
+    return scale
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> QuantizedTensor:
     """fp8 e4m3 with one fp32 scale per trailing matrix (per expert for [E, N, K], one for [N, K]
     or activations [T, H]). `scale` (static, e.g. a checkpoint `input_scale`) must broadcast the
     same way; default: amax / 448. data = clamp(x / scale, +-448) rounded to nearest even."""
-    _check_float(x, "quantize_fp8")
-    if x.dim() < 2:
-        raise ValueError(f"quantize_fp8 needs a matrix or a stack of matrices, got shape {tuple(x.shape)}")
-    xf = x.float()
-    lead = x.shape[:-2]
+    _check_float(x, "quantize_fp8", "a matrix or a stack of matrices", x.dim() >= 2)
+    xf, lead = x.float(), x.shape[:-2]
     if scale is None:
         amax = xf.abs().amax(dim=(-2, -1), keepdim=True) if xf.numel() else xf.new_zeros(*lead, 1, 1)
         scale = div_rn(amax.clamp_min(AMAX_EPS), FP8_MAX)  # [..., 1, 1]
     else:
         scale = scale.float().to(x.device)
         scale = scale.reshape([1] * x.dim()) if scale.numel() == 1 else scale.reshape(*lead, 1, 1)
-        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-            raise ValueError("quantize_fp8: a static scale must be finite and > 0")
+        _static_scale(scale, "quantize_fp8: a static scale")
     data = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    scale = scale.expand(*lead, 1, 1).contiguous()
-    return QuantizedTensor(data, scale, (*[1] * len(lead), *x.shape[-2:]), "fp8")
-
-
-# ---- fp8 blocks (DeepSeek-V3) -------------------------------------------------------------------
+    return QuantizedTensor(data, scale.expand(*lead, 1, 1).contiguous(), (*[1] * len(lead), *x.shape[-2:]), "fp8")
 
 
 def quantize_fp8_block_torch(x: torch.Tensor, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> QuantizedTensor:
     """Weights [..., N, K] -> fp8 e4m3 with one fp32 scale per block[0] x block[1] tile of the last
     two dims (scales [..., ceil(N/128), ceil(K/128)], DeepSeek-V3 `weight_scale_inv`).
     scale = amax(tile) / 448; data = x / scale rounded to nearest even."""
-    _check_float(x, "quantize_fp8_block_torch")
-    if x.dim() < 2:
-        raise ValueError(f"block quantization needs [..., N, K], got {tuple(x.shape)}")
+    _check_float(x, "quantize_fp8_block_torch", "[..., N, K] (block quantization)", x.dim() >= 2)
     *lead, N, K = x.shape
     bn, bk = block
     pn, pk = cdiv(N, bn) * bn, cdiv(K, bk) * bk
@@ -275,29 +237,17 @@ def quantize_fp8_block_torch(x: torch.Tensor, block: tuple[int, int] = (FP8_BLOC
 
 def quantize_fp8_groups_torch(x: torch.Tensor, group: int = FP8_BLOCK) -> QuantizedTensor:
     """Activations [T, H] -> fp8 e4m3 with one fp32 scale per token per `group` values
-    (scales [T, ceil(H/group)]). Per group: s = max(amax, 1e-10) / 448, q = rne(clamp(x / s))."""
-    _check_float(x, "quantize_fp8_groups_torch")
-    if x.dim() != 2:
-        raise ValueError(f"activation quantization needs [T, H], got {tuple(x.shape)}")
-    T, H = x.shape
-    G = cdiv(H, group)
-    xf = torch.nn.functional.pad(x.float(), (0, G * group - H)).view(T, G, group)  # [T, G, group]
-    scales = div_rn(xf.abs().amax(dim=-1).clamp_min(AMAX_EPS), FP8_MAX)  # [T, G]
-    q = (xf / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return QuantizedTensor(q.view(T, G * group)[:, :H].contiguous(), scales, (1, group), "fp8_block")
-
-
-# ---- nvfp4 ---------------------------------------------------------------------------------------
+    (scales [T, ceil(H/group)]): the block quantization with 1 x group tiles, s = max(amax, 1e-10) / 448."""
+    _check_float(x, "quantize_fp8_groups_torch", "[T, H] (activation quantization)", x.dim() == 2)
+    return quantize_fp8_block_torch(x, (1, group))
 
 
 def round_e2m1(a: torch.Tensor) -> torch.Tensor:
     """|x| (fp32, >= 0) -> e2m1 magnitude code 0..7, round to nearest, ties to even code,
     saturating at 6. Each threshold is a midpoint; `>=` where the upper neighbour is even."""
-    return (
-        (a > 0.25).to(torch.uint8) + (a >= 0.75).to(torch.uint8) + (a > 1.25).to(torch.uint8)
-        + (a >= 1.75).to(torch.uint8) + (a > 2.5).to(torch.uint8) + (a >= 3.5).to(torch.uint8)
-        + (a > 5.0).to(torch.uint8)
-    )
+    return ((a > 0.25).to(torch.uint8) + (a >= 0.75).to(torch.uint8) + (a > 1.25).to(torch.uint8)
+            + (a >= 1.75).to(torch.uint8) + (a > 2.5).to(torch.uint8) + (a >= 3.5).to(torch.uint8)
+            + (a > 5.0).to(torch.uint8))
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
@@ -308,18 +258,12 @@ def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
 _E2M1_LUT: dict[torch.device, torch.Tensor] = {}
 
 
-def _e2m1_lut(device: torch.device) -> torch.Tensor:
-    """The 16 e2m1 values (code order) on `device`, copied once: a copy inside a CUDA-graph capture
-    is illegal, and a first eager call (a capture's warm-up) makes it."""
-    lut = _E2M1_LUT.get(device)
-    if lut is None:
-        lut = _E2M1_LUT[device] = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), device=device)
-    return lut
-
-
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """[..., K/2] uint8 -> [..., K] fp32 values (inverse of pack_e2m1 + the e2m1 grid)."""
-    lut = _e2m1_lut(packed.device)  # [16]
+    lut = _E2M1_LUT.get(packed.device)  # [16], copied once per device: a copy inside a CUDA-graph
+    if lut is None:  # capture is illegal, and a first eager call (a capture's warm-up) makes it
+        lut = _E2M1_LUT[packed.device] = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES),
+                                                       device=packed.device)
     codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).long()  # [..., K]
     return lut[codes]
 
@@ -347,10 +291,8 @@ def quantize_nvfp4_torch(x: torch.Tensor, global_scale: torch.Tensor | None = No
         g = nvfp4_global_scale(xf) if xf.numel() else xf.new_ones(*x.shape[:-2], 1, 1)
     else:
         g = global_scale.float()
-        if g.dim() != x.dim():
-            g = g.reshape([1] * (x.dim() - g.dim()) + list(g.shape))
-        if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
-            raise ValueError("nvfp4 global scale must be finite and > 0")
+        g = _static_scale(g if g.dim() == x.dim() else g.reshape([1] * (x.dim() - g.dim()) + list(g.shape)),
+                          "nvfp4 global scale")
     *lead, K = x.shape
     blocks = xf.reshape(*lead, K // NVFP4_BLOCK, NVFP4_BLOCK)  # [..., K/16, 16]
     gb = g.unsqueeze(-1)  # broadcast over the block dim
@@ -383,20 +325,17 @@ def quantize_activations(x: torch.Tensor, fmt: str, scale: torch.Tensor | None =
         return quantize_fp8(x, scale)
     if fmt == "fp8_block":
         return quantize_fp8_groups_triton(x) if backend == "triton" else quantize_fp8_groups_torch(x)
-    if fmt == "nvfp4":
-        if backend == "triton":
-            return quantize_nvfp4_triton(x, scale)
-        return quantize_nvfp4_torch(x, None if scale is None else scale.reshape(1, 1).to(x.device))
-    raise ValueError(f"unknown activation format {fmt!r}; choose one of {FORMATS}")
+    if fmt != "nvfp4":
+        raise ValueError(f"unknown activation format {fmt!r}; choose one of {FORMATS}")
+    if backend == "triton":
+        return quantize_nvfp4_triton(x, scale)
+    return quantize_nvfp4_torch(x, None if scale is None else scale.reshape(1, 1).to(x.device))
 
 
 def quantize_weights(w: torch.Tensor, fmt: str) -> QuantizedTensor:
     """Quantize expert weights [E, N, K] (or one matrix [N, K]) in `fmt` with dynamic scales:
     fp8 one scale per matrix, fp8_block 128x128 blocks, nvfp4 16-value blocks + a global per matrix."""
-    if fmt == "fp8":
-        return quantize_fp8(w)
-    if fmt == "fp8_block":
-        return quantize_fp8_block_torch(w)
-    if fmt == "nvfp4":
-        return quantize_nvfp4_torch(w)
-    raise ValueError(f"unknown weight format {fmt!r}; choose one of {FORMATS}")
+    quantize = {"fp8": quantize_fp8, "fp8_block": quantize_fp8_block_torch, "nvfp4": quantize_nvfp4_torch}.get(fmt)
+    if quantize is None:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {FORMATS}")
+    return quantize(w)

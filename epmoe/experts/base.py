@@ -4,8 +4,7 @@ Weight layout (one MoE layer, this rank's experts, by local index):
     w13: [E_local, 2I, H]  gate rows [0, I) then up rows [I, 2I)  (HF gate_proj; up_proj)
     w2:  [E_local, H, I]   down projection                         (HF down_proj)
     b13: [E_local, 2I] fp32 or None, b2: [E_local, H] fp32 or None  (GPT-OSS biases)
-A weight may be a plain Tensor (bf16/fp16/fp32) or a quantized tensor (see epmoe.quant) that
-offers `.dequantize(dtype)`.
+A weight is a plain Tensor (bf16/fp16/fp32) or a quantized tensor (epmoe.quant) with `.dequantize(dtype)`.
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
 from epmoe.registry import Registry
 
-# The unquantized weight formats, each named after its dtype. The runners, the selection table
-# (select.WEIGHT_FORMATS, a runner's `formats`) and the tuned tables treat them alike, as the
-# unquantized family keyed "bf16" (see weight_family); what a user sees names the real dtype.
+# The unquantized weight formats, each named after its dtype. Runners' `formats`, the selection table
+# (select.WEIGHT_FORMATS) and the tuned tables treat them alike, as the family keyed "bf16" (weight_family);
+# what a user sees names the real dtype.
 FLOAT_FORMATS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLOAT_WEIGHT_DTYPES = tuple(FLOAT_FORMATS.values())
 UNQUANTIZED = "bf16"  # the key of the unquantized family in runners' formats and tuned tables
@@ -34,16 +33,13 @@ def float_format(dtype: torch.dtype) -> str:
 
 
 def weight_family(fmt: str) -> str:
-    """The format runners, the selection table and tuned tables key on: "bf16" for every
-    unquantized float format ("bf16", "fp16", "fp32"), else `fmt` itself ("fp8", ...)."""
+    """"bf16" for every unquantized format ("bf16", "fp16", "fp32"), else `fmt` ("fp8", ...)."""
     return UNQUANTIZED if fmt in FLOAT_FORMATS else fmt
 
 
 def as_float(t: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A plain tensor in `dtype`: dequantizes quantized tensors, casts plain ones."""
-    if isinstance(t, torch.Tensor):
-        return t.to(dtype)
-    return t.dequantize(dtype)
+    return t.to(dtype) if isinstance(t, torch.Tensor) else t.dequantize(dtype)
 
 
 @dataclass
@@ -61,9 +57,8 @@ class ExpertWeights:
 
     @property
     def format(self) -> str:
-        """The weights' format: their dtype for plain tensors ("bf16", "fp16", "fp32"), else the
-        quantized format ("fp8", "fp8_block", "nvfp4"). weight_family(format) is what runners
-        and the selection table match against their `formats`."""
+        """The dtype of plain tensors ("bf16", "fp16", "fp32"), else the quantized format ("fp8",
+        "fp8_block", "nvfp4"); weight_family(format) is what runners and the selection table match."""
         return float_format(self.w13.dtype) if isinstance(self.w13, torch.Tensor) else self.w13.format
 
     @property
@@ -80,45 +75,30 @@ class ExpertWeights:
             t = getattr(self, name)
             if t is None:
                 raise ValueError(f"expert weight {name} is missing; {cfg.activation} experts need it")
+            if isinstance(t, torch.Tensor) and name in ("w13", "w2") and t.dtype == torch.float64:
+                raise ValueError(f"expert weight {name} is float64, which the runners do not support; convert it "
+                                 f"with {name}.float() (or .bfloat16())")
             if isinstance(t, torch.Tensor) and name in ("w13", "w2") and t.dtype not in FLOAT_WEIGHT_DTYPES:
-                if t.dtype == torch.float64:
-                    raise ValueError(
-                        f"expert weight {name} is float64, which the runners do not support; convert it "
-                        f"with {name}.float() (or .bfloat16())"
-                    )
-                raise ValueError(
-                    f"expert weight {name} is {t.dtype}; unquantized weights must be bf16, fp16 or fp32 "
-                    "(quantized weights: an epmoe.quant QuantizedTensor, e.g. quantize_weights(w, 'fp8'))"
-                )
+                raise ValueError(f"expert weight {name} is {t.dtype}; unquantized weights must be bf16, fp16 or fp32 "
+                                 "(quantized weights: an epmoe.quant QuantizedTensor, e.g. quantize_weights(w, 'fp8'))")
             if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"expert weight {name} has shape {tuple(t.shape)}, expected {shape} "
-                    f"(E_local={E}, H={H}, I={I})"
-                )
+                raise ValueError(f"expert weight {name} has shape {tuple(t.shape)}, expected {shape} "
+                                 f"(E_local={E}, H={H}, I={I})")
 
     @classmethod
-    def random(
-        cls,
-        cfg: MoEConfig,
-        num_local: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        generator: torch.Generator | None = None,
-        scale: float = 1.0,
-    ) -> ExpertWeights:
+    def random(cls, cfg: MoEConfig, num_local: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+               scale: float = 1.0) -> ExpertWeights:
         """Random weights with unit-variance outputs (for tests, demos and benchmarks)."""
         E, H, I = num_local, cfg.hidden, cfg.intermediate
 
         def rnd(*shape: int, fan_in: int) -> torch.Tensor:
-            t = torch.randn(*shape, generator=generator) * (scale / fan_in**0.5)
-            return t.to(device=device, dtype=dtype)
+            return (torch.randn(*shape, generator=generator) * (scale / fan_in**0.5)).to(device=device, dtype=dtype)
 
         w13, w2 = rnd(E, 2 * I, H, fan_in=H), rnd(E, H, I, fan_in=I)
-        b13 = b2 = None
-        if cfg.has_bias:
-            b13 = rnd(E, 2 * I, fan_in=4).float()
-            b2 = rnd(E, H, fan_in=4).float()
-        return cls(w13, w2, b13, b2)
+        if not cfg.has_bias:
+            return cls(w13, w2)
+        return cls(w13, w2, rnd(E, 2 * I, fan_in=4).float(), rnd(E, H, fan_in=4).float())
 
     def select(self, local: torch.Tensor) -> ExpertWeights:
         """The experts at local indices `local` (e.g. one rank's share of a full set)."""
@@ -127,20 +107,14 @@ class ExpertWeights:
 
 
 class ExpertRunner:
-    """Computes expert MLPs for the pairs of a `Dispatched`.
+    """Computes expert MLPs for the pairs of a `Dispatched`: `runner(d)` -> out [M, H] in the activation
+    dtype, one row per pair (padding pairs: undefined rows), no router weights. Built once per layer.
 
-    Built once per layer with the rank's weights; `runner(d)` returns out [M, H] in the
-    activation dtype, one row per pair (padding pairs: undefined rows), no router weights.
-
-    Every runner declares itself (the registry refuses one that leaves any to this class):
-        formats:         weight formats it accepts ("bf16" = the unquantized family: bf16, fp16
-                         and fp32 weights alike; see weight_family)
-        devices:         "cpu" / "cuda"
-        needs_host_sync: whether a call reads device values on the host
-        priority:        higher = faster; select.py picks the highest-priority runner that fits
-        Options:         frozen dataclass of its options, all with defaults
-    and `prepare(weights, cfg)`, the one-time transform of loaded weights into the layout its
-    kernels read (checkpoint.py calls it at the end of loading).
+    Every runner declares (the registry refuses one that leaves any to this class): `formats` (weight
+    formats; "bf16" = the unquantized family, see weight_family), `devices` ("cpu" / "cuda"),
+    `needs_host_sync` (a call reads device values on the host), `priority` (higher = faster; select.py
+    picks the highest that fits), `Options` (frozen dataclass, all fields with defaults), and
+    `prepare(weights, cfg)`, the one-time transform into its kernels' layout (checkpoint.py calls it).
     """
 
     name: ClassVar[str]
@@ -152,8 +126,7 @@ class ExpertRunner:
 
     def __init__(self, cfg: MoEConfig, weights: ExpertWeights, options: Any = None) -> None:
         """options None = `Options()`."""
-        self.cfg = cfg
-        self.weights = weights
+        self.cfg, self.weights = cfg, weights
         self.options = self.Options() if options is None else options
         if not isinstance(self.options, self.Options):
             raise TypeError(f"runner {self.name!r} takes {self.Options.__name__} options, "

@@ -1,4 +1,4 @@
-"""Reference expert runner: plain torch, fp32 accumulation, one loop over local experts.
+"""Reference expert runner: plain torch, fp32, one loop over local experts (the oracle of every runner).
 
     for each local expert e:
         rows = pairs p with expert_ids[p] == e
@@ -6,11 +6,10 @@
         a    = act(h @ w13[e].T + b13[e])                 # [n, I]
         out[rows] = a @ w2[e].T + b2[e]                   # [n, H]
 
-This is the oracle every fast runner is tested against. Quantized weights or payloads are
-dequantized to fp32 first, so the same runner is the reference for every format.
-`act_quant="fp8_block"` is the twin of a w8a8 runner: the hidden rows (unless they arrived
-quantized) and the activation between the GEMMs round-trip through e4m3 with one scale per
-row and 128 values (`quantize_fp8_groups_torch`), as the fp8 tensor-core GEMMs see them.
+Quantized weights or payloads are dequantized to fp32 first, so it is the reference for every format.
+`act_quant="fp8_block"` is the twin of a w8a8 runner: the hidden rows (unless they arrived quantized) and
+the activation between the GEMMs round-trip through e4m3 with one scale per row and 128 values
+(`quantize_fp8_groups_torch`), as the fp8 tensor-core GEMMs see them.
 """
 
 from __future__ import annotations
@@ -26,34 +25,22 @@ from epmoe.experts.base import ExpertRunner, ExpertWeights, as_float, register_r
 from epmoe.quant import quantize_fp8_groups_torch
 
 
-def reference_experts(
-    hidden: torch.Tensor,
-    row_ids: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: ExpertWeights,
-    cfg: MoEConfig,
-    out_dtype: torch.dtype | None = None,
-    act_quant: str | None = None,
-) -> torch.Tensor:
-    """hidden [N, H] (or quantized), row_ids/expert_ids [M] -> out [M, H] in out_dtype
-    (default: hidden's dtype, fp32 for quantized payloads). Padding pairs get zero rows.
-    act_quant: None, or "fp8_block" (see the module docstring)."""
+def reference_experts(hidden: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor, weights: ExpertWeights,
+                      cfg: MoEConfig, out_dtype: torch.dtype | None = None, act_quant: str | None = None
+                      ) -> torch.Tensor:
+    """hidden [N, H] (or quantized), row_ids/expert_ids [M] -> out [M, H] in out_dtype (default: hidden's
+    dtype, fp32 for quantized payloads). Padding pairs get zero rows. act_quant: None or "fp8_block"."""
     if act_quant not in (None, "fp8_block"):
         raise ValueError(f"act_quant must be None or 'fp8_block', got {act_quant!r}")
 
-    def fake_quant(t: torch.Tensor) -> torch.Tensor:
-        if act_quant is None or t.shape[0] == 0:
-            return t
-        return quantize_fp8_groups_torch(t).dequantize(torch.float32)
+    def fake_quant(t: torch.Tensor) -> torch.Tensor:  # e4m3 round trip, one scale per row and 128 values
+        return t if act_quant is None or t.shape[0] == 0 else quantize_fp8_groups_torch(t).dequantize(torch.float32)
 
     fp8_rows = act_quant and not isinstance(hidden, torch.Tensor) and hidden.format in ("fp8", "fp8_block")
     x = as_float(hidden) if fp8_rows else fake_quant(as_float(hidden))  # [N, H] fp32
     out_dtype = out_dtype or (hidden.dtype if isinstance(hidden, torch.Tensor) else torch.float32)
-    M, H = expert_ids.shape[0], x.shape[1]
-    out = torch.zeros(M, H, dtype=torch.float32, device=x.device)
-    if M == 0:
-        return out.to(out_dtype)
-    ids = expert_ids.long()
+    out = torch.zeros(expert_ids.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [M, H]
+    ids = expert_ids.long()  # [M], -1 = padding
     for e in ids[ids >= 0].unique().tolist():
         rows = (ids == e).nonzero().flatten()  # [n]
         h = x[row_ids[rows].long()]  # [n, H]
@@ -61,9 +48,7 @@ def reference_experts(
         if weights.b13 is not None:
             gate_up = gate_up + weights.b13[e].float()
         y = fake_quant(activate(gate_up, cfg)) @ as_float(weights.w2[e]).T  # [n, H]
-        if weights.b2 is not None:
-            y = y + weights.b2[e].float()
-        out[rows] = y
+        out[rows] = y if weights.b2 is None else y + weights.b2[e].float()
     return out.to(out_dtype)
 
 
@@ -74,6 +59,8 @@ class ReferenceOptions:
 
 @register_runner
 class ReferenceRunner(ExpertRunner):
+    """`reference_experts` as a runner (every format, CPU and CUDA)."""
+
     name = "reference"
     formats = ("bf16", "fp8", "fp8_block", "nvfp4")
     devices = ("cpu", "cuda")
@@ -88,18 +75,11 @@ class ReferenceRunner(ExpertRunner):
 
     def __call__(self, d: Dispatched, out: torch.Tensor | None = None) -> torch.Tensor:
         y = reference_experts(d.hidden, d.row_ids, d.expert_ids, self.weights, self.cfg)
-        if out is None:
-            return y
-        return out.copy_(y)
+        return y if out is None else out.copy_(y)
 
 
-def naive_moe(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    experts: ExpertWeights,
-    cfg: MoEConfig,
-) -> torch.Tensor:
+def naive_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights,
+              cfg: MoEConfig) -> torch.Tensor:
     """The whole routed MoE, one token and one expert at a time, in fp32 (the test oracle).
 
     x [T, H], ids [T, K] global expert ids, weights [T, K], experts: all E experts.
@@ -107,10 +87,8 @@ def naive_moe(
     """
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
     for t in range(x.shape[0]):
-        h = x[t].float()  # [H]
-        for k in range(ids.shape[1]):
-            e = int(ids[t, k])
-            gate_up = as_float(experts.w13[e]) @ h  # [2I]
+        for k, e in enumerate(ids[t].tolist()):
+            gate_up = as_float(experts.w13[e]) @ x[t].float()  # [2I]
             if experts.b13 is not None:
                 gate_up = gate_up + experts.b13[e].float()
             y = as_float(experts.w2[e]) @ activate(gate_up[None], cfg)[0]  # [H]

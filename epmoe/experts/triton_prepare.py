@@ -1,8 +1,7 @@
 """Load-time weight preparation of the triton runner (`TritonRunner.prepare`).
 
-The loader fuses gate and up projections into w13, which can leave scales finer than the
-kernels' grid; `prepare_triton` merges them (largest scale wins, smaller rows requantized, bounds
-in the docstrings below and docs/formats.md). `_scale_rows` is the per-row view both merges read.
+The loader's fused w13 can hold finer scales than the kernels' grid; `prepare_triton` merges them
+(largest scale wins, smaller rows requantized; bounds in docs/formats.md, "The Triton runner's layout").
 """
 
 from __future__ import annotations
@@ -23,13 +22,9 @@ def prepare_triton(weights: ExpertWeights, cfg: MoEConfig) -> ExpertWeights:
         fp8_block  one fp32 scale per 128x128 tile: scales [E, ceil(N/128), ceil(K/128)]
         nvfp4      e4m3 scales [E, N, K/16] and one fp32 global scale per expert [E, 1, 1]
 
-    The loader's fused w13 can hold finer scales than that, which are merged here (w2 already
-    fits): fp8 has gate's and up's scale ([E, 2, 1]); fp8_block with I % 128 != 0 has one scale
-    row per weight row (up's rows start off the 128 grid); nvfp4 has a global scale per row when
-    gate's and up's `weight_scale_2` differ. Where the scales agree nothing changes. Otherwise
-    `_merge_fp8_scales` / `_merge_nvfp4_globals` take the largest scale and requantize the rows
-    that had a smaller one; the bounds on that extra rounding are in their docstrings and
-    docs/formats.md.
+    The loader's w13 may hold finer scales (w2 already fits): fp8 gate's and up's ([E, 2, 1]); fp8_block
+    with I % 128 != 0 one row per weight row; nvfp4 a global per row when gate's and up's differ. Where
+    the scales agree nothing changes.
     """
     if weight_family(weights.format) == "bf16":  # unquantized: bf16, fp16 or fp32
         return ExpertWeights(weights.w13.contiguous(), weights.w2.contiguous(), weights.b13, weights.b2)
@@ -49,11 +44,8 @@ def _scale_rows(w: QuantizedTensor) -> torch.Tensor:
 def _merge_fp8_scales(w: QuantizedTensor) -> QuantizedTensor:
     """fp8 -> one scale per expert; fp8_block -> one scale per 128x128 tile (the kernels' grid).
 
-    Each tile takes the largest scale s_max of the rows in it. Rows whose scale is s_max keep
-    their bytes (exact); the others are requantized, q' = e4m3(q * s / s_max) (round to nearest
-    even; s / s_max <= 1, so nothing saturates). Per value x = q * s the change is at most half an
-    e4m3 step: |x' - x| <= max(2^-4 |x|, 2^-10 s_max) (3 mantissa bits; subnormal step 2^-9 s_max).
-    That is exact where s / s_max is a power of two and q * s / s_max stays normal.
+    Each tile takes the largest scale s_max of its rows; rows at s_max keep their bytes, the others
+    become q' = e4m3(q * s / s_max) (nothing saturates): |x' - x| <= max(2^-4 |x|, 2^-10 s_max).
     """
     E, N, K = w.shape
     row_block, col_block = (N, K) if w.format == "fp8" else (FP8_BLOCK, FP8_BLOCK)
@@ -92,12 +84,9 @@ def _merge_nvfp4_globals(w: QuantizedTensor) -> QuantizedTensor:
     """nvfp4 with a global scale per row (fused gate/up whose `weight_scale_2` differ) -> one
     global per expert, G = the largest.
 
-    A row with global g < G folds g / G into its e4m3 block scales: bs' = e4m3(bs * g / G). A
-    block where that is exact (bs' * G == bs * g, e.g. g / G a power of two) keeps its codes and
-    dequantizes to the same values. Other blocks take bs' = the smallest e4m3 >= bs * g / G and
-    their values are requantized to e2m1 (round to nearest, ties to even; |x| / (bs' G) <= 6, so
-    nothing saturates). Per value the change is at most half an e2m1 step:
-    |x' - x| <= max(bs' G / 4, |x| / 4).
+    A row with global g < G folds g / G into its block scales: blocks where bs' = e4m3(bs * g / G) is
+    exact keep their codes; the others take bs' = the smallest e4m3 >= bs * g / G and requantize their
+    values to e2m1 (nothing saturates): |x' - x| <= max(bs' G / 4, |x| / 4).
     """
     E, N, K = w.shape
     g = w.global_scale.float()

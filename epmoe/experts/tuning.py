@@ -1,19 +1,15 @@
-"""How the triton runner picks its kernels and tiles for a call: the configs, the tuned tables,
-and the mode predicates.
+"""How the triton runner picks its kernels and tiles for a call: configs, tuned tables, mode predicates.
 
     select_config(fmt, M, E, H, I, top_k, device)  -> ExpertsConfig
         the tuned table of the GPU model if it has the key, else `default_config` (a heuristic)
 
 A table is keyed by (weight format, H, I, rows-per-expert bucket) for one GPU model (shipped in
 epmoe/tuning/experts_<gpu>.json, or written by `python -m epmoe.bench.experts --tune` under
-`tuning_dir()`, which wins). The bucket is computed from M rounded up to a power of two *tokens*
-(M / top_k), so an eager call and the CUDA graph of the enclosing power-of-two bucket run the
-same kernels and give bitwise-equal rows.
-
-The mode predicates say which kernels a call runs: pair mode (one program per pair, no sort),
-the Gluon nvfp4 decode kernels (`gluon_decode`, `nvfp4_mma_pairs`, `nvfp4_grouped_for`,
-`nvfp4_sorted_kernels`). `decode` arguments are the runner's nvfp4 decode choice
-(TritonOptions.nvfp4_decode); None reads it from EPMOE_NVFP4_DECODE.
+`tuning_dir()`, which wins). The bucket comes from M rounded up to a power of two *tokens* (M / top_k),
+so an eager call and the CUDA graph of the enclosing bucket run the same kernels (bitwise-equal rows).
+The predicates say which kernels a call runs: pair mode (one program per pair, no sort) or the Gluon
+nvfp4 decode kernels; `decode` is the runner's nvfp4 decode choice (TritonOptions.nvfp4_decode; None
+reads EPMOE_NVFP4_DECODE).
 """
 
 from __future__ import annotations
@@ -33,32 +29,30 @@ from epmoe.ops.nvfp4 import mma_tile_ok
 from epmoe.util import cdiv, next_pow2
 
 PAIR_MODE_MAX_PAIRS = 16  # default: at most this many pairs -> one program per pair, no sort
-# nvfp4 in sorted mode: from this many rows per expert (bucketed) on, decode whole experts into a
-# scratch buffer once and run the bf16 kernels, instead of decoding each weight tile per m tile
-# (the `tl` kernels); with the tensor-core decode kernels (Gluon, bf16 activations) from
-# NVFP4_MMA_MAX_RPE on: measured on H200 with 32-row blocks against the scratch, 1.9-2.5x at 32 rows
-# per expert (qwen3, mixtral, gpt-oss, deepseek-v3), 1.4x at 64 (qwen3, mixtral)
+# nvfp4, sorted mode: from this many rows per expert (bucketed) on, decode whole experts into a scratch buffer
+# once and run the bf16 kernels instead of decoding each weight tile per m tile (`tl` kernels); with the Gluon
+# tensor-core decode kernels (bf16 activations) from NVFP4_MMA_MAX_RPE on: measured on H200 with 32-row blocks
+# against the scratch, 1.9-2.5x at 32 rows per expert (qwen3, mixtral, gpt-oss, deepseek-v3), 1.4x at 64
 NVFP4_DEQUANT_MIN_RPE = 32
 NVFP4_MMA_MAX_RPE = 128
-# nvfp4 on the Gluon decode kernels: pair mode up to this many rows per expert (bucketed); measured
-# on H200 at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort
+# nvfp4 on the Gluon decode kernels: pair mode up to this many rows per expert (bucketed); measured on H200
+# at 1 / 0.5 rows per expert (qwen3, deepseek-v3, gpt-oss at 16 tokens): 1.4-2.1x the sort
 NVFP4_PAIR_MODE_MAX_RPE = 1
-# ... and past pair mode, below NVFP4_MMA_MAX_RPE rows per expert, the sorted blocks run the
-# tensor-core decode kernels (kernels/nvfp4_mma.py) with block_m = the bucketed rows per expert up to
-# this (each further 8 rows: one more mma per decoded word); measured on H200 against the `tl` sorted
-# path with 8-row blocks: 1.6-2.6x at 2-4 rows per expert, 3.5x at 16 (mixtral-8x7b, 64 tokens)
+# ... then, below NVFP4_MMA_MAX_RPE, sorted blocks on the tensor-core decode kernels (kernels/nvfp4_mma.py),
+# block_m = the bucketed rows per expert up to this (each 8 more rows: one more mma per decoded word);
+# measured on H200 against `tl` with 8-row blocks: 1.6-2.6x at 2-4 rows per expert, 3.5x at 16 (mixtral, 64 tokens)
 NVFP4_GROUPED_MAX_BM = 32
-# pair mode: the tensor-core kernels from this many weights of gate_up touched a launch (pairs x 2I x H)
-# on, the CUDA-core Gluon pair kernels below (measured on H200: 0.83x for qwen3 at one token, 25M
-# weights; 1.13-1.38x for deepseek-v3 / mixtral at one token and qwen3 from 4 tokens, 100M-235M)
+# pair mode: the tensor-core kernels from this many gate_up weights touched per launch (pairs x 2I x H) on,
+# else the CUDA-core Gluon pair kernels (measured on H200: 0.83x for qwen3 at one token, 25M weights;
+# 1.13-1.38x for deepseek-v3 / mixtral at one token and qwen3 from 4 tokens, 100M-235M)
 NVFP4_MMA_MIN_WEIGHTS = 1 << 26
 NVFP4_DECODE_CHOICES = ("gluon", "mma", "fma", "tl")
 
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile shape and launch parameters of one GEMM (block_n counts columns of the output;
-    gate_up computes block_n gate and block_n up columns per program)."""
+    """Tile shape and launch parameters of one GEMM (block_n: output columns; gate_up computes
+    block_n gate and block_n up columns per program)."""
 
     block_n: int
     block_k: int
@@ -71,10 +65,9 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """block_m = 1: pair mode (no sort, matrix-vector products); else the sort's slot alignment
-    and the m tile of both GEMMs. dequant (sorted mode, nvfp4 weights): decode whole experts
-    once per call into a float scratch buffer and run the float kernels with these tiles,
-    instead of decoding every weight tile once per m tile inside the GEMM."""
+    """block_m = 1: pair mode (no sort, matrix-vector products); else the sort's slot alignment and
+    the m tile of both GEMMs. dequant (sorted mode, nvfp4 weights): decode whole experts once per call
+    into a float scratch buffer and run the float kernels, instead of decoding every weight tile per m tile."""
 
     block_m: int
     gate_up: GemmConfig
@@ -94,19 +87,16 @@ class ExpertsConfig:
         return cls(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]), bool(d.get("dequant", False)))
 
 
-def _pow2_ceil(x: float) -> float:
-    """The power of two >= x, fractions included (0.3 -> 0.5; util.next_pow2 stops at 1); 0 for x <= 0."""
-    return 2.0 ** math.ceil(math.log2(x)) if x > 0 else 0.0
-
-
 def bucket_pairs(num_pairs: int, top_k: int) -> int:
     """M rounded up to a power of two tokens (times top_k): the size configs are chosen for."""
     return next_pow2(cdiv(num_pairs, max(top_k, 1))) * top_k if num_pairs else 0
 
 
 def config_key(fmt: str, hidden: int, intermediate: int, rows_per_expert: float) -> str:
-    """Table key: weight format, gate_up (N=2I, K=H) / down (N=H, K=I) sizes, rows-per-expert bucket."""
-    return f"{fmt}|H={hidden}|I={intermediate}|rpe={_pow2_ceil(rows_per_expert):g}"
+    """Table key: weight format, gate_up (N=2I, K=H) / down (N=H, K=I) sizes, rows-per-expert bucket
+    (the power of two >= it, fractions included: 0.3 -> 0.5; 0 for 0)."""
+    rpe = 2.0 ** math.ceil(math.log2(rows_per_expert)) if rows_per_expert > 0 else 0.0
+    return f"{fmt}|H={hidden}|I={intermediate}|rpe={rpe:g}"
 
 
 def tuning_dir() -> Path:
@@ -115,6 +105,7 @@ def tuning_dir() -> Path:
 
 
 def table_file_name(device_name: str) -> str:
+    """experts_<gpu model>.json, the model name lowercased with other characters as "_"."""
     return "experts_" + "".join(c if c.isalnum() else "_" for c in device_name.lower()).strip("_") + ".json"
 
 
@@ -125,8 +116,8 @@ def _load_table(device_name: str, user_dir: Path) -> dict[str, ExpertsConfig]:
     name = table_file_name(device_name)
     for path in (Path(__file__).parent.parent / "tuning" / name, user_dir / name):
         if path.exists():
-            for k, v in json.loads(path.read_text()).get("configs", {}).items():
-                table[k] = ExpertsConfig.from_json(v)
+            configs = json.loads(path.read_text()).get("configs", {})
+            table.update({k: ExpertsConfig.from_json(v) for k, v in configs.items()})
     return table
 
 
@@ -140,12 +131,11 @@ def nvfp4_decode_choice(decode: str | None = None, name: str = "nvfp4_decode") -
 
 
 def gluon_decode(device: torch.device, decode: str | None = None) -> bool:
-    """Whether nvfp4 decode (pair mode, and sorted blocks of up to 32 rows) runs the Gluon kernels: on
-    Hopper and newer GPUs. EPMOE_NVFP4_DECODE picks among them: "gluon" (default) the tensor-core
-    kernels (kernels/nvfp4_mma.py) wherever they pay (see nvfp4_mma_pairs) and the CUDA-core pair
-    kernels (kernels/nvfp4_decode.py) elsewhere, "mma" / "fma" one of the two in pair mode always,
-    "tl" the `tl` kernels of grouped_gemm.py (the only ones on the CPU interpreter and older GPUs,
-    for stacks whose rows are not 4-byte aligned, and for fp16 / fp32 activations in sorted blocks)."""
+    """Whether nvfp4 decode (pair mode, sorted blocks of up to 32 rows) runs the Gluon kernels (Hopper+).
+    "gluon": tensor-core kernels (kernels/nvfp4_mma.py) where they pay (nvfp4_mma_pairs), CUDA-core pair
+    kernels (kernels/nvfp4_decode.py) elsewhere; "mma" / "fma": one of them in pair mode always; "tl": the
+    grouped_gemm.py kernels (the only ones on the CPU interpreter, older GPUs, rows not 4-byte aligned and
+    fp16 / fp32 activations in sorted blocks)."""
     return nvfp4_decode_choice(decode) != "tl" and device.type == "cuda" and _gluon_capable(device.index or 0)
 
 
@@ -162,10 +152,9 @@ def _gluon_capable(index: int) -> bool:
 
 def pair_mode_for(fmt: str, num_pairs: int, num_experts: int, device: torch.device | None = None,
                   decode: str | None = None) -> bool:
-    """Whether M (bucketed) pairs run in pair mode: at most PAIR_MODE_MAX_PAIRS, or for nvfp4 on
-    the Gluon decode kernels at most NVFP4_PAIR_MODE_MAX_RPE rows per expert (there, decoding a
-    touched expert once per pair beats decoding each weight tile once per m tile of the sort).
-    decode: the nvfp4 decode choice (TritonOptions.nvfp4_decode; None: from the environment)."""
+    """Whether M (bucketed) pairs run in pair mode: at most PAIR_MODE_MAX_PAIRS, or nvfp4 on the Gluon
+    decode kernels at most NVFP4_PAIR_MODE_MAX_RPE rows per expert (decoding a touched expert once per
+    pair beats decoding each weight tile once per m tile of the sort)."""
     if num_pairs <= PAIR_MODE_MAX_PAIRS:
         return True
     return (fmt == "nvfp4" and device is not None and gluon_decode(device, decode)
