@@ -189,3 +189,43 @@ def test_graph_body_on_the_cpu_routes_padding_rows_nowhere(routed):
     assert int(graphs.valid) == 3 and bool((cap.ids[3:8] == -1).all())
     want = layer(x, routing=r) if routed else layer(x, logits)
     torch.testing.assert_close(y[:3], want, atol=0, rtol=0)
+
+
+def test_lazy_graphs_need_cuda_and_one_rank():
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match="CUDA device"):
+        MoELayer(cfg, ExpertWeights.random(cfg, 4)).capture_graphs(8, lazy=True)
+    with pytest.raises(ValueError, match="power-of-two buckets"):
+        MoELayer(cfg, ExpertWeights.random(cfg, 4)).capture_graphs(8, buckets=[8], lazy=True)
+
+    def body(group):
+        layer = MoELayer.from_global(cfg, ExpertWeights.random(cfg, 4), group, comm="nccl_a2a")
+        with pytest.raises(ValueError, match="serve one rank"):
+            layer.capture_graphs(8, lazy=True)
+
+    VirtualGroup(2).run(body)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routed", [False, True])
+def test_lazy_graphs_capture_each_bucket_on_first_use_and_match_eager(routed):
+    """capture_graphs(lazy=True): no graph up front, each call's power-of-two bucket captured by its
+    first call, replays bitwise equal to eager calls; two layers share one memory pool."""
+    cfg = MoEConfig.from_preset("qwen3-30b-a3b").scaled(hidden=256, intermediate=128, num_experts=16)
+    g = torch.Generator().manual_seed(1)
+    weights = ExpertWeights.random(cfg, 16, dtype=torch.bfloat16, device="cuda", generator=g)
+    eager = MoELayer(cfg, weights, runner="triton")
+    pool = torch.cuda.graph_pool_handle()
+    lazy = [MoELayer(cfg, weights, runner="triton") for _ in range(2)]
+    for layer in lazy:
+        assert layer.capture_graphs(64, routed=routed, lazy=True, pool=pool) == [1, 2, 4, 8, 16, 32, 64]
+        assert layer.graphs.graphs == {}
+    for T in [3, 1, 0, 33, 3, 64, 100]:
+        x = torch.randn(T, cfg.hidden, generator=g).to("cuda", torch.bfloat16)
+        logits = torch.randn(T, cfg.num_experts, generator=g).cuda()
+        r = route(logits, cfg)
+        for layer in lazy:
+            y = layer(x, routing=r) if routed else layer(x, logits)
+            torch.testing.assert_close(y, eager(x, routing=r) if routed else eager(x, logits), atol=0, rtol=0)
+    assert sorted(lazy[0].graphs.graphs) == [1, 4, 64]  # T = 100 ran eagerly
+    assert lazy[0].graphs.pool == lazy[1].graphs.pool == pool

@@ -446,3 +446,27 @@ def test_bad_input_raises_clear_errors():
     patch_model(model)
     with pytest.raises(ValueError, match="already patched"):
         patch_model(model)
+
+
+def test_patch_model_graphs_need_a_cuda_model():
+    with pytest.raises(ValueError, match="CUDA device and one rank"):
+        patch_model(build_model("qwen3_moe"), graphs=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("picks", ["hf", "logits"])
+def test_patch_model_graphs_equal_eager_calls(picks):
+    """patch_model(graphs=N): the model's MoE calls replay graphs captured on first use (all layers
+    in one pool), with the same logits as the eagerly patched model, bit for bit."""
+    eager_model = build_model("qwen3_moe", dtype=torch.bfloat16).cuda()
+    graph_model = copy.deepcopy(eager_model)
+    patch_model(eager_model, picks=picks)
+    patch_model(graph_model, picks=picks, graphs=16)
+    blocks = [m for m in graph_model.modules() if isinstance(m, HFMoEBlock)]
+    assert blocks and all(b.moe.graphs is not None and not b.moe.graphs.graphs for b in blocks)
+    with torch.no_grad():
+        for seq in (5, 5, 3, 40):
+            ids = torch.randint(0, COMMON["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(seq)).cuda()
+            torch.testing.assert_close(graph_model(ids).logits, eager_model(ids).logits, atol=0, rtol=0)
+    assert sorted(blocks[0].moe.graphs.graphs) == [8, 16]  # 2 x 3 and 2 x 5 tokens; 80 ran eagerly
+    assert len({b.moe.graphs.pool for b in blocks}) == 1

@@ -6,6 +6,7 @@
     for mode in eager, static (cache_implementation="static": transformers compiles the decode step):
         hf      = the model as transformers runs it (experts_implementation="grouped_mm")
         epmoe   = the same weights with every MoE block patched (`patch_model`)
+        epmoe graphs = the same, calls of up to --graphs tokens replaying CUDA graphs captured on first use
         for batch B: prompt of P random tokens, N new tokens (greedy, no early stop)
             prefill tok/s = B * P / time(generate(max_new_tokens=1))
             decode tok/s  = B * (N - 1) / (time(generate(max_new_tokens=N)) - prefill time)
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from epmoe.bench.core import device_name, emit, progress
-from epmoe.integrations.hf import patch_model
+from epmoe.integrations.hf import HFMoEBlock, patch_model
 
 # The published configs of the presets' models (transformers class, its arguments). Only the
 # families `patch_model` supports; MiniMax has no transformers class in the versions we support.
@@ -137,9 +138,11 @@ def time_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
 
 
 def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: int, modes: list[str],
-                 layers: int | None, device: torch.device, dtype: torch.dtype, patch_kwargs: dict[str, Any]
-                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows of (model, mode, batch): prefill and decode tokens/s; meta of the run."""
+                 layers: int | None, device: torch.device, dtype: torch.dtype, patch_kwargs: dict[str, Any],
+                 graphs: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of (model, mode, batch): prefill and decode tokens/s; meta of the run. graphs > 0: the
+    patched model is timed again with its layers' calls of up to this many tokens replaying CUDA
+    graphs captured on first use (impl "epmoe graphs")."""
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -150,9 +153,14 @@ def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: i
                                 ).to(device) for b in batches}
     rows: list[dict[str, Any]] = []
     tokens: dict[tuple[str, int], torch.Tensor] = {}
-    for impl in ("hf", "epmoe"):
+    for impl in ("hf", "epmoe") + (("epmoe graphs",) if graphs else ()):
         if impl == "epmoe":
             patch_model(model, **patch_kwargs)
+        if impl == "epmoe graphs":
+            pool = torch.cuda.graph_pool_handle()
+            for m in model.modules():
+                if isinstance(m, HFMoEBlock):
+                    m.moe.capture_graphs(graphs, routed=m.picks == "hf", validate=m.moe.validate, lazy=True, pool=pool)
         for mode, b in progress([(m, b) for m in modes for b in batches], desc=f"generate {impl}"):
             torch._dynamo.reset()
             t = time_generate(model, prompts[b], new_tokens, mode)
@@ -160,7 +168,7 @@ def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: i
             row = {"impl": impl, "mode": mode, "batch": b, "prompt": prompt_len, "new": new_tokens,
                    "prefill_tok_s": b * prompt_len / t.prefill_s,
                    "decode_tok_s": b * (new_tokens - 1) / decode_s if new_tokens > 1 else float("nan")}
-            if impl == "epmoe":
+            if impl != "hf":
                 ref = tokens.get((mode, b))
                 row["agree"] = float((ref == t.tokens).float().mean()) if ref is not None else float("nan")
                 base = next(r for r in rows if r["impl"] == "hf" and r["mode"] == mode and r["batch"] == b)
@@ -191,7 +199,8 @@ def main(args: argparse.Namespace) -> int:
     if args.preset not in HF_MODELS:
         raise SystemExit(f"bench generate: no transformers model for preset {args.preset!r}; choose one of "
                          f"{', '.join(HF_MODELS)}")
-    rows, meta = run_generate(args.preset, batches, prompt, new, modes, args.layers, device, dtype, {})
+    graphs = 0 if cpu else args.graphs
+    rows, meta = run_generate(args.preset, batches, prompt, new, modes, args.layers, device, dtype, {}, graphs)
     emit(rows, args, meta, series=lambda r: f"{r['impl']} {r['mode']}", x="batch", y="decode_tok_s",
          ylabel="decode_tok_s", title=f"generate decode tokens/s, {args.preset} ({meta['device']})",
          columns=list(dict.fromkeys(k for r in rows for k in r)))

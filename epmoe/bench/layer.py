@@ -212,7 +212,8 @@ def host_and_gpu_us(fn: Callable[[], Any], device: torch.device, iters: int = 50
 
 def host_rows(preset: str, tokens: list[int], device: torch.device, iters: int = 50) -> list[dict[str, Any]]:
     """Host and GPU µs per call of the first MoE block of `preset`'s transformers model (random weights; on the
-    CPU `bench.generate`'s scaled-down one): HF block, patched block, MoELayer eager, (GPU) graph replay."""
+    CPU `bench.generate`'s scaled-down one): HF block, patched block, MoELayer eager; on a GPU also the layer's
+    graph replay and the patched block with graphs captured on first use (`patch_model(graphs=...)`)."""
     import transformers
 
     cuda = device.type == "cuda"
@@ -245,6 +246,9 @@ def host_rows(preset: str, tokens: list[int], device: torch.device, iters: int =
             layer.capture_graphs(max(tokens), buckets=sorted(set(tokens)), validate=False)
             for T in tokens:
                 add("layer replay", T, lambda T=T: layer(xs[T].reshape(T, H), logits[T]))
+            layer.capture_graphs(max(tokens), routed=patched.picks == "hf", validate=False, lazy=True)
+            for T in tokens:
+                add("patched block graphs", T, lambda T=T: patched(xs[T]))
     for r in rows:
         r.update(preset=preset, transformers=transformers.__version__)
     return rows
