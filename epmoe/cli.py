@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new", type=int, help="generate: new tokens (default: 32 on a GPU, 4 on the CPU)")
     b.add_argument("--mode", default="eager,static", help="generate: eager and/or static (static cache, compiled)")
     b.add_argument("--layers", type=int, help="generate: decoder layers (default: the model's own)")
-    b.add_argument("--graphs", type=int, default=256, help="generate (GPU): also time the patched model with CUDA "
+    b.add_argument("--graphs", type=int, default=0, help="generate (GPU): also time the patched model with CUDA "
                    "graphs captured on first use for calls of up to this many tokens (0: skip)")
     b.add_argument("--json", help="write the rows as JSON here (`epmoe plan --measured` reads it)")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")
