@@ -24,11 +24,10 @@ from typing import Any, NoReturn
 
 import torch
 
-from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree
+from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree, capturing
 from epmoe.comm.payload import PAYLOADS
 from epmoe.comm.registry import COMM_BACKENDS
 from epmoe.config import MoEConfig
-from epmoe.graphs import capturing
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing
 from epmoe.select import DEVICES, LAYOUTS, Combo, check, crossovers, pick_comm
