@@ -7,11 +7,10 @@
               candidate and whose capacity holds tokens            (select.pick_comm)
     dispatch, combine = backend's, with max_tokens = tokens
 
-The layer builds it for comm="auto"; it is not registered (it moves nothing itself). Candidates:
-every registered backend that select.py's table allows for the layer's combination, with the
-options it names; on one rank or with the tp layout only those that move no tokens
-(`moves_tokens=False`). The ladder comes from epmoe/tuning/crossovers.json (select.crossovers),
-measured per GPU model and world size, else its default entry.
+The layer builds it for comm="auto" (not registered: it moves nothing itself). Candidates: every
+registered backend select.py's table allows for the layer's combination with the options it names
+(on one rank or with the tp layout only those with moves_tokens=False). The ladder comes from
+epmoe/tuning/crossovers.json (select.crossovers) per GPU model and world size, else its default.
 """
 
 from __future__ import annotations
@@ -59,14 +58,12 @@ class AutoHandle:
 class AutoComm(CommBackend):
     """Picks a candidate per call by the largest token count over ranks (see the module docstring).
 
-    options: keyword options for the candidates; every key must be a field of at least one
-             candidate's Options (ValueError naming it and the valid ones otherwise).
-    combo:   the layer's combination (layout, world, nodes, device, runner, weights, routing);
-             its comm, payload and static_shapes fields are ignored.
+    options: keyword options for the candidates, each a field of at least one candidate's Options.
+    combo:   the layer's combination; its comm, payload and static_shapes fields are ignored.
 
     backends: name -> built candidate; ladder: the crossover ladder (None with one candidate);
-    current: the candidate of the last call (before any call, the pick for one token); allowed:
-    while set (graph capture), the only names that may be picked.
+    current: the candidate of the last call (the pick for one token before any); allowed: while
+    set (graph capture), the only names that may be picked.
     """
 
     name = "auto"
@@ -83,11 +80,9 @@ class AutoComm(CommBackend):
                  options: Mapping[str, Any] | None = None, *, device: torch.device | str, dtype: torch.dtype,
                  combo: Combo) -> None:
         super().__init__(cfg, group, placement, AutoOptions(), device=device, dtype=dtype)
-        wanted = dict(options or {})
-        chosen = self.candidates(combo, wanted)
+        chosen = self.candidates(combo, dict(options or {}))
         self.backends: dict[str, CommBackend] = {
-            n: COMM_BACKENDS[n](cfg, group, placement, opts, device=device, dtype=dtype) for n, opts in chosen.items()
-        }
+            n: COMM_BACKENDS[n](cfg, group, placement, o, device=device, dtype=dtype) for n, o in chosen.items()}
         self.ladder = crossovers(device_name(self.device), self.world)[0] if len(self.backends) > 1 else None
         caps = [b.capacity for b in self.backends.values()]
         self.capacity = None if None in caps else max(caps)
@@ -97,13 +92,9 @@ class AutoComm(CommBackend):
 
     @staticmethod
     def candidates(combo: Combo, options: Mapping[str, Any]) -> dict[str, CommOptions]:
-        """name -> Options of every backend auto runs `combo` on, given `options`.
-
-        A backend is a candidate when the table allows combo with its comm, payload and
-        static_shapes taken from the options it names; each candidate's options are built (and
-        their values checked) by its make_options. A key that no backend fitting combo (with its
-        default options) has raises. On one rank or with the tp layout only the candidates that
-        move no tokens are kept."""
+        """name -> Options (its make_options) of every backend the table allows for combo with the
+        payload and static_shapes of the options it names. A key no backend fitting combo (with
+        default options) has raises; on one rank or with tp only backends that move no tokens stay."""
         fits: dict[str, CommOptions] = {}
         reasons = []
         names: set[str] = set()  # the options of every backend that fits combo with its defaults
@@ -141,9 +132,7 @@ class AutoComm(CommBackend):
 
     @current.setter
     def current(self, backend: CommBackend) -> None:
-        self._current = backend
-        self.payload = backend.payload  # what the call really moved
-        self.static_shapes = backend.static_shapes
+        self._current, self.payload, self.static_shapes = backend, backend.payload, backend.static_shapes
 
     @property
     def graph_safe(self) -> bool:
@@ -151,9 +140,9 @@ class AutoComm(CommBackend):
         return self._current.graph_safe
 
     def agree_tokens(self, x: torch.Tensor) -> int | None:
-        """The bound on every rank's T that picks this call's backend: the largest T over ranks
-        (one small exchange); T itself on one rank or while capturing (the graph's bucket); None
-        where nothing is to be picked (one candidate over several ranks: no exchange)."""
+        """The bound on every rank's T that picks this call's backend: the largest T over ranks (one
+        small exchange); T itself on one rank or while capturing (the graph's bucket); None with one
+        candidate over several ranks (no exchange)."""
         if self.world == 1:
             return x.shape[0]
         if self.ladder is None:
@@ -182,17 +171,14 @@ class AutoComm(CommBackend):
         """max_tokens: the agreed bound when the caller already has it (a graph bucket, or the
         layer's replay check); else auto agrees on it here."""
         tokens = max_tokens if max_tokens is not None else self.agree_tokens(x)
-        backend = self.pick(tokens if tokens is not None else x.shape[0])
-        self.current = backend
+        self.current = backend = self.pick(tokens if tokens is not None else x.shape[0])
         inner = backend.dispatch(x, routing, max_tokens=tokens)
         wrapped = copy.copy(inner)  # no __post_init__ again: the runner sees the same rows
         wrapped.handle = AutoHandle(backend, inner.handle)
         return wrapped
 
-    def combine(
-        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-        addend: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
         h: AutoHandle = dispatched.handle
         inner = copy.copy(dispatched)
         inner.handle = h.handle
