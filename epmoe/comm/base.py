@@ -58,10 +58,8 @@ class Dispatched:
             if t is not None and t.dtype != torch.int32:
                 raise ValueError(f"Dispatched.{name} must be int32, got {t.dtype}")
         if self.row_ids.shape != self.expert_ids.shape or self.row_ids.dim() != 1:
-            raise ValueError(
-                f"Dispatched.row_ids and expert_ids must both be [M], got "
-                f"{tuple(self.row_ids.shape)} and {tuple(self.expert_ids.shape)}"
-            )
+            raise ValueError(f"Dispatched.row_ids and expert_ids must both be [M], got {tuple(self.row_ids.shape)} "
+                             f"and {tuple(self.expert_ids.shape)}")
         if self.expert_offsets is not None:
             check_grouped(self.expert_ids, self.expert_counts, self.expert_offsets)
 
@@ -80,8 +78,7 @@ def check_grouped(expert_ids: torch.Tensor, expert_counts: torch.Tensor, expert_
                          f"{expert_ids.device}, got {tuple(expert_offsets.shape)} on {expert_offsets.device}")
     if capturing(expert_ids):
         return
-    M = expert_ids.shape[0]
-    counts, offsets = expert_counts.long(), expert_offsets.long()
+    M, counts, offsets = expert_ids.shape[0], expert_counts.long(), expert_offsets.long()
     ends = offsets + counts
     if bool(((counts < 0) | (offsets < 0) | (ends > M)).any()):
         raise ValueError(f"Dispatched.expert_offsets: every group [offset, offset + count) must lie in [0, {M})")
@@ -129,20 +126,6 @@ def finish(acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = Non
     return out.copy_(acc)
 
 
-COMBINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def check_combine_dtype(combine_dtype: torch.dtype | str) -> torch.dtype:
-    """fp32 (default) or bf16 partial sums on the combine wire."""
-    if isinstance(combine_dtype, str):
-        if combine_dtype not in COMBINE_DTYPES:
-            raise ValueError(f"combine_dtype must be one of {sorted(COMBINE_DTYPES)}, got {combine_dtype!r}")
-        return COMBINE_DTYPES[combine_dtype]
-    if combine_dtype not in COMBINE_DTYPES.values():
-        raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
-    return combine_dtype
-
-
 def config_code(cfg: MoEConfig) -> int:
     """A MoEConfig as one int, for the cross-rank agreement checks."""
     return zlib.crc32(repr(cfg).encode())
@@ -181,10 +164,8 @@ def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Se
     shown: field -> how a value reads (default: the int); report(table): more problems from every
     rank's `mine`. Returns every rank's `mine`. With one rank nothing is exchanged."""
     row = failure_ints(failure) + [int(v) for v in fields.values()] + [int(v) for v in mine]
-    world = group.world if group is not None else 1
-    table = group.all_gather_ints(row, device=device) if world > 1 else [row]
-    lengths = {len(r) for r in table}
-    if len(lengths) > 1:  # ranks in different agreements (different backends or call kinds)
+    table = group.all_gather_ints(row, device=device) if group is not None and group.world > 1 else [row]
+    if len({len(r) for r in table}) > 1:  # ranks in different agreements (different backends or call kinds)
         text = ", ".join(f"rank {r}: {len(t)} ints" for r, t in enumerate(table))
         raise ValueError(f"{who}: ranks exchanged agreement rows of different lengths ({text}): they run "
                          "different comm backends, layouts or calls. Build every rank's layer alike and call "
@@ -197,9 +178,7 @@ def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Se
         text = "; ".join(f"rank {r}: {why}" for r, why in failed.items())
         raise PeerFailedError(f"{who}: rank{'s' if len(ranks) > 1 else ''} {ranks if len(ranks) > 1 else ranks[0]} "
                               f"failed its own checks, so no rank goes ahead ({text})", ranks, failed)
-    table = [t[FAILURE_INTS:] for t in table]
-    n = len(fields)
-    problems = []
+    table, n, problems = [t[FAILURE_INTS:] for t in table], len(fields), []
     for i, name in enumerate(fields):
         values = [r[i] for r in table]
         differ = [r for r, v in enumerate(values) if v != values[0]]

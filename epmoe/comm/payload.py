@@ -63,6 +63,31 @@ def payload_row_bytes(payload: str, hidden: int, dtype: torch.dtype) -> tuple[in
     return tuple(widths + [0] * (3 - len(widths)))  # type: ignore[return-value]
 
 
+COMBINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_combine_dtype(combine_dtype: torch.dtype | str) -> torch.dtype:
+    """fp32 (default) or bf16 partial sums on the combine wire."""
+    if isinstance(combine_dtype, str):
+        if combine_dtype not in COMBINE_DTYPES:
+            raise ValueError(f"combine_dtype must be one of {sorted(COMBINE_DTYPES)}, got {combine_dtype!r}")
+        return COMBINE_DTYPES[combine_dtype]
+    if combine_dtype not in COMBINE_DTYPES.values():
+        raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
+    return combine_dtype
+
+
+def check_options(o: Any) -> None:
+    """Canonicalise and check, in a frozen options dataclass of a token-moving backend, the fields
+    they all have: max_tokens_per_rank, payload, combine_dtype, input_scale."""
+    m = o.max_tokens_per_rank
+    if m is not None and (not isinstance(m, int) or m <= 0):
+        raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
+    object.__setattr__(o, "payload", check_payload(o.payload))
+    object.__setattr__(o, "combine_dtype", check_combine_dtype(o.combine_dtype))
+    check_input_scale(o.input_scale, o.payload)
+
+
 def check_input_scale(input_scale: float | torch.Tensor | None, payload: str) -> torch.Tensor | None:
     """A static activation scale (the checkpoint's per-layer `input_scale`) as an fp32 CPU scalar, or
     None: fp8's per-tensor / nvfp4's global scale, the same on every rank (no other payload takes one)."""

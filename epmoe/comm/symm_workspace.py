@@ -108,9 +108,7 @@ _MAILBOX_LOCK = threading.Lock()
 def shared_key(group: RankGroup | None) -> int:
     """A random key every rank agrees on (rank 0's)."""
     key = secrets.randbits(62)
-    if group is None or group.world == 1:
-        return key
-    return int(group.all_gather_ints([key])[0][0])
+    return key if group is None or group.world == 1 else int(group.all_gather_ints([key])[0][0])
 
 
 def exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
@@ -119,8 +117,7 @@ def exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
         return [value]
     key = shared_key(group)
     with _MAILBOX_LOCK:
-        box = _MAILBOX.setdefault(key, [None] * group.world)
-        box[group.rank] = value
+        _MAILBOX.setdefault(key, [None] * group.world)[group.rank] = value
     group.barrier()
     values = list(_MAILBOX[key])
     group.barrier()
@@ -132,10 +129,8 @@ def exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
 
 def map_shm(group: RankGroup, nbytes: int) -> list[torch.Tensor]:
     """W workspaces in one /dev/shm file that every process maps; unlinked once all mapped."""
-    key = shared_key(group)
-    root = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    path = os.path.join(root, f"epmoe-symm-{key:x}-w{group.world}")
-    total = nbytes * group.world
+    root, total = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp", nbytes * group.world
+    path = os.path.join(root, f"epmoe-symm-{shared_key(group):x}-w{group.world}")
     if group.rank == 0:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -157,10 +152,8 @@ def map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[li
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
 
-    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-    buf.zero_()
-    pg = group.pg or dist.group.WORLD
-    handle = symm_mem.rendezvous(buf, pg.group_name)
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device).zero_()
+    handle = symm_mem.rendezvous(buf, (group.pg or dist.group.WORLD).group_name)
     peers = [buf if r == group.rank else handle.get_remote_tensor(r, (nbytes,), torch.uint8)
              for r in range(group.world)]
     return peers, handle
@@ -183,11 +176,9 @@ class Mapped:
 def map_workspaces(group: RankGroup | None, nbytes: int, device: torch.device) -> Mapped:
     """Allocate this rank's zeroed workspace of `nbytes` and map every peer's (collective: every
     rank calls it together); returns once every rank's workspace is zeroed and mapped."""
-    in_process = not isinstance(group, EPGroup)
-    handle = None
+    in_process, handle = not isinstance(group, EPGroup), None
     if in_process:
-        own = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        peers = exchange_local(group, own)
+        peers = exchange_local(group, torch.zeros(nbytes, dtype=torch.uint8, device=device))
     elif device.type == "cpu":
         peers = map_shm(group, nbytes)
     else:

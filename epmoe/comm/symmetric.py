@@ -79,7 +79,6 @@ from epmoe.comm.base import (
     call_bound,
     capturing,
     check_addend,
-    check_combine_dtype,
     config_code,
     count_experts,
     finish,
@@ -87,6 +86,7 @@ from epmoe.comm.base import (
 from epmoe.comm.payload import (
     PAYLOADS,
     check_input_scale,
+    check_options,
     check_payload,
     decode_bytes,
     encode_bytes,
@@ -99,16 +99,7 @@ from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
 from epmoe.ops import symm as symm_ops
 from epmoe.ops.combine import IMPLS, expert_owners
-from epmoe.ops.symm import (
-    KernelWorkspace,
-    SymmTimeoutError,
-    combine_recv_torch,
-    combine_send_torch,
-    dispatch_recv_torch,
-    dispatch_send_torch,
-    interpreting,
-    slot_meta,
-)
+from epmoe.ops.symm import KernelWorkspace, SymmTimeoutError, interpreting
 from epmoe.routing import Routing
 
 COMBINE_MODES = ("push", "pull")
@@ -202,19 +193,15 @@ class SymmOptions(CommOptions):
     input_scale: float | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        m = DEFAULT_MAX_TOKENS if self.max_tokens_per_rank is None else self.max_tokens_per_rank
-        if not isinstance(m, int) or m <= 0:
-            raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
-        object.__setattr__(self, "max_tokens_per_rank", m)
-        object.__setattr__(self, "payload", check_payload(self.payload))
+        if self.max_tokens_per_rank is None:
+            object.__setattr__(self, "max_tokens_per_rank", DEFAULT_MAX_TOKENS)
+        check_options(self)
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-        object.__setattr__(self, "combine_dtype", check_combine_dtype(self.combine_dtype))
         if self.combine_mode not in COMBINE_MODES:
             raise ValueError(f"combine_mode must be 'push' or 'pull', got {self.combine_mode!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {self.impl!r}")
-        check_input_scale(self.input_scale, self.payload)
 
 
 @register_comm
@@ -393,8 +380,8 @@ class SymmA2A(CommBackend):
                             self.cfg.hidden * self.combine_dtype.itemsize, bound)
         if self._impl == "torch":
             rows = encode_bytes(x, self.payload, self._scale_dev, backend="torch")
-            meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
-            dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
+            meta = symm_ops.slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
+            symm_ops.dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
         else:
             self._triton_dispatch_send(x, routing)
         self._open = handle
@@ -408,7 +395,7 @@ class SymmA2A(CommBackend):
         row_ids, ids_buf = self._pair_lists(h.bound)
         if self._impl == "torch":
             try:
-                expert_ids, over = dispatch_recv_torch(self.own, h.seq, self.timeout_s, self.rank, h.bound)
+                expert_ids, over = symm_ops.dispatch_recv_torch(self.own, h.seq, self.timeout_s, self.rank, h.bound)
             except SymmTimeoutError as exc:
                 self._broken, self._open = str(exc), None
                 raise
@@ -454,7 +441,7 @@ class SymmA2A(CommBackend):
             raise ValueError(f"expert_out must be [{M}, {self.cfg.hidden}] (one row per pair), got "
                              f"{tuple(expert_out.shape)}")
         if self._impl == "torch":
-            combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq, self.combine_mode == "push")
+            symm_ops.combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq, self.combine_mode == "push")
         else:
             self._triton_combine_send(expert_out, h.bound)
 
@@ -470,8 +457,8 @@ class SymmA2A(CommBackend):
             check_addend(addend, T, H, self.device, f"symm_a2a rank {self.rank}")
         try:
             if self._impl == "torch":
-                acc = combine_recv_torch(self.own, self.peers, self.rank, h.ids, self._placement_dev, h.seq,
-                                         self.timeout_s, self.combine_mode == "push")
+                acc = symm_ops.combine_recv_torch(self.own, self.peers, self.rank, h.ids, self._placement_dev, h.seq,
+                                                  self.timeout_s, self.combine_mode == "push")
                 y = finish(acc, h.dtype, out, addend, "symm_a2a")
             elif addend is None:
                 y = symm_ops.combine_recv(self._kernel_ws, h.ids, self._placement_dev.expert_rank, out, h.dtype)

@@ -32,7 +32,6 @@ from epmoe.comm.base import (
     agree,
     call_bound,
     capturing,
-    check_combine_dtype,
     config_code,
     count_experts,
     finish,
@@ -41,6 +40,7 @@ from epmoe.comm.payload import (
     PAYLOADS,
     RowLayout,
     check_input_scale,
+    check_options,
     check_payload,
     decode,
     encode,
@@ -78,15 +78,10 @@ class WireOptions(CommOptions):
     input_scale: float | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        m = self.max_tokens_per_rank
-        if m is not None and (not isinstance(m, int) or m <= 0):
-            raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
-        if self.static_shapes and m is None:
+        if self.static_shapes and self.max_tokens_per_rank is None:
             raise ValueError("static_shapes needs max_tokens_per_rank (the bound every collective is sized by)")
-        object.__setattr__(self, "payload", check_payload(self.payload))
-        object.__setattr__(self, "combine_dtype", check_combine_dtype(self.combine_dtype))
+        check_options(self)
         object.__setattr__(self, "static_shapes", bool(self.static_shapes))
-        check_input_scale(self.input_scale, self.payload)
 
 
 class WireBackend(CommBackend):
