@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree, capturing
+from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree, capturing, check_keys, option_names
 from epmoe.comm.payload import PAYLOADS
 from epmoe.comm.registry import COMM_BACKENDS
 from epmoe.config import MoEConfig
@@ -35,11 +35,6 @@ from epmoe.select import DEVICES, LAYOUTS, Combo, check, crossovers, pick_comm
 def device_name(device: torch.device) -> str:
     """The GPU model crossovers are measured for ("cpu" off CUDA)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def option_names(cls: type[CommBackend]) -> tuple[str, ...]:
-    """The fields of a backend's Options dataclass."""
-    return tuple(f.name for f in dataclasses.fields(cls.Options))
 
 
 @dataclass(frozen=True)
@@ -111,11 +106,7 @@ class AutoComm(CommBackend):
                 fits[n] = cls.make_options(**own)
             else:
                 reasons.append(f"{n}: {reason}")
-        unknown = [k for k in options if k not in names]
-        if unknown:
-            plural = "s" if len(unknown) > 1 else ""
-            raise ValueError(f"comm 'auto' has no option{plural} {', '.join(map(repr, unknown))}; its candidates' "
-                             f"options: {', '.join(sorted(names)) or 'none'}")
+        check_keys("comm 'auto'", options, sorted(names), "its candidates' options")
         if combo.layout == "tp" or combo.world == 1:
             fits = {n: o for n, o in fits.items() if not COMM_BACKENDS[n].moves_tokens}
             reasons.append("on one rank or with the tp layout auto runs only backends that move no tokens")

@@ -194,6 +194,20 @@ def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Se
     return rest
 
 
+def check_keys(who: str, given: Mapping[str, Any], valid: Sequence[str], what: str) -> None:
+    """A ValueError naming each key of `given` not in `valid`, and listing `valid` (`what`)."""
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise ValueError(f"{who} has no option{plural} {', '.join(map(repr, unknown))}; {what}: "
+                         f"{', '.join(valid) or 'none'}")
+
+
+def option_names(cls: type[CommBackend]) -> tuple[str, ...]:
+    """The fields of a backend's Options dataclass."""
+    return tuple(f.name for f in dataclasses.fields(cls.Options))
+
+
 @dataclass(frozen=True)
 class CommOptions:
     """Base of every backend's options: frozen, every field defaulted, bad values -> ValueError."""
@@ -235,12 +249,7 @@ class CommBackend:
     @classmethod
     def make_options(cls, **kwargs: Any) -> CommOptions:
         """`Options(**kwargs)`; a ValueError naming each unknown key and listing the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls.Options)]
-        unknown = [k for k in kwargs if k not in valid]
-        if unknown:
-            plural = "s" if len(unknown) > 1 else ""
-            raise ValueError(f"comm {cls.name!r} has no option{plural} {', '.join(map(repr, unknown))}; its options: "
-                             f"{', '.join(valid) or 'none'}")
+        check_keys(f"comm {cls.name!r}", kwargs, option_names(cls), "its options")
         try:
             return cls.Options(**kwargs)
         except ValueError as exc:

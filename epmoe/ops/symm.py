@@ -56,10 +56,8 @@ def wait_flags(flags: torch.Tensor, seq: int, timeout_s: float, what: str) -> No
         if not missing:
             return
         if time.monotonic() > deadline:
-            raise SymmTimeoutError(
-                f"{what} (sequence number {seq}) timed out after {timeout_s}s: ranks {missing} never "
-                "signalled (they crashed, are slower than timeout_s, or did not make this call)"
-            )
+            raise SymmTimeoutError(f"{what} (sequence number {seq}) timed out after {timeout_s}s: ranks {missing} never"
+                                   " signalled (they crashed, are slower than timeout_s, or did not make this call)")
         spins += 1
         time.sleep(0 if spins < 64 else 50e-6)
 
@@ -73,12 +71,9 @@ def dispatch_send_torch(peers: list[RankViews], rank: int, rows: tuple[torch.Ten
         peer.meta_ids[rank, :T] = meta_ids[r]
         peer.meta_w[rank, :T] = meta_w[r]
         t = has[r].nonzero().flatten()
-        if t.numel():
-            peer.data[base + t] = data[t]
-            if scales.shape[1]:
-                peer.scales[base + t] = scales[t]
-            if gscale.shape[1]:
-                peer.gscale[base + t] = gscale[t]
+        for dst, src in ((peer.data, data), (peer.scales, scales), (peer.gscale, gscale)):
+            if t.numel() and src.shape[1]:
+                dst[base + t] = src[t]
         peer.flags[2, rank] = T
     for peer in peers:  # flags last: a peer that sees one sees everything above
         peer.flags[0, rank] = seq
@@ -91,8 +86,7 @@ def dispatch_recv_torch(own: RankViews, seq: int, timeout_s: float, rank: int, b
     sent more than B tokens (its tokens past B are not listed), else None."""
     wait_flags(own.flags[0], seq, timeout_s, f"symm_a2a rank {rank}: dispatch")
     W, Tm, Kl = own.meta_ids.shape
-    B = Tm if bound is None else bound
-    counts = own.flags[2].clone()  # [W]
+    B, counts = Tm if bound is None else bound, own.flags[2].clone()  # counts [W]
     over = [(s, c) for s, c in enumerate(counts.tolist()) if c > B]
     live = torch.arange(B, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)  # [W, B]
     return torch.where(live.unsqueeze(-1), own.meta_ids[:, :B], -1).reshape(-1), (over[0] if over else None)
@@ -103,9 +97,8 @@ def combine_send_torch(own: RankViews, peers: list[RankViews], rank: int, expert
     """Weighted fp32 partial sums of the slots that picked an expert here into home s's
     comb_out[rank] (push) or own comb_out[s] (pull), then flags. expert_out: [W * B * Kl, H]."""
     W, Tm, Kl = own.meta_ids.shape
-    B = expert_out.shape[0] // (W * Kl)
+    B, counts = expert_out.shape[0] // (W * Kl), own.flags[2].tolist()
     out = expert_out.view(W, B, Kl, own.comb_out.shape[-1])
-    counts = own.flags[2].tolist()
     for s in range(W):
         n = min(counts[s], B)
         if n:
