@@ -69,10 +69,9 @@ class LayerGraphs:
         """Check that `layer` can be captured (see MoELayer.capture_graphs), then capture every bucket."""
         group = layer.group
         if group is not None and group.world > 1 and group.virtual:
-            raise ValueError(
-                "virtual ranks share one device and exchange through host threads, so a CUDA graph cannot "
-                "hold their communication; capture with one process per GPU (EPGroup) or a world-1 layer"
-            )
+            raise ValueError("virtual ranks share one device and exchange through host threads, so a CUDA graph "
+                             "cannot hold their communication; capture with one process per GPU (EPGroup) or a "
+                             "world-1 layer")
         if layer.device.type != "cuda":
             raise ValueError("capture_graphs needs the layer's weights on a CUDA device")
         if max_tokens <= 0:
@@ -100,8 +99,7 @@ class LayerGraphs:
         return self.layer._eager(self.x[:b], self.logits[:b], None, num_valid=self.valid)
 
     def _capture(self, names: list[str]) -> None:
-        layer, device = self.layer, self.layer.device
-        auto = layer.auto
+        layer, device, auto = self.layer, self.layer.device, self.layer.auto
         if auto is not None:
             auto.allowed = names  # only capturable candidates; the bucket size picks among them
         try:
@@ -149,8 +147,7 @@ class LayerGraphs:
     def replay(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int
                ) -> torch.Tensor:
         """One call by replay: y [T, H] (a copy of the bucket's first T output rows)."""
-        T = x.shape[0]
-        layer = self.layer
+        T, layer = x.shape[0], self.layer
         if self.validate:
             if routing is not None:
                 check_routing(routing, layer.cfg.num_experts)

@@ -38,8 +38,6 @@ from epmoe.comm.base import Dispatched
 from epmoe.comm.payload import empty_rows, row_layout
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums, sum_in_rank_order
-from epmoe.config import MoEConfig
-from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing
 
 GATHER_MODES = ("auto", "padded", "a2a")
@@ -75,15 +73,10 @@ class AllGatherComm(WireBackend):
     Options = AllGatherOptions
     options: AllGatherOptions
 
-    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
-                 options: AllGatherOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
-        super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
-        self.gather = self.options.gather
-
     def _padded(self, counts: list[int]) -> bool:
         """Whether to gather padded rows (the same answer on every rank: counts are shared)."""
-        if self.gather != "auto":
-            return self.gather == "padded"
+        if self.options.gather != "auto":
+            return self.options.gather == "padded"
         if self.group is not None and self.group.backend == "gloo":
             return False
         return self.world * max(counts) <= 1.25 * sum(counts)
@@ -105,10 +98,7 @@ class AllGatherComm(WireBackend):
             sent_rows = (W - 1) * cap
         else:  # exact counts, no padding: each rank sends its T rows to every rank
             starts = [sum(counts[:r]) for r in range(W)]
-            if W > 1 and sum(counts):
-                gathered = self.group.all_to_all_v(wire.repeat(W, 1), [T] * W, counts)  # [sum T, B]
-            else:
-                gathered = wire
+            gathered = self.group.all_to_all_v(wire.repeat(W, 1), [T] * W, counts) if W > 1 and sum(counts) else wire
             sent_rows = (W - 1) * T
         combine_rows = (W - 1) * cap if counts is None else sum(counts) - T
         return self._unpack(gathered, layout, lambda pairs: AllGatherHandle(

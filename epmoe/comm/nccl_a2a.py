@@ -64,8 +64,7 @@ class NcclA2AComm(WireBackend):
         # first send row of each destination, computed on the device (no host-to-device copy,
         # so the static path can be captured in a CUDA graph)
         if self.static_shapes:
-            send_splits, recv_splits = [cap] * W, [cap] * W
-            moved = cap > 0
+            send_splits, recv_splits, moved = [cap] * W, [cap] * W, cap > 0
             per_dest = torch.full((W,), cap, dtype=torch.long, device=dev)  # [W]
         else:
             send_splits = hit.sum(0).tolist()  # the host sync

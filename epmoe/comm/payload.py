@@ -53,13 +53,9 @@ def payload_parts(payload: str, hidden: int, dtype: torch.dtype) -> tuple[tuple[
     return ((torch.uint8, H // 2), (FP8_DTYPE, H // NVFP4_BLOCK), (torch.float32, 1))
 
 
-def _width(dtype: torch.dtype, n: int) -> int:
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
 def payload_row_bytes(payload: str, hidden: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(data, scales, global scale) bytes per row for `payload` (0 for absent parts)."""
-    widths = [_width(d, n) for d, n in payload_parts(check_payload(payload, hidden), hidden, dtype)]
+    widths = [n * d.itemsize for d, n in payload_parts(check_payload(payload, hidden), hidden, dtype)]
     return tuple(widths + [0] * (3 - len(widths)))  # type: ignore[return-value]
 
 
@@ -149,7 +145,7 @@ def encode_bytes(x: torch.Tensor, payload: str, scale: torch.Tensor | None = Non
     T, planes, parts = x.shape[0], [], encode(x, payload, scale, backend)
     for i, (p, (d, n)) in enumerate(zip(parts, payload_parts(payload, x.shape[1], x.dtype))):
         p = torch.empty((T, n), dtype=d, device=x.device).copy_(p) if i else p  # scales: one copy per row
-        planes.append(p.contiguous().view(torch.uint8).view(T, _width(d, n)))
+        planes.append(p.contiguous().view(torch.uint8).view(T, n * d.itemsize))
     empty = [x.new_empty(T, 0, dtype=torch.uint8), x.new_empty(T, 0, dtype=torch.float32)]
     planes = (planes + empty[len(planes) - 1 :])[:3]
     return planes[0], planes[1], planes[2].view(torch.float32)
@@ -171,7 +167,7 @@ class RowLayout:
 
     @property
     def widths(self) -> list[int]:
-        return [_width(d, n) for d, n in self.parts]
+        return [n * d.itemsize for d, n in self.parts]
 
     @property
     def nbytes(self) -> int:
