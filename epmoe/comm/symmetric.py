@@ -1,10 +1,8 @@
 """`symm_a2a`: one-sided all-to-all over memory every rank can write (symmetric memory).
 
-Each rank owns one workspace buffer that every peer can read and write: torch symmetric memory
-on GPUs of one node, plain device allocations shared in one table for a `VirtualGroup` (W ranks
-in one process), a file in /dev/shm mapped by every gloo process on the CPU (the workspace and
-its transports: epmoe/comm/symm_workspace.py; the kernels' launches and the plain-torch twins of
-each step: epmoe/ops/symm.py). A call is
+Each rank owns one workspace buffer every peer can read and write (symmetric memory on GPUs of one
+node, a /dev/shm file for gloo processes, one table for a VirtualGroup; its layout, size and
+transports: epmoe/comm/symm_workspace.py; kernel launches and plain-torch twins: epmoe/ops/symm.py):
 
     dispatch_send   home s, for every destination rank r (itself included):
                       rows:  for each token t that picks an expert on r, copy x[t] once (bf16,
@@ -52,9 +50,6 @@ whose flags never showed the call's sequence number; in the Triton kernels the w
 records the silent ranks in an error word, later waits of the call skip, and `check()` (run
 after every eager call unless check_errors=False) raises the same error. A backend that timed
 out is broken for good: its peers' state is unknown, so later calls raise at once.
-
-The workspace layout (flags, meta, payload planes, comb_out) and its size in bytes:
-epmoe/comm/symm_workspace.py.
 
 CPU memory ordering (shm transport): payload and meta are written by torch ops, then the flag by
 one aligned 4-byte store; the reader loads the flag, then the payload. x86-64 keeps stores in
@@ -344,10 +339,9 @@ class SymmA2A(CommBackend):
                                  f"waiting for this rank's flags time out naming rank {self.rank}")
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
-        """max_tokens: a bound on T every rank passes alike (the layer's graph bucket, or auto's
-        agreed T): the experts get W * max_tokens * Kl pair slots instead of W * Tm * Kl, so a
-        decode call on a prefill-sized workspace costs what a decode workspace would. A peer that
-        sent more tokens than the bound makes `check()` raise (that call's output is wrong)."""
+        """max_tokens (the same on every rank): the experts get W * max_tokens * Kl pair slots, not
+        W * Tm * Kl, so a decode call on a prefill-sized workspace costs what a decode workspace
+        would. A peer that sent more tokens than the bound makes `check()` raise."""
         self.dispatch_send(x, routing, max_tokens)
         if self._phase_barrier():
             self.group.barrier()

@@ -17,13 +17,8 @@ per program): the rows go to (or are read by) peer GPUs, a gpu-scope release ord
 this GPU, and the flag release is cumulative only over what was acquired at sys scope. Waits are
 sys-scope acquire loads bounded by %globaltimer (USE_TIMER) or, interpreted, a spin count.
 
-Measured (one H200, 8 virtual ranks, so every byte moves through HBM; T = 128 per rank, H = 7168,
-top-8 of 256, bf16 rows, each phase of all ranks as one CUDA graph; HBM copy 2130 GB/s): the first
-version took 260 us for dispatch (300 GB/s of rows) and 917 us for combine, latency-bound on ~56
-dependent scalar id/weight loads per slot behind branches. Rewritten (not timed yet): one meta
-load per pair, the fp32 row in registers, masked loads and stores instead of branches, each row
-read once in dispatch. At T = 4096 the first version moved 989 GB/s (dispatch, 2.5 ms) and
-978 GB/s (combine).
+Measured history (first version 260 / 917 us at T = 128 on one H200; what the rewrite changed):
+docs/performance.md, "The symm_a2a kernels' rewrite".
 """
 
 import triton
