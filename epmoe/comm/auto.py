@@ -134,11 +134,9 @@ class AutoComm(CommBackend):
         """The bound on every rank's T that picks this call's backend: the largest T over ranks (one
         small exchange); T itself on one rank or while capturing (the graph's bucket); None with one
         candidate over several ranks (no exchange)."""
-        if self.world == 1:
-            return x.shape[0]
-        if self.ladder is None:
+        if self.world > 1 and self.ladder is None:
             return None
-        if self.allowed is not None or capturing(x):
+        if self.world == 1 or self.allowed is not None or capturing(x):
             return x.shape[0]
         return max(t for (t,) in agree(self.group, "comm 'auto'", {}, [x.shape[0]], device=self.device))
 

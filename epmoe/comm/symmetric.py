@@ -110,16 +110,12 @@ def next_seq(seq: int) -> int:
 
 @dataclass
 class SymmHandle:
-    """What combine needs from a dispatch.
+    """What combine needs from a dispatch: ids [T, K] int32 global expert ids of this rank's tokens
+    (-1 = masked, sent nowhere); seq, the call's sequence number (host copy; the Triton path keeps
+    its own on the device, so graph replays advance it); bound B on every rank's T (max_tokens, else
+    Tm: the pair list has W * B * Kl entries).
 
-    ids:   [T, K] int32 global expert ids of this rank's tokens (-1 = a masked pair, sent nowhere).
-    seq:   the call's sequence number (host copy; the Triton path keeps its own on the device, so
-           that graph replays advance it).
-    bound: B, the call's bound on every rank's T (dispatch's max_tokens, else Tm): the pair list
-           has W * B * Kl entries.
-
-    dispatch_bytes, combine_bytes (as other backends' handles; from `ids` on first read, a host
-    sync, so never inside a CUDA graph):
+    dispatch_bytes, combine_bytes (from `ids` on first read, a host sync: never in a CUDA graph):
         dispatch  per other rank r: meta of every token (T * Kl * 8, written whether or not t
                   picks r), the payload row (D + S + G) of each token with an expert on r (once
                   per rank, not per expert), count and flag (8)
@@ -501,11 +497,9 @@ class SymmA2A(CommBackend):
             raise ValueError(msg)
         if state[4]:
             W, silent = self.world, state[8:]
-            parts = []
-            for phase, name in enumerate(("dispatch", "combine")):
-                ranks = [r for r in range(W) if silent[phase * W + r]]
-                if ranks:
-                    parts.append(f"{name}: ranks {ranks} never signalled")
+            silent_ranks = {name: [r for r in range(W) if silent[phase * W + r]]
+                            for phase, name in enumerate(("dispatch", "combine"))}
+            parts = [f"{name}: ranks {ranks} never signalled" for name, ranks in silent_ranks.items() if ranks]
             self._broken = (f"symm_a2a rank {self.rank}: a wait (sequence number {state[5]}) timed out after "
                             f"{self.timeout_s}s; {'; '.join(parts)} (they crashed, are slower than timeout_s, or "
                             "did not make this call)")
