@@ -162,7 +162,6 @@ def decode_bytes(planes: Sequence[torch.Tensor], payload: str, hidden: int, dtyp
 class RowLayout:
     """Byte layout of one wire row: `parts` are (dtype, columns) in order; ids and weights last."""
 
-    payload: str
     parts: tuple[tuple[torch.dtype, int], ...]
 
     @property
@@ -179,7 +178,7 @@ def row_layout(cfg: MoEConfig, payload: str, x_dtype: torch.dtype) -> RowLayout:
     """The wire row for `payload` with activations of `x_dtype`: the payload parts, then the
     token's routing ids int32 [K] and weights fp32 [K]."""
     meta = ((torch.int32, cfg.top_k), (torch.float32, cfg.top_k))
-    return RowLayout(payload, payload_parts(payload, cfg.hidden, x_dtype) + meta)
+    return RowLayout(payload_parts(payload, cfg.hidden, x_dtype) + meta)
 
 
 def pack_rows(parts: Sequence[torch.Tensor], layout: RowLayout, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -260,8 +260,7 @@ class SymmA2A(CommBackend):
                 max_programs=4 * sms, use_timer=use_timer,
                 # the interpreter has no %globaltimer: bound its spins instead (about 10k per second)
                 timeout=int(self.timeout_s * 1e9) if use_timer else max(1, int(self.timeout_s * 1e4)),
-                dummy=torch.zeros(4, dtype=torch.float32, device=device),  # stands in for absent planes
-            )
+                dummy=torch.zeros(4, dtype=torch.float32, device=device))  # stands in for absent planes
 
     @staticmethod
     def workspace_bytes(cfg: MoEConfig, world: int, max_tokens_per_rank: int, payload: str = "bf16",
@@ -285,8 +284,7 @@ class SymmA2A(CommBackend):
             "local experts per token (Kl)": lay.slot_experts, "payload": PAYLOADS.index(lay.payload),
             "row dtype": _DTYPES.index(lay.dtype), "combine dtype": _DTYPES.index(lay.combine_dtype),
             "workspace bytes": lay.nbytes, "config": config_code(self.cfg),
-            "input_scale": scale_code(self.input_scale), "combine_mode": COMBINE_MODES.index(self.combine_mode),
-        }
+            "input_scale": scale_code(self.input_scale), "combine_mode": COMBINE_MODES.index(self.combine_mode)}
         shown = {"payload": PAYLOADS.__getitem__, "row dtype": lambda v: str(_DTYPES[v]),
                  "combine dtype": lambda v: str(_DTYPES[v]), "combine_mode": COMBINE_MODES.__getitem__,
                  "input_scale": scale_text}

@@ -157,8 +157,7 @@ class WireBackend(CommBackend):
             "combine dtype": 0 if self.combine_dtype == torch.float32 else 1,
             "max_tokens_per_rank": self.max_tokens_per_rank or 0, "static_shapes": int(self.static_shapes),
             "input_scale": scale_code(self.input_scale), "max_tokens of the call": cap,
-            "call number (a rank skipped a call)": self.calls,
-        }
+            "call number (a rank skipped a call)": self.calls}
         limit = self.max_tokens_per_rank
 
         def report(table: list[list[int]]) -> list[str]:

@@ -182,8 +182,7 @@ def dispatch_send(ws: KernelWorkspace, ids: torch.Tensor, weights: torch.Tensor,
         o["flags"], o["meta_ids"], o["meta_w"], o["data"], o["scales"], o["gscale"],
         Tm=ws.max_tokens, D=D, D_BYTES=d_bytes, S=s_bytes, G=g_bytes // 4,
         W=ws.world, K=K, K_PAD=next_pow2(K), KL=Kl, KL_PAD=next_pow2(Kl),
-        BLOCK_D=min(next_pow2(D), 2048), BLOCK_S=min(next_pow2(max(s_bytes, 1)), 1024),
-    )
+        BLOCK_D=min(next_pow2(D), 2048), BLOCK_S=min(next_pow2(max(s_bytes, 1)), 1024))
 
 
 def dispatch_recv(ws: KernelWorkspace, expert_ids: torch.Tensor, bound: int) -> torch.Tensor:
@@ -195,8 +194,7 @@ def dispatch_recv(ws: KernelWorkspace, expert_ids: torch.Tensor, bound: int) -> 
     block_t = min(next_pow2(bound), max(1, 2048 // next_pow2(Kl)))
     symm_dispatch_recv_kernel[(ws.world, max(1, cdiv(bound, block_t)))](  # >= 1: every source's flag is awaited
         ws.ptrs, ws.state, expert_ids, ws.rank, ws.timeout, bound, o["flags"], o["meta_ids"],
-        Tm=Tm, W=ws.world, KL=Kl, KL_PAD=next_pow2(Kl), BLOCK_T=block_t, USE_TIMER=ws.use_timer,
-    )
+        Tm=Tm, W=ws.world, KL=Kl, KL_PAD=next_pow2(Kl), BLOCK_T=block_t, USE_TIMER=ws.use_timer)
     return expert_ids
 
 
@@ -205,14 +203,12 @@ def combine_send(ws: KernelWorkspace, expert_out: torch.Tensor, bound: int | Non
     None = Tm), then flags. Returns the kernel (`.asm` holds the PTX)."""
     from epmoe.kernels.symm_a2a import symm_combine_send_kernel
 
-    o, H = ws.offsets, ws.hidden
-    bound = ws.max_tokens if bound is None else bound
+    o, H, bound = ws.offsets, ws.hidden, ws.max_tokens if bound is None else bound
     return symm_combine_send_kernel[(max(1, min(bound, ws.max_programs)),)](
         ws.ptrs, ws.state, expert_out.contiguous(), ws.rank, bound,
         o["flags"], o["meta_ids"], o["meta_w"], o["comb_out"],
         Tm=ws.max_tokens, H=H, W=ws.world, KL=ws.slot_experts, H_PAD=next_pow2(H),
-        COMB_DTYPE=_tl_dtype(ws.combine_dtype), PUSH=ws.push, num_warps=_row_warps(H),
-    )
+        COMB_DTYPE=_tl_dtype(ws.combine_dtype), PUSH=ws.push, num_warps=_row_warps(H))
 
 
 def combine_recv(ws: KernelWorkspace, ids: torch.Tensor, expert_rank: torch.Tensor, y: torch.Tensor | None = None,
@@ -230,7 +226,5 @@ def combine_recv(ws: KernelWorkspace, ids: torch.Tensor, expert_rank: torch.Tens
         ws.ptrs, ws.state, ids.contiguous(), expert_rank, y, y.stride(0) if T else H,
         T, ws.rank, ws.num_experts, ws.timeout, o["flags"], o["comb_out"],
         Tm=ws.max_tokens, H=H, W=ws.world, K=K, K_PAD=next_pow2(K), H_PAD=next_pow2(H),
-        COMB_DTYPE=_tl_dtype(ws.combine_dtype), USE_TIMER=ws.use_timer, PUSH=ws.push,
-        num_warps=_row_warps(H),
-    )
+        COMB_DTYPE=_tl_dtype(ws.combine_dtype), USE_TIMER=ws.use_timer, PUSH=ws.push, num_warps=_row_warps(H))
     return y
