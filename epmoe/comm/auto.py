@@ -52,14 +52,8 @@ class AutoHandle:
 
 class AutoComm(CommBackend):
     """Picks a candidate per call by the largest token count over ranks (see the module docstring).
-
-    options: keyword options for the candidates, each a field of at least one candidate's Options.
-    combo:   the layer's combination; its comm, payload and static_shapes fields are ignored.
-
-    backends: name -> built candidate; ladder: the crossover ladder (None with one candidate);
-    current: the candidate of the last call (the pick for one token before any); allowed: while
-    set (graph capture), the only names that may be picked.
-    """
+    options: keyword options for the candidates, each a field of at least one candidate's Options;
+    combo: the layer's combination (its comm, payload and static_shapes fields are ignored)."""
 
     name = "auto"
     layouts = LAYOUTS
@@ -78,12 +72,13 @@ class AutoComm(CommBackend):
         chosen = self.candidates(combo, dict(options or {}))
         self.backends: dict[str, CommBackend] = {
             n: COMM_BACKENDS[n](cfg, group, placement, o, device=device, dtype=dtype) for n, o in chosen.items()}
+        # the crossover ladder (None with one candidate)
         self.ladder = crossovers(device_name(self.device), self.world)[0] if len(self.backends) > 1 else None
         caps = [b.capacity for b in self.backends.values()]
         self.capacity = None if None in caps else max(caps)
-        self.allowed: list[str] | None = None
+        self.allowed: list[str] | None = None  # while set (graph capture), the only names that may be picked
         self._current = next(iter(self.backends.values()))
-        self.current = self.pick(1)
+        self.current = self.pick(1)  # the candidate of the last call; before any, the pick for one token
 
     @staticmethod
     def candidates(combo: Combo, options: Mapping[str, Any]) -> dict[str, CommOptions]:

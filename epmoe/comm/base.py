@@ -31,25 +31,16 @@ def capturing(x: torch.Tensor) -> bool:
 
 @dataclass
 class Dispatched:
-    """The rows that landed on this rank, and the (row, local expert) pairs to compute.
+    """The rows that landed on this rank, and the (row, local expert) pairs to compute. A runner
+    returns out [M, H] in hidden's dtype, one row per pair, in pair order, without router weights."""
 
-    hidden:         [N, H] received rows (a Tensor, or a QuantizedTensor payload); one per token and rank.
-    row_ids:        [M] int32, the row of `hidden` each pair reads.
-    expert_ids:     [M] int32 local expert in [0, E_local); -1 = padding (skipped; its output row undefined).
-    expert_counts:  [E_local] int32 on the device, pairs per local expert (padding excluded).
-    handle:         backend-private state that combine needs.
-    expert_offsets: optional [E_local] int32: pairs grouped by expert, expert e's being [offsets[e],
-                    offsets[e] + counts[e]) ascending, every other pair -1 (packed groups or fixed
-                    slabs e * capacity); runners may skip their own sort ("triton" does).
-
-    A runner returns out [M, H] in hidden's dtype, one row per pair, without router weights.
-    """
-
-    hidden: Any
-    row_ids: torch.Tensor
-    expert_ids: torch.Tensor
-    expert_counts: torch.Tensor
-    handle: Any = field(default=None, repr=False)
+    hidden: Any  # [N, H] received rows (a Tensor, or a QuantizedTensor payload); one per token and rank
+    row_ids: torch.Tensor  # [M] int32, the row of `hidden` each pair reads
+    expert_ids: torch.Tensor  # [M] int32 local expert in [0, E_local); -1 = padding (skipped; output row undefined)
+    expert_counts: torch.Tensor  # [E_local] int32 on the device, pairs per local expert (padding excluded)
+    handle: Any = field(default=None, repr=False)  # backend-private state that combine needs
+    # optional [E_local] int32: pairs grouped by expert, expert e's being [offsets[e], offsets[e] + counts[e])
+    # ascending, every other pair -1 (packed groups, or slabs e * capacity); runners may skip their own sort
     expert_offsets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:

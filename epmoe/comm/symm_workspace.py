@@ -161,16 +161,11 @@ def map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[li
 
 @dataclass
 class Mapped:
-    """Every rank's workspace as mapped on this rank.
+    """Every rank's workspace as mapped on this rank."""
 
-    buffers:     [W] uint8 [nbytes], own at this rank (they hold the peer mappings: keep them alive).
-    in_process:  the ranks are threads of one process (a VirtualGroup, or no group).
-    symm_handle: the torch symmetric-memory handle (NCCL ranks on GPUs), else None.
-    """
-
-    buffers: list[torch.Tensor]
-    in_process: bool
-    symm_handle: Any = None
+    buffers: list[torch.Tensor]  # [W] uint8 [nbytes], own at this rank (they hold the peer mappings: keep alive)
+    in_process: bool  # the ranks are threads of one process (a VirtualGroup, or no group)
+    symm_handle: Any = None  # the torch symmetric-memory handle (NCCL ranks on GPUs)
 
 
 def map_workspaces(group: RankGroup | None, nbytes: int, device: torch.device) -> Mapped:

@@ -157,29 +157,21 @@ class SymmHandle:
 
 @dataclass(frozen=True)
 class SymmOptions(CommOptions):
-    """Options of `symm_a2a` (payload and combine_dtype read back canonical).
+    """Options of `symm_a2a`; payload, combine_dtype and input_scale as in `WireOptions` (input_scale:
+    eager calls only for now, epmoe.quant checks it on the host, so a capture with it raises)."""
 
-    max_tokens_per_rank: T limit of one call on one rank; sizes the workspace (default 128).
-    payload:       "bf16"/None (as x holds them), "fp8", "fp8_block" or "nvfp4" (`WireOptions`).
-    timeout_s:     bound of every wait for peers' flags (default 10 s).
-    combine_dtype: partial sums sent back: fp32 (default: the home casts once) or bf16 (half the
-                   bytes, one more rounding); torch dtypes or "fp32" / "bf16".
-    combine_mode:  "push" (default: expert ranks write into the home's workspace) or "pull" (the
-                   home reads the expert ranks'); same results, push is faster over NVLink.
-    impl:          "triton" (CUDA kernels; default on CUDA) or "torch" (the plain-torch twin;
-                   default on CPU; on CUDA it polls flags from the host).
-    check_errors:  read the kernels' error word after every eager combine (a host sync) and graph
-                   replay, and raise on timeouts; with False call `check()` yourself.
-    input_scale:   static fp8 / nvfp4 activation scale shared by every rank (`WireOptions`); eager
-                   calls only for now (epmoe.quant checks it on the host), a capture with it raises.
-    """
-
-    max_tokens_per_rank: int | None = DEFAULT_MAX_TOKENS
+    max_tokens_per_rank: int | None = DEFAULT_MAX_TOKENS  # T limit of one call on one rank; sizes the workspace
     payload: str | None = "bf16"
-    timeout_s: float = 10.0
-    combine_dtype: torch.dtype | str = torch.float32
+    timeout_s: float = 10.0  # bound of every wait for peers' flags
+    combine_dtype: torch.dtype | str = torch.float32  # or bf16 / "bf16": half the bytes, one more rounding
+    # "push": expert ranks write into the home's workspace; "pull": the home reads theirs (same results; push is
+    # faster over NVLink, module docstring)
     combine_mode: str = "push"
+    # "auto": "triton" (CUDA kernels) on CUDA, "torch" (the plain-torch twin; on CUDA it polls flags from the host)
+    # on the CPU
     impl: str = "auto"
+    # read the kernels' error word after every eager combine (a host sync) and every graph replay, and raise on
+    # timeouts; with False call `check()` yourself
     check_errors: bool = True
     input_scale: float | torch.Tensor | None = None
 

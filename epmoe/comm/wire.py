@@ -59,22 +59,18 @@ _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class WireOptions(CommOptions):
-    """Options of `allgather` and `nccl_a2a` (payload, combine_dtype read back canonical).
+    """Options of `allgather` and `nccl_a2a` (payload and combine_dtype read back canonical)."""
 
-    max_tokens_per_rank: the largest T any rank passes (larger: ValueError); static_shapes needs it.
-    payload:        "bf16"/None (as they are), "fp8", "fp8_block" or "nvfp4": quantized by the sender.
-    combine_dtype:  partial sums on the combine wire: fp32 (default) or bf16 (half the bytes; each
-                    rank's partial sum rounded once, relative error <= 2^-9, before the fp32 sum).
-    static_shapes:  every collective moves max_tokens_per_rank (or dispatch's max_tokens) rows per
-                    rank pair, padding included: no host sync, CUDA-graph capturable.
-    input_scale:    static activation scale shared by every rank (the checkpoint's `input_scale`):
-                    fp8's per-tensor / nvfp4's global scale instead of each rank's batch amax.
-    """
-
-    max_tokens_per_rank: int | None = None
-    payload: str | None = "bf16"
+    max_tokens_per_rank: int | None = None  # the largest T any rank passes (larger: ValueError)
+    payload: str | None = "bf16"  # None/"bf16" (as they are), "fp8", "fp8_block", "nvfp4": quantized by the sender
+    # partial sums on the combine wire: fp32 or bf16 (torch dtypes or "fp32" / "bf16"; bf16: half the bytes, each
+    # rank's partial sum rounded once, relative error <= 2^-9, before the fp32 sum)
     combine_dtype: torch.dtype | str = torch.float32
+    # every collective moves max_tokens_per_rank (or dispatch's max_tokens) rows per rank pair, padding included:
+    # no host sync, CUDA-graph capturable (needs max_tokens_per_rank)
     static_shapes: bool = False
+    # static activation scale shared by every rank (the checkpoint's `input_scale`): fp8's per-tensor or nvfp4's
+    # global scale instead of each rank's batch amax
     input_scale: float | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -248,21 +244,14 @@ def sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
 class Pairs:
     """The (row, k) pairs of N received rows that this rank computes. dense (static_shapes): every
     (row, k), pair p = row * K + k, -1 where the expert lives elsewhere; compact (after a count
-    exchange): local pairs only, grouped by k, rows ascending inside a group.
+    exchange): local pairs only, grouped by k, rows ascending inside a group."""
 
-    row_ids:    [M] int32 row of each pair.
-    expert_ids: [M] int32 local expert (-1 = not computed here; dense only).
-    weights:    [M] fp32 router weight of each pair (compact) or [N, K] (dense).
-    valid:      [N, K] bool (dense) or None.
-    slots:      [N, K] int32 pair of (row, k), -1 = none (compact) or None.
-    """
-
-    row_ids: torch.Tensor
-    expert_ids: torch.Tensor
-    weights: torch.Tensor
-    valid: torch.Tensor | None
-    slots: torch.Tensor | None
-    rows: int
+    row_ids: torch.Tensor  # [M] int32 row of each pair
+    expert_ids: torch.Tensor  # [M] int32 local expert (-1 = not computed here; dense only)
+    weights: torch.Tensor  # [M] fp32 router weight of each pair (compact) or [N, K] (dense)
+    valid: torch.Tensor | None  # [N, K] bool (dense) or None
+    slots: torch.Tensor | None  # [N, K] int32 pair of (row, k), -1 = none (compact) or None
+    rows: int  # N
 
 
 def make_pairs(local: torch.Tensor, weights: torch.Tensor, compact: bool) -> Pairs:
