@@ -8,10 +8,8 @@
                   copy x, logits (or routing) into the static buffers; valid = T
                   graph[b].replay(); its comm backend's after_replay(); return out[b][:T]
 
-`MoELayer.capture_graphs` builds a `LayerGraphs` and keeps it; `MoELayer.forward` asks it for the
-bucket of a call and replays. Under comm="auto" each bucket holds the backend auto picks for b
-among the capturable candidates; with several ranks every call first agrees on the largest T over
-ranks (one small exchange, as eager auto calls do), so every rank replays the same bucket.
+Under comm="auto" bucket b holds auto's pick for b among the capturable candidates; with several
+ranks every call first agrees on the largest T over ranks, so every rank replays the same bucket.
 """
 
 from __future__ import annotations
@@ -22,17 +20,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from epmoe.comm.base import CommBackend
+from epmoe.comm.base import CommBackend, capturing
 from epmoe.routing import Routing, check_finite_logits, check_routing
 from epmoe.select import check, ensure
 
 if TYPE_CHECKING:
     from epmoe.layer import MoELayer
-
-
-def capturing(x: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on x's device (host reads are then illegal)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def default_buckets(max_tokens: int) -> list[int]:
@@ -42,8 +35,7 @@ def default_buckets(max_tokens: int) -> list[int]:
 
 @dataclass
 class Bucket:
-    """One captured graph: graph replays the layer for `tokens` rows into out [tokens, H]; comm
-    is the backend it holds (under comm="auto": auto's pick for `tokens`)."""
+    """One captured graph: the layer for `tokens` rows into out [tokens, H], through `comm`."""
 
     tokens: int
     graph: torch.cuda.CUDAGraph
@@ -52,25 +44,17 @@ class Bucket:
 
 
 class LayerGraphs:
-    """The static buffers and graphs of one layer, one graph per token bucket.
+    """The static buffers and one graph per token bucket (ascending) of a layer; built by `capture`.
 
-    layer:    the MoELayer whose eager call is captured (its weights on a CUDA device).
-    buckets:  token counts, ascending; the last one is the largest call that replays.
     routed:   False: the graphs take router logits (or the layer's gate); True: `routing=`.
     validate: replays check their inputs on the host as eager calls do (one device-to-host read
               per call); False where the inputs are trusted, so a replay never waits for the GPU.
-
-    Built empty by the constructor (buffers only); `LayerGraphs.capture` checks the layer can be
-    captured and captures every bucket.
     """
 
     def __init__(self, layer: MoELayer, buckets: list[int], routed: bool = False, validate: bool = True) -> None:
         cfg, device = layer.cfg, layer.device
         top, K = buckets[-1], cfg.top_k
-        self.layer = layer
-        self.buckets = buckets
-        self.routed = routed
-        self.validate = validate
+        self.layer, self.buckets, self.routed, self.validate = layer, buckets, routed, validate
         self.x = torch.zeros(top, cfg.hidden, dtype=layer.dtype, device=device)  # [top, H]
         self.logits = torch.zeros(top, cfg.num_experts, dtype=torch.float32, device=device)  # [top, E]
         # routed mode: distinct valid ids for the warm-up calls; replays overwrite them
@@ -114,10 +98,9 @@ class LayerGraphs:
         """The layer's capturable comm backends; a ValueError naming why it cannot be captured."""
         group = layer.group
         if group is not None and group.world > 1 and group.virtual:
-            raise ValueError(
-                "virtual ranks share one device and exchange through host threads, so a CUDA graph cannot "
-                "hold their communication; capture with one process per GPU (EPGroup) or a world-1 layer"
-            )
+            raise ValueError("virtual ranks share one device and exchange through host threads, so a CUDA graph "
+                             "cannot hold their communication; capture with one process per GPU (EPGroup) or a "
+                             "world-1 layer")
         if layer.device.type != "cuda":
             raise ValueError("capture_graphs needs the layer's weights on a CUDA device")
         if max_tokens <= 0:
@@ -129,8 +112,7 @@ class LayerGraphs:
 
     @staticmethod
     def capturable(layer: MoELayer) -> list[str]:
-        """The layer's comm backends that select.py's table lets a CUDA graph hold (under
-        comm="auto" some of its candidates, else its one backend or none)."""
+        """The layer's comm backends (auto's candidates, or its one) that select.py lets a graph hold."""
         return [n for n in layer.comms if check(dataclasses.replace(layer.combo_for(n), graph=True))[0]]
 
     def _body(self, b: int) -> torch.Tensor:
@@ -143,8 +125,7 @@ class LayerGraphs:
     def _capture(self, names: list[str], buckets: list[int] | None = None) -> None:
         """Warm up, then capture `buckets` (default: all), largest first so smaller graphs reuse its
         memory pool (or the shared `pool`)."""
-        layer, device = self.layer, self.layer.device
-        auto = layer.auto
+        layer, device, auto = self.layer, self.layer.device, self.layer.auto
         if auto is not None:
             auto.allowed = names  # only capturable candidates; the bucket size picks among them
         try:
@@ -192,8 +173,7 @@ class LayerGraphs:
     def replay(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int
                ) -> torch.Tensor:
         """One call by replay: y [T, H] (a copy of the bucket's first T output rows)."""
-        T = x.shape[0]
-        layer = self.layer
+        T, layer = x.shape[0], self.layer
         if bucket not in self.graphs:  # lazy graphs: this bucket's first call captures it
             self._capture(self.names, [bucket])
         if self.validate:
@@ -205,9 +185,7 @@ class LayerGraphs:
         b.graph.replay()
         if layer.auto is not None:
             layer.auto.current = b.comm
-        # A bounded wait inside the graph only records an error in the backend; the backend reads
-        # it here, as an eager combine does, unless the caller opted out (symm_a2a check_errors).
-        b.comm.after_replay()
+        b.comm.after_replay()  # a bounded wait in the graph only records its timeout: read it here
         if layer.capture is not None:
             layer.capture.num_tokens = T
             layer.capture.num_tokens_dev.fill_(T)

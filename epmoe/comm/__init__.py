@@ -4,12 +4,7 @@ Importing this package registers every backend; `get_comm(name)` returns its cla
 built as `cls(cfg, group, placement, cls.make_options(**options), device=..., dtype=...)`.
 """
 
-from epmoe.comm import (
-    allgather,  # noqa: F401  (registers "allgather")
-    nccl_a2a,  # noqa: F401  (registers "nccl_a2a")
-    none,  # noqa: F401  (registers "none")
-    symmetric,  # noqa: F401  (registers "symm_a2a")
-)
+from epmoe.comm import allgather, nccl_a2a, none, symmetric  # noqa: F401  (each registers its backend)
 from epmoe.comm.base import CommBackend, CommOptions, Dispatched
 from epmoe.comm.registry import COMM_BACKENDS, get_comm, register_comm
 

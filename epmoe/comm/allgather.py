@@ -20,16 +20,12 @@ How the rows are gathered (`gather` option), after the counts are known:
             max_tokens_per_rank.
 Measured (gloo on 2 CPU cores, 4 ranks, H = 2048 fp32 rows, median µs; padded / W broadcasts /
 a2a): counts 256x4: 33582 / 14171 / 13528; 512,512,512,0: 31695 / 14441 / 18390; 1024,0,0,0:
-132257 / 8702 / 29489; 1x4: 6210 / 5485 / 1372; 8,0,0,1: 3892 / 1094 / 1011. Gloo's all-gather is
-the slowest even when balanced, so gloo always takes "a2a"; the broadcasts were no faster than
-the all-to-all-v and need W collectives, so they were not kept. On NCCL the balanced case is
-expected to favour the single all-gather (ring/NVLS); that is not measured yet, and the 25%
-rule stands until `epmoe bench comm` on GPUs says otherwise.
+132257 / 8702 / 29489; 1x4: 6210 / 5485 / 1372; 8,0,0,1: 3892 / 1094 / 1011. So gloo always takes
+"a2a"; W broadcasts were no faster than the all-to-all-v, so not kept. NCCL is not measured yet:
+the 25% rule stands until `epmoe bench comm` on GPUs says otherwise.
 
-Bytes per rank: dispatch sends its cap rows to W - 1 peers ((W - 1) * cap * row bytes); combine
-sends each peer's T_j partial rows back. The token moves to every rank whether or not its
-experts live there, so this wins at large batches (no per-destination sort, one big collective)
-and loses at decode sizes to `nccl_a2a`, which moves each token only to the ranks it needs.
+Bytes per rank: dispatch sends (W - 1) * cap rows, combine each peer's T_j partial rows back. Every
+token goes to every rank: this wins at large batches and loses at decode sizes to `nccl_a2a`.
 """
 
 from __future__ import annotations
@@ -39,39 +35,22 @@ from dataclasses import dataclass
 import torch
 
 from epmoe.comm.base import Dispatched
-from epmoe.comm.payload import PAYLOADS, empty_rows, encode, pack_rows, row_layout, unpack_rows
+from epmoe.comm.payload import empty_rows, row_layout
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import Pairs, WireBackend, WireOptions, make_pairs, partial_sums, sum_in_rank_order
-from epmoe.config import MoEConfig
-from epmoe.group import Placement, RankGroup
-from epmoe.ops.combine import local_pairs
+from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums, sum_in_rank_order
 from epmoe.routing import Routing
 
 GATHER_MODES = ("auto", "padded", "a2a")
 
 
 @dataclass
-class AllGatherHandle:
-    """State combine needs.
+class AllGatherHandle(WireHandle):
+    """A `WireHandle` and the gather's shape (host ints)."""
 
-    pairs:   the (row, k) pairs computed here, with their router weights, of the W * cap
-             gathered rows.
-    counts:  tokens per rank (host ints; None under static_shapes, where every rank sends cap).
-    starts:  first gathered row of each rank (host ints): r * cap when padded, else prefix sums.
-    cap:     rows per rank in a padded gather (max T), else 0 when counts are known.
-    tokens:  this rank's T.
-    dtype:   output dtype (x's).
-    dispatch_bytes, combine_bytes: bytes this rank sends to other ranks in each phase.
-    """
-
-    pairs: Pairs
-    counts: list[int] | None
-    starts: list[int]
-    cap: int
-    tokens: int
-    dtype: torch.dtype
-    dispatch_bytes: int
-    combine_bytes: int
+    counts: list[int] | None  # tokens per rank; None under static_shapes (every rank sends cap)
+    starts: list[int]  # first gathered row of each rank: r * cap when padded, else prefix sums
+    cap: int  # rows per rank of a padded gather, else 0
+    tokens: int  # this rank's T
 
 
 @dataclass(frozen=True)
@@ -88,76 +67,46 @@ class AllGatherOptions(WireOptions):
 
 @register_comm
 class AllGatherComm(WireBackend):
-    """All-gather-v dispatch, reduce-scatter-v combine (see the module docstring; options:
-    `AllGatherOptions`)."""
+    """All-gather-v dispatch, reduce-scatter-v combine (module docstring; options: `AllGatherOptions`)."""
 
     name = "allgather"
-    layouts = ("dp",)
-    payloads = PAYLOADS
-    devices = ("cpu", "cuda")
-    needs_host_sync = True  # unless static_shapes (the instance attribute then reads False)
-    static_capable = True
-    single_node = False
-    moves_tokens = True
     Options = AllGatherOptions
     options: AllGatherOptions
 
-    def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
-                 options: AllGatherOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
-        super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
-        self.gather = self.options.gather
-
     def _padded(self, counts: list[int]) -> bool:
         """Whether to gather padded rows (the same answer on every rank: counts are shared)."""
-        if self.gather != "auto":
-            return self.gather == "padded"
-        # RankGroup.backend names the transport; groups built before it was declared lack it
+        if self.options.gather != "auto":
+            return self.options.gather == "padded"
         if self.group is not None and self.group.backend == "gloo":
             return False
         return self.world * max(counts) <= 1.25 * sum(counts)
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
-        ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
-        cap = self._checked(x, ids, max_tokens)  # a failure here is reported to the peers first
+        cap = self._checked(x, routing.ids, max_tokens)  # a failure here is reported to the peers first
         T, H, W = x.shape[0], self.cfg.hidden, self.world
-        if self.static_shapes:
-            if self.host_checks(x):  # eager calls: the checks of a counted call; captures skip them
-                self._exchange(x, ids, cap=cap)
-            counts = None
-        else:
-            counts = [row[0] for row in self._exchange(x, ids, [T])]
+        counts = None
+        if not self.static_shapes:
+            counts = [row[0] for row in self._exchange(x, routing.ids, [T])]
             cap = max(counts) if self._padded(counts) else 0
         layout = row_layout(self.cfg, self.payload, x.dtype)
         wire = empty_rows(cap or T, layout, x.device, filled=T)  # [cap or T, B] uint8
         if T:
-            pack_rows([*encode(x, self.payload, self.scale_on(x.device)), ids, w], layout, out=wire[:T])
+            self._pack(x, routing, layout, out=wire[:T])
         if counts is None or cap:  # static (cap may be 0: every rank's bound is 0) or padded
             starts = [r * cap for r in range(W)]
             gathered = self.group.all_gather(wire).view(W * cap, layout.nbytes) if W > 1 else wire
             sent_rows = (W - 1) * cap
         else:  # exact counts, no padding: each rank sends its T rows to every rank
             starts = [sum(counts[:r]) for r in range(W)]
-            if W > 1 and sum(counts):
-                gathered = self.group.all_to_all_v(wire.repeat(W, 1), [T] * W, counts)  # [sum T, B]
-            else:
-                gathered = wire
+            gathered = self.group.all_to_all_v(wire.repeat(W, 1), [T] * W, counts) if W > 1 and sum(counts) else wire
             sent_rows = (W - 1) * T
-        parts = unpack_rows(gathered, layout)
-        g_ids, g_w = parts[-2], parts[-1]  # [N, K] int32, fp32
-        local = local_pairs(g_ids, self.placement_on(x.device), self.rank)  # [N, K]
-        pairs = make_pairs(local, g_w, compact=not self.static_shapes)
         combine_rows = (W - 1) * cap if counts is None else sum(counts) - T
-        handle = AllGatherHandle(
-            pairs=pairs, counts=counts, starts=starts, cap=cap, tokens=T, dtype=x.dtype,
-            dispatch_bytes=sent_rows * layout.nbytes,
-            combine_bytes=combine_rows * H * self.combine_dtype.itemsize,
-        )
-        return self._dispatched(parts, pairs, handle)
+        return self._unpack(gathered, layout, lambda pairs: AllGatherHandle(
+            pairs, x.dtype, sent_rows * layout.nbytes, combine_rows * H * self.combine_dtype.itemsize,
+            counts=counts, starts=starts, cap=cap, tokens=T))
 
-    def combine(
-        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-        addend: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
         h: AllGatherHandle = dispatched.handle
         W, H, cap, T = self.world, self.cfg.hidden, h.cap, h.tokens
         partial = partial_sums(expert_out, h.pairs, H)  # [N, H] fp32

@@ -7,11 +7,10 @@
               candidate and whose capacity holds tokens            (select.pick_comm)
     dispatch, combine = backend's, with max_tokens = tokens
 
-The layer builds it for comm="auto"; it is not registered (it moves nothing itself). Candidates:
-every registered backend that select.py's table allows for the layer's combination, with the
-options it names; on one rank or with the tp layout only those that move no tokens
-(`moves_tokens=False`). The ladder comes from epmoe/tuning/crossovers.json (select.crossovers),
-measured per GPU model and world size, else its default entry.
+The layer builds it for comm="auto" (not registered: it moves nothing itself). Candidates: every
+registered backend select.py's table allows for the layer's combination with the options it names
+(on one rank or with the tp layout only those with moves_tokens=False). The ladder comes from
+epmoe/tuning/crossovers.json (select.crossovers) per GPU model and world size, else its default.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ from typing import Any, NoReturn
 
 import torch
 
-from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree
+from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree, capturing, check_keys, option_names
 from epmoe.comm.payload import PAYLOADS
 from epmoe.comm.registry import COMM_BACKENDS
 from epmoe.config import MoEConfig
-from epmoe.graphs import capturing
 from epmoe.group import Placement, RankGroup
 from epmoe.routing import Routing
 from epmoe.select import DEVICES, LAYOUTS, Combo, check, crossovers, pick_comm
@@ -37,11 +35,6 @@ from epmoe.select import DEVICES, LAYOUTS, Combo, check, crossovers, pick_comm
 def device_name(device: torch.device) -> str:
     """The GPU model crossovers are measured for ("cpu" off CUDA)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def option_names(cls: type[CommBackend]) -> tuple[str, ...]:
-    """The fields of a backend's Options dataclass."""
-    return tuple(f.name for f in dataclasses.fields(cls.Options))
 
 
 @dataclass(frozen=True)
@@ -59,16 +52,8 @@ class AutoHandle:
 
 class AutoComm(CommBackend):
     """Picks a candidate per call by the largest token count over ranks (see the module docstring).
-
-    options: keyword options for the candidates; every key must be a field of at least one
-             candidate's Options (ValueError naming it and the valid ones otherwise).
-    combo:   the layer's combination (layout, world, nodes, device, runner, weights, routing);
-             its comm, payload and static_shapes fields are ignored.
-
-    backends: name -> built candidate; ladder: the crossover ladder (None with one candidate);
-    current: the candidate of the last call (before any call, the pick for one token); allowed:
-    while set (graph capture), the only names that may be picked.
-    """
+    options: keyword options for the candidates, each a field of at least one candidate's Options;
+    combo: the layer's combination (its comm, payload and static_shapes fields are ignored)."""
 
     name = "auto"
     layouts = LAYOUTS
@@ -84,27 +69,22 @@ class AutoComm(CommBackend):
                  options: Mapping[str, Any] | None = None, *, device: torch.device | str, dtype: torch.dtype,
                  combo: Combo) -> None:
         super().__init__(cfg, group, placement, AutoOptions(), device=device, dtype=dtype)
-        wanted = dict(options or {})
-        chosen = self.candidates(combo, wanted)
+        chosen = self.candidates(combo, dict(options or {}))
         self.backends: dict[str, CommBackend] = {
-            n: COMM_BACKENDS[n](cfg, group, placement, opts, device=device, dtype=dtype) for n, opts in chosen.items()
-        }
+            n: COMM_BACKENDS[n](cfg, group, placement, o, device=device, dtype=dtype) for n, o in chosen.items()}
+        # the crossover ladder (None with one candidate)
         self.ladder = crossovers(device_name(self.device), self.world)[0] if len(self.backends) > 1 else None
         caps = [b.capacity for b in self.backends.values()]
         self.capacity = None if None in caps else max(caps)
-        self.allowed: list[str] | None = None
+        self.allowed: list[str] | None = None  # while set (graph capture), the only names that may be picked
         self._current = next(iter(self.backends.values()))
-        self.current = self.pick(1)
+        self.current = self.pick(1)  # the candidate of the last call; before any, the pick for one token
 
     @staticmethod
     def candidates(combo: Combo, options: Mapping[str, Any]) -> dict[str, CommOptions]:
-        """name -> Options of every backend auto runs `combo` on, given `options`.
-
-        A backend is a candidate when the table allows combo with its comm, payload and
-        static_shapes taken from the options it names; each candidate's options are built (and
-        their values checked) by its make_options. A key that no backend fitting combo (with its
-        default options) has raises. On one rank or with the tp layout only the candidates that
-        move no tokens are kept."""
+        """name -> Options (its make_options) of every backend the table allows for combo with the
+        payload and static_shapes of the options it names. A key no backend fitting combo (with
+        default options) has raises; on one rank or with tp only backends that move no tokens stay."""
         fits: dict[str, CommOptions] = {}
         reasons = []
         names: set[str] = set()  # the options of every backend that fits combo with its defaults
@@ -121,11 +101,7 @@ class AutoComm(CommBackend):
                 fits[n] = cls.make_options(**own)
             else:
                 reasons.append(f"{n}: {reason}")
-        unknown = [k for k in options if k not in names]
-        if unknown:
-            plural = "s" if len(unknown) > 1 else ""
-            raise ValueError(f"comm 'auto' has no option{plural} {', '.join(map(repr, unknown))}; its candidates' "
-                             f"options: {', '.join(sorted(names)) or 'none'}")
+        check_keys("comm 'auto'", options, sorted(names), "its candidates' options")
         if combo.layout == "tp" or combo.world == 1:
             fits = {n: o for n, o in fits.items() if not COMM_BACKENDS[n].moves_tokens}
             reasons.append("on one rank or with the tp layout auto runs only backends that move no tokens")
@@ -142,9 +118,7 @@ class AutoComm(CommBackend):
 
     @current.setter
     def current(self, backend: CommBackend) -> None:
-        self._current = backend
-        self.payload = backend.payload  # what the call really moved
-        self.static_shapes = backend.static_shapes
+        self._current, self.payload, self.static_shapes = backend, backend.payload, backend.static_shapes
 
     @property
     def graph_safe(self) -> bool:
@@ -152,14 +126,12 @@ class AutoComm(CommBackend):
         return self._current.graph_safe
 
     def agree_tokens(self, x: torch.Tensor) -> int | None:
-        """The bound on every rank's T that picks this call's backend: the largest T over ranks
-        (one small exchange); T itself on one rank or while capturing (the graph's bucket); None
-        where nothing is to be picked (one candidate over several ranks: no exchange)."""
-        if self.world == 1:
-            return x.shape[0]
-        if self.ladder is None:
+        """The bound on every rank's T that picks this call's backend: the largest T over ranks (one
+        small exchange); T itself on one rank or while capturing (the graph's bucket); None with one
+        candidate over several ranks (no exchange)."""
+        if self.world > 1 and self.ladder is None:
             return None
-        if self.allowed is not None or capturing(x):
+        if self.world == 1 or self.allowed is not None or capturing(x):
             return x.shape[0]
         return max(t for (t,) in agree(self.group, "comm 'auto'", {}, [x.shape[0]], device=self.device))
 
@@ -183,17 +155,14 @@ class AutoComm(CommBackend):
         """max_tokens: the agreed bound when the caller already has it (a graph bucket, or the
         layer's replay check); else auto agrees on it here."""
         tokens = max_tokens if max_tokens is not None else self.agree_tokens(x)
-        backend = self.pick(tokens if tokens is not None else x.shape[0])
-        self.current = backend
+        self.current = backend = self.pick(tokens if tokens is not None else x.shape[0])
         inner = backend.dispatch(x, routing, max_tokens=tokens)
         wrapped = copy.copy(inner)  # no __post_init__ again: the runner sees the same rows
         wrapped.handle = AutoHandle(backend, inner.handle)
         return wrapped
 
-    def combine(
-        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-        addend: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
         h: AutoHandle = dispatched.handle
         inner = copy.copy(dispatched)
         inner.handle = h.handle

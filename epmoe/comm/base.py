@@ -2,14 +2,9 @@
 
     x [T, H], Routing ──dispatch──▶ Dispatched ──runner──▶ out [M, H] ──combine──▶ y [T, H]
 
-A backend moves token rows to the ranks owning their experts (dispatch) and brings the expert
-outputs back, weighted by the router and reduced in a fixed order (combine).
-
-Every backend declares its capabilities as class attributes (`CommBackend`: what select.py, the
-layer and the conformance tests read; the registry refuses a backend that leaves one to a base
-class) and its options as a frozen dataclass (`Options`, a `CommOptions`), built with
-`make_options(**kwargs)`, which names unknown keys and lists the valid ones. Backends that
-exchange anything check first that every rank agrees (`agree`), so a rank whose inputs fail
+Every backend declares its capabilities as class attributes (the registry refuses one left to a
+base class) and its options as a frozen `CommOptions` dataclass (`make_options`). Backends that
+exchange anything first check that every rank agrees (`agree`), so a rank whose inputs fail
 raises on every rank instead of leaving its peers waiting.
 """
 
@@ -29,33 +24,23 @@ from epmoe.ops.combine import count_experts
 from epmoe.routing import Routing
 
 
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's device (host reads are then illegal)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @dataclass
 class Dispatched:
-    """The rows that landed on this rank, and the (row, local expert) pairs to compute.
+    """The rows that landed on this rank, and the (row, local expert) pairs to compute. A runner
+    returns out [M, H] in hidden's dtype, one row per pair, in pair order, without router weights."""
 
-    hidden:        [N, H] received token rows (a Tensor, or a quantized payload with its
-                   scales); a token is sent once per destination rank, not once per expert.
-    row_ids:       [M] int32, the row of `hidden` each pair reads.
-    expert_ids:    [M] int32, local expert of each pair in [0, E_local); -1 = padding pair,
-                   which runners skip and combine ignores (its output row is undefined).
-    expert_counts: [E_local] int32 on the device, pairs per local expert (padding excluded).
-    handle:        backend-private state that combine needs (weights, destinations, splits).
-    expert_offsets: optional [E_local] int32 on the device: the pairs are grouped by expert,
-                   those of local expert e being [expert_offsets[e], expert_offsets[e] +
-                   expert_counts[e]) in ascending pair order, every other pair padding (-1).
-                   Packed groups (offsets = exclusive cumsum of counts) and fixed-capacity
-                   slabs (offsets = e * capacity) both qualify. expert_ids stay filled as usual;
-                   runners may use the groups to skip their own sort ("triton" does).
-
-    A runner returns out [M, H] in hidden's dtype (bf16/fp16/fp32), one row per pair, in pair
-    order, without router weights.
-    """
-
-    hidden: Any
-    row_ids: torch.Tensor
-    expert_ids: torch.Tensor
-    expert_counts: torch.Tensor
-    handle: Any = field(default=None, repr=False)
+    hidden: Any  # [N, H] received rows (a Tensor, or a QuantizedTensor payload); one per token and rank
+    row_ids: torch.Tensor  # [M] int32, the row of `hidden` each pair reads
+    expert_ids: torch.Tensor  # [M] int32 local expert in [0, E_local); -1 = padding (skipped; output row undefined)
+    expert_counts: torch.Tensor  # [E_local] int32 on the device, pairs per local expert (padding excluded)
+    handle: Any = field(default=None, repr=False)  # backend-private state that combine needs
+    # optional [E_local] int32: pairs grouped by expert, expert e's being [offsets[e], offsets[e] + counts[e])
+    # ascending, every other pair -1 (packed groups, or slabs e * capacity); runners may skip their own sort
     expert_offsets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -64,30 +49,27 @@ class Dispatched:
             if t is not None and t.dtype != torch.int32:
                 raise ValueError(f"Dispatched.{name} must be int32, got {t.dtype}")
         if self.row_ids.shape != self.expert_ids.shape or self.row_ids.dim() != 1:
-            raise ValueError(
-                f"Dispatched.row_ids and expert_ids must both be [M], got "
-                f"{tuple(self.row_ids.shape)} and {tuple(self.expert_ids.shape)}"
-            )
+            raise ValueError(f"Dispatched.row_ids and expert_ids must both be [M], got {tuple(self.row_ids.shape)} "
+                             f"and {tuple(self.expert_ids.shape)}")
         if self.expert_offsets is not None:
             check_grouped(self.expert_ids, self.expert_counts, self.expert_offsets)
 
     @property
     def num_pairs(self) -> int:
+        """M."""
         return self.expert_ids.shape[0]
 
 
 def check_grouped(expert_ids: torch.Tensor, expert_counts: torch.Tensor, expert_offsets: torch.Tensor) -> None:
-    """ValueError unless pairs are grouped as `expert_offsets` says (see Dispatched). The shapes
-    always; the contents too, except while a CUDA graph is being captured (that reads the
-    device, a host sync: a capture replays shapes that eager calls checked before)."""
+    """ValueError unless pairs are grouped as `expert_offsets` says (see Dispatched); contents are
+    not read while a CUDA graph is captured (a host sync)."""
     E = expert_counts.shape[0]
     if expert_offsets.shape != (E,) or expert_offsets.device != expert_ids.device:
         raise ValueError(f"Dispatched.expert_offsets must be [{E}] (one per local expert) on "
                          f"{expert_ids.device}, got {tuple(expert_offsets.shape)} on {expert_offsets.device}")
-    if expert_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(expert_ids):
         return
-    M = expert_ids.shape[0]
-    counts, offsets = expert_counts.long(), expert_offsets.long()
+    M, counts, offsets = expert_ids.shape[0], expert_counts.long(), expert_offsets.long()
     ends = offsets + counts
     if bool(((counts < 0) | (offsets < 0) | (ends > M)).any()):
         raise ValueError(f"Dispatched.expert_offsets: every group [offset, offset + count) must lie in [0, {M})")
@@ -107,8 +89,7 @@ def check_grouped(expert_ids: torch.Tensor, expert_counts: torch.Tensor, expert_
 
 
 def call_bound(max_tokens: int | None, T: int, limit: int, who: str) -> int:
-    """A dispatch's bound on every rank's T (`max_tokens`, else the workspace's `limit`),
-    checked against this rank's T and the limit; `who` opens the error message."""
+    """A dispatch's bound on every rank's T (`max_tokens`, else `limit`), checked: T <= bound <= limit."""
     bound = limit if max_tokens is None else max_tokens
     if not isinstance(bound, int) or not T <= bound <= limit:
         raise ValueError(f"{who}: max_tokens={max_tokens!r} must be an int between this rank's {T} tokens and "
@@ -125,8 +106,7 @@ def check_addend(addend: torch.Tensor, T: int, H: int, device: torch.device, who
 
 def finish(acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
            addend: torch.Tensor | None = None, who: str = "combine") -> torch.Tensor:
-    """The one cast of an fp32 result [T, H], after adding `addend` [T, H] fp32 (shared
-    experts); written into `out` when given. For backends whose last step is plain torch."""
+    """The one cast of an fp32 result [T, H], after adding `addend` [T, H] fp32; into `out` if given."""
     if addend is not None:
         check_addend(addend, acc.shape[0], acc.shape[1], acc.device, who)
         acc = acc + addend
@@ -135,20 +115,6 @@ def finish(acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = Non
     if tuple(out.shape) != tuple(acc.shape):
         raise ValueError(f"{who}: out must be {tuple(acc.shape)}, got {tuple(out.shape)}")
     return out.copy_(acc)
-
-
-COMBINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def check_combine_dtype(combine_dtype: torch.dtype | str) -> torch.dtype:
-    """fp32 (default) or bf16 partial sums on the combine wire."""
-    if isinstance(combine_dtype, str):
-        if combine_dtype not in COMBINE_DTYPES:
-            raise ValueError(f"combine_dtype must be one of {sorted(COMBINE_DTYPES)}, got {combine_dtype!r}")
-        return COMBINE_DTYPES[combine_dtype]
-    if combine_dtype not in COMBINE_DTYPES.values():
-        raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
-    return combine_dtype
 
 
 def config_code(cfg: MoEConfig) -> int:
@@ -160,8 +126,7 @@ FAILURE_INTS = 16  # the failure slot of an agreement row: a flag and 15 int64 o
 
 
 def failure_ints(failure: BaseException | str | None) -> list[int]:
-    """A rank's failure as the ints it sends in an agreement row: [1, text...] (the exception's
-    type and the start of its message, utf-8, 8 bytes per int) or [0, 0...] when it did not fail."""
+    """A rank's failure as agreement-row ints: [1, "Type: message" utf-8, 8 bytes an int] or zeros."""
     if failure is None:
         return [0] * FAILURE_INTS
     text = failure if isinstance(failure, str) else f"{type(failure).__name__}: {failure}"
@@ -179,30 +144,19 @@ def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Se
           device: torch.device | str = "cpu", shown: Mapping[str, Callable[[int], str]] | None = None,
           report: Callable[[list[list[int]]], list[str]] | None = None, fix: str = "",
           failure: BaseException | str | None = None) -> list[list[int]]:
-    """The cross-rank agreement of every backend that exchanges anything: one all_gather_ints of
-    this rank's failure slot (`failure_ints`), its `fields` (name -> an int every rank must
-    share) and `mine` (this rank's own ints: token counts, error flags), then an error raised
-    alike on every rank (so no rank is left waiting in a later collective or on a flag).
+    """One all_gather_ints of [failure slot, `fields` (name -> int every rank must share), `mine`
+    (this rank's own ints)], then the same error on every rank, so none waits on a peer:
 
-    failure: this rank failed its own checks before the exchange (an exception or a reason); it
-    still takes part (its fields and `mine` may be zeros, every rank must send as many) so its
-    peers learn it: they raise `PeerFailedError`
+        failure given (this rank failed its checks; it still sends as many ints): it re-raises it
+        (a str as ValueError); its peers raise PeerFailedError "{who}: rank 1 failed its own checks..."
+        fields differ: ValueError "{who}: ranks [2] differ from rank 0 on payload (rank 0: bf16, ...,
+        rank 2: fp8); <report(table)>. {fix}"
 
-        "{who}: rank 1 failed its own checks, so no rank goes ahead: ValueError: router_logits ..."
-
-    and the failing rank re-raises `failure` itself (a str becomes a ValueError). When no rank
-    failed, ranks whose fields differ raise a ValueError on every rank:
-
-        "{who}: ranks [2] differ from rank 0 on payload (rank 0: bf16, ..., rank 2: fp8); <report>. {fix}"
-
-    shown: field -> how a value reads in the message (default: the int). report(table): further
-    problems found in every rank's `mine` ints (table[r] = rank r's). Returns every rank's `mine`
-    ints. With no group or one rank nothing is exchanged, but `failure` and `report` still raise."""
+    shown: field -> how a value reads (default: the int); report(table): more problems from every
+    rank's `mine`. Returns every rank's `mine`. With one rank nothing is exchanged."""
     row = failure_ints(failure) + [int(v) for v in fields.values()] + [int(v) for v in mine]
-    world = group.world if group is not None else 1
-    table = group.all_gather_ints(row, device=device) if world > 1 else [row]
-    lengths = {len(r) for r in table}
-    if len(lengths) > 1:  # ranks in different agreements (different backends or call kinds)
+    table = group.all_gather_ints(row, device=device) if group is not None and group.world > 1 else [row]
+    if len({len(r) for r in table}) > 1:  # ranks in different agreements (different backends or call kinds)
         text = ", ".join(f"rank {r}: {len(t)} ints" for r, t in enumerate(table))
         raise ValueError(f"{who}: ranks exchanged agreement rows of different lengths ({text}): they run "
                          "different comm backends, layouts or calls. Build every rank's layer alike and call "
@@ -215,9 +169,7 @@ def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Se
         text = "; ".join(f"rank {r}: {why}" for r, why in failed.items())
         raise PeerFailedError(f"{who}: rank{'s' if len(ranks) > 1 else ''} {ranks if len(ranks) > 1 else ranks[0]} "
                               f"failed its own checks, so no rank goes ahead ({text})", ranks, failed)
-    table = [t[FAILURE_INTS:] for t in table]
-    n = len(fields)
-    problems = []
+    table, n, problems = [t[FAILURE_INTS:] for t in table], len(fields), []
     for i, name in enumerate(fields):
         values = [r[i] for r in table]
         differ = [r for r, v in enumerate(values) if v != values[0]]
@@ -233,77 +185,62 @@ def agree(group: RankGroup | None, who: str, fields: Mapping[str, int], mine: Se
     return rest
 
 
+def check_keys(who: str, given: Mapping[str, Any], valid: Sequence[str], what: str) -> None:
+    """A ValueError naming each key of `given` not in `valid`, and listing `valid` (`what`)."""
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise ValueError(f"{who} has no option{plural} {', '.join(map(repr, unknown))}; {what}: "
+                         f"{', '.join(valid) or 'none'}")
+
+
+def option_names(cls: type[CommBackend]) -> tuple[str, ...]:
+    """The fields of a backend's Options dataclass."""
+    return tuple(f.name for f in dataclasses.fields(cls.Options))
+
+
 @dataclass(frozen=True)
 class CommOptions:
-    """Base of every backend's options: a frozen dataclass whose fields all have defaults and
-    whose `__post_init__` raises a ValueError naming the fix for a bad value."""
+    """Base of every backend's options: frozen, every field defaulted, bad values -> ValueError."""
 
 
 class CommBackend:
-    """A dispatch/combine implementation, built once per layer.
+    """A dispatch/combine implementation, built once per layer. Every backend declares the class
+    attributes below (select.py, the layer and the conformance tests read them). Instance
+    attributes: options, payload (what dispatch really moves), static_shapes, capacity (largest T
+    per rank one call accepts; None = unbounded), graph_safe."""
 
-    Class attributes every backend declares itself (select.py, the layer and the conformance
-    tests read them; nothing probes a backend with getattr):
-    name:            registry key.
-    layouts:         attention layouts it serves ("dp": each rank its own tokens; "tp": every
-                     rank the same tokens).
-    payloads:        what dispatch can move (epmoe.comm.payload PAYLOADS; "bf16" = the
-                     activations as they are).
-    devices:         "cpu", "cuda".
-    needs_host_sync: whether a call reads device values on the host (count exchange), so it
-                     cannot sit inside a CUDA graph (unless static_shapes).
-    static_capable:  has a static_shapes option that makes it graph-capturable.
-    single_node:     all ranks must share one NVLink domain.
-    moves_tokens:    False for "none": with the dp layout it serves one rank only.
-    Options:         the frozen dataclass of its options (a CommOptions, every field defaulted).
-
-    Instance attributes: options, payload (what dispatch really moves), static_shapes, capacity
-    (the largest T per rank one call accepts; None = unbounded), graph_safe.
-    """
-
-    name: ClassVar[str]
-    layouts: ClassVar[tuple[str, ...]]
-    payloads: ClassVar[tuple[str, ...]]
-    devices: ClassVar[tuple[str, ...]]
-    needs_host_sync: ClassVar[bool]
-    static_capable: ClassVar[bool]
-    single_node: ClassVar[bool]
-    moves_tokens: ClassVar[bool]
-    Options: ClassVar[type[CommOptions]]
+    name: ClassVar[str]  # registry key
+    layouts: ClassVar[tuple[str, ...]]  # "dp" (each rank its own tokens), "tp" (every rank the same tokens)
+    payloads: ClassVar[tuple[str, ...]]  # payload.PAYLOADS it can move ("bf16" = activations as they are)
+    devices: ClassVar[tuple[str, ...]]  # "cpu", "cuda"
+    needs_host_sync: ClassVar[bool]  # a call reads device values on the host: no CUDA graph (unless static_shapes)
+    static_capable: ClassVar[bool]  # has a static_shapes option that makes it graph-capturable
+    single_node: ClassVar[bool]  # all ranks must share one NVLink domain
+    moves_tokens: ClassVar[bool]  # False for "none": with the dp layout it serves one rank only
+    Options: ClassVar[type[CommOptions]]  # frozen dataclass of its options, every field defaulted
 
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
                  options: CommOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
-        """options: None = `Options()`; device, dtype: the weights' device and the activation
-        dtype (backends that pre-allocate use them here; others may ignore them)."""
+        """options: None = `Options()`; device, dtype: the weights' device and the activation dtype."""
         if options is None:
             options = self.Options()
         if not isinstance(options, self.Options):
             raise TypeError(f"comm {self.name!r} takes {self.Options.__name__} options (build them with "
                             f"{type(self).__name__}.make_options(...)), got {type(options).__name__}")
-        self.options = options
-        self.cfg = cfg
-        self.group = group
+        self.options, self.cfg, self.group, self.placement = options, cfg, group, placement
         self.rank = group.rank if group is not None else 0
         self.world = group.world if group is not None else 1
-        self.placement = placement
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.payload = "bf16"
-        self.static_shapes = False
+        self.device, self.dtype = torch.device(device), dtype
+        self.payload, self.static_shapes = "bf16", False
         self.capacity: int | None = None
-        # copied to the device here, not on the first call: a first call may run inside a CUDA-graph
-        # capture (torch.compile's cudagraph trees record it), whose pool must not hold the layer's state
+        # copied now, not on a first call, which may run inside a CUDA-graph capture (cudagraph trees)
         self._placements: dict[torch.device, Placement] = {self.device: placement.to(self.device)}
 
     @classmethod
     def make_options(cls, **kwargs: Any) -> CommOptions:
         """`Options(**kwargs)`; a ValueError naming each unknown key and listing the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls.Options)]
-        unknown = [k for k in kwargs if k not in valid]
-        if unknown:
-            plural = "s" if len(unknown) > 1 else ""
-            raise ValueError(f"comm {cls.name!r} has no option{plural} {', '.join(map(repr, unknown))}; its options: "
-                             f"{', '.join(valid) or 'none'}")
+        check_keys(f"comm {cls.name!r}", kwargs, option_names(cls), "its options")
         try:
             return cls.Options(**kwargs)
         except ValueError as exc:
@@ -321,32 +258,25 @@ class CommBackend:
         """What the layer calls after a CUDA-graph replay (nothing here)."""
 
     def fail(self, failure: BaseException, device: torch.device) -> NoReturn:
-        """This rank failed its checks of a call before dispatch: tell the peers, which are
-        entering this call's first exchange, then raise `failure`. Here: nothing to tell (no
-        per-call exchange; a backend whose waits are bounded lets its peers time out). Backends
-        with a per-call agreement override it to take part in that agreement with the failure."""
+        """This rank failed its checks of a call before dispatch: tell the peers (backends with a
+        per-call agreement take part in it with the failure), then raise `failure`."""
         raise failure
 
     def placement_on(self, device: torch.device) -> Placement:
-        """The placement map on `device`: the construction device's copy (made in __init__), any
-        other device's copied once."""
+        """The placement map on `device` (copied once per device)."""
         p = self._placements.get(device)
         if p is None:
             p = self._placements[device] = self.placement.to(device)
         return p
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
-        """Send this rank's tokens x [T, H] to the ranks of their experts; returns the rows that
-        landed here. max_tokens: a bound on T that every rank passes alike for this call (a
-        graph bucket, or the T agreed under comm="auto"); backends with pre-sized receive slots
-        (symm_a2a) list only that many tokens per source for the experts, the others ignore it."""
+        """Send x [T, H] to the ranks of its experts; returns the rows that landed here. max_tokens:
+        a bound on T every rank passes alike (a graph bucket, or auto's agreed T); symm_a2a lists
+        only that many tokens per source for the experts, the others ignore it."""
         raise NotImplementedError
 
-    def combine(
-        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-        addend: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Weighted, reduced outputs [T, H] for this rank's tokens, in x's dtype (written into
-        `out` when given). addend: [T, H] fp32 (the shared experts' output), added to the fp32
-        sum over ranks before the one cast."""
+    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted, reduced outputs [T, H] for this rank's tokens in x's dtype (into `out` if given);
+        addend [T, H] fp32 (shared experts) joins the fp32 sum before the one cast."""
         raise NotImplementedError

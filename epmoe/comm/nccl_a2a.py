@@ -14,15 +14,10 @@
                                                                            (token, rank) it hit
                y[t]       = sum_{r: hit[t, r]} back[r, t]   (fp32, rank order), cast once
 
-Each row carries the token's ids and weights (8K bytes) so the receiver expands it to its local
-experts and applies the router weights itself. With top-8 of 256 experts over 4 ranks a token
-hits ~3.6 ranks on average instead of 8 experts: ~2.2x fewer bytes than one row per expert.
-
-static_shapes: every rank sends exactly cap rows to every rank (its hits first, then padding
-rows of 0xFF bytes whose ids read -1), so no count is read on the host; cap is dispatch's
-`max_tokens` (the call's bound, the same on every rank: the layer's graph bucket or agreed T)
-or else max_tokens_per_rank. It moves the bytes of the bound, like `allgather`, and is meant
-for CUDA graphs.
+Each row carries the token's ids and weights (8K bytes): the receiver expands it to its local
+experts. Top-8 of 256 experts over 4 ranks hits ~3.6 ranks a token: ~2.2x fewer bytes than a row
+per expert. static_shapes: every rank sends exactly cap rows to every rank (its hits, then 0xFF
+padding rows whose ids read -1; cap = dispatch's `max_tokens` or max_tokens_per_rank).
 """
 
 from __future__ import annotations
@@ -32,36 +27,22 @@ from dataclasses import dataclass
 import torch
 
 from epmoe.comm.base import Dispatched
-from epmoe.comm.payload import PAYLOADS, empty_rows, encode, pack_rows, row_layout, unpack_rows
+from epmoe.comm.payload import empty_rows, row_layout
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import Pairs, WireBackend, WireOptions, make_pairs, partial_sums
-from epmoe.ops.combine import expert_owners, local_pairs
+from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums
+from epmoe.ops.combine import expert_owners
 from epmoe.routing import Routing
 
 
 @dataclass
-class A2AHandle:
-    """State combine needs.
+class A2AHandle(WireHandle):
+    """A `WireHandle` and the splits."""
 
-    hit:          [T, W] bool, token t sent to rank r.
-    slot:         [T, W] int64, the row of the send (and returned) buffer of (t, r); 0 where not hit.
-    send_splits:  rows sent to each rank (host ints).
-    recv_splits:  rows received from each rank (host ints).
-    moved:        whether any rank sends a row (else no rank calls the collectives).
-    pairs:        the (row, k) pairs of the R received rows computed here, with their weights.
-    dtype:        output dtype (x's).
-    dispatch_bytes, combine_bytes: bytes this rank sends to other ranks in each phase.
-    """
-
-    hit: torch.Tensor
-    slot: torch.Tensor
-    send_splits: list[int]
-    recv_splits: list[int]
-    moved: bool
-    pairs: Pairs
-    dtype: torch.dtype
-    dispatch_bytes: int
-    combine_bytes: int
+    hit: torch.Tensor  # [T, W] bool, token t sent to rank r
+    slot: torch.Tensor  # [T, W] int64, row of (t, r) in the send (and returned) buffer; 0 where not hit
+    send_splits: list[int]  # rows sent to each rank (host ints)
+    recv_splits: list[int]  # rows received from each rank (host ints)
+    moved: bool  # whether any rank sends a row (else no rank calls the collectives)
 
 
 @register_comm
@@ -69,41 +50,27 @@ class NcclA2AComm(WireBackend):
     """Count exchange + all-to-all with splits (see the module docstring; options: `WireOptions`)."""
 
     name = "nccl_a2a"
-    layouts = ("dp",)
-    payloads = PAYLOADS
-    devices = ("cpu", "cuda")
-    needs_host_sync = True  # unless static_shapes (the instance attribute then reads False)
-    static_capable = True
-    single_node = False
-    moves_tokens = True
     Options = WireOptions
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
-        ids, w = routing.ids, routing.weights  # [T, K] int32, [T, K] fp32
+        ids = routing.ids  # [T, K] int32
         cap = self._checked(x, ids, max_tokens)  # a failure here is reported to the peers first
-        T, H, W, me = x.shape[0], self.cfg.hidden, self.world, self.rank
-        dev = x.device
-        p = self.placement_on(dev)
+        T, H, W, me, dev = x.shape[0], self.cfg.hidden, self.world, self.rank, x.device
         # Out-of-range ids are reported by the count exchange below; until then they index nothing.
-        dest = expert_owners(ids, p)[0]  # [T, K] rank of each pair's expert, -1 = masked
+        dest = expert_owners(ids, self.placement_on(dev))[0]  # [T, K] rank of each pair's expert, -1 = masked
         ranks = torch.arange(W, dtype=dest.dtype, device=dev)
         hit = (dest.unsqueeze(-1) == ranks).any(dim=1)  # [T, W]
         pos = hit.long().cumsum(0) - 1  # [T, W] position of t among rank r's rows
+        # first send row of each destination, computed on the device (no host-to-device copy,
+        # so the static path can be captured in a CUDA graph)
         if self.static_shapes:
-            if self.host_checks(x):  # eager calls: the checks of a counted call; captures skip them
-                self._exchange(x, ids, [0] * W, cap=cap)
-            send_splits, recv_splits = [cap] * W, [cap] * W
-            moved = cap > 0
+            send_splits, recv_splits, moved = [cap] * W, [cap] * W, cap > 0
+            per_dest = torch.full((W,), cap, dtype=torch.long, device=dev)  # [W]
         else:
             send_splits = hit.sum(0).tolist()  # the host sync
             matrix = self._exchange(x, ids, send_splits)  # [W][W]: matrix[s][r] rows s -> r
             recv_splits = [matrix[s][me] for s in range(W)]
             moved = any(any(row) for row in matrix)  # the same on every rank: all call, or none
-        # first send row of each destination, computed on the device (no host-to-device copy,
-        # so the static path can be captured in a CUDA graph)
-        if self.static_shapes:
-            per_dest = torch.full((W,), cap, dtype=torch.long, device=dev)  # [W]
-        else:
             per_dest = hit.long().sum(0)  # [W]
         offsets = per_dest.cumsum(0) - per_dest  # [W]
         total = sum(send_splits)
@@ -113,40 +80,24 @@ class NcclA2AComm(WireBackend):
         # leave padding rows, which must read as -1 ids.
         send = empty_rows(total + 1, layout, dev, filled=0 if self.static_shapes else total + 1)
         if T:
-            rows = pack_rows([*encode(x, self.payload, self.scale_on(dev)), ids, w], layout)  # [T, B]
+            rows = self._pack(x, routing, layout)  # [T, B]
             for r in range(W):
                 send.index_copy_(0, torch.where(hit[:, r], slot[:, r], total), rows)
         send = send[:total]
-        if W > 1 and moved:
-            recv = self.group.all_to_all_v(send, send_splits, recv_splits)  # [R, B]
-        else:
-            recv = send
-        parts = unpack_rows(recv, layout)
-        r_ids, r_w = parts[-2], parts[-1]  # [R, K]
-        local = local_pairs(r_ids, p, me)  # [R, K]
-        R = recv.shape[0]
-        pairs = make_pairs(local, r_w, compact=not self.static_shapes)
-        out_elt = self.combine_dtype.itemsize
-        handle = A2AHandle(
-            hit=hit, slot=slot, send_splits=send_splits, recv_splits=recv_splits, moved=moved, pairs=pairs,
-            dtype=x.dtype,
-            dispatch_bytes=(total - send_splits[me]) * layout.nbytes,
-            combine_bytes=(R - recv_splits[me]) * H * out_elt,
-        )
-        return self._dispatched(parts, pairs, handle)
+        recv = self.group.all_to_all_v(send, send_splits, recv_splits) if W > 1 and moved else send  # [R, B]
+        combine_bytes = (recv.shape[0] - recv_splits[me]) * H * self.combine_dtype.itemsize
+        return self._unpack(recv, layout, lambda pairs: A2AHandle(
+            pairs, x.dtype, (total - send_splits[me]) * layout.nbytes, combine_bytes,
+            hit=hit, slot=slot, send_splits=send_splits, recv_splits=recv_splits, moved=moved))
 
-    def combine(
-        self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-        addend: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
         h: A2AHandle = dispatched.handle
-        W, H = self.world, self.cfg.hidden
-        T = h.hit.shape[0]
+        W, H, T = self.world, self.cfg.hidden, h.hit.shape[0]
         partial = partial_sums(expert_out, h.pairs, H)  # [R, H] fp32
         total = sum(h.send_splits)
-        if W > 1 and h.moved:
-            partial = partial.to(self.combine_dtype)  # the combine wire
-            back = self.group.all_to_all_v(partial, h.recv_splits, h.send_splits)  # [total, H]
+        if W > 1 and h.moved:  # the combine wire
+            back = self.group.all_to_all_v(partial.to(self.combine_dtype), h.recv_splits, h.send_splits)  # [total, H]
         else:
             back = partial
         acc = torch.zeros(T, H, dtype=torch.float32, device=partial.device)  # [T, H]

@@ -6,15 +6,12 @@ payload ("bf16" or None: the activations as they are, any float dtype); the part
     fp8_block   e4m3 row | fp32 scale per 128 values    H + 4 * ceil(H / 128)   (per-token groups)
     nvfp4       e2m1 pairs | e4m3 scale per 16 | fp32 global scale    H / 2 + H / 16 + 4
 
-The sender quantizes its own rows (scales depend on its batch only; or on a static `input_scale`
-shared by every rank); per-tensor scales are repeated on every row, so rows of several ranks can
-sit side by side. The receiver views the bytes back as a `QuantizedTensor` with per-row scales,
-which runners dequantize. Block sizes and the e4m3 dtype are epmoe.quant's.
-
-The count-exchanging backends (`allgather`, `nccl_a2a`) move one byte row per token that also
-carries its routing (`row_layout`: the parts above, then ids int32 [K] and weights fp32 [K]);
-`symm_a2a` keeps the parts in separate planes of its workspace (`encode_bytes` /
-`decode_bytes`: data, scales, global scale).
+The sender quantizes its own rows (scales from its batch, or a static `input_scale` shared by
+every rank); per-tensor scales are repeated on every row, so rows of several ranks can sit side by
+side, viewed back as a `QuantizedTensor` with per-row scales. `allgather` / `nccl_a2a` move one
+byte row per token that also carries its routing (`row_layout`: the parts, then ids int32 [K] and
+weights fp32 [K]); `symm_a2a` keeps data, scales and global scale in separate planes
+(`encode_bytes` / `decode_bytes`).
 """
 
 from __future__ import annotations
@@ -34,8 +31,7 @@ _FILL = 0xFF  # unused wire bytes: NaN floats, -1 ids, so a row nobody wrote is 
 
 
 def check_payload(payload: str | None, hidden: int | None = None) -> str:
-    """Validate a payload option (and, given `hidden`, that rows of that width can carry it);
-    returns the canonical name ("bf16" for None)."""
+    """The canonical payload name ("bf16" for None), checked (and, given `hidden`, that rows fit)."""
     name = payload or "bf16"
     if name not in PAYLOADS:
         raise ValueError(f"unknown payload {payload!r}; supported payloads: {', '.join(PAYLOADS)} "
@@ -46,8 +42,7 @@ def check_payload(payload: str | None, hidden: int | None = None) -> str:
 
 
 def payload_parts(payload: str, hidden: int, dtype: torch.dtype) -> tuple[tuple[torch.dtype, int], ...]:
-    """(dtype, columns) of each part of a row (the module docstring's table); `dtype`: the
-    activations' dtype, which bf16 rows keep."""
+    """(dtype, columns) of each part of a row (the module docstring's table; bf16 rows keep `dtype`)."""
     H = hidden
     if payload == "bf16":
         return ((dtype, H),)
@@ -58,24 +53,40 @@ def payload_parts(payload: str, hidden: int, dtype: torch.dtype) -> tuple[tuple[
     return ((torch.uint8, H // 2), (FP8_DTYPE, H // NVFP4_BLOCK), (torch.float32, 1))
 
 
-def _width(dtype: torch.dtype, n: int) -> int:
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
 def payload_row_bytes(payload: str, hidden: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(data, scales, global scale) bytes per row for `payload` (0 for absent parts)."""
-    widths = [_width(d, n) for d, n in payload_parts(check_payload(payload, hidden), hidden, dtype)]
+    widths = [n * d.itemsize for d, n in payload_parts(check_payload(payload, hidden), hidden, dtype)]
     return tuple(widths + [0] * (3 - len(widths)))  # type: ignore[return-value]
 
 
-# ---- static scales -------------------------------------------------------------------------
+COMBINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_combine_dtype(combine_dtype: torch.dtype | str) -> torch.dtype:
+    """fp32 (default) or bf16 partial sums on the combine wire."""
+    if isinstance(combine_dtype, str):
+        if combine_dtype not in COMBINE_DTYPES:
+            raise ValueError(f"combine_dtype must be one of {sorted(COMBINE_DTYPES)}, got {combine_dtype!r}")
+        return COMBINE_DTYPES[combine_dtype]
+    if combine_dtype not in COMBINE_DTYPES.values():
+        raise ValueError(f"combine_dtype must be torch.float32 or torch.bfloat16, got {combine_dtype}")
+    return combine_dtype
+
+
+def check_options(o: Any) -> None:
+    """Canonicalise and check, in a frozen options dataclass of a token-moving backend, the fields
+    they all have: max_tokens_per_rank, payload, combine_dtype, input_scale."""
+    m = o.max_tokens_per_rank
+    if m is not None and (not isinstance(m, int) or m <= 0):
+        raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
+    object.__setattr__(o, "payload", check_payload(o.payload))
+    object.__setattr__(o, "combine_dtype", check_combine_dtype(o.combine_dtype))
+    check_input_scale(o.input_scale, o.payload)
 
 
 def check_input_scale(input_scale: float | torch.Tensor | None, payload: str) -> torch.Tensor | None:
-    """A static activation scale (the checkpoint's per-layer `input_scale`) as an fp32 scalar
-    tensor on the CPU, or None. It replaces the per-batch scale of fp8 (per-tensor) and the
-    global scale of nvfp4, so every rank quantizes with the same one; fp8_block scales are
-    per token group and bf16 rows are not quantized, so those payloads take none."""
+    """A static activation scale (the checkpoint's per-layer `input_scale`) as an fp32 CPU scalar, or
+    None: fp8's per-tensor / nvfp4's global scale, the same on every rank (no other payload takes one)."""
     if input_scale is None:
         return None
     if payload not in ("fp8", "nvfp4"):
@@ -97,16 +108,11 @@ def scale_text(code: int) -> str:
     return "none" if code == 0 else f"{torch.tensor([code], dtype=torch.int32).view(torch.float32).item():g}"
 
 
-# ---- encode / decode -----------------------------------------------------------------------
-
-
 def encode(x: torch.Tensor, payload: str, scale: torch.Tensor | None = None, backend: str = "auto"
            ) -> list[torch.Tensor]:
-    """x [T, H] -> the parts of its rows ([T, n_i] each, dtypes of `payload_parts`), quantized on
-    this rank. scale: static fp8 scale / nvfp4 global scale on x's device (`check_input_scale`),
-    or None for the dynamic one of this rank's batch. backend: the quantizers' ("torch",
-    "triton"); "auto": Triton on CUDA where it takes the shape (fp8_block: whole groups of
-    128), plain torch otherwise."""
+    """x [T, H] -> the parts of its rows ([T, n_i] each, dtypes of `payload_parts`), quantized here.
+    scale: static scale on x's device, or None (this batch's). backend: the quantizers' ("torch",
+    "triton"); "auto": Triton on CUDA where it takes the shape (fp8_block: whole 128-groups)."""
     if payload == "bf16":
         return [x]
     T, H = x.shape
@@ -122,8 +128,7 @@ def encode(x: torch.Tensor, payload: str, scale: torch.Tensor | None = None, bac
 
 
 def decode(parts: Sequence[torch.Tensor], payload: str, hidden: int) -> Any:
-    """Received payload parts -> hidden rows [N, H]: a Tensor, or a QuantizedTensor whose
-    scales (and nvfp4 global scale) are per row."""
+    """Received payload parts -> rows [N, H]: a Tensor, or a QuantizedTensor with per-row scales."""
     if payload == "bf16":
         return parts[0]
     if payload == "fp8":
@@ -135,24 +140,15 @@ def decode(parts: Sequence[torch.Tensor], payload: str, hidden: int) -> Any:
 
 def encode_bytes(x: torch.Tensor, payload: str, scale: torch.Tensor | None = None, backend: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (data uint8 [T, D], scales uint8 [T, S], gscale fp32 [T, G/4]): `encode`'s
-    parts as the byte planes of `payload_row_bytes` (absent parts have 0 columns; per-tensor
-    scales are copied onto every row)."""
-    parts = encode(x, payload, scale, backend)
-    T = x.shape[0]
-    (d_type, d_cols), *rest = payload_parts(payload, x.shape[1], x.dtype)
-    data = parts[0].contiguous().view(torch.uint8).view(T, _width(d_type, d_cols))
-    scales = x.new_empty(T, 0, dtype=torch.uint8)
-    gscale = x.new_empty(T, 0, dtype=torch.float32)
-    if rest:
-        s_type, s_cols = rest[0]
-        rows = torch.empty((T, s_cols), dtype=s_type, device=x.device)
-        rows.copy_(parts[1])  # per-tensor scales: one copy per row
-        scales = rows.view(torch.uint8).view(T, _width(s_type, s_cols))
-    if len(rest) > 1:
-        gscale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
-        gscale.copy_(parts[2])
-    return data, scales, gscale
+    """x [T, H] -> (data uint8 [T, D], scales uint8 [T, S], gscale fp32 [T, G/4]): `encode`'s parts
+    as byte planes (absent parts: 0 columns; per-tensor scales copied onto every row)."""
+    T, planes, parts = x.shape[0], [], encode(x, payload, scale, backend)
+    for i, (p, (d, n)) in enumerate(zip(parts, payload_parts(payload, x.shape[1], x.dtype))):
+        p = torch.empty((T, n), dtype=d, device=x.device).copy_(p) if i else p  # scales: one copy per row
+        planes.append(p.contiguous().view(torch.uint8).view(T, n * d.itemsize))
+    empty = [x.new_empty(T, 0, dtype=torch.uint8), x.new_empty(T, 0, dtype=torch.float32)]
+    planes = (planes + empty[len(planes) - 1 :])[:3]
+    return planes[0], planes[1], planes[2].view(torch.float32)
 
 
 def decode_bytes(planes: Sequence[torch.Tensor], payload: str, hidden: int, dtype: torch.dtype) -> Any:
@@ -162,19 +158,15 @@ def decode_bytes(planes: Sequence[torch.Tensor], payload: str, hidden: int, dtyp
     return decode(parts, payload, hidden)
 
 
-# ---- byte rows of the count-exchanging backends ------------------------------------------------
-
-
 @dataclass(frozen=True)
 class RowLayout:
     """Byte layout of one wire row: `parts` are (dtype, columns) in order; ids and weights last."""
 
-    payload: str
     parts: tuple[tuple[torch.dtype, int], ...]
 
     @property
     def widths(self) -> list[int]:
-        return [_width(d, n) for d, n in self.parts]
+        return [n * d.itemsize for d, n in self.parts]
 
     @property
     def nbytes(self) -> int:
@@ -186,7 +178,7 @@ def row_layout(cfg: MoEConfig, payload: str, x_dtype: torch.dtype) -> RowLayout:
     """The wire row for `payload` with activations of `x_dtype`: the payload parts, then the
     token's routing ids int32 [K] and weights fp32 [K]."""
     meta = ((torch.int32, cfg.top_k), (torch.float32, cfg.top_k))
-    return RowLayout(payload, payload_parts(payload, cfg.hidden, x_dtype) + meta)
+    return RowLayout(payload_parts(payload, cfg.hidden, x_dtype) + meta)
 
 
 def pack_rows(parts: Sequence[torch.Tensor], layout: RowLayout, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,9 +194,8 @@ def pack_rows(parts: Sequence[torch.Tensor], layout: RowLayout, out: torch.Tenso
 
 
 def unpack_rows(buf: torch.Tensor, layout: RowLayout) -> list[torch.Tensor]:
-    """uint8 [N, layout.nbytes] -> the parts, each [N, n_i] in its dtype. The first part (the
-    payload, the largest) is a strided view of `buf` where the row stride allows it; the small
-    ones are copies."""
+    """uint8 [N, layout.nbytes] -> the parts, each [N, n_i] in its dtype: the payload a strided view
+    of `buf` where the row stride allows it, the small ones copies."""
     out, col = [], 0
     for i, ((dtype, n), width) in enumerate(zip(layout.parts, layout.widths)):
         cols = buf[:, col : col + width]
@@ -220,8 +211,7 @@ def unpack_rows(buf: torch.Tensor, layout: RowLayout) -> list[torch.Tensor]:
 
 
 def empty_rows(n: int, layout: RowLayout, device: torch.device, filled: int = 0) -> torch.Tensor:
-    """uint8 [n, nbytes] whose rows past `filled` (rows the caller will not write) hold 0xFF:
-    NaN payload and weights, -1 ids. Rows before `filled` are left uninitialised."""
+    """uint8 [n, nbytes]; rows past `filled` (that the caller will not write) hold 0xFF: NaN, -1 ids."""
     buf = torch.empty((n, layout.nbytes), dtype=torch.uint8, device=device)
     if filled < n:
         buf[filled:].fill_(_FILL)

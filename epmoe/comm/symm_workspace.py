@@ -1,16 +1,37 @@
 """The symm_a2a workspace: its byte layout, typed views, and the transports that map every
 rank's workspace into every rank (the protocol that uses it: epmoe/comm/symmetric.py).
 
-    Layout          byte offsets of the regions of one rank's workspace (identical on every rank)
-    RankViews       one rank's workspace as typed tensors (flags, meta, payload planes, comb_out)
-    map_workspaces  every rank's workspace, mapped here, by transport:
-                      VirtualGroup (W ranks in one process)  plain allocations shared in one table
-                      gloo processes on the CPU                 one /dev/shm file every process maps
-                      NCCL ranks on GPUs of one node            torch symmetric memory
+Layout of one rank's buffer (identical on every rank; each region aligned to 128 bytes; W ranks,
+Tm = max_tokens_per_rank, H hidden, Kl = min(top_k, E_local) local experts a token can pick on one
+rank):
+
+    flags     int32 [3, W]     [0, s] dispatch flag written by source s; [1, r] combine flag
+                               written by expert rank r; [2, s] token count of source s
+    meta_ids  int32 [W, Tm, Kl] local expert ids of slot [s, t] (-1 = none)
+    meta_w    fp32  [W, Tm, Kl] their router weights
+    data      [W * Tm, D] bytes row payload: bf16 -> H * itemsize; fp8/fp8_block -> H;
+                               nvfp4 -> H / 2 (two e2m1 codes a byte)
+    scales    [W * Tm, S] bytes fp8: 4 (fp32 per row); fp8_block: 4 * ceil(H / 128);
+                               nvfp4: H / 16 (e4m3 per 16 values); bf16: none
+    gscale    fp32 [W * Tm, G/4] nvfp4 global scale per row (rows of several ranks are mixed)
+    comb_out  [W, Tm, H]       partial sums, combine dtype (fp32 by default): push: [r, t] from
+                               expert rank r for this rank's token t; pull: [s, t] for home s
+
+    bytes per rank = 12 W + W * Tm * (8 Kl + D + S + G + H * c) (+ alignment)
+    G = 4 for nvfp4 else 0, c = combine dtype size (4 for fp32, 2 for bf16)
+
+e.g. DeepSeek-V3 (H 7168, Kl 8, W 8), per rank: Tm 128 with bf16 rows and fp32 combine 42.1 MiB
+(fp8 35.1, nvfp4 32.0; bf16 combine saves 14 MiB); Tm 4096: 1346 MiB (nvfp4 1024).
+`SymmA2A.workspace_bytes(...)` evaluates it without building anything.
+
+`map_workspaces` maps every rank's buffer here: plain allocations shared in one table for a
+VirtualGroup (W ranks in one process), one /dev/shm file every gloo process maps on the CPU, torch
+symmetric memory for NCCL ranks on GPUs of one node.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import threading
@@ -25,13 +46,22 @@ from epmoe.group import EPGroup, RankGroup
 ALIGN = 128  # every region starts on a 128-byte boundary
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+@dataclass
+class RankViews:
+    """One rank's workspace as typed tensors (the regions of the module docstring)."""
+
+    flags: torch.Tensor
+    meta_ids: torch.Tensor
+    meta_w: torch.Tensor
+    data: torch.Tensor
+    scales: torch.Tensor
+    gscale: torch.Tensor
+    comb_out: torch.Tensor
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Byte offsets of the regions of one rank's workspace (identical on every rank)."""
+    """Byte offsets of the regions of one rank's workspace (the module docstring)."""
 
     world: int
     max_tokens: int
@@ -40,71 +70,36 @@ class Layout:
     payload: str
     dtype: torch.dtype  # activation dtype of bf16 payload rows
     combine_dtype: torch.dtype
-
-    def __post_init__(self) -> None:
-        d, s, g = payload_row_bytes(self.payload, self.hidden, self.dtype)
-        W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
-        slots = W * Tm
-        sizes = [
-            ("flags", 3 * W * 4),
-            ("meta_ids", slots * Kl * 4),
-            ("meta_w", slots * Kl * 4),
-            ("data", slots * d),
-            ("scales", slots * s),
-            ("gscale", slots * g),
-            ("comb_out", slots * H * self.combine_dtype.itemsize),
-        ]
-        off = 0
-        offsets = {}
-        for name, n in sizes:
-            offsets[name] = off
-            off += _align(n)
-        object.__setattr__(self, "offsets", offsets)
-        object.__setattr__(self, "row_bytes", (d, s, g))
-        object.__setattr__(self, "nbytes", off)
-
     offsets: dict = field(init=False, repr=False)  # region -> byte offset
     row_bytes: tuple = field(init=False, repr=False)  # (D, S, G) bytes per row
     nbytes: int = field(init=False)
 
+    def regions(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """region -> (dtype, shape), in buffer order."""
+        d, s, g = self.row_bytes
+        W, Tm, Kl, slots = self.world, self.max_tokens, self.slot_experts, self.world * self.max_tokens
+        return {"flags": (torch.int32, (3, W)), "meta_ids": (torch.int32, (W, Tm, Kl)),
+                "meta_w": (torch.float32, (W, Tm, Kl)), "data": (torch.uint8, (slots, d)),
+                "scales": (torch.uint8, (slots, s)), "gscale": (torch.float32, (slots, g // 4)),
+                "comb_out": (self.combine_dtype, (W, Tm, self.hidden))}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "row_bytes", payload_row_bytes(self.payload, self.hidden, self.dtype))
+        off, offsets = 0, {}
+        for name, (dtype, shape) in self.regions().items():
+            offsets[name] = off
+            off += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
+        object.__setattr__(self, "offsets", offsets)
+        object.__setattr__(self, "nbytes", off)
+
     def views(self, buf: torch.Tensor) -> RankViews:
         """Typed views of one rank's workspace bytes `buf` [nbytes] uint8."""
-        W, Tm, Kl, H = self.world, self.max_tokens, self.slot_experts, self.hidden
-        o, (d, s, g) = self.offsets, self.row_bytes
+        views = {}
+        for name, (dtype, shape) in self.regions().items():
+            o = self.offsets[name]
+            views[name] = buf[o : o + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        return RankViews(**views)
 
-        def region(name: str, nbytes: int) -> torch.Tensor:
-            return buf[o[name]: o[name] + nbytes]
-
-        slots = W * Tm
-        return RankViews(
-            flags=region("flags", 3 * W * 4).view(torch.int32).view(3, W),
-            meta_ids=region("meta_ids", slots * Kl * 4).view(torch.int32).view(W, Tm, Kl),
-            meta_w=region("meta_w", slots * Kl * 4).view(torch.float32).view(W, Tm, Kl),
-            data=region("data", slots * d).view(slots, d),
-            scales=region("scales", slots * s).view(slots, s),
-            gscale=region("gscale", slots * g).view(torch.float32).view(slots, g // 4),
-            comb_out=region("comb_out", slots * H * self.combine_dtype.itemsize)
-            .view(self.combine_dtype).view(W, Tm, H),
-        )
-
-
-@dataclass
-class RankViews:
-    """One rank's workspace as tensors (see the module docstring for each region)."""
-
-    flags: torch.Tensor  # int32 [3, W]
-    meta_ids: torch.Tensor  # int32 [W, Tm, Kl]
-    meta_w: torch.Tensor  # fp32 [W, Tm, Kl]
-    data: torch.Tensor  # uint8 [W*Tm, D]
-    scales: torch.Tensor  # uint8 [W*Tm, S]
-    gscale: torch.Tensor  # fp32 [W*Tm, G/4]
-    comb_out: torch.Tensor  # combine dtype [W, Tm, H]
-
-
-
-# ---------------------------------------------------------------------------------------
-# transports: how the W workspaces are created and mapped
-# ---------------------------------------------------------------------------------------
 
 _MAILBOX: dict[int, list[Any]] = {}
 _MAILBOX_LOCK = threading.Lock()
@@ -113,9 +108,7 @@ _MAILBOX_LOCK = threading.Lock()
 def shared_key(group: RankGroup | None) -> int:
     """A random key every rank agrees on (rank 0's)."""
     key = secrets.randbits(62)
-    if group is None or group.world == 1:
-        return key
-    return int(group.all_gather_ints([key])[0][0])
+    return key if group is None or group.world == 1 else int(group.all_gather_ints([key])[0][0])
 
 
 def exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
@@ -124,8 +117,7 @@ def exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
         return [value]
     key = shared_key(group)
     with _MAILBOX_LOCK:
-        box = _MAILBOX.setdefault(key, [None] * group.world)
-        box[group.rank] = value
+        _MAILBOX.setdefault(key, [None] * group.world)[group.rank] = value
     group.barrier()
     values = list(_MAILBOX[key])
     group.barrier()
@@ -137,10 +129,8 @@ def exchange_local(group: RankGroup | None, value: Any) -> list[Any]:
 
 def map_shm(group: RankGroup, nbytes: int) -> list[torch.Tensor]:
     """W workspaces in one /dev/shm file that every process maps; unlinked once all mapped."""
-    key = shared_key(group)
-    root = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    path = os.path.join(root, f"epmoe-symm-{key:x}-w{group.world}")
-    total = nbytes * group.world
+    root, total = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp", nbytes * group.world
+    path = os.path.join(root, f"epmoe-symm-{shared_key(group):x}-w{group.world}")
     if group.rank == 0:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -162,10 +152,8 @@ def map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[li
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
 
-    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-    buf.zero_()
-    pg = group.pg or dist.group.WORLD
-    handle = symm_mem.rendezvous(buf, pg.group_name)
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device).zero_()
+    handle = symm_mem.rendezvous(buf, (group.pg or dist.group.WORLD).group_name)
     peers = [buf if r == group.rank else handle.get_remote_tensor(r, (nbytes,), torch.uint8)
              for r in range(group.world)]
     return peers, handle
@@ -173,27 +161,19 @@ def map_symmetric(group: EPGroup, nbytes: int, device: torch.device) -> tuple[li
 
 @dataclass
 class Mapped:
-    """Every rank's workspace as mapped on this rank.
+    """Every rank's workspace as mapped on this rank."""
 
-    buffers:     [W] uint8 [nbytes] tensors, this rank's own at its rank (keep them alive as
-                 long as the views: they hold the peer mappings).
-    in_process:  the ranks are threads of one process (a VirtualGroup, or no group).
-    symm_handle: the torch symmetric-memory handle (NCCL ranks on GPUs), else None.
-    """
-
-    buffers: list[torch.Tensor]
-    in_process: bool
-    symm_handle: Any = None
+    buffers: list[torch.Tensor]  # [W] uint8 [nbytes], own at this rank (they hold the peer mappings: keep alive)
+    in_process: bool  # the ranks are threads of one process (a VirtualGroup, or no group)
+    symm_handle: Any = None  # the torch symmetric-memory handle (NCCL ranks on GPUs)
 
 
 def map_workspaces(group: RankGroup | None, nbytes: int, device: torch.device) -> Mapped:
     """Allocate this rank's zeroed workspace of `nbytes` and map every peer's (collective: every
     rank calls it together); returns once every rank's workspace is zeroed and mapped."""
-    in_process = not isinstance(group, EPGroup)
-    handle = None
+    in_process, handle = not isinstance(group, EPGroup), None
     if in_process:
-        own = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        peers = exchange_local(group, own)
+        peers = exchange_local(group, torch.zeros(nbytes, dtype=torch.uint8, device=device))
     elif device.type == "cpu":
         peers = map_shm(group, nbytes)
     else:

@@ -1,10 +1,8 @@
 """`symm_a2a`: one-sided all-to-all over memory every rank can write (symmetric memory).
 
-Each rank owns one workspace buffer that every peer can read and write: torch symmetric memory
-on GPUs of one node, plain device allocations shared in one table for a `VirtualGroup` (W ranks
-in one process), a file in /dev/shm mapped by every gloo process on the CPU (the workspace and
-its transports: epmoe/comm/symm_workspace.py; the kernels' launches and the plain-torch twins of
-each step: epmoe/ops/symm.py). A call is
+Each rank owns one workspace buffer every peer can read and write (symmetric memory on GPUs of one
+node, a /dev/shm file for gloo processes, one table for a VirtualGroup; its layout, size and
+transports: epmoe/comm/symm_workspace.py; kernel launches and plain-torch twins: epmoe/ops/symm.py):
 
     dispatch_send   home s, for every destination rank r (itself included):
                       rows:  for each token t that picks an expert on r, copy x[t] once (bf16,
@@ -53,29 +51,6 @@ records the silent ranks in an error word, later waits of the call skip, and `ch
 after every eager call unless check_errors=False) raises the same error. A backend that timed
 out is broken for good: its peers' state is unknown, so later calls raise at once.
 
-Workspace layout (one buffer per rank, each region aligned to 128 bytes; W ranks, Tm =
-max_tokens_per_rank, H hidden, Kl = min(top_k, E_local) local experts a token can pick on one
-rank):
-
-    flags     int32 [3, W]     [0, s] dispatch flag written by source s; [1, r] combine flag
-                               written by expert rank r; [2, s] token count of source s
-    meta_ids  int32 [W, Tm, Kl] local expert ids of slot [s, t] (-1 = none)
-    meta_w    fp32  [W, Tm, Kl] their router weights
-    data      [W * Tm, D] bytes row payload: bf16 -> H * itemsize; fp8/fp8_block -> H;
-                               nvfp4 -> H / 2 (two e2m1 codes a byte)
-    scales    [W * Tm, S] bytes fp8: 4 (fp32 per row); fp8_block: 4 * ceil(H / 128);
-                               nvfp4: H / 16 (e4m3 per 16 values); bf16: none
-    gscale    fp32 [W * Tm]    nvfp4 global scale per row (rows of several ranks are mixed)
-    comb_out  [W, Tm, H]       partial sums, combine dtype (fp32 by default): push: [r, t] from
-                               expert rank r for this rank's token t; pull: [s, t] for home s
-
-    bytes per rank = 12 W + W * Tm * (8 Kl + D + S + G + H * c) (+ alignment)
-    G = 4 for nvfp4 else 0, c = combine dtype size (4 for fp32, 2 for bf16)
-
-e.g. DeepSeek-V3 (H 7168, Kl 8, W 8), per rank: Tm 128 with bf16 rows and fp32 combine 42.1 MiB
-(fp8 35.1, nvfp4 32.0; bf16 combine saves 14 MiB); Tm 4096: 1346 MiB (nvfp4 1024).
-`SymmA2A.workspace_bytes(...)` evaluates it without building anything.
-
 CPU memory ordering (shm transport): payload and meta are written by torch ops, then the flag by
 one aligned 4-byte store; the reader loads the flag, then the payload. x86-64 keeps stores in
 program order and loads in program order (TSO), and the torch calls are opaque to the compiler,
@@ -97,8 +72,8 @@ from epmoe.comm.base import (
     Dispatched,
     agree,
     call_bound,
+    capturing,
     check_addend,
-    check_combine_dtype,
     config_code,
     count_experts,
     finish,
@@ -106,6 +81,7 @@ from epmoe.comm.base import (
 from epmoe.comm.payload import (
     PAYLOADS,
     check_input_scale,
+    check_options,
     check_payload,
     decode_bytes,
     encode_bytes,
@@ -118,16 +94,7 @@ from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
 from epmoe.ops import symm as symm_ops
 from epmoe.ops.combine import IMPLS, expert_owners
-from epmoe.ops.symm import (
-    KernelWorkspace,
-    SymmTimeoutError,
-    combine_recv_torch,
-    combine_send_torch,
-    dispatch_recv_torch,
-    dispatch_send_torch,
-    interpreting,
-    slot_meta,
-)
+from epmoe.ops.symm import KernelWorkspace, SymmTimeoutError, interpreting
 from epmoe.routing import Routing
 
 COMBINE_MODES = ("push", "pull")
@@ -143,130 +110,87 @@ def next_seq(seq: int) -> int:
 
 @dataclass
 class SymmHandle:
-    """What combine needs from a dispatch.
+    """What combine needs from a dispatch: ids [T, K] int32 global expert ids of this rank's tokens
+    (-1 = masked, sent nowhere); seq, the call's sequence number (host copy; the Triton path keeps
+    its own on the device, so graph replays advance it); bound B on every rank's T (max_tokens, else
+    Tm: the pair list has W * B * Kl entries).
 
-    ids:        [T, K] int32 global expert ids of this rank's tokens (the ranks they went to;
-                -1 = a masked pair, sent nowhere).
-    num_tokens: T.
-    dtype:      the output dtype (x's).
-    seq:        the call's sequence number (host copy; the Triton path keeps its own on the
-                device so that graph replays advance it).
-    bound:      B, the call's bound on every rank's T (dispatch's max_tokens, else Tm): the
-                pair list has W * B * Kl entries.
-    placement, rank, world, wire_row_bytes, meta_bytes, combine_row_bytes: what the byte
-                counts below need (the placement on ids' device; D + S + G payload bytes of a
-                row; Kl * 8 meta bytes of a slot; H * combine dtype size).
-
-    dispatch_bytes, combine_bytes (as the other backends' handles report them; computed from
-    `ids` on first read, a host sync, so never read them inside a CUDA graph):
-        dispatch  for every other rank r: meta of every token (T * Kl * 8: the slot's ids and
-                  weights are written whether or not t picks r), the payload row of each token
-                  with an expert on r (once per rank, not per expert), count and flag (8)
-        combine   the partial-sum rows of this rank's tokens computed on other ranks (one per
-                  (token, other rank it picked); peers write them here, or this rank reads them
-                  with combine_mode="pull") and the combine flag this rank raises on each peer (4)
+    dispatch_bytes, combine_bytes (from `ids` on first read, a host sync: never in a CUDA graph):
+        dispatch  per other rank r: meta of every token (T * Kl * 8, written whether or not t
+                  picks r), the payload row (D + S + G) of each token with an expert on r (once
+                  per rank, not per expert), count and flag (8)
+        combine   a partial-sum row (H * combine dtype size) per (token, other rank it picked),
+                  written here by peers (or read by this rank under "pull"), and a flag per peer (4)
     """
 
     ids: torch.Tensor
     num_tokens: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the output dtype (x's)
     seq: int
-    placement: Placement | None = field(default=None, repr=False)
+    placement: Placement | None = field(default=None, repr=False)  # on ids' device
     rank: int = 0
     world: int = 1
-    wire_row_bytes: int = 0
-    meta_bytes: int = 0
-    combine_row_bytes: int = 0
-    bound: int = 0  # B: the call's bound on every rank's T (pairs listed per source), <= Tm
+    wire_row_bytes: int = 0  # D + S + G
+    meta_bytes: int = 0  # Kl * 8
+    combine_row_bytes: int = 0  # H * combine dtype size
+    bound: int = 0
     _hits: list[int] | None = field(default=None, init=False, repr=False)
 
-    def _tokens_per_rank(self) -> list[int]:
-        """[W] host ints: tokens with at least one expert on each rank."""
+    def _others(self) -> list[int]:
+        """Tokens with at least one expert on each other rank (host ints)."""
         if self._hits is None:
-            if self.placement is None or self.num_tokens == 0:
-                self._hits = [0] * self.world
-            else:
+            self._hits = [0] * self.world
+            if self.placement is not None and self.num_tokens:
                 owner = expert_owners(self.ids, self.placement)[0]  # [T, K]
                 r = torch.arange(self.world, device=owner.device)
                 self._hits = (owner.unsqueeze(-1) == r).any(dim=1).sum(0).tolist()  # [W]
-        return self._hits
+        return [h for r, h in enumerate(self._hits) if r != self.rank]
 
     @property
     def dispatch_bytes(self) -> int:
-        hits = self._tokens_per_rank()
-        others = [r for r in range(self.world) if r != self.rank]
-        return sum(self.num_tokens * self.meta_bytes + hits[r] * self.wire_row_bytes + 8 for r in others)
+        return sum(self.num_tokens * self.meta_bytes + h * self.wire_row_bytes + 8 for h in self._others())
 
     @property
     def combine_bytes(self) -> int:
-        hits = self._tokens_per_rank()
-        others = [r for r in range(self.world) if r != self.rank]
-        return sum(hits[r] * self.combine_row_bytes + 4 for r in others)
-
-
-# ---------------------------------------------------------------------------------------
-# the backend
-# ---------------------------------------------------------------------------------------
+        return sum(h * self.combine_row_bytes + 4 for h in self._others())
 
 
 @dataclass(frozen=True)
 class SymmOptions(CommOptions):
-    """Options of `symm_a2a`.
+    """Options of `symm_a2a`; payload, combine_dtype and input_scale as in `WireOptions` (input_scale:
+    eager calls only for now, epmoe.quant checks it on the host, so a capture with it raises)."""
 
-    max_tokens_per_rank: T limit of one call on one rank; sizes the workspace (default 128).
-    payload:       "bf16" or None (rows as x holds them), "fp8" (per-tensor scale), "fp8_block"
-                   (a scale per 128 values), "nvfp4" (e4m3 scale per 16 values + global).
-    timeout_s:     bound of every wait for peers' flags (default 10 s).
-    combine_dtype: dtype of the partial sums sent back: torch.float32 / "fp32" (default: the
-                   home rank casts once) or torch.bfloat16 / "bf16" (half the bytes, one more
-                   rounding).
-    combine_mode:  "push" (default: expert ranks write partial sums into the home's workspace)
-                   or "pull" (the home reads them from the expert ranks' workspaces); same
-                   results, push is the faster over NVLink (module docstring).
-    impl:          "triton" (CUDA kernels; default on CUDA) or "torch" (the plain-torch twin;
-                   default on CPU; on CUDA it polls flags from the host).
-    check_errors:  read the kernels' error word after every eager combine (a host sync) and
-                   after every graph replay of the layer, and raise on timeouts; with False call
-                   `check()` yourself.
-    input_scale:   static activation scale shared by every rank (the checkpoint's per-layer
-                   `input_scale`): fp8's per-tensor scale or nvfp4's global scale instead of
-                   this rank's batch amax; fp8 / nvfp4 payloads only. Eager calls only for now:
-                   the quantizers (epmoe.quant) check a static scale on the host, which a CUDA
-                   graph capture cannot hold, so a capture with it raises.
-
-    payload and combine_dtype read back canonical ("bf16", torch.float32 / torch.bfloat16).
-    """
-
-    max_tokens_per_rank: int | None = DEFAULT_MAX_TOKENS
+    max_tokens_per_rank: int | None = DEFAULT_MAX_TOKENS  # T limit of one call on one rank; sizes the workspace
     payload: str | None = "bf16"
-    timeout_s: float = 10.0
-    combine_dtype: torch.dtype | str = torch.float32
+    timeout_s: float = 10.0  # bound of every wait for peers' flags
+    combine_dtype: torch.dtype | str = torch.float32  # or bf16 / "bf16": half the bytes, one more rounding
+    # "push": expert ranks write into the home's workspace; "pull": the home reads theirs (same results; push is
+    # faster over NVLink, module docstring)
     combine_mode: str = "push"
+    # "auto": "triton" (CUDA kernels) on CUDA, "torch" (the plain-torch twin; on CUDA it polls flags from the host)
+    # on the CPU
     impl: str = "auto"
+    # read the kernels' error word after every eager combine (a host sync) and every graph replay, and raise on
+    # timeouts; with False call `check()` yourself
     check_errors: bool = True
     input_scale: float | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        m = DEFAULT_MAX_TOKENS if self.max_tokens_per_rank is None else self.max_tokens_per_rank
-        if not isinstance(m, int) or m <= 0:
-            raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
-        object.__setattr__(self, "max_tokens_per_rank", m)
-        object.__setattr__(self, "payload", check_payload(self.payload))
+        if self.max_tokens_per_rank is None:
+            object.__setattr__(self, "max_tokens_per_rank", DEFAULT_MAX_TOKENS)
+        check_options(self)
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-        object.__setattr__(self, "combine_dtype", check_combine_dtype(self.combine_dtype))
         if self.combine_mode not in COMBINE_MODES:
             raise ValueError(f"combine_mode must be 'push' or 'pull', got {self.combine_mode!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {self.impl!r}")
-        check_input_scale(self.input_scale, self.payload)
 
 
 @register_comm
 class SymmA2A(CommBackend):
-    """One-sided dispatch/combine through every rank's workspace (see the module docstring;
-    options: `SymmOptions`). The workspace is built at construction, on `device`, for bf16
-    payload rows of `dtype` (a collective: every rank constructs the backend together)."""
+    """One-sided dispatch/combine through every rank's workspace (module docstring; options:
+    `SymmOptions`), built at construction on `device` for bf16 rows of `dtype` (a collective)."""
 
     name = "symm_a2a"
     layouts = ("dp",)
@@ -282,49 +206,20 @@ class SymmA2A(CommBackend):
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
                  options: SymmOptions | None = None, *, device: torch.device | str, dtype: torch.dtype) -> None:
         super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
-        o = self.options
+        o, device = self.options, self.device
         self.max_tokens: int = o.max_tokens_per_rank  # type: ignore[assignment]
         self.capacity = self.max_tokens
         self.payload = check_payload(o.payload, cfg.hidden)
         self.timeout_s = float(o.timeout_s)
         self.combine_dtype: torch.dtype = o.combine_dtype  # type: ignore[assignment]
-        self.combine_mode = o.combine_mode
-        self.impl = o.impl
-        self.check_errors = o.check_errors
+        self.combine_mode, self.impl, self.check_errors = o.combine_mode, o.impl, o.check_errors
         self.input_scale = check_input_scale(o.input_scale, self.payload)
-        self._scale_dev: torch.Tensor | None = None
         self.slot_experts = min(cfg.top_k, placement.local_experts)
         self.seq = 0  # last completed call's sequence number (host copy)
         self.layout: Layout | None = None
         self._open: SymmHandle | None = None
         self._broken: str | None = None
-        self._setup(self.device, dtype)
-
-    # ---- sizing ----------------------------------------------------------------------------
-
-    @staticmethod
-    def workspace_bytes(cfg: MoEConfig, world: int, max_tokens_per_rank: int, payload: str = "bf16",
-                        dtype: torch.dtype = torch.bfloat16, combine_dtype: torch.dtype = torch.float32,
-                        local_experts: int | None = None) -> int:
-        """Bytes of one rank's workspace (the formula of the module docstring)."""
-        local = local_experts or cfg.num_experts // world
-        return Layout(world, max_tokens_per_rank, cfg.hidden, min(cfg.top_k, local), payload, dtype,
-                      combine_dtype).nbytes
-
-    @property
-    def max_tokens_per_rank(self) -> int:
-        """The largest T one call accepts (the workspace's Tm; select.comm_capacity reads it)."""
-        return self.max_tokens
-
-    @property
-    def workspace_nbytes(self) -> int:
-        """Bytes of this rank's workspace (0 before setup)."""
-        return self.layout.nbytes if self.layout is not None else 0
-
-    # ---- construction-time setup -------------------------------------------------------------
-
-    def _setup(self, device: torch.device, dtype: torch.dtype) -> None:
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if dtype not in _DTYPES:
             raise ValueError(f"symm_a2a rows must be bf16, fp16 or fp32, got {dtype}")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -332,17 +227,14 @@ class SymmA2A(CommBackend):
         if impl == "triton" and device.type != "cuda" and not interpreting():
             raise ValueError("impl='triton' needs a CUDA device (or TRITON_INTERPRET=1); use impl='torch' on the CPU")
         W = self.world
-        lay = Layout(W, self.max_tokens, self.cfg.hidden, self.slot_experts, self.payload, dtype,
-                     self.combine_dtype)
+        lay = Layout(W, self.max_tokens, cfg.hidden, self.slot_experts, self.payload, dtype, self.combine_dtype)
         self._agree(lay, device)
-        self.device, self.dtype, self._impl = device, dtype, impl
-        self.layout = lay
+        self.device, self.dtype, self._impl, self.layout = device, dtype, impl, lay
         self._scale_dev = self.input_scale.to(device) if self.input_scale is not None else None
         mapped = map_workspaces(self.group, lay.nbytes, device)
         self.in_process, self._symm_handle = mapped.in_process, mapped.symm_handle
-        peers = mapped.buffers
-        self._buffers = peers  # keeps peer mappings alive as long as this backend
-        self.peers = [lay.views(b) for b in peers]
+        self._buffers = mapped.buffers  # keeps peer mappings alive as long as this backend
+        self.peers = [lay.views(b) for b in mapped.buffers]
         self.own = self.peers[self.rank]
         self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._overflow: str | None = None
@@ -353,27 +245,38 @@ class SymmA2A(CommBackend):
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
             use_timer = device.type == "cuda" and not interpreting()
             self._kernel_ws = KernelWorkspace(
-                ptrs=torch.tensor([b.data_ptr() for b in peers], dtype=torch.int64, device=device),
-                state=self._state, offsets=lay.offsets, rank=self.rank, world=W, num_experts=self.cfg.num_experts,
-                max_tokens=self.max_tokens, slot_experts=self.slot_experts, hidden=self.cfg.hidden,
+                ptrs=torch.tensor([b.data_ptr() for b in mapped.buffers], dtype=torch.int64, device=device),
+                state=self._state, offsets=lay.offsets, rank=self.rank, world=W, num_experts=cfg.num_experts,
+                max_tokens=self.max_tokens, slot_experts=self.slot_experts, hidden=cfg.hidden,
                 row_bytes=lay.row_bytes, combine_dtype=self.combine_dtype, push=self.combine_mode == "push",
                 max_programs=4 * sms, use_timer=use_timer,
                 # the interpreter has no %globaltimer: bound its spins instead (about 10k per second)
                 timeout=int(self.timeout_s * 1e9) if use_timer else max(1, int(self.timeout_s * 1e4)),
-                dummy=torch.zeros(4, dtype=torch.float32, device=device),  # stands in for absent planes
-            )
+                dummy=torch.zeros(4, dtype=torch.float32, device=device))  # stands in for absent planes
+
+    @staticmethod
+    def workspace_bytes(cfg: MoEConfig, world: int, max_tokens_per_rank: int, payload: str = "bf16",
+                        dtype: torch.dtype = torch.bfloat16, combine_dtype: torch.dtype = torch.float32,
+                        local_experts: int | None = None) -> int:
+        """Bytes of one rank's workspace (the formula of epmoe/comm/symm_workspace.py)."""
+        local = local_experts or cfg.num_experts // world
+        return Layout(world, max_tokens_per_rank, cfg.hidden, min(cfg.top_k, local), payload, dtype,
+                      combine_dtype).nbytes
+
+    @property
+    def max_tokens_per_rank(self) -> int:
+        """The largest T one call accepts (the workspace's Tm; select.comm_capacity reads it)."""
+        return self.max_tokens
 
     def _agree(self, lay: Layout, device: torch.device) -> None:
-        """One all-gather (`agree`) of what every rank's workspace layout depends on; a
-        ValueError on every rank (so none is left waiting on a peer's flags) naming the ranks
-        that differ from rank 0."""
+        """One `agree` of what every rank's workspace layout depends on: a ValueError on every rank
+        (none is left waiting on a peer's flags) naming the ranks that differ from rank 0."""
         fields = {
             "world": lay.world, "max_tokens_per_rank": lay.max_tokens, "hidden": lay.hidden,
             "local experts per token (Kl)": lay.slot_experts, "payload": PAYLOADS.index(lay.payload),
             "row dtype": _DTYPES.index(lay.dtype), "combine dtype": _DTYPES.index(lay.combine_dtype),
             "workspace bytes": lay.nbytes, "config": config_code(self.cfg),
-            "input_scale": scale_code(self.input_scale), "combine_mode": COMBINE_MODES.index(self.combine_mode),
-        }
+            "input_scale": scale_code(self.input_scale), "combine_mode": COMBINE_MODES.index(self.combine_mode)}
         shown = {"payload": PAYLOADS.__getitem__, "row dtype": lambda v: str(_DTYPES[v]),
                  "combine dtype": lambda v: str(_DTYPES[v]), "combine_mode": COMBINE_MODES.__getitem__,
                  "input_scale": scale_text}
@@ -385,11 +288,7 @@ class SymmA2A(CommBackend):
         """Drop the workspace (collective: every rank calls it before any peer frees memory)."""
         if self.layout is not None and self.group is not None and self.world > 1:
             self.group.barrier()
-        self.layout = None
-        self.peers = []
-        self._buffers = []
-
-    # ---- checks -----------------------------------------------------------------------------
+        self.layout, self.peers, self._buffers = None, [], []
 
     def _check_call(self, x: torch.Tensor, routing: Routing) -> None:
         if self._broken:
@@ -398,11 +297,9 @@ class SymmA2A(CommBackend):
             raise RuntimeError(f"symm_a2a rank {self.rank}: the workspace was destroyed; build a new backend")
         T = x.shape[0]
         if T > self.max_tokens:
-            raise ValueError(
-                f"symm_a2a: {T} tokens on rank {self.rank} exceed max_tokens_per_rank={self.max_tokens}, "
-                "the size the workspace was built for; build the layer with a larger "
-                "comm_options['max_tokens_per_rank'] or split the batch"
-            )
+            raise ValueError(f"symm_a2a: {T} tokens on rank {self.rank} exceed max_tokens_per_rank={self.max_tokens}, "
+                             "the size the workspace was built for; build the layer with a larger "
+                             "comm_options['max_tokens_per_rank'] or split the batch")
         if x.dim() != 2 or x.shape[1] != self.cfg.hidden:
             raise ValueError(f"x must be [T, {self.cfg.hidden}], got {tuple(x.shape)}")
         if routing.ids.shape != (T, self.cfg.top_k):
@@ -415,30 +312,22 @@ class SymmA2A(CommBackend):
             raise RuntimeError("symm_a2a: dispatch called again before combine; every dispatch needs its combine")
         if routing.ids.device != self.device or routing.weights.device != self.device:
             raise ValueError(f"routing is on {routing.ids.device}, the symm_a2a workspace on {self.device}")
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if capturing and self.input_scale is not None:
+        if capturing(x) and self.input_scale is not None:
             raise ValueError("symm_a2a: input_scale cannot be captured in a CUDA graph yet (epmoe.quant checks a "
                              "static scale on the host); run these calls eagerly or drop input_scale")
-        if routing.ids.numel() and not capturing:
+        if routing.ids.numel() and not capturing(x):
             E = self.cfg.num_experts
             bad = (routing.ids < -1) | (routing.ids >= E)  # one host sync per eager call
             if bool(bad.any()):
                 t, k = (int(v) for v in bad.nonzero()[0])
-                raise ValueError(
-                    f"symm_a2a rank {self.rank}: routing ids outside [0, {E}) (token {t}, k {k}: id "
-                    f"{int(routing.ids[t, k])}; -1 marks a masked pair). Nothing was sent: peers waiting for "
-                    f"this rank's flags time out naming rank {self.rank}"
-                )
-
-    # ---- phases -------------------------------------------------------------------------------
+                raise ValueError(f"symm_a2a rank {self.rank}: routing ids outside [0, {E}) (token {t}, k {k}: id "
+                                 f"{int(routing.ids[t, k])}; -1 marks a masked pair). Nothing was sent: peers "
+                                 f"waiting for this rank's flags time out naming rank {self.rank}")
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
-        """max_tokens: a bound on T that every rank passes alike for this call (the layer passes
-        its graph bucket, or the token count agreed under comm="auto"): the experts then get
-        W * max_tokens * Kl pair slots instead of W * max_tokens_per_rank * Kl, so a decode call
-        on a prefill-sized workspace costs what a decode workspace would. None: the workspace's
-        max_tokens_per_rank. A peer that sent more tokens than this rank's bound makes `check()`
-        raise (that call's output is wrong)."""
+        """max_tokens (the same on every rank): the experts get W * max_tokens * Kl pair slots, not
+        W * Tm * Kl, so a decode call on a prefill-sized workspace costs what a decode workspace
+        would. A peer that sent more tokens than the bound makes `check()` raise."""
         self.dispatch_send(x, routing, max_tokens)
         if self._phase_barrier():
             self.group.barrier()
@@ -450,7 +339,7 @@ class SymmA2A(CommBackend):
         if self._phase_barrier():
             self.group.barrier()
         y = self.combine_recv(dispatched, out, addend=addend)
-        if self.check_errors and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if self.check_errors and not capturing(y):
             self.check()
         return y
 
@@ -460,13 +349,9 @@ class SymmA2A(CommBackend):
         return self.in_process and self.device.type == "cuda" and self.world > 1
 
     def dispatch_send(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> SymmHandle:
-        """Phase 1: write rows, meta, count and flags into every peer (returns the handle);
-        max_tokens: the call's bound on every rank's T (see `dispatch`).
-
-        Eager calls check the routing ids on the host (0 <= id < E, -1 = masked; a ValueError
-        before anything is written); calls being captured in a CUDA graph skip host checks, and
-        the kernels treat an out-of-range id as a masked pair, so memory is never touched out
-        of bounds."""
+        """Phase 1: rows, meta, count and flags into every peer; max_tokens: see `dispatch`. Eager
+        calls check the routing ids on the host first (ValueError, nothing written); captured calls
+        skip that, and the kernels treat an out-of-range id as masked (never out of bounds)."""
         self._check_call(x, routing)
         bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
         seq = next_seq(self.seq)
@@ -475,8 +360,8 @@ class SymmA2A(CommBackend):
                             self.cfg.hidden * self.combine_dtype.itemsize, bound)
         if self._impl == "torch":
             rows = encode_bytes(x, self.payload, self._scale_dev, backend="torch")
-            meta = slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
-            dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
+            meta = symm_ops.slot_meta(routing.ids, routing.weights, self._placement_dev, self.world, self.slot_experts)
+            symm_ops.dispatch_send_torch(self.peers, self.rank, rows, meta, seq, self.max_tokens)
         else:
             self._triton_dispatch_send(x, routing)
         self._open = handle
@@ -490,22 +375,16 @@ class SymmA2A(CommBackend):
         row_ids, ids_buf = self._pair_lists(h.bound)
         if self._impl == "torch":
             try:
-                expert_ids, over = dispatch_recv_torch(self.own, h.seq, self.timeout_s, self.rank, h.bound)
+                expert_ids, over = symm_ops.dispatch_recv_torch(self.own, h.seq, self.timeout_s, self.rank, h.bound)
             except SymmTimeoutError as exc:
-                self._broken = str(exc)
-                self._open = None
+                self._broken, self._open = str(exc), None
                 raise
             if over is not None:
                 self._overflow = self._overflow_text(*over, h.bound)
         else:
             expert_ids = symm_ops.dispatch_recv(self._kernel_ws, ids_buf, h.bound)
-        return Dispatched(
-            hidden=self.received_rows(),
-            row_ids=row_ids,
-            expert_ids=expert_ids,
-            expert_counts=count_experts(expert_ids, self.placement.local_experts),
-            handle=h,
-        )
+        return Dispatched(hidden=self.received_rows(), row_ids=row_ids, expert_ids=expert_ids, handle=h,
+                          expert_counts=count_experts(expert_ids, self.placement.local_experts))
 
     def _pair_lists(self, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row_ids, expert-id buffer) [W * B * Kl] int32 of the pair list for bound B: pair
@@ -525,13 +404,10 @@ class SymmA2A(CommBackend):
                 "the same max_tokens to dispatch, at least the largest T over ranks")
 
     def received_rows(self) -> Any:
-        """[W * Tm, H] rows of the receive buffer (slot [s, t] is row s * Tm + t): a view of
-        the workspace; a QuantizedTensor for quantized payloads (per-row scales).
-
-        Valid only until this rank's combine_send of the same call has raised its flags: a
-        peer that then finishes its combine_recv may start its next dispatch and overwrite its
-        slots here, before this rank's own combine_recv returns. Read (or copy) the rows before
-        combine_send, as the expert stage does."""
+        """[W * Tm, H] rows of the receive buffer (slot [s, t] is row s * Tm + t): a view of the
+        workspace (a QuantizedTensor with per-row scales for quantized payloads). Valid only until
+        this rank's combine_send raised its flags (a peer may then start its next dispatch and
+        overwrite them): read or copy them before, as the expert stage does."""
         v = self.own
         return decode_bytes([v.data, v.scales, v.gscale], self.payload, self.cfg.hidden, self.dtype)
 
@@ -545,7 +421,7 @@ class SymmA2A(CommBackend):
             raise ValueError(f"expert_out must be [{M}, {self.cfg.hidden}] (one row per pair), got "
                              f"{tuple(expert_out.shape)}")
         if self._impl == "torch":
-            combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq, self.combine_mode == "push")
+            symm_ops.combine_send_torch(self.own, self.peers, self.rank, expert_out, h.seq, self.combine_mode == "push")
         else:
             self._triton_combine_send(expert_out, h.bound)
 
@@ -561,8 +437,8 @@ class SymmA2A(CommBackend):
             check_addend(addend, T, H, self.device, f"symm_a2a rank {self.rank}")
         try:
             if self._impl == "torch":
-                acc = combine_recv_torch(self.own, self.peers, self.rank, h.ids, self._placement_dev, h.seq,
-                                         self.timeout_s, self.combine_mode == "push")
+                acc = symm_ops.combine_recv_torch(self.own, self.peers, self.rank, h.ids, self._placement_dev, h.seq,
+                                                  self.timeout_s, self.combine_mode == "push")
                 y = finish(acc, h.dtype, out, addend, "symm_a2a")
             elif addend is None:
                 y = symm_ops.combine_recv(self._kernel_ws, h.ids, self._placement_dev.expert_rank, out, h.dtype)
@@ -579,51 +455,42 @@ class SymmA2A(CommBackend):
         return y
 
     def _triton_dispatch_send(self, x: torch.Tensor, routing: Routing) -> Any:
-        """Quantize x (Triton quantizers on CUDA; fp8_block where H holds whole groups of 128) and
-        launch the send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
-        planes = encode_bytes(x, self.payload, self._scale_dev)
+        """Quantize x (Triton quantizers on CUDA where they take the shape) and launch the send
+        kernel; returns the launched kernel (its `.asm` holds the PTX)."""
         p = self._placement_dev
         return symm_ops.dispatch_send(self._kernel_ws, routing.ids, routing.weights, p.expert_rank, p.expert_local,
-                                      planes)
+                                      encode_bytes(x, self.payload, self._scale_dev))
 
     def _triton_combine_send(self, expert_out: torch.Tensor, bound: int | None = None) -> Any:
         """Launch the combine-send kernel; returns the launched kernel (its `.asm` holds the PTX)."""
         return symm_ops.combine_send(self._kernel_ws, expert_out, bound)
 
     def after_replay(self) -> None:
-        """After a CUDA-graph replay: a bounded wait inside the graph only records a timeout in the
-        error word, so read it here as an eager combine does (unless check_errors=False)."""
+        """After a CUDA-graph replay: read the error word as an eager combine does (unless
+        check_errors=False); a wait inside the graph only records its timeout there."""
         if self.check_errors:
             self.check()
 
     def check(self) -> None:
-        """Raise SymmTimeoutError if a kernel of an earlier call timed out (a host sync on GPU)."""
+        """Raise what an earlier call recorded: SymmTimeoutError for a timed-out wait (the backend
+        stays broken), ValueError for a peer past the call's bound (a host sync on GPU)."""
         if self._broken:
             raise SymmTimeoutError(self._broken)
         if self.layout is None:
             return
-        if self._impl == "triton":
-            state = self._state.tolist()
-            if state[6]:
-                self._state[6] = 0
-                self._overflow = self._overflow_text(state[6] - 1, state[7], None)
+        state = self._state.tolist() if self._impl == "triton" else [0] * 8
+        if state[6]:
+            self._state[6] = 0
+            self._overflow = self._overflow_text(state[6] - 1, state[7], None)
         if self._overflow:
             msg, self._overflow = self._overflow, None
             raise ValueError(msg)
-        if self._impl != "triton":
-            return
-        code = state[4]
-        if code:
-            W = self.world
-            silent = state[8:]
-            parts = []
-            for phase, name in ((0, "dispatch"), (1, "combine")):
-                ranks = [r for r in range(W) if silent[phase * W + r]]
-                if ranks:
-                    parts.append(f"{name}: ranks {ranks} never signalled")
-            self._broken = (
-                f"symm_a2a rank {self.rank}: a wait (sequence number {state[5]}) timed out after "
-                f"{self.timeout_s}s; {'; '.join(parts)} (they crashed, are slower than timeout_s, or "
-                "did not make this call)"
-            )
+        if state[4]:
+            W, silent = self.world, state[8:]
+            silent_ranks = {name: [r for r in range(W) if silent[phase * W + r]]
+                            for phase, name in enumerate(("dispatch", "combine"))}
+            parts = [f"{name}: ranks {ranks} never signalled" for name, ranks in silent_ranks.items() if ranks]
+            self._broken = (f"symm_a2a rank {self.rank}: a wait (sequence number {state[5]}) timed out after "
+                            f"{self.timeout_s}s; {'; '.join(parts)} (they crashed, are slower than timeout_s, or "
+                            "did not make this call)")
             raise SymmTimeoutError(self._broken)

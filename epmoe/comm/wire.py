@@ -1,37 +1,25 @@
 """The base class of the count-exchanging backends (`allgather`, `nccl_a2a`).
 
-A dispatched token travels as one byte row (epmoe/comm/payload.py `row_layout`), so one
-collective moves the payload, its scales and the routing of the token together:
+A dispatched token travels as one byte row (payload.py `row_layout`), so one collective moves the
+payload, its scales and the token's routing together:
 
     row = [ payload bytes | scale bytes (quantized payloads) | ids int32 [K] | weights fp32 [K] ]
 
-`WireBackend` holds what `allgather` and `nccl_a2a` share: the options, the check that every
-rank called with the same config and call number (folded into the count exchange, so it costs
-no extra collective), and the fp32 rank-order reduction at the home rank. A rank whose own
-checks of a call fail (or the layer's, before dispatch: `fail`) still takes part in that
-exchange, its failure in the row, so every peer raises `PeerFailedError` naming it instead of
-waiting in the next collective.
+`WireBackend` holds what both share: the options, the capabilities, the check that every rank
+called with the same config and call number (folded into the count exchange: no extra
+collective; a rank whose own checks fail still takes part, its failure in the row, so every peer
+raises `PeerFailedError` naming it), packing and unpacking rows, and the fp32 reduction at home.
 
-Host syncs and CUDA graphs: by default each call exchanges counts (and the config check) on the
-host, so both backends declare `needs_host_sync = True`. With `static_shapes=True` (and
+Each call exchanges counts on the host (`needs_host_sync`). With `static_shapes=True` (and
 `max_tokens_per_rank`) every collective has a fixed size and the instance's `needs_host_sync` is
-False: the call can be captured in a CUDA graph. Eager static calls still exchange the config
-and routing-id check (one small all-gather, so a bad rank raises on every rank instead of
-leaving peers in a collective); calls being captured skip it.
-
-Multi-node: both backends use only torch.distributed collectives, so they run across nodes as
-they do on one. Launch one process per GPU with torchrun on every node, e.g. for 2 nodes x 8 GPUs
-
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD_NODE:29500 app.py
-
-and in app.py: `torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))`,
-`dist.init_process_group("nccl")`, `group = EPGroup()`, then build the layer with
-`MoELayer.from_global(cfg, weights, group, comm="nccl_a2a")` (or load this rank's experts).
+False: a call can be captured in a CUDA graph; eager static calls still run the config and
+routing-id check (one small all-gather), captures skip it. Both run across nodes (torch.distributed
+collectives only; launch: docs/design.md "Multi-node launch").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -43,65 +31,65 @@ from epmoe.comm.base import (
     Dispatched,
     agree,
     call_bound,
-    check_combine_dtype,
+    capturing,
     config_code,
     count_experts,
     finish,
 )
-from epmoe.comm.payload import PAYLOADS, check_input_scale, check_payload, decode, scale_code, scale_text
+from epmoe.comm.payload import (
+    PAYLOADS,
+    RowLayout,
+    check_input_scale,
+    check_options,
+    check_payload,
+    decode,
+    encode,
+    pack_rows,
+    scale_code,
+    scale_text,
+    unpack_rows,
+)
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
-from epmoe.ops.combine import gather_sum, weighted_sum
+from epmoe.ops.combine import gather_sum, local_pairs, weighted_sum
+from epmoe.routing import Routing
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
 class WireOptions(CommOptions):
-    """Options of the count-exchanging backends (`allgather`, `nccl_a2a`).
+    """Options of `allgather` and `nccl_a2a` (payload and combine_dtype read back canonical)."""
 
-    max_tokens_per_rank: the largest T any rank passes (a larger T raises ValueError). Required
-                         by static_shapes.
-    payload:             "bf16"/None (activations as they are), "fp8", "fp8_block" or "nvfp4":
-                         quantized by the sender, data and scales moved together.
-    combine_dtype:       dtype of the per-rank partial sums on the combine wire: fp32 (default)
-                         or bf16 (half the bytes; each partial sum is rounded once to bf16, a
-                         relative error <= 2^-9 of each rank's partial sum, before the fp32 sum).
-    static_shapes:       every collective moves max_tokens_per_rank rows per rank pair, so no
-                         count is read on the host and a call can be captured in a CUDA graph
-                         (rows past a rank's T are padding; costs the bytes of the full bound).
-                         Otherwise each call exchanges counts first (one host sync).
-    input_scale:         static activation scale shared by every rank (the checkpoint's
-                         per-layer `input_scale`): fp8's per-tensor scale or nvfp4's global
-                         scale, instead of each rank's batch amax (`check_input_scale`).
-
-    payload and combine_dtype read back canonical ("bf16", torch.float32 / torch.bfloat16).
-    """
-
-    max_tokens_per_rank: int | None = None
-    payload: str | None = "bf16"
+    max_tokens_per_rank: int | None = None  # the largest T any rank passes (larger: ValueError)
+    payload: str | None = "bf16"  # None/"bf16" (as they are), "fp8", "fp8_block", "nvfp4": quantized by the sender
+    # partial sums on the combine wire: fp32 or bf16 (torch dtypes or "fp32" / "bf16"; bf16: half the bytes, each
+    # rank's partial sum rounded once, relative error <= 2^-9, before the fp32 sum)
     combine_dtype: torch.dtype | str = torch.float32
+    # every collective moves max_tokens_per_rank (or dispatch's max_tokens) rows per rank pair, padding included:
+    # no host sync, CUDA-graph capturable (needs max_tokens_per_rank)
     static_shapes: bool = False
+    # static activation scale shared by every rank (the checkpoint's `input_scale`): fp8's per-tensor or nvfp4's
+    # global scale instead of each rank's batch amax
     input_scale: float | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        m = self.max_tokens_per_rank
-        if m is not None and (not isinstance(m, int) or m <= 0):
-            raise ValueError(f"max_tokens_per_rank must be a positive int, got {m!r}")
-        if self.static_shapes and m is None:
+        if self.static_shapes and self.max_tokens_per_rank is None:
             raise ValueError("static_shapes needs max_tokens_per_rank (the bound every collective is sized by)")
-        object.__setattr__(self, "payload", check_payload(self.payload))
-        object.__setattr__(self, "combine_dtype", check_combine_dtype(self.combine_dtype))
+        check_options(self)
         object.__setattr__(self, "static_shapes", bool(self.static_shapes))
-        check_input_scale(self.input_scale, self.payload)
 
 
 class WireBackend(CommBackend):
-    """Shared construction and checks of `allgather` and `nccl_a2a` (options: `WireOptions`).
+    """What `allgather` and `nccl_a2a` share (see the module docstring; options: `WireOptions`)."""
 
-    Host syncs: each call exchanges counts (needs_host_sync); with static_shapes the instance's
-    `needs_host_sync` is False and a call can be captured in a CUDA graph."""
-
+    layouts = ("dp",)
+    payloads = PAYLOADS
+    devices = ("cpu", "cuda")
+    needs_host_sync = True  # unless static_shapes (the instance attribute then reads False)
+    static_capable = True
+    single_node = False
+    moves_tokens = True
     options: WireOptions
 
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
@@ -109,15 +97,12 @@ class WireBackend(CommBackend):
         super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
         world, o = self.world, self.options
         if placement.world != world or placement.num_experts != cfg.num_experts:
-            raise ValueError(
-                f"comm {self.name!r}: placement covers {placement.num_experts} experts on "
-                f"{placement.world} ranks, the layer has {cfg.num_experts} experts on {world} ranks; "
-                f"build it with Placement.contiguous({cfg.num_experts}, {world})"
-            )
+            raise ValueError(f"comm {self.name!r}: placement covers {placement.num_experts} experts on "
+                             f"{placement.world} ranks, the layer has {cfg.num_experts} experts on {world} ranks; "
+                             f"build it with Placement.contiguous({cfg.num_experts}, {world})")
         self.payload = check_payload(o.payload, cfg.hidden)
         self.combine_dtype: torch.dtype = o.combine_dtype  # type: ignore[assignment]
-        self.max_tokens_per_rank = o.max_tokens_per_rank
-        self.capacity = o.max_tokens_per_rank
+        self.max_tokens_per_rank = self.capacity = o.max_tokens_per_rank
         self.static_shapes = o.static_shapes
         self.needs_host_sync = not self.static_shapes  # type: ignore[misc]
         self.input_scale = check_input_scale(o.input_scale, self.payload)
@@ -130,19 +115,9 @@ class WireBackend(CommBackend):
         """The static input scale on `device`, copied once (before any graph capture)."""
         if self.input_scale is None:
             return None
-        s = self._scales.get(device)
-        if s is None:
-            s = self._scales[device] = self.input_scale.to(device)
-        return s
-
-    # ---- checks -----------------------------------------------------------------------------
-
-    @staticmethod
-    def host_checks(x: torch.Tensor) -> bool:
-        """Whether a call may read values on the host: always, except while a CUDA graph is
-        being captured (static_shapes calls then skip the config and routing-id checks, which
-        every eager call runs)."""
-        return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        if device not in self._scales:
+            self._scales[device] = self.input_scale.to(device)
+        return self._scales[device]
 
     def _check_local(self, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Checks that read no device values (safe in every mode)."""
@@ -152,26 +127,18 @@ class WireBackend(CommBackend):
                              f"{self.cfg.top_k}], got {tuple(x.shape)} and {tuple(ids.shape)}")
         if x.dtype not in _X_DTYPES:
             raise ValueError(f"comm {self.name!r}: x must be fp32, bf16 or fp16, got {x.dtype}")
-        if self.input_scale is not None and not self.host_checks(x):
+        if self.input_scale is not None and capturing(x):
             raise ValueError(f"comm {self.name!r}: input_scale cannot be captured in a CUDA graph yet (epmoe.quant "
                              "checks a static scale on the host); run these calls eagerly or drop input_scale")
         if self.static_shapes and T > self.max_tokens_per_rank:
             raise ValueError(f"comm {self.name!r} on rank {self.rank}: T={T} exceeds max_tokens_per_rank="
                              f"{self.max_tokens_per_rank}; build the backend with a larger bound")
 
-    def _static_cap(self, T: int, max_tokens: int | None) -> int:
-        """Rows per rank pair of a static-shape call: dispatch's `max_tokens` (the bound every
-        rank passes alike; eager calls check that in the exchange) or max_tokens_per_rank."""
-        return call_bound(max_tokens, T, self.max_tokens_per_rank, f"comm {self.name!r} on rank {self.rank}")
-
     def _exchange(self, x: torch.Tensor, ids: torch.Tensor, counts: Sequence[int] = (), cap: int = 0,
                   failure: BaseException | None = None) -> list[list[int]]:
-        """One all-gather (`agree`) of what every rank must share, this rank's T, whether its
-        routing ids are bad, and `counts` (up to W ints); raises the same error on every rank
-        when ranks disagree or one failed (`failure`: this rank's own check failed, which it
-        reports here instead of leaving its peers in the exchange), so no rank is left waiting
-        in a later collective. cap: a static-shape call's rows per rank pair (0 otherwise).
-        Returns each rank's `counts` part (W ints, zero-padded)."""
+        """One `agree` of what every rank must share, this rank's T, whether its routing ids are bad
+        and `counts` (up to W ints; `failure`: this rank's own check failed, reported here). cap: a
+        static call's rows per rank pair (0 otherwise). Returns every rank's counts (W ints, 0-padded)."""
         E, W = self.cfg.num_experts, self.world
         self.calls += 1
         if failure is None:
@@ -186,8 +153,7 @@ class WireBackend(CommBackend):
             "combine dtype": 0 if self.combine_dtype == torch.float32 else 1,
             "max_tokens_per_rank": self.max_tokens_per_rank or 0, "static_shapes": int(self.static_shapes),
             "input_scale": scale_code(self.input_scale), "max_tokens of the call": cap,
-            "call number (a rank skipped a call)": self.calls,
-        }
+            "call number (a rank skipped a call)": self.calls}
         limit = self.max_tokens_per_rank
 
         def report(table: list[list[int]]) -> list[str]:
@@ -218,32 +184,52 @@ class WireBackend(CommBackend):
         raise failure
 
     def _checked(self, x: torch.Tensor, ids: torch.Tensor, max_tokens: int | None) -> int:
-        """This rank's own checks of a call (`_check_local`, and a static call's bound): a failure
-        travels in the count exchange (`fail`), so the peers raise too. Returns a static call's
-        rows per rank pair (0 otherwise)."""
+        """This rank's own checks of a call; a failure travels in the count exchange (`fail`), so
+        the peers raise too. A static call returns its rows per rank pair (dispatch's `max_tokens`
+        or max_tokens_per_rank) after, when eager, the exchange of a counted call's checks; else 0."""
         try:
             self._check_local(x, ids)
-            return self._static_cap(x.shape[0], max_tokens) if self.static_shapes else 0
+            if not self.static_shapes:
+                return 0
+            who = f"comm {self.name!r} on rank {self.rank}"
+            cap = call_bound(max_tokens, x.shape[0], self.max_tokens_per_rank, who)
         except Exception as exc:  # noqa: BLE001 - re-raised by fail on this rank, reported to its peers
             self.fail(exc, x.device)
+        if not capturing(x):
+            self._exchange(x, ids, cap=cap)
+        return cap
 
-    # ---- combine helpers --------------------------------------------------------------------
+    def _pack(self, x: torch.Tensor, routing: Routing, layout: RowLayout, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """x [T, H] and its routing -> wire rows uint8 [T, layout.nbytes] (into `out` if given)."""
+        return pack_rows([*encode(x, self.payload, self.scale_on(x.device)), routing.ids, routing.weights], layout,
+                         out=out)
 
-    def _dispatched(self, parts: Sequence[torch.Tensor], pairs: Pairs, handle: Any) -> Dispatched:
-        """The received rows (the payload parts of `row_layout`, decoded; the last two parts are
-        routing metadata) and the pairs the local experts compute."""
-        return Dispatched(
-            hidden=decode(parts[:-2], self.payload, self.cfg.hidden),
-            row_ids=pairs.row_ids,
-            expert_ids=pairs.expert_ids,
-            expert_counts=count_experts(pairs.expert_ids, self.placement.local_experts),
-            handle=handle,
-        )
+    def _unpack(self, buf: torch.Tensor, layout: RowLayout, handle_fn: Callable[[Pairs], Any]) -> Dispatched:
+        """Received wire rows [N, B] -> Dispatched: the decoded payload and the pairs the local
+        experts compute (dense under static_shapes, else compact); handle_fn(pairs) -> the handle."""
+        parts = unpack_rows(buf, layout)
+        local = local_pairs(parts[-2], self.placement_on(buf.device), self.rank)  # [N, K]
+        pairs = make_pairs(local, parts[-1], compact=not self.static_shapes)
+        return Dispatched(hidden=decode(parts[:-2], self.payload, self.cfg.hidden), row_ids=pairs.row_ids,
+                          expert_ids=pairs.expert_ids, handle=handle_fn(pairs),
+                          expert_counts=count_experts(pairs.expert_ids, self.placement.local_experts))
 
     def _finish(self, acc: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None,
                 addend: torch.Tensor | None = None) -> torch.Tensor:
         """The one cast of the fp32 result [T, H], after adding `addend` (into `out` when given)."""
         return finish(acc, dtype, out, addend, f"comm {self.name!r}")
+
+
+@dataclass
+class WireHandle:
+    """What combine needs of every wire dispatch: the pairs computed here (with their weights), the
+    output dtype (x's) and the bytes this rank sends to other ranks in each phase."""
+
+    pairs: Pairs
+    dtype: torch.dtype
+    dispatch_bytes: int
+    combine_bytes: int
 
 
 def sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
@@ -254,33 +240,18 @@ def sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-# ---------------------------------------------------------------------------------------
-# pairs: which (row, k) this rank computes, and the per-row partial sums of their outputs
-# ---------------------------------------------------------------------------------------
-
-
 @dataclass
 class Pairs:
-    """The (row, k) pairs of received rows that this rank computes.
+    """The (row, k) pairs of N received rows that this rank computes. dense (static_shapes): every
+    (row, k), pair p = row * K + k, -1 where the expert lives elsewhere; compact (after a count
+    exchange): local pairs only, grouped by k, rows ascending inside a group."""
 
-    dense (static_shapes: no host sync): every (row, k), pair p = row * K + k, -1 where the
-    expert lives elsewhere. compact (after a count exchange): only local pairs, grouped by k
-    (k = 0 first; rows ascending inside a group), so the runner's output is no larger than
-    the work.
-
-    row_ids:    [M] int32 row of each pair.
-    expert_ids: [M] int32 local expert (-1 = not computed here; dense only).
-    weights:    [M] fp32 router weight of each pair (compact) or [N, K] (dense).
-    valid:      [N, K] bool (dense) or None.
-    slots:      [N, K] int32 pair of (row, k), -1 = none (compact) or None.
-    """
-
-    row_ids: torch.Tensor
-    expert_ids: torch.Tensor
-    weights: torch.Tensor
-    valid: torch.Tensor | None
-    slots: torch.Tensor | None
-    rows: int
+    row_ids: torch.Tensor  # [M] int32 row of each pair
+    expert_ids: torch.Tensor  # [M] int32 local expert (-1 = not computed here; dense only)
+    weights: torch.Tensor  # [M] fp32 router weight of each pair (compact) or [N, K] (dense)
+    valid: torch.Tensor | None  # [N, K] bool (dense) or None
+    slots: torch.Tensor | None  # [N, K] int32 pair of (row, k), -1 = none (compact) or None
+    rows: int  # N
 
 
 def make_pairs(local: torch.Tensor, weights: torch.Tensor, compact: bool) -> Pairs:
@@ -298,10 +269,8 @@ def make_pairs(local: torch.Tensor, weights: torch.Tensor, compact: bool) -> Pai
 
 
 def partial_sums(out: torch.Tensor, pairs: Pairs, H: int, impl: str = "auto") -> torch.Tensor:
-    """Expert outputs [M, H] -> per-row fp32 sums [N, H] of weight * out over the row's local
-    pairs, in k order (one `weighted_sum` / `gather_sum` launch on CUDA). Rows without a pair
-    are 0; pairs not computed here are masked with `where` (dense) or absent (compact), so
-    padding garbage never reaches the sum."""
+    """Expert outputs [M, H] -> per-row fp32 sums [N, H] of weight * out over the row's pairs, k order;
+    rows without a pair are 0, padding never reaches the sum (masked with `where`, or absent)."""
     N = pairs.rows
     if pairs.valid is not None:
         return weighted_sum(out, pairs.weights, pairs.valid, N, pairs.valid.shape[1], impl=impl)

@@ -1,9 +1,8 @@
 """One-sided all-to-all kernels over every rank's workspace (protocol: epmoe/comm/symmetric.py).
 
-Every kernel gets `ptrs` (int64 [W], the base address of each rank's workspace: symmetric
-memory peers, or plain allocations of virtual ranks in one process) and byte offsets of the
-regions; a peer's region is `(ptrs[r] + offset).to(pointer)`. `state` is this rank's private
-int32 word array:
+Every kernel gets `ptrs` (int64 [W], each rank's workspace base address) and the regions' byte
+offsets; a peer's region is `(ptrs[r] + offset).to(pointer)`. `state` is this rank's private int32
+word array:
 
     state[0]   sequence number of the last completed call (this call's = state[0] % WRAP + 1)
     state[1:4] "programs done" counters of dispatch_send, combine_send, combine_recv
@@ -12,25 +11,14 @@ int32 word array:
     state[8 + phase * W + r] = 1: rank r never signalled in phase 0 (dispatch) / 1 (combine)
 
 Publishing: the last program of a kernel to finish (a counter RMW with acq_rel after a CTA
-barrier) raises the flags with a release store at system scope, so every row written by any
-program of the kernel is visible to a peer that acquires the flag. The counter RMW itself is at
-system scope (one atomic per program, so it costs nothing measurable): the rows other programs
-stored go to peer GPUs (dispatch) or are read by peer GPUs (combine), and a gpu-scope release
-only orders them for observers on this GPU; the last program's sys-scope flag release is
-cumulative over what it acquired, so the chain must be sys-scope from the first link for the
-peer's acquire to see every program's rows. Waits are acquire loads at system scope, bounded
-by %globaltimer (USE_TIMER) or, in the CPU interpreter, by a spin count.
+barrier) raises the flags with a release store at system scope, so every row any program wrote
+is visible to a peer that acquires the flag. The counter RMW is at system scope too (one atomic
+per program): the rows go to (or are read by) peer GPUs, a gpu-scope release orders them only for
+this GPU, and the flag release is cumulative only over what was acquired at sys scope. Waits are
+sys-scope acquire loads bounded by %globaltimer (USE_TIMER) or, interpreted, a spin count.
 
-Measured (one H200, 8 virtual ranks, so every byte moves through HBM; T = 128 per rank, H = 7168,
-top-8 of 256 experts, bf16 rows, each phase of all 8 ranks replayed as one CUDA graph; HBM copy
-2130 GB/s): the first version of these kernels took 260 us for dispatch (300 GB/s of rows) and
-917 us for combine. Combine was latency-bound: per 1024-value chunk it loaded each pair's id and
-weight as scalars behind a branch, so ~56 dependent loads per slot. Replaced by: meta loads
-hoisted to one per pair, the whole fp32 row in registers (H_PAD, 8 warps at H = 7168) and masked
-loads instead of branches; dispatch reads each row once and stores it to every rank it picks
-(masked stores) instead of re-reading it per rank. The rewrite passes the interpreter tests and
-compiles for sm_90; it has not been timed yet. At T = 4096 the first version moved rows at
-989 GB/s (dispatch, 2.5 ms) and partial sums at 978 GB/s (combine).
+Measured history (first version 260 / 917 us at T = 128 on one H200; what the rewrite changed):
+docs/performance.md, "The symm_a2a kernels' rewrite".
 """
 
 import triton
@@ -97,10 +85,9 @@ def symm_dispatch_send_kernel(
     W: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, KL: tl.constexpr, KL_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """(D, D_BYTES: data elements and bytes per row; S: scale bytes per row, 0 = none; G: global
-    scales per row, 0 or 1.)"""
     """for t in my tokens, r in ranks: meta[r][rank, t] = (local ids on r in k order, weights);
-    if t picks r: rows[r][rank, t] = x[t]. Last program: count[r][rank] = T, flag[r][rank] = seq."""
+    if t picks r: rows[r][rank, t] = x[t]. Last program: count[r][rank] = T, flag[r][rank] = seq.
+    (D, D_BYTES: data elements / bytes a row; S: scale bytes a row, 0 = none; G: global scales, 0/1.)"""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = tl.load(state) % SEQ_WRAP + 1

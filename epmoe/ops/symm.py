@@ -7,10 +7,9 @@ plain-torch twins of the same protocol steps (the protocol: epmoe/comm/symmetric
     combine send     combine_send         combine_send_torch   (partial sums, then flags)
     combine recv     combine_recv         combine_recv_torch   (wait, add in rank order)
 
-The launches take a `KernelWorkspace` (the pointer table, state words and sizes fixed when the
-workspace is built) and tensors; the twins take the workspaces as `RankViews` (typed views of
-each rank's bytes, epmoe/comm/symm_workspace.py). The twins raise `SymmTimeoutError` from the
-host; the kernels record a timeout in the state words, which the backend's `check()` reads.
+The launches take a `KernelWorkspace` (fixed when the workspace is built), the twins every rank's
+`RankViews` (epmoe/comm/symm_workspace.py). The twins raise `SymmTimeoutError` from the host; the
+kernels record a timeout in the state words, which the backend's `check()` reads.
 """
 
 from __future__ import annotations
@@ -34,15 +33,10 @@ class SymmTimeoutError(RuntimeError):
     """A wait for peers' flags ran past timeout_s; the message names the silent ranks."""
 
 
-# ---------------------------------------------------------------------------------------
-# the protocol in plain torch (the reference twin of kernels/symm_a2a.py)
-# ---------------------------------------------------------------------------------------
-
-
 def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, world: int, kl: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per destination rank: (meta ids [W, T, Kl] int32 local ids in k order, -1 padded;
-    meta weights [W, T, Kl] fp32, 0 where padded; has [W, T] bool: t picks an expert on r)."""
+    """Per destination rank r: (meta ids [W, T, Kl] int32 local ids in k order, -1 padded; meta
+    weights [W, T, Kl] fp32, 0 where padded; has [W, T] bool: t picks an expert on r)."""
     T, K = ids.shape
     ranks, local = expert_owners(ids, placement)  # [T, K] each, -1 for masked pairs
     r = torch.arange(world, device=ids.device).view(world, 1, 1)
@@ -56,17 +50,14 @@ def slot_meta(ids: torch.Tensor, weights: torch.Tensor, placement: Placement, wo
 
 def wait_flags(flags: torch.Tensor, seq: int, timeout_s: float, what: str) -> None:
     """Poll `flags` [W] until every entry equals seq; SymmTimeoutError naming the others."""
-    deadline = time.monotonic() + timeout_s
-    spins = 0
+    deadline, spins = time.monotonic() + timeout_s, 0
     while True:
         missing = [s for s, v in enumerate(flags.tolist()) if v != seq]
         if not missing:
             return
         if time.monotonic() > deadline:
-            raise SymmTimeoutError(
-                f"{what} (sequence number {seq}) timed out after {timeout_s}s: ranks {missing} never "
-                "signalled (they crashed, are slower than timeout_s, or did not make this call)"
-            )
+            raise SymmTimeoutError(f"{what} (sequence number {seq}) timed out after {timeout_s}s: ranks {missing} never"
+                                   " signalled (they crashed, are slower than timeout_s, or did not make this call)")
         spins += 1
         time.sleep(0 if spins < 64 else 50e-6)
 
@@ -74,20 +65,15 @@ def wait_flags(flags: torch.Tensor, seq: int, timeout_s: float, what: str) -> No
 def dispatch_send_torch(peers: list[RankViews], rank: int, rows: tuple[torch.Tensor, ...],
                         meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seq: int, max_tokens: int) -> None:
     """Write this rank's rows, meta and count into every peer's slots, then raise its flags."""
-    data, scales, gscale = rows
-    meta_ids, meta_w, has = meta
-    T = data.shape[0]
-    base = rank * max_tokens
+    (data, scales, gscale), (meta_ids, meta_w, has) = rows, meta
+    T, base = data.shape[0], rank * max_tokens
     for r, peer in enumerate(peers):
         peer.meta_ids[rank, :T] = meta_ids[r]
         peer.meta_w[rank, :T] = meta_w[r]
         t = has[r].nonzero().flatten()
-        if t.numel():
-            peer.data[base + t] = data[t]
-            if scales.shape[1]:
-                peer.scales[base + t] = scales[t]
-            if gscale.shape[1]:
-                peer.gscale[base + t] = gscale[t]
+        for dst, src in ((peer.data, data), (peer.scales, scales), (peer.gscale, gscale)):
+            if t.numel() and src.shape[1]:
+                dst[base + t] = src[t]
         peer.flags[2, rank] = T
     for peer in peers:  # flags last: a peer that sees one sees everything above
         peer.flags[0, rank] = seq
@@ -95,13 +81,12 @@ def dispatch_send_torch(peers: list[RankViews], rank: int, rows: tuple[torch.Ten
 
 def dispatch_recv_torch(own: RankViews, seq: int, timeout_s: float, rank: int, bound: int | None = None
                         ) -> tuple[torch.Tensor, tuple[int, int] | None]:
-    """Wait for every source's flag; return the pair expert ids [W * B * Kl] (-1 = padding; B =
-    `bound`, default Tm: pair (s, t, j) at (s * B + t) * Kl + j) and (source, count) of the
-    first source that sent more than B tokens (its tokens past B are not listed), else None."""
+    """Wait for every source's flag; return the pair expert ids [W * B * Kl] (-1 = padding; B = `bound`
+    or Tm; pair (s, t, j) at (s * B + t) * Kl + j) and (source, count) of the first source that
+    sent more than B tokens (its tokens past B are not listed), else None."""
     wait_flags(own.flags[0], seq, timeout_s, f"symm_a2a rank {rank}: dispatch")
     W, Tm, Kl = own.meta_ids.shape
-    B = Tm if bound is None else bound
-    counts = own.flags[2].clone()  # [W]
+    B, counts = Tm if bound is None else bound, own.flags[2].clone()  # counts [W]
     over = [(s, c) for s, c in enumerate(counts.tolist()) if c > B]
     live = torch.arange(B, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)  # [W, B]
     return torch.where(live.unsqueeze(-1), own.meta_ids[:, :B], -1).reshape(-1), (over[0] if over else None)
@@ -109,13 +94,11 @@ def dispatch_recv_torch(own: RankViews, seq: int, timeout_s: float, rank: int, b
 
 def combine_send_torch(own: RankViews, peers: list[RankViews], rank: int, expert_out: torch.Tensor,
                        seq: int, push: bool = True) -> None:
-    """Weighted fp32 partial sums of the (source, token) slots that picked an expert here, into
-    home s's comb_out[rank] (push) or own comb_out[s] (pull), then flags. expert_out: [W * B *
-    Kl, H], one row per pair of dispatch_recv_torch's list (B = its bound)."""
+    """Weighted fp32 partial sums of the slots that picked an expert here into home s's
+    comb_out[rank] (push) or own comb_out[s] (pull), then flags. expert_out: [W * B * Kl, H]."""
     W, Tm, Kl = own.meta_ids.shape
-    B = expert_out.shape[0] // (W * Kl)
+    B, counts = expert_out.shape[0] // (W * Kl), own.flags[2].tolist()
     out = expert_out.view(W, B, Kl, own.comb_out.shape[-1])
-    counts = own.flags[2].tolist()
     for s in range(W):
         n = min(counts[s], B)
         if n:
@@ -132,8 +115,7 @@ def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: t
                        placement: Placement, seq: int, timeout_s: float, push: bool = True) -> torch.Tensor:
     """Wait for every expert rank's flag; y [T, H] fp32 = partial sums added in rank order."""
     wait_flags(own.flags[1], seq, timeout_s, f"symm_a2a rank {rank}: combine")
-    T = ids.shape[0]
-    H = own.comb_out.shape[-1]
+    T, H = ids.shape[0], own.comb_out.shape[-1]
     ranks = expert_owners(ids, placement)[0]  # [T, K]
     acc = torch.zeros(T, H, dtype=torch.float32, device=ids.device)
     for r, peer in enumerate(peers):
@@ -143,11 +125,6 @@ def combine_recv_torch(own: RankViews, peers: list[RankViews], rank: int, ids: t
     return acc
 
 
-# ---------------------------------------------------------------------------------------
-# Triton launch wrappers (kernels: epmoe/kernels/symm_a2a.py)
-# ---------------------------------------------------------------------------------------
-
-
 def interpreting() -> bool:
     """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1, the CPU tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -155,47 +132,28 @@ def interpreting() -> bool:
 
 @dataclass(frozen=True)
 class KernelWorkspace:
-    """What every kernel launch of one rank reads, fixed when the workspace is built.
+    """What every kernel launch of one rank reads, fixed when the workspace is built."""
 
-    ptrs:          [W] int64 device addresses of every rank's workspace (own included).
-    state:         [8 + 2W] int32: [seq, counter x3, err code, err seq, over-bound source + 1,
-                   its count] then [2, W] silent-rank flags of the dispatch and combine waits.
-    offsets:       region -> byte offset in a workspace (`Layout.offsets`).
-    rank, world:   this rank, W.
-    num_experts:   E.
-    max_tokens:    Tm, token slots per source.
-    slot_experts:  Kl, local experts a token can pick on one rank.
-    hidden:        H.
-    row_bytes:     (D, S, G) payload bytes per row: data, scales, global scale.
-    combine_dtype: dtype of the partial sums (fp32 or bf16).
-    push:          combine_mode "push" (expert ranks write into the home) or "pull".
-    max_programs:  grid cap of the per-token kernels (4 per SM).
-    timeout:       bound of every wait: ns of %globaltimer, or spins under the interpreter.
-    use_timer:     the waits read %globaltimer (CUDA, not interpreted).
-    dummy:         [4] fp32, stands in for absent planes (scales, global scales).
-    """
-
-    ptrs: torch.Tensor
-    state: torch.Tensor
-    offsets: dict[str, int] = field(repr=False)
+    ptrs: torch.Tensor  # [W] int64 device addresses of every rank's workspace (own included)
+    state: torch.Tensor  # [8 + 2W] int32 state words (kernels/symm_a2a.py)
+    offsets: dict[str, int] = field(repr=False)  # region -> byte offset (`Layout.offsets`)
     rank: int
-    world: int
-    num_experts: int
-    max_tokens: int
-    slot_experts: int
-    hidden: int
-    row_bytes: tuple[int, int, int]
-    combine_dtype: torch.dtype
-    push: bool
-    max_programs: int
-    timeout: int
-    use_timer: bool
-    dummy: torch.Tensor = field(repr=False)
+    world: int  # W
+    num_experts: int  # E
+    max_tokens: int  # Tm, token slots per source
+    slot_experts: int  # Kl, local experts a token can pick on one rank
+    hidden: int  # H
+    row_bytes: tuple[int, int, int]  # (D, S, G) payload bytes per row: data, scales, global scale
+    combine_dtype: torch.dtype  # partial sums (fp32 or bf16)
+    push: bool  # combine_mode "push" (expert ranks write into the home) or "pull"
+    max_programs: int  # grid cap of the per-token kernels (4 per SM)
+    timeout: int  # bound of every wait: ns of %globaltimer, or spins under the interpreter
+    use_timer: bool  # the waits read %globaltimer (CUDA, not interpreted)
+    dummy: torch.Tensor = field(repr=False)  # [4] fp32, stands in for absent planes
 
 
 def _row_warps(hidden: int) -> int:
-    """Warps of the combine kernels, which hold a whole fp32 row in registers: about 32 values
-    per thread (H = 7168 -> 8 warps)."""
+    """Warps of the combine kernels, which hold a fp32 row in registers: ~32 values a thread (H 7168: 8)."""
     return max(1, min(16, next_pow2(hidden) // 1024))
 
 
@@ -207,14 +165,12 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
 
 def dispatch_send(ws: KernelWorkspace, ids: torch.Tensor, weights: torch.Tensor, expert_rank: torch.Tensor,
                   expert_local: torch.Tensor, planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Any:
-    """Launch the send kernel: this rank's T tokens (ids, weights [T, K]; byte planes of
-    `payload.encode_bytes`) into every peer's slots, then the flags. expert_rank / expert_local:
-    [E] int32 placement on the device. Returns the launched kernel (its `.asm` holds the PTX)."""
+    """Launch the send kernel: T tokens (ids, weights [T, K]; byte planes of `encode_bytes`; placement
+    [E] int32) into every peer's slots, then the flags. Returns the kernel (`.asm` holds the PTX)."""
     from epmoe.kernels.symm_a2a import symm_dispatch_send_kernel
 
-    o, (d_bytes, s_bytes, g_bytes) = ws.offsets, ws.row_bytes
-    data, scales, gscale = planes
-    T, K, Kl = ids.shape[0], ids.shape[1], ws.slot_experts
+    o, (d_bytes, s_bytes, g_bytes), (data, scales, gscale) = ws.offsets, ws.row_bytes, planes
+    (T, K), Kl = ids.shape, ws.slot_experts
     if d_bytes % 4 == 0:  # move 4-byte words, not bytes
         data = data.view(torch.int32)
     D = data.shape[1]
@@ -226,45 +182,39 @@ def dispatch_send(ws: KernelWorkspace, ids: torch.Tensor, weights: torch.Tensor,
         o["flags"], o["meta_ids"], o["meta_w"], o["data"], o["scales"], o["gscale"],
         Tm=ws.max_tokens, D=D, D_BYTES=d_bytes, S=s_bytes, G=g_bytes // 4,
         W=ws.world, K=K, K_PAD=next_pow2(K), KL=Kl, KL_PAD=next_pow2(Kl),
-        BLOCK_D=min(next_pow2(D), 2048), BLOCK_S=min(next_pow2(max(s_bytes, 1)), 1024),
-    )
+        BLOCK_D=min(next_pow2(D), 2048), BLOCK_S=min(next_pow2(max(s_bytes, 1)), 1024))
 
 
 def dispatch_recv(ws: KernelWorkspace, expert_ids: torch.Tensor, bound: int) -> torch.Tensor:
-    """Launch the receive kernel: wait for every source's flag, write the pair expert ids
-    [W * bound * Kl] (-1 = padding) into `expert_ids`; returns it."""
+    """Launch the receive kernel: wait for every source's flag, pair expert ids [W * bound * Kl]
+    (-1 = padding) into `expert_ids`; returns it."""
     from epmoe.kernels.symm_a2a import symm_dispatch_recv_kernel
 
     o, Tm, Kl = ws.offsets, ws.max_tokens, ws.slot_experts
     block_t = min(next_pow2(bound), max(1, 2048 // next_pow2(Kl)))
     symm_dispatch_recv_kernel[(ws.world, max(1, cdiv(bound, block_t)))](  # >= 1: every source's flag is awaited
         ws.ptrs, ws.state, expert_ids, ws.rank, ws.timeout, bound, o["flags"], o["meta_ids"],
-        Tm=Tm, W=ws.world, KL=Kl, KL_PAD=next_pow2(Kl), BLOCK_T=block_t, USE_TIMER=ws.use_timer,
-    )
+        Tm=Tm, W=ws.world, KL=Kl, KL_PAD=next_pow2(Kl), BLOCK_T=block_t, USE_TIMER=ws.use_timer)
     return expert_ids
 
 
 def combine_send(ws: KernelWorkspace, expert_out: torch.Tensor, bound: int | None = None) -> Any:
-    """Launch the combine-send kernel: weighted partial sums of the pairs of `expert_out`
-    [W * bound * Kl, H] (bound None = Tm), then flags. Returns the launched kernel (its `.asm`
-    holds the PTX)."""
+    """Launch the combine-send kernel: weighted partial sums of `expert_out` [W * bound * Kl, H] (bound
+    None = Tm), then flags. Returns the kernel (`.asm` holds the PTX)."""
     from epmoe.kernels.symm_a2a import symm_combine_send_kernel
 
-    o, H = ws.offsets, ws.hidden
-    bound = ws.max_tokens if bound is None else bound
+    o, H, bound = ws.offsets, ws.hidden, ws.max_tokens if bound is None else bound
     return symm_combine_send_kernel[(max(1, min(bound, ws.max_programs)),)](
         ws.ptrs, ws.state, expert_out.contiguous(), ws.rank, bound,
         o["flags"], o["meta_ids"], o["meta_w"], o["comb_out"],
         Tm=ws.max_tokens, H=H, W=ws.world, KL=ws.slot_experts, H_PAD=next_pow2(H),
-        COMB_DTYPE=_tl_dtype(ws.combine_dtype), PUSH=ws.push, num_warps=_row_warps(H),
-    )
+        COMB_DTYPE=_tl_dtype(ws.combine_dtype), PUSH=ws.push, num_warps=_row_warps(H))
 
 
 def combine_recv(ws: KernelWorkspace, ids: torch.Tensor, expert_rank: torch.Tensor, y: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Launch the combine-receive kernel: wait for every expert rank's flag, y [T, H] = the
-    partial sums of this rank's tokens (ids [T, K]) added in rank order, cast as stored (y:
-    the result buffer; None: a new one of `dtype`)."""
+    """Launch the combine-receive kernel: wait for every expert rank's flag, y [T, H] = the partial
+    sums of this rank's tokens (ids [T, K]) in rank order, cast as stored (y None: new, of `dtype`)."""
     from epmoe.kernels.symm_a2a import symm_combine_recv_kernel
 
     o, H, (T, K) = ws.offsets, ws.hidden, ids.shape
@@ -276,7 +226,5 @@ def combine_recv(ws: KernelWorkspace, ids: torch.Tensor, expert_rank: torch.Tens
         ws.ptrs, ws.state, ids.contiguous(), expert_rank, y, y.stride(0) if T else H,
         T, ws.rank, ws.num_experts, ws.timeout, o["flags"], o["comb_out"],
         Tm=ws.max_tokens, H=H, W=ws.world, K=K, K_PAD=next_pow2(K), H_PAD=next_pow2(H),
-        COMB_DTYPE=_tl_dtype(ws.combine_dtype), USE_TIMER=ws.use_timer, PUSH=ws.push,
-        num_warps=_row_warps(H),
-    )
+        COMB_DTYPE=_tl_dtype(ws.combine_dtype), USE_TIMER=ws.use_timer, PUSH=ws.push, num_warps=_row_warps(H))
     return y
