@@ -53,13 +53,7 @@ class Routing:
         return self.ids.shape[1]
 
     @classmethod
-    def external(
-        cls,
-        ids: torch.Tensor,
-        weights: torch.Tensor,
-        num_experts: int,
-        validate: bool = True,
-    ) -> Routing:
+    def external(cls, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, validate: bool = True) -> Routing:
         """Routing given by the caller (routed mode, e.g. RL routing replay).
 
         ids may be int32 or int64 (converted once here); weights any float dtype (converted to
