@@ -4,6 +4,7 @@
     epmoe doctor                 # versions, GPUs and links, symmetric memory, default picks
     epmoe bench comm|layer       # dispatch+combine / whole layer timings (CPU: scaled-down shapes by default)
     epmoe bench experts          # expert runners against the roofline: needs a CUDA GPU
+    epmoe bench eplb             # max/mean rank load of contiguous experts vs replica plans (epmoe/eplb.py)
     epmoe plan --gpus 8,64 ...   # cost model: predicted time per backend (--measured FILE: next to a bench run)
 """
 
@@ -470,10 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     shape(d, fixed=True)
     d.add_argument("--timeout", type=float, default=300, help="seconds before a rank that does not answer fails")
     parser("doctor", "versions, GPUs and links, symmetric memory, default choices", cmd_doctor)
-    b = parser("bench", "benchmarks: comm, layer, experts (GPU only), generate", cmd_bench,
+    b = parser("bench", "benchmarks: comm, layer, experts (GPU only), generate, eplb", cmd_bench,
                "Benchmarks. comm: dispatch + combine per backend; layer: the whole layer forward per backend (on the "
                "CPU: gloo ranks, fp32, the preset scaled down, no roofline); experts: the expert runners against the "
-               "GPU roofline (needs a CUDA GPU); generate: HF generate() with HF's experts vs patched with epmoe.")
+               "GPU roofline (needs a CUDA GPU); generate: HF generate() with HF's experts vs patched with epmoe; "
+               "eplb: expert load balance of contiguous blocks vs replica plans on routing traces.")
     b.add_argument("what", choices=["comm", "experts", "layer", "generate", "eplb"], help="what to time")
     b.add_argument("--preset", default="deepseek-v3", choices=preset_names(),
                    help="model whose layer to time (bench generate: qwen3-30b-a3b, the whole model fits one GPU)")
