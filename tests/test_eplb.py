@@ -87,6 +87,26 @@ def test_per_rank_sums_each_ranks_experts():
         load.per_rank(Placement.contiguous(8, 4))
 
 
+@pytest.mark.gpu
+def test_record_runs_inside_a_cuda_graph():
+    """Fixed shapes, no host sync: one capture, replays with new ids (padding included) count them."""
+    load, ids = ExpertLoad(256, "cuda"), torch.full((64, 8), -1, dtype=torch.int32, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        load.record(ids)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        load.record(ids)
+    load.reset()
+    batches = [_ids(64, 8, 256, seed, pad_rows=seed) for seed in range(3)]
+    for b in batches:
+        ids.copy_(b)
+        graph.replay()
+    assert torch.equal(load.counts().cpu(), plain_count(batches, 256))
+
+
 def test_record_refuses_what_is_not_ids_t_k():
     load = ExpertLoad(8)
     with pytest.raises(ValueError, match=r"\[T, K\]"):
