@@ -4,6 +4,7 @@
     epmoe doctor                 # versions, GPUs and links, symmetric memory, default picks
     epmoe bench comm|layer       # dispatch+combine / whole layer timings (CPU: scaled-down shapes by default)
     epmoe bench experts          # expert runners against the roofline: needs a CUDA GPU
+    epmoe bench eplb             # max/mean rank load of contiguous experts vs replica plans (epmoe/eplb.py)
     epmoe plan --gpus 8,64 ...   # cost model: predicted time per backend (--measured FILE: next to a bench run)
 """
 
@@ -25,6 +26,7 @@ import torch
 from epmoe import ExpertWeights, MoEConfig, MoELayer, VirtualGroup
 from epmoe.bench.comm import ladder_from_rows, run_comm_bench
 from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs
+from epmoe.bench.eplb import main as bench_eplb
 from epmoe.bench.experts import bench_experts
 from epmoe.bench.generate import main as bench_generate
 from epmoe.bench.layer import bench_layer, default_world, host_rows
@@ -287,6 +289,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not any(a.split("=")[0] == "--preset" for a in args.argv):  # a whole model: one that fits one GPU
             args.preset = "qwen3-30b-a3b"
         return bench_generate(args)
+    if args.what == "eplb":
+        return bench_eplb(args)
     if args.what == "experts" and not on_gpu:
         return _fail(cmd, "needs a CUDA GPU: it times the GPU expert runners (triton, torch._grouped_mm) against "
                           "the GPU's measured HBM and tensor-core roofline. On the CPU, `epmoe bench layer` and "
@@ -467,11 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     shape(d, fixed=True)
     d.add_argument("--timeout", type=float, default=300, help="seconds before a rank that does not answer fails")
     parser("doctor", "versions, GPUs and links, symmetric memory, default choices", cmd_doctor)
-    b = parser("bench", "benchmarks: comm, layer, experts (GPU only), generate", cmd_bench,
+    b = parser("bench", "benchmarks: comm, layer, experts (GPU only), generate, eplb", cmd_bench,
                "Benchmarks. comm: dispatch + combine per backend; layer: the whole layer forward per backend (on the "
                "CPU: gloo ranks, fp32, the preset scaled down, no roofline); experts: the expert runners against the "
-               "GPU roofline (needs a CUDA GPU); generate: HF generate() with HF's experts vs patched with epmoe.")
-    b.add_argument("what", choices=["comm", "experts", "layer", "generate"], help="what to time")
+               "GPU roofline (needs a CUDA GPU); generate: HF generate() with HF's experts vs patched with epmoe; "
+               "eplb: expert load balance of contiguous blocks vs replica plans on routing traces.")
+    b.add_argument("what", choices=["comm", "experts", "layer", "generate", "eplb"], help="what to time")
     b.add_argument("--preset", default="deepseek-v3", choices=preset_names(),
                    help="model whose layer to time (bench generate: qwen3-30b-a3b, the whole model fits one GPU)")
     shape(b, fixed=False)
@@ -499,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, help="generate: decoder layers (default: the model's own)")
     b.add_argument("--graphs", type=int, default=0, help="generate (GPU): also time the patched model with CUDA "
                    "graphs captured on first use for calls of up to this many tokens (0: skip)")
+    b.add_argument("--redundant", default="0,8,32,64", help="eplb: redundant expert slots, comma-separated")
+    b.add_argument("--nodes", type=int, default=1, help="eplb: nodes the ranks span (hierarchical balancing)")
     b.add_argument("--json", help="write the rows as JSON here (`epmoe plan --measured` reads it)")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")
     pl = parser("plan", "predict each backend's time from bytes moved and link rates", cmd_plan,
