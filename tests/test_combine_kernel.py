@@ -117,13 +117,17 @@ def test_weighted_sum_triton_matches_torch_twin(case: Case):
     out, weights, valid, addend = _inputs(case)
     T, K, H = case.tokens, case.top_k, case.hidden
     ref = weighted_sum_torch(out, weights, valid, T, K, addend=addend).to(case.y_dtype)
-    # bool mask, then the pairs' int32 expert ids (-1 = invalid): the form comm "none" passes
+    # bool mask, then the pairs' int32 expert ids (-1 = invalid): the form comm "none" passes, then
+    # ids with the invalid pairs past num_ids (routed ids out of range, as world-1 "none" passes them)
     ids = torch.where(valid, torch.randint(0, 7, (T, K), dtype=torch.int32, generator=_gen("ids")), -1)
-    for sel in (valid, ids):
+    past = torch.where(valid, ids, torch.randint(7, 9, (T, K), dtype=torch.int32, generator=_gen("past")))
+    for sel, num_ids in ((valid, None), (ids, None), (past, 7)):
         y = torch.full((T, H), float("nan"), dtype=case.y_dtype)
-        got = weighted_sum(out, weights, sel, T, K, addend=addend, y=y, impl="triton")
+        got = weighted_sum(out, weights, sel, T, K, addend=addend, y=y, impl="triton", num_ids=num_ids)
         assert got is y
-        _compare(y, ref, case.y_dtype, f"{case.name} sel={sel.dtype}")
+        _compare(y, ref, case.y_dtype, f"{case.name} sel={sel.dtype} num_ids={num_ids}")
+        twin = weighted_sum_torch(out, weights, sel, T, K, addend=addend, num_ids=num_ids).to(case.y_dtype)
+        _compare(twin, ref, case.y_dtype, f"{case.name} twin num_ids={num_ids}")
     if case.masked == "all":
         expect = addend if addend is not None else torch.zeros(T, H)
         assert torch.equal(y.float(), expect.to(case.y_dtype).float())

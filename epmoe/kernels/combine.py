@@ -17,7 +17,7 @@ weighted_sum_kernel, program (t, column tile) (combine, one launch):
     y[t, cols] = cast(acc)                                    once, to y's dtype
 
 Validity of (t, k) comes from one [T, K] array `sel`: GATHER: sel holds rows (-1 = none);
-otherwise sel is a bool mask (SEL_BOOL, passed as uint8) or int32 expert ids (-1 = invalid).
+otherwise sel is a bool mask (SEL_BOOL, passed as uint8) or int32 expert ids (valid in [0, id_limit)).
 """
 
 import triton
@@ -57,7 +57,7 @@ def weighted_sum_kernel(
     sel_ptr,  # [T, K]: rows (GATHER, int32), or bool (SEL_BOOL, as uint8), or int32 ids
     add_ptr, stride_add,  # addend [T, H] fp32 (HAS_ADDEND)
     y_ptr, stride_y,  # y [T, H] (fp32 / bf16 / fp16)
-    H,
+    H, id_limit,  # int32 ids at or past id_limit are invalid too (not GATHER, not SEL_BOOL)
     K: tl.constexpr, GATHER: tl.constexpr, SEL_BOOL: tl.constexpr, HAS_ADDEND: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -75,7 +75,7 @@ def weighted_sum_kernel(
             if SEL_BOOL:
                 ok = s != 0
             else:
-                ok = s >= 0
+                ok = (s >= 0) & (s < id_limit)
         w = tl.load(w_ptr + p, mask=ok, other=0.0)
         # tl.where(ok, cm, False), not cm & ok: Triton 3.9's interpreter refuses the splatted int1 as a mask
         o = tl.load(out_ptr + p * stride_out + cols, mask=tl.where(ok, cm, False), other=0.0).to(tl.float32)

@@ -22,6 +22,7 @@ from epmoe.group import Placement
 from epmoe.util import cdiv, next_pow2
 
 IMPLS = ("auto", "torch", "triton")
+ID_LIMIT = 2**31 - 1  # weighted_sum's bound on valid ids when none is given
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -147,10 +148,10 @@ def _ksum(contrib: torch.Tensor, valid: torch.Tensor, addend: torch.Tensor | Non
 
 def weighted_sum_torch(
     out: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, num_tokens: int, top_k: int, *,
-    addend: torch.Tensor | None = None, y: torch.Tensor | None = None,
+    addend: torch.Tensor | None = None, y: torch.Tensor | None = None, num_ids: int | None = None,
 ) -> torch.Tensor:
-    """Plain-torch twin of `weighted_sum` (same arguments but impl; no checks)."""
-    mask = valid if valid.dtype == torch.bool else valid >= 0
+    """Plain-torch twin of `weighted_sum` (same arguments but impl and check; no checks)."""
+    mask = valid if valid.dtype == torch.bool else (valid >= 0) & (valid < (ID_LIMIT if num_ids is None else num_ids))
     contrib = out.float().view(num_tokens, top_k, out.shape[-1]) * weights.unsqueeze(-1)  # [T, K, H]
     return _ksum(contrib, mask, addend, y)
 
@@ -171,6 +172,7 @@ def gather_sum_torch(
 def weighted_sum(
     out: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, num_tokens: int, top_k: int, *,
     addend: torch.Tensor | None = None, y: torch.Tensor | None = None, impl: str = "auto", check: bool = True,
+    num_ids: int | None = None,
 ) -> torch.Tensor:
     """Per-token fp32 sum over k of weights * out, in k order, skipping invalid pairs; plus an
     optional fp32 addend; cast once:
@@ -178,7 +180,8 @@ def weighted_sum(
         y[t] = cast(sum over valid k, in k order, of weights[t, k] * out[t * K + k]  + addend[t])
 
     out [T*K, H] fp32/bf16/fp16 (pair t*K + k, unit stride along H), weights [T, K] fp32,
-    valid [T, K] bool (or the pairs' int32 expert ids, -1 = invalid), addend [T, H] fp32 (the
+    valid [T, K] bool (or the pairs' int32 expert ids: -1, and ids >= num_ids when given, are
+    invalid), addend [T, H] fp32 (the
     shared experts' output), y [T, H] fp32/bf16/fp16: the result buffer (None: a new fp32
     tensor). Invalid rows are masked with `where`, not multiplied by zero, so garbage (NaN,
     inf) in padding rows never leaks into the sum. impl: "auto" (one Triton launch on CUDA,
@@ -188,7 +191,7 @@ def weighted_sum(
     T, K = num_tokens, top_k
     if not check and y is not None and pick_impl(impl, out.device) == "triton":
         return _launch_sum(out, weights, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, addend,
-                           y, gather=False)
+                           y, gather=False, num_ids=num_ids)
     H = out.shape[-1] if out.dim() == 2 else 0
     _check_out(out, T * K, "weighted_sum")
     if tuple(weights.shape) != (T, K) or weights.dtype != torch.float32:
@@ -199,10 +202,10 @@ def weighted_sum(
                          f"invalid), got {valid.dtype} {tuple(valid.shape)}")
     y = _check_result(out, addend, y, T, H, "weighted_sum")
     if pick_impl(impl, out.device) == "torch":
-        return weighted_sum_torch(out, weights, valid, T, K, addend=addend, y=y)
+        return weighted_sum_torch(out, weights, valid, T, K, addend=addend, y=y, num_ids=num_ids)
     sel = valid.contiguous()
     sel = sel.view(torch.uint8) if sel.dtype == torch.bool else sel
-    return _launch_sum(out, weights.contiguous(), sel, addend, y, gather=False)
+    return _launch_sum(out, weights.contiguous(), sel, addend, y, gather=False, num_ids=num_ids)
 
 
 def gather_sum(
@@ -264,7 +267,7 @@ def _check_result(out: torch.Tensor, addend: torch.Tensor | None, y: torch.Tenso
 
 
 def _launch_sum(out: torch.Tensor, weights: torch.Tensor, sel: torch.Tensor, addend: torch.Tensor | None,
-                y: torch.Tensor, gather: bool) -> torch.Tensor:
+                y: torch.Tensor, gather: bool, num_ids: int | None = None) -> torch.Tensor:
     """One launch of weighted_sum_kernel: a program per (token, tile of up to 1024 columns; 4
     warps hold 8 values a thread, 16-byte bf16 loads). Tile and warps are not tuned yet."""
     from epmoe.kernels.combine import weighted_sum_kernel
@@ -275,9 +278,10 @@ def _launch_sum(out: torch.Tensor, weights: torch.Tensor, sel: torch.Tensor, add
         return y
     block_h = min(next_pow2(H), 1024)
     add = addend if addend is not None else y
+    limit = ID_LIMIT if num_ids is None else num_ids
     weighted_sum_kernel[(T, cdiv(H, block_h))](
-        out, out.stride(0), weights, sel, add, add.stride(0), y, y.stride(0), H,
-        K=K, GATHER=gather, SEL_BOOL=sel.dtype == torch.uint8, HAS_ADDEND=addend is not None,
-        BLOCK_H=block_h, num_warps=max(1, min(4, block_h // 256)),
+        out, out.stride(0), weights, sel, add, add.stride(0), y, y.stride(0), H, limit,
+        K=K, GATHER=gather, SEL_BOOL=sel.dtype == torch.uint8, HAS_ADDEND=addend is not None, BLOCK_H=block_h,
+        num_warps=max(1, min(4, block_h // 256)),
     )
     return y
