@@ -1,9 +1,10 @@
 """Expert-parallel rank groups and expert placement.
 
 Comm backends talk to other ranks only through `RankGroup`: `all_reduce`, `all_gather`,
-`all_to_all_v`, `barrier` (and `all_gather_ints`). `EPGroup` implements it over a
-torch.distributed process group; `VirtualGroup(W).run(fn)` runs fn(rank_group) on W ranks, one
-Python thread each, through a shared rendezvous, so the same backend code runs on one device.
+`all_to_all_v`, `barrier` (and `all_gather_ints`); `start_*` post one and return a `Pending`.
+`EPGroup` implements it over a torch.distributed process group; `VirtualGroup(W).run(fn)` runs
+fn(rank_group) on W ranks, one Python thread each, through a shared rendezvous, so the same
+backend code runs on one device.
 `Placement` maps each global expert to (rank, local index); kernels read the map, never recompute it.
 """
 
