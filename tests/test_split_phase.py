@@ -267,6 +267,21 @@ def test_a_failing_rank_raises_on_every_rank(results, ranks, world, combo):
         assert got["after"], f"{combo} W={world} ({ranks}) rank {rank}: the call after the failures differs"
 
 
+def tp_rank(group) -> bool:
+    """comm none with the tp layout (every rank the same tokens; combine's all-reduce posted)."""
+    torch.set_num_threads(1)
+    weights, shared = all_weights()
+    layer = MoELayer.from_global(CFG, weights, group, comm="none", layout="tp", shared=shared)
+    layer.runner = one_row_at_a_time(layer.runner.weights, CFG)
+    x, _, logits = rank_inputs(CASES[-1], 0)
+    return all(torch.equal(layer.forward_microbatches(x, logits, splits=s), layer(x, logits)) for s in (2, 3))
+
+
+@pytest.mark.parametrize("ranks", ["gloo", "virtual"])
+def test_microbatches_with_the_tp_layout(ranks):
+    assert all(run_ranks(tp_rank, 2) if ranks == "gloo" else VirtualGroup(2).run(tp_rank))
+
+
 def test_microbatches_on_one_rank_and_without_split_phases():
     """World 1 (comm none) and symm_a2a (no split phases: micro-batches run in turn) on virtual ranks."""
     weights, shared = all_weights()
