@@ -12,6 +12,7 @@ One launch per (ranks, world) runs every case; results are cached for the tests 
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -265,6 +266,31 @@ def test_a_failing_rank_raises_on_every_rank(results, ranks, world, combo):
             want = "ValueError" if own else "PeerFailedError"
             assert got[what] == want, f"{combo} W={world} ({ranks}) rank {rank}: {what} raised {got[what]}, not {want}"
         assert got["after"], f"{combo} W={world} ({ranks}) rank {rank}: the call after the failures differs"
+
+
+def late_peer_rank(group) -> dict:
+    """Rank 1 arrives 2 s late to an all-to-all-v and to a static combine (no per-call exchange):
+    rank 0's starts return at once (the collectives are posted), its waits take the delay."""
+    comm, runner = backend(group, Combo("nccl_a2a", static=True))
+    x, routing, _ = rank_inputs(CASES[-1], group.rank)
+    d = comm.dispatch(x, routing)
+    out = runner(d)
+    times = {}
+    for what, start in [("all_to_all_v", lambda: group.start_all_to_all_v(torch.ones(2, 3), [1, 1], [1, 1])),
+                        ("combine", lambda: comm.combine_start(out, d))]:
+        if group.rank == 1:
+            time.sleep(2.0)
+        t0 = time.monotonic()
+        pending = start()
+        t1 = time.monotonic()
+        pending.wait()
+        times[what] = (t1 - t0, time.monotonic() - t1)
+    return times
+
+
+def test_posted_collectives_return_before_a_late_peer_arrives():
+    for what, (start, wait) in run_ranks(late_peer_rank, 2)[0].items():
+        assert start < 1.0 and wait > 1.0, f"{what}: start took {start:.2f}s, wait {wait:.2f}s"
 
 
 def tp_rank(group) -> bool:
