@@ -547,13 +547,13 @@ class MoELayer(nn.Module):
             for b:  out = runner(rows[b].wait());  y[b] = comm.combine_start(out, rows[b], addend=shared[b])
             y       = cat(y[b].wait() for b)
 
-        Each token's rows, expert outputs and fp32 sums (k order, then rank order) are those of
-        the plain call, so y equals forward's bit for bit where the payload's scales are per token
-        or static (bf16, fp8_block, or input_scale); fp8 / nvfp4 batch scales are each micro-batch's
-        own. Every rank calls it alike, with the same splits (each micro-batch is a comm call).
-        Where a backend (under comm="auto": a candidate) has no split phases, the micro-batches
-        run one after another. The expert runner sees micro-batches: a GEMM whose rows depend on
-        the batch size (MKL's on the CPU, at M <= 3) makes that stage differ in the last bits."""
+        Each token's rows and fp32 sums (k order, then rank order) are those of the plain call, so
+        y equals forward's bit for bit where the payload's scales are per token or static (bf16,
+        fp8_block, or input_scale; fp8 / nvfp4 batch scales are each micro-batch's own) and the
+        runner's rows do not depend on how many it gets (MKL's CPU GEMM rows do: a 1..5-row product
+        differed in the last bits from the same rows of a 40-row one). Every rank calls it alike,
+        with the same splits (each micro-batch is a comm call). Where a backend (under
+        comm="auto": a candidate) has no split phases, the micro-batches run one after another."""
         try:
             self._check_inputs(x, router_logits, routing)
             if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
