@@ -1,9 +1,10 @@
 """Expert-parallel rank groups and expert placement.
 
 Comm backends talk to other ranks only through `RankGroup`: `all_reduce`, `all_gather`,
-`all_to_all_v`, `barrier` (and `all_gather_ints`). `EPGroup` implements it over a
-torch.distributed process group; `VirtualGroup(W).run(fn)` runs fn(rank_group) on W ranks, one
-Python thread each, through a shared rendezvous, so the same backend code runs on one device.
+`all_to_all_v`, `barrier` (and `all_gather_ints`); `start_*` post one and return a `Pending`.
+`EPGroup` implements it over a torch.distributed process group; `VirtualGroup(W).run(fn)` runs
+fn(rank_group) on W ranks, one Python thread each, through a shared rendezvous, so the same
+backend code runs on one device.
 `Placement` maps each global expert to (rank, local index); kernels read the map, never recompute it.
 """
 
@@ -16,12 +17,31 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+
+class Pending(Generic[T]):
+    """A result still in flight (a posted collective, a split comm call): `wait()` finishes it
+    and returns it; later waits return the same value."""
+
+    def __init__(self, finish: Callable[[], T]) -> None:
+        self._finish: Callable[[], T] | None = finish
+        self._value: Any = None
+
+    @classmethod
+    def done(cls, value: T) -> Pending[T]:
+        """A result already there."""
+        return cls(lambda: value)
+
+    def wait(self) -> T:
+        if self._finish is not None:
+            self._value, self._finish = self._finish(), None
+        return self._value
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,18 @@ class RankGroup:
     def barrier(self) -> None:
         raise NotImplementedError
 
+    # Posted collectives: the same as above, waited for by `Pending.wait()`, so a caller can work
+    # meanwhile. Here (virtual ranks) they complete before returning; EPGroup posts them async.
+    def start_all_gather(self, t: torch.Tensor) -> Pending[torch.Tensor]:
+        return Pending.done(self.all_gather(t))
+
+    def start_all_to_all_v(self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
+                           ) -> Pending[torch.Tensor]:
+        return Pending.done(self.all_to_all_v(t, send_splits, recv_splits))
+
+    def start_all_reduce(self, t: torch.Tensor) -> Pending[torch.Tensor]:
+        return Pending.done(self.all_reduce(t))
+
     def _sends(self, t: torch.Tensor, send_splits: Sequence[int]) -> list[int]:
         """send_splits as ints, checked against t's rows."""
         send = [int(s) for s in send_splits]
@@ -134,17 +166,25 @@ class EPGroup(RankGroup):
             raise ValueError(f"nodes must be an int in [1, world={self.world}], got {nodes!r}")
         self.nodes = nodes
 
-    def _run(self, op: str, start: Callable[..., Any]) -> None:
-        """Run one collective (`start(async_op)`), bounded by `timeout` on gloo; a failure or
-        timeout becomes a `CollectiveTimeoutError` naming the late ranks and the call."""
+    def _post(self, op: str, start: Callable[..., Any], out: torch.Tensor) -> Pending[torch.Tensor]:
+        """Post one collective (`start(async_op=True)`: a torch.distributed work object) whose
+        result is `out`; the wait is bounded by `timeout` on gloo, and a failure or timeout (at the
+        post or the wait) becomes a `CollectiveTimeoutError` naming the late ranks and the call."""
         self._ops += 1
+        limit = timedelta(seconds=self.timeout) if self.backend == "gloo" and self.timeout is not None else None
         try:
-            if self.backend == "gloo" and self.timeout is not None:
-                start(True).wait(timedelta(seconds=self.timeout))
-            else:
-                start(False)
+            work = start(True)
         except RuntimeError as exc:
             raise self._late(op, exc) from exc
+
+        def finish() -> torch.Tensor:
+            try:
+                work.wait(limit) if limit is not None else work.wait()
+            except RuntimeError as exc:
+                raise self._late(op, exc) from exc
+            return out
+
+        return Pending(finish)
 
     def _late(self, op: str, exc: BaseException) -> CollectiveTimeoutError:
         """The error of collective `op` that failed with `exc`: which ranks did not arrive (each
@@ -176,28 +216,36 @@ class EPGroup(RankGroup):
             f"{str(exc).splitlines()[0] if str(exc) else ''}", missing)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        self._run("all_reduce", lambda a: dist.all_reduce(t, group=self.pg, async_op=a))
-        return t
+        return self.start_all_reduce(t).wait()
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.start_all_gather(t).wait()
+
+    def all_to_all_v(self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]) -> torch.Tensor:
+        return self.start_all_to_all_v(t, send_splits, recv_splits).wait()
+
+    def barrier(self) -> None:
+        self._post("barrier", lambda a: dist.barrier(group=self.pg, async_op=a), torch.empty(0)).wait()
+
+    def start_all_reduce(self, t: torch.Tensor) -> Pending[torch.Tensor]:
+        return self._post("all_reduce", lambda a: dist.all_reduce(t, group=self.pg, async_op=a), t)
+
+    def start_all_gather(self, t: torch.Tensor) -> Pending[torch.Tensor]:
         t = t.contiguous()
         out = t.new_empty((self.world, *t.shape))
         if self.backend == "gloo":
-            self._run("all_gather", lambda a: dist.all_gather(list(out.unbind(0)), t, group=self.pg, async_op=a))
-        else:
-            self._run("all_gather", lambda a: dist.all_gather_into_tensor(out, t, group=self.pg, async_op=a))
-        return out
+            return self._post("all_gather", lambda a: dist.all_gather(list(out.unbind(0)), t, group=self.pg,
+                                                                      async_op=a), out)
+        return self._post("all_gather", lambda a: dist.all_gather_into_tensor(out, t, group=self.pg, async_op=a), out)
 
-    def all_to_all_v(self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]) -> torch.Tensor:
+    def start_all_to_all_v(self, t: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
+                           ) -> Pending[torch.Tensor]:
         send = self._sends(t, send_splits)
         recv = [int(s) for s in recv_splits]
         out = t.new_empty((sum(recv), *t.shape[1:]))
         t = t.contiguous()
-        self._run("all_to_all", lambda a: dist.all_to_all_single(out, t, recv, send, group=self.pg, async_op=a))
-        return out
-
-    def barrier(self) -> None:
-        self._run("barrier", lambda a: dist.barrier(group=self.pg, async_op=a))
+        return self._post("all_to_all", lambda a: dist.all_to_all_single(out, t, recv, send, group=self.pg,
+                                                                        async_op=a), out)
 
 
 class CollectiveTimeoutError(RuntimeError):

@@ -22,12 +22,12 @@ from torch import nn
 
 from epmoe.comm import COMM_BACKENDS, get_comm
 from epmoe.comm.auto import AutoComm
-from epmoe.comm.base import CommBackend, agree
+from epmoe.comm.base import CommBackend, Dispatched, agree
 from epmoe.config import MoEConfig
 from epmoe.experts import RUNNERS, ExpertWeights, get_runner
 from epmoe.experts.activation import activate
 from epmoe.graphs import LayerGraphs, capturing
-from epmoe.group import Placement, RankGroup
+from epmoe.group import Pending, Placement, RankGroup
 from epmoe.ops.moe import moe_forward, register_layer
 from epmoe.routing import Routing, RoutingCapture, check_correction_bias, check_finite_logits, check_routing, route
 from epmoe.select import LAYOUTS, Combo, ensure, pick_runner
@@ -499,6 +499,20 @@ class MoELayer(nn.Module):
         already agreed (comm="auto"); num_valid: a graph bucket's device count of real rows (rows
         at or past it are routed nowhere, ids -1); check: read the inputs' values on the host once
         (default: the layer's `validate`; never inside a capture)."""
+        routing = self._route(x, router_logits, routing, num_valid, check)
+        # dispatch's bound on every rank's T: T on one rank, the agreed one under auto (which
+        # agrees itself when given none), none for a fixed backend over several ranks
+        bound = x.shape[0] if self.world == 1 else tokens
+        dispatched = self._comm.dispatch(x, routing, max_tokens=bound)
+        expert_out = self.runner(dispatched)
+        # Shared experts [T, H] fp32 are added to the routed fp32 sum inside combine, before its one cast.
+        shared = self.shared(x, self.cfg) if self.shared is not None else None
+        return self._comm.combine(expert_out, dispatched, addend=shared)
+
+    def _route(self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None,
+               num_valid: torch.Tensor | None = None, check: bool | None = None) -> Routing:
+        """A call's routing (`_eager`'s arguments): counted, checked (a failure is reported to the
+        peers first), the tp token check, recorded by the capture."""
         cfg = self.cfg
         check = (self.validate if check is None else check) and not capturing(x)
         self._start_call()
@@ -520,11 +534,52 @@ class MoELayer(nn.Module):
             self._agree_tokens_tp(x, given_logits, given_routing, None, x.device)
         if self.capture is not None:
             self.capture.record(routing)
-        # dispatch's bound on every rank's T: T on one rank, the agreed one under auto (which
-        # agrees itself when given none), none for a fixed backend over several ranks
-        bound = x.shape[0] if self.world == 1 else tokens
-        dispatched = self._comm.dispatch(x, routing, max_tokens=bound)
-        expert_out = self.runner(dispatched)
-        # Shared experts [T, H] fp32 are added to the routed fp32 sum inside combine, before its one cast.
-        shared = self.shared(x, cfg) if self.shared is not None else None
-        return self._comm.combine(expert_out, dispatched, addend=shared)
+        return routing
+
+    def forward_microbatches(self, x: torch.Tensor, router_logits: torch.Tensor | None = None,
+                             routing: Routing | None = None, splits: int = 2) -> torch.Tensor:
+        """`forward` with the tokens cut into `splits` micro-batches (torch.tensor_split) whose
+        exchanges overlap the other micro-batches' compute (two-batch overlap, eager stages):
+
+            routing = route(x)  once, checked as forward checks it
+            for b:  rows[b] = comm.dispatch_start(x[b], routing[b])        every dispatch posted
+            shared  = shared_experts(x)                                    while they travel
+            for b:  out = runner(rows[b].wait());  y[b] = comm.combine_start(out, rows[b], addend=shared[b])
+            y       = cat(y[b].wait() for b)
+
+        Each token's rows and fp32 sums (k order, then rank order) are those of the plain call, so
+        y equals forward's bit for bit where the payload's scales are per token or static (bf16,
+        fp8_block, or input_scale; fp8 / nvfp4 batch scales are each micro-batch's own) and the
+        runner's rows do not depend on how many it gets (MKL's CPU GEMM rows do: a 1..5-row product
+        differed in the last bits from the same rows of a 40-row one). Every rank calls it alike,
+        with the same splits (each micro-batch is a comm call). Where a backend (under
+        comm="auto": a candidate) has no split phases, the micro-batches run one after another."""
+        try:
+            self._check_inputs(x, router_logits, routing)
+            if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+                raise ValueError(f"splits must be a positive int, the same on every rank; got {splits!r}")
+        except Exception as exc:  # noqa: BLE001 - the peers are told first
+            self._start_call()
+            self._fail(exc, x.device if isinstance(x, torch.Tensor) else self.device)
+        object.__setattr__(self, "_mode", "routed" if routing is not None else self.cfg.routing)
+        routing = self._route(x, router_logits, routing)
+        parts = zip(*(t.tensor_split(splits) for t in (x, routing.ids, routing.weights)))
+
+        def shared() -> list[torch.Tensor | None]:  # [T_b, H] fp32 slices of one call on all of x
+            return list(self.shared(x, self.cfg).tensor_split(splits)) if self.shared is not None else [None] * splits
+
+        def finish(rows: Pending[Dispatched], addend: torch.Tensor | None) -> Pending[torch.Tensor]:
+            d = rows.wait()
+            return self._comm.combine_start(self.runner(d), d, addend=addend)
+
+        # without split phases (symm_a2a) one call is in flight at a time: each runs whole, in turn
+        overlap = all(c.split_phase for c in self.comms.values())
+        addends, rows, ys = [] if overlap else shared(), [], []
+        for b, (xb, ids, w) in enumerate(parts):
+            rows.append(self._comm.dispatch_start(xb, Routing(ids, w), max_tokens=xb.shape[0] if self.world == 1
+                                                  else None))
+            if not overlap:
+                ys.append(finish(rows[b], addends[b]))
+        if overlap:
+            ys = [finish(r, a) for r, a in zip(rows, shared())]
+        return torch.cat([y.wait() for y in ys])

@@ -5,11 +5,11 @@ and each class's declared capabilities, filtered by select.py's table (`check`):
 backend or runner puts it under every case below with no edit here.
 
 Comm backends: every layout, payload and (where declared) static-shapes variant, at W = 1..4,
-runs each `Case` through `MoELayer` (routed mode with `Routing.external`, and router logits) on
-gloo processes and on virtual ranks. Each rank's output is compared with the single-rank
-reference layer (comm "none", runner "reference") fed the same rows the wire delivers (the
-sender's quantize -> dequantize for quantized payloads), and with the reference on the
-unquantized rows within the format's error. One launch per world size runs every case.
+runs each `Case` through `MoELayer` (routed mode with `Routing.external`, and router logits; also
+as two micro-batches, `forward_microbatches`) on gloo processes and on virtual ranks. Each rank's
+output is compared with the single-rank reference layer (comm "none", runner "reference") fed the
+same rows the wire delivers (the sender's quantize -> dequantize for quantized payloads), and
+with the reference on the unquantized rows within the format's error. One launch per world size runs every case.
 GPU (marked): the same cases in bf16 on one GPU, replayed from CUDA graphs where the combination
 is graph-safe, and on NCCL ranks with several GPUs.
 
@@ -248,6 +248,9 @@ def _run_case(group, combo: CommCombo, case: Case, layers: dict, device: str, dt
             ys.append(layer(xd, logits.to(device)))
         else:  # int64 ids, converted once at the API edge
             ys.append(layer(xd, routing=Routing.external(ids.to(device), w.to(device), cfg.num_experts)))
+    # two micro-batches through the split phases (run in turn where the backend has none)
+    micro = (layer.forward_microbatches(xd, logits.to(device)) if logits_mode else layer.forward_microbatches(
+        xd, routing=Routing.external(ids.to(device), w.to(device), cfg.num_experts)))
     if logits_mode:
         ref, ref_q = ref_layer(xd.float().cpu(), logits), ref_layer(xq, logits)
         same_ids = torch.equal(cap.captured().cpu(), ref_cap.captured())
@@ -263,6 +266,7 @@ def _run_case(group, combo: CommCombo, case: Case, layers: dict, device: str, dt
         "same_ids": same_ids,
         "err": rel_err(y, ref_q),
         "format_err": rel_err(y, ref),
+        "micro_err": rel_err(micro, ref),  # micro-batches quantize with their own batch scales
     }
 
 
@@ -318,6 +322,8 @@ def check_comm(results: list[dict], tag: str, payload: str, dtype: torch.dtype) 
         assert r["err"] <= tol, f"{where}: rel err {r['err']:.3g} > {tol} against the reference on the wire's rows"
         assert r["format_err"] <= format_tol, \
             f"{where}: rel err {r['format_err']:.3g} > {format_tol} against the unquantized reference"
+        assert r["micro_err"] <= format_tol, \
+            f"{where}: forward_microbatches rel err {r['micro_err']:.3g} > {format_tol} against the reference"
 
 
 def test_every_registered_backend_is_in_the_matrix():

@@ -43,6 +43,7 @@ class LoopbackComm(CommBackend):
     static_capable = False
     single_node = False
     moves_tokens = False
+    split_phase = False
     Options = LoopbackOptions
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:

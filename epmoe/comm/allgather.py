@@ -38,6 +38,7 @@ from epmoe.comm.base import Dispatched
 from epmoe.comm.payload import empty_rows, row_layout
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums, sum_in_rank_order
+from epmoe.group import Pending
 from epmoe.routing import Routing
 
 GATHER_MODES = ("auto", "padded", "a2a")
@@ -81,7 +82,8 @@ class AllGatherComm(WireBackend):
             return False
         return self.world * max(counts) <= 1.25 * sum(counts)
 
-    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
+    def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
+                       ) -> Pending[Dispatched]:
         cap = self._checked(x, routing.ids, max_tokens)  # a failure here is reported to the peers first
         T, H, W = x.shape[0], self.cfg.hidden, self.world
         counts = None
@@ -94,31 +96,35 @@ class AllGatherComm(WireBackend):
             self._pack(x, routing, layout, out=wire[:T])
         if counts is None or cap:  # static (cap may be 0: every rank's bound is 0) or padded
             starts = [r * cap for r in range(W)]
-            gathered = self.group.all_gather(wire).view(W * cap, layout.nbytes) if W > 1 else wire
+            gathered = self.group.start_all_gather(wire) if W > 1 else Pending.done(wire)
             sent_rows = (W - 1) * cap
         else:  # exact counts, no padding: each rank sends its T rows to every rank
             starts = [sum(counts[:r]) for r in range(W)]
-            gathered = self.group.all_to_all_v(wire.repeat(W, 1), [T] * W, counts) if W > 1 and sum(counts) else wire
+            gathered = (self.group.start_all_to_all_v(wire.repeat(W, 1), [T] * W, counts) if W > 1 and sum(counts)
+                        else Pending.done(wire))
             sent_rows = (W - 1) * T
         combine_rows = (W - 1) * cap if counts is None else sum(counts) - T
-        return self._unpack(gathered, layout, lambda pairs: AllGatherHandle(
-            pairs, x.dtype, sent_rows * layout.nbytes, combine_rows * H * self.combine_dtype.itemsize,
-            counts=counts, starts=starts, cap=cap, tokens=T))
+        return Pending(lambda: self._unpack(gathered.wait().flatten(0, -2), layout, lambda pairs:
+                                            AllGatherHandle(pairs, x.dtype, sent_rows * layout.nbytes,
+                                                            combine_rows * H * self.combine_dtype.itemsize,
+                                                            counts=counts, starts=starts, cap=cap, tokens=T)))
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-                addend: torch.Tensor | None = None) -> torch.Tensor:
+    def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                      addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
         h: AllGatherHandle = dispatched.handle
         W, H, cap, T = self.world, self.cfg.hidden, h.cap, h.tokens
         partial = partial_sums(expert_out, h.pairs, H)  # [N, H] fp32
         if W == 1:
-            return self._finish(partial[:T], h.dtype, out, addend)
+            return Pending(lambda: self._finish(partial[:T], h.dtype, out, addend))
         partial = partial.to(self.combine_dtype)  # the combine wire
         if h.counts is None:  # static: every rank gets all cap rows of its block back
-            back = self.group.all_to_all_v(partial, [cap] * W, [cap] * W).view(W, cap, H)[:, :T]
+            back = self.group.start_all_to_all_v(partial, [cap] * W, [cap] * W)
         elif sum(h.counts) == 0:  # no rank holds a token: nothing to move
-            back = partial.new_zeros(W, 0, H)
+            back = Pending.done(partial.new_zeros(W, 0, H))
         else:
             if cap:  # padded rows: keep each rank's first counts[j] rows
                 partial = torch.cat([partial[s : s + n] for s, n in zip(h.starts, h.counts)])  # [sum T, H]
-            back = self.group.all_to_all_v(partial, h.counts, [T] * W).view(W, T, H)
-        return self._finish(sum_in_rank_order(back), h.dtype, out, addend)  # [T, H]
+            back = self.group.start_all_to_all_v(partial, h.counts, [T] * W)
+        rows = cap if h.counts is None else T  # rows back from each rank (static: T of them are ours)
+        return Pending(lambda: self._finish(sum_in_rank_order(back.wait().view(W, rows, H)[:, :T]), h.dtype, out,
+                                            addend))  # [T, H]

@@ -27,7 +27,7 @@ from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree, capturi
 from epmoe.comm.payload import PAYLOADS
 from epmoe.comm.registry import COMM_BACKENDS
 from epmoe.config import MoEConfig
-from epmoe.group import Placement, RankGroup
+from epmoe.group import Pending, Placement, RankGroup
 from epmoe.routing import Routing
 from epmoe.select import DEVICES, LAYOUTS, Combo, check, crossovers, pick_comm
 
@@ -63,6 +63,7 @@ class AutoComm(CommBackend):
     static_capable = False
     single_node = False
     moves_tokens = True
+    split_phase = True  # forwards the candidate's halves (which overlap where it has split phases)
     Options = AutoOptions
 
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
@@ -151,22 +152,27 @@ class AutoComm(CommBackend):
         caps = {n: self.backends[n].capacity for n in names}
         return self.backends[pick_comm(tokens, names, self.ladder, capacities=caps)]
 
-    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
+    def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
+                       ) -> Pending[Dispatched]:
         """max_tokens: the agreed bound when the caller already has it (a graph bucket, or the
         layer's replay check); else auto agrees on it here."""
         tokens = max_tokens if max_tokens is not None else self.agree_tokens(x)
         self.current = backend = self.pick(tokens if tokens is not None else x.shape[0])
-        inner = backend.dispatch(x, routing, max_tokens=tokens)
-        wrapped = copy.copy(inner)  # no __post_init__ again: the runner sees the same rows
-        wrapped.handle = AutoHandle(backend, inner.handle)
-        return wrapped
+        inner = backend.dispatch_start(x, routing, max_tokens=tokens)
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-                addend: torch.Tensor | None = None) -> torch.Tensor:
+        def wrap() -> Dispatched:
+            wrapped = copy.copy(inner.wait())  # no __post_init__ again: the runner sees the same rows
+            wrapped.handle = AutoHandle(backend, wrapped.handle)
+            return wrapped
+
+        return Pending(wrap)
+
+    def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                      addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
         h: AutoHandle = dispatched.handle
         inner = copy.copy(dispatched)
         inner.handle = h.handle
-        return h.backend.combine(expert_out, inner, out, addend=addend)
+        return h.backend.combine_start(expert_out, inner, out, addend=addend)
 
     def check(self) -> None:
         for b in self.backends.values():

@@ -6,6 +6,16 @@ Every backend declares its capabilities as class attributes (the registry refuse
 base class) and its options as a frozen `CommOptions` dataclass (`make_options`). Backends that
 exchange anything first check that every rank agrees (`agree`), so a rank whose inputs fail
 raises on every rank instead of leaving its peers waiting.
+
+Split phases (`split_phase`): each call is a send half that returns a `Pending` and its wait,
+
+    rows = comm.dispatch_start(x, routing)      checks, agreement, exchange posted
+    ...                                         other work (another micro-batch's experts)
+    out  = runner(rows.wait())
+    y    = comm.combine_start(out, d).wait()    likewise
+
+and the blocking call is start + wait (one code path). A backend without them runs the whole
+call in its start (the base class's default).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from typing import Any, ClassVar, NoReturn
 import torch
 
 from epmoe.config import MoEConfig
-from epmoe.group import PeerFailedError, Placement, RankGroup
+from epmoe.group import PeerFailedError, Pending, Placement, RankGroup
 from epmoe.ops.combine import count_experts
 from epmoe.routing import Routing
 
@@ -218,6 +228,9 @@ class CommBackend:
     static_capable: ClassVar[bool]  # has a static_shapes option that makes it graph-capturable
     single_node: ClassVar[bool]  # all ranks must share one NVLink domain
     moves_tokens: ClassVar[bool]  # False for "none": with the dp layout it serves one rank only
+    # True: implements dispatch_start / combine_start (the blocking calls are start + wait), whose
+    # exchange is in flight until the wait; False: implements dispatch / combine (the start runs them)
+    split_phase: ClassVar[bool]
     Options: ClassVar[type[CommOptions]]  # frozen dataclass of its options, every field defaulted
 
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
@@ -273,10 +286,32 @@ class CommBackend:
         """Send x [T, H] to the ranks of its experts; returns the rows that landed here. max_tokens:
         a bound on T every rank passes alike (a graph bucket, or auto's agreed T); symm_a2a lists
         only that many tokens per source for the experts, the others ignore it."""
-        raise NotImplementedError
+        if not self.split_phase:
+            raise NotImplementedError
+        return self.dispatch_start(x, routing, max_tokens).wait()
+
+    def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
+                       ) -> Pending[Dispatched]:
+        """dispatch's send half: this rank's checks and the agreement (a failure raises here, on
+        every rank), the exchange posted; `.wait()` -> the Dispatched. Every rank starts the same
+        calls in the same order (waits may come later, in any order); x and routing stay untouched
+        until the wait."""
+        if self.split_phase:
+            raise NotImplementedError
+        return Pending.done(self.dispatch(x, routing, max_tokens))
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                 addend: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted, reduced outputs [T, H] for this rank's tokens in x's dtype (into `out` if given);
         addend [T, H] fp32 (shared experts) joins the fp32 sum before the one cast."""
-        raise NotImplementedError
+        if not self.split_phase:
+            raise NotImplementedError
+        return self.combine_start(expert_out, dispatched, out, addend=addend).wait()
+
+    def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                      addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
+        """combine's send half (partial sums computed, exchange posted); `.wait()` -> combine's
+        result (addend and out are read there). Same ordering rule as `dispatch_start`."""
+        if self.split_phase:
+            raise NotImplementedError
+        return Pending.done(self.combine(expert_out, dispatched, out, addend=addend))

@@ -30,6 +30,7 @@ from epmoe.comm.base import Dispatched
 from epmoe.comm.payload import empty_rows, row_layout
 from epmoe.comm.registry import register_comm
 from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums
+from epmoe.group import Pending
 from epmoe.ops.combine import expert_owners
 from epmoe.routing import Routing
 
@@ -52,7 +53,8 @@ class NcclA2AComm(WireBackend):
     name = "nccl_a2a"
     Options = WireOptions
 
-    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
+    def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
+                       ) -> Pending[Dispatched]:
         ids = routing.ids  # [T, K] int32
         cap = self._checked(x, ids, max_tokens)  # a failure here is reported to the peers first
         T, H, W, me, dev = x.shape[0], self.cfg.hidden, self.world, self.rank, x.device
@@ -84,23 +86,27 @@ class NcclA2AComm(WireBackend):
             for r in range(W):
                 send.index_copy_(0, torch.where(hit[:, r], slot[:, r], total), rows)
         send = send[:total]
-        recv = self.group.all_to_all_v(send, send_splits, recv_splits) if W > 1 and moved else send  # [R, B]
-        combine_bytes = (recv.shape[0] - recv_splits[me]) * H * self.combine_dtype.itemsize
-        return self._unpack(recv, layout, lambda pairs: A2AHandle(
+        recv = self.group.start_all_to_all_v(send, send_splits, recv_splits) if W > 1 and moved else Pending.done(send)
+        combine_bytes = (sum(recv_splits) - recv_splits[me]) * H * self.combine_dtype.itemsize
+        return Pending(lambda: self._unpack(recv.wait(), layout, lambda pairs: A2AHandle(  # [R, B] rows
             pairs, x.dtype, (total - send_splits[me]) * layout.nbytes, combine_bytes,
-            hit=hit, slot=slot, send_splits=send_splits, recv_splits=recv_splits, moved=moved))
+            hit=hit, slot=slot, send_splits=send_splits, recv_splits=recv_splits, moved=moved)))
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-                addend: torch.Tensor | None = None) -> torch.Tensor:
+    def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                      addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
         h: A2AHandle = dispatched.handle
-        W, H, T = self.world, self.cfg.hidden, h.hit.shape[0]
-        partial = partial_sums(expert_out, h.pairs, H)  # [R, H] fp32
-        total = sum(h.send_splits)
-        if W > 1 and h.moved:  # the combine wire
-            back = self.group.all_to_all_v(partial.to(self.combine_dtype), h.recv_splits, h.send_splits)  # [total, H]
+        partial = partial_sums(expert_out, h.pairs, self.cfg.hidden)  # [R, H] fp32
+        if self.world > 1 and h.moved:  # the combine wire
+            back = self.group.start_all_to_all_v(partial.to(self.combine_dtype), h.recv_splits, h.send_splits)
         else:
-            back = partial
-        acc = torch.zeros(T, H, dtype=torch.float32, device=partial.device)  # [T, H]
+            back = Pending.done(partial)
+        return Pending(lambda: self._sum(back.wait(), h, out, addend))
+
+    def _sum(self, back: torch.Tensor, h: A2AHandle, out: torch.Tensor | None, addend: torch.Tensor | None
+             ) -> torch.Tensor:
+        """back [total, H]: the partial sum of each (token, rank) sent -> y [T, H] (rank order, one cast)."""
+        W, H, T, total = self.world, self.cfg.hidden, h.hit.shape[0], sum(h.send_splits)
+        acc = torch.zeros(T, H, dtype=torch.float32, device=back.device)  # [T, H]
         if total:
             for r in range(W):  # rank order; 0 + p == p, so tokens hitting one rank get it exactly
                 got = back[h.slot[:, r]].float()  # [T, H]

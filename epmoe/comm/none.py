@@ -31,7 +31,7 @@ import torch
 from epmoe.comm.base import CommBackend, CommOptions, Dispatched, finish
 from epmoe.comm.registry import register_comm
 from epmoe.config import MoEConfig
-from epmoe.group import Placement, RankGroup
+from epmoe.group import Pending, Placement, RankGroup
 from epmoe.ops.combine import IMPLS, local_dispatch, weighted_sum
 from epmoe.routing import Routing
 
@@ -70,6 +70,7 @@ class NoComm(CommBackend):
     static_capable = False
     single_node = False
     moves_tokens = False
+    split_phase = True  # trivially: dispatch is local; combine's tp all-reduce is posted async
     Options = NoneOptions
 
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
@@ -77,21 +78,22 @@ class NoComm(CommBackend):
         super().__init__(cfg, group, placement, options, device=device, dtype=dtype)
         self.impl = self.options.impl
 
-    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
+    def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
+                       ) -> Pending[Dispatched]:
         T, K = routing.ids.shape
         pairs = local_dispatch(routing.ids, self.placement_on(x.device), self.rank, self.impl, check=False)
-        return Dispatched(
+        return Pending.done(Dispatched(
             hidden=x,
             row_ids=pairs.row_ids,
             expert_ids=pairs.expert_ids,
             expert_counts=pairs.counts,
             handle=LocalHandle(routing.weights, pairs.expert_ids.view(T, K), x.dtype),
-        )
+        ))
 
-    def combine(
+    def combine_start(
         self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
         addend: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> Pending[torch.Tensor]:
         h: LocalHandle = dispatched.handle
         T, K = h.weights.shape
         if self.world == 1:  # one launch: k-sum, + addend, cast into out
@@ -100,8 +102,8 @@ class NoComm(CommBackend):
             trusted = out is None and addend is None and expert_out.dim() == 2 and expert_out.shape[0] == T * K
             if out is None:
                 out = torch.empty(T, expert_out.shape[-1], dtype=h.dtype, device=expert_out.device)
-            return weighted_sum(expert_out, h.weights, h.local, T, K, addend=addend, y=out, impl=self.impl,
-                                check=not trusted)
+            return Pending.done(weighted_sum(expert_out, h.weights, h.local, T, K, addend=addend, y=out,
+                                             impl=self.impl, check=not trusted))
         acc = weighted_sum(expert_out, h.weights, h.local, T, K, impl=self.impl)  # [T, H] fp32 partial
-        self.group.all_reduce(acc)
-        return finish(acc, h.dtype, out, addend, f"comm {self.name!r}")
+        summed = self.group.start_all_reduce(acc)
+        return Pending(lambda: finish(summed.wait(), h.dtype, out, addend, f"comm {self.name!r}"))

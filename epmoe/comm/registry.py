@@ -7,6 +7,7 @@ from epmoe.comm.base import CommBackend
 from epmoe.registry import Registry
 
 COMM_BACKENDS: Registry[type[CommBackend]] = Registry("comm backend", required=(
-    "layouts", "payloads", "devices", "needs_host_sync", "static_capable", "single_node", "moves_tokens", "Options"))
+    "layouts", "payloads", "devices", "needs_host_sync", "static_capable", "single_node", "moves_tokens",
+    "split_phase", "Options"))
 register_comm = COMM_BACKENDS.register
 get_comm = COMM_BACKENDS.get

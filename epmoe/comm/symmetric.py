@@ -200,6 +200,7 @@ class SymmA2A(CommBackend):
     static_capable = False
     single_node = True
     moves_tokens = True
+    split_phase = False  # its starts run the whole call (the base class's default)
     Options = SymmOptions
     options: SymmOptions
 

@@ -90,6 +90,7 @@ class WireBackend(CommBackend):
     static_capable = True
     single_node = False
     moves_tokens = True
+    split_phase = True  # the data collectives are posted async (count exchange and agreement block)
     options: WireOptions
 
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
