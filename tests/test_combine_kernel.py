@@ -19,6 +19,7 @@ import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement, SharedExperts, VirtualGroup
 from epmoe.comm import get_comm
+from epmoe.comm.base import Dispatched
 from epmoe.comm.none import NoComm
 from epmoe.comm.wire import make_pairs, partial_sums
 from epmoe.experts.reference import ReferenceRunner
@@ -381,6 +382,40 @@ def test_layer_shared_experts_through_the_combine_kernel():
     ys = [MoELayer(*args, comm_options={"impl": impl}, **kwargs)(*inputs) for impl in ("torch", "triton")]
     assert torch.equal(ys[0], ys[1])
 
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 5, 700])
+def test_world1_none_kernel_path_dispatch_launches_nothing(tokens):
+    """One rank, kernel path: dispatch hands the routing ids and a kept row table (no launch, no
+    counts); routed ids past E (an unchecked call) are skipped, as the mapping kernel skipped them;
+    the layer equals the torch twins' layer; outgrown row tables stay alive."""
+    cfg = MoEConfig(hidden=32, intermediate=16, num_experts=6, top_k=2)
+    w = ExpertWeights.random(cfg, 6, generator=torch.Generator().manual_seed(3))
+    comm = NoComm(cfg, None, Placement.contiguous(6, 1), NoComm.Options(impl="triton"), device="cpu",
+                  dtype=torch.float32)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 32, generator=g)
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(tokens)] or [torch.zeros(0, 2)])
+    ids = ids.int().reshape(tokens, 2)
+    weights = torch.rand(tokens, 2, generator=g)
+    if tokens:
+        ids[0, 1] = 9  # past E: no expert computes the pair and combine leaves it out
+    d = comm.dispatch(x, Routing(ids, weights))
+    assert d.expert_counts is None and torch.equal(d.expert_ids, ids.reshape(-1))
+    assert torch.equal(d.row_ids, torch.arange(tokens * 2, dtype=torch.int32) // 2)
+    out = ReferenceRunner(cfg, w)(Dispatched(x, d.row_ids, d.expert_ids.clamp(max=5), None))
+    y = comm.combine(out, d)
+    keep = (ids < 6).float()
+    want = (out.view(tokens, 2, 32) * (weights * keep).unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    tables = comm._rows[(2, torch.device("cpu"))]
+    assert tables[-1].numel() >= 2 * tokens
+    layers = [MoELayer(cfg, w, comm_options={"impl": impl}, validate=False) for impl in ("torch", "triton")]
+    valid = ids.clamp(max=5)
+    if tokens:
+        valid[0, 1] = 5 if valid[0, 0] != 5 else 4
+    r = Routing(valid, weights)
+    torch.testing.assert_close(layers[1](x, routing=r), layers[0](x, routing=r), rtol=1e-6, atol=1e-6)
 
 # ---------------------------------------------------------------------------------------
 # GPU: bf16

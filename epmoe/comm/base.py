@@ -47,7 +47,8 @@ class Dispatched:
     hidden: Any  # [N, H] received rows (a Tensor, or a QuantizedTensor payload); one per token and rank
     row_ids: torch.Tensor  # [M] int32, the row of `hidden` each pair reads
     expert_ids: torch.Tensor  # [M] int32 local expert in [0, E_local); -1 = padding (skipped; output row undefined)
-    expert_counts: torch.Tensor  # [E_local] int32 on the device, pairs per local expert (padding excluded)
+    expert_counts: torch.Tensor | None  # [E_local] int32 on the device, pairs per local expert (padding
+    # excluded); None where the backend does not count (world-1 "none", whose dispatch launches nothing)
     handle: Any = field(default=None, repr=False)  # backend-private state that combine needs
     # optional [E_local] int32: pairs grouped by expert, expert e's being [offsets[e], offsets[e] + counts[e])
     # ascending, every other pair -1 (packed groups, or slabs e * capacity); runners may skip their own sort

@@ -190,8 +190,9 @@ def weighted_sum(
     """
     T, K = num_tokens, top_k
     if not check and y is not None and pick_impl(impl, out.device) == "triton":
-        return _launch_sum(out, weights, valid.view(torch.uint8) if valid.dtype == torch.bool else valid, addend,
-                           y, gather=False, num_ids=num_ids)
+        sel = valid.contiguous()
+        return _launch_sum(out, weights.contiguous(), sel.view(torch.uint8) if sel.dtype == torch.bool else sel,
+                           addend, y, gather=False, num_ids=num_ids)
     H = out.shape[-1] if out.dim() == 2 else 0
     _check_out(out, T * K, "weighted_sum")
     if tuple(weights.shape) != (T, K) or weights.dtype != torch.float32:
