@@ -12,7 +12,8 @@ to an `MoELayer` holding the block's expert weights in the block's dtype:
     y = moe(x, routing=Routing.external(ids, scores))   # picks="hf": HF's experts, ties included
     y = moe(x, logits)                            # picks="logits": epmoe.route (graph-capturable)
 
-Families (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE, GPT-OSS), weight layouts, why "hf"
+Families (`FAMILIES`: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3, GLM-4-MoE, dots.llm1,
+Hunyuan-V1-MoE, OLMoE, MiniMax-M2, Granite-MoE, GPT-OSS) and those left out, weight layouts, why "hf"
 picks are the default (bf16 ties), numerics and limits (inference only; patch after `model.to`):
 docs/hf.md.
 """
@@ -49,18 +50,33 @@ class _Family:
     block: str  # class name of its MoE block
     router: str = "gate"  # attribute of the block holding the router module
     returns_scores: bool = False  # the block returns (hidden, router_scores) instead of hidden
+    shared: str | None = None  # attribute of the block holding its shared-expert MLP (gate/up/down_proj)
+    shared_gate: str | None = None  # attribute of the Linear [1, H] whose sigmoid scales the shared MLP
+    bias_on_block: bool = False  # e_score_correction_bias is the block's, passed to router(x, bias) (MiniMax-M2)
 
     @property
     def module(self) -> str:
         return f"transformers.models.{self.name}.modeling_{self.name}"
 
 
+# Each router returns (logits [T, E], weights [T, K], ids [T, K]); the routing each one computes and
+# the config fields it reads are in config.py (_HF_MAPPINGS), the families left out in docs/hf.md.
 FAMILIES: dict[str, _Family] = {f.name: f for f in (
     _Family("mixtral", "Mixtral", "MixtralSparseMoeBlock"),
-    _Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeSparseMoeBlock"),
+    _Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeSparseMoeBlock", shared="shared_expert",
+            shared_gate="shared_expert_gate"),
     _Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeSparseMoeBlock"),
-    _Family("deepseek_v3", "DeepSeek-V3", "DeepseekV3MoE"),
+    _Family("qwen3_next", "Qwen3-Next", "Qwen3NextSparseMoeBlock", shared="shared_expert",
+            shared_gate="shared_expert_gate"),
+    _Family("deepseek_v2", "DeepSeek-V2", "DeepseekV2Moe", shared="shared_experts"),
+    _Family("deepseek_v3", "DeepSeek-V3", "DeepseekV3MoE", shared="shared_experts"),
+    _Family("glm4_moe", "GLM-4-MoE", "Glm4MoeMoE", shared="shared_experts"),
+    _Family("dots1", "dots.llm1", "Dots1MoE", shared="shared_experts"),
+    _Family("hunyuan_v1_moe", "Hunyuan-V1-MoE", "HunYuanMoEV1Moe", shared="shared_mlp"),
     _Family("olmoe", "OLMoE", "OlmoeSparseMoeBlock"),
+    _Family("minimax_m2", "MiniMax-M2", "MiniMaxM2SparseMoeBlock", bias_on_block=True),
+    _Family("granitemoe", "Granite-MoE", "GraniteMoeMoE", router="router"),
+    _Family("granitemoeshared", "Granite-MoE-Shared", "GraniteMoeSharedMoE", router="router"),
     _Family("gpt_oss", "GPT-OSS", "GptOssMLP", router="router", returns_scores=True),
 )}
 
@@ -114,16 +130,18 @@ def _expert_weights(family: _Family, experts: nn.Module, ids: torch.Tensor, own:
 
 
 def _shared(family: _Family, block: nn.Module, cfg: MoEConfig) -> SharedExperts | None:
-    """The block's shared MLP (Qwen2-MoE `shared_expert` + its gate, DeepSeek-V3 `shared_experts`) or None."""
-    if not cfg.shared_experts:
+    """The block's shared MLP (`family.shared`, e.g. DeepSeek-V3 `shared_experts`), scaled by its gate
+    where it has one (Qwen2-MoE `shared_expert_gate`), or None."""
+    if not cfg.shared_experts or family.shared is None:
         return None
-    mlp = block.shared_expert if family.name == "qwen2_moe" else block.shared_experts
+    mlp = getattr(block, family.shared)
     for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
         if proj.bias is not None:
             raise ValueError(f"shared expert {type(mlp).__name__} has biases; epmoe shared experts have none")
     w13 = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])  # [2S, H]
-    if family.name == "qwen2_moe":
-        return GatedSharedExperts(w13, mlp.down_proj.weight.detach(), gate=block.shared_expert_gate.weight.detach())
+    if family.shared_gate is not None:
+        gate = getattr(block, family.shared_gate).weight.detach()
+        return GatedSharedExperts(w13, mlp.down_proj.weight.detach(), gate=gate)
     return SharedExperts(w13, mlp.down_proj.weight.detach())
 
 
@@ -133,12 +151,15 @@ class HFMoEBlock(nn.Module):
     forward(hidden_states [B, S, H]) -> [B, S, H], or (that, router_scores [B*S, K]) for GPT-OSS.
     """
 
-    def __init__(self, family: str, router: nn.Module, moe: MoELayer, picks: str = "hf") -> None:
+    def __init__(self, family: str, router: nn.Module, moe: MoELayer, picks: str = "hf",
+                 correction_bias: torch.Tensor | None = None) -> None:
         super().__init__()
         _check_picks(picks)
         self.family = FAMILIES[family]
         self.router_name = self.family.router
         setattr(self, self.router_name, router)  # same state_dict key as before: mlp.gate.weight
+        if self.family.bias_on_block:  # MiniMax-M2: the block's buffer, passed to its router
+            self.register_buffer("e_score_correction_bias", correction_bias)  # same key: mlp.e_score_correction_bias
         self.moe = moe
         self.picks = picks
 
@@ -146,7 +167,8 @@ class HFMoEBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         # called as the HF block calls it (router bias, fp32 for DeepSeek): `output_router_logits` records it
-        router_logits, router_scores, router_ids = getattr(self, self.router_name)(x)  # [T, E], [T, K] x2
+        args = (self.e_score_correction_bias,) if self.family.bias_on_block else ()
+        router_logits, router_scores, router_ids = getattr(self, self.router_name)(x, *args)  # [T, E], [T, K] x2
         if self.picks == "hf":  # HF's own picks, ties included; checked only when built with validate=True
             routing = Routing.external(router_ids, router_scores, self.moe.cfg.num_experts, validate=False)
             y = self.moe(x, routing=routing).reshape(shape)
@@ -177,8 +199,8 @@ def patch_model(
 ) -> list[str]:
     """Replace every MoE block of a transformers model by an `HFMoEBlock`; return their names.
 
-    model:  a Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE or GPT-OSS model (transformers
-            >= 5), already on its device and in its dtype (bf16 / fp16 / fp32).
+    model:  a model of a `FAMILIES` family (transformers >= 5; docs/hf.md lists them), already on its
+            device and in its dtype (bf16 / fp16 / fp32).
     group:  the EP ranks (`EPGroup`, a `VirtualGroup` rank) or None for one rank; each rank keeps its
             E/W experts (contiguous, or `placement=`) and every rank runs the same number of forward calls.
     comm:   "auto": "none" for one rank or the tp layout, else MoELayer's per-call pick; or a backend name.
@@ -240,13 +262,15 @@ def patch_model(
         if quant is not None:
             w = ExpertWeights(quantize_weights(w.w13, quant), quantize_weights(w.w2, quant), w.b13, w.b2)
         router = getattr(block, family.router)
-        bias = router.e_score_correction_bias.detach() if cfg.uses_correction_bias else None
+        bias = None
+        if cfg.uses_correction_bias:
+            bias = (block if family.bias_on_block else router).e_score_correction_bias.detach()
         moe = MoELayer(_block_config(cfg, block.experts), w, group=group, comm=comm, runner=runner, layout=layout,
                        placement=placement, correction_bias=bias, shared=_shared(family, block, cfg), **layer_kwargs)
         if graphs:
             moe.capture_graphs(graphs, routed=picks == "hf", validate=moe.validate, lazy=True, pool=pool)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks))
+        setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks, correction_bias=bias))
         names.append(name)
     return names
