@@ -23,7 +23,8 @@ ROUTINGS = ("softmax", "softmax_after_topk", "sigmoid_bias", "sigmoid_grouped")
 # Hugging Face `model_type`s whose MoE layers `MoEConfig.from_hf` maps (integrations/hf.py patches them).
 HF_MODEL_TYPES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "minimax_m2", "glm4_moe", "dots1",
-    "deepseek_v2", "granitemoe", "granitemoeshared", "qwen3_next", "hunyuan_v1_moe",
+    "deepseek_v2", "granitemoe", "granitemoeshared", "qwen3_next", "hunyuan_v1_moe", "flex_olmo", "glm4_moe_lite",
+    "minicpm5_moe", "solar_open", "mimo_v2_flash", "exaone_moe", "hy_v3", "afmoe", "lfm2_moe",
 )
 
 
@@ -203,25 +204,36 @@ class _HFMapping:
     intermediate: str = "moe_intermediate_size"  # width of one routed expert
     experts: str = "num_experts"  # routed experts (most configs alias num_experts / num_local_experts)
     norm: bool | None = None  # the router always (True) or never (False) renormalises; None: norm_topk_prob
-    shared: str = ""  # "" none; "n_shared": n_shared_experts of the routed width; "sized": one of
-    #                   shared_expert_intermediate_size; "one": one of the routed width
-    scaled: bool = False  # weights times routed_scaling_factor
+    shared: str = ""  # "": none; a config field: that many shared experts of the routed width, fused;
+    #                   "sized": one of shared_expert_intermediate_size; "one": one of the routed width
+    scale: str = ""  # config field multiplying the routing weights ("": none)
 
 
-# model_type -> mapping; integrations/hf.py holds the blocks (and why each router is this mode)
+_DEEPSEEK = _HFMapping("sigmoid_grouped", experts="n_routed_experts", shared="n_shared_experts",
+                       scale="routed_scaling_factor")
+# model_type -> mapping; integrations/hf.py holds the blocks, docs/hf.md what each router computes
 _HF_MAPPINGS: dict[str, _HFMapping] = {
     "mixtral": _HFMapping("softmax", "intermediate_size", "num_local_experts", norm=True),
     "qwen2_moe": _HFMapping("softmax", shared="sized"),
     "qwen3_moe": _HFMapping("softmax"),
     "qwen3_next": _HFMapping("softmax", shared="sized"),
     "olmoe": _HFMapping("softmax", "intermediate_size"),
+    "flex_olmo": _HFMapping("softmax", "intermediate_size"),
     "hunyuan_v1_moe": _HFMapping("softmax", "intermediate_size", norm=True, shared="one"),
-    "deepseek_v2": _HFMapping("softmax", "moe_intermediate_size", "n_routed_experts", norm=False, shared="n_shared",
-                              scaled=True),
-    "deepseek_v3": _HFMapping("sigmoid_grouped", experts="n_routed_experts", shared="n_shared", scaled=True),
-    "glm4_moe": _HFMapping("sigmoid_grouped", experts="n_routed_experts", shared="n_shared", scaled=True),
-    "dots1": _HFMapping("sigmoid_grouped", experts="n_routed_experts", shared="n_shared", scaled=True),
+    "deepseek_v2": _HFMapping("softmax", experts="n_routed_experts", norm=False, shared="n_shared_experts",
+                              scale="routed_scaling_factor"),
+    "deepseek_v3": _DEEPSEEK,
+    "glm4_moe": _DEEPSEEK,
+    "glm4_moe_lite": _DEEPSEEK,
+    "dots1": _DEEPSEEK,
+    "minicpm5_moe": _DEEPSEEK,
+    "solar_open": _DEEPSEEK,
+    "mimo_v2_flash": _HFMapping("sigmoid_grouped", experts="n_routed_experts", scale="routed_scaling_factor"),
+    "exaone_moe": _HFMapping("sigmoid_grouped", shared="num_shared_experts", scale="routed_scaling_factor"),
     "minimax_m2": _HFMapping("sigmoid_bias", "intermediate_size", "num_local_experts", norm=True),
+    "hy_v3": _HFMapping("sigmoid_bias", norm=True, shared="num_shared_experts", scale="router_scaling_factor"),
+    "afmoe": _HFMapping("sigmoid_bias", norm=True, shared="num_shared_experts", scale="route_scale"),
+    "lfm2_moe": _HFMapping("sigmoid_bias", scale="routed_scaling_factor"),
     "granitemoe": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
     "granitemoeshared": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
 }
@@ -251,18 +263,18 @@ def _config_from_hf(c: Any) -> MoEConfig:
             common[key] = value[0]
     intermediate = getattr(c, m.intermediate)
     shared, width = 0, None
-    if m.shared == "n_shared":  # fused into one MLP of n_shared_experts * the routed width
-        shared = getattr(c, "n_shared_experts", 0) or 0
-    elif m.shared == "sized":
+    if m.shared == "sized":
         width = getattr(c, "shared_expert_intermediate_size", 0) or None
         shared = 1 if width else 0
     elif m.shared == "one":
         shared = 1
+    elif m.shared:  # that many shared experts of the routed width, fused into one MLP
+        shared = getattr(c, m.shared, 0) or 0
     grouped = {"n_group": c.n_group or 1, "topk_group": c.topk_group or 1} if m.routing == "sigmoid_grouped" else {}
     return MoEConfig(**common, intermediate=intermediate,
                      activation=_hf_activation(c), routing=m.routing,
                      norm_topk_prob=bool(c.norm_topk_prob) if m.norm is None else m.norm,
-                     routed_scaling_factor=float(c.routed_scaling_factor) if m.scaled else 1.0,
+                     routed_scaling_factor=float(getattr(c, m.scale) or 1.0) if m.scale else 1.0,
                      shared_experts=shared, shared_intermediate=width, **grouped)
 
 

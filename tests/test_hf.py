@@ -91,16 +91,62 @@ CONFIGS = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", {
         "intermediate_size": 24, "num_experts": 8, "moe_topk": 2, "head_dim": 8,
     }),
+    # DeepSeek-V3's router in other models (MLA attention in GLM-4-MoE-Lite, no shared expert in MiMo-V2-Flash)
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", {
+        "num_key_value_heads": 4, "intermediate_size": 48, "moe_intermediate_size": 16, "n_routed_experts": 8,
+        "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 2, "routed_scaling_factor": 1.8,
+        "mlp_layer_types": ["sparse", "sparse"], "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8, "v_head_dim": 8,
+    }),
+    "minicpm5_moe": ("MiniCPM5MoeConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 1,
+        "num_experts_per_tok": 3, "routed_scaling_factor": 3.0, "mlp_layer_types": ["sparse", "sparse"], "head_dim": 8,
+    }),
+    "solar_open": ("SolarOpenConfig", {
+        "moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+        "n_group": 4, "topk_group": 2, "head_dim": 8,
+    }),
+    "exaone_moe": ("ExaoneMoeConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 16, "num_experts": 8, "num_shared_experts": 1,
+        "num_experts_per_tok": 2, "routed_scaling_factor": 2.5, "mlp_layer_types": ["sparse", "sparse"], "head_dim": 8,
+    }),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 4,
+        "mlp_layer_types": ["sparse", "sparse"], "head_dim": 8, "v_head_dim": 8,  # top-2: 50% routed alike in bf16
+    }),
+    "flex_olmo": ("FlexOlmoConfig", {"intermediate_size": 24, "num_experts": 4, "num_experts_per_tok": 2}),
+    # sigmoid picks with the block's bias (Hy3, AFMoE: renormalised and scaled; LFM2-MoE: not renormalised)
+    "hy_v3": ("HYV3Config", {
+        "intermediate_size": 48, "moe_intermediate_size": 16, "num_experts": 8, "num_shared_experts": 1,
+        "num_experts_per_tok": 2, "router_scaling_factor": 2.0, "mlp_layer_types": ["sparse", "sparse"],
+        "head_dim": 8,
+    }),
+    "afmoe": ("AfmoeConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 16, "num_experts": 8, "num_shared_experts": 1,
+        "num_experts_per_tok": 5, "route_scale": 1.5, "num_dense_layers": 0, "head_dim": 8,  # top-3: 56% alike
+    }),
+    "lfm2_moe": ("Lfm2MoeConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2,
+        "norm_topk_prob": False, "routed_scaling_factor": 1.5, "num_dense_layers": 0,
+        "layer_types": ["conv", "full_attention"],
+    }),
 }
 # Families this transformers version has (the GPU machine may run an older one)
 FAMILIES = [f for f in CONFIGS if hasattr(transformers, CONFIGS[f][0])]
+# The bf16-model and quantized-model tests (the slowest) run the first six families and one family
+# per other router call or block name; the router and expert mapping of every family is covered above.
+SLOW_FAMILIES = [f for f in FAMILIES if f in (
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "minimax_m2", "granitemoe", "afmoe",
+    "lfm2_moe")]
 MOE_LAYERS = {  # first_k_dense_replace=1; the others: both layers' `mlp`
     "deepseek_v3": ["model.layers.1.mlp"], "glm4_moe": ["model.layers.1.mlp"],
     **{f: [f"model.layers.{i}.block_sparse_moe" for i in (0, 1)] for f in ("granitemoe", "granitemoeshared")},
+    "lfm2_moe": ["model.layers.0.feed_forward", "model.layers.1.feed_forward"],
 }
 
 
-MOE_PARTS = (".mlp.", ".block_sparse_moe.", ".shared_mlp.")  # the MoE blocks' (and Granite's shared MLP's) names
+# names of the MoE blocks' parameters (and of Granite-MoE-Shared's shared MLP, outside its block)
+MOE_PARTS = (".mlp.", ".block_sparse_moe.", ".shared_mlp.", ".feed_forward.")
 
 
 def moe_layers(family: str) -> list[str]:
@@ -229,9 +275,11 @@ def _patched_picks(model, max_tokens: int) -> list[RoutingCapture]:
 BF16_RUNS = [(seed, seq) for seed in range(3) for seq in (5, 17, 33)]
 
 
-# Routers that rank experts by fp32 values that are not bf16-rounded (fp32 router weights, or a
-# correction bias added to the sigmoid in fp32): exact ties at the k-th pick are rare there.
-FP32_ROUTERS = {"deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "minimax_m2"}
+# Routers that rank experts by fp32 values that are not bf16-rounded, where exact ties at the k-th
+# pick are rare: every sigmoid router (a correction bias added in fp32; DeepSeek-V3 and the like
+# also keep fp32 router weights) and DeepSeek-V2's fp32 softmax router.
+def _fp32_router(family: str) -> bool:
+    return family == "deepseek_v2" or config_from_hf(hf_config(family)).routing.startswith("sigmoid")
 
 
 def _choice_scores(block, logits):
@@ -246,8 +294,9 @@ def _choice_scores(block, logits):
 
 def _check_bf16_blocks(family: str, device: str) -> None:
     """On identical bf16 inputs a patched block runs HF's picks and is at most 2x HF's error
-    against the fp32 block. The inputs include exact bf16 ties at the k-th pick (except in the
-    FP32_ROUTERS families, DeepSeek-V3 and the like), where route()'s lowest-id rule and torch.topk disagree."""
+    against the fp32 block. The inputs include exact bf16 ties at the k-th pick (except in
+    the families of `_fp32_router`, DeepSeek-V3 and the like), where route()'s lowest-id rule and
+    torch.topk disagree."""
     exact, model = build_model(family).to(device), build_model(family, dtype=torch.bfloat16).to(device)
     names = moe_layers(family)
     hf_blocks = {n: copy.deepcopy(model.get_submodule(n)) for n in names}
@@ -262,8 +311,9 @@ def _check_bf16_blocks(family: str, device: str) -> None:
             hf, ours, ref = hf_blocks[name], model.get_submodule(name), exact.get_submodule(name)
             ours.moe.capture = RoutingCapture(T, K, device=device)
             with torch.no_grad():
-                args = (hf.e_score_correction_bias,) if ours.family.bias_on_block else ()
-                logits, _, hf_ids = getattr(hf, ours.router_name)(x.reshape(T, -1), *args)
+                f = ours.family  # the router called as the HF block calls it
+                args = (getattr(hf, f.bias),) if f.bias is not None else ()
+                logits, _, hf_ids = getattr(hf, ours.router_name)(x if f.router_3d else x.reshape(T, -1), *args)
                 expect, got, want = hf(x), ours(x), ref(x.float())
             if family == "gpt_oss":
                 expect, got, want = expect[0], got[0], want[0]
@@ -277,7 +327,7 @@ def _check_bf16_blocks(family: str, device: str) -> None:
     for name, (hf_err, our_err) in errors.items():
         hf_max, our_max = torch.cat(hf_err).max(), torch.cat(our_err).max()
         assert our_max <= 2 * hf_max, f"{name}: {our_max:.4f} vs HF {hf_max:.4f}"
-    assert family in FP32_ROUTERS or ties > 0, "no bf16 tie at the k-th pick: the inputs miss the case"
+    assert _fp32_router(family) or ties > 0, "no bf16 tie at the k-th pick: the inputs miss the case"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -295,7 +345,7 @@ def test_bf16_block_on_gpu_within_twice_hf_error(family):
     _check_bf16_blocks(family, "cuda")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SLOW_FAMILIES)
 def test_bf16_model_within_twice_hf_error(family):
     """bf16 weights stay bf16; the criterion is stated above BF16_RUNS."""
     kept = total = 0
@@ -334,8 +384,10 @@ def test_bf16_model_within_twice_hf_error(family):
 QUANT_WIDTH = {
     "mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size",
     "deepseek_v3": "moe_intermediate_size", "olmoe": "intermediate_size", "gpt_oss": "intermediate_size",
-    **{f: "intermediate_size" for f in ("minimax_m2", "granitemoe", "granitemoeshared", "hunyuan_v1_moe")},
-    **{f: "moe_intermediate_size" for f in ("glm4_moe", "dots1", "deepseek_v2", "qwen3_next")},
+    **{f: "intermediate_size" for f in ("minimax_m2", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "flex_olmo")},
+    **{f: "moe_intermediate_size" for f in (
+        "glm4_moe", "dots1", "deepseek_v2", "qwen3_next", "glm4_moe_lite", "minicpm5_moe", "solar_open", "exaone_moe",
+        "mimo_v2_flash", "hy_v3", "afmoe", "lfm2_moe")},
 }
 
 
@@ -363,7 +415,7 @@ def _dequantized_experts(model, family: str, fmt: str):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_block", "nvfp4"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SLOW_FAMILIES)
 def test_quantized_experts_match_model_with_dequantized_weights(family, fmt):
     """quant= quantizes the routed experts on the fly. What that must compute is the HF model
     whose expert weights are the dequantized values: logits within fp32 rounding of it, 16 greedy

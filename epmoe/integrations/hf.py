@@ -52,7 +52,8 @@ class _Family:
     returns_scores: bool = False  # the block returns (hidden, router_scores) instead of hidden
     shared: str | None = None  # attribute of the block holding its shared-expert MLP (gate/up/down_proj)
     shared_gate: str | None = None  # attribute of the Linear [1, H] whose sigmoid scales the shared MLP
-    bias_on_block: bool = False  # e_score_correction_bias is the block's, passed to router(x, bias) (MiniMax-M2)
+    bias: str | None = None  # the block's correction-bias buffer [E], passed as router(x, bias) (MiniMax-M2)
+    router_3d: bool = False  # the router takes [B, S, H] hidden states (AFMoE), not [T, H]
 
     @property
     def module(self) -> str:
@@ -71,10 +72,20 @@ FAMILIES: dict[str, _Family] = {f.name: f for f in (
     _Family("deepseek_v2", "DeepSeek-V2", "DeepseekV2Moe", shared="shared_experts"),
     _Family("deepseek_v3", "DeepSeek-V3", "DeepseekV3MoE", shared="shared_experts"),
     _Family("glm4_moe", "GLM-4-MoE", "Glm4MoeMoE", shared="shared_experts"),
+    _Family("glm4_moe_lite", "GLM-4-MoE-Lite", "Glm4MoeLiteMoE", shared="shared_experts"),
     _Family("dots1", "dots.llm1", "Dots1MoE", shared="shared_experts"),
+    _Family("minicpm5_moe", "MiniCPM5-MoE", "MiniCPM5MoeMoE", shared="shared_experts"),
+    _Family("solar_open", "Solar-Open", "SolarOpenMoE", shared="shared_experts"),
+    _Family("exaone_moe", "EXAONE-MoE", "ExaoneMoeSparseMoEBlock", shared="shared_experts"),
+    _Family("mimo_v2_flash", "MiMo-V2-Flash", "MiMoV2FlashMoE"),
     _Family("hunyuan_v1_moe", "Hunyuan-V1-MoE", "HunYuanMoEV1Moe", shared="shared_mlp"),
     _Family("olmoe", "OLMoE", "OlmoeSparseMoeBlock"),
-    _Family("minimax_m2", "MiniMax-M2", "MiniMaxM2SparseMoeBlock", bias_on_block=True),
+    _Family("flex_olmo", "FlexOlmo", "FlexOlmoSparseMoeBlock"),
+    _Family("minimax_m2", "MiniMax-M2", "MiniMaxM2SparseMoeBlock", bias="e_score_correction_bias"),
+    _Family("hy_v3", "Hy3", "HYV3MoE", shared="shared_experts", bias="e_score_correction_bias"),
+    _Family("afmoe", "AFMoE", "AfmoeSparseMoeBlock", router="router", shared="shared_experts", bias="expert_bias",
+            router_3d=True),
+    _Family("lfm2_moe", "LFM2-MoE", "Lfm2MoeSparseMoeBlock", bias="expert_bias"),
     _Family("granitemoe", "Granite-MoE", "GraniteMoeMoE", router="router"),
     _Family("granitemoeshared", "Granite-MoE-Shared", "GraniteMoeSharedMoE", router="router"),
     _Family("gpt_oss", "GPT-OSS", "GptOssMLP", router="router", returns_scores=True),
@@ -152,14 +163,14 @@ class HFMoEBlock(nn.Module):
     """
 
     def __init__(self, family: str, router: nn.Module, moe: MoELayer, picks: str = "hf",
-                 correction_bias: torch.Tensor | None = None) -> None:
+                 block_bias: torch.Tensor | None = None) -> None:
         super().__init__()
         _check_picks(picks)
         self.family = FAMILIES[family]
         self.router_name = self.family.router
         setattr(self, self.router_name, router)  # same state_dict key as before: mlp.gate.weight
-        if self.family.bias_on_block:  # MiniMax-M2: the block's buffer, passed to its router
-            self.register_buffer("e_score_correction_bias", correction_bias)  # same key: mlp.e_score_correction_bias
+        if self.family.bias is not None:  # MiniMax-M2: the block's buffer (None: LFM2 without one), to its router
+            self.register_buffer(self.family.bias, block_bias)  # same state_dict key: mlp.e_score_correction_bias
         self.moe = moe
         self.picks = picks
 
@@ -167,8 +178,10 @@ class HFMoEBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         # called as the HF block calls it (router bias, fp32 for DeepSeek): `output_router_logits` records it
-        args = (self.e_score_correction_bias,) if self.family.bias_on_block else ()
-        router_logits, router_scores, router_ids = getattr(self, self.router_name)(x, *args)  # [T, E], [T, K] x2
+        args = (getattr(self, self.family.bias),) if self.family.bias is not None else ()
+        router_in = x.unsqueeze(0) if self.family.router_3d else x  # [1, T, H] or [T, H]
+        router = getattr(self, self.router_name)
+        router_logits, router_scores, router_ids = router(router_in, *args)  # [T, E], [T, K], [T, K]
         if self.picks == "hf":  # HF's own picks, ties included; checked only when built with validate=True
             routing = Routing.external(router_ids, router_scores, self.moe.cfg.num_experts, validate=False)
             y = self.moe(x, routing=routing).reshape(shape)
@@ -180,6 +193,18 @@ class HFMoEBlock(nn.Module):
         m = self.moe
         return (f"family={self.family.name}, picks={self.picks}, comm={m.combo.comm}, runner={m.combo.runner}, "
                 f"layout={m.layout}")
+
+
+def _correction_bias(cfg: MoEConfig, router: nn.Module, block_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The [E] bias added to the sigmoid scores to pick experts: the block's (`_Family.bias`) or the router's
+    `e_score_correction_bias`; zeros where the family has none (LFM2-MoE with use_expert_bias=False)."""
+    if not cfg.uses_correction_bias:
+        return None
+    bias = block_bias if block_bias is not None else getattr(router, "e_score_correction_bias", None)
+    if bias is None:
+        device = next(router.parameters()).device
+        return torch.zeros(cfg.num_experts, device=device)
+    return bias.detach()
 
 
 def _check_picks(picks: str) -> None:
@@ -262,15 +287,15 @@ def patch_model(
         if quant is not None:
             w = ExpertWeights(quantize_weights(w.w13, quant), quantize_weights(w.w2, quant), w.b13, w.b2)
         router = getattr(block, family.router)
-        bias = None
-        if cfg.uses_correction_bias:
-            bias = (block if family.bias_on_block else router).e_score_correction_bias.detach()
+        block_bias = getattr(block, family.bias, None) if family.bias is not None else None
+        block_bias = block_bias.detach() if block_bias is not None else None
+        bias = _correction_bias(cfg, router, block_bias)
         moe = MoELayer(_block_config(cfg, block.experts), w, group=group, comm=comm, runner=runner, layout=layout,
                        placement=placement, correction_bias=bias, shared=_shared(family, block, cfg), **layer_kwargs)
         if graphs:
             moe.capture_graphs(graphs, routed=picks == "hf", validate=moe.validate, lazy=True, pool=pool)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks, correction_bias=bias))
+        setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks, block_bias=block_bias))
         names.append(name)
     return names
