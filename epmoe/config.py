@@ -24,7 +24,8 @@ ROUTINGS = ("softmax", "softmax_after_topk", "sigmoid_bias", "sigmoid_grouped")
 HF_MODEL_TYPES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "minimax_m2", "glm4_moe", "dots1",
     "deepseek_v2", "granitemoe", "granitemoeshared", "qwen3_next", "hunyuan_v1_moe", "flex_olmo", "glm4_moe_lite",
-    "minicpm5_moe", "solar_open", "mimo_v2_flash", "exaone_moe", "hy_v3", "afmoe", "lfm2_moe",
+    "minicpm5_moe", "solar_open", "mimo_v2_flash", "exaone_moe", "hy_v3", "afmoe", "lfm2_moe", "mellum", "minimax",
+    "jamba", "granitemoe_swa", "granitemoehybrid",
 )
 
 
@@ -219,6 +220,9 @@ _HF_MAPPINGS: dict[str, _HFMapping] = {
     "qwen3_next": _HFMapping("softmax", shared="sized"),
     "olmoe": _HFMapping("softmax", "intermediate_size"),
     "flex_olmo": _HFMapping("softmax", "intermediate_size"),
+    "mellum": _HFMapping("softmax"),
+    "minimax": _HFMapping("softmax", "intermediate_size", "num_local_experts", norm=True),
+    "jamba": _HFMapping("softmax", "intermediate_size", norm=False),
     "hunyuan_v1_moe": _HFMapping("softmax", "intermediate_size", norm=True, shared="one"),
     "deepseek_v2": _HFMapping("softmax", experts="n_routed_experts", norm=False, shared="n_shared_experts",
                               scale="routed_scaling_factor"),
@@ -236,6 +240,8 @@ _HF_MAPPINGS: dict[str, _HFMapping] = {
     "lfm2_moe": _HFMapping("sigmoid_bias", scale="routed_scaling_factor"),
     "granitemoe": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
     "granitemoeshared": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
+    "granitemoe_swa": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
+    "granitemoehybrid": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
 }
 
 

@@ -130,6 +130,27 @@ CONFIGS = {
         "norm_topk_prob": False, "routed_scaling_factor": 1.5, "num_dense_layers": 0,
         "layer_types": ["conv", "full_attention"],
     }),
+    # softmax routers of hybrid models (a linear-attention / Mamba layer and an attention layer)
+    "mellum": ("MellumConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 2,
+        "norm_topk_prob": False, "mlp_layer_types": ["sparse", "sparse"], "head_dim": 8,
+    }),
+    "minimax": ("MiniMaxConfig", {
+        "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
+        "layer_types": ["full_attention", "linear_attention"],
+    }),
+    "jamba": ("JambaConfig", {  # softmax top-k, never renormalised
+        "intermediate_size": 24, "num_experts": 4, "num_experts_per_tok": 2, "expert_layer_period": 1,
+        "expert_layer_offset": 0, "attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False,
+        "mamba_d_state": 8, "mamba_dt_rank": 4,
+    }),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", {
+        "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2,
+    }),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", {
+        "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 40,
+        "layer_types": ["mamba", "attention"], "mamba_n_heads": 8, "mamba_d_state": 16,
+    }),
 }
 # Families this transformers version has (the GPU machine may run an older one)
 FAMILIES = [f for f in CONFIGS if hasattr(transformers, CONFIGS[f][0])]
@@ -141,7 +162,8 @@ SLOW_FAMILIES = [f for f in FAMILIES if f in (
 MOE_LAYERS = {  # first_k_dense_replace=1; the others: both layers' `mlp`
     "deepseek_v3": ["model.layers.1.mlp"], "glm4_moe": ["model.layers.1.mlp"],
     **{f: [f"model.layers.{i}.block_sparse_moe" for i in (0, 1)] for f in ("granitemoe", "granitemoeshared")},
-    "lfm2_moe": ["model.layers.0.feed_forward", "model.layers.1.feed_forward"],
+    **{f: [f"model.layers.{i}.feed_forward" for i in (0, 1)] for f in ("lfm2_moe", "jamba")},
+    **{f: [f"model.layers.{i}.block_sparse_moe" for i in (0, 1)] for f in ("granitemoe_swa", "granitemoehybrid")},
 }
 
 
@@ -384,10 +406,12 @@ def test_bf16_model_within_twice_hf_error(family):
 QUANT_WIDTH = {
     "mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size",
     "deepseek_v3": "moe_intermediate_size", "olmoe": "intermediate_size", "gpt_oss": "intermediate_size",
-    **{f: "intermediate_size" for f in ("minimax_m2", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "flex_olmo")},
+    **{f: "intermediate_size" for f in (
+        "minimax_m2", "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "flex_olmo", "minimax", "jamba",
+        "granitemoe_swa", "granitemoehybrid")},
     **{f: "moe_intermediate_size" for f in (
         "glm4_moe", "dots1", "deepseek_v2", "qwen3_next", "glm4_moe_lite", "minicpm5_moe", "solar_open", "exaone_moe",
-        "mimo_v2_flash", "hy_v3", "afmoe", "lfm2_moe")},
+        "mimo_v2_flash", "hy_v3", "afmoe", "lfm2_moe", "mellum")},
 }
 
 

@@ -81,6 +81,9 @@ FAMILIES: dict[str, _Family] = {f.name: f for f in (
     _Family("hunyuan_v1_moe", "Hunyuan-V1-MoE", "HunYuanMoEV1Moe", shared="shared_mlp"),
     _Family("olmoe", "OLMoE", "OlmoeSparseMoeBlock"),
     _Family("flex_olmo", "FlexOlmo", "FlexOlmoSparseMoeBlock"),
+    _Family("mellum", "Mellum", "MellumSparseMoeBlock"),
+    _Family("minimax", "MiniMax-Text-01", "MiniMaxSparseMoeBlock"),
+    _Family("jamba", "Jamba", "JambaSparseMoeBlock", router="router"),
     _Family("minimax_m2", "MiniMax-M2", "MiniMaxM2SparseMoeBlock", bias="e_score_correction_bias"),
     _Family("hy_v3", "Hy3", "HYV3MoE", shared="shared_experts", bias="e_score_correction_bias"),
     _Family("afmoe", "AFMoE", "AfmoeSparseMoeBlock", router="router", shared="shared_experts", bias="expert_bias",
@@ -88,6 +91,8 @@ FAMILIES: dict[str, _Family] = {f.name: f for f in (
     _Family("lfm2_moe", "LFM2-MoE", "Lfm2MoeSparseMoeBlock", bias="expert_bias"),
     _Family("granitemoe", "Granite-MoE", "GraniteMoeMoE", router="router"),
     _Family("granitemoeshared", "Granite-MoE-Shared", "GraniteMoeSharedMoE", router="router"),
+    _Family("granitemoe_swa", "Granite-MoE-SWA", "GraniteMoeSWAMoE", router="router"),
+    _Family("granitemoehybrid", "Granite-MoE-Hybrid", "GraniteMoeHybridMoE", router="router"),
     _Family("gpt_oss", "GPT-OSS", "GptOssMLP", router="router", returns_scores=True),
 )}
 
