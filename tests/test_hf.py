@@ -565,6 +565,11 @@ def test_config_from_hf_matches_presets():
     assert config_from_hf(qwen3) == MoEConfig.from_preset("qwen3-30b-a3b")
     olmoe = t.OlmoeConfig(intermediate_size=1024)  # OLMoE-1B-7B
     assert config_from_hf(olmoe) == MoEConfig.from_preset("olmoe-1b-7b")
+    # MiniMax-M2's defaults are the published shapes of MiniMax-M2 / M2.5 (same architecture)
+    if hasattr(t, "MiniMaxM2Config"):
+        assert config_from_hf(t.MiniMaxM2Config()) == MoEConfig.from_preset("minimax-m2.5")
+    if hasattr(t, "Qwen3NextConfig"):  # its defaults are Qwen3-Next-80B-A3B's (the config's docstring)
+        assert config_from_hf(t.Qwen3NextConfig()) == MoEConfig.from_preset("qwen3-next-80b-a3b")
     qwen2 = config_from_hf(hf_config("qwen2_moe"))
     assert (qwen2.shared_experts, qwen2.shared_intermediate, qwen2.norm_topk_prob) == (1, 40, False)
 
