@@ -616,3 +616,15 @@ def test_patch_model_graphs_equal_eager_calls(picks):
             torch.testing.assert_close(graph_model(ids).logits, eager_model(ids).logits, atol=0, rtol=0)
     assert sorted(blocks[0].moe.graphs.graphs) == [8, 16]  # 2 x 3 and 2 x 5 tokens; 80 ran eagerly
     assert len({b.moe.graphs.pool for b in blocks}) == 1
+
+
+def test_docs_list_every_family():
+    """docs/hf.md's table names each patched family's model_type, and every one has a tiny test model."""
+    from pathlib import Path
+
+    from epmoe.config import HF_MODEL_TYPES
+
+    text = (Path(__file__).parent.parent / "docs" / "hf.md").read_text()
+    assert sorted(HF_FAMILIES) == sorted(HF_MODEL_TYPES) == sorted(CONFIGS)
+    missing = [name for name in HF_FAMILIES if f"`{name}`" not in text]
+    assert not missing, f"docs/hf.md does not list {missing}"
