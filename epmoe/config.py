@@ -253,9 +253,11 @@ def _config_from_hf(c: Any) -> MoEConfig:
                          f"supported model_types: {', '.join(HF_MODEL_TYPES)}")
     common: dict[str, Any] = {"hidden": c.hidden_size, "top_k": c.num_experts_per_tok}
     if model_type == "gpt_oss":  # top-k on the biased logits, softmax over the k; hidden_act unused by the experts
+        # transformers 5.17's GptOssConfig has no swiglu_limit / swiglu_alpha: its experts hard-code these
         return MoEConfig(**common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
                          activation="swiglu_clamped", routing="softmax_after_topk",
-                         swiglu_limit=float(c.swiglu_limit), swiglu_alpha=float(c.swiglu_alpha))
+                         swiglu_limit=float(getattr(c, "swiglu_limit", 7.0)),
+                         swiglu_alpha=float(getattr(c, "swiglu_alpha", 1.702)))
     m = _HF_MAPPINGS[model_type]
     if model_type == "deepseek_v2" and getattr(c, "topk_method", "greedy") != "greedy":
         raise ValueError(f"DeepSeek-V2 topk_method={c.topk_method!r} (softmax, groups ranked by their best expert) "

@@ -14,7 +14,15 @@ transformers = pytest.importorskip("transformers")
 
 from epmoe import MoEConfig  # noqa: E402
 from epmoe.integrations.hf import FAMILIES as HF_FAMILIES  # noqa: E402
-from epmoe.integrations.hf import HFMoEBlock, _expert_weights, _family_of, config_from_hf, patch_model  # noqa: E402
+from epmoe.integrations.hf import (  # noqa: E402
+    HFMoEBlock,
+    _available,
+    _expert_weights,
+    _family_of,
+    config_from_hf,
+    patch_model,
+    router_outputs,
+)
 from epmoe.quant import quantize_weights  # noqa: E402
 from epmoe.routing import RoutingCapture  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
@@ -153,7 +161,7 @@ CONFIGS = {
     }),
 }
 # Families this transformers version has (the GPU machine may run an older one)
-FAMILIES = [f for f in CONFIGS if hasattr(transformers, CONFIGS[f][0])]
+FAMILIES = [f for f in CONFIGS if hasattr(transformers, CONFIGS[f][0]) and _available(HF_FAMILIES[f])]
 # The bf16-model and quantized-model tests (the slowest) run the first six families and one family
 # per other router call or block name; the router and expert mapping of every family is covered above.
 SLOW_FAMILIES = [f for f in FAMILIES if f in (
@@ -266,7 +274,8 @@ def test_patched_model_logits_and_greedy_tokens(family):
 def _router_picks(model, out: list) -> list:
     """Forward hooks that append each MoE router's top-k ids [T, K] (sorted per token) to `out`."""
     routers = [getattr(m, f.router) for m in model.modules() if (f := _family_of(m)) is not None]
-    return [r.register_forward_hook(lambda mod, inp, res: out.append(res[2].sort(-1).values)) for r in routers]
+    return [r.register_forward_hook(lambda mod, inp, res: out.append(router_outputs(res)[2].sort(-1).values))
+            for r in routers]
 
 
 def _patched_picks(model, max_tokens: int) -> list[RoutingCapture]:
@@ -335,7 +344,8 @@ def _check_bf16_blocks(family: str, device: str) -> None:
             with torch.no_grad():
                 f = ours.family  # the router called as the HF block calls it
                 args = (getattr(hf, f.bias),) if f.bias is not None else ()
-                logits, _, hf_ids = getattr(hf, ours.router_name)(x if f.router_3d else x.reshape(T, -1), *args)
+                router_in = x if f.router_3d else x.reshape(T, -1)
+                logits, _, hf_ids = router_outputs(getattr(hf, ours.router_name)(router_in, *args))
                 expect, got, want = hf(x), ours(x), ref(x.float())
             if family == "gpt_oss":
                 expect, got, want = expect[0], got[0], want[0]

@@ -20,6 +20,7 @@ docs/hf.md.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ class _Family:
     shared_gate: str | None = None  # attribute of the Linear [1, H] whose sigmoid scales the shared MLP
     bias: str | None = None  # the block's correction-bias buffer [E], passed as router(x, bias) (MiniMax-M2)
     router_3d: bool = False  # the router takes [B, S, H] hidden states (AFMoE), not [T, H]
+    router_cls: str | None = None  # the router class the block must hold (older Jamba: a bare nn.Linear)
 
     @property
     def module(self) -> str:
@@ -83,7 +85,7 @@ FAMILIES: dict[str, _Family] = {f.name: f for f in (
     _Family("flex_olmo", "FlexOlmo", "FlexOlmoSparseMoeBlock"),
     _Family("mellum", "Mellum", "MellumSparseMoeBlock"),
     _Family("minimax", "MiniMax-Text-01", "MiniMaxSparseMoeBlock"),
-    _Family("jamba", "Jamba", "JambaSparseMoeBlock", router="router"),
+    _Family("jamba", "Jamba", "JambaSparseMoeBlock", router="router", router_cls="JambaTopKRouter"),
     _Family("minimax_m2", "MiniMax-M2", "MiniMaxM2SparseMoeBlock", bias="e_score_correction_bias"),
     _Family("hy_v3", "Hy3", "HYV3MoE", shared="shared_experts", bias="e_score_correction_bias"),
     _Family("afmoe", "AFMoE", "AfmoeSparseMoeBlock", router="router", shared="shared_experts", bias="expert_bias",
@@ -186,7 +188,7 @@ class HFMoEBlock(nn.Module):
         args = (getattr(self, self.family.bias),) if self.family.bias is not None else ()
         router_in = x.unsqueeze(0) if self.family.router_3d else x  # [1, T, H] or [T, H]
         router = getattr(self, self.router_name)
-        router_logits, router_scores, router_ids = router(router_in, *args)  # [T, E], [T, K], [T, K]
+        router_logits, router_scores, router_ids = router_outputs(router(router_in, *args))  # [T, E], [T, K] x2
         if self.picks == "hf":  # HF's own picks, ties included; checked only when built with validate=True
             routing = Routing.external(router_ids, router_scores, self.moe.cfg.num_experts, validate=False)
             y = self.moe(x, routing=routing).reshape(shape)
@@ -212,6 +214,13 @@ def _correction_bias(cfg: MoEConfig, router: nn.Module, block_bias: torch.Tensor
     return bias.detach()
 
 
+def router_outputs(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [T, E], weights [T, K], ids [T, K]) from an HF router's return value: transformers 5.17's
+    Granite-MoE routers return (ids, weights, logits), later ones and every other family (logits, weights, ids)."""
+    first, weights, last = out
+    return (last, weights, first) if not first.is_floating_point() else (first, weights, last)
+
+
 def _check_picks(picks: str) -> None:
     if picks not in PICKS:
         raise ValueError(f"picks={picks!r} is not supported; pass one of {PICKS}")
@@ -219,7 +228,19 @@ def _check_picks(picks: str) -> None:
 
 def _family_of(module: nn.Module) -> _Family | None:
     cls = type(module)
-    return next((f for f in FAMILIES.values() if cls.__name__ == f.block and cls.__module__ == f.module), None)
+    f = next((f for f in FAMILIES.values() if cls.__name__ == f.block and cls.__module__ == f.module), None)
+    if f is not None and f.router_cls is not None and type(getattr(module, f.router, None)).__name__ != f.router_cls:
+        return None  # a version of the family whose block routes itself
+    return f
+
+
+def _available(family: _Family) -> bool:
+    """Whether the installed transformers has the family's block (and its router class) as patched here."""
+    try:
+        module = importlib.import_module(family.module)
+    except ImportError:
+        return False
+    return hasattr(module, family.block) and (family.router_cls is None or hasattr(module, family.router_cls))
 
 
 def patch_model(
