@@ -25,7 +25,7 @@ HF_MODEL_TYPES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "minimax_m2", "glm4_moe", "dots1",
     "deepseek_v2", "granitemoe", "granitemoeshared", "qwen3_next", "hunyuan_v1_moe", "flex_olmo", "glm4_moe_lite",
     "minicpm5_moe", "solar_open", "mimo_v2_flash", "exaone_moe", "hy_v3", "afmoe", "lfm2_moe", "mellum", "minimax",
-    "jamba", "granitemoe_swa", "granitemoehybrid",
+    "jamba", "granitemoe_swa", "granitemoehybrid", "lara_mini", "flint", "laguna",
 )
 
 
@@ -221,6 +221,7 @@ _HF_MAPPINGS: dict[str, _HFMapping] = {
     "olmoe": _HFMapping("softmax", "intermediate_size"),
     "flex_olmo": _HFMapping("softmax", "intermediate_size"),
     "mellum": _HFMapping("softmax"),
+    "lara_mini": _HFMapping("softmax", shared="sized"),
     "minimax": _HFMapping("softmax", "intermediate_size", "num_local_experts", norm=True),
     "jamba": _HFMapping("softmax", "intermediate_size", norm=False),
     "hunyuan_v1_moe": _HFMapping("softmax", "intermediate_size", norm=True, shared="one"),
@@ -238,6 +239,8 @@ _HF_MAPPINGS: dict[str, _HFMapping] = {
     "hy_v3": _HFMapping("sigmoid_bias", norm=True, shared="num_shared_experts", scale="router_scaling_factor"),
     "afmoe": _HFMapping("sigmoid_bias", norm=True, shared="num_shared_experts", scale="route_scale"),
     "lfm2_moe": _HFMapping("sigmoid_bias", scale="routed_scaling_factor"),
+    "flint": _HFMapping("sigmoid_bias", shared="sized"),
+    "laguna": _HFMapping("sigmoid_bias", norm=True, shared="sized", scale="moe_routed_scaling_factor"),
     "granitemoe": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
     "granitemoeshared": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
     "granitemoe_swa": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
@@ -259,6 +262,9 @@ def _config_from_hf(c: Any) -> MoEConfig:
                          swiglu_limit=float(getattr(c, "swiglu_limit", 7.0)),
                          swiglu_alpha=float(getattr(c, "swiglu_alpha", 1.702)))
     m = _HF_MAPPINGS[model_type]
+    if model_type == "laguna" and (getattr(c, "moe_router_logit_softcapping", 0.0) or 0.0) > 0:
+        raise ValueError(f"Laguna moe_router_logit_softcapping={c.moe_router_logit_softcapping} (tanh on the router "
+                         "logits) is not an epmoe routing mode; only configs without it map")
     if model_type == "deepseek_v2" and getattr(c, "topk_method", "greedy") != "greedy":
         raise ValueError(f"DeepSeek-V2 topk_method={c.topk_method!r} (softmax, groups ranked by their best expert) "
                          "is not an epmoe routing mode; only topk_method='greedy' (DeepSeek-V2-Lite) maps")

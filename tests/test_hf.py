@@ -152,6 +152,21 @@ CONFIGS = {
         "expert_layer_offset": 0, "attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False,
         "mamba_d_state": 8, "mamba_dt_rank": 4,
     }),
+    # an ungated shared expert of shared_expert_intermediate_size: softmax (Lara-Mini), sigmoid without
+    # a bias (Flint), sigmoid with the router's bias and the routed output scaled (Laguna)
+    "lara_mini": ("LaraMiniConfig", {
+        "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40, "num_experts": 8,
+        "num_experts_per_tok": 2, "head_dim": 8,
+    }),
+    "flint": ("FlintConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40, "num_experts": 8,
+        "num_experts_per_tok": 2, "norm_topk_prob": False, "head_dim": 8, "mlp_only_layers": [],
+    }),
+    "laguna": ("LagunaConfig", {
+        "intermediate_size": 48, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40, "num_experts": 8,
+        "num_experts_per_tok": 2, "moe_routed_scaling_factor": 2.0, "mlp_layer_types": ["sparse", "sparse"],
+        "head_dim": 8,
+    }),
     "granitemoe_swa": ("GraniteMoeSWAConfig", {
         "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2,
     }),
@@ -308,9 +323,9 @@ BF16_RUNS = [(seed, seq) for seed in range(3) for seq in (5, 17, 33)]
 
 # Routers that rank experts by fp32 values that are not bf16-rounded, where exact ties at the k-th
 # pick are rare: every sigmoid router (a correction bias added in fp32; DeepSeek-V3 and the like
-# also keep fp32 router weights) and DeepSeek-V2's fp32 softmax router.
+# also keep fp32 router weights) and the softmax routers of DeepSeek-V2 and Lara-Mini (fp32 logits).
 def _fp32_router(family: str) -> bool:
-    return family == "deepseek_v2" or config_from_hf(hf_config(family)).routing.startswith("sigmoid")
+    return family in ("deepseek_v2", "lara_mini") or config_from_hf(hf_config(family)).routing.startswith("sigmoid")
 
 
 def _choice_scores(block, logits):
@@ -421,7 +436,7 @@ QUANT_WIDTH = {
         "granitemoe_swa", "granitemoehybrid")},
     **{f: "moe_intermediate_size" for f in (
         "glm4_moe", "dots1", "deepseek_v2", "qwen3_next", "glm4_moe_lite", "minicpm5_moe", "solar_open", "exaone_moe",
-        "mimo_v2_flash", "hy_v3", "afmoe", "lfm2_moe", "mellum")},
+        "mimo_v2_flash", "hy_v3", "afmoe", "lfm2_moe", "mellum", "lara_mini", "flint", "laguna")},
 }
 
 

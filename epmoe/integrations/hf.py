@@ -56,6 +56,7 @@ class _Family:
     bias: str | None = None  # the block's correction-bias buffer [E], passed as router(x, bias) (MiniMax-M2)
     router_3d: bool = False  # the router takes [B, S, H] hidden states (AFMoE), not [T, H]
     router_cls: str | None = None  # the router class the block must hold (older Jamba: a bare nn.Linear)
+    block_scales: bool = False  # the block, not the router, multiplies the routed output by the scaling factor
 
     @property
     def module(self) -> str:
@@ -84,6 +85,9 @@ FAMILIES: dict[str, _Family] = {f.name: f for f in (
     _Family("olmoe", "OLMoE", "OlmoeSparseMoeBlock"),
     _Family("flex_olmo", "FlexOlmo", "FlexOlmoSparseMoeBlock"),
     _Family("mellum", "Mellum", "MellumSparseMoeBlock"),
+    _Family("lara_mini", "Lara-Mini", "LaraMiniSparseMoeBlock", shared="shared_expert"),
+    _Family("flint", "Flint", "FlintSparseMoeBlock", shared="shared_expert"),
+    _Family("laguna", "Laguna", "LagunaSparseMoeBlock", shared="shared_experts", block_scales=True),
     _Family("minimax", "MiniMax-Text-01", "MiniMaxSparseMoeBlock"),
     _Family("jamba", "Jamba", "JambaSparseMoeBlock", router="router", router_cls="JambaTopKRouter"),
     _Family("minimax_m2", "MiniMax-M2", "MiniMaxM2SparseMoeBlock", bias="e_score_correction_bias"),
@@ -189,6 +193,8 @@ class HFMoEBlock(nn.Module):
         router_in = x.unsqueeze(0) if self.family.router_3d else x  # [1, T, H] or [T, H]
         router = getattr(self, self.router_name)
         router_logits, router_scores, router_ids = router_outputs(router(router_in, *args))  # [T, E], [T, K] x2
+        if self.family.block_scales:  # Laguna scales the routed sum after its router; ours scales the weights
+            router_scores = router_scores * self.moe.cfg.routed_scaling_factor
         if self.picks == "hf":  # HF's own picks, ties included; checked only when built with validate=True
             routing = Routing.external(router_ids, router_scores, self.moe.cfg.num_experts, validate=False)
             y = self.moe(x, routing=routing).reshape(shape)
