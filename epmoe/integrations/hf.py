@@ -12,10 +12,10 @@ to an `MoELayer` holding the block's expert weights in the block's dtype:
     y = moe(x, routing=Routing.external(ids, scores))   # picks="hf": HF's experts, ties included
     y = moe(x, logits)                            # picks="logits": epmoe.route (graph-capturable)
 
-Families (`FAMILIES`: Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3, GLM-4-MoE, dots.llm1,
-Hunyuan-V1-MoE, OLMoE, MiniMax-M2, Granite-MoE, GPT-OSS) and those left out, weight layouts, why "hf"
-picks are the default (bf16 ties), numerics and limits (inference only; patch after `model.to`):
-docs/hf.md.
+Families (`FAMILIES`: Mixtral, Qwen2/3-MoE, Qwen3-Next, DeepSeek-V2/V3 and the models sharing their
+router, MiniMax-M2, OLMoE, Granite-MoE, Jamba, GPT-OSS and more) and those left out with the reason,
+weight layouts, why "hf" picks are the default (bf16 ties), numerics and limits (inference only;
+patch after `model.to`): docs/hf.md.
 """
 
 from __future__ import annotations
