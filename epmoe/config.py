@@ -21,7 +21,12 @@ from typing import Any
 ACTIVATIONS = ("silu", "gelu", "swiglu_clamped")
 ROUTINGS = ("softmax", "softmax_after_topk", "sigmoid_bias", "sigmoid_grouped")
 # Hugging Face `model_type`s whose MoE layers `MoEConfig.from_hf` maps (integrations/hf.py patches them).
-HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss")
+HF_MODEL_TYPES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "minimax_m2", "glm4_moe", "dots1",
+    "deepseek_v2", "granitemoe", "granitemoeshared", "qwen3_next", "hunyuan_v1_moe", "flex_olmo", "glm4_moe_lite",
+    "minicpm5_moe", "solar_open", "mimo_v2_flash", "exaone_moe", "hy_v3", "afmoe", "lfm2_moe", "mellum", "minimax",
+    "jamba", "granitemoe_swa", "granitemoehybrid", "lara_mini", "flint", "laguna",
+)
 
 
 def _is_int(v: Any) -> bool:
@@ -192,6 +197,57 @@ def _hf_activation(c: Any) -> str:
                      "'silu' or 'gelu' (exact) activations")
 
 
+@dataclass(frozen=True)
+class _HFMapping:
+    """Where one family's config keeps its MoE fields (the shapes read by `_config_from_hf`)."""
+
+    routing: str
+    intermediate: str = "moe_intermediate_size"  # width of one routed expert
+    experts: str = "num_experts"  # routed experts (most configs alias num_experts / num_local_experts)
+    norm: bool | None = None  # the router always (True) or never (False) renormalises; None: norm_topk_prob
+    shared: str = ""  # "": none; a config field: that many shared experts of the routed width, fused;
+    #                   "sized": one of shared_expert_intermediate_size; "one": one of the routed width
+    scale: str = ""  # config field multiplying the routing weights ("": none)
+
+
+_DEEPSEEK = _HFMapping("sigmoid_grouped", experts="n_routed_experts", shared="n_shared_experts",
+                       scale="routed_scaling_factor")
+# model_type -> mapping; integrations/hf.py holds the blocks, docs/hf.md what each router computes
+_HF_MAPPINGS: dict[str, _HFMapping] = {
+    "mixtral": _HFMapping("softmax", "intermediate_size", "num_local_experts", norm=True),
+    "qwen2_moe": _HFMapping("softmax", shared="sized"),
+    "qwen3_moe": _HFMapping("softmax"),
+    "qwen3_next": _HFMapping("softmax", shared="sized"),
+    "olmoe": _HFMapping("softmax", "intermediate_size"),
+    "flex_olmo": _HFMapping("softmax", "intermediate_size"),
+    "mellum": _HFMapping("softmax"),
+    "lara_mini": _HFMapping("softmax", shared="sized"),
+    "minimax": _HFMapping("softmax", "intermediate_size", "num_local_experts", norm=True),
+    "jamba": _HFMapping("softmax", "intermediate_size", norm=False),
+    "hunyuan_v1_moe": _HFMapping("softmax", "intermediate_size", norm=True, shared="one"),
+    "deepseek_v2": _HFMapping("softmax", experts="n_routed_experts", norm=False, shared="n_shared_experts",
+                              scale="routed_scaling_factor"),
+    "deepseek_v3": _DEEPSEEK,
+    "glm4_moe": _DEEPSEEK,
+    "glm4_moe_lite": _DEEPSEEK,
+    "dots1": _DEEPSEEK,
+    "minicpm5_moe": _DEEPSEEK,
+    "solar_open": _DEEPSEEK,
+    "mimo_v2_flash": _HFMapping("sigmoid_grouped", experts="n_routed_experts", scale="routed_scaling_factor"),
+    "exaone_moe": _HFMapping("sigmoid_grouped", shared="num_shared_experts", scale="routed_scaling_factor"),
+    "minimax_m2": _HFMapping("sigmoid_bias", "intermediate_size", "num_local_experts", norm=True),
+    "hy_v3": _HFMapping("sigmoid_bias", norm=True, shared="num_shared_experts", scale="router_scaling_factor"),
+    "afmoe": _HFMapping("sigmoid_bias", norm=True, shared="num_shared_experts", scale="route_scale"),
+    "lfm2_moe": _HFMapping("sigmoid_bias", scale="routed_scaling_factor"),
+    "flint": _HFMapping("sigmoid_bias", shared="sized"),
+    "laguna": _HFMapping("sigmoid_bias", norm=True, shared="sized", scale="moe_routed_scaling_factor"),
+    "granitemoe": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
+    "granitemoeshared": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
+    "granitemoe_swa": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
+    "granitemoehybrid": _HFMapping("softmax_after_topk", "intermediate_size", "num_local_experts", norm=True),
+}
+
+
 def _config_from_hf(c: Any) -> MoEConfig:
     """The field mapping of each supported model family (see integrations/hf.py for its blocks)."""
     model_type = getattr(c, "model_type", None)
@@ -200,22 +256,40 @@ def _config_from_hf(c: Any) -> MoEConfig:
                          f"supported model_types: {', '.join(HF_MODEL_TYPES)}")
     common: dict[str, Any] = {"hidden": c.hidden_size, "top_k": c.num_experts_per_tok}
     if model_type == "gpt_oss":  # top-k on the biased logits, softmax over the k; hidden_act unused by the experts
+        # transformers 5.17's GptOssConfig has no swiglu_limit / swiglu_alpha: its experts hard-code these
         return MoEConfig(**common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
                          activation="swiglu_clamped", routing="softmax_after_topk",
-                         swiglu_limit=float(c.swiglu_limit), swiglu_alpha=float(c.swiglu_alpha))
-    if model_type == "mixtral":  # MixtralTopKRouter always renormalises the top-k probabilities
-        return MoEConfig(**common, intermediate=c.intermediate_size, num_experts=c.num_local_experts,
-                         activation=_hf_activation(c), routing="softmax", norm_topk_prob=True)
-    if model_type == "deepseek_v3":  # n_shared_experts, each of width moe_intermediate_size
-        return MoEConfig(**common, intermediate=c.moe_intermediate_size, num_experts=c.n_routed_experts,
-                         activation=_hf_activation(c), routing="sigmoid_grouped", norm_topk_prob=bool(c.norm_topk_prob),
-                         n_group=c.n_group or 1, topk_group=c.topk_group or 1,
-                         routed_scaling_factor=float(c.routed_scaling_factor), shared_experts=c.n_shared_experts or 0)
-    shared = getattr(c, "shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
-    return MoEConfig(**common, intermediate=c.moe_intermediate_size if model_type != "olmoe" else c.intermediate_size,
-                     num_experts=c.num_experts, activation=_hf_activation(c), routing="softmax",
-                     norm_topk_prob=bool(c.norm_topk_prob), shared_experts=1 if shared else 0,
-                     shared_intermediate=shared or None)
+                         swiglu_limit=float(getattr(c, "swiglu_limit", 7.0)),
+                         swiglu_alpha=float(getattr(c, "swiglu_alpha", 1.702)))
+    m = _HF_MAPPINGS[model_type]
+    if model_type == "laguna" and (getattr(c, "moe_router_logit_softcapping", 0.0) or 0.0) > 0:
+        raise ValueError(f"Laguna moe_router_logit_softcapping={c.moe_router_logit_softcapping} (tanh on the router "
+                         "logits) is not an epmoe routing mode; only configs without it map")
+    if model_type == "deepseek_v2" and getattr(c, "topk_method", "greedy") != "greedy":
+        raise ValueError(f"DeepSeek-V2 topk_method={c.topk_method!r} (softmax, groups ranked by their best expert) "
+                         "is not an epmoe routing mode; only topk_method='greedy' (DeepSeek-V2-Lite) maps")
+    common["num_experts"] = getattr(c, m.experts)
+    for key, value in common.items():  # Hunyuan's moe_topk / num_experts may be per layer
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ValueError(f"{type(c).__name__}: {key} differs per layer ({list(value)}); epmoe maps one "
+                                 "MoEConfig to every MoE layer")
+            common[key] = value[0]
+    intermediate = getattr(c, m.intermediate)
+    shared, width = 0, None
+    if m.shared == "sized":
+        width = getattr(c, "shared_expert_intermediate_size", 0) or None
+        shared = 1 if width else 0
+    elif m.shared == "one":
+        shared = 1
+    elif m.shared:  # that many shared experts of the routed width, fused into one MLP
+        shared = getattr(c, m.shared, 0) or 0
+    grouped = {"n_group": c.n_group or 1, "topk_group": c.topk_group or 1} if m.routing == "sigmoid_grouped" else {}
+    return MoEConfig(**common, intermediate=intermediate,
+                     activation=_hf_activation(c), routing=m.routing,
+                     norm_topk_prob=bool(c.norm_topk_prob) if m.norm is None else m.norm,
+                     routed_scaling_factor=float(getattr(c, m.scale) or 1.0) if m.scale else 1.0,
+                     shared_experts=shared, shared_intermediate=width, **grouped)
 
 
 @lru_cache(maxsize=1)

@@ -12,13 +12,15 @@ to an `MoELayer` holding the block's expert weights in the block's dtype:
     y = moe(x, routing=Routing.external(ids, scores))   # picks="hf": HF's experts, ties included
     y = moe(x, logits)                            # picks="logits": epmoe.route (graph-capturable)
 
-Families (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE, GPT-OSS), weight layouts, why "hf"
-picks are the default (bf16 ties), numerics and limits (inference only; patch after `model.to`):
-docs/hf.md.
+Families (`FAMILIES`: Mixtral, Qwen2/3-MoE, Qwen3-Next, DeepSeek-V2/V3 and the models sharing their
+router, MiniMax-M2, OLMoE, Granite-MoE, Jamba, GPT-OSS and more) and those left out with the reason,
+weight layouts, why "hf" picks are the default (bf16 ties), numerics and limits (inference only;
+patch after `model.to`): docs/hf.md.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,18 +51,54 @@ class _Family:
     block: str  # class name of its MoE block
     router: str = "gate"  # attribute of the block holding the router module
     returns_scores: bool = False  # the block returns (hidden, router_scores) instead of hidden
+    shared: str | None = None  # attribute of the block holding its shared-expert MLP (gate/up/down_proj)
+    shared_gate: str | None = None  # attribute of the Linear [1, H] whose sigmoid scales the shared MLP
+    bias: str | None = None  # the block's correction-bias buffer [E], passed as router(x, bias) (MiniMax-M2)
+    router_3d: bool = False  # the router takes [B, S, H] hidden states (AFMoE), not [T, H]
+    router_cls: str | None = None  # the router class the block must hold (older Jamba: a bare nn.Linear)
+    block_scales: bool = False  # the block, not the router, multiplies the routed output by the scaling factor
 
     @property
     def module(self) -> str:
         return f"transformers.models.{self.name}.modeling_{self.name}"
 
 
+# Each router returns (logits [T, E], weights [T, K], ids [T, K]); the routing each one computes and
+# the config fields it reads are in config.py (_HF_MAPPINGS), the families left out in docs/hf.md.
 FAMILIES: dict[str, _Family] = {f.name: f for f in (
     _Family("mixtral", "Mixtral", "MixtralSparseMoeBlock"),
-    _Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeSparseMoeBlock"),
+    _Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeSparseMoeBlock", shared="shared_expert",
+            shared_gate="shared_expert_gate"),
     _Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeSparseMoeBlock"),
-    _Family("deepseek_v3", "DeepSeek-V3", "DeepseekV3MoE"),
+    _Family("qwen3_next", "Qwen3-Next", "Qwen3NextSparseMoeBlock", shared="shared_expert",
+            shared_gate="shared_expert_gate"),
+    _Family("deepseek_v2", "DeepSeek-V2", "DeepseekV2Moe", shared="shared_experts"),
+    _Family("deepseek_v3", "DeepSeek-V3", "DeepseekV3MoE", shared="shared_experts"),
+    _Family("glm4_moe", "GLM-4-MoE", "Glm4MoeMoE", shared="shared_experts"),
+    _Family("glm4_moe_lite", "GLM-4-MoE-Lite", "Glm4MoeLiteMoE", shared="shared_experts"),
+    _Family("dots1", "dots.llm1", "Dots1MoE", shared="shared_experts"),
+    _Family("minicpm5_moe", "MiniCPM5-MoE", "MiniCPM5MoeMoE", shared="shared_experts"),
+    _Family("solar_open", "Solar-Open", "SolarOpenMoE", shared="shared_experts"),
+    _Family("exaone_moe", "EXAONE-MoE", "ExaoneMoeSparseMoEBlock", shared="shared_experts"),
+    _Family("mimo_v2_flash", "MiMo-V2-Flash", "MiMoV2FlashMoE"),
+    _Family("hunyuan_v1_moe", "Hunyuan-V1-MoE", "HunYuanMoEV1Moe", shared="shared_mlp"),
     _Family("olmoe", "OLMoE", "OlmoeSparseMoeBlock"),
+    _Family("flex_olmo", "FlexOlmo", "FlexOlmoSparseMoeBlock"),
+    _Family("mellum", "Mellum", "MellumSparseMoeBlock"),
+    _Family("lara_mini", "Lara-Mini", "LaraMiniSparseMoeBlock", shared="shared_expert"),
+    _Family("flint", "Flint", "FlintSparseMoeBlock", shared="shared_expert"),
+    _Family("laguna", "Laguna", "LagunaSparseMoeBlock", shared="shared_experts", block_scales=True),
+    _Family("minimax", "MiniMax-Text-01", "MiniMaxSparseMoeBlock"),
+    _Family("jamba", "Jamba", "JambaSparseMoeBlock", router="router", router_cls="JambaTopKRouter"),
+    _Family("minimax_m2", "MiniMax-M2", "MiniMaxM2SparseMoeBlock", bias="e_score_correction_bias"),
+    _Family("hy_v3", "Hy3", "HYV3MoE", shared="shared_experts", bias="e_score_correction_bias"),
+    _Family("afmoe", "AFMoE", "AfmoeSparseMoeBlock", router="router", shared="shared_experts", bias="expert_bias",
+            router_3d=True),
+    _Family("lfm2_moe", "LFM2-MoE", "Lfm2MoeSparseMoeBlock", bias="expert_bias"),
+    _Family("granitemoe", "Granite-MoE", "GraniteMoeMoE", router="router"),
+    _Family("granitemoeshared", "Granite-MoE-Shared", "GraniteMoeSharedMoE", router="router"),
+    _Family("granitemoe_swa", "Granite-MoE-SWA", "GraniteMoeSWAMoE", router="router"),
+    _Family("granitemoehybrid", "Granite-MoE-Hybrid", "GraniteMoeHybridMoE", router="router"),
     _Family("gpt_oss", "GPT-OSS", "GptOssMLP", router="router", returns_scores=True),
 )}
 
@@ -114,16 +152,18 @@ def _expert_weights(family: _Family, experts: nn.Module, ids: torch.Tensor, own:
 
 
 def _shared(family: _Family, block: nn.Module, cfg: MoEConfig) -> SharedExperts | None:
-    """The block's shared MLP (Qwen2-MoE `shared_expert` + its gate, DeepSeek-V3 `shared_experts`) or None."""
-    if not cfg.shared_experts:
+    """The block's shared MLP (`family.shared`, e.g. DeepSeek-V3 `shared_experts`), scaled by its gate
+    where it has one (Qwen2-MoE `shared_expert_gate`), or None."""
+    if not cfg.shared_experts or family.shared is None:
         return None
-    mlp = block.shared_expert if family.name == "qwen2_moe" else block.shared_experts
+    mlp = getattr(block, family.shared)
     for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
         if proj.bias is not None:
             raise ValueError(f"shared expert {type(mlp).__name__} has biases; epmoe shared experts have none")
     w13 = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])  # [2S, H]
-    if family.name == "qwen2_moe":
-        return GatedSharedExperts(w13, mlp.down_proj.weight.detach(), gate=block.shared_expert_gate.weight.detach())
+    if family.shared_gate is not None:
+        gate = getattr(block, family.shared_gate).weight.detach()
+        return GatedSharedExperts(w13, mlp.down_proj.weight.detach(), gate=gate)
     return SharedExperts(w13, mlp.down_proj.weight.detach())
 
 
@@ -133,12 +173,15 @@ class HFMoEBlock(nn.Module):
     forward(hidden_states [B, S, H]) -> [B, S, H], or (that, router_scores [B*S, K]) for GPT-OSS.
     """
 
-    def __init__(self, family: str, router: nn.Module, moe: MoELayer, picks: str = "hf") -> None:
+    def __init__(self, family: str, router: nn.Module, moe: MoELayer, picks: str = "hf",
+                 block_bias: torch.Tensor | None = None) -> None:
         super().__init__()
         _check_picks(picks)
         self.family = FAMILIES[family]
         self.router_name = self.family.router
         setattr(self, self.router_name, router)  # same state_dict key as before: mlp.gate.weight
+        if self.family.bias is not None:  # MiniMax-M2: the block's buffer (None: LFM2 without one), to its router
+            self.register_buffer(self.family.bias, block_bias)  # same state_dict key: mlp.e_score_correction_bias
         self.moe = moe
         self.picks = picks
 
@@ -146,7 +189,12 @@ class HFMoEBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         # called as the HF block calls it (router bias, fp32 for DeepSeek): `output_router_logits` records it
-        router_logits, router_scores, router_ids = getattr(self, self.router_name)(x)  # [T, E], [T, K] x2
+        args = (getattr(self, self.family.bias),) if self.family.bias is not None else ()
+        router_in = x.unsqueeze(0) if self.family.router_3d else x  # [1, T, H] or [T, H]
+        router = getattr(self, self.router_name)
+        router_logits, router_scores, router_ids = router_outputs(router(router_in, *args))  # [T, E], [T, K] x2
+        if self.family.block_scales:  # Laguna scales the routed sum after its router; ours scales the weights
+            router_scores = router_scores * self.moe.cfg.routed_scaling_factor
         if self.picks == "hf":  # HF's own picks, ties included; checked only when built with validate=True
             routing = Routing.external(router_ids, router_scores, self.moe.cfg.num_experts, validate=False)
             y = self.moe(x, routing=routing).reshape(shape)
@@ -160,6 +208,25 @@ class HFMoEBlock(nn.Module):
                 f"layout={m.layout}")
 
 
+def _correction_bias(cfg: MoEConfig, router: nn.Module, block_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The [E] bias added to the sigmoid scores to pick experts: the block's (`_Family.bias`) or the router's
+    `e_score_correction_bias`; zeros where the family has none (LFM2-MoE with use_expert_bias=False)."""
+    if not cfg.uses_correction_bias:
+        return None
+    bias = block_bias if block_bias is not None else getattr(router, "e_score_correction_bias", None)
+    if bias is None:
+        device = next(router.parameters()).device
+        return torch.zeros(cfg.num_experts, device=device)
+    return bias.detach()
+
+
+def router_outputs(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [T, E], weights [T, K], ids [T, K]) from an HF router's return value: transformers 5.17's
+    Granite-MoE routers return (ids, weights, logits), later ones and every other family (logits, weights, ids)."""
+    first, weights, last = out
+    return (last, weights, first) if not first.is_floating_point() else (first, weights, last)
+
+
 def _check_picks(picks: str) -> None:
     if picks not in PICKS:
         raise ValueError(f"picks={picks!r} is not supported; pass one of {PICKS}")
@@ -167,7 +234,19 @@ def _check_picks(picks: str) -> None:
 
 def _family_of(module: nn.Module) -> _Family | None:
     cls = type(module)
-    return next((f for f in FAMILIES.values() if cls.__name__ == f.block and cls.__module__ == f.module), None)
+    f = next((f for f in FAMILIES.values() if cls.__name__ == f.block and cls.__module__ == f.module), None)
+    if f is not None and f.router_cls is not None and type(getattr(module, f.router, None)).__name__ != f.router_cls:
+        return None  # a version of the family whose block routes itself
+    return f
+
+
+def _available(family: _Family) -> bool:
+    """Whether the installed transformers has the family's block (and its router class) as patched here."""
+    try:
+        module = importlib.import_module(family.module)
+    except ImportError:
+        return False
+    return hasattr(module, family.block) and (family.router_cls is None or hasattr(module, family.router_cls))
 
 
 def patch_model(
@@ -177,8 +256,8 @@ def patch_model(
 ) -> list[str]:
     """Replace every MoE block of a transformers model by an `HFMoEBlock`; return their names.
 
-    model:  a Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE or GPT-OSS model (transformers
-            >= 5), already on its device and in its dtype (bf16 / fp16 / fp32).
+    model:  a model of a `FAMILIES` family (transformers >= 5; docs/hf.md lists them), already on its
+            device and in its dtype (bf16 / fp16 / fp32).
     group:  the EP ranks (`EPGroup`, a `VirtualGroup` rank) or None for one rank; each rank keeps its
             E/W experts (contiguous, or `placement=`) and every rank runs the same number of forward calls.
     comm:   "auto": "none" for one rank or the tp layout, else MoELayer's per-call pick; or a backend name.
@@ -240,13 +319,15 @@ def patch_model(
         if quant is not None:
             w = ExpertWeights(quantize_weights(w.w13, quant), quantize_weights(w.w2, quant), w.b13, w.b2)
         router = getattr(block, family.router)
-        bias = router.e_score_correction_bias.detach() if cfg.uses_correction_bias else None
+        block_bias = getattr(block, family.bias, None) if family.bias is not None else None
+        block_bias = block_bias.detach() if block_bias is not None else None
+        bias = _correction_bias(cfg, router, block_bias)
         moe = MoELayer(_block_config(cfg, block.experts), w, group=group, comm=comm, runner=runner, layout=layout,
                        placement=placement, correction_bias=bias, shared=_shared(family, block, cfg), **layer_kwargs)
         if graphs:
             moe.capture_graphs(graphs, routed=picks == "hf", validate=moe.validate, lazy=True, pool=pool)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks))
+        setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks, block_bias=block_bias))
         names.append(name)
     return names
