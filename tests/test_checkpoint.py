@@ -13,12 +13,13 @@ from safetensors.torch import save_file
 from epmoe import ExpertWeights, MoEConfig, MoELayer, Placement
 from epmoe import checkpoint as checkpoint_module
 from epmoe.checkpoint import CheckpointFiles, load_moe_layer, validate_layer
-from epmoe.comm.base import Dispatched, count_experts
+from epmoe.comm.base import Dispatched
 from epmoe.experts import get_runner, naive_moe
 from epmoe.experts.reference import reference_experts
 from epmoe.experts.triton import _check_quantized
 from epmoe.experts.triton_prepare import _scale_rows
 from epmoe.layer import SharedExperts
+from epmoe.ops.combine import count_experts
 from epmoe.quant import (
     E2M1_VALUES,
     quantize_activations,

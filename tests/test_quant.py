@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epmoe import ExpertWeights, MoEConfig
-from epmoe.comm.base import Dispatched, count_experts
+from epmoe.comm.base import Dispatched
 from epmoe.experts.reference import reference_experts
+from epmoe.ops.combine import count_experts
 from epmoe.ops.quant import quantize_fp8_groups_triton, quantize_nvfp4_triton
 from epmoe.quant import (
     E2M1_VALUES,

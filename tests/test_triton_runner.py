@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from epmoe.comm.base import Dispatched, count_experts
+from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights, get_runner
 from epmoe.experts.reference import reference_experts
@@ -33,6 +33,7 @@ from epmoe.experts.tuning import (
     gluon_decode,
     select_config,
 )
+from epmoe.ops.combine import count_experts
 from epmoe.ops.permute import SMALL_SORT_MAX_PAIRS, permute, permute_torch
 from epmoe.quant import quantize_activations, quantize_fp8_block_torch, quantize_weights
 
@@ -227,78 +228,6 @@ def test_permute_matches_torch_twin(E, M, block_m):
     assert torch.equal(got.sorted_pair[used], want.sorted_pair[used])
     counts = count_experts(torch.where(ids < E, ids, torch.full_like(ids, -1)), E)
     assert int(counts.sum()) == int(used.sum())
-
-
-def grouped_problem(counts: tuple[int, ...], capacity: int | None, seed: int = 0, H: int = 40, I: int = 24):
-    """Pairs grouped by expert: packed (capacity None) or in fixed-capacity slabs with padding
-    pairs (-1) between the groups; returns (cfg, weights, hidden, row_ids, expert_ids, counts, offsets)."""
-    g = torch.Generator().manual_seed(seed)
-    E = len(counts)
-    cfg = MoEConfig(hidden=H, intermediate=I, num_experts=E, top_k=1)
-    weights = ExpertWeights.random(cfg, E, generator=g)
-    if capacity is None:
-        ids = torch.cat([torch.full((n,), e, dtype=torch.int32) for e, n in enumerate(counts)])
-        offsets = torch.tensor([sum(counts[:e]) for e in range(E)], dtype=torch.int32)
-    else:
-        ids = torch.full((E * capacity,), -1, dtype=torch.int32)
-        for e, n in enumerate(counts):
-            ids[e * capacity:e * capacity + n] = e
-        offsets = torch.arange(E, dtype=torch.int32) * capacity
-    M = ids.numel()
-    N = max(M, 1)
-    hidden = torch.randn(N, H, generator=g)
-    row_ids = torch.randint(0, N, (M,), generator=g, dtype=torch.int32)
-    return (cfg, weights, hidden.to(DEVICE), row_ids.to(DEVICE), ids.to(DEVICE),
-            torch.tensor(counts, dtype=torch.int32, device=DEVICE), offsets.to(DEVICE))
-
-
-@pytest.mark.parametrize(("counts", "capacity", "block_m"), [
-    ((3, 0, 17, 1), None, 16), ((3, 0, 17, 1), 20, 16), ((0, 0, 0), None, 16), ((0, 40, 0, 2), 48, 32),
-    ((1,) * 130, None, 16)], ids=["packed", "slabs", "empty", "slabs-bm32", "130-experts"])
-def test_permute_grouped_equals_the_sort(counts, capacity, block_m):
-    from epmoe.ops.permute import permute_grouped
-
-    *_, ids, cnt, off = grouped_problem(counts, capacity)
-    got, want = permute_grouped(cnt, off, ids.numel(), block_m), permute(ids, len(counts), block_m)
-    assert torch.equal(got.block_expert, want.block_expert)
-    assert torch.equal(got.expert_end, want.expert_end)
-    used = permute_torch(ids, len(counts), block_m).sorted_pair >= 0
-    assert torch.equal(got.sorted_pair[used], want.sorted_pair[used])
-
-
-@pytest.mark.parametrize("capacity", [None, 24], ids=["packed", "slabs"])
-def test_grouped_dispatched_skips_the_sort_with_the_same_rows(capacity):
-    """A Dispatched with expert_offsets runs the grouped slots; the rows equal the flat call's bit
-    for bit (the same slots in the same order) and the reference's within TOL."""
-    cfg, weights, hidden, row_ids, ids, cnt, off = grouped_problem((3, 0, 17, 1), capacity, seed=2)
-    weights = ExpertWeights(weights.w13.to(DEVICE), weights.w2.to(DEVICE))
-    runner = get_runner("triton")(cfg, weights)
-    grouped = runner(Dispatched(hidden, row_ids, ids, cnt, expert_offsets=off))
-    flat = runner(Dispatched(hidden, row_ids, ids, cnt))
-    valid = ids >= 0
-    assert torch.equal(grouped[valid], flat[valid])
-    ref = reference_experts(hidden, row_ids, ids, weights, cfg, out_dtype=torch.float32)
-    assert _rel(grouped[valid], ref[valid]) <= TOL[torch.float32]
-
-
-def test_grouped_layout_is_checked():
-    cfg, weights, hidden, row_ids, ids, cnt, off = grouped_problem((3, 0, 5), None)
-    with pytest.raises(ValueError, match="int32"):
-        Dispatched(hidden, row_ids, ids, cnt, expert_offsets=off.long())
-    with pytest.raises(ValueError, match="one per local expert"):
-        Dispatched(hidden, row_ids, ids, cnt, expert_offsets=off[:2])
-    with pytest.raises(ValueError, match="must lie in"):
-        Dispatched(hidden, row_ids, ids, cnt, expert_offsets=off + 5)
-    swapped = ids.clone()
-    swapped[[0, 3]] = swapped[[3, 0]]  # a pair of expert 2 inside expert 0's group
-    with pytest.raises(ValueError, match="pair 0 .* outside its group"):
-        Dispatched(hidden, row_ids, swapped, cnt, expert_offsets=off)
-    _, _, h8, r8, ids8, _, off8 = grouped_problem((3, 0, 5), 8)  # a group claiming a padding pair
-    with pytest.raises(ValueError, match="expert_counts do not match"):
-        Dispatched(h8, r8, ids8, torch.tensor([4, 0, 5], dtype=torch.int32, device=DEVICE), expert_offsets=off8)
-    with pytest.raises(ValueError, match="together"):
-        triton_experts(hidden, row_ids, ids, ExpertWeights(weights.w13.to(DEVICE), weights.w2.to(DEVICE)), cfg,
-                       expert_offsets=off)
 
 
 def test_runner_from_registry_with_dispatched():
@@ -837,29 +766,3 @@ def test_cuda_graph_replay_is_bitwise_equal_to_eager(rows, config, fmt):
     want = triton_experts(hidden, row_ids, experts, weights, cfg, config=config)
     valid = experts >= 0
     assert torch.equal(out[valid], want[valid])
-
-
-@pytest.mark.gpu
-def test_grouped_layout_gpu_equals_flat_eager_and_in_a_graph():
-    """bf16 at model-like sizes: grouped slabs give the flat call's rows bit for bit, also when
-    the Dispatched is built inside a CUDA-graph capture (its content check is skipped there)."""
-    counts = tuple(int(c) for c in torch.randint(0, 150, (16,), generator=torch.Generator().manual_seed(4)))
-    cfg, weights, hidden, row_ids, ids, cnt, off = grouped_problem(counts, 160, H=2048, I=768)
-    weights = ExpertWeights(weights.w13.cuda().bfloat16(), weights.w2.cuda().bfloat16())
-    hidden = hidden.bfloat16()
-    runner = get_runner("triton")(cfg, weights)
-    flat = runner(Dispatched(hidden, row_ids, ids, cnt))
-    out = torch.full_like(flat, float("nan"))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        runner(Dispatched(hidden, row_ids, ids, cnt, expert_offsets=off), out=out)
-    torch.cuda.current_stream().wait_stream(stream)
-    valid = ids >= 0
-    assert torch.equal(out[valid], flat[valid])
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        runner(Dispatched(hidden, row_ids, ids, cnt, expert_offsets=off), out=out)
-    out.fill_(float("nan"))
-    graph.replay()
-    assert torch.equal(out[valid], flat[valid])

@@ -26,13 +26,13 @@ import torch
 
 from epmoe.bench.core import bench, device_name, format_table, hbm_copy_gbps, matmul_tflops
 from epmoe.bench.plan import WEIGHT_BYTES
-from epmoe.comm.base import count_experts
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights, tuning
 from epmoe.experts.activation import activate
 from epmoe.experts.reference import reference_experts
 from epmoe.experts.triton import triton_experts
 from epmoe.experts.tuning import ExpertsConfig, GemmConfig
+from epmoe.ops.combine import count_experts
 from epmoe.quant import QuantizedTensor, quantize_weights
 
 FORMAT_ALIASES = {"bf16": "bf16", "fp8": "fp8", "fp8-block": "fp8_block", "fp8_block": "fp8_block", "nvfp4": "nvfp4"}

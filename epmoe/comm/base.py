@@ -30,7 +30,6 @@ import torch
 
 from epmoe.config import MoEConfig
 from epmoe.group import PeerFailedError, Pending, Placement, RankGroup
-from epmoe.ops.combine import count_experts
 from epmoe.routing import Routing
 
 
@@ -50,53 +49,20 @@ class Dispatched:
     expert_counts: torch.Tensor | None  # [E_local] int32 on the device, pairs per local expert (padding
     # excluded); None where the backend does not count (world-1 "none", whose dispatch launches nothing)
     handle: Any = field(default=None, repr=False)  # backend-private state that combine needs
-    # optional [E_local] int32: pairs grouped by expert, expert e's being [offsets[e], offsets[e] + counts[e])
-    # ascending, every other pair -1 (packed groups, or slabs e * capacity); runners may skip their own sort
-    expert_offsets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in ("row_ids", "expert_ids", "expert_counts", "expert_offsets"):
+        for name in ("row_ids", "expert_ids", "expert_counts"):
             t = getattr(self, name)
             if t is not None and t.dtype != torch.int32:
                 raise ValueError(f"Dispatched.{name} must be int32, got {t.dtype}")
         if self.row_ids.shape != self.expert_ids.shape or self.row_ids.dim() != 1:
             raise ValueError(f"Dispatched.row_ids and expert_ids must both be [M], got {tuple(self.row_ids.shape)} "
                              f"and {tuple(self.expert_ids.shape)}")
-        if self.expert_offsets is not None:
-            check_grouped(self.expert_ids, self.expert_counts, self.expert_offsets)
 
     @property
     def num_pairs(self) -> int:
         """M."""
         return self.expert_ids.shape[0]
-
-
-def check_grouped(expert_ids: torch.Tensor, expert_counts: torch.Tensor, expert_offsets: torch.Tensor) -> None:
-    """ValueError unless pairs are grouped as `expert_offsets` says (see Dispatched); contents are
-    not read while a CUDA graph is captured (a host sync)."""
-    E = expert_counts.shape[0]
-    if expert_offsets.shape != (E,) or expert_offsets.device != expert_ids.device:
-        raise ValueError(f"Dispatched.expert_offsets must be [{E}] (one per local expert) on "
-                         f"{expert_ids.device}, got {tuple(expert_offsets.shape)} on {expert_offsets.device}")
-    if capturing(expert_ids):
-        return
-    M, counts, offsets = expert_ids.shape[0], expert_counts.long(), expert_offsets.long()
-    ends = offsets + counts
-    if bool(((counts < 0) | (offsets < 0) | (ends > M)).any()):
-        raise ValueError(f"Dispatched.expert_offsets: every group [offset, offset + count) must lie in [0, {M})")
-    # every pair of expert e inside e's group, and as many of them as the group holds: then each
-    # group holds exactly its expert's pairs (so groups cannot overlap, padding lies outside)
-    ids = expert_ids.long()
-    e = ids.clamp(0, E - 1) if E else ids.clamp_min(0)
-    pos = torch.arange(M, device=ids.device)
-    inside = (ids >= 0) & (ids < E) & (pos >= offsets[e]) & (pos < ends[e]) if E else ids < 0
-    bad = (ids >= 0) & ~inside
-    have = count_experts(torch.where(ids < E, expert_ids, -1), E)
-    if bool(bad.any()) or not torch.equal(have.long(), counts):
-        p = int(torch.nonzero(bad).flatten()[0]) if bool(bad.any()) else -1
-        where = f"pair {p} (expert {int(ids[p])}) lies outside its group" if p >= 0 else \
-            "expert_counts do not match the pairs' expert ids"
-        raise ValueError(f"Dispatched.expert_offsets: {where}; group the pairs by expert or drop expert_offsets")
 
 
 def call_bound(max_tokens: int | None, T: int, limit: int, who: str) -> int:

@@ -75,7 +75,6 @@ from epmoe.comm.base import (
     capturing,
     check_addend,
     config_code,
-    count_experts,
     finish,
 )
 from epmoe.comm.payload import (
@@ -93,7 +92,7 @@ from epmoe.comm.symm_workspace import Layout, map_workspaces
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
 from epmoe.ops import symm as symm_ops
-from epmoe.ops.combine import IMPLS, expert_owners
+from epmoe.ops.combine import IMPLS, count_experts, expert_owners
 from epmoe.ops.symm import KernelWorkspace, SymmTimeoutError, interpreting
 from epmoe.routing import Routing
 

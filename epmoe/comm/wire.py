@@ -33,7 +33,6 @@ from epmoe.comm.base import (
     call_bound,
     capturing,
     config_code,
-    count_experts,
     finish,
 )
 from epmoe.comm.payload import (
@@ -51,7 +50,7 @@ from epmoe.comm.payload import (
 )
 from epmoe.config import MoEConfig
 from epmoe.group import Placement, RankGroup
-from epmoe.ops.combine import gather_sum, local_pairs, weighted_sum
+from epmoe.ops.combine import count_experts, gather_sum, local_pairs, weighted_sum
 from epmoe.routing import Routing
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

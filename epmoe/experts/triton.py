@@ -64,7 +64,7 @@ from epmoe.ops.grouped_gemm import (
     weight_launch,
 )
 from epmoe.ops.nvfp4 import mma_tile_ok, nvfp4_decode_pairs, nvfp4_mma, words_ok
-from epmoe.ops.permute import Permutation, permute, permute_grouped
+from epmoe.ops.permute import Permutation, permute
 from epmoe.ops.quant import quantize_fp8_groups_triton
 from epmoe.quant import FP8_BLOCK, QuantizedTensor
 from epmoe.util import cdiv
@@ -303,8 +303,7 @@ def plan_call(weights: ExpertWeights, cfg: MoEConfig, hidden: Any, M: int, devic
 
 
 def run_plan(plan: CallPlan, hidden: Any, row_ids: torch.Tensor, expert_ids: torch.Tensor,
-             weights: ExpertWeights, cfg: MoEConfig, out: torch.Tensor,
-             expert_counts: torch.Tensor | None = None, expert_offsets: torch.Tensor | None = None) -> torch.Tensor:
+             weights: ExpertWeights, cfg: MoEConfig, out: torch.Tensor) -> torch.Tensor:
     """Launch `plan` on checked inputs (M > 0): out [M, H], rows in pair order."""
     config, I, w = plan.config, cfg.intermediate, weights
     if plan.a_fp8:
@@ -313,8 +312,6 @@ def run_plan(plan: CallPlan, hidden: Any, row_ids: torch.Tensor, expert_ids: tor
         x = hidden.dequantize(plan.out_dtype) if isinstance(hidden, QuantizedTensor) else hidden
     if config.pair_mode:  # one slot per pair: the kernels read no slot tensors
         perm = Permutation(expert_ids, expert_ids, expert_ids, 1)
-    elif expert_offsets is not None:
-        perm = permute_grouped(expert_counts, expert_offsets, expert_ids.shape[0], config.block_m)
     else:
         perm = permute(expert_ids, w.w13.shape[0], config.block_m)
     slots = perm.max_blocks * perm.block_m
@@ -337,15 +334,6 @@ def run_plan(plan: CallPlan, hidden: Any, row_ids: torch.Tensor, expert_ids: tor
     return out
 
 
-def _check_grouped_args(expert_counts: torch.Tensor | None, expert_offsets: torch.Tensor | None, E: int,
-                        device: torch.device) -> None:
-    if (expert_offsets is not None) != (expert_counts is not None):
-        raise ValueError("pass expert_counts and expert_offsets together (the grouped layout), or neither")
-    for name, t in (("expert_counts", expert_counts), ("expert_offsets", expert_offsets)):
-        if t is not None and (t.dtype != torch.int32 or tuple(t.shape) != (E,) or t.device != device):
-            raise ValueError(f"{name} must be an int32 [{E}] tensor on {device}")
-
-
 def triton_experts(
     hidden: torch.Tensor | QuantizedTensor,
     row_ids: torch.Tensor,
@@ -354,29 +342,24 @@ def triton_experts(
     cfg: MoEConfig,
     out: torch.Tensor | None = None,
     config: ExpertsConfig | None = None,
-    expert_counts: torch.Tensor | None = None,
-    expert_offsets: torch.Tensor | None = None,
     options: TritonOptions | None = None,
 ) -> torch.Tensor:
     """hidden [N, H] (bf16/fp16/fp32, or a quantized payload), row_ids / expert_ids [M] int32
     (-1 = padding) -> out [M, H] in `out_dtype_for(hidden, weights)`.
 
     Same contract as `reference_experts` (with `act_quant=activation_quant(...)`); padding rows
-    of `out` are left as they were. expert_counts and expert_offsets ([E] int32, both or
-    neither): the pairs are grouped by expert as Dispatched.expert_offsets describes (checked
-    there, trusted here), and the device sort is skipped. options None: `TritonOptions()`
+    of `out` are left as they were. options None: `TritonOptions()`
     (its defaults from the environment). `TritonRunner` runs the same with its plans cached.
     """
     _check(hidden, row_ids, expert_ids, weights, cfg, out)
     options = TritonOptions() if options is None else options
-    _check_grouped_args(expert_counts, expert_offsets, weights.w13.shape[0], expert_ids.device)
     M = expert_ids.shape[0]
     if out is None:
         out = torch.empty(M, cfg.hidden, dtype=out_dtype_for(hidden, weights), device=expert_ids.device)
     if M == 0:
         return out
     plan = plan_call(weights, cfg, hidden, M, out.device, options, config)
-    return run_plan(plan, hidden, row_ids, expert_ids, weights, cfg, out, expert_counts, expert_offsets)
+    return run_plan(plan, hidden, row_ids, expert_ids, weights, cfg, out)
 
 
 # plans one runner keeps (distinct pair counts seen); past it the cache starts over
@@ -413,7 +396,7 @@ class TritonRunner(ExpertRunner):
         hidden, w, cfg = d.hidden, self.weights, self.cfg
         row_ids, expert_ids, M = d.row_ids.contiguous(), d.expert_ids.contiguous(), d.expert_ids.shape[0]
         plain = isinstance(hidden, torch.Tensor)
-        key = (M, hidden.dtype if plain else hidden.format, d.expert_offsets is not None, hidden.device,
+        key = (M, hidden.dtype if plain else hidden.format, hidden.device,
                expert_ids.device, hidden.stride(-1) if plain else hidden.data.stride(-1),
                out is None or (out.shape, out.dtype, out.stride(-1)))
         plan = self._plans.get(key)
@@ -432,7 +415,4 @@ class TritonRunner(ExpertRunner):
             raise ValueError(f"hidden must be [N, {cfg.hidden}], got {tuple(hidden.shape)}")
         if out is None:
             out = torch.empty(M, cfg.hidden, dtype=plan.out_dtype, device=expert_ids.device)
-        counts = None if d.expert_offsets is None else d.expert_counts.contiguous()
-        if counts is not None:
-            _check_grouped_args(counts, d.expert_offsets, w.w13.shape[0], expert_ids.device)
-        return run_plan(plan, hidden, row_ids, expert_ids, w, cfg, out, counts, d.expert_offsets)
+        return run_plan(plan, hidden, row_ids, expert_ids, w, cfg, out)

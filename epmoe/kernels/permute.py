@@ -13,8 +13,7 @@ Sizes are static given M (at most cdiv(M, BLOCK_M) + min(E, M) blocks), so the s
 graph. Stable, no atomics (ranks are cumulative sums of a one-hot [SUB, E_PAD] matrix): repeated runs
 write identical buffers. Expert ids outside [0, E) are padding. Entry points: moe_permute_small_kernel
 (one program, one launch: decode); moe_histogram_kernel -> moe_align_kernel -> moe_scatter_kernel
-(segments in parallel, for many pairs); moe_grouped_slots_kernel for pairs already grouped by expert
-(pairs of e at [offset[e], offset[e] + count[e])): sorted_pair[start[e] + i] = offset[e] + i.
+(segments in parallel, for many pairs).
 """
 
 import triton
@@ -141,21 +140,3 @@ def moe_scatter_kernel(expert_ids_ptr, M, E, seg_base_ptr, bounds_ptr, sorted_pa
     b_lo = seg * per
     _block_experts(tl.load(bounds_ptr + E_PAD + experts), E, block_expert_ptr, b_lo,
                    tl.minimum(b_lo + per, max_blocks), BLOCK_M, E_PAD, NB)
-
-
-@triton.jit
-def moe_grouped_slots_kernel(counts_ptr, offsets_ptr, E, sorted_pair_ptr, block_expert_ptr, expert_end_ptr, max_blocks,
-                             BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr):
-    """Grid (E,): program e writes expert e's slots; program 0 also block_expert and expert_end (`_align`)."""
-    e = tl.program_id(0)
-    experts = tl.arange(0, E_PAD)
-    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
-    if e == 0:
-        _align(counts, E, block_expert_ptr, expert_end_ptr, max_blocks, BLOCK_M, E_PAD, NB)
-    padded, ends = _padded_ends(counts, BLOCK_M)
-    start = tl.sum(tl.where(experts == e, ends - padded, 0), axis=0)
-    count = tl.load(counts_ptr + e)
-    first = tl.load(offsets_ptr + e)
-    for i0 in range(0, count, CHUNK):
-        i = i0 + tl.arange(0, CHUNK)
-        tl.store(sorted_pair_ptr + start + i, first + i, mask=i < count)

@@ -3,10 +3,9 @@ and their plain-torch twin.
 
     permute(expert_ids, E, block_m)          device sort, no host sync (one launch up to
                                              SMALL_SORT_MAX_PAIRS pairs, else histogram, scan, scatter)
-    permute_grouped(counts, offsets, M, bm)  pairs already grouped by expert: slots from the counts
     permute_torch(expert_ids, E, block_m)    the twin of `permute` (same buffers; unset slots hold -1)
 
-All three return a `Permutation`; integer outputs of the kernels and the twin match exactly on
+Both return a `Permutation`; integer outputs of the kernels and the twin match exactly on
 the slots in use.
 """
 
@@ -96,26 +95,6 @@ def permute(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Permuta
                                BLOCK_M=block_m, E_PAD=e_pad, SC=max(1, 16384 // e_pad), num_warps=8)
         moe_scatter_kernel[(segs,)](expert_ids, M, num_experts, seg_base, bounds, sorted_pair, block_expert, nb,
                                     SEG=seg, SUB=sub, E_PAD=e_pad, BLOCK_M=block_m, NB=16, num_warps=4)
-    return Permutation(sorted_pair, block_expert, expert_end, block_m)
-
-
-def permute_grouped(expert_counts: torch.Tensor, expert_offsets: torch.Tensor, num_pairs: int,
-                    block_m: int) -> Permutation:
-    """The Permutation of pairs already grouped by expert (the pairs of e are [offset[e],
-    offset[e] + count[e]), see Dispatched.expert_offsets), from the counts and offsets alone: no
-    pass over the pairs. Equal to permute(expert_ids, ...) of those pairs."""
-    from epmoe.kernels.permute import moe_grouped_slots_kernel
-
-    E, dev = expert_counts.shape[0], expert_counts.device
-    nb = max_blocks(num_pairs, E, block_m)
-    sorted_pair = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
-    expert_end = torch.empty(E, dtype=torch.int32, device=dev)
-    if E:
-        moe_grouped_slots_kernel[(E,)](expert_counts, expert_offsets, E, sorted_pair, block_expert, expert_end, nb,
-                                       BLOCK_M=block_m, E_PAD=_e_pad(E), NB=64, CHUNK=256, num_warps=4)
-    else:
-        block_expert.fill_(-1)
     return Permutation(sorted_pair, block_expert, expert_end, block_m)
 
 
