@@ -155,7 +155,7 @@ class LayerGraphs:
 
     def bucket(self, tokens: int) -> int | None:
         """The smallest bucket holding `tokens`, None when it is larger than every bucket."""
-        return next((b for b in self.buckets if b >= tokens), None) if self.graphs or self.names else None
+        return next((b for b in self.buckets if b >= tokens), None) if self.graphs or self.names is not None else None
 
     def stage(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int) -> Bucket:
         """Copy one call's inputs into the static buffers; returns the bucket to replay."""

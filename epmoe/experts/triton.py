@@ -368,9 +368,10 @@ MAX_PLANS = 4096
 
 @register_runner
 class TritonRunner(ExpertRunner):
-    """Grouped-GEMM runner in Triton; capturable in CUDA graphs (no host sync). The weights are
-    checked once at construction; each call's host work is a dictionary lookup of its `CallPlan`
-    (built on the first call of its pair count) and the launches."""
+    """Grouped-GEMM runner in Triton; capturable in CUDA graphs (no host sync). The first call of
+    each kind (pair count, activation dtype or format, device, strides, out) checks every argument
+    and the weights and builds its `CallPlan`; later calls of that kind check the hidden width,
+    look the plan up and launch."""
 
     name = "triton"
     formats = ("bf16", "fp8", "fp8_block", "nvfp4")

@@ -114,15 +114,21 @@ def chunk_experts(num_experts: int, n: int, k: int, dtype: torch.dtype, scratch_
     return max(1, min(num_experts, int(scratch_mb * 2**20 // per_expert)))
 
 
-def decode_chunks(w: Any, dtype: torch.dtype, scratch_mb: float | None) -> Iterator[tuple[Any, ...]]:
+def decodes(w: Any, scratch_mb: float | None) -> bool:
+    """Whether a GEMM over `w` decodes it into the scratch first (nvfp4 weights and a scratch cap)."""
+    return scratch_mb is not None and isinstance(w, QuantizedTensor) and w.format == "nvfp4"
+
+
+def decode_chunks(w: Any, dtype: torch.dtype | None, scratch_mb: float | None) -> Iterator[tuple[Any, ...]]:
     """(kernel weight args, e_lo, e_hi, decoded) per launch of a GEMM: the weights as they are,
     once (scratch_mb None, or weights other than nvfp4); or chunks of experts decoded into this
     thread's scratch (at most scratch_mb megabytes, at least one expert), each right before its
-    launch (the scratch is reused chunk after chunk, stream-ordered)."""
+    launch (the scratch is reused chunk after chunk, stream-ordered). dtype: the scratch's (read
+    only when decoding)."""
     from epmoe.kernels.grouped_gemm import nvfp4_dequant_kernel
 
     E = w.shape[0]
-    if not (scratch_mb is not None and isinstance(w, QuantizedTensor) and w.format == "nvfp4"):
+    if not decodes(w, scratch_mb):
         yield weight_args(w), 0, E, False
         return
     _, N, K = w.shape
@@ -139,7 +145,7 @@ def decode_chunks(w: Any, dtype: torch.dtype, scratch_mb: float | None) -> Itera
         yield (view, view.stride(0), view.stride(1), sc, 0, 0, 0, gl, sg, 0), e_lo, e_hi, True
 
 
-def _weight_launches(w: Any, tile: GemmConfig, dtype: torch.dtype, pair_mode: bool,
+def _weight_launches(w: Any, tile: GemmConfig, dtype: torch.dtype | None, pair_mode: bool,
                      scratch_mb: float | None) -> Iterator[tuple[tuple[Any, ...], int, int, dict[str, Any]]]:
     """(weight kernel args, e_lo, e_hi, weight constexprs) per launch of a GEMM over `w` (see
     decode_chunks); the weights go through the bulk copy engine where the tile asks for it and
@@ -155,10 +161,7 @@ def weight_launch(w: Any, tile: GemmConfig, pair_mode: bool, scratch_mb: float |
     """The one launch's weight arguments of a GEMM over `w` (as `_weight_launches` yields them),
     for a caller to keep and pass back as `launch=`; None where each call decodes nvfp4 weights
     into the scratch first (the arguments then change per chunk)."""
-    if scratch_mb is not None and isinstance(w, QuantizedTensor) and w.format == "nvfp4":
-        return None
-    return next(_weight_launches(w, tile, w.dtype if isinstance(w, torch.Tensor) else torch.bfloat16, pair_mode,
-                                 None))
+    return None if decodes(w, scratch_mb) else next(_weight_launches(w, tile, None, pair_mode, None))
 
 
 def moe_gate_up(x: torch.Tensor, x_scales: tuple[torch.Tensor, int, int] | None, row_ids: torch.Tensor,
