@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from epmoe.bench.core import device_name, emit, progress
-from epmoe.integrations.hf import HFMoEBlock, patch_model
+from epmoe.integrations.hf import capture_model_graphs, patch_model
 
 # The published configs of the presets' models (transformers class, its arguments). Only the
 # families `patch_model` supports; MiniMax has no transformers class in the versions we support.
@@ -157,10 +157,7 @@ def run_generate(preset: str, batches: list[int], prompt_len: int, new_tokens: i
         if impl == "epmoe":
             patch_model(model, **patch_kwargs)
         if impl == "epmoe graphs":
-            pool = torch.cuda.graph_pool_handle()
-            for m in model.modules():
-                if isinstance(m, HFMoEBlock):
-                    m.moe.capture_graphs(graphs, routed=m.picks == "hf", validate=m.moe.validate, lazy=True, pool=pool)
+            capture_model_graphs(model, graphs)
         for mode, b in progress([(m, b) for m in modes for b in batches], desc=f"generate {impl}"):
             torch._dynamo.reset()
             t = time_generate(model, prompts[b], new_tokens, mode)

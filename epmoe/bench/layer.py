@@ -39,7 +39,7 @@ from epmoe.comm import get_comm
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
 from epmoe.group import RankGroup, VirtualGroup
-from epmoe.integrations.hf import HFMoEBlock, _family_of, patch_model
+from epmoe.integrations.hf import HFMoEBlock, _family_of, capture_model_graphs, patch_model
 from epmoe.launch import run_ranks
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.select import Combo, check, comm_candidates, pick_runner
@@ -246,7 +246,7 @@ def host_rows(preset: str, tokens: list[int], device: torch.device, iters: int =
             layer.capture_graphs(max(tokens), buckets=sorted(set(tokens)), validate=False)
             for T in tokens:
                 add("layer replay", T, lambda T=T: layer(xs[T].reshape(T, H), logits[T]))
-            layer.capture_graphs(max(tokens), routed=patched.picks == "hf", validate=False, lazy=True)
+            capture_model_graphs(model, max(tokens))
             for T in tokens:
                 add("patched block graphs", T, lambda T=T: patched(xs[T]))
     for r in rows:

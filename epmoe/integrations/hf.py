@@ -307,7 +307,6 @@ def patch_model(
     if graphs < 0 or graphs and (world > 1 or next(model.parameters()).device.type != "cuda"):
         raise ValueError(f"graphs={graphs}: graphs captured on first use need a model on a CUDA device and one "
                          "rank (graphs > 0), or pass graphs=0")
-    pool = torch.cuda.graph_pool_handle() if graphs else None
     names = []
     for name, block, family in blocks:
         if not name:
@@ -324,10 +323,21 @@ def patch_model(
         bias = _correction_bias(cfg, router, block_bias)
         moe = MoELayer(_block_config(cfg, block.experts), w, group=group, comm=comm, runner=runner, layout=layout,
                        placement=placement, correction_bias=bias, shared=_shared(family, block, cfg), **layer_kwargs)
-        if graphs:
-            moe.capture_graphs(graphs, routed=picks == "hf", validate=moe.validate, lazy=True, pool=pool)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, HFMoEBlock(family.name, router, moe, picks=picks, block_bias=block_bias))
         names.append(name)
+    if graphs:
+        capture_model_graphs(model, graphs)
     return names
+
+
+def capture_model_graphs(model: nn.Module, max_tokens: int) -> int:
+    """CUDA graphs captured on first use (`MoELayer.capture_graphs(max_tokens, lazy=True)`) on every
+    patched block of `model`, all in one memory pool, each in its block's picks mode; returns the
+    number of blocks. What `patch_model(graphs=N)` does after patching."""
+    pool = torch.cuda.graph_pool_handle()
+    blocks = [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+    for b in blocks:
+        b.moe.capture_graphs(max_tokens, routed=b.picks == "hf", validate=b.moe.validate, lazy=True, pool=pool)
+    return len(blocks)
