@@ -61,6 +61,7 @@ class LayerGraphs:
         self.ids = torch.arange(K, dtype=torch.int32, device=device).repeat(top, 1)  # [top, K]
         self.weights = torch.zeros(top, K, dtype=torch.float32, device=device)  # [top, K]
         self.valid = torch.zeros((), dtype=torch.int32, device=device)  # rows < it are real
+        self._valid_now: int | None = None  # what `valid` holds (None: unknown): a replay of the same T skips the fill
         self.graphs: dict[int, Bucket] = {}
         self.pool: tuple[int, int] | None = None  # the memory pool the graphs share
         self.names: list[str] | None = None  # set by `lazy`: capture each bucket when first needed
@@ -132,6 +133,7 @@ class LayerGraphs:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             todo = sorted(buckets or self.buckets, reverse=True)
+            self._valid_now = None
             with torch.cuda.stream(stream):
                 for b in todo:  # warm up every shape outside the graph (allocations, autotuning)
                     self.valid.fill_(b)
@@ -160,14 +162,20 @@ class LayerGraphs:
     def stage(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int) -> Bucket:
         """Copy one call's inputs into the static buffers; returns the bucket to replay."""
         T = x.shape[0]
+        # a replay of the T the last one had (decode steps) finds `valid` = T and ids rows >= T at -1
+        # (only a larger T or a capture's warm-up writes them): two launches fewer
+        fresh = self._valid_now != T
         self.x[:T].copy_(x)
         if routing is not None:
             self.ids[:T].copy_(routing.ids)
-            self.ids[T:bucket].fill_(-1)
+            if fresh:
+                self.ids[T:].fill_(-1)
             self.weights[:T].copy_(routing.weights)
         else:
             self.logits[:T].copy_(logits)
-        self.valid.fill_(T)
+        if fresh:
+            self.valid.fill_(T)
+            self._valid_now = T
         return self.graphs[bucket]
 
     def replay(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from epmoe.group import Placement
+from epmoe.ops.launch import launcher
 from epmoe.util import cdiv, next_pow2
 
 IMPLS = ("auto", "torch", "triton")
@@ -120,7 +121,7 @@ def local_dispatch(ids: torch.Tensor, placement: Placement, rank: int, impl: str
     block = max(16, next_pow2(M)) if single else DISPATCH_BLOCK
     alloc = torch.empty if single else torch.zeros
     counts = alloc(E_local, dtype=torch.int32, device=dev)
-    local_pairs_kernel[(cdiv(M, block) if M else 1,)](
+    launcher(local_pairs_kernel)[(cdiv(M, block) if M else 1,)](
         ids.contiguous(), placement.expert_rank, placement.expert_local, expert_ids, row_ids, counts,
         M, placement.num_experts, rank,
         K=K, E_LOCAL=E_local, NB=max(16, next_pow2(E_local)), BLOCK=block,
@@ -280,7 +281,7 @@ def _launch_sum(out: torch.Tensor, weights: torch.Tensor, sel: torch.Tensor, add
     block_h = min(next_pow2(H), 1024)
     add = addend if addend is not None else y
     limit = ID_LIMIT if num_ids is None else num_ids
-    weighted_sum_kernel[(T, cdiv(H, block_h))](
+    launcher(weighted_sum_kernel)[(T, cdiv(H, block_h))](
         out, out.stride(0), weights, sel, add, add.stride(0), y, y.stride(0), H, limit,
         K=K, GATHER=gather, SEL_BOOL=sel.dtype == torch.uint8, HAS_ADDEND=addend is not None, BLOCK_H=block_h,
         num_warps=max(1, min(4, block_h // 256)),

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from epmoe.ops.launch import launcher
 from epmoe.ops.permute import Permutation
 from epmoe.quant import AMAX_EPS, FP8_BLOCK, QuantizedTensor
 from epmoe.util import cdiv
@@ -139,7 +140,7 @@ def decode_chunks(w: Any, dtype: torch.dtype | None, scratch_mb: float | None) -
     for e_lo in range(0, E, chunk):
         e_hi = min(E, e_lo + chunk)
         view = buf[:(e_hi - e_lo) * N * K].view(e_hi - e_lo, N, K)
-        nvfp4_dequant_kernel[(cdiv(N, bn) * cdiv(K, bk), e_hi - e_lo)](
+        launcher(nvfp4_dequant_kernel)[(cdiv(N, bn) * cdiv(K, bk), e_hi - e_lo)](
             w.data, se, sn, sc, ss_e, ss_n, ss_k, view, view.stride(0), view.stride(1), e_lo, N, K,
             FAST_E2M1=view.is_cuda, BLOCK_N=bn, BLOCK_K=bk, num_warps=8)
         yield (view, view.stride(0), view.stride(1), sc, 0, 0, 0, gl, sg, 0), e_lo, e_hi, True
@@ -187,7 +188,7 @@ def moe_gate_up(x: torch.Tensor, x_scales: tuple[torch.Tensor, int, int] | None,
     num_m, pair_mode = perm.max_blocks, perm.pair_mode
     launches = [launch] if launch is not None else _weight_launches(w13, g, act.dtype, pair_mode, scratch_mb)
     for w_args, e_lo, e_hi, w_flags in launches:
-        moe_gate_up_kernel[(num_m * cdiv(I, g.block_n),)](
+        launcher(moe_gate_up_kernel)[(num_m * cdiv(I, g.block_n),)](
             x, x.stride(0), xs, stride_xsm, stride_xsg, *w_args, b, b.stride(0) if has_bias else 0,
             act, act.stride(0), act_s, act_s.stride(0), row_ids, expert_ids, perm.sorted_pair, perm.block_expert,
             perm.expert_end, num_m, E, e_lo, e_hi, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha), AMAX_EPS,
@@ -214,7 +215,7 @@ def moe_down(act: torch.Tensor, act_scales: torch.Tensor | None, expert_ids: tor
     num_m, pair_mode = perm.max_blocks, perm.pair_mode
     launches = [launch] if launch is not None else _weight_launches(w2, d, out.dtype, pair_mode, scratch_mb)
     for w_args, e_lo, e_hi, w_flags in launches:
-        moe_down_kernel[(num_m * cdiv(H, d.block_n),)](
+        launcher(moe_down_kernel)[(num_m * cdiv(H, d.block_n),)](
             act, act.stride(0), act_s, act_s.stride(0), *w_args, b, b.stride(0) if has_bias else 0,
             out, out.stride(0), expert_ids, perm.sorted_pair, perm.block_expert, perm.expert_end,
             num_m, E, e_lo, e_hi, H, I,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from epmoe.ops.grouped_gemm import ACT_CODES, weight_args
+from epmoe.ops.launch import launcher
 from epmoe.ops.permute import Permutation
 from epmoe.util import cdiv
 
@@ -59,12 +60,12 @@ def nvfp4_decode_pairs(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch
     has_bias = b13 is not None
     (w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13, b13, sb13), \
         (w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2, b2, sb2) = _word_args(w13, b13), _word_args(w2, b2)
-    nvfp4_decode_gate_up_kernel[(M * cdiv(I, g.block_n),)](
+    launcher(nvfp4_decode_gate_up_kernel)[(M * cdiv(I, g.block_n),)](
         x, x.stride(0), row_ids, expert_ids, w13, se13, sn13, s13, sse13, ssn13, ssk13, g13, sg13,
         b13, sb13, act, act.stride(0), E, I, H,
         float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
         ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, USE_PDL=pdl, **_decode_tile(g))
-    nvfp4_decode_down_kernel[(M * cdiv(H, d.block_n),)](
+    launcher(nvfp4_decode_down_kernel)[(M * cdiv(H, d.block_n),)](
         act, act.stride(0), expert_ids, w2, se2, sn2, s2, sse2, ssn2, ssk2, g2, sg2,
         b2, sb2, out, out.stride(0), E, H, I,
         HAS_BIAS=has_bias, USE_PDL=pdl, **_decode_tile(d), **({"launch_pdl": True} if pdl else {}))
@@ -105,13 +106,13 @@ def nvfp4_mma(x: torch.Tensor, row_ids: torch.Tensor, expert_ids: torch.Tensor, 
     num_m, sorted_pair = perm.max_blocks, perm.sorted_pair
     block_expert, expert_end = perm.block_expert, perm.expert_end
     common = {"PAIR_MODE": perm.pair_mode, "USE_PDL": pdl, "BLOCK_M": perm.block_m}
-    nvfp4_mma_gate_up_kernel[(num_m * cdiv(I, g.block_n),)](
+    launcher(nvfp4_mma_gate_up_kernel)[(num_m * cdiv(I, g.block_n),)](
         x, x.stride(0), row_ids, expert_ids, sorted_pair, block_expert, expert_end,
         w13, se13, sn13, s13.view(torch.uint8), sse13, ssn13, ssk13, g13, sg13, b13, sb13, act, act.stride(0),
         E, I, H, float(cfg.swiglu_limit), float(cfg.swiglu_alpha),
         ACT=ACT_CODES[cfg.activation], HAS_BIAS=has_bias, EVEN_K=H % g.block_k == 0, **common,
         PREFETCH=g.num_stages > 1, BLOCK_N=g.block_n, BLOCK_K=g.block_k, num_warps=g.num_warps)
-    nvfp4_mma_down_kernel[(num_m * cdiv(H, d.block_n),)](
+    launcher(nvfp4_mma_down_kernel)[(num_m * cdiv(H, d.block_n),)](
         act, act.stride(0), expert_ids, sorted_pair, block_expert, expert_end,
         w2, se2, sn2, s2.view(torch.uint8), sse2, ssn2, ssk2, g2, sg2, b2, sb2, out, out.stride(0), E, H, I,
         HAS_BIAS=has_bias, EVEN_K=I % d.block_k == 0, **common,

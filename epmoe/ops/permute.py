@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from epmoe.ops.launch import launcher
 from epmoe.util import cdiv, next_pow2
 
 # the sort: up to this many pairs one program does everything (one launch); beyond, the pairs are
@@ -82,19 +83,21 @@ def permute(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Permuta
     expert_end = torch.empty(num_experts, dtype=torch.int32, device=dev)
     NB = 64
     if M <= SMALL_SORT_MAX_PAIRS:
-        moe_permute_small_kernel[(1,)](expert_ids, M, num_experts, sorted_pair, block_expert, expert_end, nb,
-                                       BLOCK_M=block_m, SUB=sub, E_PAD=e_pad, NB=NB, num_warps=4)
+        launcher(moe_permute_small_kernel)[(1,)](expert_ids, M, num_experts, sorted_pair, block_expert, expert_end,
+                                                 nb, BLOCK_M=block_m, SUB=sub, E_PAD=e_pad, NB=NB, num_warps=4)
     else:
         seg = sort_segment(M, sub)
         segs = cdiv(M, seg)
         hist = torch.empty(segs, e_pad, dtype=torch.int32, device=dev)
         seg_base = torch.empty(segs, e_pad, dtype=torch.int32, device=dev)
         bounds = torch.empty(2, e_pad, dtype=torch.int32, device=dev)
-        moe_histogram_kernel[(segs,)](expert_ids, M, num_experts, hist, SEG=seg, SUB=sub, E_PAD=e_pad, num_warps=4)
-        moe_align_kernel[(1,)](hist, segs, num_experts, seg_base, bounds, expert_end,
-                               BLOCK_M=block_m, E_PAD=e_pad, SC=max(1, 16384 // e_pad), num_warps=8)
-        moe_scatter_kernel[(segs,)](expert_ids, M, num_experts, seg_base, bounds, sorted_pair, block_expert, nb,
-                                    SEG=seg, SUB=sub, E_PAD=e_pad, BLOCK_M=block_m, NB=16, num_warps=4)
+        launcher(moe_histogram_kernel)[(segs,)](expert_ids, M, num_experts, hist, SEG=seg, SUB=sub, E_PAD=e_pad,
+                                                num_warps=4)
+        launcher(moe_align_kernel)[(1,)](hist, segs, num_experts, seg_base, bounds, expert_end,
+                                         BLOCK_M=block_m, E_PAD=e_pad, SC=max(1, 16384 // e_pad), num_warps=8)
+        launcher(moe_scatter_kernel)[(segs,)](expert_ids, M, num_experts, seg_base, bounds, sorted_pair,
+                                              block_expert, nb, SEG=seg, SUB=sub, E_PAD=e_pad, BLOCK_M=block_m,
+                                              NB=16, num_warps=4)
     return Permutation(sorted_pair, block_expert, expert_end, block_m)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from epmoe.ops.launch import launcher
 from epmoe.quant import (
     AMAX_EPS,
     FP8_BLOCK,
@@ -48,7 +49,7 @@ def quantize_fp8_groups_triton(x: torch.Tensor, group: int = FP8_BLOCK) -> Quant
     if T:
         block = next_pow2(group)
         groups = min(next_pow2(G), max(1, 2048 // block))  # up to 2048 values a program
-        fp8_group_quant_kernel[(T, cdiv(G, groups))](
+        launcher(fp8_group_quant_kernel)[(T, cdiv(G, groups))](
             x, x.stride(0), data.view(torch.uint8), H, scales, G,
             EPS=AMAX_EPS, GROUP=group, BLOCK=block, GROUPS=groups,
         )
@@ -76,7 +77,7 @@ def quantize_nvfp4_triton(
     scales = torch.empty(T, H // NVFP4_BLOCK, dtype=FP8_DTYPE, device=x.device)
     nb = H // NVFP4_BLOCK
     if T:
-        nvfp4_quant_kernel[(T, cdiv(nb, blocks_per_program))](
+        launcher(nvfp4_quant_kernel)[(T, cdiv(nb, blocks_per_program))](
             x, x.stride(0), data, H // 2, scales.view(torch.uint8), nb, g,
             BLOCKS=blocks_per_program,
         )

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from epmoe.config import MoEConfig
+from epmoe.ops.launch import launcher
 from epmoe.routing import Routing, check_route_inputs, route_torch
 from epmoe.util import cdiv, next_pow2
 
@@ -93,7 +94,7 @@ def route_triton(
     if T == 0:
         return Routing(ids, weights)
     block_t, kwargs = _launch_params(cfg, next_pow2(T), interpret)
-    moe_route_kernel[(cdiv(T, block_t),)](
+    launcher(moe_route_kernel)[(cdiv(T, block_t),)](
         logits, bias, num_valid, ids, weights, T, logits.stride(0), logits.stride(1),
         float(cfg.routed_scaling_factor), HAS_NUM_VALID=num_valid is not None, **kwargs,
     )
