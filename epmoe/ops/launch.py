@@ -30,8 +30,6 @@ from typing import Any
 import torch
 
 ENABLED = os.environ.get("EPMOE_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")
-_INT32 = (-(2**31), 2**31)
-_INT64 = (-(2**63), 2**63)
 _MAX_ENTRIES = 512  # per kernel; past it the table starts afresh (a caller making new descriptors per call)
 
 
@@ -41,37 +39,44 @@ def _split(args: tuple[Any, ...], constexprs: frozenset[int]) -> tuple[tuple[Any
     the positions of constexpr parameters (keyed by value)."""
     key: list[Any] = []
     out: list[Any] = []
+    push, put, tensor = key.append, out.append, torch.Tensor
     for i, a in enumerate(args):
-        if i in constexprs:
-            key.append((None, a))
-        elif isinstance(a, torch.Tensor):
-            ptr = a.data_ptr()
-            key.append((a.dtype, a.get_device(), ptr & 15 == 0))
-            out.append(ptr)
-            continue
         t = type(a)
-        if t is int:
-            width = 0 if _INT32[0] <= a < _INT32[1] else 1 if _INT64[0] <= a < _INT64[1] else 2
-            key.append((a == 1, a & 15 == 0, width))
+        if t is int and i not in constexprs:
+            # 1, multiples of 16, others; wider than 32 bits: codes of their own
+            push((1 if a == 1 else 2 if a & 15 == 0 else 3) if -2147483648 <= a < 2147483648 else
+                 (4 if a & 15 == 0 else 5) if -(2**63) <= a < 2**63 else 6 + (a & 15 == 0))
+            put(a)
+        elif isinstance(a, tensor):
+            ptr = a.data_ptr()
+            push(a.dtype)
+            push(a.get_device() if ptr & 15 == 0 else -100 - a.get_device())  # device and 16-byte alignment
+            put(ptr)
+        elif i in constexprs:
+            push((None, a))
+            put(a)
         elif t is bool:
-            key.append(a)
+            push(a)
+            put(a)
         elif t is float or a is None:
-            key.append(t)
+            push(t)
+            put(a)
         elif t.__name__ == "TensorDescriptor":  # kept by its caller (weights): named by identity
-            key.append((t, id(a)))
+            push((t, id(a)))
+            put(a)
         else:
             return None
-        out.append(a)
     return tuple(key), out
 
 
 class _Entry:
     """A compiled kernel's launch handles, and the descriptors its key names by identity."""
 
-    __slots__ = ("run", "function", "metadata", "keep")
+    __slots__ = ("run", "function", "metadata", "tail", "keep")
 
-    def __init__(self, compiled: Any, keep: list[Any]) -> None:
+    def __init__(self, compiled: Any, tail: list[Any], keep: list[Any]) -> None:
         self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+        self.tail = tail  # the parameters after the positional arguments: kwargs or defaults (in the key)
         self.keep = keep
 
 
@@ -120,12 +125,12 @@ class Launcher:
             if len(self.entries) >= _MAX_ENTRIES:
                 self.entries.clear()
             if hasattr(compiled, "packed_metadata"):
+                tail = [kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):]]
                 keep = [a for a in args if type(a).__name__ == "TensorDescriptor"]
-                self.entries[key] = _Entry(compiled, keep)
+                self.entries[key] = _Entry(compiled, tail, keep)
             return
         full = split[1]
-        for name in self.names[len(full):]:
-            full.append(kwargs[name] if name in kwargs else self.defaults[name])
+        full += entry.tail
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         entry.run(grid[0], g1, g2, self._driver.get_current_stream(device), entry.function, entry.metadata,

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The host-cost checks of one GPU call: the GPU tests of the launch / graph / HF paths, `bench layer
+# --host` with the fast launcher on and off, and `bench generate` (eager with graphs; static cache).
+#   OUT=out bash scripts/gpu_host.sh [tests] [host] [generate] [static]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-out}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+for step in "$@"; do
+    echo "=== $step $(date -u +%T)"
+    case "$step" in
+        tests) timeout ${TESTS_TIMEOUT:-200} "$PY" -m pytest -q -m gpu -p no:cacheprovider ${TEST_FILES:-tests/test_launch.py \
+                  tests/test_graphs.py tests/test_hf.py tests/test_eplb.py tests/test_split_phase.py} 2>&1 \
+                  | tee "$OUT/tests.log" | tail -20 ;;
+        host) for fl in 1 0; do
+                  EPMOE_FAST_LAUNCH=$fl timeout 90 "$PY" -m epmoe.cli bench layer --host --preset qwen3-30b-a3b \
+                      --tokens 1,16,128 --json "$OUT/host_fast$fl.json" 2>&1 | tail -18
+              done ;;
+        generate) timeout ${GEN_TIMEOUT:-200} "$PY" -m epmoe.cli bench generate --preset qwen3-30b-a3b --layers 48 \
+                      --batch 1,16 --mode eager --prompt 128 --new 32 --graphs 64 --json "$OUT/generate_eager.json" 2>&1 | tail -12 ;;
+        static) timeout ${STATIC_TIMEOUT:-150} "$PY" -m epmoe.cli bench generate --preset qwen3-30b-a3b --layers 8 \
+                      --batch 1 --mode static --prompt 128 --new 32 --json "$OUT/generate_static.json" 2>&1 | tail -12 ;;
+        *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done
