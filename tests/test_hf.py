@@ -624,23 +624,52 @@ def test_patch_model_graphs_need_a_cuda_model():
         patch_model(build_model("qwen3_moe"), graphs=8)
 
 
+BLOCK_GRAPH_CASES = [("qwen3_moe", "hf"), ("qwen3_moe", "logits"), ("deepseek_v3", "hf"), ("gpt_oss", "hf")]
+
+
+@pytest.mark.parametrize(("family", "picks"), BLOCK_GRAPH_CASES)
+def test_block_graph_body_sends_padding_rows_to_no_expert(family, picks):
+    """The body a block graph captures (HFMoEBlock.body with `valid`): the first `valid` rows equal
+    the eager block's, and rows past it got no expert (only the shared experts, where there are any)."""
+    model = build_model(family)
+    patch_model(model, picks=picks)
+    block = next(m for m in model.modules() if isinstance(m, HFMoEBlock))
+    H = model.config.hidden_size
+    x = torch.randn(7, H, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = block.body(x, torch.tensor(4, dtype=torch.int32))
+        eager = block(x[:4].unsqueeze(0))
+        y, eager = (out[0], eager[0]) if isinstance(out, tuple) else (out, eager)
+        torch.testing.assert_close(y[:4], eager.reshape(4, H), atol=1e-5, rtol=1e-5)
+        shared = block.moe.shared(x[4:], block.moe.cfg) if block.moe.shared is not None else torch.zeros(3, H)
+        torch.testing.assert_close(y[4:], shared.to(y.dtype), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("picks", ["hf", "logits"])
-def test_patch_model_graphs_equal_eager_calls(picks):
-    """patch_model(graphs=N): the model's MoE calls replay graphs captured on first use (all layers
-    in one pool), with the same logits as the eagerly patched model, bit for bit."""
-    eager_model = build_model("qwen3_moe", dtype=torch.bfloat16).cuda()
+@pytest.mark.parametrize(("family", "picks"), BLOCK_GRAPH_CASES)
+def test_patch_model_graphs_equal_eager_calls(family, picks):
+    """patch_model(graphs=N): each block's calls replay graphs of the whole block (router and layer)
+    captured on first use (all blocks in one pool), with the same logits as the eagerly patched
+    model, bit for bit; with output_router_logits the blocks run eagerly so the router is recorded."""
+    eager_model = build_model(family, dtype=torch.bfloat16).cuda()
     graph_model = copy.deepcopy(eager_model)
     patch_model(eager_model, picks=picks)
     patch_model(graph_model, picks=picks, graphs=16)
     blocks = [m for m in graph_model.modules() if isinstance(m, HFMoEBlock)]
-    assert blocks and all(b.moe.graphs is not None and not b.moe.graphs.graphs for b in blocks)
+    assert blocks and all(b.graphs is not None and not b.graphs.graphs for b in blocks)
     with torch.no_grad():
         for seq in (5, 5, 3, 40):
             ids = torch.randint(0, COMMON["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(seq)).cuda()
             torch.testing.assert_close(graph_model(ids).logits, eager_model(ids).logits, atol=0, rtol=0)
-    assert sorted(blocks[0].moe.graphs.graphs) == [8, 16]  # 2 x 3 and 2 x 5 tokens; 80 ran eagerly
-    assert len({b.moe.graphs.pool for b in blocks}) == 1
+        assert sorted(blocks[0].graphs.graphs) == [8, 16]  # 2 x 3 and 2 x 5 tokens; 80 ran eagerly
+        assert len({b.graphs.pool for b in blocks}) == 1
+        ids = torch.randint(0, COMMON["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(9)).cuda()
+        if family != "gpt_oss":  # GPT-OSS records its router's scores through the block, not the router
+            got = graph_model(ids, output_router_logits=True).router_logits
+            want = eager_model(ids, output_router_logits=True).router_logits
+            assert len(got) == len(want) == len(blocks)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
 def test_docs_list_every_family():

@@ -184,10 +184,19 @@ class HFMoEBlock(nn.Module):
             self.register_buffer(self.family.bias, block_bias)  # same state_dict key: mlp.e_score_correction_bias
         self.moe = moe
         self.picks = picks
+        self.graphs: Any = None  # hf_graphs.BlockGraphs once capture_model_graphs runs
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.graphs is not None and self.graphs.serves(hidden_states):
+            return self.graphs.replay(hidden_states)
         shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        out = self.body(hidden_states.reshape(-1, shape[-1]))
+        return (out[0].reshape(shape), out[1]) if self.family.returns_scores else out.reshape(shape)
+
+    def body(self, x: torch.Tensor, valid: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> y [T, H] (and router scores [T, K] where the family returns them). valid: a CUDA
+        graph body's device count of real rows; rows at or past it go to no expert (hf_graphs.py)."""
         # called as the HF block calls it (router bias, fp32 for DeepSeek): `output_router_logits` records it
         args = (getattr(self, self.family.bias),) if self.family.bias is not None else ()
         router_in = x.unsqueeze(0) if self.family.router_3d else x  # [1, T, H] or [T, H]
@@ -196,10 +205,14 @@ class HFMoEBlock(nn.Module):
         if self.family.block_scales:  # Laguna scales the routed sum after its router; ours scales the weights
             router_scores = router_scores * self.moe.cfg.routed_scaling_factor
         if self.picks == "hf":  # HF's own picks, ties included; checked only when built with validate=True
+            if valid is not None:
+                rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # [T, 1]
+                router_ids = torch.where(rows < valid, router_ids, -1)
             routing = Routing.external(router_ids, router_scores, self.moe.cfg.num_experts, validate=False)
-            y = self.moe(x, routing=routing).reshape(shape)
+            y = self.moe(x, routing=routing) if valid is None else self.moe._eager(x, None, routing, check=False)
         else:
-            y = self.moe(x, router_logits.reshape(x.shape[0], -1)).reshape(shape)
+            logits = router_logits.reshape(x.shape[0], -1)
+            y = self.moe(x, logits) if valid is None else self.moe._eager(x, logits, None, num_valid=valid)
         return (y, router_scores) if self.family.returns_scores else y
 
     def extra_repr(self) -> str:
@@ -268,9 +281,10 @@ def patch_model(
             this rank's routed experts (`quantize_weights`, dynamic scales); biases and shared experts stay.
     picks:  "hf": the experts and weights HF's router picked (ties as HF); "logits": `epmoe.route` on
             its logits (ties to the lowest id; what CUDA graphs replay). See docs/hf.md.
-    graphs: > 0 (CUDA, one rank): each layer's calls of up to this many tokens replay CUDA graphs, each
-            power-of-two bucket captured on its first call (`MoELayer.capture_graphs(graphs, lazy=True)`,
-            the layers sharing one memory pool): a decode step costs a replay per layer; 0: eager calls.
+    graphs: > 0 (CUDA, one rank): each block's calls of up to this many tokens replay CUDA graphs of the
+            whole block (router and layer), each power-of-two bucket captured on its first call
+            (`capture_model_graphs`, hf_graphs.py; the blocks share one memory pool): a decode step costs
+            one replay per block; 0: eager calls.
     layer_kwargs: further `MoELayer` arguments (placement, capture, comm_options, validate);
             `validate` defaults to False here (the model's own router; docs/hf.md).
     """
@@ -333,11 +347,13 @@ def patch_model(
 
 
 def capture_model_graphs(model: nn.Module, max_tokens: int) -> int:
-    """CUDA graphs captured on first use (`MoELayer.capture_graphs(max_tokens, lazy=True)`) on every
-    patched block of `model`, all in one memory pool, each in its block's picks mode; returns the
-    number of blocks. What `patch_model(graphs=N)` does after patching."""
+    """CUDA graphs of every patched block of `model` (router and layer), each power-of-two bucket up to
+    max_tokens captured on its first call, all in one memory pool (`hf_graphs.BlockGraphs`); returns
+    the number of blocks. What `patch_model(graphs=N)` does after patching."""
+    from epmoe.integrations.hf_graphs import BlockGraphs
+
     pool = torch.cuda.graph_pool_handle()
     blocks = [m for m in model.modules() if isinstance(m, HFMoEBlock)]
     for b in blocks:
-        b.moe.capture_graphs(max_tokens, routed=b.picks == "hf", validate=b.moe.validate, lazy=True, pool=pool)
+        b.graphs = BlockGraphs(b, max_tokens, pool)
     return len(blocks)
