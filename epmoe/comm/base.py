@@ -278,7 +278,9 @@ class CommBackend:
     def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                       addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
         """combine's send half (partial sums computed, exchange posted); `.wait()` -> combine's
-        result (addend and out are read there). Same ordering rule as `dispatch_start`."""
+        result. Split-phase backends read addend and out only in the wait (the layer's shared
+        experts may still be running on a side stream until then). Same ordering rule as
+        `dispatch_start`."""
         if self.split_phase:
             raise NotImplementedError
         return Pending.done(self.combine(expert_out, dispatched, out, addend=addend))
