@@ -600,7 +600,8 @@ class MoELayer(nn.Module):
         runner's rows do not depend on how many it gets (MKL's CPU GEMM rows do: a 1..5-row product
         differed in the last bits from the same rows of a 40-row one). Every rank calls it alike,
         with the same splits (each micro-batch is a comm call). Where a backend (under
-        comm="auto": a candidate) has no split phases, the micro-batches run one after another."""
+        comm="auto": a candidate) has no split phases or holds one call in flight (symm_a2a), the
+        micro-batches run one after another."""
         try:
             self._check_inputs(x, router_logits, routing)
             if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
@@ -619,14 +620,15 @@ class MoELayer(nn.Module):
             d = rows.wait()
             return self._comm.combine_start(self.runner(d), d, addend=addend)
 
-        # without split phases (symm_a2a) one call is in flight at a time: each runs whole, in turn
-        overlap = all(c.split_phase for c in self.comms.values())
+        # without split phases, or with one call in flight at a time (symm_a2a), each runs whole, in turn
+        overlap = all(c.split_phase and c.calls_in_flight is None for c in self.comms.values())
         addends, rows, ys = [] if overlap else shared(), [], []
         for b, (xb, ids, w) in enumerate(parts):
             rows.append(self._comm.dispatch_start(xb, Routing(ids, w), max_tokens=xb.shape[0] if self.world == 1
                                                   else None))
             if not overlap:
                 ys.append(finish(rows[b], addends[b]))
+                ys[-1].wait()  # the call's combine finished before the next dispatch starts
         if overlap:
             ys = [finish(r, a) for r, a in zip(rows, shared())]
         return torch.cat([y.wait() for y in ys])

@@ -198,6 +198,9 @@ class CommBackend:
     # True: implements dispatch_start / combine_start (the blocking calls are start + wait), whose
     # exchange is in flight until the wait; False: implements dispatch / combine (the start runs them)
     split_phase: ClassVar[bool]
+    # most calls one rank may have started and not yet waited for (None: any number; symm_a2a: 1, its one
+    # workspace). A default, not a required declaration: callers overlap several calls only where it is None.
+    calls_in_flight: ClassVar[int | None] = None
     Options: ClassVar[type[CommOptions]]  # frozen dataclass of its options, every field defaulted
 
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,

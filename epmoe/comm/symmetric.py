@@ -44,6 +44,17 @@ flag a reader waits on is always either the previous call's value or this call's
       them.
 
 So a call is always dispatch followed by combine; a second dispatch without a combine raises.
+
+Split phases (`dispatch_start` / `combine_start`, comm/base.py): each start is the send phase
+(launched, or on the CPU written, at once; it waits for no peer) and its `wait()` the receive
+phase, so a caller's work between them (the shared experts, the experts of another batch) runs
+while the peers' rows arrive; the blocking calls are start + wait, the same kernels in the same
+order, so they give the same bits and a CUDA graph captures the halves as it captures the whole
+(every pointer and grid is fixed by T and the workspace). One call is in flight at a time
+(`calls_in_flight = 1`): the next dispatch reuses the slots [s, t] of this one, so it may start
+only after this call's combine was waited for (a second start raises on every rank alike, before
+anything is written). Micro-batches therefore run one after another on this backend; overlapping
+two calls would need a second workspace.
 A rank with zero tokens still writes count 0 and raises its flags (no dummy token). Every wait
 is bounded by `timeout_s`: on the host (torch transport) a `SymmTimeoutError` names the ranks
 whose flags never showed the call's sequence number; in the Triton kernels the waiting program
@@ -90,7 +101,7 @@ from epmoe.comm.payload import (
 from epmoe.comm.registry import register_comm
 from epmoe.comm.symm_workspace import Layout, map_workspaces
 from epmoe.config import MoEConfig
-from epmoe.group import Placement, RankGroup
+from epmoe.group import Pending, Placement, RankGroup
 from epmoe.ops import symm as symm_ops
 from epmoe.ops.combine import IMPLS, count_experts, expert_owners
 from epmoe.ops.symm import KernelWorkspace, SymmTimeoutError, interpreting
@@ -199,7 +210,8 @@ class SymmA2A(CommBackend):
     static_capable = False
     single_node = True
     moves_tokens = True
-    split_phase = False  # its starts run the whole call (the base class's default)
+    split_phase = True  # send phase in the start, receive phase in the wait (module docstring)
+    calls_in_flight = 1  # one workspace: the next dispatch starts after this call's combine wait
     Options = SymmOptions
     options: SymmOptions
 
@@ -309,7 +321,9 @@ class SymmA2A(CommBackend):
         if self.payload == "bf16" and x.dtype != self.dtype:
             raise ValueError(f"x is {x.dtype}, the workspace holds {self.dtype} rows; pass dtype= at construction")
         if self._open is not None:
-            raise RuntimeError("symm_a2a: dispatch called again before combine; every dispatch needs its combine")
+            raise RuntimeError("symm_a2a: a dispatch started before the previous call's combine was waited for; "
+                               "symm_a2a holds one call in flight (calls_in_flight = 1): finish each call's "
+                               "combine (its wait) before the next dispatch")
         if routing.ids.device != self.device or routing.weights.device != self.device:
             raise ValueError(f"routing is on {routing.ids.device}, the symm_a2a workspace on {self.device}")
         if capturing(x) and self.input_scale is not None:
@@ -324,20 +338,29 @@ class SymmA2A(CommBackend):
                                  f"{int(routing.ids[t, k])}; -1 marks a masked pair). Nothing was sent: peers "
                                  f"waiting for this rank's flags time out naming rank {self.rank}")
 
-    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
-        """max_tokens (the same on every rank): the experts get W * max_tokens * Kl pair slots, not
-        W * Tm * Kl, so a decode call on a prefill-sized workspace costs what a decode workspace
-        would. A peer that sent more tokens than the bound makes `check()` raise."""
+    def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
+                       ) -> Pending[Dispatched]:
+        """`dispatch_send` now (it waits for no peer); `.wait()` is `dispatch_recv`, the bounded wait
+        for every source and the landed rows. max_tokens (the same on every rank): the experts
+        get W * max_tokens * Kl pair slots, not W * Tm * Kl, so a decode call on a prefill-sized
+        workspace costs what a decode workspace would. A peer that sent more tokens than the
+        bound makes `check()` raise."""
         self.dispatch_send(x, routing, max_tokens)
         if self._phase_barrier():
             self.group.barrier()
-        return self.dispatch_recv()
+        return Pending(self.dispatch_recv)
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-                addend: torch.Tensor | None = None) -> torch.Tensor:
+    def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                      addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
+        """`combine_send` now (partial sums stored, flags raised); `.wait()` is `combine_recv`
+        (addend and out are read there), then `check()` on eager calls unless check_errors=False."""
         self.combine_send(expert_out, dispatched)
         if self._phase_barrier():
             self.group.barrier()
+        return Pending(lambda: self._combine_wait(dispatched, out, addend))
+
+    def _combine_wait(self, dispatched: Dispatched, out: torch.Tensor | None, addend: torch.Tensor | None
+                      ) -> torch.Tensor:
         y = self.combine_recv(dispatched, out, addend=addend)
         if self.check_errors and not capturing(y):
             self.check()
@@ -345,7 +368,8 @@ class SymmA2A(CommBackend):
 
     def _phase_barrier(self) -> bool:
         """Virtual ranks on one GPU share one stream: a receive kernel spinning ahead of a peer's
-        send would block it, so every rank's send is enqueued before any receive."""
+        send would block it, so every rank's send is enqueued before any receive (the barrier
+        ends each start, so a wait's kernel is always enqueued after every peer's send)."""
         return self.in_process and self.device.type == "cuda" and self.world > 1
 
     def dispatch_send(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> SymmHandle:
