@@ -131,6 +131,13 @@ class SymmHandle:
                   per rank, not per expert), count and flag (8)
         combine   a partial-sum row (H * combine dtype size) per (token, other rank it picked),
                   written here by peers (or read by this rank under "pull"), and a flag per peer (4)
+
+    dispatch_copied, combine_copied (staging copies on this rank, as comm/wire.py's WireHandle
+    counts them): dispatch writes the rows of this rank's tokens with an expert here into its own
+    slots (D + S + G each), the meta of every token into its own meta (Kl * 8), and lays the
+    scales of a quantized payload out per row (S + G per token); the received rows reach the
+    experts as views of the workspace. combine copies nothing: each partial sum is written once,
+    where its home reads it, and the home sums them in place.
     """
 
     ids: torch.Tensor
@@ -141,6 +148,7 @@ class SymmHandle:
     rank: int = 0
     world: int = 1
     wire_row_bytes: int = 0  # D + S + G
+    data_row_bytes: int = 0  # D
     meta_bytes: int = 0  # Kl * 8
     combine_row_bytes: int = 0  # H * combine dtype size
     bound: int = 0
@@ -163,6 +171,17 @@ class SymmHandle:
     @property
     def combine_bytes(self) -> int:
         return sum(h * self.combine_row_bytes + 4 for h in self._others())
+
+    @property
+    def dispatch_copied(self) -> int:
+        self._others()  # fills the per-rank hits
+        scales = self.wire_row_bytes - self.data_row_bytes  # scale planes laid out per row
+        own = self._hits[self.rank] if self._hits else 0  # type: ignore[index]
+        return own * self.wire_row_bytes + self.num_tokens * (self.meta_bytes + scales)
+
+    @property
+    def combine_copied(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -380,7 +399,7 @@ class SymmA2A(CommBackend):
         bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
         seq = next_seq(self.seq)
         handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev, self.rank,
-                            self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
+                            self.world, sum(self.layout.row_bytes), self.layout.row_bytes[0], self.slot_experts * 8,
                             self.cfg.hidden * self.combine_dtype.itemsize, bound)
         if self._impl == "torch":
             rows = encode_bytes(x, self.payload, self._scale_dev, backend="torch")
