@@ -116,16 +116,22 @@ class SharedExperts:
     w13: [2S, H] gate rows then up rows; w2: [H, S]. Both matmuls run in fp32 when x or the
     weights are fp32, else in the weights' dtype (bf16 on GPUs: the tensor cores, as the model
     runs them; fp32 matmuls of DeepSeek-V3's shared expert took milliseconds at 4096 tokens);
-    the activation in fp32; the result is fp32.
+    the activation in fp32; the result is fp32, into `out` [T, H] fp32 when given (the same bits:
+    the last cast or matmul writes there; the layer's side stream passes a buffer of the current
+    stream). A subclass's __call__ takes `out` alike.
     """
 
     w13: torch.Tensor
     w2: torch.Tensor
 
-    def __call__(self, x: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cfg: MoEConfig, out: torch.Tensor | None = None) -> torch.Tensor:
         dtype = torch.float32 if torch.float32 in (x.dtype, self.w13.dtype) else self.w13.dtype
         h = activate((x.to(dtype) @ self.w13.to(dtype).T).float(), cfg)  # [T, S] fp32
-        return (h.to(dtype) @ self.w2.to(dtype).T).float()  # [T, H] fp32
+        if out is None:
+            return (h.to(dtype) @ self.w2.to(dtype).T).float()  # [T, H] fp32
+        if dtype == torch.float32:
+            return torch.matmul(h, self.w2.float().T, out=out)
+        return out.copy_(h.to(dtype) @ self.w2.to(dtype).T)
 
     @classmethod
     def random(
@@ -540,12 +546,12 @@ class MoELayer(nn.Module):
             join (the current stream waits for the side stream), y.wait() reads add
 
         Every split-phase backend reads the addend in its wait; otherwise the join comes before
-        combine_start. `add` is allocated here, on the current stream (overlap.py: memory)."""
+        combine_start. `add` is allocated here, on the current stream, and the shared experts'
+        last step writes into it (overlap.py: memory)."""
         rows = self._comm.dispatch_start(x, routing, max_tokens=bound)
         into = None if fork is None else torch.empty(x.shape[0], self.cfg.hidden, dtype=torch.float32,
                                                      device=x.device)  # [T, H] fp32
-        addend = self._side.run(fork, lambda out: self.shared(x, self.cfg) if out is None
-                                else out.copy_(self.shared(x, self.cfg)), into)
+        addend = self._side.run(fork, lambda out: self.shared(x, self.cfg, out=out), into)
         dispatched = rows.wait()
         expert_out = self.runner(dispatched)
         split = all(c.split_phase for c in self.comms.values())

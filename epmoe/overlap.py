@@ -8,14 +8,15 @@
     ... combine's wait reads `out` ...
 
 Memory: `out` is allocated by the caller on the current stream, and the side stream only writes
-into it, so no tensor allocated on the side stream is ever read on the current one (no
-`record_stream`, whose use inside a CUDA-graph capture the caching allocator defers and has had
-bugs around). The side stream's own intermediates are freed in its pool and reused only by its
-later work, which is ordered after them. Inputs read on the side stream (x, the weights) were
-allocated on the current stream; the caller's later frees and allocations there are ordered after
-`join`, so none reuses them while the side stream still reads. Under a CUDA-graph capture the
-fork event and the join make the side stream part of the captured graph (a fork and a join node),
-so replays overlap the same way.
+into it (the shared experts' last cast or matmul writes there: no extra copy), so no tensor
+allocated on the side stream is ever read on the current one (no `record_stream`, whose use
+inside a CUDA-graph capture the caching allocator defers and has had bugs around). The side
+stream's own intermediates are freed in its pool and reused only by its later work, which is
+ordered after them. Inputs read on the side stream (x, the weights) were allocated on the current
+stream; the caller's later frees and allocations there are ordered after `join`, so none reuses
+them while the side stream still reads. Under a CUDA-graph capture the fork event and the join
+make the side stream part of the captured graph (a fork and a join node), so replays overlap the
+same way.
 
 On the CPU, or with no stream (off), `fork` returns None and `run` calls fn inline: the same code
 path minus the streams.

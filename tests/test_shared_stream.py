@@ -152,3 +152,27 @@ def test_bench_layer_shared_stream_rows(tmp_path, capsys):
         bench_layer("deepseek-v3", [1], shared_stream="sideways")
     with pytest.raises(ValueError, match="this config has none"):
         bench_layer(MoEConfig(hidden=32, intermediate=16, num_experts=4, top_k=2), [1], shared_stream="shared")
+
+
+def _shared_into_cases(device: str) -> None:
+    from epmoe.integrations.hf import GatedSharedExperts
+
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = SharedExperts.random(CFG, dtype, device, g)
+        gated = GatedSharedExperts(plain.w13, plain.w2, gate=torch.randn(1, CFG.hidden, generator=g).to(device, dtype))
+        for shared in (plain, gated):
+            for T in (0, 1, 6):
+                x = torch.randn(T, CFG.hidden, generator=g).to(device, dtype)
+                into = torch.full((T, CFG.hidden), float("nan"), device=device)
+                got = shared(x, CFG, out=into)
+                assert got.data_ptr() == into.data_ptr() and torch.equal(got, shared(x, CFG)), (dtype, T)
+
+
+def test_shared_experts_into_out_give_the_same_bits():
+    _shared_into_cases("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_shared_experts_into_out_give_the_same_bits():
+    _shared_into_cases("cuda")
