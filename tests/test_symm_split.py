@@ -23,6 +23,7 @@ from tests.dist import run_ranks
 from tests.test_symm_a2a import (
     CASES,
     CFG,
+    _compile_once,
     _virtual_backends,
     inputs,
     interpreted,
@@ -112,6 +113,7 @@ def test_gpu_virtual_ranks_halves_with_work_between_equal_the_blocking_calls():
     """W = 2 virtual ranks on one GPU (threads): a matmul between every start and its wait; the
     results equal the blocking calls bit for bit."""
     placement = Placement.contiguous(CFG.num_experts, 2)
+    _compile_once(2, "cuda", torch.bfloat16)  # every kernel variant compiled from one thread first
 
     def rank(group) -> bool:
         b = make_symm(CFG, group, placement, "cuda", max_tokens_per_rank=8, timeout_s=30.0)
