@@ -44,6 +44,12 @@ flag a reader waits on is always either the previous call's value or this call's
       them.
 
 So a call is always dispatch followed by combine; a second dispatch without a combine raises.
+A rank with zero tokens still writes count 0 and raises its flags (no dummy token). Every wait
+is bounded by `timeout_s`: on the host (torch transport) a `SymmTimeoutError` names the ranks
+whose flags never showed the call's sequence number; in the Triton kernels the waiting program
+records the silent ranks in an error word, later waits of the call skip, and `check()` (run
+after every eager call unless check_errors=False) raises the same error. A backend that timed
+out is broken for good: its peers' state is unknown, so later calls raise at once.
 
 Split phases (`dispatch_start` / `combine_start`, comm/base.py): each start is the send phase
 (launched, or on the CPU written, at once; it waits for no peer) and its `wait()` the receive
@@ -55,12 +61,6 @@ order, so they give the same bits and a CUDA graph captures the halves as it cap
 only after this call's combine was waited for (a second start raises on every rank alike, before
 anything is written). Micro-batches therefore run one after another on this backend; overlapping
 two calls would need a second workspace.
-A rank with zero tokens still writes count 0 and raises its flags (no dummy token). Every wait
-is bounded by `timeout_s`: on the host (torch transport) a `SymmTimeoutError` names the ranks
-whose flags never showed the call's sequence number; in the Triton kernels the waiting program
-records the silent ranks in an error word, later waits of the call skip, and `check()` (run
-after every eager call unless check_errors=False) raises the same error. A backend that timed
-out is broken for good: its peers' state is unknown, so later calls raise at once.
 
 CPU memory ordering (shm transport): payload and meta are written by torch ops, then the flag by
 one aligned 4-byte store; the reader loads the flag, then the payload. x86-64 keeps stores in
