@@ -342,7 +342,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               f"available ({have / 1e9:.1f} GB): scale the preset down with "
                               "--hidden/--intermediate/--experts (drop --full for the CPU defaults) or run on a GPU")
         try:
-            rows = bench_layer(cfg, tokens, comm=args.comm, runner=args.runner, world=world)
+            rows = bench_layer(cfg, tokens, comm=args.comm, runner=args.runner, world=world,
+                               shared_stream=args.shared_stream)
         except (ValueError, DistError, DistTimeout) as exc:
             return _fail(cmd, str(exc))
         if rows:
@@ -351,7 +352,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     if "hbm_TBps" in r else r["rates"])
             print(f"W={world}, ranks: {r['ranks']}; {roof}; timing: graph = replays of MoELayer.capture_graphs, "
                   "eager = forward()")
-        emit(rows, args, meta, series="comm", title=f"MoE layer forward, {args.preset}, W={world}")
+        emit(rows, args, meta, series=lambda r: f"{r['comm']} {r['shared_stream']}" if "shared_stream" in r
+             else r["comm"], title=f"MoE layer forward, {args.preset}, W={world}")
         return 0
     try:
         modes = tuple(m for m in (args.symm_combine or "push").split(",") if m)
@@ -495,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--store-crossovers", nargs="?", const=True, metavar="PATH", help="comm: store the fastest "
                    "backend per token count as comm='auto' ladder (default: epmoe/tuning/crossovers.json)")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
+    b.add_argument("--shared-stream", metavar="MODES", help="layer: rows per mode, comma-separated: on / off (the "
+                   "shared experts beside the exchange on a side stream, or not), default, routed (no shared experts), "
+                   "shared (the shared experts alone); e.g. on,off,routed,shared")
     b.add_argument("--host", action="store_true", help="layer: host µs per call of the preset's transformers model "
                                                        "(HF block, patched, MoELayer eager, graph), next to GPU µs")
     b.add_argument("--batch", default="1,16,64", help="generate: comma-separated batch sizes")

@@ -5,6 +5,9 @@
     out     = runner(rows)                                 experts/*
     y       = comm.combine(out, rows, addend=shared(x))    comm/*
 
+With shared experts and shared_stream on, shared(x) runs beside dispatch -> experts on a side CUDA
+stream (overlap.py), or on the CPU between dispatch's send half and its wait.
+
 The layer only composes the stages. Which comm backend and runner run is decided once, at
 construction, from the registries and select.py's table; CUDA graphs live in graphs.py.
 """
@@ -29,6 +32,7 @@ from epmoe.experts.activation import activate
 from epmoe.graphs import LayerGraphs, capturing
 from epmoe.group import Pending, Placement, RankGroup
 from epmoe.ops.moe import moe_forward, register_layer
+from epmoe.overlap import SideStream
 from epmoe.routing import Routing, RoutingCapture, check_correction_bias, check_finite_logits, check_routing, route
 from epmoe.select import LAYOUTS, Combo, ensure, pick_runner
 
@@ -112,16 +116,22 @@ class SharedExperts:
     w13: [2S, H] gate rows then up rows; w2: [H, S]. Both matmuls run in fp32 when x or the
     weights are fp32, else in the weights' dtype (bf16 on GPUs: the tensor cores, as the model
     runs them; fp32 matmuls of DeepSeek-V3's shared expert took milliseconds at 4096 tokens);
-    the activation in fp32; the result is fp32.
+    the activation in fp32; the result is fp32, into `out` [T, H] fp32 when given (the same bits:
+    the last cast or matmul writes there; the layer's side stream passes a buffer of the current
+    stream). A subclass's __call__ takes `out` alike.
     """
 
     w13: torch.Tensor
     w2: torch.Tensor
 
-    def __call__(self, x: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cfg: MoEConfig, out: torch.Tensor | None = None) -> torch.Tensor:
         dtype = torch.float32 if torch.float32 in (x.dtype, self.w13.dtype) else self.w13.dtype
         h = activate((x.to(dtype) @ self.w13.to(dtype).T).float(), cfg)  # [T, S] fp32
-        return (h.to(dtype) @ self.w2.to(dtype).T).float()  # [T, H] fp32
+        if out is None:
+            return (h.to(dtype) @ self.w2.to(dtype).T).float()  # [T, H] fp32
+        if dtype == torch.float32:
+            return torch.matmul(h, self.w2.float().T, out=out)
+        return out.copy_(h.to(dtype) @ self.w2.to(dtype).T)
 
     @classmethod
     def random(
@@ -157,6 +167,12 @@ class MoELayer(nn.Module):
               least one candidate, and each candidate gets the keys it has. Backends get the
               weights' device and `activation_dtype(weights)`, so those that pre-allocate do it at
               construction, not on the first forward.
+    shared_stream: run the shared experts beside the exchange (dispatch -> experts, up to combine's
+              wait): on a side CUDA stream forked before dispatch and joined before combine reads
+              its addend (captured alike in CUDA graphs); on the CPU between dispatch's send half
+              and its wait. None (default): on where the comm moves bytes (world > 1 and comm
+              != "none"); True / False force it. Outputs are the same bits either way (the
+              same ops on the same inputs, added inside combine as before).
     validate: True (default): each eager call reads its inputs' values on the host once (NaN /
               inf router logits; routed ids in range and distinct, finite weights) and raises a
               ValueError naming the problem. False: shapes and dtypes only, no device read, so an
@@ -188,6 +204,7 @@ class MoELayer(nn.Module):
         capture: RoutingCapture | None = None,
         comm_options: dict[str, Any] | None = None,
         validate: bool = True,
+        shared_stream: bool | None = None,
     ) -> None:
         super().__init__()
         self.group = group
@@ -230,6 +247,9 @@ class MoELayer(nn.Module):
             self._mode = cfg.routing  # the routing mode of the last call ("routed" or cfg.routing)
             self._check_routing_args(gate, gate_bias, correction_bias)
             self._check_shared(shared)
+            if shared_stream not in (None, True, False):
+                raise ValueError(f"shared_stream must be None (on where the comm moves bytes), True or False; "
+                                 f"got {shared_stream!r}")
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the peers are told
             failure = exc
         agree_construction(self, cfg, weights, comm, runner, layout, comm_options, failure)
@@ -246,6 +266,9 @@ class MoELayer(nn.Module):
         self.gate_bias = gate_bias
         self.correction_bias = correction_bias
         self.shared = shared
+        # the shared experts beside the exchange (overlap.py): a side stream on CUDA, built here (never in a capture)
+        self.shared_stream = bool(comm != "none" and self.world > 1 if shared_stream is None else shared_stream)
+        self._side = SideStream(self.device) if self.shared_stream and shared is not None else None
         self.capture = capture
         self.op_id = register_layer(self)  # how torch.ops.epmoe.moe_forward finds this layer
 
@@ -499,15 +522,45 @@ class MoELayer(nn.Module):
         already agreed (comm="auto"); num_valid: a graph bucket's device count of real rows (rows
         at or past it are routed nowhere, ids -1); check: read the inputs' values on the host once
         (default: the layer's `validate`; never inside a capture)."""
+        fork = self._side.fork(x) if self._side is not None else None  # before routing: shared(x) needs none
         routing = self._route(x, router_logits, routing, num_valid, check)
         # dispatch's bound on every rank's T: T on one rank, the agreed one under auto (which
         # agrees itself when given none), none for a fixed backend over several ranks
         bound = x.shape[0] if self.world == 1 else tokens
+        if self._side is not None:
+            return self._shared_beside(x, routing, bound, fork)
         dispatched = self._comm.dispatch(x, routing, max_tokens=bound)
         expert_out = self.runner(dispatched)
         # Shared experts [T, H] fp32 are added to the routed fp32 sum inside combine, before its one cast.
         shared = self.shared(x, self.cfg) if self.shared is not None else None
         return self._comm.combine(expert_out, dispatched, addend=shared)
+
+    def _shared_beside(self, x: torch.Tensor, routing: Routing, bound: int | None,
+                       fork: torch.cuda.Event | None) -> torch.Tensor:
+        """`_eager`'s stages with the shared experts beside the exchange (shared_stream):
+
+            rows  = comm.dispatch_start(x, routing)          launched first
+            add   = shared(x) on the side stream after fork   (CPU: here, while the rows travel)
+            out   = runner(rows.wait())
+            y     = comm.combine_start(out, rows, addend=add)
+            join (the current stream waits for the side stream), y.wait() reads add
+
+        Every split-phase backend reads the addend in its wait; otherwise the join comes before
+        combine_start. `add` is allocated here, on the current stream, and the shared experts'
+        last step writes into it (overlap.py: memory)."""
+        rows = self._comm.dispatch_start(x, routing, max_tokens=bound)
+        into = None if fork is None else torch.empty(x.shape[0], self.cfg.hidden, dtype=torch.float32,
+                                                     device=x.device)  # [T, H] fp32
+        addend = self._side.run(fork, lambda out: self.shared(x, self.cfg, out=out), into)
+        dispatched = rows.wait()
+        expert_out = self.runner(dispatched)
+        split = all(c.split_phase for c in self.comms.values())
+        if not split:
+            self._side.join(x)
+        y = self._comm.combine_start(expert_out, dispatched, addend=addend)
+        if split:
+            self._side.join(x)
+        return y.wait()
 
     def _route(self, x: torch.Tensor, router_logits: torch.Tensor | None, routing: Routing | None,
                num_valid: torch.Tensor | None = None, check: bool | None = None) -> Routing:
@@ -553,7 +606,8 @@ class MoELayer(nn.Module):
         runner's rows do not depend on how many it gets (MKL's CPU GEMM rows do: a 1..5-row product
         differed in the last bits from the same rows of a 40-row one). Every rank calls it alike,
         with the same splits (each micro-batch is a comm call). Where a backend (under
-        comm="auto": a candidate) has no split phases, the micro-batches run one after another."""
+        comm="auto": a candidate) has no split phases or holds one call in flight (symm_a2a), the
+        micro-batches run one after another."""
         try:
             self._check_inputs(x, router_logits, routing)
             if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
@@ -572,14 +626,15 @@ class MoELayer(nn.Module):
             d = rows.wait()
             return self._comm.combine_start(self.runner(d), d, addend=addend)
 
-        # without split phases (symm_a2a) one call is in flight at a time: each runs whole, in turn
-        overlap = all(c.split_phase for c in self.comms.values())
+        # without split phases, or with one call in flight at a time (symm_a2a), each runs whole, in turn
+        overlap = all(c.split_phase and c.calls_in_flight is None for c in self.comms.values())
         addends, rows, ys = [] if overlap else shared(), [], []
         for b, (xb, ids, w) in enumerate(parts):
             rows.append(self._comm.dispatch_start(xb, Routing(ids, w), max_tokens=xb.shape[0] if self.world == 1
                                                   else None))
             if not overlap:
                 ys.append(finish(rows[b], addends[b]))
+                ys[-1].wait()  # the call's combine finished before the next dispatch starts
         if overlap:
             ys = [finish(r, a) for r, a in zip(rows, shared())]
         return torch.cat([y.wait() for y in ys])

@@ -422,8 +422,8 @@ def _rank_bounded(group, device: str = "cpu", dtype: torch.dtype = torch.float32
                                  group, comm="auto", comm_options={"max_tokens_per_rank": TM})
     symm = layer.comms["symm_a2a"]
     bounds = []
-    real_dispatch = symm.dispatch
-    symm.dispatch = lambda x, r, max_tokens=None: bounds.append(max_tokens) or real_dispatch(x, r, max_tokens)
+    real_start = symm.dispatch_start  # every dispatch goes through its send half
+    symm.dispatch_start = lambda x, r, max_tokens=None: bounds.append(max_tokens) or real_start(x, r, max_tokens)
     g = torch.Generator().manual_seed(11 + rank)
     T = (5, 2, 0, 7)[rank]
     x, logits = torch.randn(T, CFG.hidden, generator=g), torch.randn(T, CFG.num_experts, generator=g)

@@ -7,7 +7,9 @@
         otherwise (count exchanges, CPU):
             barrier; t0; dispatch(x, routing); t1; barrier; t0; combine(out, d); t1  (CUDA events or perf_counter)
     row = slowest rank's median µs per phase, bytes sent to other ranks (largest over ranks), GB/s of the
-          round trip and of dispatch alone, that rate over the link bandwidth
+          round trip and of dispatch alone, that rate over the link bandwidth, and copied_bytes: the
+          bytes a rank writes by staging copies in one call (dispatch + combine, largest over ranks;
+          the handles' dispatch_copied / combine_copied: packing, unpacking, own chunks, casts)
 
 Uniform routing, equal tokens per rank, no expert stage (combine reads zeros). Virtual ranks (W ranks on
 one GPU) are rated against the HBM copy bandwidth measured in the run. Bytes counted, why: docs/bench.md.
@@ -77,8 +79,8 @@ def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], che
 
 def _row(name: str, payload: str, world: int, T: int, ranks: str, timing: str, table: list[list[float]],
          link: tuple[str, float] | None, one_gpu: bool) -> dict[str, Any]:
-    """One result row from every rank's [dispatch µs, combine µs, dispatch bytes, combine bytes]."""
-    disp_us, comb_us, disp_b, comb_b = (max(r[i] for r in table) for i in range(4))
+    """One result row from every rank's [dispatch µs, combine µs, dispatch bytes, combine bytes, copied bytes]."""
+    disp_us, comb_us, disp_b, comb_b, copied = (max(r[i] for r in table) for i in range(5))
     if one_gpu:  # the GPU moved every rank's bytes in that time
         moved_d, moved = sum(r[2] for r in table), sum(r[2] + r[3] for r in table)
     else:
@@ -88,7 +90,8 @@ def _row(name: str, payload: str, world: int, T: int, ranks: str, timing: str, t
     frac = None if link is None else (2 * gbps if one_gpu else gbps) / link[1]
     return {"backend": name, "payload": payload, "world": world, "tokens": T, "ranks": ranks, "timing": timing,
             "dispatch_us": disp_us, "combine_us": comb_us, "dispatch_bytes": int(disp_b),
-            "combine_bytes": int(comb_b), "bytes_per_rank": int(disp_b + comb_b), "GB/s": gbps,
+            "combine_bytes": int(comb_b), "bytes_per_rank": int(disp_b + comb_b), "copied_bytes": int(copied),
+            "GB/s": gbps,
             "dispatch GB/s": moved_d / (disp_us * 1e3) if disp_us > 0 else 0.0,
             "link": f"{link[0]} {link[1]:.0f} GB/s" if link is not None else None, "link_frac": frac}
 
@@ -148,7 +151,8 @@ def bench_comm(cfg: MoEConfig, backends: Sequence[str], tokens: Sequence[int], g
 
 def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: bool, warmup: int, iters: int,
                   barrier: Callable[[], None]) -> tuple[list[float], str]:
-    """([median dispatch µs, median combine µs, dispatch bytes, combine bytes], timing) on this rank."""
+    """([median dispatch µs, median combine µs, dispatch bytes, combine bytes, copied bytes], timing) on this
+    rank."""
     device = x.device
     d = backend.dispatch(x, routing)  # every dispatch is paired with its combine
     expert_out = torch.zeros(d.num_pairs, x.shape[1], dtype=x.dtype, device=device)  # [M, H]
@@ -174,7 +178,13 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
         timing = "events" if device.type == "cuda" else "cpu"
     h = d.handle
     return [statistics.median(times_d), statistics.median(times_c), float(getattr(h, "dispatch_bytes", 0)),
-            float(getattr(h, "combine_bytes", 0))], timing
+            float(getattr(h, "combine_bytes", 0)), float(copied_bytes(h))], timing
+
+
+def copied_bytes(handle: Any) -> int:
+    """Staging-copy bytes of one call (dispatch + combine) from its handle; 0 where it counts none
+    (`none`)."""
+    return getattr(handle, "dispatch_copied", 0) + getattr(handle, "combine_copied", 0)
 
 
 def bench_comm_virtual(cfg: MoEConfig, world: int, tokens: Sequence[int], dtype: torch.dtype = torch.bfloat16,
@@ -205,7 +215,7 @@ def bench_comm_virtual(cfg: MoEConfig, world: int, tokens: Sequence[int], dtype:
 
 def _time_virtual(bs: list[Any], inputs: list[tuple[torch.Tensor, Routing]], warmup: int, iters: int
                   ) -> list[list[float]]:
-    """Per rank [dispatch µs, combine µs, dispatch bytes, combine bytes] of the symm_a2a backends
+    """Per rank [dispatch µs, combine µs, dispatch bytes, combine bytes, copied bytes] of the symm_a2a backends
     `bs` of all virtual ranks, each phase of all ranks one CUDA graph."""
     world, device, H = len(bs), bs[0].device, bs[0].cfg.hidden
     M = world * bs[0].max_tokens * bs[0].slot_experts
@@ -228,7 +238,8 @@ def _time_virtual(bs: list[Any], inputs: list[tuple[torch.Tensor, Routing]], war
     times_d, times_c, ds = _graph_times(dispatch, combine, lambda: [b.check() for b in bs], device, warmup,
                                         iters, lambda: None)
     med_d, med_c = statistics.median(times_d), statistics.median(times_c)
-    return [[med_d, med_c, float(d.handle.dispatch_bytes), float(d.handle.combine_bytes)] for d in ds]
+    return [[med_d, med_c, float(d.handle.dispatch_bytes), float(d.handle.combine_bytes),
+             float(copied_bytes(d.handle))] for d in ds]
 
 
 def _payload_name(payload: str | None, dtype: torch.dtype) -> str:

@@ -9,6 +9,11 @@
         row = slowest rank's median µs, next to the expert-stage roofline of `plan.predict` (GPU rows only):
               max(touched expert weight bytes / HBM TB/s, FLOPs / TFLOP/s), uniform routing
 
+`--shared-stream on,off,routed,shared` (`SHARED_MODES`): one row per mode and (comm, T), the layer
+with its shared experts beside the exchange on a side stream (on) or after the experts on one
+stream (off), the layer without shared experts (routed), the shared experts alone (shared); the
+side stream's target is on <= 1.1 x max(routed, shared) at decode.
+
 Ranks: NCCL processes (one GPU each), gloo processes (CPU) or virtual ranks on one GPU (always
 eager); rows carry `ranks` and `world` for `epmoe plan --measured`. More in docs/bench.md.
 
@@ -44,6 +49,8 @@ from epmoe.launch import run_ranks
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.select import Combo, check, comm_candidates, pick_runner
 
+# --shared-stream values: MoELayer(shared_stream=...) (None: the layer's default), or the two parts alone
+SHARED_MODES = {"default": None, "on": True, "off": False, "routed": None, "shared": None}
 CPU_RATES = "timed on the CPU: no roofline (the cost model's rates are a GPU's)"
 
 
@@ -66,8 +73,10 @@ def _roofline_us(cfg: MoEConfig, world: int, tokens: int, links: Links) -> float
 
 
 def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: str, device: torch.device,
-            dtype: torch.dtype, max_tokens: int) -> dict[str, MoELayer]:
-    """One layer per comm backend over the same weights of this rank's experts."""
+            dtype: torch.dtype, max_tokens: int, modes: tuple[str, ...] = ("default",)
+            ) -> dict[tuple[str, str], MoELayer | SharedExperts]:
+    """(comm, mode) -> one layer per comm backend and shared-stream mode over the same weights of
+    this rank's experts ("routed": without shared experts; "shared": the shared experts alone)."""
     rank, local = (group.rank, cfg.num_experts // group.world) if group is not None else (0, cfg.num_experts)
     g = torch.Generator().manual_seed(1000 + rank)
     if device.type == "cuda":  # drawn on the GPU: the large presets take tens of GB
@@ -79,8 +88,18 @@ def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: s
         if cfg.uses_correction_bias else None
     shared = SharedExperts.random(cfg, dtype, device, g) if cfg.shared_experts else None
     opts = {"max_tokens_per_rank": max_tokens}  # auto hands each candidate the options it names
-    return {c: MoELayer(cfg, weights, group, comm=c, runner=runner, correction_bias=bias, shared=shared,
-                        comm_options=opts if c == "auto" else options_for(get_comm(c), **opts)) for c in comms}
+    out: dict[tuple[str, str], MoELayer | SharedExperts] = {}
+    for c in comms:
+        kw = {"comm": c, "runner": runner, "correction_bias": bias,
+              "comm_options": opts if c == "auto" else options_for(get_comm(c), **opts)}
+        for m in modes:
+            if m == "shared":
+                out[c, m] = shared
+            elif m == "routed":
+                out[c, m] = MoELayer(cfg.replace(shared_experts=0), weights, group, **kw)
+            else:
+                out[c, m] = MoELayer(cfg, weights, group, shared=shared, shared_stream=SHARED_MODES[m], **kw)
+    return out
 
 
 def capturable(layer: MoELayer) -> bool:
@@ -90,9 +109,15 @@ def capturable(layer: MoELayer) -> bool:
     return any(check(dataclasses.replace(layer.combo_for(name), graph=True))[0] for name in layer.comms)
 
 
-def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: int) -> tuple[float, str]:
-    """(median µs, timing) of one forward: replays of the layer's own graph for T, else eager."""
+def _time_layer(layer: MoELayer | SharedExperts, x: torch.Tensor, logits: torch.Tensor, iters: int,
+                cfg: MoEConfig | None = None) -> tuple[float, str]:
+    """(median µs, timing) of one forward: replays of the layer's own graph for T, else eager (the
+    shared experts alone, of `cfg`: a graph of their call on a GPU)."""
     device = x.device
+    if isinstance(layer, SharedExperts):
+        graph = device.type == "cuda" and x.shape[0] > 0
+        return bench(lambda: layer(x, cfg), device=device, warmup=2, iters=iters, graph=graph,
+                     flush_l2=False), "graph" if graph else "eager"
     if capturable(layer) and x.shape[0] > 0:
         T = x.shape[0]
         layer.capture_graphs(T, buckets=[T])
@@ -104,7 +129,8 @@ def _time_layer(layer: MoELayer, x: torch.Tensor, logits: torch.Tensor, iters: i
 
 
 def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str,
-               iters: int = 10, show_progress: bool = True) -> list[dict[str, Any]]:
+               iters: int = 10, show_progress: bool = True, modes: tuple[str, ...] = ("default",)
+               ) -> list[dict[str, Any]]:
     """Time every (comm, tokens) on this rank; rows carry the slowest rank's time."""
     world, rank = (group.world, group.rank) if group is not None else (1, 0)
     backend = torch.distributed.get_backend() if world > 1 else None
@@ -112,24 +138,27 @@ def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     links, source = device_links(device)
-    layers = _layers(cfg, group, comms, runner, device, dtype, max(tokens))
-    cases = [(c, t) for c in comms for t in tokens]
+    layers = _layers(cfg, group, comms, runner, device, dtype, max(tokens), modes)
+    cases = [(c, m, t) for c in comms for m in modes for t in tokens]
     rows = []
-    for comm, t in progress(cases, "bench layer") if rank == 0 and show_progress else cases:
-        layer = layers[comm]
+    for comm, mode, t in progress(cases, "bench layer") if rank == 0 and show_progress else cases:
+        layer = layers[comm, mode]
         x, logits = random_inputs(cfg, t, rank, device, dtype)
         if world > 1:
             group.barrier()
-        us, timing = _time_layer(layer, x, logits, iters)
+        us, timing = _time_layer(layer, x, logits, iters, cfg)
         if world > 1:
             us = float(group.all_gather(torch.tensor([us], device=device)).max())
-        rows.append(_row(cfg, comm, runner, world, backend or "one", t, us, timing, links, source))
+        rows.append(_row(cfg, comm, runner, world, backend or "one", t, us, timing, links, source, modes, mode))
     return rows
 
 
 def _row(cfg: MoEConfig, comm: str, runner: str, world: int, ranks: str, tokens: int, us: float, timing: str,
-         links: Links | None, source: str) -> dict[str, Any]:
+         links: Links | None, source: str, modes: tuple[str, ...] = ("default",), mode: str = "default"
+         ) -> dict[str, Any]:
     row = {"comm": comm, "runner": runner, "world": world, "ranks": ranks, "tokens": tokens, "us": us, "timing": timing}
+    if modes != ("default",):  # --shared-stream asked: which variant the row times
+        row["shared_stream"] = mode
     if links is not None:  # a GPU: the roofline of its measured rates
         row.update(expert_roofline_us=_roofline_us(cfg, world, tokens, links), hbm_TBps=links.hbm_tbps,
                    TFLOPs=links.tflops)
@@ -137,21 +166,26 @@ def _row(cfg: MoEConfig, comm: str, runner: str, world: int, ranks: str, tokens:
 
 
 def _virtual_rows(cfg: MoEConfig, tokens: list[int], comms: list[str], runner: str, world: int,
-                  iters: int) -> list[dict[str, Any]]:
+                  iters: int, modes: tuple[str, ...] = ("default",)) -> list[dict[str, Any]]:
     """Virtual ranks on one GPU: a whole group step (all ranks' forwards, then a sync), wall clock."""
     device = torch.device("cuda:0")
     links, source = device_links(device)
     vg = VirtualGroup(world)
-    layers = vg.run(lambda g: _layers(cfg, g, comms, runner, device, torch.bfloat16, max(tokens)))
+    layers = vg.run(lambda g: _layers(cfg, g, comms, runner, device, torch.bfloat16, max(tokens), modes))
     rows = []
-    for comm, t in progress([(c, t) for c in comms for t in tokens], f"bench layer (virtual x{world})"):
+    cases = [(c, m, t) for c in comms for m in modes for t in tokens]
+    for comm, mode, t in progress(cases, f"bench layer (virtual x{world})"):
         inputs = [random_inputs(cfg, t, r, device, torch.bfloat16) for r in range(world)]
 
-        def step(g: RankGroup, comm: str = comm, inputs: list = inputs) -> None:
-            layers[g.rank][comm](*inputs[g.rank])
+        def step(g: RankGroup, key: tuple[str, str] = (comm, mode), inputs: list = inputs) -> None:
+            layer = layers[g.rank][key]
+            if isinstance(layer, SharedExperts):
+                layer(inputs[g.rank][0], cfg)
+            else:
+                layer(*inputs[g.rank])
 
         us = bench(lambda step=step: (vg.run(step), torch.cuda.synchronize()), "cpu", warmup=2, iters=iters)
-        rows.append(_row(cfg, comm, runner, world, "virtual", t, us, "eager", links, source))
+        rows.append(_row(cfg, comm, runner, world, "virtual", t, us, "eager", links, source, modes, mode))
     return rows
 
 
@@ -161,10 +195,17 @@ def default_world() -> int:
 
 
 def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", runner: str = "auto",
-                world: int | None = None, iters: int = 10) -> list[dict[str, Any]]:
+                world: int | None = None, iters: int = 10, shared_stream: str | None = None) -> list[dict[str, Any]]:
     """Rows (comm, runner, world, ranks, tokens, us, timing, [expert_roofline_us, hbm_TBps, TFLOPs on a GPU,]
-    rates) per requested backend. More ranks than GPUs: virtual ranks on one GPU, else gloo processes."""
+    rates) per requested backend. More ranks than GPUs: virtual ranks on one GPU, else gloo processes.
+    shared_stream: comma-separated `SHARED_MODES` (rows then carry `shared_stream`)."""
     cfg = MoEConfig.from_preset(preset) if isinstance(preset, str) else preset
+    modes = tuple(m for m in (shared_stream or "default").split(",") if m)
+    if not modes or any(m not in SHARED_MODES for m in modes):
+        raise ValueError(f"shared_stream takes comma-separated values of {', '.join(SHARED_MODES)}; "
+                         f"got {shared_stream!r}")
+    if "shared" in modes and not cfg.shared_experts:
+        raise ValueError("shared_stream 'shared' times the shared experts alone; this config has none")
     world = default_world() if world is None else world
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
@@ -181,10 +222,10 @@ def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", r
     if not comms:
         raise ValueError(f"no registered comm backend serves the dp layout on {world} ranks with runner {runner!r}")
     if world == 1:
-        return layer_rank(None, cfg, tokens, comms, runner, iters)
+        return layer_rank(None, cfg, tokens, comms, runner, iters, modes=modes)
     if n_gpu == 1:
-        return _virtual_rows(cfg, tokens, comms, runner, world, iters)
-    return run_ranks(layer_rank, world, args=(cfg, tokens, comms, runner, iters), timeout=1800,
+        return _virtual_rows(cfg, tokens, comms, runner, world, iters, modes)
+    return run_ranks(layer_rank, world, args=(cfg, tokens, comms, runner, iters, True, modes), timeout=1800,
                      backend="nccl" if n_gpu >= world else "gloo")[0]
 
 

@@ -31,13 +31,14 @@ token goes to every rank: this wins at large batches and loses at decode sizes t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from epmoe.comm.base import Dispatched
 from epmoe.comm.payload import empty_rows, row_layout
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums, sum_in_rank_order
+from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums, sum_in_rank_order, unpacked_bytes
 from epmoe.group import Pending
 from epmoe.routing import Routing
 
@@ -104,10 +105,30 @@ class AllGatherComm(WireBackend):
                         else Pending.done(wire))
             sent_rows = (W - 1) * T
         combine_rows = (W - 1) * cap if counts is None else sum(counts) - T
+        copied = self._copied(T, cap, counts, layout)
         return Pending(lambda: self._unpack(gathered.wait().flatten(0, -2), layout, lambda pairs:
                                             AllGatherHandle(pairs, x.dtype, sent_rows * layout.nbytes,
                                                             combine_rows * H * self.combine_dtype.itemsize,
-                                                            counts=counts, starts=starts, cap=cap, tokens=T)))
+                                                            counts=counts, starts=starts, cap=cap,
+                                                            tokens=T).copied(*copied)))
+
+    def _copied(self, T: int, cap: int, counts: list[int] | None, layout: Any) -> tuple[int, int]:
+        """(dispatch, combine) staging-copy bytes of a call (`WireHandle`): dispatch packs T rows
+        (and repeats them W times for the all-to-all gather), the gather copies this rank's own
+        chunk, unpacking copies all but the payload of every gathered row; combine casts the
+        partial sums to the wire dtype, packs a padded gather's rows, copies its own chunk back and
+        (a bf16 wire) casts each rank's rows to fp32 for the sum."""
+        W, B, HC = self.world, layout.nbytes, self.cfg.hidden * self.combine_dtype.itemsize
+        padded = counts is None or cap > 0
+        moves = W > 1 and (padded or sum(counts))
+        own = (cap if padded else T) if moves else 0  # rows of this rank's chunk to itself, each way
+        N = (W * cap if padded else sum(counts)) if W > 1 else (cap or T)  # gathered rows
+        dispatch = T * B + (W * T * B if moves and not padded else 0) + own * B + unpacked_bytes(N, layout)
+        if W == 1:
+            return dispatch, 0
+        wide = self.combine_dtype != torch.float32
+        combine = (N * HC if wide else 0) + (sum(counts) * HC if counts is not None and cap else 0) + own * HC
+        return dispatch, combine + (W * T * self.cfg.hidden * 4 if wide and moves else 0)
 
     def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                       addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:

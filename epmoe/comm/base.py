@@ -198,6 +198,9 @@ class CommBackend:
     # True: implements dispatch_start / combine_start (the blocking calls are start + wait), whose
     # exchange is in flight until the wait; False: implements dispatch / combine (the start runs them)
     split_phase: ClassVar[bool]
+    # most calls one rank may have started and not yet waited for (None: any number; symm_a2a: 1, its one
+    # workspace). A default, not a required declaration: callers overlap several calls only where it is None.
+    calls_in_flight: ClassVar[int | None] = None
     Options: ClassVar[type[CommOptions]]  # frozen dataclass of its options, every field defaulted
 
     def __init__(self, cfg: MoEConfig, group: RankGroup | None, placement: Placement,
@@ -278,7 +281,9 @@ class CommBackend:
     def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                       addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
         """combine's send half (partial sums computed, exchange posted); `.wait()` -> combine's
-        result (addend and out are read there). Same ordering rule as `dispatch_start`."""
+        result. Split-phase backends read addend and out only in the wait (the layer's shared
+        experts may still be running on a side stream until then). Same ordering rule as
+        `dispatch_start`."""
         if self.split_phase:
             raise NotImplementedError
         return Pending.done(self.combine(expert_out, dispatched, out, addend=addend))

@@ -29,7 +29,7 @@ import torch
 from epmoe.comm.base import Dispatched
 from epmoe.comm.payload import empty_rows, row_layout
 from epmoe.comm.registry import register_comm
-from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums
+from epmoe.comm.wire import WireBackend, WireHandle, WireOptions, partial_sums, unpacked_bytes
 from epmoe.group import Pending
 from epmoe.ops.combine import expert_owners
 from epmoe.routing import Routing
@@ -88,9 +88,18 @@ class NcclA2AComm(WireBackend):
         send = send[:total]
         recv = self.group.start_all_to_all_v(send, send_splits, recv_splits) if W > 1 and moved else Pending.done(send)
         combine_bytes = (sum(recv_splits) - recv_splits[me]) * H * self.combine_dtype.itemsize
+        # staging copies (WireHandle): dispatch packs T rows, copies them into the send buffer once per
+        # rank (misses to a spare row), the collective copies this rank's own rows, unpacking copies all
+        # but the payload; combine casts to the wire dtype, copies its own rows back, gathers each rank's
+        # rows per token (and casts a bf16 wire to fp32)
+        B, HC, wide = layout.nbytes, H * self.combine_dtype.itemsize, self.combine_dtype != torch.float32
+        own = recv_splits[me] if W > 1 and moved else 0
+        R = sum(recv_splits) if W > 1 and moved else total
+        copied = ((1 + W) * T * B + own * B + unpacked_bytes(R, layout),
+                  (R * HC if wide else 0) + own * HC + (W * T * (HC + (4 * H if wide else 0)) if total else 0))
         return Pending(lambda: self._unpack(recv.wait(), layout, lambda pairs: A2AHandle(  # [R, B] rows
             pairs, x.dtype, (total - send_splits[me]) * layout.nbytes, combine_bytes,
-            hit=hit, slot=slot, send_splits=send_splits, recv_splits=recv_splits, moved=moved)))
+            hit=hit, slot=slot, send_splits=send_splits, recv_splits=recv_splits, moved=moved).copied(*copied)))
 
     def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                       addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:

@@ -126,8 +126,9 @@ class NoComm(CommBackend):
             trusted = out is None and addend is None and expert_out.dim() == 2 and expert_out.shape[0] == T * K
             if out is None:
                 out = torch.empty(T, expert_out.shape[-1], dtype=h.dtype, device=expert_out.device)
-            return Pending.done(weighted_sum(expert_out, h.weights, h.local, T, K, addend=addend, y=out,
-                                             impl=self.impl, check=not trusted, num_ids=self.cfg.num_experts))
+            # launched by the wait, which alone reads the addend (the layer's side stream joins in between)
+            return Pending(lambda: weighted_sum(expert_out, h.weights, h.local, T, K, addend=addend, y=out,
+                                                impl=self.impl, check=not trusted, num_ids=self.cfg.num_experts))
         acc = weighted_sum(expert_out, h.weights, h.local, T, K, impl=self.impl)  # [T, H] fp32 partial
         summed = self.group.start_all_reduce(acc)
         return Pending(lambda: finish(summed.wait(), h.dtype, out, addend, f"comm {self.name!r}"))

@@ -51,6 +51,17 @@ records the silent ranks in an error word, later waits of the call skip, and `ch
 after every eager call unless check_errors=False) raises the same error. A backend that timed
 out is broken for good: its peers' state is unknown, so later calls raise at once.
 
+Split phases (`dispatch_start` / `combine_start`, comm/base.py): each start is the send phase
+(launched, or on the CPU written, at once; it waits for no peer) and its `wait()` the receive
+phase, so a caller's work between them (the shared experts, the experts of another batch) runs
+while the peers' rows arrive; the blocking calls are start + wait, the same kernels in the same
+order, so they give the same bits and a CUDA graph captures the halves as it captures the whole
+(every pointer and grid is fixed by T and the workspace). One call is in flight at a time
+(`calls_in_flight = 1`): the next dispatch reuses the slots [s, t] of this one, so it may start
+only after this call's combine was waited for (a second start raises on every rank alike, before
+anything is written). Micro-batches therefore run one after another on this backend; overlapping
+two calls would need a second workspace.
+
 CPU memory ordering (shm transport): payload and meta are written by torch ops, then the flag by
 one aligned 4-byte store; the reader loads the flag, then the payload. x86-64 keeps stores in
 program order and loads in program order (TSO), and the torch calls are opaque to the compiler,
@@ -90,7 +101,7 @@ from epmoe.comm.payload import (
 from epmoe.comm.registry import register_comm
 from epmoe.comm.symm_workspace import Layout, map_workspaces
 from epmoe.config import MoEConfig
-from epmoe.group import Placement, RankGroup
+from epmoe.group import Pending, Placement, RankGroup
 from epmoe.ops import symm as symm_ops
 from epmoe.ops.combine import IMPLS, count_experts, expert_owners
 from epmoe.ops.symm import KernelWorkspace, SymmTimeoutError, interpreting
@@ -120,6 +131,13 @@ class SymmHandle:
                   per rank, not per expert), count and flag (8)
         combine   a partial-sum row (H * combine dtype size) per (token, other rank it picked),
                   written here by peers (or read by this rank under "pull"), and a flag per peer (4)
+
+    dispatch_copied, combine_copied (staging copies on this rank, as comm/wire.py's WireHandle
+    counts them): dispatch writes the rows of this rank's tokens with an expert here into its own
+    slots (D + S + G each), the meta of every token into its own meta (Kl * 8), and lays the
+    scales of a quantized payload out per row (S + G per token); the received rows reach the
+    experts as views of the workspace. combine copies nothing: each partial sum is written once,
+    where its home reads it, and the home sums them in place.
     """
 
     ids: torch.Tensor
@@ -130,6 +148,7 @@ class SymmHandle:
     rank: int = 0
     world: int = 1
     wire_row_bytes: int = 0  # D + S + G
+    data_row_bytes: int = 0  # D
     meta_bytes: int = 0  # Kl * 8
     combine_row_bytes: int = 0  # H * combine dtype size
     bound: int = 0
@@ -152,6 +171,17 @@ class SymmHandle:
     @property
     def combine_bytes(self) -> int:
         return sum(h * self.combine_row_bytes + 4 for h in self._others())
+
+    @property
+    def dispatch_copied(self) -> int:
+        self._others()  # fills the per-rank hits
+        scales = self.wire_row_bytes - self.data_row_bytes  # scale planes laid out per row
+        own = self._hits[self.rank] if self._hits else 0  # type: ignore[index]
+        return own * self.wire_row_bytes + self.num_tokens * (self.meta_bytes + scales)
+
+    @property
+    def combine_copied(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -199,7 +229,8 @@ class SymmA2A(CommBackend):
     static_capable = False
     single_node = True
     moves_tokens = True
-    split_phase = False  # its starts run the whole call (the base class's default)
+    split_phase = True  # send phase in the start, receive phase in the wait (module docstring)
+    calls_in_flight = 1  # one workspace: the next dispatch starts after this call's combine wait
     Options = SymmOptions
     options: SymmOptions
 
@@ -309,7 +340,9 @@ class SymmA2A(CommBackend):
         if self.payload == "bf16" and x.dtype != self.dtype:
             raise ValueError(f"x is {x.dtype}, the workspace holds {self.dtype} rows; pass dtype= at construction")
         if self._open is not None:
-            raise RuntimeError("symm_a2a: dispatch called again before combine; every dispatch needs its combine")
+            raise RuntimeError("symm_a2a: a dispatch started before the previous call's combine was waited for; "
+                               "symm_a2a holds one call in flight (calls_in_flight = 1): finish each call's "
+                               "combine (its wait) before the next dispatch")
         if routing.ids.device != self.device or routing.weights.device != self.device:
             raise ValueError(f"routing is on {routing.ids.device}, the symm_a2a workspace on {self.device}")
         if capturing(x) and self.input_scale is not None:
@@ -324,20 +357,29 @@ class SymmA2A(CommBackend):
                                  f"{int(routing.ids[t, k])}; -1 marks a masked pair). Nothing was sent: peers "
                                  f"waiting for this rank's flags time out naming rank {self.rank}")
 
-    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
-        """max_tokens (the same on every rank): the experts get W * max_tokens * Kl pair slots, not
-        W * Tm * Kl, so a decode call on a prefill-sized workspace costs what a decode workspace
-        would. A peer that sent more tokens than the bound makes `check()` raise."""
+    def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
+                       ) -> Pending[Dispatched]:
+        """`dispatch_send` now (it waits for no peer); `.wait()` is `dispatch_recv`, the bounded wait
+        for every source and the landed rows. max_tokens (the same on every rank): the experts
+        get W * max_tokens * Kl pair slots, not W * Tm * Kl, so a decode call on a prefill-sized
+        workspace costs what a decode workspace would. A peer that sent more tokens than the
+        bound makes `check()` raise."""
         self.dispatch_send(x, routing, max_tokens)
         if self._phase_barrier():
             self.group.barrier()
-        return self.dispatch_recv()
+        return Pending(self.dispatch_recv)
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
-                addend: torch.Tensor | None = None) -> torch.Tensor:
+    def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
+                      addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
+        """`combine_send` now (partial sums stored, flags raised); `.wait()` is `combine_recv`
+        (addend and out are read there), then `check()` on eager calls unless check_errors=False."""
         self.combine_send(expert_out, dispatched)
         if self._phase_barrier():
             self.group.barrier()
+        return Pending(lambda: self._combine_wait(dispatched, out, addend))
+
+    def _combine_wait(self, dispatched: Dispatched, out: torch.Tensor | None, addend: torch.Tensor | None
+                      ) -> torch.Tensor:
         y = self.combine_recv(dispatched, out, addend=addend)
         if self.check_errors and not capturing(y):
             self.check()
@@ -345,7 +387,8 @@ class SymmA2A(CommBackend):
 
     def _phase_barrier(self) -> bool:
         """Virtual ranks on one GPU share one stream: a receive kernel spinning ahead of a peer's
-        send would block it, so every rank's send is enqueued before any receive."""
+        send would block it, so every rank's send is enqueued before any receive (the barrier
+        ends each start, so a wait's kernel is always enqueued after every peer's send)."""
         return self.in_process and self.device.type == "cuda" and self.world > 1
 
     def dispatch_send(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> SymmHandle:
@@ -356,7 +399,7 @@ class SymmA2A(CommBackend):
         bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
         seq = next_seq(self.seq)
         handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev, self.rank,
-                            self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
+                            self.world, sum(self.layout.row_bytes), self.layout.row_bytes[0], self.slot_experts * 8,
                             self.cfg.hidden * self.combine_dtype.itemsize, bound)
         if self._impl == "torch":
             rows = encode_bytes(x, self.payload, self._scale_dev, backend="torch")

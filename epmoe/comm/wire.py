@@ -20,7 +20,7 @@ collectives only; launch: docs/design.md "Multi-node launch").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import torch
@@ -224,18 +224,43 @@ class WireBackend(CommBackend):
 @dataclass
 class WireHandle:
     """What combine needs of every wire dispatch: the pairs computed here (with their weights), the
-    output dtype (x's) and the bytes this rank sends to other ranks in each phase."""
+    output dtype (x's) and the bytes this rank sends to other ranks in each phase.
+
+    dispatch_copied, combine_copied: bytes this rank writes in each phase by staging copies, copies
+    that only move or re-lay data on this rank (packing rows into the send buffer, the
+    collective's chunk to itself, unpacking scales / ids / weights, casts to and from the combine
+    wire dtype, gathers of received partial sums); not the bytes sent to peers, nor what
+    quantization, the experts or the reductions compute. Counted from the call's shapes (host
+    ints), for `epmoe bench comm` (the number zero-copy work lowers)."""
 
     pairs: Pairs
     dtype: torch.dtype
     dispatch_bytes: int
     combine_bytes: int
+    dispatch_copied: int = field(default=0, init=False)
+    combine_copied: int = field(default=0, init=False)
+
+    def copied(self, dispatch: int, combine: int) -> WireHandle:
+        """This handle with its staging-copy counts set."""
+        self.dispatch_copied, self.combine_copied = dispatch, combine
+        return self
+
+
+def unpacked_bytes(rows: int, layout: RowLayout) -> int:
+    """Bytes `unpack_rows` copies out of `rows` wire rows: every part but the payload (a view)."""
+    return rows * (layout.nbytes - layout.widths[0])
 
 
 def sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
-    """[W, T, H] per-rank partial sums (any float dtype) -> [T, H] fp32, added in rank order."""
-    acc = parts[0].float().clone() if parts.shape[0] else parts.new_zeros(parts.shape[1:], dtype=torch.float32)
-    for r in range(1, parts.shape[0]):
+    """[W, T, H] per-rank partial sums (any float dtype) -> [T, H] fp32, added in rank order (one
+    rank: parts[0] itself when fp32; callers only read it). The first add writes a new tensor,
+    so no copy of parts[0] is made (the clone it replaced wrote T * H * 4 bytes a call)."""
+    if not parts.shape[0]:
+        return parts.new_zeros(parts.shape[1:], dtype=torch.float32)
+    if parts.shape[0] == 1:
+        return parts[0].float()
+    acc = parts[0].float() + parts[1].float()
+    for r in range(2, parts.shape[0]):
         acc += parts[r].float()
     return acc
 

@@ -125,9 +125,9 @@ class GatedSharedExperts(SharedExperts):
 
     gate: torch.Tensor
 
-    def __call__(self, x: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cfg: MoEConfig, out: torch.Tensor | None = None) -> torch.Tensor:
         scale = torch.sigmoid(x.float() @ self.gate.float().T)  # [T, 1]
-        return scale * super().__call__(x, cfg)  # [T, H] fp32
+        return torch.mul(scale, super().__call__(x, cfg), out=out)  # [T, H] fp32 (into out when given)
 
 
 def _rows(t: torch.Tensor, ids: torch.Tensor, own: bool) -> torch.Tensor:
