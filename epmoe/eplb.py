@@ -46,7 +46,8 @@ copies those rows with one all_to_all_v. `surviving_plan(plan, lost)` is the pla
 left after some are lost (`ExpertsLostError` names the experts no survivor holds);
 `MoELayer.without_ranks` rebuilds the layer over the survivors' group with it.
 
-Not here yet: patch_model and the graphs of `epmoe bench layer` with replicas; rebalancing
+Not here yet: `patch_model` with replicas; a planner that puts every expert on two ranks or more
+(the cover a lost rank needs; plan_replicas may keep an expert's copies on one rank); rebalancing
 while a call is in flight (it is a collective call between layer calls, on every rank).
 """
 

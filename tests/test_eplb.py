@@ -247,6 +247,8 @@ def test_bench_eplb_command_writes_its_table_and_json(tmp_path, capsys):
     assert [(r["trace"], r["redundant"]) for r in rows] == [(t, r) for t in TRACES for r in (0, 4)]
     for r in rows:  # the plan is fitted to the window it is measured on: never worse than contiguous blocks
         assert 1.0 <= r["eplb"] <= r["contiguous"] + 1e-12
+        assert r["us_contiguous"] > 0 and r["us_eplb"] > 0  # the slowest rank's experts stage, timed
+    assert "us_eplb" in text
 
 
 def test_bench_eplb_refuses_slots_that_do_not_divide_over_ranks(capsys):
