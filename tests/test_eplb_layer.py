@@ -398,3 +398,40 @@ def test_replica_layer_in_cuda_graphs_follows_a_rebalance():
     assert rel_err(layer(x, logits), eager(x, logits)) <= 2e-2
     layer.rebalance(plan_replicas(torch.ones(CFG.num_experts), 36, 1))
     assert rel_err(layer(x, logits), eager(x, logits)) <= 2e-2
+
+
+def hf_rank(group, family: str) -> tuple[torch.Tensor, ...]:
+    """A tiny transformers model patched with replicas (every MoE layer from one plan), before and
+    after each layer's rebalance, next to the unpatched model's logits."""
+    import copy
+
+    from epmoe.integrations.hf import patch_model
+    from tests.test_hf import build_model, input_ids
+
+    world, rank = (group.world, group.rank) if group is not None else (1, 0)
+    model = build_model(family)
+    ids = input_ids(rank)
+    with torch.no_grad():
+        ref = model(ids).logits
+    E = MoEConfig.from_hf(model.config).num_experts
+    plan = plan_replicas(torch.arange(E, 0, -1, dtype=torch.float64), E + 2 * world, world)
+    patched = copy.deepcopy(model)
+    names = patch_model(patched, group=group, comm="nccl_a2a" if world > 1 else "none", layout="dp", replicas=plan)
+    with torch.no_grad():
+        got = patched(ids).logits
+    for name in names:
+        patched.get_submodule(name).moe.rebalance(plan_replicas(torch.arange(1, E + 1.0), E + 2 * world, world))
+    with torch.no_grad():
+        after = patched(ids).logits
+    return ref, got, after
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_patch_model_with_replicas_matches_the_unpatched_model(world):
+    """DeepSeek-V3 (grouped routing: the backends see P slots without groups), fp32."""
+    pytest.importorskip("transformers")
+    results = [hf_rank(None, "deepseek_v3")] if world == 1 else run_ranks(hf_rank, world, args=("deepseek_v3",),
+                                                                            timeout=300)
+    for rank, (ref, got, after) in enumerate(results):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5, msg=f"rank {rank}")
+        torch.testing.assert_close(after, ref, atol=2e-5, rtol=2e-5, msg=f"rank {rank} after the rebalance")
