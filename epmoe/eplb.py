@@ -46,9 +46,11 @@ copies those rows with one all_to_all_v. `surviving_plan(plan, lost)` is the pla
 left after some are lost (`ExpertsLostError` names the experts no survivor holds);
 `MoELayer.without_ranks` rebuilds the layer over the survivors' group with it.
 
-Not here yet: `patch_model` with replicas; a planner that puts every expert on two ranks or more
-(the cover a lost rank needs; plan_replicas may keep an expert's copies on one rank); rebalancing
-while a call is in flight (it is a collective call between layer calls, on every rank).
+`plan_replicas(..., min_ranks=2)` puts every expert on two ranks or more: the cover a lost rank
+needs (without it an expert's copies may share one rank).
+
+Not here yet: rebalancing while a call is in flight (it is a collective call between layer
+calls, on every rank); replacing a lost rank's slots from the checkpoint instead of copies.
 """
 
 from __future__ import annotations
@@ -205,31 +207,40 @@ def max_over_mean(load: torch.Tensor | Sequence[float], plan: ReplicaPlan) -> fl
     return r.max().item() / mean if mean > 0 else 1.0
 
 
-def _pack(weights: Sequence[float], bins: int) -> list[int]:
-    """PACK: the bin of each item, every bin getting len(weights) / bins items."""
+def _pack(weights: Sequence[float], bins: int, keys: Sequence[int] | None = None) -> list[int]:
+    """PACK: the bin of each item, every bin getting len(weights) / bins items; with `keys`, a bin
+    that holds no item of the same key first (copies of one expert on different ranks)."""
     per, fill, total = len(weights) // bins, [0] * bins, [0.0] * bins
-    where = [0] * len(weights)
+    where, held = [0] * len(weights), [set() for _ in range(bins)]
     for i in sorted(range(len(weights)), key=lambda i: -weights[i]):  # stable: ties keep the lower index
-        b = min((b for b in range(bins) if fill[b] < per), key=lambda b: total[b])  # first of equals
+        key = keys[i] if keys is not None else None
+        b = min((b for b in range(bins) if fill[b] < per),
+                key=lambda b, key=key: (key is not None and key in held[b], total[b]))  # first of equals
         where[i], fill[b], total[b] = b, fill[b] + 1, total[b] + weights[i]
+        held[b].add(key)
     return where
 
 
-def _replicate(weights: Sequence[float], slots: int) -> list[int]:
-    """Copies of each item filling `slots`: one each, then one more for the largest load per copy
-    (ties: fewer copies, then the lower index, so zero loads spread their copies)."""
-    copies = [1] * len(weights)
-    for _ in range(slots - len(weights)):
+def _replicate(weights: Sequence[float], slots: int, base: int = 1) -> list[int]:
+    """Copies of each item filling `slots`: `base` each, then one more for the largest load per
+    copy (ties: fewer copies, then the lower index, so zero loads spread their copies)."""
+    copies = [base] * len(weights)
+    for _ in range(slots - base * len(weights)):
         e = max(range(len(weights)), key=lambda e: (weights[e] / copies[e], -copies[e]))
         copies[e] += 1
     return copies
 
 
 def plan_replicas(load: torch.Tensor | Sequence[float], num_physical: int, num_ranks: int, num_nodes: int = 1,
-                  num_groups: int = 1) -> ReplicaPlan:
+                  num_groups: int = 1, min_ranks: int = 1) -> ReplicaPlan:
     """DeepSeek's EPLB (module docstring): P = `num_physical` slots over `num_ranks` ranks on
     `num_nodes` nodes for the [E] `load` (token counts or any non-negative weights), experts in
-    `num_groups` groups (DeepSeek-V3: n_group = 8). Deterministic: the same input, the same plan."""
+    `num_groups` groups (DeepSeek-V3: n_group = 8). Deterministic: the same input, the same plan.
+
+    min_ranks > 1: every expert on at least that many ranks of its node, so the plan survives
+    the loss of min_ranks - 1 ranks (`surviving_plan`): step 2 starts from min_ranks copies each
+    (P >= min_ranks * E), step 3 puts an expert's copies on ranks without one first, step 4 is
+    skipped; a ValueError where the packing could not spread some expert."""
     w = torch.as_tensor(load, dtype=torch.float64).cpu()
     if w.dim() != 1 or not w.numel() or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError(f"load must be a non-empty [E] of finite values >= 0, got shape {tuple(w.shape)}")
@@ -245,16 +256,27 @@ def plan_replicas(load: torch.Tensor | Sequence[float], num_physical: int, num_r
     if num_groups % num_nodes:  # a group cannot sit on one node: the global variant
         num_nodes = num_groups = 1
     per_group, ranks_per_node = e_count // num_groups, num_ranks // num_nodes
+    if not 1 <= min_ranks <= ranks_per_node or num_physical < min_ranks * e_count:
+        raise ValueError(f"plan_replicas needs 1 <= min_ranks={min_ranks} <= {ranks_per_node} ranks per node and "
+                         f"num_physical={num_physical} >= min_ranks * E = {min_ranks * e_count}")
     group_node = _pack([math.fsum(wl[g * per_group:(g + 1) * per_group]) for g in range(num_groups)], num_nodes)
     rank_slots: list[list[int]] = []
     for node in range(num_nodes):
         groups = [g for g in range(num_groups) if group_node[g] == node]
         experts = [e for g in groups for e in range(g * per_group, (g + 1) * per_group)]
-        copies = dict(zip(experts, _replicate([wl[e] for e in experts], num_physical // num_nodes)))
+        copies = dict(zip(experts, _replicate([wl[e] for e in experts], num_physical // num_nodes, min_ranks)))
         slots = [e for e in experts for _ in range(copies[e])]
-        rank_of = _pack([wl[e] / copies[e] for e in slots], ranks_per_node)
+        rank_of = _pack([wl[e] / copies[e] for e in slots], ranks_per_node, slots if min_ranks > 1 else None)
         rank_slots += [sorted(e for e, r in zip(slots, rank_of) if r == rank) for rank in range(ranks_per_node)]
     plan = ReplicaPlan.from_slots(rank_slots, e_count)
+    if min_ranks > 1:
+        spread = [len({int(p) // plan.slots_per_rank for p in plan.log2phy[e][: int(plan.replicas[e])]})
+                  for e in range(e_count)]
+        short = [e for e in range(e_count) if spread[e] < min_ranks]
+        if short:
+            raise ValueError(f"plan_replicas could not put experts {short} on {min_ranks} ranks; give it more "
+                             "slots (num_physical)")
+        return plan
     if e_count % num_ranks == 0:  # 4. guard: never worse than the contiguous blocks
         per, spare = e_count // num_ranks, num_physical // num_ranks
         blocks = [list(range(r * per, (r + 1) * per)) for r in range(num_ranks)]

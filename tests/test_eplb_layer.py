@@ -329,7 +329,7 @@ def survivor_rank(group, lost: list[int], cover: bool) -> dict:
     """Build over W ranks, lose `lost`: the survivors rebuild over a group of their own, serve,
     then rebalance for the new world. The lost ranks leave at once."""
     world, rank = group.world, group.rank
-    plan = two_rank_cover(24, world) if cover else ReplicaPlan.contiguous(24, world)
+    plan = plan_replicas(popularity(0), 48, world, min_ranks=2) if cover else ReplicaPlan.contiguous(24, world)
     layer = MoELayer.from_global(CFG, full_weights(), group, comm="nccl_a2a", replicas=plan)
     if rank in lost:
         return {}
