@@ -157,10 +157,10 @@ class MoELayer(nn.Module):
     capture:  a `RoutingCapture` that receives the ids of every call.
     replicas: a `ReplicaPlan` (epmoe/eplb.py): P >= E physical slots, P/W per rank, an expert
               possibly in several; instead of `placement`. Each call maps its routing ids to
-              slots on the device (`ReplicaMap`: a copy on the token's own rank, else one by
-              token index), and every comm backend moves slots; outputs are those of the layer
-              without copies (summation order aside). `rebalance(plan)` installs another plan in
-              place, `without_ranks(lost, group)` rebuilds the layer over surviving ranks.
+              slots on the device (`ReplicaMap`: copy (t * W + rank) % copies of the expert),
+              and every comm backend moves slots; outputs are those of the layer without copies
+              (summation order aside). `rebalance(plan)` installs another plan in place,
+              `without_ranks(lost, group)` rebuilds the layer over surviving ranks.
     load:     an `ExpertLoad` that counts each call's picks per logical expert on the device.
     comm_options: keyword options for the comm backend (fields of its `Options`, e.g.
               max_tokens_per_rank, payload). Under comm="auto" every key must be an option of at

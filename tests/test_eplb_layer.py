@@ -435,3 +435,20 @@ def test_patch_model_with_replicas_matches_the_unpatched_model(world):
     for rank, (ref, got, after) in enumerate(results):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5, msg=f"rank {rank}")
         torch.testing.assert_close(after, ref, atol=2e-5, rtol=2e-5, msg=f"rank {rank} after the rebalance")
+
+
+def test_replica_layer_in_micro_batches():
+    """forward_microbatches maps each micro-batch's picks too (the routing is mapped once, then cut)."""
+    plan, combos = skewed_plan(2), ("nccl_a2a", "allgather")
+
+    def body(g):
+        errs = []
+        for comm in combos:
+            layer = MoELayer.from_global(CFG, full_weights(), g, comm=comm, replicas=plan)
+            plain = MoELayer.from_global(CFG, full_weights(), g, comm=comm)
+            x, logits, routing = rank_inputs(g.rank, "dp", 2)
+            errs.append(rel_err(layer.forward_microbatches(x, logits, splits=3), plain(x, logits)))
+            errs.append(rel_err(layer.forward_microbatches(x, routing=routing), plain(x, routing=routing)))
+        return max(errs)
+
+    assert max(VirtualGroup(2).run(body)) <= TOL[torch.float32]
