@@ -350,6 +350,8 @@ class MoELayer(nn.Module):
         if self.replicas is None or self._map is None:
             raise ValueError("this layer has no replica plan; build it with replicas=ReplicaPlan.contiguous(E, W) "
                              "(or a plan_replicas plan) to rebalance it")
+        if self.group is not None:  # what a timeout of its exchanges names
+            self.group.call = f"MoELayer {self.op_id} rebalance"
         done = eplb.move_expert_weights(self.runner.weights, self.replicas, plan, self.group)
         self._map.load(done.plan)
         self.replicas = done.plan
