@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from epmoe.config import MoEConfig
+from epmoe.eplb import ReplicaPlan
 from epmoe.experts import ExpertWeights, get_runner
 from epmoe.group import Placement
 from epmoe.layer import SharedExperts
@@ -149,7 +150,7 @@ class MoELayerWeights:
     """One MoE layer as loaded for one rank (`input_scales`: see the module docstring)."""
 
     experts: ExpertWeights  # this rank's experts by local index
-    expert_ids: torch.Tensor  # [E_local] int64 global expert ids
+    expert_ids: torch.Tensor  # [E_local] int64 global expert ids (with replicas: the expert of each slot)
     format: str  # ExpertWeights.format: "bf16" / "fp16" / "fp32" (unquantized), "fp8", "fp8_block", "nvfp4"
     gate: torch.Tensor | None = None  # [E, H] router weight, checkpoint dtype
     gate_bias: torch.Tensor | None = None  # [E] router bias (GPT-OSS)
@@ -368,10 +369,13 @@ def validate_layer(path: str | Path | CheckpointFiles, cfg: MoEConfig, layer: in
 
 def load_moe_layer(path: str | Path, cfg: MoEConfig, layer: int, rank: int = 0, world: int = 1,
                    placement: Placement | None = None, runner: str = "auto", dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cpu", check_finite: bool = True) -> MoELayerWeights:
+                   device: torch.device | str = "cpu", check_finite: bool = True,
+                   replicas: ReplicaPlan | None = None) -> MoELayerWeights:
     """Read MoE layer `layer` of the checkpoint at `path` for EP rank `rank` of `world`.
 
-    Experts come by local index of `placement` (default `Placement.contiguous(E, world)`).
+    Experts come by local index of `placement` (default `Placement.contiguous(E, world)`); with
+    `replicas` (an epmoe.eplb.ReplicaPlan, instead of placement) by this rank's slots, each slot
+    holding its logical expert (`replicas.rank_experts(rank)`: copies are read once per slot).
     dtype: cast float weights (bf16 checkpoints, shared experts) to it; default: as stored
     (shared experts of quantized checkpoints: fp32). Quantized weights keep their format.
     runner: applies that runner's load-time `prepare`; "auto" (the default) is the runner
@@ -380,15 +384,22 @@ def load_moe_layer(path: str | Path, cfg: MoEConfig, layer: int, rank: int = 0, 
     expert weights or biases hold NaN or inf (one read of each, before any cast); False skips it.
     """
     E = cfg.num_experts
-    if placement is None:
+    if replicas is not None:
+        if placement is not None:
+            raise ValueError("pass placement or replicas, not both")
+        if replicas.num_experts != E or replicas.num_ranks != world or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} / replica plan of {replicas.num_experts} experts on {replicas.num_ranks} "
+                             f"ranks does not fit a layer of {E} experts on {world} ranks")
+        placement = replicas.placement()
+    elif placement is None:
         if E % world:
             raise ValueError(f"the layer has {E} experts, not divisible by the EP world size {world}; choose a "
                              f"world size that divides {E} or pass a Placement")
         placement = Placement.contiguous(E, world)
-    if not 0 <= rank < placement.world or placement.num_experts != E:
+    if not 0 <= rank < placement.world or (replicas is None and placement.num_experts != E):
         raise ValueError(f"rank {rank} / placement of {placement.num_experts} experts on {placement.world} ranks "
                          f"does not fit a layer of {E} experts")
-    ids = placement.global_ids(rank)  # [E_local] int64
+    ids = placement.global_ids(rank) if replicas is None else replicas.rank_experts(rank)  # [E_local] int64
     files = CheckpointFiles(path)
     try:
         lay = _find_layout(files, layer)

@@ -28,19 +28,45 @@ a token inside a few groups, so a group should stay on one node):
 `max_over_mean(load, plan)` = largest rank load / mean rank load, a logical expert's load split
 evenly over its copies: the straggler factor of one layer's expert compute.
 
-Not here yet (later slices): placement with replicas inside the comm backends (they read a
-`Placement` of one copy per expert), moving weights in place, re-planning when a rank is lost.
+A layer with replicas (`MoELayer(..., replicas=plan)`) runs its comm backends on physical ids:
+they read `plan.placement()` (slot p on rank p // (P/W)) and `physical_config(cfg, P)`, and
+`ReplicaMap` turns each call's logical routing ids into slots after routing (weights unchanged):
+
+    copies = replicas[e];  c = (t * W + rank) % copies   (tp layout: t % copies, alike on every rank)
+    slot   = the c-th slot of e (ascending)
+
+so each copy gets 1 / copies of its expert's picks, the share `plan_replicas` counts on (rejected:
+preferring a copy on the token's own rank saves traffic, but a rank holding 2 of an expert's 6
+copies then gets only its own tokens of it, 1/4 of them over 4 ranks, not the 1/3 planned).
+
+`MoELayer.rebalance(plan)` installs a new plan in place: `align_plan` keeps every expert a rank
+keeps in its old slot, `plan_moves` lists one copy per slot whose expert changes (from the same
+rank where it holds that expert, else from the old holders in turn), and `move_expert_weights`
+copies those rows with one all_to_all_v. `surviving_plan(plan, lost)` is the plan of the ranks
+left after some are lost (`ExpertsLostError` names the experts no survivor holds);
+`MoELayer.without_ranks` rebuilds the layer over the survivors' group with it.
+
+`plan_replicas(..., min_ranks=2)` puts every expert on two ranks or more: the cover a lost rank
+needs (without it an expert's copies may share one rank).
+
+Not here yet: rebalancing while a call is in flight (it is a collective call between layer
+calls, on every rank); replacing a lost rank's slots from the checkpoint instead of copies.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from epmoe.group import Placement
+from epmoe.comm.base import agree
+from epmoe.config import MoEConfig
+from epmoe.experts.base import ExpertWeights
+from epmoe.group import Placement, RankGroup
 
 
 class ExpertLoad:
@@ -120,6 +146,28 @@ class ReplicaPlan:
     def slots_per_rank(self) -> int:
         return self.num_physical // self.num_ranks
 
+    def rank_experts(self, rank: int) -> torch.Tensor:
+        """[P/W] int64: the logical expert of each of `rank`'s slots, by local slot index (the
+        order of that rank's `ExpertWeights`; an expert with two copies there appears twice)."""
+        if not 0 <= rank < self.num_ranks:
+            raise ValueError(f"rank {rank} is not one of the plan's {self.num_ranks} ranks")
+        s = self.slots_per_rank
+        return self.phy2log[rank * s:(rank + 1) * s].long()
+
+    def placement(self) -> Placement:
+        """What the comm backends read: physical slot p on rank p // (P/W) at local index p % (P/W)."""
+        return Placement.contiguous(self.num_physical, self.num_ranks)
+
+    def code(self) -> int:
+        """The plan as one int (crc32 of its ranks and slots), for cross-rank agreement."""
+        return zlib.crc32(repr((self.num_ranks, self.phy2log.tolist())).encode())
+
+    @classmethod
+    def from_placement(cls, placement: Placement) -> ReplicaPlan:
+        """The one-copy plan of `placement` (rank r's slots: its experts by local index)."""
+        return cls.from_slots([placement.global_ids(r).tolist() for r in range(placement.world)],
+                              placement.num_experts)
+
     @classmethod
     def from_slots(cls, rank_slots: Sequence[Sequence[int]], num_experts: int) -> ReplicaPlan:
         """The plan whose rank r holds the logical experts rank_slots[r] (one entry per slot)."""
@@ -159,31 +207,40 @@ def max_over_mean(load: torch.Tensor | Sequence[float], plan: ReplicaPlan) -> fl
     return r.max().item() / mean if mean > 0 else 1.0
 
 
-def _pack(weights: Sequence[float], bins: int) -> list[int]:
-    """PACK: the bin of each item, every bin getting len(weights) / bins items."""
+def _pack(weights: Sequence[float], bins: int, keys: Sequence[int] | None = None) -> list[int]:
+    """PACK: the bin of each item, every bin getting len(weights) / bins items; with `keys`, a bin
+    that holds no item of the same key first (copies of one expert on different ranks)."""
     per, fill, total = len(weights) // bins, [0] * bins, [0.0] * bins
-    where = [0] * len(weights)
+    where, held = [0] * len(weights), [set() for _ in range(bins)]
     for i in sorted(range(len(weights)), key=lambda i: -weights[i]):  # stable: ties keep the lower index
-        b = min((b for b in range(bins) if fill[b] < per), key=lambda b: total[b])  # first of equals
+        key = keys[i] if keys is not None else None
+        b = min((b for b in range(bins) if fill[b] < per),
+                key=lambda b, key=key: (key is not None and key in held[b], total[b]))  # first of equals
         where[i], fill[b], total[b] = b, fill[b] + 1, total[b] + weights[i]
+        held[b].add(key)
     return where
 
 
-def _replicate(weights: Sequence[float], slots: int) -> list[int]:
-    """Copies of each item filling `slots`: one each, then one more for the largest load per copy
-    (ties: fewer copies, then the lower index, so zero loads spread their copies)."""
-    copies = [1] * len(weights)
-    for _ in range(slots - len(weights)):
+def _replicate(weights: Sequence[float], slots: int, base: int = 1) -> list[int]:
+    """Copies of each item filling `slots`: `base` each, then one more for the largest load per
+    copy (ties: fewer copies, then the lower index, so zero loads spread their copies)."""
+    copies = [base] * len(weights)
+    for _ in range(slots - base * len(weights)):
         e = max(range(len(weights)), key=lambda e: (weights[e] / copies[e], -copies[e]))
         copies[e] += 1
     return copies
 
 
 def plan_replicas(load: torch.Tensor | Sequence[float], num_physical: int, num_ranks: int, num_nodes: int = 1,
-                  num_groups: int = 1) -> ReplicaPlan:
+                  num_groups: int = 1, min_ranks: int = 1) -> ReplicaPlan:
     """DeepSeek's EPLB (module docstring): P = `num_physical` slots over `num_ranks` ranks on
     `num_nodes` nodes for the [E] `load` (token counts or any non-negative weights), experts in
-    `num_groups` groups (DeepSeek-V3: n_group = 8). Deterministic: the same input, the same plan."""
+    `num_groups` groups (DeepSeek-V3: n_group = 8). Deterministic: the same input, the same plan.
+
+    min_ranks > 1: every expert on at least that many ranks of its node, so the plan survives
+    the loss of min_ranks - 1 ranks (`surviving_plan`): step 2 starts from min_ranks copies each
+    (P >= min_ranks * E), step 3 puts an expert's copies on ranks without one first, step 4 is
+    skipped; a ValueError where the packing could not spread some expert."""
     w = torch.as_tensor(load, dtype=torch.float64).cpu()
     if w.dim() != 1 or not w.numel() or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError(f"load must be a non-empty [E] of finite values >= 0, got shape {tuple(w.shape)}")
@@ -199,16 +256,27 @@ def plan_replicas(load: torch.Tensor | Sequence[float], num_physical: int, num_r
     if num_groups % num_nodes:  # a group cannot sit on one node: the global variant
         num_nodes = num_groups = 1
     per_group, ranks_per_node = e_count // num_groups, num_ranks // num_nodes
+    if not 1 <= min_ranks <= ranks_per_node or num_physical < min_ranks * e_count:
+        raise ValueError(f"plan_replicas needs 1 <= min_ranks={min_ranks} <= {ranks_per_node} ranks per node and "
+                         f"num_physical={num_physical} >= min_ranks * E = {min_ranks * e_count}")
     group_node = _pack([math.fsum(wl[g * per_group:(g + 1) * per_group]) for g in range(num_groups)], num_nodes)
     rank_slots: list[list[int]] = []
     for node in range(num_nodes):
         groups = [g for g in range(num_groups) if group_node[g] == node]
         experts = [e for g in groups for e in range(g * per_group, (g + 1) * per_group)]
-        copies = dict(zip(experts, _replicate([wl[e] for e in experts], num_physical // num_nodes)))
+        copies = dict(zip(experts, _replicate([wl[e] for e in experts], num_physical // num_nodes, min_ranks)))
         slots = [e for e in experts for _ in range(copies[e])]
-        rank_of = _pack([wl[e] / copies[e] for e in slots], ranks_per_node)
+        rank_of = _pack([wl[e] / copies[e] for e in slots], ranks_per_node, slots if min_ranks > 1 else None)
         rank_slots += [sorted(e for e, r in zip(slots, rank_of) if r == rank) for rank in range(ranks_per_node)]
     plan = ReplicaPlan.from_slots(rank_slots, e_count)
+    if min_ranks > 1:
+        spread = [len({int(p) // plan.slots_per_rank for p in plan.log2phy[e][: int(plan.replicas[e])]})
+                  for e in range(e_count)]
+        short = [e for e in range(e_count) if spread[e] < min_ranks]
+        if short:
+            raise ValueError(f"plan_replicas could not put experts {short} on {min_ranks} ranks; give it more "
+                             "slots (num_physical)")
+        return plan
     if e_count % num_ranks == 0:  # 4. guard: never worse than the contiguous blocks
         per, spare = e_count // num_ranks, num_physical // num_ranks
         blocks = [list(range(r * per, (r + 1) * per)) for r in range(num_ranks)]
@@ -217,3 +285,206 @@ def plan_replicas(load: torch.Tensor | Sequence[float], num_physical: int, num_r
         if rank_loads(w, fallback).max() < rank_loads(w, plan).max():
             plan = fallback
     return plan
+
+
+def physical_config(cfg: MoEConfig, num_physical: int) -> MoEConfig:
+    """What the comm backends of a layer with `num_physical` slots see: a config of that many
+    experts (the ids they move are slots), expert groups dropped (backends never route, and P
+    need not divide into the groups). `cfg` itself where P == E."""
+    if num_physical == cfg.num_experts:
+        return cfg
+    return cfg.replace(num_experts=num_physical, n_group=1, topk_group=1)
+
+
+class ReplicaMap:
+    """Logical routing ids -> physical slots on the device: fixed shapes, no host sync, so the
+    step sits inside a captured CUDA graph (module docstring for the choice of copy).
+
+    slots [P] int32 (each expert's slots in ascending order, expert by expert), first [E] int32
+    (where expert e's slots start), copies [E] int32. `load(plan)` rewrites them in place, so
+    graphs captured over them route by the new plan.
+    """
+
+    def __init__(self, plan: ReplicaPlan, rank: int, layout: str, device: torch.device | str) -> None:
+        self.rank, self.layout = rank, layout
+        self.num_experts, self.num_ranks = plan.num_experts, plan.num_ranks
+        self.slots, self.first, self.copies = (t.to(device) for t in self._tables(plan))
+
+    def _tables(self, plan: ReplicaPlan) -> tuple[torch.Tensor, ...]:
+        if (plan.num_experts, plan.num_ranks) != (self.num_experts, self.num_ranks):
+            raise ValueError(f"a plan of {plan.num_experts} experts on {plan.num_ranks} ranks cannot replace one of "
+                             f"{self.num_experts} on {self.num_ranks}")
+        live = plan.log2phy[plan.log2phy >= 0]  # row-major: expert by expert, ascending slots
+        first = torch.cumsum(plan.replicas, 0, dtype=torch.int32) - plan.replicas
+        return live.int().contiguous(), first, plan.replicas.clone()
+
+    def load(self, plan: ReplicaPlan) -> None:
+        """Route by `plan` from the next call on (the tables rewritten in place; same E and W)."""
+        for dst, src in zip((self.slots, self.first, self.copies), self._tables(plan)):
+            dst.copy_(src)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T, K] int32 logical experts (-1 = padding) -> [T, K] int32 physical slots (-1 kept)."""
+        T, E = ids.shape[0], self.num_experts
+        e = ids.clamp(0, E - 1).long()  # [T, K]
+        t = torch.arange(T, dtype=torch.int64, device=ids.device)[:, None]  # [T, 1]
+        turn = t * self.num_ranks + self.rank if self.layout == "dp" else t
+        slot = self.slots[(self.first[e] + turn % self.copies[e]).long()]  # [T, K]
+        return torch.where((ids >= 0) & (ids < E), slot, -1).int()
+
+
+def align_plan(new: ReplicaPlan, old: ReplicaPlan) -> ReplicaPlan:
+    """`new` with each rank's slots reordered so that what a rank keeps stays where it was:
+
+        for each rank r:  want = the experts of r's slots under new (a multiset)
+            slot s keeps old[s] while want still holds a copy of it
+            the rest of want, ascending, fills r's other slots in order
+
+    Every rank holds the same experts as under `new`; only slots whose expert changes differ
+    from `old` (the fewest a rank can change)."""
+    if (new.num_experts, new.num_physical, new.num_ranks) != (old.num_experts, old.num_physical, old.num_ranks):
+        raise ValueError(f"the new plan has {new.num_experts} experts in {new.num_physical} slots on {new.num_ranks} "
+                         f"ranks, the layer's {old.num_experts} in {old.num_physical} on {old.num_ranks}: a rebalance "
+                         "keeps E, P and W (build a new layer to change them)")
+    rank_slots = []
+    for r in range(new.num_ranks):
+        want = Counter(new.rank_experts(r).tolist())
+        kept: list[int | None] = []
+        for e in old.rank_experts(r).tolist():
+            kept.append(e if want[e] > 0 else None)
+            want[e] -= kept[-1] is not None
+        rest = iter(sorted(want.elements()))
+        rank_slots.append([e if e is not None else next(rest) for e in kept])
+    return ReplicaPlan.from_slots(rank_slots, new.num_experts)
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    """One expert copy a rebalance makes: slot `dst` gets the weights old slot `src` holds."""
+
+    dst: int  # physical slot (of the new plan) whose expert changes
+    src: int  # physical slot holding `expert` under the old plan
+    expert: int  # logical expert
+
+
+def plan_moves(old: ReplicaPlan, new: ReplicaPlan) -> list[SlotMove]:
+    """The copies that turn `old`'s slots into `new`'s (align `new` first: `align_plan`), by dst:
+    one per slot whose expert changes; its source is a slot of that expert on the same rank
+    where there is one (no traffic), else the expert's old slots taken in turn (spreading the sends)."""
+    S, turn, moves = old.slots_per_rank, Counter(), []
+    for p, (was, e) in enumerate(zip(old.phy2log.tolist(), new.phy2log.tolist())):
+        if was == e:
+            continue
+        holders = old.log2phy[e][: int(old.replicas[e])].tolist()
+        home = [q for q in holders if q // S == p // S]
+        src = home[0] if home else holders[turn[e] % len(holders)]
+        turn[e] += not home
+        moves.append(SlotMove(p, src, e))
+    return moves
+
+
+@dataclass(frozen=True)
+class Rebalanced:
+    """What a rebalance did, seen from one rank."""
+
+    plan: ReplicaPlan  # the plan installed (the one asked for, aligned: `align_plan`)
+    moved: int  # slots whose expert changed, over all ranks
+    changed: int  # of them, this rank's slots
+    received: int  # of this rank's, copied from another rank (the rest from its own slots)
+    sent: int  # expert copies this rank sent to other ranks
+
+
+def _slot_bytes(weights: ExpertWeights, slots: int) -> list[torch.Tensor]:
+    """Every tensor of `weights` with one entry per slot, as [slots, bytes] uint8 views (writes
+    through them land in the weights)."""
+    out = []
+    for name in ("w13", "w2", "b13", "b2"):
+        t = getattr(weights, name)
+        parts = [] if t is None else [(name, t)] if isinstance(t, torch.Tensor) else [
+            (f"{name}.{f}", getattr(t, f)) for f in ("data", "scales", "global_scale") if getattr(t, f) is not None]
+        for what, p in parts:
+            if p.dim() == 0 or p.shape[0] != slots:
+                raise ValueError(f"expert weight {what} has shape {tuple(p.shape)}, not one entry per slot ({slots}): "
+                                 "a rebalance moves each expert's own tensors; expand shared scales per expert "
+                                 "(the runner's prepare does) before building the layer")
+            if not p.is_contiguous():
+                raise ValueError(f"expert weight {what} is not contiguous; a rebalance writes rows in place: pass "
+                                 "contiguous weights (.contiguous()) when building the layer")
+            out.append(p.view(torch.uint8).view(slots, -1))
+    return out
+
+
+def move_expert_weights(weights: ExpertWeights, old: ReplicaPlan, new: ReplicaPlan,
+                        group: RankGroup | None) -> Rebalanced:
+    """On every rank of `group` (each with its own `weights`, the slots of `old`): agree on the
+    plans, then turn the weights into those of `new` in place, copying only the slots whose
+    expert changes (`plan_moves`; remote copies in one all_to_all_v of byte rows). Returns what
+    moved; `new` is aligned first (`align_plan`), and the aligned plan is what now holds."""
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    failure, moves, aligned = None, [], new
+    try:
+        if old.num_ranks != world:
+            raise ValueError(f"the layer's plan spans {old.num_ranks} ranks, its group {world}")
+        aligned = align_plan(new, old)
+        moves = plan_moves(old, aligned)
+        rows = _slot_bytes(weights, old.slots_per_rank)
+    except Exception as exc:  # noqa: BLE001 - re-raised by agree, after the peers are told
+        failure = exc
+    device = torch.device("cuda", torch.cuda.current_device()) if group is not None and group.backend == "nccl" \
+        else "cpu"
+    agree(group, f"rebalance on rank {rank}", {"new plan": new.code(), "old plan": old.code()}, device=device,
+          failure=failure, fix="Call rebalance on every rank with the same plan")
+    S = old.slots_per_rank
+    on = lambda m, r: m // S == r  # noqa: E731 - slot m lies on rank r
+    mine = [m for m in moves if on(m.dst, rank)]
+    local = [m for m in mine if on(m.src, rank)]
+    sends = [[m for m in moves if on(m.src, rank) and on(m.dst, j)] if j != rank else [] for j in range(world)]
+    recvs = [[m for m in mine if on(m.src, i)] if i != rank else [] for i in range(world)]
+    dev = weights.device
+
+    def take(slots: list[int]) -> torch.Tensor:  # [n, bytes of one slot] copied out before any write
+        idx = torch.tensor(slots, dtype=torch.long, device=dev)
+        return torch.cat([r[idx] for r in rows], dim=1)
+
+    def put(slots: list[int], data: torch.Tensor) -> None:
+        idx, col = torch.tensor(slots, dtype=torch.long, device=dev), 0
+        for r in rows:
+            r[idx] = data[:, col:col + r.shape[1]]
+            col += r.shape[1]
+
+    outgoing = take([m.src % S for s in sends for m in s])
+    home = take([m.src % S for m in local])
+    if moves and world > 1:  # every rank computed the same moves: all enter the exchange, or none
+        got = group.all_to_all_v(outgoing, [len(s) for s in sends], [len(r) for r in recvs])
+        put([m.dst % S for r in recvs for m in r], got)
+    put([m.dst % S for m in local], home)
+    return Rebalanced(aligned, len(moves), len(mine), len(mine) - len(local), sum(len(s) for s in sends))
+
+
+class ExpertsLostError(ValueError):
+    """The lost ranks held every copy of some experts: `experts` lists them, `ranks` the lost ranks."""
+
+    def __init__(self, message: str, experts: list[int], ranks: list[int]) -> None:
+        super().__init__(message)
+        self.experts, self.ranks = experts, ranks
+
+
+def surviving_plan(plan: ReplicaPlan, lost: Sequence[int]) -> ReplicaPlan:
+    """The plan of the ranks left when `lost` are gone: the survivors keep their slots, in their
+    old order (survivor i becomes rank i). `ExpertsLostError` where some expert had every copy on
+    a lost rank, listing them."""
+    gone_ranks = sorted({int(r) for r in lost})
+    if not gone_ranks or any(not 0 <= r < plan.num_ranks for r in gone_ranks) or len(gone_ranks) == plan.num_ranks:
+        raise ValueError(f"lost must name some but not all of the plan's ranks 0..{plan.num_ranks - 1}, "
+                         f"got {list(lost)}")
+    keep = [r for r in range(plan.num_ranks) if r not in gone_ranks]
+    slots = [plan.rank_experts(r).tolist() for r in keep]
+    held = {e for s in slots for e in s}
+    missing = [e for e in range(plan.num_experts) if e not in held]
+    if missing:
+        raise ExpertsLostError(
+            f"ranks {gone_ranks} held every copy of experts {missing}: the {len(keep)} surviving ranks cannot serve "
+            "them. Plan replicas so that every expert has copies on two ranks or more, or reload those experts "
+            "from the checkpoint",
+            missing, gone_ranks)
+    return ReplicaPlan.from_slots(slots, plan.num_experts)

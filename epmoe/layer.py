@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
+from epmoe import eplb
 from epmoe.comm import COMM_BACKENDS, get_comm
 from epmoe.comm.auto import AutoComm
 from epmoe.comm.base import CommBackend, Dispatched, agree
@@ -75,7 +76,8 @@ def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, 
             "comm_options": _code(sorted((comm_options or {}).items())), "config": _code(cfg),
             "experts": cfg.num_experts, "hidden": cfg.hidden, "top_k": cfg.top_k,
             "weights (format, dtypes, shapes)": _code((weights.format, shapes)),
-            "placement": _code((layer.placement.expert_rank.tolist(), layer.placement.expert_local.tolist())),
+            "placement": _code((layer.placement.expert_rank.tolist(), layer.placement.expert_local.tolist(),
+                                layer.replicas.phy2log.tolist() if layer.replicas is not None else None)),
             "activation dtype": _code(layer.dtype), "validate": int(layer.validate),
         }
     else:  # zeros stand in: the peers read the failure
@@ -148,7 +150,8 @@ class MoELayer(nn.Module):
     """One MoE layer on one expert-parallel rank.
 
     cfg:      shapes and routing.
-    weights:  this rank's experts (`ExpertWeights`, local indices of `placement`).
+    weights:  this rank's experts (`ExpertWeights`, local indices of `placement`; with `replicas`,
+              this rank's slots: `replicas.rank_experts(rank)`).
     group:    the EP ranks (`EPGroup`, a `VirtualGroup` rank, or None for one rank).
     comm:     a registered comm backend's name (epmoe.comm.COMM_BACKENDS) or "auto": a composite
               that picks one of the backends fit for the layer per call by token count, from
@@ -162,6 +165,13 @@ class MoELayer(nn.Module):
     correction_bias: [E] fp32 for sigmoid_bias / sigmoid_grouped routing; must be finite.
     shared:   shared experts, added to the output of every token.
     capture:  a `RoutingCapture` that receives the ids of every call.
+    replicas: a `ReplicaPlan` (epmoe/eplb.py): P >= E physical slots, P/W per rank, an expert
+              possibly in several; instead of `placement`. Each call maps its routing ids to
+              slots on the device (`ReplicaMap`: copy (t * W + rank) % copies of the expert),
+              and every comm backend moves slots; outputs are those of the layer without copies
+              (summation order aside). `rebalance(plan)` installs another plan in place,
+              `without_ranks(lost, group)` rebuilds the layer over surviving ranks.
+    load:     an `ExpertLoad` that counts each call's picks per logical expert on the device.
     comm_options: keyword options for the comm backend (fields of its `Options`, e.g.
               max_tokens_per_rank, payload). Under comm="auto" every key must be an option of at
               least one candidate, and each candidate gets the keys it has. Backends get the
@@ -205,6 +215,8 @@ class MoELayer(nn.Module):
         comm_options: dict[str, Any] | None = None,
         validate: bool = True,
         shared_stream: bool | None = None,
+        replicas: eplb.ReplicaPlan | None = None,
+        load: eplb.ExpertLoad | None = None,
     ) -> None:
         super().__init__()
         self.group = group
@@ -221,8 +233,13 @@ class MoELayer(nn.Module):
                 raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
             self.cfg = cfg
             self.layout = layout
+            self.replicas = replicas
+            if replicas is not None:
+                self._check_replicas(replicas, placement, load)
+                placement = replicas.placement()
             self.placement = placement or Placement.contiguous(cfg.num_experts, self.world)
-            if self.placement.world != self.world or self.placement.num_experts != cfg.num_experts:
+            if self.placement.world != self.world or (
+                    replicas is None and self.placement.num_experts != cfg.num_experts):
                 raise ValueError(
                     f"placement covers {self.placement.num_experts} experts on {self.placement.world} "
                     f"ranks, layer has {cfg.num_experts} experts on {self.world} ranks"
@@ -254,12 +271,16 @@ class MoELayer(nn.Module):
             failure = exc
         agree_construction(self, cfg, weights, comm, runner, layout, comm_options, failure)
         setup = {"device": self.device, "dtype": self.dtype}
+        # with replicas the backends move physical slots: P "experts" over the physical placement
+        wire = eplb.physical_config(cfg, replicas.num_physical) if replicas is not None else cfg
+        self._map = eplb.ReplicaMap(replicas, self.rank, layout, self.device) if replicas is not None else None
+        self._rebuild = {"comm": comm, "runner": runner, "layout": layout, "comm_options": comm_options}
         # comm="auto": a composite holding every candidate, built once; it picks per call.
         self.auto: AutoComm | None = None
         if comm == "auto":
-            self.auto = self._comm = AutoComm(cfg, group, self.placement, options, combo=self._base, **setup)
+            self.auto = self._comm = AutoComm(wire, group, self.placement, options, combo=self._base, **setup)
         else:
-            self._comm = comm_cls(cfg, group, self.placement, comm_opts, **setup)
+            self._comm = comm_cls(wire, group, self.placement, comm_opts, **setup)
         self.graphs: LayerGraphs | None = None
         self.runner = runner_cls(cfg, weights)
         self.gate = gate
@@ -270,6 +291,7 @@ class MoELayer(nn.Module):
         self.shared_stream = bool(comm != "none" and self.world > 1 if shared_stream is None else shared_stream)
         self._side = SideStream(self.device) if self.shared_stream and shared is not None else None
         self.capture = capture
+        self.load = load
         self.op_id = register_layer(self)  # how torch.ops.epmoe.moe_forward finds this layer
 
     def _check_routing_args(self, gate: torch.Tensor | None, gate_bias: torch.Tensor | None,
@@ -289,6 +311,20 @@ class MoELayer(nn.Module):
                     f"gate_bias must be a float [{cfg.num_experts}] tensor, got {gate_bias.dtype} "
                     f"{tuple(gate_bias.shape)}"
                 )
+
+    def _check_replicas(self, plan: eplb.ReplicaPlan, placement: Placement | None,
+                        load: eplb.ExpertLoad | None) -> None:
+        cfg = self.cfg
+        if placement is not None:
+            raise ValueError("pass placement or replicas, not both: a ReplicaPlan places its slots itself "
+                             "(slot p on rank p // (P/W))")
+        if not isinstance(plan, eplb.ReplicaPlan):
+            raise TypeError(f"replicas must be a ReplicaPlan (epmoe.eplb), got {type(plan).__name__}")
+        if plan.num_experts != cfg.num_experts or plan.num_ranks != self.world:
+            raise ValueError(f"replicas plan {plan.num_experts} experts on {plan.num_ranks} ranks, the layer has "
+                             f"{cfg.num_experts} experts on {self.world} ranks")
+        if load is not None and load.num_experts != cfg.num_experts:
+            raise ValueError(f"load counts {load.num_experts} experts, the layer has {cfg.num_experts}")
 
     def _check_shared(self, shared: SharedExperts | None) -> None:
         cfg = self.cfg
@@ -317,10 +353,54 @@ class MoELayer(nn.Module):
                 "pass the weights of every expert of the layer (or build MoELayer with this rank's own)"
             )
         world = group.world if group is not None else 1
-        placement = kwargs.pop("placement", None) or Placement.contiguous(cfg.num_experts, world)
         rank = group.rank if group is not None else 0
+        plan = kwargs.get("replicas")
+        if plan is not None:  # this rank's slots; a plan that does not fit the group: the layer's check names it
+            fits = isinstance(plan, eplb.ReplicaPlan) and plan.num_ranks == world
+            return cls(cfg, all_weights.select(plan.rank_experts(rank)) if fits else all_weights, group=group, **kwargs)
+        placement = kwargs.pop("placement", None) or Placement.contiguous(cfg.num_experts, world)
         local = placement.global_ids(rank)
         return cls(cfg, all_weights.select(local), group=group, placement=placement, **kwargs)
+
+    def rebalance(self, plan: eplb.ReplicaPlan) -> eplb.Rebalanced:
+        """Install `plan` (same E, P and W as the layer's `replicas`) in place; a collective: every
+        rank calls it with the same plan, between layer calls. Each rank's slots are reordered to
+        keep what it keeps (`align_plan`); only slots whose expert changes get weights, from the
+        same rank where it holds that expert, else from a rank that held it (one all_to_all_v);
+        then the routing map switches. Weights are written in place (the tensors the runner
+        holds: captured CUDA graphs stay valid). Returns what moved; `.plan` is the new
+        `self.replicas`."""
+        if self.replicas is None or self._map is None:
+            raise ValueError("this layer has no replica plan; build it with replicas=ReplicaPlan.contiguous(E, W) "
+                             "(or a plan_replicas plan) to rebalance it")
+        if self.group is not None:  # what a timeout of its exchanges names
+            self.group.call = f"MoELayer {self.op_id} rebalance"
+        done = eplb.move_expert_weights(self.runner.weights, self.replicas, plan, self.group)
+        self._map.load(done.plan)
+        self.replicas = done.plan
+        return done
+
+    def without_ranks(self, lost: Sequence[int], group: RankGroup | None) -> MoELayer:
+        """This rank's layer rebuilt without the ranks `lost` (ranks of this layer's group).
+        `group`: the survivors, numbered in their old order (e.g. `EPGroup(dist.new_group(survivors,
+        use_local_synchronization=True))`; None for one survivor). Survivors keep their slots and
+        weights (`surviving_plan`): where some expert has no copy on a survivor, every survivor
+        raises `ExpertsLostError` listing them. The new layer has the same config, comm, runner,
+        layout, router, shared experts, capture, load counters and checks, no CUDA graphs;
+        `rebalance` it to spread the lost rank's load. This layer is not to be called again."""
+        lost = sorted({int(r) for r in lost})
+        plan = eplb.surviving_plan(self.replicas or eplb.ReplicaPlan.from_placement(self.placement), lost)
+        survivors = [r for r in range(self.world) if r not in lost]
+        rank, world = (group.rank, group.world) if group is not None else (0, 1)
+        if self.rank in lost or world != len(survivors) or survivors[rank] != self.rank:
+            raise ValueError(f"rank {self.rank} of {self.world} without ranks {lost}: the new group must hold the "
+                             f"{len(survivors)} survivors {survivors} in their old order (survivor i as rank i); "
+                             f"this rank is rank {rank} of {world} there")
+        b = self._rebuild
+        return MoELayer(self.cfg, self.runner.weights, group, comm=b["comm"], runner=b["runner"], layout=b["layout"],
+                        gate=self.gate, gate_bias=self.gate_bias, correction_bias=self.correction_bias,
+                        shared=self.shared, capture=self.capture, comm_options=b["comm_options"],
+                        validate=self.validate, replicas=plan, load=self.load)
 
     @property
     def comm(self) -> CommBackend:
@@ -352,8 +432,10 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         comm = f"auto ({'/'.join(self.comms)}; last {self.comm.name})" if self.auto is not None else self.comm.name
         shared = f", shared={cfg.shared_experts}x{cfg.shared_width // cfg.shared_experts}" if cfg.shared_experts else ""
+        slots = (f"{self.placement.local_experts} on this rank" if self.replicas is None else
+                 f"{self.replicas.num_physical} slots, {self.placement.local_experts} on this rank")
         return (f"hidden={cfg.hidden}, intermediate={cfg.intermediate}, experts={cfg.num_experts} "
-                f"({self.placement.local_experts} on this rank), top_k={cfg.top_k}, routing={cfg.routing}, "
+                f"({slots}), top_k={cfg.top_k}, routing={cfg.routing}, "
                 f"activation={cfg.activation}{shared}, comm={comm}, payload={self.comm.payload}, "
                 f"runner={self._base.runner}, layout={self.layout}, rank={self.rank}/world={self.world}, "
                 f"weights={self._base.weights}, activations={str(self.dtype).removeprefix('torch.')}, "
@@ -587,6 +669,10 @@ class MoELayer(nn.Module):
             self._agree_tokens_tp(x, given_logits, given_routing, None, x.device)
         if self.capture is not None:
             self.capture.record(routing)
+        if self.load is not None:
+            self.load.record(routing.ids)
+        if self._map is not None:  # logical experts -> physical slots (capture and load saw the logical ids)
+            routing = Routing(self._map(routing.ids), routing.weights)
         return routing
 
     def forward_microbatches(self, x: torch.Tensor, router_logits: torch.Tensor | None = None,

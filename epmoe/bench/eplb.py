@@ -13,6 +13,14 @@
         eplb       = the same for plan_replicas(counts of window w), measured on window w
         eplb_next  = the plan of window w measured on window w + 1: a plan one window stale, as a
                      server that rebalances from the load it last counted
+        us_contiguous, us_eplb = the experts stage of the slowest rank (µs) on the last window's
+                     picks, each token on rank t % W: contiguous blocks, then that window's plan
+                     (`ReplicaMap` picks the copies, as a layer with `replicas=` does). Each
+                     rank's pairs run through the runner picked for this device (on the GPU:
+                     triton, bf16, the preset's H and I; on the CPU: reference, fp32, H and I of
+                     --hidden/--intermediate, default 256 / 96), one rank after another, timed
+                     by `bench`: the time a layer's ranks wait for their straggler, before and
+                     after a rebalance. The comm stages are not in it (`epmoe bench layer`).
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ from collections.abc import Iterator
 
 import torch
 
-from epmoe.bench.core import format_table, write_json
+from epmoe.bench.core import bench, format_table, write_json
+from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
-from epmoe.eplb import ExpertLoad, ReplicaPlan, max_over_mean, plan_replicas
+from epmoe.eplb import ExpertLoad, ReplicaMap, ReplicaPlan, max_over_mean, plan_replicas
+from epmoe.experts import ExpertWeights, get_runner
+from epmoe.select import pick_runner
 
 WINDOWS = 8
 DRIFT_HOT, DRIFT_STEP = 0.9, 0.3
@@ -46,31 +57,63 @@ def popularity(trace: str, num_experts: int, windows: int, g: torch.Generator) -
         yield p
 
 
-def window_counts(trace: str, num_experts: int, top_k: int, tokens: int, seed: int) -> list[torch.Tensor]:
-    """[E] int64 picks per expert of each window: ids [T, K] drawn and counted by `ExpertLoad`."""
+def window_counts(trace: str, num_experts: int, top_k: int, tokens: int, seed: int
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """[E] int64 picks per expert of each window: ids [T, K] drawn and counted by `ExpertLoad`;
+    and the last window's ids."""
     g, load, out = torch.Generator().manual_seed(seed), ExpertLoad(num_experts), []
     for p in popularity(trace, num_experts, WINDOWS, g):
         ids = torch.multinomial(p.float().expand(tokens, -1), top_k, generator=g).int()  # [T, K], no repeats
         load.record(ids)
         out.append(load.counts().clone())
         load.reset()
-    return out
+    return out, ids
+
+
+def slowest_rank_us(cfg: MoEConfig, ids: torch.Tensor, plan: ReplicaPlan, device: torch.device) -> float:
+    """µs of the experts stage on the slowest rank for the picks ids [T, K] under `plan` (module
+    docstring): token t on rank t % W, its picks mapped to slots by `ReplicaMap`."""
+    W, S = plan.num_ranks, plan.slots_per_rank
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    weights = ExpertWeights.random(cfg, S, dtype, device, generator=g)
+    cls = get_runner(pick_runner(device.type, weights.format))
+    runner = cls(cfg, cls.prepare(weights, cfg))
+    x = torch.randn(ids.shape[0], cfg.hidden, generator=g).to(device, dtype)
+    slots = torch.empty_like(ids)
+    for r in range(W):
+        slots[r::W] = ReplicaMap(plan, r, "dp", "cpu")(ids[r::W])
+    worst = 0.0
+    for r in range(W):
+        mine = slots // S == r  # [T, K]
+        rows = mine.nonzero()[:, 0].int()  # [M] the token of each pair on rank r
+        local = (slots[mine] % S).int()  # [M] its local slot
+        d = Dispatched(hidden=x, row_ids=rows.to(device), expert_ids=local.to(device),
+                       expert_counts=torch.bincount(local, minlength=S).int().to(device))
+        iters = 20 if device.type == "cuda" else 3  # the CPU's loops over experts: a few calls (noisy numbers)
+        worst = max(worst, bench(lambda d=d: runner(d), device, warmup=1, iters=iters))
+    return worst
 
 
 def bench_eplb(num_experts: int, top_k: int, tokens: list[int], ranks: int, redundant: list[int], nodes: int = 1,
-               groups: int = 1, seed: int = 0) -> list[dict]:
-    """One row per (trace, tokens, R): mean max/mean rank load of contiguous blocks and of the plans."""
-    contiguous, rows = ReplicaPlan.contiguous(num_experts, ranks), []
+               groups: int = 1, seed: int = 0, timing: MoEConfig | None = None,
+               device: torch.device | str = "cpu") -> list[dict]:
+    """One row per (trace, tokens, R): mean max/mean rank load of contiguous blocks and of the
+    plans; with `timing` (a config of E experts), the slowest rank's experts stage (µs) on `device`."""
+    contiguous, rows, device = ReplicaPlan.contiguous(num_experts, ranks), [], torch.device(device)
     for trace in TRACES:
         for t in tokens:
-            counts = window_counts(trace, num_experts, top_k, t, seed)
+            counts, last = window_counts(trace, num_experts, top_k, t, seed)
             before = sum(max_over_mean(c, contiguous) for c in counts) / len(counts)
+            us_before = slowest_rank_us(timing, last, contiguous, device) if timing is not None else None
             for r in redundant:
                 plans = [plan_replicas(c, num_experts + r, ranks, nodes, groups) for c in counts]
                 now = [max_over_mean(c, p) for c, p in zip(counts, plans)]
                 stale = [max_over_mean(c, p) for c, p in zip(counts[1:], plans)]
                 rows.append({"trace": trace, "tokens": t, "redundant": r, "contiguous": before,
                              "eplb": sum(now) / len(now), "eplb_next": sum(stale) / len(stale)})
+                if timing is not None:
+                    rows[-1].update(us_contiguous=us_before, us_eplb=slowest_rank_us(timing, last, plans[-1], device))
     return rows
 
 
@@ -79,19 +122,32 @@ def main(args: argparse.Namespace) -> int:
     cfg = MoEConfig.from_preset(args.preset)
     num_experts, ranks = args.experts or cfg.num_experts, args.world or 8
     groups = cfg.n_group if num_experts % cfg.n_group == 0 else 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    hidden = getattr(args, "hidden", None) or (cfg.hidden if on_gpu else 256)
+    intermediate = getattr(args, "intermediate", None) or (cfg.intermediate if on_gpu else 96)
     try:
         tokens, redundant = ([int(v) for v in text.split(",") if v] for text in (args.tokens or "4096",
                                                                                    args.redundant))
-        rows = bench_eplb(num_experts, min(cfg.top_k, num_experts), tokens, ranks, redundant, args.nodes, groups)
+        # the runner reads shapes and the activation only: routing fields reset so any E fits
+        timing = cfg.replace(hidden=hidden, intermediate=intermediate, num_experts=num_experts, routing="softmax",
+                             n_group=1, topk_group=1, top_k=min(cfg.top_k, num_experts))
+        rows = bench_eplb(num_experts, min(cfg.top_k, num_experts), tokens, ranks, redundant, args.nodes, groups,
+                          timing=timing, device=device)
     except ValueError as exc:
         print(f"epmoe bench eplb: {exc}", file=sys.stderr)
         return 2
     print(f"epmoe bench eplb: {args.preset} routing shapes, E={num_experts}, top-{cfg.top_k}, {groups} expert groups, "
-          f"{ranks} ranks on {args.nodes} node(s); {WINDOWS} windows per trace; max/mean rank load, 1.0 = balanced")
-    meta = {"command": "epmoe " + " ".join(args.argv), "device": "cpu", "date": time.strftime("%Y-%m-%d"),
+          f"{ranks} ranks on {args.nodes} node(s); {WINDOWS} windows per trace; max/mean rank load, 1.0 = balanced; "
+          f"us_*: slowest rank's experts stage on {device} (H={hidden}, I={intermediate}, "
+          f"{'bf16' if on_gpu else 'fp32'}), last window")
+    meta = {"command": "epmoe " + " ".join(args.argv), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+            "date": time.strftime("%Y-%m-%d"), "hidden": hidden, "intermediate": intermediate,
             "preset": args.preset, "experts": num_experts, "top_k": cfg.top_k, "groups": groups,
             "ranks": ranks, "nodes": args.nodes, "windows": WINDOWS, "drift": {"hot": DRIFT_HOT, "step": DRIFT_STEP}}
-    print(format_table([{k: f"{v:.3f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]))
+    shown = [{k: (f"{v:.0f}" if k.startswith("us_") else f"{v:.3f}") if isinstance(v, float) else v
+              for k, v in r.items()} for r in rows]
+    print(format_table(shown))
     if args.json:
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")

@@ -285,7 +285,8 @@ def patch_model(
             whole block (router and layer), each power-of-two bucket captured on its first call
             (`capture_model_graphs`, hf_graphs.py; the blocks share one memory pool): a decode step costs
             one replay per block; 0: eager calls.
-    layer_kwargs: further `MoELayer` arguments (placement, capture, comm_options, validate);
+    layer_kwargs: further `MoELayer` arguments (placement, capture, comm_options, validate;
+            replicas: one `ReplicaPlan` every layer starts from, each `rebalance`d on its own);
             `validate` defaults to False here (the model's own router; docs/hf.md).
     """
     if quant is not None and quant not in QUANT_FORMATS:
@@ -315,8 +316,11 @@ def patch_model(
     cfg = config_from_hf(hf_config)
     text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     model_type = getattr(text_config, "model_type", None)  # of the text config for composite ones
-    placement = layer_kwargs.pop("placement", None) or Placement.contiguous(cfg.num_experts, world)
-    ids = placement.global_ids(rank)  # [E_local] global ids of this rank's experts
+    replicas = layer_kwargs.get("replicas")
+    placement = None if replicas is not None else (
+        layer_kwargs.pop("placement", None) or Placement.contiguous(cfg.num_experts, world))
+    # [E_local] global ids of this rank's experts (of its slots: the MoELayer checks the plan)
+    ids = placement.global_ids(rank) if placement is not None else replicas.rank_experts(rank)
 
     if graphs < 0 or graphs and (world > 1 or next(model.parameters()).device.type != "cuda"):
         raise ValueError(f"graphs={graphs}: graphs captured on first use need a model on a CUDA device and one "
