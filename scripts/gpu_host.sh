@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The host-cost checks of one GPU call: the GPU tests of the launch / graph / HF paths, `bench layer
-# --host` with the fast launcher on and off, and `bench generate` (eager with graphs; static cache).
+# --host` with the fast launcher on and off, `bench generate` (eager with graphs; static cache), and the
+# deepseek-v3 layer with and without the shared experts' side stream.
 #   OUT=out bash scripts/gpu_host.sh [tests] [host] [generate] [static]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ for step in "$@"; do
     echo "=== $step $(date -u +%T)"
     case "$step" in
         tests) timeout ${TESTS_TIMEOUT:-200} "$PY" -m pytest -q -m gpu -p no:cacheprovider ${TEST_FILES:-tests/test_launch.py \
-                  tests/test_graphs.py tests/test_hf.py tests/test_eplb.py tests/test_split_phase.py} 2>&1 \
+                  tests/test_graphs.py tests/test_hf.py tests/test_shared_stream.py tests/test_symm_split.py tests/test_split_phase.py} 2>&1 \
                   | tee "$OUT/tests.log" | tail -20 ;;
         host) for fl in 1 0; do
                   EPMOE_FAST_LAUNCH=$fl timeout 90 "$PY" -m epmoe.cli bench layer --host --preset qwen3-30b-a3b \
@@ -23,6 +24,8 @@ for step in "$@"; do
                       --batch 1,16 --mode eager --prompt 128 --new 32 --graphs 64 --json "$OUT/generate_eager.json" 2>&1 | tail -12 ;;
         static) timeout ${STATIC_TIMEOUT:-150} "$PY" -m epmoe.cli bench generate --preset qwen3-30b-a3b --layers 8 \
                       --batch 1 --mode static --prompt 128 --new 32 --json "$OUT/generate_static.json" 2>&1 | tail -12 ;;
+        shared) timeout ${SHARED_TIMEOUT:-90} "$PY" -m epmoe.cli bench layer --preset deepseek-v3 --world 1 --comm none \
+                    --tokens 1,8,64,128 --shared-stream on,off,routed,shared --json "$OUT/layer_shared_stream.json" 2>&1 | tail -22 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done
