@@ -8,11 +8,12 @@ compares its output with a single-rank reference layer (comm "none", every exper
 inputs, within a per-payload tolerance, and runs every call twice to check bitwise equality.
 Prints one line: calls, wrong, hangs, non-deterministic (and errors, time).
 
-Faults: a random bad input on a random rank (the ranks stay in step: every rank must raise, the
-bad one its own error, the others PeerFailedError naming it), and jobs that end in a fault: a
-rank that skips a call, a rank that exits, a bad input under symm_a2a; every other rank must
-raise (CollectiveTimeoutError / SymmTimeoutError naming the faulty rank) within the timeout,
-never hang. Prints one line: faults, ok, hangs, wrong (the wrong error or words).
+Faults: a random bad input on a random rank under every backend above (the ranks stay in step:
+every rank must raise, the bad one its own error, the others PeerFailedError naming it), and
+jobs that end in a fault: a rank that skips a call, a rank that exits, a bad input under
+symm_a2a; every other rank must raise (PeerFailedError / CollectiveTimeoutError /
+SymmTimeoutError naming the faulty rank) within the timeout, never hang. Prints one line:
+faults, ok, hangs, wrong (the wrong error or words).
 """
 
 from __future__ import annotations
@@ -149,11 +150,15 @@ def _rank_calls(group, seed: int, first: int, count: int) -> dict:
             out["wrong"].append(f"call {i} ({name}, T={spec.tokens}, {spec.dist}): rel err {err:.3g} > {tol}")
         if not torch.equal(y1, y2):
             out["nondet"].append(f"call {i} ({name}): two runs differ")
+    _destroy(layers)
+    return out
+
+
+def _destroy(layers: list[MoELayer]) -> None:
     for layer in layers:
         for comm in layer.comms.values():
             if hasattr(comm, "destroy"):  # symm_a2a's workspace (collective)
                 comm.destroy()
-    return out
 
 
 def soak_calls(calls: int, seed: int = 0, worlds: tuple[int, ...] = WORLDS, chunk: int = 100,
@@ -185,7 +190,7 @@ def soak_calls(calls: int, seed: int = 0, worlds: tuple[int, ...] = WORLDS, chun
 
 # ---- faults -------------------------------------------------------------------------------
 
-FAULT_BACKENDS = [b for b in BACKENDS if b[1] in ("nccl_a2a", "allgather", "auto", "none")]
+FAULT_BACKENDS = BACKENDS
 
 
 def _bad_input(kind: str, x: torch.Tensor, logits: torch.Tensor, routing: Routing | None) -> tuple:
@@ -248,6 +253,7 @@ def _rank_faults(group, seed: int, first: int, count: int) -> list[str]:
                                 f"{type(exc).__name__}: {str(exc)[:300]} (want {words!r})")
         if time.monotonic() - start > 20:
             problems.append(f"trial {i}: rank {r} took {time.monotonic() - start:.1f}s to raise")
+    _destroy(layers)
     return problems
 
 
