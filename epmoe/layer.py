@@ -52,10 +52,24 @@ def _named(names: list[str]) -> Callable[[int], str]:
     return lambda v: table.get(v, f"{v:#010x}")
 
 
+def _module_code(router: tuple[torch.Tensor | None, ...], shared: SharedExperts | None) -> tuple[int, int]:
+    """(router, shared experts) as ints for the construction agreement: each router tensor (gate,
+    gate_bias, correction_bias) by presence, shape, dtype and values (`token_code`: one read at
+    construction); the shared experts by type and their tensors' shapes and dtypes (their values
+    may differ between ranks: each rank applies them to its own tokens)."""
+    router_part = [None if t is None else (tuple(t.shape), str(t.dtype), token_code(t, None, None)) for t in router]
+    shared_part = None if shared is None else (type(shared).__name__, [
+        (f.name, tuple(v.shape), str(v.dtype)) for f in dataclasses.fields(shared)
+        if isinstance(v := getattr(shared, f.name), torch.Tensor)] if dataclasses.is_dataclass(shared) else None)
+    return _code(router_part), _code(shared_part)
+
+
 def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, comm: str, runner: str,
-                       layout: str, comm_options: dict[str, Any] | None, failure: BaseException | None) -> None:
+                       layout: str, comm_options: dict[str, Any] | None, failure: BaseException | None,
+                       router: tuple[torch.Tensor | None, ...] = (), shared: SharedExperts | None = None) -> None:
     """Construction agreement (world > 1): one `agree` of a fingerprint of what every rank's layer
-    must share (comm, layout, runner, options, config, shapes, experts, placement, validate), so
+    must share (comm, layout, runner, options, config, shapes, experts, placement, validate, the
+    router's tensors (gate, gate_bias, correction_bias) and the shared experts' shapes), so
     ranks built differently raise at construction on every rank, the difference named, instead
     of crashing or hanging in the first call; a rank whose own checks failed (`failure`)
     reports it there and its peers raise `PeerFailedError` naming it. One rank: raises `failure`."""
@@ -74,9 +88,12 @@ def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, 
             "placement": _code((layer.placement.expert_rank.tolist(), layer.placement.expert_local.tolist())),
             "activation dtype": _code(layer.dtype), "validate": int(layer.validate),
         }
+        fields["router (gate, gate_bias, correction_bias)"], fields["shared experts (shapes)"] = _module_code(
+            router, shared)
     else:  # zeros stand in: the peers read the failure
         fields = dict.fromkeys(("comm", "layout", "runner", "comm_options", "config", "experts", "hidden", "top_k",
-                                "weights (format, dtypes, shapes)", "placement", "activation dtype", "validate"), 0)
+                                "weights (format, dtypes, shapes)", "placement", "activation dtype", "validate",
+                                "router (gate, gate_bias, correction_bias)", "shared experts (shapes)"), 0)
     shown = {"comm": _named([*COMM_BACKENDS, "auto"]), "layout": _named(list(LAYOUTS)),
              "runner": _named(list(RUNNERS)), "activation dtype": lambda v: _named(
                  [torch.float32, torch.bfloat16, torch.float16])(v).strip("'")}
@@ -85,7 +102,7 @@ def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, 
         device = torch.device("cuda", torch.cuda.current_device())
     agree(layer.group, f"MoELayer on rank {layer.rank} (construction)", fields, device=device, shown=shown,
           failure=failure, fix="Build every rank's layer with the same comm, layout, runner, comm_options, "
-          "MoEConfig, placement and weight format")
+          "MoEConfig, placement, weight format, router tensors and shared experts")
 
 
 def token_code(x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None) -> int:
@@ -232,7 +249,8 @@ class MoELayer(nn.Module):
             self._check_shared(shared)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the peers are told
             failure = exc
-        agree_construction(self, cfg, weights, comm, runner, layout, comm_options, failure)
+        agree_construction(self, cfg, weights, comm, runner, layout, comm_options, failure,
+                           (gate, gate_bias, correction_bias), shared)
         setup = {"device": self.device, "dtype": self.dtype}
         # comm="auto": a composite holding every candidate, built once; it picks per call.
         self.auto: AutoComm | None = None

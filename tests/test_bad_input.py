@@ -11,18 +11,23 @@ keeps the ranks in step (a rank left waiting would time out and the case would r
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from epmoe.checkpoint import load_moe_layer
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
+from epmoe.experts.triton import TritonOptions
 from epmoe.group import PeerFailedError, Placement
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.routing import Routing
+from epmoe.select import Combo, ensure
 from tests.dist import run_ranks
 
 CFG = MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2)
@@ -234,6 +239,92 @@ def test_bad_construction_on_one_rank(case):
         _layer(None, True, case, "none")
 
 
+@dataclass(frozen=True)
+class Direct:
+    """One bad input outside a layer call (helpers, options, environment, checkpoints): run() must
+    raise `error` with `words` (a regex). env: variables set for the run."""
+
+    name: str
+    error: type[BaseException]
+    words: str
+    run: Callable[[], Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _scratch_env(value: str) -> Direct:
+    return Direct(f"EPMOE_DEQUANT_SCRATCH_MB={value!r}", ValueError,
+                  rf"EPMOE_DEQUANT_SCRATCH_MB='{re.escape(value)}' must be a number of megabytes, finite and > 0 "
+                  r"\(default 1024\)", lambda: TritonOptions(), {"EPMOE_DEQUANT_SCRATCH_MB": value})
+
+
+def _checkpoint(value: float) -> Any:
+    """A bf16 checkpoint whose expert 5 holds `value` in its down projection, loaded by rank 1 of 2."""
+    from tests.test_checkpoint import DS, LAYER, build
+
+    name = f"model.layers.{LAYER}.mlp.experts.5.down_proj.weight"
+    with tempfile.TemporaryDirectory() as tmp:
+        b = build(Path(tmp), "bf16", edit=lambda t: t[name].__setitem__((0, 0), value))
+        return load_moe_layer(b.path, DS, LAYER, rank=1, world=2)
+
+
+def _layer_call(comm: str, tokens: int, **options: Any) -> Any:
+    layer = MoELayer.from_global(CFG, _full(), comm=comm, comm_options=options)
+    x, logits = _inputs(0, tokens)
+    return layer(x, logits)
+
+
+# The issue's silent and unclear cases, and the other checks outside a forward call (one rank).
+DIRECT_CASES = [
+    Direct("from_global with more experts", ValueError,
+           r"all_weights holds 16 experts, cfg has num_experts=8; pass the weights of every expert",
+           lambda: MoELayer.from_global(CFG, _full(CFG.replace(num_experts=16)))),
+    Direct("from_global with fewer experts", ValueError, r"all_weights holds 4 experts, cfg has num_experts=8",
+           lambda: MoELayer.from_global(CFG, _full(CFG.replace(num_experts=4)))),
+    Direct("auto option typo", ValueError, r"comm 'auto' has no option 'max_token_per_rank'; its candidates' options:",
+           lambda: MoELayer.from_global(CFG, _full(), comm="auto", comm_options={"max_token_per_rank": 4})),
+    Direct("select world=0", ValueError, r"world=0: a layer needs at least one EP rank \(world >= 1\)",
+           lambda: ensure(Combo(world=0))),
+    Direct("select nodes > world", ValueError, r"nodes=3 > world=2: every host holds at least one rank",
+           lambda: ensure(Combo(comm="nccl_a2a", world=2, nodes=3))),
+    Direct("select nodes=0", ValueError, r"nodes", lambda: ensure(Combo(comm="nccl_a2a", world=2, nodes=0))),
+    *[_scratch_env(v) for v in ("nan", "inf", "-inf", "1e400", "0", "-5", "abc", "")],
+    Direct("dequant_scratch_mb=nan", ValueError, r"dequant_scratch_mb=nan must be a number of megabytes",
+           lambda: TritonOptions(dequant_scratch_mb=float("nan"))),
+    Direct("EPMOE_NVFP4_DECODE unknown", ValueError,
+           r"EPMOE_NVFP4_DECODE must be one of gluon, mma, fma, tl, got 'fast'", lambda: TritonOptions(),
+           {"EPMOE_NVFP4_DECODE": "fast"}),
+    Direct("checkpoint weights NaN", ValueError,
+           r"expert 5's w2 \(down\) weights hold NaN or inf.*check_finite=False", lambda: _checkpoint(float("nan"))),
+    Direct("checkpoint weights inf", ValueError,
+           r"expert 5's w2 \(down\) weights hold NaN or inf", lambda: _checkpoint(float("inf"))),
+    Direct("static T over the bound", ValueError, r"T=9 exceeds max_tokens_per_rank=8",
+           lambda: _layer_call("nccl_a2a", 9, static_shapes=True, max_tokens_per_rank=8)),
+    Direct("symm_a2a T over the workspace", ValueError, r"9 tokens on rank 0 exceed max_tokens_per_rank=8",
+           lambda: _layer_call("symm_a2a", 9, max_tokens_per_rank=8)),
+    Direct("graphs on the CPU", ValueError, r"capture_graphs needs the layer's weights on a CUDA device",
+           lambda: MoELayer.from_global(CFG, _full()).capture_graphs(8)),
+    Direct("micro-batch splits 0", ValueError, r"splits must be a positive int",
+           lambda: MoELayer.from_global(CFG, _full()).forward_microbatches(*_inputs(0), splits=0)),
+    Direct("placement of another world", ValueError, r"placement covers 8 experts on 2 ranks, layer has 8 experts on 1",
+           lambda: MoELayer(CFG, _full(), placement=Placement.contiguous(8, 2))),
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: c.name)
+def test_bad_input_outside_a_call(case, monkeypatch):
+    for k, v in case.env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(case.error, match=case.words):
+        case.run()
+
+
+def test_combo_reports_the_payload_that_moves():
+    # payload="fp8" under auto on one rank: no backend that moves tokens runs, so bf16 moves and combo says so
+    layer = MoELayer.from_global(CFG, _full(), comm="auto", comm_options={"payload": "fp8"})
+    layer(*_inputs(0))
+    assert (layer.combo.comm, layer.combo.payload) == ("none", "bf16")
+
+
 # ---- several ranks ---------------------------------------------------------------------
 
 PEER = r"rank {bad} failed its own checks, so no rank goes ahead"
@@ -287,6 +378,16 @@ DIFFER_CASES = [
      r"differ from rank 0 on .*hidden \(rank 0: 32"),
     ("weights dtype", {}, {"all_weights": ExpertWeights(_full().w13.bfloat16(), _full().w2.bfloat16())},
      r"differ from rank 0 on .*weights \(format, dtypes, shapes\)"),
+    ("comm symm_a2a", {"comm": "nccl_a2a"}, {"comm": "symm_a2a"}, r"differ from rank 0 on comm \(rank 0: 'nccl_a2a'"),
+    ("gate on one rank", {}, {"gate": torch.zeros(8, 32)}, r"differ from rank 0 on router \(gate, gate_bias"),
+    ("gate values", {"gate": torch.zeros(8, 32)}, {"gate": torch.ones(8, 32)}, r"differ from rank 0 on router"),
+    ("gate_bias values", {"gate": torch.zeros(8, 32), "gate_bias": torch.zeros(8)},
+     {"gate": torch.zeros(8, 32), "gate_bias": torch.ones(8)}, r"differ from rank 0 on router"),
+    ("correction bias values", {"cfg": BIAS, "correction_bias": torch.zeros(8)},
+     {"cfg": BIAS, "correction_bias": torch.full((8,), 0.5)}, r"differ from rank 0 on router"),
+    ("shared experts dtype", {"cfg": SHARED, "shared": SharedExperts.random(SHARED)},
+     {"cfg": SHARED, "shared": SharedExperts.random(SHARED, dtype=torch.bfloat16)},
+     r"differ from rank 0 on shared experts \(shapes\)"),
 ]
 
 
@@ -340,7 +441,7 @@ def test_bad_input_on_one_of_several_ranks_raises_on_every_rank(world, bad_rank)
 
 def test_the_table_is_large_enough():
     multi = len(CALL_CASES) * len(MULTI_COMMS) + len(BUILD_CASES) + len(DIFFER_CASES) + 3
-    assert len(CALL_CASES) * 2 + len(BUILD_CASES) >= 40 and multi >= 60
+    assert len(CALL_CASES) * 2 + len(BUILD_CASES) + len(DIRECT_CASES) >= 60 and multi >= 60
 
 
 def _virtual_nan_on_rank1(group) -> str:
