@@ -416,7 +416,7 @@ class MoELayer(nn.Module):
         except Exception as exc:  # noqa: BLE001 - the peers are told first
             device = x.device if isinstance(x, torch.Tensor) else self.device
             self._start_call()  # the call its peers make: counted alike on every rank
-            self._fail(exc, device)
+            self._fail(exc, device, replay=True)
         return self.forward_eager(x, router_logits, routing)
 
     def _start_call(self) -> None:
@@ -427,14 +427,20 @@ class MoELayer(nn.Module):
         if self.group is not None:
             self.group.call = f"MoELayer {self.op_id} call {self.calls}"
 
-    def _fail(self, failure: BaseException, device: torch.device, tp_check: bool | None = None) -> NoReturn:
+    def _fail(self, failure: BaseException, device: torch.device, tp_check: bool | None = None,
+              replay: bool = False) -> NoReturn:
         """This rank failed its own checks of a call: report it in the exchange its peers enter
-        first (the tp token check when it runs, else the comm backend's agreement: `fail`), so
-        every rank raises (the peers `PeerFailedError` naming this rank), then raise it."""
+        first (the tp token check when it runs; with graphs (`replay`: a call that may replay on
+        the peers) the replay's exchange unless comm="auto" agrees on T first; else the comm
+        backend's agreement: `fail`), so every rank raises (the peers `PeerFailedError` naming
+        this rank), then raise it."""
         if tp_check is None:
             tp_check = self._tp_check(device)
         if tp_check:
             self._agree_tokens_tp(None, None, None, failure, device)
+        if replay and self.graphs is not None and self.graphs.agrees() and (
+                self.auto is None or self.auto.ladder is None):
+            self.graphs.fail(failure)
         self._comm.fail(failure, device)
 
     def _tp_check(self, device: torch.device) -> bool:

@@ -469,3 +469,72 @@ def test_virtual_ranks_raise_alike_and_the_failure_travels_in_the_exchange():
     text = "ValueError: " + "é" * 100  # cut at 120 bytes, a split character replaced
     assert failure_text(failure_ints(text)).startswith("ValueError: éé")
     assert failure_ints(None) == [0] * 16
+
+
+# ---- graph replays on several ranks (a CPU stand-in for the captured graph) --------------------
+
+class _NoGraph:
+    """Stands in for a captured CUDA graph: replaying it does nothing (the exchange before it is
+    what these cases test; the graphs themselves need a GPU, tests/test_graphs.py)."""
+
+    def replay(self) -> None:
+        pass
+
+
+def _replaying(group, layout: str, routed: bool) -> MoELayer:
+    """A layer whose graphs "hold" one bucket of 8 tokens (`_NoGraph`), validate=True."""
+    from epmoe.graphs import Bucket, LayerGraphs
+
+    layer = MoELayer.from_global(CFG, _full(), group, comm="none" if layout == "tp" else "nccl_a2a", layout=layout,
+                                 comm_options={} if layout == "tp" else {"static_shapes": True,
+                                                                         "max_tokens_per_rank": 8})
+    layer.graphs = LayerGraphs(layer, [8], routed=routed, validate=True)
+    layer.graphs.graphs[8] = Bucket(8, _NoGraph(), torch.zeros(8, CFG.hidden), layer.comm)
+    return layer
+
+
+# (name, layout, routed, what the bad rank passes, error, words): the peers replay with good input
+REPLAY_CASES = [
+    ("replay NaN logits", "dp", False, "nan", ValueError, r"router_logits contain NaN or inf"),
+    ("replay NaN logits tp", "tp", False, "nan", ValueError, r"router_logits contain NaN or inf"),
+    ("replay routed id = E", "dp", True, "id", ValueError, r"routing ids must lie in \[0, 8\)"),
+    ("replay routed id = E tp", "tp", True, "id", ValueError, r"routing ids must lie in \[0, 8\)"),
+    ("call float64 while peers replay", "dp", False, "float64", ValueError, r"x must be bf16, fp16 or fp32"),
+    ("call float64 while peers replay tp", "tp", False, "float64", ValueError, r"x must be bf16, fp16 or fp32"),
+]
+
+
+def _multi_replays(group, bad_rank: int) -> list[str]:
+    problems = []
+    for name, layout, routed, kind, error, words in REPLAY_CASES:
+        layer = _replaying(group, layout, routed)
+        bad = group.rank == bad_rank
+        x, logits = _inputs(0 if layout == "tp" else group.rank)
+        routing = _routing() if routed else None
+        if bad and kind == "nan":
+            logits = _set(logits, (1, 2), float("nan"))
+        if bad and kind == "id":
+            routing = _bad_ids(8)()
+
+        def call(x=x, logits=logits, routing=routing, layer=layer, bad=bad, kind=kind, routed=routed) -> Any:
+            if bad and kind == "float64":  # fails forward's shape checks: reported in the peers' replay exchange
+                return layer(x.double(), None if routed else logits, routing)
+            return layer.graphs.replay(x, None if routed else logits, routing, 8)
+
+        peer = Case(name, error, words, peer=PeerFailedError,
+                    peer_words=PEER.format(bad=bad_rank) + rf" \(rank {bad_rank}: {error.__name__}: ")
+        problems += _check(peer, _outcome(call), bad, f"rank {group.rank}")
+        # in step: a good replay afterwards works on every rank
+        x, logits = _inputs(0 if layout == "tp" else group.rank)
+        got = _outcome(lambda x=x, logits=logits, layer=layer, routed=routed: layer.graphs.replay(
+            x, None if routed else logits, _routing() if routed else None, 8))
+        if got[0] != "none":
+            problems.append(f"rank {group.rank} {name}: a good replay after the bad one raised {got}")
+    return problems
+
+
+@pytest.mark.parametrize(("world", "bad_rank"), [(2, 0), (4, 3)])
+def test_bad_input_at_replay_on_one_rank_raises_on_every_rank(world, bad_rank):
+    problems = run_ranks(_multi_replays, world, args=(bad_rank,), timeout=300, collective_timeout=20)
+    flat = [p for rank in problems for p in rank]
+    assert not flat, "\n".join(flat[:20])
