@@ -180,7 +180,10 @@ class MoELayer(nn.Module):
               eager call never waits for the GPU; for trusted inputs (a model's own router, as
               `patch_model` passes). The correction bias is checked once, here. With the tp
               layout on several ranks, True also checks that every rank passes the same tokens
-              (count and a hash of the inputs, one small exchange per call).
+              (count and a hash of the inputs, one small exchange per call); False skips that
+              check too, so tp ranks given other tokens are not told: other values give wrong
+              outputs, another T fails the all-reduce (gloo aborts the process), as the
+              caller's choice.
 
     Several ranks: construction agrees once (`agree_construction`: comm, layout, runner, options,
     config, weights' format and shapes, placement, validate), so ranks built differently all
@@ -369,8 +372,12 @@ class MoELayer(nn.Module):
                   `routing=` (routed mode, e.g. RL routing replay). Calls of the other mode, and
                   larger T, run eagerly.
         validate: replays check their inputs on the host as eager calls do (finite logits; routing
-                  ids in range, distinct, finite weights): one device-to-host read per call. Pass
-                  False where the inputs are trusted, so a replay never waits for the GPU.
+                  ids in range, distinct, finite weights): one device-to-host read per call; with
+                  several ranks every rank then takes part in one small exchange before any
+                  replays, so a rank whose inputs fail raises and its peers raise PeerFailedError
+                  naming it (tp: the token check of eager calls). Pass False where the inputs
+                  are trusted, so a replay never waits for the GPU: then nothing is checked or
+                  exchanged, and a rank's bad input is the caller's to catch.
 
         comm="auto" captures each bucket with the backend auto picks for it among the capturable
         ones; with several ranks, each call agrees on the largest T over ranks first (one small
