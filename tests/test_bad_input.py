@@ -444,8 +444,8 @@ def test_the_table_is_large_enough():
     assert len(CALL_CASES) * 2 + len(BUILD_CASES) + len(DIRECT_CASES) >= 60 and multi >= 60
 
 
-def _virtual_nan_on_rank1(group) -> str:
-    layer = MoELayer.from_global(CFG, _full(), group, comm="nccl_a2a")
+def _virtual_nan_on_rank1(group, comm: str = "nccl_a2a") -> str:
+    layer = MoELayer.from_global(CFG, _full(), group, comm=comm)
     x, logits = _inputs(group.rank)
     if group.rank == 1:
         logits[0, 0] = float("nan")
@@ -465,6 +465,10 @@ def test_virtual_ranks_raise_alike_and_the_failure_travels_in_the_exchange():
     got = VirtualGroup(2, timeout=20).run(_virtual_nan_on_rank1)
     assert got[1] == "own: router_logits contain NaN or inf; check the router input"
     assert re.search(r"peer: comm 'nccl_a2a' on rank 0: rank 1 failed its own checks, so no rank goes ahead "
+                     r"\(rank 1: ValueError: router_logits contain NaN or inf", got[0]), got[0]
+    got = VirtualGroup(2, timeout=20).run(lambda g: _virtual_nan_on_rank1(g, "symm_a2a"))  # its call agreement
+    assert got[1] == "own: router_logits contain NaN or inf; check the router input"
+    assert re.search(r"peer: symm_a2a rank 0, call 1: rank 1 failed its own checks, so no rank goes ahead "
                      r"\(rank 1: ValueError: router_logits contain NaN or inf", got[0]), got[0]
     text = "ValueError: " + "é" * 100  # cut at 120 bytes, a split character replaced
     assert failure_text(failure_ints(text)).startswith("ValueError: éé")
