@@ -444,9 +444,13 @@ def test_the_table_is_large_enough():
     assert len(CALL_CASES) * 2 + len(BUILD_CASES) + len(DIRECT_CASES) >= 60 and multi >= 60
 
 
-def _virtual_nan_on_rank1(group, comm: str = "nccl_a2a") -> str:
-    layer = MoELayer.from_global(CFG, _full(), group, comm=comm)
-    x, logits = _inputs(group.rank)
+def _virtual_nan_on_rank1(group, comm: str = "nccl_a2a", device: str = "cpu") -> str:
+    full = _full()
+    if device != "cpu":
+        full = ExpertWeights(full.w13.to(device, torch.bfloat16), full.w2.to(device, torch.bfloat16))
+    layer = MoELayer.from_global(CFG, full, group, comm=comm)
+    x, logits = (t.to(device) for t in _inputs(group.rank))
+    x = x.to(layer.dtype)
     if group.rank == 1:
         logits[0, 0] = float("nan")
     try:
@@ -542,3 +546,14 @@ def test_bad_input_at_replay_on_one_rank_raises_on_every_rank(world, bad_rank):
     problems = run_ranks(_multi_replays, world, args=(bad_rank,), timeout=300, collective_timeout=20)
     flat = [p for rank in problems for p in rank]
     assert not flat, "\n".join(flat[:20])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("comm", ["nccl_a2a", "symm_a2a"])
+def test_gpu_virtual_ranks_raise_alike(comm):
+    from epmoe.group import VirtualGroup
+
+    got = VirtualGroup(2, timeout=120).run(lambda g: _virtual_nan_on_rank1(g, comm, "cuda"))
+    assert got[1] == "own: router_logits contain NaN or inf; check the router input"
+    assert re.search(r"peer: .*rank 1 failed its own checks, so no rank goes ahead \(rank 1: ValueError: "
+                     r"router_logits contain NaN or inf", got[0]), got[0]
