@@ -186,7 +186,8 @@ class MoELayer(nn.Module):
               caller's choice.
 
     Several ranks: construction agrees once (`agree_construction`: comm, layout, runner, options,
-    config, weights' format and shapes, placement, validate), so ranks built differently all
+    config, weights' format and shapes, placement, validate, router tensors, shared experts'
+    shapes), so ranks built differently all
     raise naming the difference. A rank whose own checks of a call fail reports it in the call's
     first exchange (the backend's `fail`), so its peers raise `PeerFailedError` naming it; what
     no exchange covers (a rank that skips a call or dies) ends in the group's bounded waits.
@@ -423,7 +424,8 @@ class MoELayer(nn.Module):
         except Exception as exc:  # noqa: BLE001 - the peers are told first
             device = x.device if isinstance(x, torch.Tensor) else self.device
             self._start_call()  # the call its peers make: counted alike on every rank
-            self._fail(exc, device, replay=True)
+            # with graphs, the peers' calls of the captured mode replay: their exchange is the replay's
+            self._fail(exc, device, replay=self.graphs is not None and (routing is not None) == self.graphs.routed)
         return self.forward_eager(x, router_logits, routing)
 
     def _start_call(self) -> None:

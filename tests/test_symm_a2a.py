@@ -352,6 +352,7 @@ def _rank_bad_inputs(group) -> dict[str, str]:
         "dtype": (CFG, {}, torch.bfloat16 if rank == 0 else torch.float32),
         "combine_mode": (CFG, {"combine_mode": "pull"} if rank == 1 else {}, torch.float32),
         "ids": (CFG, {}, torch.float32),
+        "bound": (CFG, {}, torch.float32),
     }
     out = {}
     for key, (cfg, opts, dtype) in scenarios.items():
@@ -361,7 +362,8 @@ def _rank_bad_inputs(group) -> dict[str, str]:
             ids[2, 1] = cfg.num_experts
         try:  # the workspace is agreed on and built at construction
             b = make_symm(cfg, group, placement, dtype=dtype, **{"max_tokens_per_rank": 4, "timeout_s": 0.3, **opts})
-            d = b.dispatch(x, Routing(ids, torch.ones(3, cfg.top_k)))
+            bound = 2 if key == "bound" and rank == W - 1 else None  # below this rank's 3 tokens
+            d = b.dispatch(x, Routing(ids, torch.ones(3, cfg.top_k)), bound)
             b.combine(torch.zeros(d.num_pairs, cfg.hidden, dtype=dtype), d)
             out[key] = ""
         except (ValueError, SymmTimeoutError) as exc:  # PeerFailedError is a ValueError
@@ -388,6 +390,12 @@ def test_ranks_that_disagree_or_pass_bad_ids_raise_naming_them(world):
             assert msgs[key].startswith("ValueError"), (rank, key, msgs[key])
             for word in words:
                 assert word in msgs[key], (rank, key, msgs[key])
+        if rank == last:
+            assert msgs["bound"].startswith("ValueError: symm_a2a rank") and "max_tokens=2 must be an int between " \
+                "this rank's 3 tokens" in msgs["bound"], msgs["bound"]
+        else:
+            assert msgs["bound"].startswith("PeerFailedError") and f"rank {last} failed its own checks" in \
+                msgs["bound"], msgs["bound"]
         if rank == last:
             assert msgs["ids"].startswith("ValueError") and f"outside [0, {CFG.num_experts})" in msgs["ids"], msgs
             assert f"token 2, k 1: id {CFG.num_experts}" in msgs["ids"], msgs["ids"]

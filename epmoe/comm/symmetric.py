@@ -335,7 +335,7 @@ class SymmA2A(CommBackend):
         several ranks agree first (comm/call_agreement.py): a rank whose checks fail raises its
         error and every peer PeerFailedError naming it, before any flag is written."""
         if self._calls.active(x):
-            self._calls.run(lambda: self._check_call(x, routing))
+            self._calls.run(lambda: (self._check_call(x, routing), self._bound(max_tokens, x)))
             self._send(x, routing, max_tokens)
         else:
             self.dispatch_send(x, routing, max_tokens)
@@ -372,9 +372,13 @@ class SymmA2A(CommBackend):
         self._check_call(x, routing)
         return self._send(x, routing, max_tokens)
 
+    def _bound(self, max_tokens: int | None, x: torch.Tensor) -> int:
+        """The call's bound on every rank's T (a ValueError for a bad max_tokens)."""
+        return call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
+
     def _send(self, x: torch.Tensor, routing: Routing, max_tokens: int | None) -> SymmHandle:
         """dispatch_send on checked inputs."""
-        bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
+        bound = self._bound(max_tokens, x)
         seq = next_seq(self.seq)
         handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev, self.rank,
                             self.world, sum(self.layout.row_bytes), self.slot_experts * 8,
