@@ -328,8 +328,9 @@ def _rank_blocking_silent(group, silent: int) -> str:
 def test_blocking_call_a_rank_skips_raises_naming_it(world):
     silent, t0 = world - 1, time.monotonic()
     with pytest.raises(DistError) as err:
-        run_ranks(_rank_blocking_silent, world, args=(silent,), timeout=60, collective_timeout=2.0)
-    assert time.monotonic() - t0 < 30
+        # 5 s, not less: the same bound covers the ranks' process-group setup, which a loaded machine slows
+        run_ranks(_rank_blocking_silent, world, args=(silent,), timeout=60, collective_timeout=5.0)
+    assert time.monotonic() - t0 < 40
     text = str(err.value)
     assert f"failed on ranks {list(range(world - 1))}" in text, text
     assert text.count("CollectiveTimeoutError: rank ") == world - 1, text
