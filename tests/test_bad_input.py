@@ -421,6 +421,11 @@ def _multi_differ(group, bad_rank: int) -> list[str]:
         same = "; same T, other values" if tokens == T else ""
         problems += _check(Case("tp tokens", ValueError, rf"ranks \[{bad_rank}\] pass other tokens than rank 0 "
                                 rf"\(rank 0: T={T}.*{same}"), got, True, f"rank {group.rank} tp")
+    # tp: the same x, routing on one rank and router logits on the others
+    x, logits = _inputs(0)
+    got = _outcome(lambda: layer(x, None, _routing()) if group.rank == bad_rank else layer(x, logits))
+    problems += _check(Case("tp routing vs logits", ValueError, rf"ranks \[{bad_rank}\] pass other tokens than "
+                            rf"rank 0 \(rank 0: T={T}.*; same T, other values"), got, True, f"rank {group.rank} tp")
     return problems
 
 
@@ -440,7 +445,7 @@ def test_bad_input_on_one_of_several_ranks_raises_on_every_rank(world, bad_rank)
 
 
 def test_the_table_is_large_enough():
-    multi = len(CALL_CASES) * len(MULTI_COMMS) + len(BUILD_CASES) + len(DIFFER_CASES) + 3
+    multi = len(CALL_CASES) * len(MULTI_COMMS) + len(BUILD_CASES) + len(DIFFER_CASES) + 4
     assert len(CALL_CASES) * 2 + len(BUILD_CASES) + len(DIRECT_CASES) >= 60 and multi >= 60
 
 
