@@ -5,6 +5,8 @@
                              rows >= valid routed to expert -1 (no expert computes them, no
                              comm moves them)
     replay:   T <= the largest bucket, b = the smallest bucket >= T:
+                  validate=True: check the inputs' values on the host; with several ranks
+                    agree on the outcome first (`agree_inputs`), so all replay or all raise
                   copy x, logits (or routing) into the static buffers; valid = T
                   graph[b].replay(); its comm backend's after_replay(); return out[b][:T]
 
@@ -16,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
-from epmoe.comm.base import CommBackend, capturing
+from epmoe.comm.base import CommBackend, agree, capturing
 from epmoe.routing import Routing, check_finite_logits, check_routing
 from epmoe.select import check, ensure
 
@@ -48,7 +50,11 @@ class LayerGraphs:
 
     routed:   False: the graphs take router logits (or the layer's gate); True: `routing=`.
     validate: replays check their inputs on the host as eager calls do (one device-to-host read
-              per call); False where the inputs are trusted, so a replay never waits for the GPU.
+              per call) and, with several ranks, agree on the outcome before any rank replays (one
+              small exchange: `agree_inputs`); False where the inputs are trusted, so a replay never
+              waits for the GPU nor exchanges anything: then a rank's bad input is not reported
+              to its peers (they replay and wait for it in the graph's collectives, bounded only by
+              the process group's timeout) and the caller must check its inputs itself.
     """
 
     def __init__(self, layer: MoELayer, buckets: list[int], routed: bool = False, validate: bool = True) -> None:
@@ -178,6 +184,55 @@ class LayerGraphs:
             self._valid_now = T
         return self.graphs[bucket]
 
+    def agrees(self) -> bool:
+        """Whether replays agree across ranks before replaying (validate, several ranks)."""
+        return self.validate and self.layer.world > 1
+
+    def agree_inputs(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None) -> None:
+        """A replay's input checks (validate=True): finite logits, or routing ids in range and
+        distinct with finite weights. With several ranks every rank then takes part in one
+        exchange before any replays (a failing rank's error travels in it): the tp layout's token
+        check (count and hash, as eager calls), else the call number and a failure slot. So a
+        rank whose inputs fail raises its error and every peer PeerFailedError naming it."""
+        layer, failure = self.layer, None
+        try:
+            if routing is not None:
+                check_routing(routing, layer.cfg.num_experts)
+            else:
+                check_finite_logits(logits)
+        except Exception as exc:  # noqa: BLE001 - raised below, after the peers are told
+            failure = exc
+        if not self.agrees():
+            if failure is not None:
+                raise failure
+            return
+        layer._start_call()  # counted as eager calls are: a timeout names it
+        if layer.layout == "tp":
+            layer._agree_tokens_tp(x, logits, routing, failure, self._agree_device())
+        self._agree(failure)
+
+    def fail(self, failure: BaseException) -> NoReturn:
+        """This rank's call failed its shape checks while its peers replay (`agrees()`): report it
+        in their replay's exchange, then raise it."""
+        layer = self.layer
+        if layer.layout == "tp":  # the token check is the replay's exchange there
+            layer._agree_tokens_tp(None, None, None, failure, self._agree_device())
+        self._agree(failure)
+        raise failure
+
+    def _agree(self, failure: BaseException | None) -> None:
+        layer = self.layer
+        if layer.layout == "tp" and failure is None:
+            return  # the token check agreed
+        agree(layer.group, f"MoELayer {layer.op_id} (graph replay) on rank {layer.rank}, call {layer.calls}",
+              {"call number": layer.calls}, device=self._agree_device(), failure=failure,
+              fix="Every rank replays the same calls")
+
+    def _agree_device(self) -> torch.device:
+        """Where the group exchanges ints: the layer's GPU for NCCL, else the CPU."""
+        group = self.layer.group
+        return self.layer.device if group is not None and group.backend == "nccl" else torch.device("cpu")
+
     def replay(self, x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None, bucket: int
                ) -> torch.Tensor:
         """One call by replay: y [T, H] (a copy of the bucket's first T output rows)."""
@@ -185,10 +240,7 @@ class LayerGraphs:
         if bucket not in self.graphs:  # lazy graphs: this bucket's first call captures it
             self._capture(self.names, [bucket])
         if self.validate:
-            if routing is not None:
-                check_routing(routing, layer.cfg.num_experts)
-            else:
-                check_finite_logits(logits)
+            self.agree_inputs(x, logits, routing)
         b = self.stage(x, logits, routing, bucket)
         b.graph.replay()
         if layer.auto is not None:

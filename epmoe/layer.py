@@ -57,10 +57,24 @@ def _named(names: list[str]) -> Callable[[int], str]:
     return lambda v: table.get(v, f"{v:#010x}")
 
 
+def _module_code(router: tuple[torch.Tensor | None, ...], shared: SharedExperts | None) -> tuple[int, int]:
+    """(router, shared experts) as ints for the construction agreement: each router tensor (gate,
+    gate_bias, correction_bias) by presence, shape, dtype and values (`token_code`: one read at
+    construction); the shared experts by type and their tensors' shapes and dtypes (their values
+    may differ between ranks: each rank applies them to its own tokens)."""
+    router_part = [None if t is None else (tuple(t.shape), str(t.dtype), token_code(t, None, None)) for t in router]
+    shared_part = None if shared is None else (type(shared).__name__, [
+        (f.name, tuple(v.shape), str(v.dtype)) for f in dataclasses.fields(shared)
+        if isinstance(v := getattr(shared, f.name), torch.Tensor)] if dataclasses.is_dataclass(shared) else None)
+    return _code(router_part), _code(shared_part)
+
+
 def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, comm: str, runner: str,
-                       layout: str, comm_options: dict[str, Any] | None, failure: BaseException | None) -> None:
+                       layout: str, comm_options: dict[str, Any] | None, failure: BaseException | None,
+                       router: tuple[torch.Tensor | None, ...] = (), shared: SharedExperts | None = None) -> None:
     """Construction agreement (world > 1): one `agree` of a fingerprint of what every rank's layer
-    must share (comm, layout, runner, options, config, shapes, experts, placement, validate), so
+    must share (comm, layout, runner, options, config, shapes, experts, placement, validate, the
+    router's tensors (gate, gate_bias, correction_bias) and the shared experts' shapes), so
     ranks built differently raise at construction on every rank, the difference named, instead
     of crashing or hanging in the first call; a rank whose own checks failed (`failure`)
     reports it there and its peers raise `PeerFailedError` naming it. One rank: raises `failure`."""
@@ -80,9 +94,12 @@ def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, 
                                 layer.replicas.phy2log.tolist() if layer.replicas is not None else None)),
             "activation dtype": _code(layer.dtype), "validate": int(layer.validate),
         }
+        fields["router (gate, gate_bias, correction_bias)"], fields["shared experts (shapes)"] = _module_code(
+            router, shared)
     else:  # zeros stand in: the peers read the failure
         fields = dict.fromkeys(("comm", "layout", "runner", "comm_options", "config", "experts", "hidden", "top_k",
-                                "weights (format, dtypes, shapes)", "placement", "activation dtype", "validate"), 0)
+                                "weights (format, dtypes, shapes)", "placement", "activation dtype", "validate",
+                                "router (gate, gate_bias, correction_bias)", "shared experts (shapes)"), 0)
     shown = {"comm": _named([*COMM_BACKENDS, "auto"]), "layout": _named(list(LAYOUTS)),
              "runner": _named(list(RUNNERS)), "activation dtype": lambda v: _named(
                  [torch.float32, torch.bfloat16, torch.float16])(v).strip("'")}
@@ -91,7 +108,7 @@ def agree_construction(layer: MoELayer, cfg: MoEConfig, weights: ExpertWeights, 
         device = torch.device("cuda", torch.cuda.current_device())
     agree(layer.group, f"MoELayer on rank {layer.rank} (construction)", fields, device=device, shown=shown,
           failure=failure, fix="Build every rank's layer with the same comm, layout, runner, comm_options, "
-          "MoEConfig, placement and weight format")
+          "MoEConfig, placement, weight format, router tensors and shared experts")
 
 
 def token_code(x: torch.Tensor, logits: torch.Tensor | None, routing: Routing | None) -> int:
@@ -189,10 +206,14 @@ class MoELayer(nn.Module):
               eager call never waits for the GPU; for trusted inputs (a model's own router, as
               `patch_model` passes). The correction bias is checked once, here. With the tp
               layout on several ranks, True also checks that every rank passes the same tokens
-              (count and a hash of the inputs, one small exchange per call).
+              (count and a hash of the inputs, one small exchange per call); False skips that
+              check too, so tp ranks given other tokens are not told: other values give wrong
+              outputs, another T fails the all-reduce (gloo aborts the process), as the
+              caller's choice.
 
     Several ranks: construction agrees once (`agree_construction`: comm, layout, runner, options,
-    config, weights' format and shapes, placement, validate), so ranks built differently all
+    config, weights' format and shapes, placement, validate, router tensors, shared experts'
+    shapes), so ranks built differently all
     raise naming the difference. A rank whose own checks of a call fail reports it in the call's
     first exchange (the backend's `fail`), so its peers raise `PeerFailedError` naming it; what
     no exchange covers (a rank that skips a call or dies) ends in the group's bounded waits.
@@ -269,7 +290,8 @@ class MoELayer(nn.Module):
                                  f"got {shared_stream!r}")
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the peers are told
             failure = exc
-        agree_construction(self, cfg, weights, comm, runner, layout, comm_options, failure)
+        agree_construction(self, cfg, weights, comm, runner, layout, comm_options, failure,
+                           (gate, gate_bias, correction_bias), shared)
         setup = {"device": self.device, "dtype": self.dtype}
         # with replicas the backends move physical slots: P "experts" over the physical placement
         wire = eplb.physical_config(cfg, replicas.num_physical) if replicas is not None else cfg
@@ -456,8 +478,12 @@ class MoELayer(nn.Module):
                   `routing=` (routed mode, e.g. RL routing replay). Calls of the other mode, and
                   larger T, run eagerly.
         validate: replays check their inputs on the host as eager calls do (finite logits; routing
-                  ids in range, distinct, finite weights): one device-to-host read per call. Pass
-                  False where the inputs are trusted, so a replay never waits for the GPU.
+                  ids in range, distinct, finite weights): one device-to-host read per call; with
+                  several ranks every rank then takes part in one small exchange before any
+                  replays, so a rank whose inputs fail raises and its peers raise PeerFailedError
+                  naming it (tp: the token check of eager calls). Pass False where the inputs
+                  are trusted, so a replay never waits for the GPU: then nothing is checked or
+                  exchanged, and a rank's bad input is the caller's to catch.
 
         comm="auto" captures each bucket with the backend auto picks for it among the capturable
         ones; with several ranks, each call agrees on the largest T over ranks first (one small
@@ -503,7 +529,8 @@ class MoELayer(nn.Module):
         except Exception as exc:  # noqa: BLE001 - the peers are told first
             device = x.device if isinstance(x, torch.Tensor) else self.device
             self._start_call()  # the call its peers make: counted alike on every rank
-            self._fail(exc, device)
+            # with graphs, the peers' calls of the captured mode replay: their exchange is the replay's
+            self._fail(exc, device, replay=self.graphs is not None and (routing is not None) == self.graphs.routed)
         return self.forward_eager(x, router_logits, routing)
 
     def _start_call(self) -> None:
@@ -514,14 +541,20 @@ class MoELayer(nn.Module):
         if self.group is not None:
             self.group.call = f"MoELayer {self.op_id} call {self.calls}"
 
-    def _fail(self, failure: BaseException, device: torch.device, tp_check: bool | None = None) -> NoReturn:
+    def _fail(self, failure: BaseException, device: torch.device, tp_check: bool | None = None,
+              replay: bool = False) -> NoReturn:
         """This rank failed its own checks of a call: report it in the exchange its peers enter
-        first (the tp token check when it runs, else the comm backend's agreement: `fail`), so
-        every rank raises (the peers `PeerFailedError` naming this rank), then raise it."""
+        first (the tp token check when it runs; with graphs (`replay`: a call that may replay on
+        the peers) the replay's exchange unless comm="auto" agrees on T first; else the comm
+        backend's agreement: `fail`), so every rank raises (the peers `PeerFailedError` naming
+        this rank), then raise it."""
         if tp_check is None:
             tp_check = self._tp_check(device)
         if tp_check:
             self._agree_tokens_tp(None, None, None, failure, device)
+        if replay and self.graphs is not None and self.graphs.agrees() and (
+                self.auto is None or self.auto.ladder is None):
+            self.graphs.fail(failure)
         self._comm.fail(failure, device)
 
     def _tp_check(self, device: torch.device) -> bool:

@@ -8,11 +8,12 @@ compares its output with a single-rank reference layer (comm "none", every exper
 inputs, within a per-payload tolerance, and runs every call twice to check bitwise equality.
 Prints one line: calls, wrong, hangs, non-deterministic (and errors, time).
 
-Faults: a random bad input on a random rank (the ranks stay in step: every rank must raise, the
-bad one its own error, the others PeerFailedError naming it), and jobs that end in a fault: a
-rank that skips a call, a rank that exits, a bad input under symm_a2a; every other rank must
-raise (CollectiveTimeoutError / SymmTimeoutError naming the faulty rank) within the timeout,
-never hang. Prints one line: faults, ok, hangs, wrong (the wrong error or words).
+Faults: a random bad input on a random rank under every backend above (the ranks stay in step:
+every rank must raise, the bad one its own error, the others PeerFailedError naming it), and
+jobs that end in a fault: a rank that skips a call, a rank that exits, a bad input under
+symm_a2a; every other rank must raise (PeerFailedError / CollectiveTimeoutError /
+SymmTimeoutError naming the faulty rank) within the timeout, never hang. Prints one line:
+faults, ok, hangs, wrong (the wrong error or words).
 """
 
 from __future__ import annotations
@@ -149,11 +150,15 @@ def _rank_calls(group, seed: int, first: int, count: int) -> dict:
             out["wrong"].append(f"call {i} ({name}, T={spec.tokens}, {spec.dist}): rel err {err:.3g} > {tol}")
         if not torch.equal(y1, y2):
             out["nondet"].append(f"call {i} ({name}): two runs differ")
+    _destroy(layers)
+    return out
+
+
+def _destroy(layers: list[MoELayer]) -> None:
     for layer in layers:
         for comm in layer.comms.values():
             if hasattr(comm, "destroy"):  # symm_a2a's workspace (collective)
                 comm.destroy()
-    return out
 
 
 def soak_calls(calls: int, seed: int = 0, worlds: tuple[int, ...] = WORLDS, chunk: int = 100,
@@ -185,7 +190,7 @@ def soak_calls(calls: int, seed: int = 0, worlds: tuple[int, ...] = WORLDS, chun
 
 # ---- faults -------------------------------------------------------------------------------
 
-FAULT_BACKENDS = [b for b in BACKENDS if b[1] in ("nccl_a2a", "allgather", "auto", "none")]
+FAULT_BACKENDS = BACKENDS
 
 
 def _bad_input(kind: str, x: torch.Tensor, logits: torch.Tensor, routing: Routing | None) -> tuple:
@@ -216,13 +221,14 @@ def _bad_input(kind: str, x: torch.Tensor, logits: torch.Tensor, routing: Routin
 BAD_INPUTS = ("float64", "hidden", "nan_logits", "logits_shape", "id_range", "nan_weight")
 
 
-def _rank_faults(group, seed: int, first: int, count: int) -> list[str]:
-    """Bad-input trials [first, first + count): returns the problems (rank must raise, rightly)."""
+def _rank_faults(group, seed: int, first: int, count: int) -> dict:
+    """Bad-input trials [first, first + count): the problems (rank must raise, rightly), the
+    slowest raise (seconds) and the trials per backend."""
     W, r = group.world, group.rank
     full = _full()
     layers = [MoELayer.from_global(CFG, full, group, comm=c, layout=lay, comm_options=dict(o))
               for _, c, lay, o, _ in FAULT_BACKENDS]
-    problems = []
+    problems, slowest, per = [], 0.0, {}
     for i in range(first, first + count):
         rng = random.Random(seed * 999_983 + i)
         b, bad_rank, kind = rng.randrange(len(layers)), rng.randrange(W), rng.choice(BAD_INPUTS)
@@ -246,9 +252,13 @@ def _rank_faults(group, seed: int, first: int, count: int) -> list[str]:
             if not re.search(words, str(exc)):
                 problems.append(f"trial {i} ({FAULT_BACKENDS[b][0]}, {kind} on rank {bad_rank}): rank {r} raised "
                                 f"{type(exc).__name__}: {str(exc)[:300]} (want {words!r})")
-        if time.monotonic() - start > 20:
-            problems.append(f"trial {i}: rank {r} took {time.monotonic() - start:.1f}s to raise")
-    return problems
+        took = time.monotonic() - start
+        slowest = max(slowest, took)
+        per[FAULT_BACKENDS[b][0]] = per.get(FAULT_BACKENDS[b][0], 0) + 1
+        if took > 20:
+            problems.append(f"trial {i}: rank {r} took {took:.1f}s to raise")
+    _destroy(layers)
+    return {"problems": problems, "slowest": slowest, "per": per}
 
 
 def _rank_terminal(group, kind: str, comm: int, faulty: int, symm_timeout: float) -> str:
@@ -314,6 +324,9 @@ class FaultTally:
     hangs: int = 0
     wrong: int = 0
     notes: list[str] = field(default_factory=list)
+    kinds: dict[str, int] = field(default_factory=dict)  # bad-input trials per backend, terminal faults per kind
+    slowest: float = 0.0  # the longest a rank took to raise in a bad-input trial (seconds)
+    slowest_terminal: float = 0.0  # the longest a terminal fault's job took to end (seconds)
 
 
 def soak_faults(faults: int, seed: int = 0, terminal_share: float = 0.1, chunk: int = 50,
@@ -337,14 +350,21 @@ def soak_faults(faults: int, seed: int = 0, terminal_share: float = 0.1, chunk: 
             tally.notes.append(f"W={W} trials {first}..{first + count}: {str(exc)[-1500:]}")
             first += count
             continue
-        bad = {p.split(":")[0] for rank in ranks for p in rank}
+        bad = {p.split(":")[0] for rank in ranks for p in rank["problems"]}
         tally.wrong += len(bad)
         tally.ok += count - len(bad)
-        tally.notes += [p for rank in ranks for p in rank[:3]]
+        tally.notes += [p for rank in ranks for p in rank["problems"][:3]]
+        tally.slowest = max([tally.slowest] + [rank["slowest"] for rank in ranks])
+        for name, n in ranks[0]["per"].items():
+            tally.kinds[name] = tally.kinds.get(name, 0) + n
         first += count
     for _ in range(terminal):
         tally.faults += 1
-        ok, hang, note = _terminal_trial(rng, collective_timeout)
+        kind = rng.choice(TERMINAL)
+        tally.kinds[kind] = tally.kinds.get(kind, 0) + 1
+        start = time.monotonic()
+        ok, hang, note = _terminal_trial(rng, collective_timeout, kind)
+        tally.slowest_terminal = max(tally.slowest_terminal, time.monotonic() - start)
         tally.ok += ok
         tally.hangs += hang
         tally.wrong += not ok and not hang
@@ -375,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         f = soak_faults(a.faults, a.seed)
         print(f"fault soak: faults={f.faults} ok={f.ok} hangs={f.hangs} wrong={f.wrong} "
               f"time={time.monotonic() - t:.1f}s")
+        print(f"  slowest raise: bad input {f.slowest:.2f}s, terminal job {f.slowest_terminal:.1f}s; faults: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(f.kinds.items())))
         for n in f.notes[: 20 if a.verbose else 5]:
             print("  " + n)
         status |= bool(f.hangs or f.wrong)

@@ -11,18 +11,23 @@ keeps the ranks in step (a rank left waiting would time out and the case would r
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from epmoe.checkpoint import load_moe_layer
 from epmoe.config import MoEConfig
 from epmoe.experts import ExpertWeights
+from epmoe.experts.triton import TritonOptions
 from epmoe.group import PeerFailedError, Placement
 from epmoe.layer import MoELayer, SharedExperts
 from epmoe.routing import Routing
+from epmoe.select import Combo, ensure
 from tests.dist import run_ranks
 
 CFG = MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2)
@@ -234,6 +239,92 @@ def test_bad_construction_on_one_rank(case):
         _layer(None, True, case, "none")
 
 
+@dataclass(frozen=True)
+class Direct:
+    """One bad input outside a layer call (helpers, options, environment, checkpoints): run() must
+    raise `error` with `words` (a regex). env: variables set for the run."""
+
+    name: str
+    error: type[BaseException]
+    words: str
+    run: Callable[[], Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _scratch_env(value: str) -> Direct:
+    return Direct(f"EPMOE_DEQUANT_SCRATCH_MB={value!r}", ValueError,
+                  rf"EPMOE_DEQUANT_SCRATCH_MB='{re.escape(value)}' must be a number of megabytes, finite and > 0 "
+                  r"\(default 1024\)", lambda: TritonOptions(), {"EPMOE_DEQUANT_SCRATCH_MB": value})
+
+
+def _checkpoint(value: float) -> Any:
+    """A bf16 checkpoint whose expert 5 holds `value` in its down projection, loaded by rank 1 of 2."""
+    from tests.test_checkpoint import DS, LAYER, build
+
+    name = f"model.layers.{LAYER}.mlp.experts.5.down_proj.weight"
+    with tempfile.TemporaryDirectory() as tmp:
+        b = build(Path(tmp), "bf16", edit=lambda t: t[name].__setitem__((0, 0), value))
+        return load_moe_layer(b.path, DS, LAYER, rank=1, world=2)
+
+
+def _layer_call(comm: str, tokens: int, **options: Any) -> Any:
+    layer = MoELayer.from_global(CFG, _full(), comm=comm, comm_options=options)
+    x, logits = _inputs(0, tokens)
+    return layer(x, logits)
+
+
+# The issue's silent and unclear cases, and the other checks outside a forward call (one rank).
+DIRECT_CASES = [
+    Direct("from_global with more experts", ValueError,
+           r"all_weights holds 16 experts, cfg has num_experts=8; pass the weights of every expert",
+           lambda: MoELayer.from_global(CFG, _full(CFG.replace(num_experts=16)))),
+    Direct("from_global with fewer experts", ValueError, r"all_weights holds 4 experts, cfg has num_experts=8",
+           lambda: MoELayer.from_global(CFG, _full(CFG.replace(num_experts=4)))),
+    Direct("auto option typo", ValueError, r"comm 'auto' has no option 'max_token_per_rank'; its candidates' options:",
+           lambda: MoELayer.from_global(CFG, _full(), comm="auto", comm_options={"max_token_per_rank": 4})),
+    Direct("select world=0", ValueError, r"world=0: a layer needs at least one EP rank \(world >= 1\)",
+           lambda: ensure(Combo(world=0))),
+    Direct("select nodes > world", ValueError, r"nodes=3 > world=2: every host holds at least one rank",
+           lambda: ensure(Combo(comm="nccl_a2a", world=2, nodes=3))),
+    Direct("select nodes=0", ValueError, r"nodes", lambda: ensure(Combo(comm="nccl_a2a", world=2, nodes=0))),
+    *[_scratch_env(v) for v in ("nan", "inf", "-inf", "1e400", "0", "-5", "abc", "")],
+    Direct("dequant_scratch_mb=nan", ValueError, r"dequant_scratch_mb=nan must be a number of megabytes",
+           lambda: TritonOptions(dequant_scratch_mb=float("nan"))),
+    Direct("EPMOE_NVFP4_DECODE unknown", ValueError,
+           r"EPMOE_NVFP4_DECODE must be one of gluon, mma, fma, tl, got 'fast'", lambda: TritonOptions(),
+           {"EPMOE_NVFP4_DECODE": "fast"}),
+    Direct("checkpoint weights NaN", ValueError,
+           r"expert 5's w2 \(down\) weights hold NaN or inf.*check_finite=False", lambda: _checkpoint(float("nan"))),
+    Direct("checkpoint weights inf", ValueError,
+           r"expert 5's w2 \(down\) weights hold NaN or inf", lambda: _checkpoint(float("inf"))),
+    Direct("static T over the bound", ValueError, r"T=9 exceeds max_tokens_per_rank=8",
+           lambda: _layer_call("nccl_a2a", 9, static_shapes=True, max_tokens_per_rank=8)),
+    Direct("symm_a2a T over the workspace", ValueError, r"9 tokens on rank 0 exceed max_tokens_per_rank=8",
+           lambda: _layer_call("symm_a2a", 9, max_tokens_per_rank=8)),
+    Direct("graphs on the CPU", ValueError, r"capture_graphs needs the layer's weights on a CUDA device",
+           lambda: MoELayer.from_global(CFG, _full()).capture_graphs(8)),
+    Direct("micro-batch splits 0", ValueError, r"splits must be a positive int",
+           lambda: MoELayer.from_global(CFG, _full()).forward_microbatches(*_inputs(0), splits=0)),
+    Direct("placement of another world", ValueError, r"placement covers 8 experts on 2 ranks, layer has 8 experts on 1",
+           lambda: MoELayer(CFG, _full(), placement=Placement.contiguous(8, 2))),
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: c.name)
+def test_bad_input_outside_a_call(case, monkeypatch):
+    for k, v in case.env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(case.error, match=case.words):
+        case.run()
+
+
+def test_combo_reports_the_payload_that_moves():
+    # payload="fp8" under auto on one rank: no backend that moves tokens runs, so bf16 moves and combo says so
+    layer = MoELayer.from_global(CFG, _full(), comm="auto", comm_options={"payload": "fp8"})
+    layer(*_inputs(0))
+    assert (layer.combo.comm, layer.combo.payload) == ("none", "bf16")
+
+
 # ---- several ranks ---------------------------------------------------------------------
 
 PEER = r"rank {bad} failed its own checks, so no rank goes ahead"
@@ -254,6 +345,9 @@ def _multi_calls(group, comms: list[str], bad_rank: int) -> list[str]:
         x, logits = _inputs(0 if layer.layout == "tp" else group.rank)
         if tuple(layer(x, logits).shape) != (T, CFG.hidden):
             problems.append(f"rank {group.rank} {comm}: a good call after the bad ones failed")
+        for backend in layer.comms.values():
+            if hasattr(backend, "destroy"):  # symm_a2a's workspace (collective)
+                backend.destroy()
     return problems
 
 
@@ -284,6 +378,16 @@ DIFFER_CASES = [
      r"differ from rank 0 on .*hidden \(rank 0: 32"),
     ("weights dtype", {}, {"all_weights": ExpertWeights(_full().w13.bfloat16(), _full().w2.bfloat16())},
      r"differ from rank 0 on .*weights \(format, dtypes, shapes\)"),
+    ("comm symm_a2a", {"comm": "nccl_a2a"}, {"comm": "symm_a2a"}, r"differ from rank 0 on comm \(rank 0: 'nccl_a2a'"),
+    ("gate on one rank", {}, {"gate": torch.zeros(8, 32)}, r"differ from rank 0 on router \(gate, gate_bias"),
+    ("gate values", {"gate": torch.zeros(8, 32)}, {"gate": torch.ones(8, 32)}, r"differ from rank 0 on router"),
+    ("gate_bias values", {"gate": torch.zeros(8, 32), "gate_bias": torch.zeros(8)},
+     {"gate": torch.zeros(8, 32), "gate_bias": torch.ones(8)}, r"differ from rank 0 on router"),
+    ("correction bias values", {"cfg": BIAS, "correction_bias": torch.zeros(8)},
+     {"cfg": BIAS, "correction_bias": torch.full((8,), 0.5)}, r"differ from rank 0 on router"),
+    ("shared experts dtype", {"cfg": SHARED, "shared": SharedExperts.random(SHARED)},
+     {"cfg": SHARED, "shared": SharedExperts.random(SHARED, dtype=torch.bfloat16)},
+     r"differ from rank 0 on shared experts \(shapes\)"),
 ]
 
 
@@ -317,11 +421,19 @@ def _multi_differ(group, bad_rank: int) -> list[str]:
         same = "; same T, other values" if tokens == T else ""
         problems += _check(Case("tp tokens", ValueError, rf"ranks \[{bad_rank}\] pass other tokens than rank 0 "
                                 rf"\(rank 0: T={T}.*{same}"), got, True, f"rank {group.rank} tp")
+    # tp: the same x, routing on one rank and router logits on the others
+    x, logits = _inputs(0)
+    got = _outcome(lambda: layer(x, None, _routing()) if group.rank == bad_rank else layer(x, logits))
+    problems += _check(Case("tp routing vs logits", ValueError, rf"ranks \[{bad_rank}\] pass other tokens than "
+                            rf"rank 0 \(rank 0: T={T}.*; same T, other values"), got, True, f"rank {group.rank} tp")
     return problems
 
 
+MULTI_COMMS = ["nccl_a2a", "allgather", "symm_a2a", "auto", "none/tp"]
+
+
 def _multi(group, bad_rank: int) -> list[str]:
-    return (_multi_calls(group, ["nccl_a2a", "allgather", "auto", "none/tp"], bad_rank) + _multi_builds(group, bad_rank)
+    return (_multi_calls(group, MULTI_COMMS, bad_rank) + _multi_builds(group, bad_rank)
             + _multi_differ(group, bad_rank))
 
 
@@ -333,13 +445,17 @@ def test_bad_input_on_one_of_several_ranks_raises_on_every_rank(world, bad_rank)
 
 
 def test_the_table_is_large_enough():
-    multi = len(CALL_CASES) * 4 + len(BUILD_CASES) + len(DIFFER_CASES) + 3
-    assert len(CALL_CASES) * 2 + len(BUILD_CASES) >= 40 and multi >= 60
+    multi = len(CALL_CASES) * len(MULTI_COMMS) + len(BUILD_CASES) + len(DIFFER_CASES) + 4
+    assert len(CALL_CASES) * 2 + len(BUILD_CASES) + len(DIRECT_CASES) >= 60 and multi >= 60
 
 
-def _virtual_nan_on_rank1(group) -> str:
-    layer = MoELayer.from_global(CFG, _full(), group, comm="nccl_a2a")
-    x, logits = _inputs(group.rank)
+def _virtual_nan_on_rank1(group, comm: str = "nccl_a2a", device: str = "cpu") -> str:
+    full = _full()
+    if device != "cpu":
+        full = ExpertWeights(full.w13.to(device, torch.bfloat16), full.w2.to(device, torch.bfloat16))
+    layer = MoELayer.from_global(CFG, full, group, comm=comm)
+    x, logits = (t.to(device) for t in _inputs(group.rank))
+    x = x.to(layer.dtype)
     if group.rank == 1:
         logits[0, 0] = float("nan")
     try:
@@ -359,6 +475,90 @@ def test_virtual_ranks_raise_alike_and_the_failure_travels_in_the_exchange():
     assert got[1] == "own: router_logits contain NaN or inf; check the router input"
     assert re.search(r"peer: comm 'nccl_a2a' on rank 0: rank 1 failed its own checks, so no rank goes ahead "
                      r"\(rank 1: ValueError: router_logits contain NaN or inf", got[0]), got[0]
+    got = VirtualGroup(2, timeout=20).run(lambda g: _virtual_nan_on_rank1(g, "symm_a2a"))  # its call agreement
+    assert got[1] == "own: router_logits contain NaN or inf; check the router input"
+    assert re.search(r"peer: symm_a2a rank 0, call 1: rank 1 failed its own checks, so no rank goes ahead "
+                     r"\(rank 1: ValueError: router_logits contain NaN or inf", got[0]), got[0]
     text = "ValueError: " + "é" * 100  # cut at 120 bytes, a split character replaced
     assert failure_text(failure_ints(text)).startswith("ValueError: éé")
     assert failure_ints(None) == [0] * 16
+
+
+# ---- graph replays on several ranks (a CPU stand-in for the captured graph) --------------------
+
+class _NoGraph:
+    """Stands in for a captured CUDA graph: replaying it does nothing (the exchange before it is
+    what these cases test; the graphs themselves need a GPU, tests/test_graphs.py)."""
+
+    def replay(self) -> None:
+        pass
+
+
+def _replaying(group, layout: str, routed: bool) -> MoELayer:
+    """A layer whose graphs "hold" one bucket of 8 tokens (`_NoGraph`), validate=True."""
+    from epmoe.graphs import Bucket, LayerGraphs
+
+    layer = MoELayer.from_global(CFG, _full(), group, comm="none" if layout == "tp" else "nccl_a2a", layout=layout,
+                                 comm_options={} if layout == "tp" else {"static_shapes": True,
+                                                                         "max_tokens_per_rank": 8})
+    layer.graphs = LayerGraphs(layer, [8], routed=routed, validate=True)
+    layer.graphs.graphs[8] = Bucket(8, _NoGraph(), torch.zeros(8, CFG.hidden), layer.comm)
+    return layer
+
+
+# (name, layout, routed, what the bad rank passes, error, words): the peers replay with good input
+REPLAY_CASES = [
+    ("replay NaN logits", "dp", False, "nan", ValueError, r"router_logits contain NaN or inf"),
+    ("replay NaN logits tp", "tp", False, "nan", ValueError, r"router_logits contain NaN or inf"),
+    ("replay routed id = E", "dp", True, "id", ValueError, r"routing ids must lie in \[0, 8\)"),
+    ("replay routed id = E tp", "tp", True, "id", ValueError, r"routing ids must lie in \[0, 8\)"),
+    ("call float64 while peers replay", "dp", False, "float64", ValueError, r"x must be bf16, fp16 or fp32"),
+    ("call float64 while peers replay tp", "tp", False, "float64", ValueError, r"x must be bf16, fp16 or fp32"),
+]
+
+
+def _multi_replays(group, bad_rank: int) -> list[str]:
+    problems = []
+    for name, layout, routed, kind, error, words in REPLAY_CASES:
+        layer = _replaying(group, layout, routed)
+        bad = group.rank == bad_rank
+        x, logits = _inputs(0 if layout == "tp" else group.rank)
+        routing = _routing() if routed else None
+        if bad and kind == "nan":
+            logits = _set(logits, (1, 2), float("nan"))
+        if bad and kind == "id":
+            routing = _bad_ids(8)()
+
+        def call(x=x, logits=logits, routing=routing, layer=layer, bad=bad, kind=kind, routed=routed) -> Any:
+            if bad and kind == "float64":  # fails forward's shape checks: reported in the peers' replay exchange
+                return layer(x.double(), None if routed else logits, routing)
+            return layer.graphs.replay(x, None if routed else logits, routing, 8)
+
+        peer = Case(name, error, words, peer=PeerFailedError,
+                    peer_words=PEER.format(bad=bad_rank) + rf" \(rank {bad_rank}: {error.__name__}: ")
+        problems += _check(peer, _outcome(call), bad, f"rank {group.rank}")
+        # in step: a good replay afterwards works on every rank
+        x, logits = _inputs(0 if layout == "tp" else group.rank)
+        got = _outcome(lambda x=x, logits=logits, layer=layer, routed=routed: layer.graphs.replay(
+            x, None if routed else logits, _routing() if routed else None, 8))
+        if got[0] != "none":
+            problems.append(f"rank {group.rank} {name}: a good replay after the bad one raised {got}")
+    return problems
+
+
+@pytest.mark.parametrize(("world", "bad_rank"), [(2, 0), (4, 3)])
+def test_bad_input_at_replay_on_one_rank_raises_on_every_rank(world, bad_rank):
+    problems = run_ranks(_multi_replays, world, args=(bad_rank,), timeout=300, collective_timeout=20)
+    flat = [p for rank in problems for p in rank]
+    assert not flat, "\n".join(flat[:20])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("comm", ["nccl_a2a", "symm_a2a"])
+def test_gpu_virtual_ranks_raise_alike(comm):
+    from epmoe.group import VirtualGroup
+
+    got = VirtualGroup(2, timeout=120).run(lambda g: _virtual_nan_on_rank1(g, comm, "cuda"))
+    assert got[1] == "own: router_logits contain NaN or inf; check the router input"
+    assert re.search(r"peer: .*rank 1 failed its own checks, so no rank goes ahead \(rank 1: ValueError: "
+                     r"router_logits contain NaN or inf", got[0]), got[0]

@@ -163,3 +163,52 @@ def test_layer_graphs_over_real_ranks(world, comm):
     for rank, errors in enumerate(run_ranks(_rank_layer_graphs, world, args=(comm,), timeout=TIMEOUT,
                                             backend="nccl")):
         assert not errors, f"rank {rank}: {errors}"
+
+
+def _rank_replay_bad_input(group, comm: str) -> list[str]:
+    """Captured layers; one rank passes NaN logits at a replay, then x of another dtype (forward's
+    shape check fails while its peers replay): every rank must raise (the peers PeerFailedError
+    naming it), then a good call replays on every rank and equals the eager layer."""
+    from epmoe import ExpertWeights, MoEConfig, MoELayer
+    from epmoe.group import PeerFailedError
+
+    cfg = MoEConfig.from_preset("qwen3-30b-a3b").scaled(hidden=256, intermediate=128, num_experts=16)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    weights = ExpertWeights.random(cfg, cfg.num_experts, dtype=torch.bfloat16, device=dev,
+                                   generator=torch.Generator().manual_seed(0))
+    opts = {"max_tokens_per_rank": 16, "static_shapes": True} if comm != "symm_a2a" else {"max_tokens_per_rank": 16}
+    graphed = MoELayer.from_global(cfg, weights, group, comm=comm, runner="triton", comm_options=dict(opts))
+    eager = MoELayer.from_global(cfg, weights, group, comm=comm, runner="triton", comm_options=dict(opts))
+    graphed.capture_graphs(16, buckets=[4, 16])
+    g = torch.Generator().manual_seed(10 + group.rank)
+    errors, bad = [], group.rank == group.world - 1
+    for kind in ("nan", "float64"):
+        x = torch.randn(5, cfg.hidden, generator=g).to(dev, torch.bfloat16)
+        logits = torch.randn(5, cfg.num_experts, generator=g).to(dev)
+        if bad and kind == "nan":
+            logits[2, 3] = float("nan")
+        if bad and kind == "float64":
+            x = x.double()
+        try:
+            graphed(x, logits)
+            errors.append(f"{kind}: went ahead")
+        except PeerFailedError as exc:
+            if bad or f"rank {group.world - 1} failed its own checks" not in str(exc):
+                errors.append(f"{kind}: {exc}")
+        except ValueError as exc:
+            if not bad:
+                errors.append(f"{kind}: {exc}")
+        x = torch.randn(7, cfg.hidden, generator=g).to(dev, torch.bfloat16)
+        logits = torch.randn(7, cfg.num_experts, generator=g).to(dev)
+        if not torch.equal(graphed(x, logits), eager(x, logits)):
+            errors.append(f"{kind}: the good call after it differs from eager")
+    return errors
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("comm", ["auto", "symm_a2a", "nccl_a2a"])
+@pytest.mark.parametrize("world", WORLDS[:1])
+def test_bad_input_at_replay_raises_on_every_rank(world, comm):
+    for rank, errors in enumerate(run_ranks(_rank_replay_bad_input, world, args=(comm,), timeout=TIMEOUT,
+                                            backend="nccl")):
+        assert not errors, f"rank {rank}: {errors}"

@@ -29,7 +29,7 @@ from epmoe.comm.symmetric import SEQ_WRAP, SymmA2A, SymmTimeoutError
 from epmoe.experts.base import as_float
 from epmoe.experts.reference import reference_experts
 from epmoe.routing import Routing
-from tests.dist import run_ranks
+from tests.dist import DistError, run_ranks
 
 CFG = MoEConfig(hidden=32, intermediate=16, num_experts=24, top_k=3)
 TM = 8  # max_tokens_per_rank
@@ -278,15 +278,16 @@ def _silent_call(b: SymmA2A, rank: int, phase: str, silent: tuple[int, ...], dev
     if rank in silent and phase == "dispatch":
         return "silent"
     t0 = time.monotonic()
-    try:
-        d = b.dispatch(x, routing)
+    try:  # the split phases: no host agreement, so the flag waits are what bounds them
+        b.dispatch_send(x, routing)
+        d = b.dispatch_recv()
         if rank in silent:
             return "silent"
         b.combine(torch.zeros(d.num_pairs, CFG.hidden, device=device, dtype=b.dtype), d)
     except SymmTimeoutError as exc:
         took = time.monotonic() - t0
         try:
-            b.dispatch(x, routing)
+            b.dispatch_send(x, routing)
             return "no error after a timeout"
         except RuntimeError as again:
             if "unusable" not in str(again):
@@ -312,10 +313,35 @@ def test_peer_that_never_arrives_times_out_naming_it(world, phase, silent):
     check_silent(run_ranks(_rank_silent, world, args=(phase, silent), timeout=60), phase, silent)
 
 
+def _rank_blocking_silent(group, silent: int) -> str:
+    """Rank `silent` skips a blocking dispatch; the others wait in its agreement, bounded by the
+    group's timeout, and raise CollectiveTimeoutError naming it (a failed job: its ranks start afresh)."""
+    b = make_symm(CFG, group, Placement.contiguous(CFG.num_experts, group.world), max_tokens_per_rank=4)
+    x, ids, w = inputs(CASES[0], group.rank, group.world)
+    if group.rank == silent:
+        return "silent"
+    b.dispatch(x[:4], Routing(ids[:4], w[:4]))
+    return "went ahead"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_blocking_call_a_rank_skips_raises_naming_it(world):
+    silent, t0 = world - 1, time.monotonic()
+    with pytest.raises(DistError) as err:
+        # 5 s, not less: the same bound covers the ranks' process-group setup, which a loaded machine slows
+        run_ranks(_rank_blocking_silent, world, args=(silent,), timeout=60, collective_timeout=5.0)
+    assert time.monotonic() - t0 < 40
+    text = str(err.value)
+    assert f"failed on ranks {list(range(world - 1))}" in text, text
+    assert text.count("CollectiveTimeoutError: rank ") == world - 1, text
+    assert text.count(f"ranks [{silent}] did not arrive") == world - 1, text
+
+
 def _rank_bad_inputs(group) -> dict[str, str]:
     """One bad input per scenario on one rank; returns each scenario's error on this rank
     ('' = none). A layout disagreement must raise on every rank at setup (construction);
-    bad routing ids raise on the bad rank, and its peers time out naming it."""
+    bad routing ids raise on the bad rank, and every peer raises PeerFailedError naming it in
+    the call's agreement, before any flag is written."""
     W, rank = group.world, group.rank
     placement = Placement.contiguous(CFG.num_experts, W)
     scenarios = {
@@ -327,6 +353,7 @@ def _rank_bad_inputs(group) -> dict[str, str]:
         "dtype": (CFG, {}, torch.bfloat16 if rank == 0 else torch.float32),
         "combine_mode": (CFG, {"combine_mode": "pull"} if rank == 1 else {}, torch.float32),
         "ids": (CFG, {}, torch.float32),
+        "bound": (CFG, {}, torch.float32),
     }
     out = {}
     for key, (cfg, opts, dtype) in scenarios.items():
@@ -336,10 +363,11 @@ def _rank_bad_inputs(group) -> dict[str, str]:
             ids[2, 1] = cfg.num_experts
         try:  # the workspace is agreed on and built at construction
             b = make_symm(cfg, group, placement, dtype=dtype, **{"max_tokens_per_rank": 4, "timeout_s": 0.3, **opts})
-            d = b.dispatch(x, Routing(ids, torch.ones(3, cfg.top_k)))
+            bound = 2 if key == "bound" and rank == W - 1 else None  # below this rank's 3 tokens
+            d = b.dispatch(x, Routing(ids, torch.ones(3, cfg.top_k)), bound)
             b.combine(torch.zeros(d.num_pairs, cfg.hidden, dtype=dtype), d)
             out[key] = ""
-        except (ValueError, SymmTimeoutError) as exc:
+        except (ValueError, SymmTimeoutError) as exc:  # PeerFailedError is a ValueError
             out[key] = f"{type(exc).__name__}: {exc}"
         group.barrier()
     return out
@@ -364,11 +392,18 @@ def test_ranks_that_disagree_or_pass_bad_ids_raise_naming_them(world):
             for word in words:
                 assert word in msgs[key], (rank, key, msgs[key])
         if rank == last:
+            assert msgs["bound"].startswith("ValueError: symm_a2a rank") and "max_tokens=2 must be an int between " \
+                "this rank's 3 tokens" in msgs["bound"], msgs["bound"]
+        else:
+            assert msgs["bound"].startswith("PeerFailedError") and f"rank {last} failed its own checks" in \
+                msgs["bound"], msgs["bound"]
+        if rank == last:
             assert msgs["ids"].startswith("ValueError") and f"outside [0, {CFG.num_experts})" in msgs["ids"], msgs
             assert f"token 2, k 1: id {CFG.num_experts}" in msgs["ids"], msgs["ids"]
         else:
-            assert msgs["ids"].startswith("SymmTimeoutError"), msgs["ids"]
-            assert f"dispatch (sequence number 1) timed out after 0.3s: ranks [{last}] never signalled" in msgs["ids"]
+            assert msgs["ids"].startswith("PeerFailedError"), msgs["ids"]
+            assert (f"call 1: rank {last} failed its own checks, so no rank goes ahead (rank {last}: ValueError: "
+                    f"symm_a2a rank {last}: routing ids outside [0, {CFG.num_experts})") in msgs["ids"], msgs["ids"]
 
 
 def test_virtual_ranks_on_cpu_match_reference():

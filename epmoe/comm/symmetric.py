@@ -44,7 +44,10 @@ flag a reader waits on is always either the previous call's value or this call's
       them.
 
 So a call is always dispatch followed by combine; a second dispatch without a combine raises.
-A rank with zero tokens still writes count 0 and raises its flags (no dummy token). Every wait
+A rank with zero tokens still writes count 0 and raises its flags (no dummy token). An eager
+blocking call on several ranks first agrees over the group (one small host exchange,
+comm/call_agreement.py), so a rank whose checks fail makes every rank raise, naming it, before
+any flag is written; captured calls and the split phases agree on nothing. Every flag wait
 is bounded by `timeout_s`: on the host (torch transport) a `SymmTimeoutError` names the ranks
 whose flags never showed the call's sequence number; in the Triton kernels the waiting program
 records the silent ranks in an error word, later waits of the call skip, and `check()` (run
@@ -73,7 +76,7 @@ atomics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -88,6 +91,7 @@ from epmoe.comm.base import (
     config_code,
     finish,
 )
+from epmoe.comm.call_agreement import CallAgreement
 from epmoe.comm.payload import (
     PAYLOADS,
     check_input_scale,
@@ -261,6 +265,7 @@ class SymmA2A(CommBackend):
         lay = Layout(W, self.max_tokens, cfg.hidden, self.slot_experts, self.payload, dtype, self.combine_dtype)
         self._agree(lay, device)
         self.device, self.dtype, self._impl, self.layout = device, dtype, impl, lay
+        self._calls = CallAgreement(f"symm_a2a rank {self.rank}", self.group, device)  # eager calls agree first
         self._scale_dev = self.input_scale.to(device) if self.input_scale is not None else None
         mapped = map_workspaces(self.group, lay.nbytes, device)
         self.in_process, self._symm_handle = mapped.in_process, mapped.symm_handle
@@ -354,8 +359,7 @@ class SymmA2A(CommBackend):
             if bool(bad.any()):
                 t, k = (int(v) for v in bad.nonzero()[0])
                 raise ValueError(f"symm_a2a rank {self.rank}: routing ids outside [0, {E}) (token {t}, k {k}: id "
-                                 f"{int(routing.ids[t, k])}; -1 marks a masked pair). Nothing was sent: peers "
-                                 f"waiting for this rank's flags time out naming rank {self.rank}")
+                                 f"{int(routing.ids[t, k])}; -1 marks a masked pair). Nothing was sent")
 
     def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
                        ) -> Pending[Dispatched]:
@@ -368,6 +372,20 @@ class SymmA2A(CommBackend):
         if self._phase_barrier():
             self.group.barrier()
         return Pending(self.dispatch_recv)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
+        """The blocking call (max_tokens: see `dispatch_start`). Eager calls on several ranks agree
+        first (comm/call_agreement.py): a rank whose checks fail raises its error and every peer
+        PeerFailedError naming it, before any flag is written. The halves agree on nothing (a
+        start waits for no peer): a rank that fails in `dispatch_start` leaves its peers to time
+        out naming it."""
+        if not self._calls.active(x):
+            return self.dispatch_start(x, routing, max_tokens).wait()
+        self._calls.run(lambda: (self._check_call(x, routing), self._bound(max_tokens, x)))
+        self._send(x, routing, max_tokens)
+        if self._phase_barrier():
+            self.group.barrier()
+        return self.dispatch_recv()
 
     def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                       addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
@@ -385,6 +403,11 @@ class SymmA2A(CommBackend):
             self.check()
         return y
 
+    def fail(self, failure: BaseException, device: torch.device) -> NoReturn:
+        """The layer's checks of a call failed on this rank: report it in the call's agreement (its
+        peers raise PeerFailedError naming this rank), then raise it."""
+        self._calls.fail(failure, device)
+
     def _phase_barrier(self) -> bool:
         """Virtual ranks on one GPU share one stream: a receive kernel spinning ahead of a peer's
         send would block it, so every rank's send is enqueued before any receive (the barrier
@@ -394,9 +417,19 @@ class SymmA2A(CommBackend):
     def dispatch_send(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> SymmHandle:
         """Phase 1: rows, meta, count and flags into every peer; max_tokens: see `dispatch`. Eager
         calls check the routing ids on the host first (ValueError, nothing written); captured calls
-        skip that, and the kernels treat an out-of-range id as masked (never out of bounds)."""
+        skip that, and the kernels treat an out-of-range id as masked (never out of bounds). The
+        phases agree on nothing: a rank that fails here leaves its peers to time out naming it
+        (the blocking `dispatch` agrees first)."""
         self._check_call(x, routing)
-        bound = call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
+        return self._send(x, routing, max_tokens)
+
+    def _bound(self, max_tokens: int | None, x: torch.Tensor) -> int:
+        """The call's bound on every rank's T (a ValueError for a bad max_tokens)."""
+        return call_bound(max_tokens, x.shape[0], self.max_tokens, f"symm_a2a rank {self.rank}")
+
+    def _send(self, x: torch.Tensor, routing: Routing, max_tokens: int | None) -> SymmHandle:
+        """dispatch_send on checked inputs."""
+        bound = self._bound(max_tokens, x)
         seq = next_seq(self.seq)
         handle = SymmHandle(routing.ids, x.shape[0], x.dtype, seq, self._placement_dev, self.rank,
                             self.world, sum(self.layout.row_bytes), self.layout.row_bytes[0], self.slot_experts * 8,
