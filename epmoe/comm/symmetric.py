@@ -363,29 +363,37 @@ class SymmA2A(CommBackend):
 
     def dispatch_start(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None
                        ) -> Pending[Dispatched]:
-        """`dispatch_send` now (it waits for no peer); `.wait()` is `dispatch_recv`, the bounded wait
-        for every source and the landed rows. max_tokens (the same on every rank): the experts
-        get W * max_tokens * Kl pair slots, not W * Tm * Kl, so a decode call on a prefill-sized
-        workspace costs what a decode workspace would. A peer that sent more tokens than the
-        bound makes `check()` raise."""
-        self.dispatch_send(x, routing, max_tokens)
+        """`dispatch_send` now; `.wait()` is `dispatch_recv`, the bounded wait for every source and
+        the landed rows. max_tokens (the same on every rank): the experts get W * max_tokens * Kl
+        pair slots, not W * Tm * Kl, so a decode call on a prefill-sized workspace costs what a
+        decode workspace would. A peer that sent more tokens than the bound makes `check()` raise.
+        Eager calls over ranks in separate processes agree first (comm/call_agreement.py: a rank
+        whose checks fail raises its error and every peer PeerFailedError naming it, before any
+        flag is written), so such a start waits for its peers to arrive; captured calls agree on
+        nothing and wait for no peer. Virtual ranks in one process agree in the blocking
+        `dispatch` only (a single thread may drive every rank's start in turn)."""
+        if self._calls.active(x) and not self.in_process:
+            self._agreed_send(x, routing, max_tokens)
+        else:
+            self.dispatch_send(x, routing, max_tokens)
         if self._phase_barrier():
             self.group.barrier()
         return Pending(self.dispatch_recv)
 
     def dispatch(self, x: torch.Tensor, routing: Routing, max_tokens: int | None = None) -> Dispatched:
-        """The blocking call (max_tokens: see `dispatch_start`). Eager calls on several ranks agree
-        first (comm/call_agreement.py): a rank whose checks fail raises its error and every peer
-        PeerFailedError naming it, before any flag is written. The halves agree on nothing (a
-        start waits for no peer): a rank that fails in `dispatch_start` leaves its peers to time
-        out naming it."""
-        if not self._calls.active(x):
+        """The blocking call: `dispatch_start` then its wait; eager calls on several ranks agree
+        first, virtual ranks in one process included (see `dispatch_start`)."""
+        if not (self._calls.active(x) and self.in_process):
             return self.dispatch_start(x, routing, max_tokens).wait()
-        self._calls.run(lambda: (self._check_call(x, routing), self._bound(max_tokens, x)))
-        self._send(x, routing, max_tokens)
+        self._agreed_send(x, routing, max_tokens)
         if self._phase_barrier():
             self.group.barrier()
         return self.dispatch_recv()
+
+    def _agreed_send(self, x: torch.Tensor, routing: Routing, max_tokens: int | None) -> None:
+        """This rank's checks, the call agreement (every rank goes ahead or every rank raises), then the send."""
+        self._calls.run(lambda: (self._check_call(x, routing), self._bound(max_tokens, x)))
+        self._send(x, routing, max_tokens)
 
     def combine_start(self, expert_out: torch.Tensor, dispatched: Dispatched, out: torch.Tensor | None = None, *,
                       addend: torch.Tensor | None = None) -> Pending[torch.Tensor]:
