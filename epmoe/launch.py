@@ -44,8 +44,11 @@ def _worker(rank: int, world: int, port: int, inbox: Any, outbox: Any, pg_timeou
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
+    # gloo: EPGroup bounds each collective by pg_timeout itself, so the process group's own timeout
+    # (which also bounds connecting to the store at start-up, slow on a loaded machine) may be longer
+    setup = max(pg_timeout, 60.0) if backend == "gloo" else pg_timeout
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=pg_timeout))
+                            timeout=timedelta(seconds=setup))
     from epmoe.group import EPGroup
 
     group = EPGroup(timeout=pg_timeout)

@@ -38,7 +38,10 @@ def test_error_names_rank_and_pool_recovers():
 
 
 def test_timeout_names_missing_rank():
+    # the pool's start-up (two processes importing torch: seconds on a loaded machine) is not part
+    # of the call's 3 s: start the pool of this (world, timeout) first
+    run_ranks(_rank_sum, 2, args=(0,), timeout=120, collective_timeout=3)
     start = time.monotonic()
     with pytest.raises(DistTimeout, match=r"ranks \[0\] did not finish"):
-        run_ranks(_stall_rank0, 2, timeout=3)
+        run_ranks(_stall_rank0, 2, timeout=3, collective_timeout=3)
     assert time.monotonic() - start < 15
