@@ -70,7 +70,8 @@ program runs on one SM, so the exchange occupies at most that many SMs and the o
 for the side stream's shared experts or another micro-batch's experts); None launches up to 4
 programs per SM. The kernels stride over their tokens (dispatch_recv over its (source, chunk)
 items) by the grid, so the budget changes no bit of any result, and it is fixed at construction:
-captured graphs keep it. The torch twin ignores it.
+captured graphs keep it. The torch twin ignores it, and so do the quantize kernels of an fp8 / nvfp4
+payload (compute on this rank's own rows before the send, not the exchange).
 
 CPU memory ordering (shm transport): payload and meta are written by torch ops, then the flag by
 one aligned 4-byte store; the reader loads the flag, then the payload. x86-64 keeps stores in
