@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, VirtualGroup
-from epmoe.bench.comm import ladder_from_rows, run_comm_bench
+from epmoe.bench.comm import ladder_from_rows, run_comm_bench, sm_budgets
 from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs
 from epmoe.bench.eplb import main as bench_eplb
 from epmoe.bench.experts import bench_experts
@@ -332,6 +332,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if problem:
         return _fail(cmd, problem)
     meta.update(world=world)
+    try:
+        budgets = sm_budgets(args.sm_budget)
+    except ValueError as exc:
+        return _fail(cmd, str(exc))
     if args.what == "layer":
         # fp32 bytes of one rank's expert weights and shared experts (what bench layer allocates on the CPU)
         need, have = 4 * 3 * cfg.hidden * (cfg.intermediate * (cfg.num_experts // world) + cfg.shared_width), \
@@ -343,7 +347,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               "--hidden/--intermediate/--experts (drop --full for the CPU defaults) or run on a GPU")
         try:
             rows = bench_layer(cfg, tokens, comm=args.comm, runner=args.runner, world=world,
-                               shared_stream=args.shared_stream)
+                               shared_stream=args.shared_stream, sm_budget=budgets)
         except (ValueError, DistError, DistTimeout) as exc:
             return _fail(cmd, str(exc))
         if rows:
@@ -358,7 +362,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         modes = tuple(m for m in (args.symm_combine or "push").split(",") if m)
         rows = run_comm_bench(cfg, world, tokens, args.backend, [p for p in args.payload.split(",") if p],
-                              args.iters or 20, args.static, modes)
+                              args.iters or 20, args.static, modes, budgets)
     except (ValueError, DistError, DistTimeout) as exc:
         return _fail(cmd, str(exc))
     for r in rows:  # the round trip, what the plot shows (the rows keep each phase)
@@ -493,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--payload", default="bf16", help="comm: payload format(s), comma-separated")
     b.add_argument("--iters", type=int, default=20, help="comm: timed iterations per row")
     b.add_argument("--symm-combine", default="push,pull", help="comm: symm_a2a combine modes (push, pull) to time")
+    b.add_argument("--sm-budget", metavar="SMS", help="comm, layer: symm_a2a rows per SM budget, comma-separated SM "
+                   "counts its kernels may occupy or 'all' (its default grids), e.g. 8,16,all (default: all)")
     b.add_argument("--static", action="store_true", help="comm: allgather/nccl_a2a with static_shapes (graphs on GPUs)")
     b.add_argument("--store-crossovers", nargs="?", const=True, metavar="PATH", help="comm: store the fastest "
                    "backend per token count as comm='auto' ladder (default: epmoe/tuning/crossovers.json)")

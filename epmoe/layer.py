@@ -633,9 +633,10 @@ class MoELayer(nn.Module):
 
             routing = route(x)  once, checked as forward checks it
             for b:  rows[b] = comm.dispatch_start(x[b], routing[b])        every dispatch posted
-            shared  = shared_experts(x)                                    while they travel
+            shared  = shared_experts(x)                                    while they travel (on the side
+                                                                           stream where shared_stream is on)
             for b:  out = runner(rows[b].wait());  y[b] = comm.combine_start(out, rows[b], addend=shared[b])
-            y       = cat(y[b].wait() for b)
+            y       = cat(y[b].wait() for b)                               (after joining the side stream)
 
         Each token's rows and fp32 sums (k order, then rank order) are those of the plain call, so
         y equals forward's bit for bit where the payload's scales are per token or static (bf16,
@@ -644,7 +645,8 @@ class MoELayer(nn.Module):
         differed in the last bits from the same rows of a 40-row one). Every rank calls it alike,
         with the same splits (each micro-batch is a comm call). Where a backend (under
         comm="auto": a candidate) has no split phases or holds one call in flight (symm_a2a), the
-        micro-batches run one after another."""
+        micro-batches run one after another (the shared experts, on the side stream, beside the
+        first one's exchange)."""
         try:
             self._check_inputs(x, router_logits, routing)
             if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
@@ -653,25 +655,44 @@ class MoELayer(nn.Module):
             self._start_call()
             self._fail(exc, x.device if isinstance(x, torch.Tensor) else self.device)
         object.__setattr__(self, "_mode", "routed" if routing is not None else self.cfg.routing)
+        fork = self._side.fork(x) if self._side is not None else None  # before routing: shared(x) needs none
         routing = self._route(x, router_logits, routing)
         parts = zip(*(t.tensor_split(splits) for t in (x, routing.ids, routing.weights)))
 
         def shared() -> list[torch.Tensor | None]:  # [T_b, H] fp32 slices of one call on all of x
-            return list(self.shared(x, self.cfg).tensor_split(splits)) if self.shared is not None else [None] * splits
+            if self.shared is None:
+                return [None] * splits
+            if self._side is None:
+                return list(self.shared(x, self.cfg).tensor_split(splits))
+            # on the side stream, into [T, H] fp32 allocated on the current stream (overlap.py: memory)
+            into = None if fork is None else torch.empty(x.shape[0], self.cfg.hidden, dtype=torch.float32,
+                                                         device=x.device)
+            return list(self._side.run(fork, lambda out: self.shared(x, self.cfg, out=out), into).tensor_split(splits))
+
+        join = self._side.join if self._side is not None else lambda x: None  # before any addend is read
 
         def finish(rows: Pending[Dispatched], addend: torch.Tensor | None) -> Pending[torch.Tensor]:
             d = rows.wait()
             return self._comm.combine_start(self.runner(d), d, addend=addend)
 
         # without split phases, or with one call in flight at a time (symm_a2a), each runs whole, in turn
-        overlap = all(c.split_phase and c.calls_in_flight is None for c in self.comms.values())
-        addends, rows, ys = [] if overlap else shared(), [], []
+        split = all(c.split_phase for c in self.comms.values())  # a split backend reads the addend in its wait
+        overlap = split and all(c.calls_in_flight is None for c in self.comms.values())
+        addends: list[torch.Tensor | None] = []
+        rows, ys = [], []
         for b, (xb, ids, w) in enumerate(parts):
             rows.append(self._comm.dispatch_start(xb, Routing(ids, w), max_tokens=xb.shape[0] if self.world == 1
                                                   else None))
             if not overlap:
+                if b == 0:
+                    addends = shared()  # beside the first micro-batch's exchange
+                if not split:
+                    join(x)
                 ys.append(finish(rows[b], addends[b]))
+                join(x)
                 ys[-1].wait()  # the call's combine finished before the next dispatch starts
         if overlap:
-            ys = [finish(r, a) for r, a in zip(rows, shared())]
+            addends = shared()
+            ys = [finish(r, a) for r, a in zip(rows, addends)]
+            join(x)
         return torch.cat([y.wait() for y in ys])

@@ -3,9 +3,11 @@
 CPU: gloo processes and virtual ranks (W = 2, 3) for every backend that moves tokens, and one
 rank forced on: the layer with the shared experts beside the exchange (between dispatch's halves
 on the CPU) equals the layer with it off bit for bit, for logits and routed calls, 0 tokens
-on a rank included; the default is on exactly where the comm moves bytes.
+on a rank included; the default is on exactly where the comm moves bytes; forward_microbatches
+runs the shared experts through the side stream and equals forward with it off (W = 2).
 GPU (skipped here): one GPU eager and CUDA-graph replays with the side stream equal the layer
-with it off bit for bit (DeepSeek-V3 shapes scaled down, Triton runner); virtual ranks on one GPU.
+with it off bit for bit (DeepSeek-V3 shapes scaled down, Triton runner); virtual ranks on one GPU;
+forward_microbatches with the side stream equals it with the side stream off.
 """
 
 from __future__ import annotations
@@ -79,6 +81,41 @@ def test_one_rank_default_off_and_forced_on():
     no_shared = MoELayer(CFG.replace(shared_experts=0), weights, shared_stream=True)
     x, logits, _ = inputs(0, 4)
     assert torch.isfinite(no_shared(x, logits)).all()  # nothing to run beside: the plain stages
+
+
+def microbatch_rank(group) -> dict:
+    """Per moving backend: forward_microbatches with the side stream on ran the shared experts
+    through it once per call, and equals forward and forward_microbatches with it off (a runner
+    that computes one row at a time: the CPU GEMM's rows depend on how many it gets)."""
+    from tests.test_split_phase import one_row_at_a_time
+
+    torch.set_num_threads(1)
+    weights, shared = all_weights()
+    out = {}
+    for comm in MOVING:
+        layers = {flag: MoELayer.from_global(CFG, weights, group, comm=comm, shared=shared, shared_stream=flag)
+                  for flag in (True, False)}
+        for layer in layers.values():
+            layer.runner = one_row_at_a_time(layer.runner.weights, CFG)
+        side, runs = layers[True]._side, []
+        side.run = lambda *a, run=side.run, runs=runs: (runs.append(1), run(*a))[1]
+        x, logits, routing = inputs(group.rank, TOKENS[group.rank])
+        want, want_routed = layers[False](x, logits), layers[False](x, routing=routing)
+        same = [torch.equal(layers[True].forward_microbatches(x, logits), want),
+                torch.equal(layers[True].forward_microbatches(x, logits, splits=3), want),
+                torch.equal(layers[True].forward_microbatches(x, routing=routing), want_routed),
+                torch.equal(layers[False].forward_microbatches(x, logits), want)]
+        out[comm] = (len(runs), same)
+    return out
+
+
+@pytest.mark.parametrize("ranks", ["gloo", "virtual"])
+def test_microbatches_run_the_shared_experts_on_the_side_stream(ranks):
+    results = run_ranks(microbatch_rank, 2, timeout=300) if ranks == "gloo" else VirtualGroup(2).run(microbatch_rank)
+    for rank, got in enumerate(results):
+        for comm, (runs, same) in got.items():
+            assert runs == 3, f"{comm} rank {rank}: the side stream ran {runs} times in 3 calls"
+            assert all(same), f"{comm} ({ranks}) rank {rank}: micro-batches beside the side stream differ: {same}"
 
 
 def test_bad_shared_stream_value_names_the_choices():
@@ -176,3 +213,17 @@ def test_shared_experts_into_out_give_the_same_bits():
 @pytest.mark.gpu
 def test_gpu_shared_experts_into_out_give_the_same_bits():
     _shared_into_cases("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("comm", ["none", "symm_a2a"])
+def test_gpu_microbatches_with_the_side_stream_equal_it_off(comm):
+    """One GPU: forward_microbatches with the shared experts on the side stream equals the same call
+    with it off bit for bit (same micro-batches, same runner), 2 and 3 splits."""
+    layers = _gpu_layers(comm=comm)
+    for T in (1, 6, 64):
+        x, logits, _ = inputs(0, T, "cuda", torch.bfloat16, GPU_CFG)
+        for splits in (2, 3):
+            torch.testing.assert_close(layers[True].forward_microbatches(x, logits, splits=splits),
+                                       layers[False].forward_microbatches(x, logits, splits=splits), atol=0, rtol=0,
+                                       msg=f"T={T} splits={splits}")

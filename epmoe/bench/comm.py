@@ -41,9 +41,24 @@ def _inputs(cfg: MoEConfig, rank: int, T: int, device: torch.device, dtype: torc
     return x, route(logits, cfg, bias)
 
 
-def _options(cls: type, T: int, payload: str | None, static: bool) -> dict[str, Any]:
+def sm_budgets(text: str | None) -> tuple[int | None, ...]:
+    """`--sm-budget` values: comma-separated SM counts, "all" (None: symm_a2a's default grids)."""
+    try:
+        budgets = tuple(None if v == "all" else int(v) for v in (text or "all").split(",") if v)
+    except ValueError:
+        budgets = ()
+    if not budgets or any(b is not None and b < 1 for b in budgets):
+        raise ValueError(f"--sm-budget takes comma-separated SM counts >= 1 or 'all', e.g. 8,16,all; got {text!r}")
+    return budgets
+
+
+def _budget_label(budget: int | None) -> str:
+    return "" if budget is None else f" sm{budget}"
+
+
+def _options(cls: type, T: int, payload: str | None, static: bool, sm_budget: int | None = None) -> dict[str, Any]:
     """Options for a backend built for T tokens per rank (only those `cls` takes)."""
-    wanted: dict[str, Any] = {"max_tokens_per_rank": max(T, 1), "check_errors": False}
+    wanted: dict[str, Any] = {"max_tokens_per_rank": max(T, 1), "check_errors": False, "sm_budget": sm_budget}
     if payload is not None:
         wanted["payload"] = payload
     if static:
@@ -105,13 +120,14 @@ def _cuda_index(device: torch.device | str) -> torch.device:
 def bench_comm(cfg: MoEConfig, backends: Sequence[str], tokens: Sequence[int], group: RankGroup | None = None,
                dtype: torch.dtype = torch.bfloat16, payload: str | None = None, iters: int = 20, warmup: int = 3,
                device: torch.device | str | None = None, link_gbps: float | None = None, link_name: str = "NVLink",
-               static: bool = False, graphs: bool = True, symm_combine: Sequence[str] = ("push",)
-               ) -> list[dict[str, Any]]:
+               static: bool = False, graphs: bool = True, symm_combine: Sequence[str] = ("push",),
+               sm_budget: Sequence[int | None] = (None,)) -> list[dict[str, Any]]:
     """One row (`_row`'s columns) per (backend, tokens per rank), timed on this rank; every rank of `group`
     calls it alike. timing: "graph" (CUDA graph replays of host-sync-free backends on real GPU ranks when
     `graphs`), "events" (CUDA events, eager) or "cpu"; link_frac = GB/s / link_gbps. static: allgather/nccl_a2a
     with static_shapes. symm_combine: symm_a2a's combine modes, one row each ("symm_a2a" = push, "symm_a2a
-    pull"). Virtual ranks on a GPU: `bench_comm_virtual`."""
+    pull"); sm_budget: symm_a2a's SM budgets, one row each per mode ("symm_a2a sm8"; None: the default grids).
+    Virtual ranks on a GPU: `bench_comm_virtual`."""
     world, rank = (group.world, group.rank) if group is not None else (1, 0)
     device = _cuda_index(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if iters <= 0 or warmup < 0:
@@ -131,10 +147,12 @@ def bench_comm(cfg: MoEConfig, backends: Sequence[str], tokens: Sequence[int], g
             torch.cuda.synchronize(device)
 
     rows = []
-    for name, mode in [(n, m) for n in backends for m in (symm_combine if n == "symm_a2a" else (None,))]:
+    variants = [(n, m, b) for n in backends for m in (symm_combine if n == "symm_a2a" else (None,))
+                for b in (sm_budget if n == "symm_a2a" else (None,))]
+    for name, mode, budget in variants:
         cls = get_comm(name)
         for T in tokens:
-            opts = _options(cls, T, payload, static) | ({} if mode is None else {"combine_mode": mode})
+            opts = _options(cls, T, payload, static, budget) | ({} if mode is None else {"combine_mode": mode})
             backend = cls(cfg, group, placement, cls.make_options(**opts), device=device, dtype=dtype)
             x, routing = _inputs(cfg, rank, T, device, dtype)
             capturable = graphs and device.type == "cuda" and not virtual and not getattr(
@@ -142,7 +160,7 @@ def bench_comm(cfg: MoEConfig, backends: Sequence[str], tokens: Sequence[int], g
             mine, timing = _time_backend(backend, x, routing, capturable, warmup, iters, barrier)
             table = group.all_gather(torch.tensor(mine, device=device)).tolist() if world > 1 else [mine]
             label = name + (" static" if static and cls.static_capable else "")
-            label += f" {mode}" if mode not in (None, "push") else ""
+            label += (f" {mode}" if mode not in (None, "push") else "") + _budget_label(budget)
             rows.append(_row(label, _payload_name(payload, dtype), world, T, ranks, timing, table, link, False))
             if getattr(backend, "destroy", None) is not None:
                 backend.destroy()  # collective: every rank is here
@@ -190,8 +208,8 @@ def copied_bytes(handle: Any) -> int:
 def bench_comm_virtual(cfg: MoEConfig, world: int, tokens: Sequence[int], dtype: torch.dtype = torch.bfloat16,
                        payload: str | None = None, iters: int = 20, warmup: int = 3,
                        device: torch.device | str = "cuda", hbm_gbps: float | None = None,
-                       combine_mode: str = "push") -> list[dict[str, Any]]:
-    """symm_a2a on `world` virtual ranks of one GPU, one row per token count: each phase of all
+                       combine_mode: str = "push", sm_budget: int | None = None) -> list[dict[str, Any]]:
+    """symm_a2a on `world` virtual ranks of one GPU (its `sm_budget`), one row per token count: each phase of all
     ranks (every send, then every receive) is one CUDA graph, replayed as in `bench_comm`; GB/s is
     the GPU's total, rated against the HBM copy bandwidth (`hbm_gbps`, measured when not given)."""
     device = _cuda_index(device)
@@ -201,11 +219,12 @@ def bench_comm_virtual(cfg: MoEConfig, world: int, tokens: Sequence[int], dtype:
     placement = Placement.contiguous(cfg.num_experts, world)
     rows = []
     for T in tokens:
-        options = SymmA2A.make_options(**_options(SymmA2A, T, payload, False), combine_mode=combine_mode)
+        options = SymmA2A.make_options(**_options(SymmA2A, T, payload, False, sm_budget), combine_mode=combine_mode)
         bs = VirtualGroup(world, timeout=600).run(
             lambda g, options=options: SymmA2A(cfg, g, placement, options, device=device, dtype=dtype))
         table = _time_virtual(bs, [_inputs(cfg, r, T, device, dtype) for r in range(world)], warmup, iters)
-        label = f"symm_a2a (virtual x{world})" + (f" {combine_mode}" if combine_mode != "push" else "")
+        label = f"symm_a2a (virtual x{world})" + (f" {combine_mode}" if combine_mode != "push" else "") \
+            + _budget_label(sm_budget)
         rows.append(_row(label, _payload_name(payload, dtype), world, T, "virtual", "graph", table,
                          ("HBM copy", hbm_gbps), True))
         del bs  # no destroy(): its barrier is collective over the virtual ranks' threads, gone by now
@@ -248,21 +267,23 @@ def _payload_name(payload: str | None, dtype: torch.dtype) -> str:
 
 
 def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: list[int], payloads: list[str],
-                iters: int, static: bool, symm_combine: tuple[str, ...] = ("push",)) -> list[dict[str, Any]]:
+                iters: int, static: bool, symm_combine: tuple[str, ...] = ("push",),
+                sm_budget: tuple[int | None, ...] = (None,)) -> list[dict[str, Any]]:
     """One process rank: its own GPU under NCCL (rated against the cost model's NVLink), else the CPU in fp32."""
     on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     return [r for p in payloads for r in bench_comm(cfg, backends, tokens, group, dtype, p, iters, device=device,
                                                     link_gbps=Links().nvlink_gbps if on_gpu else None,
-                                                    static=static, symm_combine=symm_combine)]
+                                                    static=static, symm_combine=symm_combine, sm_budget=sm_budget)]
 
 
 def run_comm_bench(cfg: MoEConfig, world: int, tokens: list[int], backend: str = "all",
                    payloads: Sequence[str] = ("bf16",), iters: int = 20, static: bool = False,
-                   symm_combine: tuple[str, ...] = ("push",)) -> list[dict[str, Any]]:
+                   symm_combine: tuple[str, ...] = ("push",), sm_budget: tuple[int | None, ...] = (None,)
+                   ) -> list[dict[str, Any]]:
     """`epmoe bench comm` (backend: comma-separated names or "all"): rows of `bench_comm` on NCCL processes
-    (one GPU each), virtual ranks on one GPU, else gloo processes."""
+    (one GPU each), virtual ranks on one GPU, else gloo processes. sm_budget: symm_a2a's (`sm_budgets`)."""
     if backend == "all":
         backends = [n for n, c in sorted(COMM_BACKENDS.items()) if "dp" in c.layouts and (n != "none" or world == 1)]
     else:
@@ -273,17 +294,20 @@ def run_comm_bench(cfg: MoEConfig, world: int, tokens: list[int], backend: str =
     if world == 1:
         dtype = torch.bfloat16 if n_gpu else torch.float32
         return [r for p in payloads for r in bench_comm(cfg, backends, tokens, None, dtype, p, iters, static=static,
-                                                        device="cuda" if n_gpu else "cpu", symm_combine=symm_combine)]
+                                                        device="cuda" if n_gpu else "cpu", symm_combine=symm_combine,
+                                                        sm_budget=sm_budget)]
     if n_gpu != 1:
-        return run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters, static, symm_combine),
+        return run_ranks(_bench_rank, world, args=(cfg, backends, tokens, payloads, iters, static, symm_combine,
+                                                   sm_budget),
                          timeout=3600, backend="nccl" if n_gpu >= world else "gloo")[0]
     hbm, rows = hbm_copy_gbps("cuda:0"), []
     for p in payloads:
         for name in backends:
             if name == "symm_a2a":
                 for mode in symm_combine:
-                    rows += bench_comm_virtual(cfg, world, tokens, torch.bfloat16, p, iters, hbm_gbps=hbm,
-                                               combine_mode=mode)
+                    for budget in sm_budget:
+                        rows += bench_comm_virtual(cfg, world, tokens, torch.bfloat16, p, iters, hbm_gbps=hbm,
+                                                   combine_mode=mode, sm_budget=budget)
                 continue
             per_rank = VirtualGroup(world, timeout=600).run(
                 lambda g, name=name, p=p: bench_comm(cfg, [name], tokens, g, torch.bfloat16, p, iters,

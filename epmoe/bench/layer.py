@@ -87,11 +87,12 @@ def _layers(cfg: MoEConfig, group: RankGroup | None, comms: list[str], runner: s
     bias = torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(7)).to(device) * 0.1 \
         if cfg.uses_correction_bias else None
     shared = SharedExperts.random(cfg, dtype, device, g) if cfg.shared_experts else None
-    opts = {"max_tokens_per_rank": max_tokens}  # auto hands each candidate the options it names
     out: dict[tuple[str, str], MoELayer | SharedExperts] = {}
     for c in comms:
-        kw = {"comm": c, "runner": runner, "correction_bias": bias,
-              "comm_options": opts if c == "auto" else options_for(get_comm(c), **opts)}
+        name, _, budget = c.partition(" sm")  # "symm_a2a sm8": symm_a2a with sm_budget=8 (bench_layer)
+        opts = {"max_tokens_per_rank": max_tokens} | ({"sm_budget": int(budget)} if budget else {})
+        kw = {"comm": name, "runner": runner, "correction_bias": bias,  # auto hands each candidate its options
+              "comm_options": opts if name == "auto" else options_for(get_comm(name), **opts)}
         for m in modes:
             if m == "shared":
                 out[c, m] = shared
@@ -195,10 +196,12 @@ def default_world() -> int:
 
 
 def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", runner: str = "auto",
-                world: int | None = None, iters: int = 10, shared_stream: str | None = None) -> list[dict[str, Any]]:
+                world: int | None = None, iters: int = 10, shared_stream: str | None = None,
+                sm_budget: tuple[int | None, ...] = (None,)) -> list[dict[str, Any]]:
     """Rows (comm, runner, world, ranks, tokens, us, timing, [expert_roofline_us, hbm_TBps, TFLOPs on a GPU,]
     rates) per requested backend. More ranks than GPUs: virtual ranks on one GPU, else gloo processes.
-    shared_stream: comma-separated `SHARED_MODES` (rows then carry `shared_stream`)."""
+    shared_stream: comma-separated `SHARED_MODES` (rows then carry `shared_stream`); sm_budget: a row per
+    budget of each backend that takes one (comm "symm_a2a sm8"; None: its default grids)."""
     cfg = MoEConfig.from_preset(preset) if isinstance(preset, str) else preset
     modes = tuple(m for m in (shared_stream or "default").split(",") if m)
     if not modes or any(m not in SHARED_MODES for m in modes):
@@ -221,6 +224,8 @@ def bench_layer(preset: str | MoEConfig, tokens: list[int], comm: str = "all", r
         comms = comm.split(",")
     if not comms:
         raise ValueError(f"no registered comm backend serves the dp layout on {world} ranks with runner {runner!r}")
+    budgeted = [c for c in comms if c != "auto" and options_for(get_comm(c), sm_budget=None)]
+    comms = [c + ("" if b is None else f" sm{b}") for c in comms for b in (sm_budget if c in budgeted else (None,))]
     if world == 1:
         return layer_rank(None, cfg, tokens, comms, runner, iters, modes=modes)
     if n_gpu == 1:

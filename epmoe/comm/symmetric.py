@@ -65,6 +65,14 @@ only after this call's combine was waited for (a second start raises on every ra
 anything is written). Micro-batches therefore run one after another on this backend; overlapping
 two calls would need a second workspace.
 
+SM budget (`sm_budget`, Triton path): every kernel launch takes at most sm_budget programs (a
+program runs on one SM, so the exchange occupies at most that many SMs and the others stay free
+for the side stream's shared experts or another micro-batch's experts); None launches up to 4
+programs per SM. The kernels stride over their tokens (dispatch_recv over its (source, chunk)
+items) by the grid, so the budget changes no bit of any result, and it is fixed at construction:
+captured graphs keep it. The torch twin ignores it, and so do the quantize kernels of an fp8 / nvfp4
+payload (compute on this rank's own rows before the send, not the exchange).
+
 CPU memory ordering (shm transport): payload and meta are written by torch ops, then the flag by
 one aligned 4-byte store; the reader loads the flag, then the payload. x86-64 keeps stores in
 program order and loads in program order (TSO), and the torch calls are opaque to the compiler,
@@ -207,11 +215,19 @@ class SymmOptions(CommOptions):
     # timeouts; with False call `check()` yourself
     check_errors: bool = True
     input_scale: float | torch.Tensor | None = None
+    # SMs the comm kernels may occupy (Triton path): every launch takes at most this many programs, one SM each,
+    # leaving the other SMs to work on other streams (the shared experts, another micro-batch's experts). None:
+    # up to 4 programs per SM of the device. Any value gives the same bits; at most the device's SM count
+    sm_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_rank is None:
             object.__setattr__(self, "max_tokens_per_rank", DEFAULT_MAX_TOKENS)
         check_options(self)
+        if self.sm_budget is not None and (isinstance(self.sm_budget, bool) or not isinstance(self.sm_budget, int)
+                                           or self.sm_budget < 1):
+            raise ValueError(f"sm_budget must be a positive int (SMs the comm kernels may occupy) or None (up to 4 "
+                             f"programs per SM of the device), got {self.sm_budget!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.combine_mode not in COMBINE_MODES:
@@ -261,6 +277,10 @@ class SymmA2A(CommBackend):
         impl = self.impl if self.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
         if impl == "triton" and device.type != "cuda" and not interpreting():
             raise ValueError("impl='triton' needs a CUDA device (or TRITON_INTERPRET=1); use impl='torch' on the CPU")
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        if device.type == "cuda" and o.sm_budget is not None and o.sm_budget > sms:  # before anything collective
+            raise ValueError(f"symm_a2a rank {self.rank}: sm_budget={o.sm_budget} exceeds the {sms} SMs of {device}; "
+                             f"pass at most {sms}, or None for every SM")
         W = self.world
         lay = Layout(W, self.max_tokens, cfg.hidden, self.slot_experts, self.payload, dtype, self.combine_dtype)
         self._agree(lay, device)
@@ -278,14 +298,14 @@ class SymmA2A(CommBackend):
         if impl == "triton":
             # [seq, counter x3, err code, err seq, over-bound source + 1, its count] then [2, W] silent flags
             self._state = torch.zeros(8 + 2 * W, dtype=torch.int32, device=device)
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
             use_timer = device.type == "cuda" and not interpreting()
             self._kernel_ws = KernelWorkspace(
                 ptrs=torch.tensor([b.data_ptr() for b in mapped.buffers], dtype=torch.int64, device=device),
                 state=self._state, offsets=lay.offsets, rank=self.rank, world=W, num_experts=cfg.num_experts,
                 max_tokens=self.max_tokens, slot_experts=self.slot_experts, hidden=cfg.hidden,
                 row_bytes=lay.row_bytes, combine_dtype=self.combine_dtype, push=self.combine_mode == "push",
-                max_programs=4 * sms, use_timer=use_timer,
+                max_programs=4 * sms if o.sm_budget is None else o.sm_budget, sm_budget=o.sm_budget,
+                use_timer=use_timer,
                 # the interpreter has no %globaltimer: bound its spins instead (about 10k per second)
                 timeout=int(self.timeout_s * 1e9) if use_timer else max(1, int(self.timeout_s * 1e4)),
                 dummy=torch.zeros(4, dtype=torch.float32, device=device))  # stands in for absent planes

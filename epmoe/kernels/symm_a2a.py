@@ -142,39 +142,45 @@ def symm_dispatch_send_kernel(
 @triton.jit
 def symm_dispatch_recv_kernel(
     ptrs, state, expert_ids_ptr,  # out: pair expert ids [W * B * KL] int32
-    rank, timeout, B, OFF_FLAGS, OFF_META_IDS,
+    rank, timeout, B, CHUNKS, OFF_FLAGS, OFF_META_IDS,
     Tm: tl.constexpr, W: tl.constexpr, KL: tl.constexpr, KL_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     USE_TIMER: tl.constexpr,
 ):
-    """grid (W, cdiv(B, BLOCK_T)): wait for source s's flag, then for t < B (the call's bound on
-    every rank's T, at most Tm): expert_ids[(s * B + t) * KL + j] = meta_ids[s, t, j] if
-    t < count[s] else -1. A count past B is recorded in state[6:8] (its tokens past B are not
-    listed: the kernels stay in bounds, check() raises)."""
-    s = tl.program_id(0)
-    chunk = tl.program_id(1)
+    """Items i = s * CHUNKS + chunk (CHUNKS = cdiv(B, BLOCK_T)), program p takes p, p + nprog, ...
+    (one item each unless the grid is capped): wait for source s's flag, then for t < B (the call's
+    bound on every rank's T, at most Tm) in the chunk: expert_ids[(s * B + t) * KL + j] =
+    meta_ids[s, t, j] if t < count[s] else -1. A count past B is recorded in state[6:8] (its tokens
+    past B are not listed: the kernels stay in bounds, check() raises)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     seq = tl.load(state) % SEQ_WRAP + 1
     own = tl.load(ptrs + rank)
     fl = (own + OFF_FLAGS).to(tl.pointer_type(tl.int32))
-    ok = tl.load(state + 4, volatile=True) == 0
-    if ok:
-        ok = _wait_flag(fl + s, seq, timeout, USE_TIMER)
-        if not ok:
-            _fail(state, 0, s, seq, W)
-    tl.debug_barrier()
-    count = tl.load(fl + 2 * W + s, cache_modifier=".cv")
-    count = tl.where(ok, count, 0)
-    if (chunk == 0) & (count > B):
-        tl.store(state + 7, count)
-        tl.atomic_xchg(state + 6, s + 1)
-    t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     js = tl.arange(0, KL_PAD)
-    m = (t < B)[:, None] & (js < KL)[None, :]
-    src = (s * Tm + t).to(tl.int64)[:, None] * KL + js[None, :]
-    dst = (s * B + t).to(tl.int64)[:, None] * KL + js[None, :]
     mp = (own + OFF_META_IDS).to(tl.pointer_type(tl.int32))
-    live = m & (t < count)[:, None]
-    ids = tl.load(mp + src, mask=live, other=-1, cache_modifier=".cv")
-    tl.store(expert_ids_ptr + dst, ids, mask=m)
+    i = pid
+    while i < W * CHUNKS:
+        s = i // CHUNKS
+        chunk = i % CHUNKS
+        ok = tl.load(state + 4, volatile=True) == 0
+        if ok:
+            ok = _wait_flag(fl + s, seq, timeout, USE_TIMER)
+            if not ok:
+                _fail(state, 0, s, seq, W)
+        tl.debug_barrier()
+        count = tl.load(fl + 2 * W + s, cache_modifier=".cv")
+        count = tl.where(ok, count, 0)
+        if (chunk == 0) & (count > B):
+            tl.store(state + 7, count)
+            tl.atomic_xchg(state + 6, s + 1)
+        t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+        m = (t < B)[:, None] & (js < KL)[None, :]
+        src = (s * Tm + t).to(tl.int64)[:, None] * KL + js[None, :]
+        dst = (s * B + t).to(tl.int64)[:, None] * KL + js[None, :]
+        live = m & (t < count)[:, None]
+        ids = tl.load(mp + src, mask=live, other=-1, cache_modifier=".cv")
+        tl.store(expert_ids_ptr + dst, ids, mask=m)
+        i += nprog
 
 
 @triton.jit

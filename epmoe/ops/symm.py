@@ -8,8 +8,13 @@ plain-torch twins of the same protocol steps (the protocol: epmoe/comm/symmetric
     combine recv     combine_recv         combine_recv_torch   (wait, add in rank order)
 
 The launches take a `KernelWorkspace` (fixed when the workspace is built), the twins every rank's
-`RankViews` (epmoe/comm/symm_workspace.py). The twins raise `SymmTimeoutError` from the host; the
-kernels record a timeout in the state words, which the backend's `check()` reads.
+`RankViews` (epmoe/comm/symm_workspace.py). Grids: the per-token kernels launch min(T, 4 programs
+per SM) programs and dispatch_recv one per (source, chunk of tokens); with the backend's
+`sm_budget` every launch takes at most sm_budget programs (a program runs on one SM, so a launch
+occupies at most that many SMs and the rest stay free for work on other streams). The kernels
+loop over their work in strides of the grid, so any grid gives the same bits. The twins raise
+`SymmTimeoutError` from the host; the kernels record a timeout in the state words, which the
+backend's `check()` reads.
 """
 
 from __future__ import annotations
@@ -146,10 +151,11 @@ class KernelWorkspace:
     row_bytes: tuple[int, int, int]  # (D, S, G) payload bytes per row: data, scales, global scale
     combine_dtype: torch.dtype  # partial sums (fp32 or bf16)
     push: bool  # combine_mode "push" (expert ranks write into the home) or "pull"
-    max_programs: int  # grid cap of the per-token kernels (4 per SM)
+    max_programs: int  # grid cap of the per-token kernels: 4 per SM, or sm_budget
     timeout: int  # bound of every wait: ns of %globaltimer, or spins under the interpreter
     use_timer: bool  # the waits read %globaltimer (CUDA, not interpreted)
     dummy: torch.Tensor = field(repr=False)  # [4] fp32, stands in for absent planes
+    sm_budget: int | None = None  # SMs the launches may occupy (None: 4 programs per SM, one per recv item)
 
 
 def _row_warps(hidden: int) -> int:
@@ -192,8 +198,10 @@ def dispatch_recv(ws: KernelWorkspace, expert_ids: torch.Tensor, bound: int) -> 
 
     o, Tm, Kl = ws.offsets, ws.max_tokens, ws.slot_experts
     block_t = min(next_pow2(bound), max(1, 2048 // next_pow2(Kl)))
-    symm_dispatch_recv_kernel[(ws.world, max(1, cdiv(bound, block_t)))](  # >= 1: every source's flag is awaited
-        ws.ptrs, ws.state, expert_ids, ws.rank, ws.timeout, bound, o["flags"], o["meta_ids"],
+    chunks = max(1, cdiv(bound, block_t))  # >= 1: every source's flag is awaited
+    programs = ws.world * chunks if ws.sm_budget is None else min(ws.world * chunks, ws.sm_budget)
+    symm_dispatch_recv_kernel[(programs,)](
+        ws.ptrs, ws.state, expert_ids, ws.rank, ws.timeout, bound, chunks, o["flags"], o["meta_ids"],
         Tm=Tm, W=ws.world, KL=Kl, KL_PAD=next_pow2(Kl), BLOCK_T=block_t, USE_TIMER=ws.use_timer)
     return expert_ids
 
