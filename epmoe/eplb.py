@@ -67,6 +67,8 @@ from epmoe.comm.base import agree
 from epmoe.config import MoEConfig
 from epmoe.experts.base import ExpertWeights
 from epmoe.group import Placement, RankGroup
+from epmoe.ops.combine import pick_impl
+from epmoe.ops.replica_map import check_tables, replica_map
 
 
 class ExpertLoad:
@@ -298,17 +300,28 @@ def physical_config(cfg: MoEConfig, num_physical: int) -> MoEConfig:
 
 class ReplicaMap:
     """Logical routing ids -> physical slots on the device: fixed shapes, no host sync, so the
-    step sits inside a captured CUDA graph (module docstring for the choice of copy).
+    step sits inside a captured CUDA graph (module docstring for the choice of copy). One Triton
+    launch on CUDA (`epmoe.ops.replica_map`), its plain-torch twin elsewhere; `impl` as there
+    ("auto", "triton": also on the CPU under TRITON_INTERPRET=1, "torch"), bit-equal results.
 
     slots [P] int32 (each expert's slots in ascending order, expert by expert), first [E] int32
     (where expert e's slots start), copies [E] int32. `load(plan)` rewrites them in place, so
     graphs captured over them route by the new plan.
     """
 
-    def __init__(self, plan: ReplicaPlan, rank: int, layout: str, device: torch.device | str) -> None:
+    def __init__(self, plan: ReplicaPlan, rank: int, layout: str, device: torch.device | str,
+                 impl: str = "auto") -> None:
+        if layout not in ("dp", "tp"):
+            raise ValueError(f"ReplicaMap layout must be 'dp' or 'tp', got {layout!r}")
+        if not 0 <= rank < plan.num_ranks:
+            raise ValueError(f"rank {rank} is not one of the plan's {plan.num_ranks} ranks")
         self.rank, self.layout = rank, layout
+        self.impl = pick_impl(impl, torch.device(device))  # "triton" or "torch", fixed with the device
         self.num_experts, self.num_ranks = plan.num_experts, plan.num_ranks
+        # the turn of token t: t * W + rank (dp: each rank's tokens take their own turns), t (tp)
+        self.token_stride, self.offset = (plan.num_ranks, rank) if layout == "dp" else (1, 0)
         self.slots, self.first, self.copies = (t.to(device) for t in self._tables(plan))
+        check_tables(self.slots, self.first, self.copies, self.slots.device)  # once: calls check only the ids
 
     def _tables(self, plan: ReplicaPlan) -> tuple[torch.Tensor, ...]:
         if (plan.num_experts, plan.num_ranks) != (self.num_experts, self.num_ranks):
@@ -324,13 +337,10 @@ class ReplicaMap:
             dst.copy_(src)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T, K] int32 logical experts (-1 = padding) -> [T, K] int32 physical slots (-1 kept)."""
-        T, E = ids.shape[0], self.num_experts
-        e = ids.clamp(0, E - 1).long()  # [T, K]
-        t = torch.arange(T, dtype=torch.int64, device=ids.device)[:, None]  # [T, 1]
-        turn = t * self.num_ranks + self.rank if self.layout == "dp" else t
-        slot = self.slots[(self.first[e] + turn % self.copies[e]).long()]  # [T, K]
-        return torch.where((ids >= 0) & (ids < E), slot, -1).int()
+        """ids [T, K] int32 (or int64) logical experts (-1 = padding) -> [T, K] int32 physical
+        slots (-1 kept): slot = the ((t * W + rank) % copies)-th slot of the expert (tp: t % copies)."""
+        return replica_map(ids, self.slots, self.first, self.copies, self.token_stride, self.offset, impl=self.impl,
+                           check_tables=False)
 
 
 def align_plan(new: ReplicaPlan, old: ReplicaPlan) -> ReplicaPlan:
