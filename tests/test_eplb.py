@@ -303,6 +303,13 @@ def test_bench_eplb_command_writes_its_table_and_json(tmp_path, capsys):
         assert 1.0 <= r["eplb"] <= r["contiguous"] + 1e-12
         assert r["us_contiguous"] > 0 and r["us_eplb"] > 0  # the slowest rank's experts stage, timed
     assert "us_eplb" in text
+    assert "per rank: picks served in the last window of each trace (T=64)" in text
+    per_rank = json.loads(out.read_text())["meta"]["per_rank"]  # a row per rank, then max/mean
+    assert [r["rank"] for r in per_rank] == [0, 1, 2, 3, "max/mean"]
+    for t in TRACES:  # every pick is served once, before and after: 64 tokens x top-8
+        assert sum(r[f"{t} before"] for r in per_rank[:4]) == pytest.approx(64 * 8)
+        assert sum(r[f"{t} after"] for r in per_rank[:4]) == pytest.approx(64 * 8)
+        assert 1.0 <= per_rank[-1][f"{t} after"] <= per_rank[-1][f"{t} before"] + 1e-12
 
 
 def test_bench_eplb_refuses_slots_that_do_not_divide_over_ranks(capsys):
