@@ -161,6 +161,23 @@ def test_bad_arguments_name_the_fix(monkeypatch):
         ReplicaMap(PLANS["eplb16"], 0, "dp", "cpu", impl="triton")  # at construction, not at the first call
 
 
+def test_layer_with_replicas_through_the_kernel_equals_the_twin():
+    """A one-rank layer with replicas: its map through the kernel (interpreter) and through the
+    twin route every pick to the same slot, so the outputs are bitwise equal."""
+    from epmoe import ExpertWeights, MoEConfig, MoELayer
+
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=12, top_k=3)
+    full = ExpertWeights.random(cfg, cfg.num_experts, generator=torch.Generator().manual_seed(0))
+    plan = plan_replicas([1.0 / (i + 1) for i in range(12)], 20, 1)
+    layer = MoELayer.from_global(cfg, full, replicas=plan)
+    assert layer._map.impl == "torch"  # the CPU default: the twin
+    g = torch.Generator().manual_seed(1)
+    x, logits = torch.randn(9, 16, generator=g), torch.randn(9, 12, generator=g)
+    want = layer(x, logits)
+    layer._map.impl = "triton"
+    assert torch.equal(layer(x, logits), want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_on_gpu_equals_the_mapping_before(case: Case):
