@@ -6,6 +6,9 @@ sit inside a captured CUDA graph):
     record(ids [T, K]):  counts[e] += #{(t, k) : ids[t, k] == e}   for e in [0, E)
                          ids outside [0, E) (-1 = padding) add nothing: index_add_ of
                          clamp(ids, 0, E - 1) with weight (0 <= ids < E)
+    per_rank(placement):  [W] int64, counts summed over each rank's experts
+    per_rank(plan):       [W] float64, sum over rank r's slots p of counts[e_p] / copies[e_p]
+                          (a ReplicaPlan: each expert's count split evenly over its copies)
 
 `plan_replicas` is DeepSeek's published EPLB policy, written from its description. Given the
 load of E logical experts, it fills P >= E physical slots, P / W on each of W ranks, spread over
@@ -35,7 +38,8 @@ they read `plan.placement()` (slot p on rank p // (P/W)) and `physical_config(cf
     copies = replicas[e];  c = (t * W + rank) % copies   (tp layout: t % copies, alike on every rank)
     slot   = the c-th slot of e (ascending)
 
-so each copy gets 1 / copies of its expert's picks, the share `plan_replicas` counts on (rejected:
+(one Triton launch on CUDA: epmoe/ops/replica_map.py, the plain-torch twin elsewhere), so each
+copy gets 1 / copies of its expert's picks, the share `plan_replicas` counts on (rejected:
 preferring a copy on the token's own rank saves traffic, but a rank holding 2 of an expert's 6
 copies then gets only its own tokens of it, 1/4 of them over 4 ranks, not the 1/3 planned).
 
@@ -67,6 +71,8 @@ from epmoe.comm.base import agree
 from epmoe.config import MoEConfig
 from epmoe.experts.base import ExpertWeights
 from epmoe.group import Placement, RankGroup
+from epmoe.ops.combine import pick_impl
+from epmoe.ops.replica_map import check_tables, replica_map
 
 
 class ExpertLoad:
@@ -97,12 +103,29 @@ class ExpertLoad:
         """[E] int64: the counts buffer itself (later records update it; clone to keep a snapshot)."""
         return self._counts
 
-    def per_rank(self, placement: Placement) -> torch.Tensor:
-        """[W] int64 on the device: tokens routed to each rank's experts under `placement`."""
-        if placement.num_experts != self.num_experts:
-            raise ValueError(f"placement has {placement.num_experts} experts, the counts {self.num_experts}")
-        out = torch.zeros(placement.world, dtype=torch.int64, device=self._counts.device)
-        return out.index_add_(0, placement.expert_rank.to(out.device, torch.int64), self._counts)
+    def per_rank(self, where: Placement | ReplicaPlan) -> torch.Tensor:
+        """[W] on the device: the counted picks each rank serves, for either kind of layout.
+
+            Placement (one copy per expert):  int64, exact: sum of counts[e] over rank r's experts
+            ReplicaPlan (replicas):           float64, each expert's count split evenly over its
+                                              copies (what `ReplicaMap`'s turns give each copy on
+                                              average, and what `plan_replicas` balances):
+                                              sum over r's slots p of counts[e_p] / copies[e_p]
+
+        The counts are of logical experts (`record` sees the routing before the map), so a plan's
+        numbers are shares, not exact per-copy counts; a one-copy plan gives the Placement's
+        numbers as floats. Equal to `rank_loads(counts(), plan)` (CPU) up to float64 rounding.
+        Device ops only (the plan's tables are copied to the device): no host sync."""
+        if isinstance(where, ReplicaPlan):
+            if where.num_experts != self.num_experts:
+                raise ValueError(f"plan has {where.num_experts} experts, the counts {self.num_experts}")
+            return _slot_shares(self._counts.double(), where).view(where.num_ranks, -1).sum(1)  # slots rank-major
+        if not isinstance(where, Placement):
+            raise TypeError(f"per_rank takes a Placement or a ReplicaPlan (epmoe.eplb), got {type(where).__name__}")
+        if where.num_experts != self.num_experts:
+            raise ValueError(f"placement has {where.num_experts} experts, the counts {self.num_experts}")
+        out = torch.zeros(where.world, dtype=torch.int64, device=self._counts.device)
+        return out.index_add_(0, where.expert_rank.to(out.device, torch.int64), self._counts)
 
     def reset(self) -> None:
         """Zero the counts in place (the buffer keeps its address)."""
@@ -190,14 +213,20 @@ class ReplicaPlan:
         return cls.from_slots([range(r * per, (r + 1) * per) for r in range(num_ranks)], num_experts)
 
 
+def _slot_shares(load: torch.Tensor, plan: ReplicaPlan) -> torch.Tensor:
+    """[P] float64 on load's device: each slot's share of its expert's load (split evenly over
+    the expert's copies)."""
+    log = plan.phy2log.to(load.device, torch.int64)
+    return load[log] / plan.replicas.to(load.device, torch.float64)[log]
+
+
 def rank_loads(load: torch.Tensor | Sequence[float], plan: ReplicaPlan) -> torch.Tensor:
-    """[W] float64: the load on each rank, a logical expert's load split evenly over its copies."""
+    """[W] float64 on the CPU: the load on each rank, a logical expert's load split evenly over
+    its copies (`ExpertLoad.per_rank(plan)` is the same on the device, from the counters)."""
     w = torch.as_tensor(load, dtype=torch.float64).cpu()
     if w.shape != (plan.num_experts,):
         raise ValueError(f"load must be [{plan.num_experts}], got {tuple(w.shape)}")
-    log = plan.phy2log.long()
-    per_slot = w[log] / plan.replicas.double()[log]  # [P]
-    return torch.zeros(plan.num_ranks, dtype=torch.float64).index_add_(0, plan.phy_rank.long(), per_slot)
+    return torch.zeros(plan.num_ranks, dtype=torch.float64).index_add_(0, plan.phy_rank.long(), _slot_shares(w, plan))
 
 
 def max_over_mean(load: torch.Tensor | Sequence[float], plan: ReplicaPlan) -> float:
@@ -298,17 +327,28 @@ def physical_config(cfg: MoEConfig, num_physical: int) -> MoEConfig:
 
 class ReplicaMap:
     """Logical routing ids -> physical slots on the device: fixed shapes, no host sync, so the
-    step sits inside a captured CUDA graph (module docstring for the choice of copy).
+    step sits inside a captured CUDA graph (module docstring for the choice of copy). One Triton
+    launch on CUDA (`epmoe.ops.replica_map`), its plain-torch twin elsewhere; `impl` as there
+    ("auto", "triton": also on the CPU under TRITON_INTERPRET=1, "torch"), bit-equal results.
 
     slots [P] int32 (each expert's slots in ascending order, expert by expert), first [E] int32
     (where expert e's slots start), copies [E] int32. `load(plan)` rewrites them in place, so
     graphs captured over them route by the new plan.
     """
 
-    def __init__(self, plan: ReplicaPlan, rank: int, layout: str, device: torch.device | str) -> None:
+    def __init__(self, plan: ReplicaPlan, rank: int, layout: str, device: torch.device | str,
+                 impl: str = "auto") -> None:
+        if layout not in ("dp", "tp"):
+            raise ValueError(f"ReplicaMap layout must be 'dp' or 'tp', got {layout!r}")
+        if not 0 <= rank < plan.num_ranks:
+            raise ValueError(f"rank {rank} is not one of the plan's {plan.num_ranks} ranks")
         self.rank, self.layout = rank, layout
+        self.impl = pick_impl(impl, torch.device(device))  # "triton" or "torch", fixed with the device
         self.num_experts, self.num_ranks = plan.num_experts, plan.num_ranks
+        # the turn of token t: t * W + rank (dp: each rank's tokens take their own turns), t (tp)
+        self.token_stride, self.offset = (plan.num_ranks, rank) if layout == "dp" else (1, 0)
         self.slots, self.first, self.copies = (t.to(device) for t in self._tables(plan))
+        check_tables(self.slots, self.first, self.copies, self.slots.device)  # once: calls check only the ids
 
     def _tables(self, plan: ReplicaPlan) -> tuple[torch.Tensor, ...]:
         if (plan.num_experts, plan.num_ranks) != (self.num_experts, self.num_ranks):
@@ -324,13 +364,10 @@ class ReplicaMap:
             dst.copy_(src)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T, K] int32 logical experts (-1 = padding) -> [T, K] int32 physical slots (-1 kept)."""
-        T, E = ids.shape[0], self.num_experts
-        e = ids.clamp(0, E - 1).long()  # [T, K]
-        t = torch.arange(T, dtype=torch.int64, device=ids.device)[:, None]  # [T, 1]
-        turn = t * self.num_ranks + self.rank if self.layout == "dp" else t
-        slot = self.slots[(self.first[e] + turn % self.copies[e]).long()]  # [T, K]
-        return torch.where((ids >= 0) & (ids < E), slot, -1).int()
+        """ids [T, K] int32 (or int64) logical experts (-1 = padding) -> [T, K] int32 physical
+        slots (-1 kept): slot = the ((t * W + rank) % copies)-th slot of the expert (tp: t % copies)."""
+        return replica_map(ids, self.slots, self.first, self.copies, self.token_stride, self.offset, impl=self.impl,
+                           check_tables=False)
 
 
 def align_plan(new: ReplicaPlan, old: ReplicaPlan) -> ReplicaPlan:

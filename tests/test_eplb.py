@@ -87,6 +87,35 @@ def test_per_rank_sums_each_ranks_experts():
         load.per_rank(Placement.contiguous(8, 4))
 
 
+def test_per_rank_of_a_replica_plan_splits_each_expert_over_its_copies():
+    load, ids = ExpertLoad(16), _ids(100, 4, 16, 4, pad_rows=10)
+    load.record(ids)
+    counts = plain_count([ids], 16)
+    plan = plan_replicas(counts.double(), 24, 4)
+    got = load.per_rank(plan)
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    assert torch.allclose(got, rank_loads(counts, plan), rtol=1e-12, atol=0)
+    assert got.sum().item() == pytest.approx(counts.sum().item(), rel=1e-12)  # every pick served once
+    shared = ExpertLoad(3)
+    shared.record(torch.tensor([[0, 1], [0, 2], [0, -1], [0, 2]], dtype=torch.int32))  # counts [4, 1, 2]
+    assert shared.per_rank(ReplicaPlan.from_slots([[0, 1], [0, 2]], 3)).tolist() == [3.0, 4.0]
+    one_copy = Placement.contiguous(16, 4)  # a one-copy plan: the Placement's counts, as floats
+    assert torch.equal(load.per_rank(ReplicaPlan.from_placement(one_copy)), load.per_rank(one_copy).double())
+    with pytest.raises(ValueError, match="plan has 8 experts, the counts 16"):
+        load.per_rank(ReplicaPlan.contiguous(8, 4))
+    with pytest.raises(TypeError, match="per_rank takes a Placement or a ReplicaPlan"):
+        load.per_rank([0, 1, 2, 3])
+
+
+@pytest.mark.gpu
+def test_per_rank_of_a_plan_on_the_device():
+    load = ExpertLoad(256, "cuda")
+    load.record(torch.randint(0, 256, (512, 8), device="cuda", dtype=torch.int32))
+    plan = plan_replicas(load.counts().cpu().double(), 288, 8)
+    got = load.per_rank(plan)
+    assert got.is_cuda and torch.allclose(got.cpu(), rank_loads(load.counts().cpu(), plan), rtol=1e-12, atol=0)
+
+
 @pytest.mark.gpu
 def test_record_runs_inside_a_cuda_graph():
     """Fixed shapes, no host sync: one capture, replays with new ids (padding included) count them."""
@@ -274,6 +303,13 @@ def test_bench_eplb_command_writes_its_table_and_json(tmp_path, capsys):
         assert 1.0 <= r["eplb"] <= r["contiguous"] + 1e-12
         assert r["us_contiguous"] > 0 and r["us_eplb"] > 0  # the slowest rank's experts stage, timed
     assert "us_eplb" in text
+    assert "per rank: picks served in the last window of each trace (T=64)" in text
+    per_rank = json.loads(out.read_text())["meta"]["per_rank"]  # a row per rank, then max/mean
+    assert [r["rank"] for r in per_rank] == [0, 1, 2, 3, "max/mean"]
+    for t in TRACES:  # every pick is served once, before and after: 64 tokens x top-8
+        assert sum(r[f"{t} before"] for r in per_rank[:4]) == pytest.approx(64 * 8)
+        assert sum(r[f"{t} after"] for r in per_rank[:4]) == pytest.approx(64 * 8)
+        assert 1.0 <= per_rank[-1][f"{t} after"] <= per_rank[-1][f"{t} before"] + 1e-12
 
 
 def test_bench_eplb_refuses_slots_that_do_not_divide_over_ranks(capsys):

@@ -21,6 +21,10 @@
                      --hidden/--intermediate, default 256 / 96), one rank after another, timed
                      by `bench`: the time a layer's ranks wait for their straggler, before and
                      after a rebalance. The comm stages are not in it (`epmoe bench layer`).
+    per rank: one row per rank of the picks it serves in the last window of each trace (the
+              first --tokens value), before (contiguous blocks) and after (that window's plan with
+              the largest R; a copy serves an even share of its expert, `rank_loads`), and a
+              last row of max/mean
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 from epmoe.bench.core import bench, format_table, write_json
 from epmoe.comm.base import Dispatched
 from epmoe.config import MoEConfig
-from epmoe.eplb import ExpertLoad, ReplicaMap, ReplicaPlan, max_over_mean, plan_replicas
+from epmoe.eplb import ExpertLoad, ReplicaMap, ReplicaPlan, max_over_mean, plan_replicas, rank_loads
 from epmoe.experts import ExpertWeights, get_runner
 from epmoe.select import pick_runner
 
@@ -117,6 +121,24 @@ def bench_eplb(num_experts: int, top_k: int, tokens: list[int], ranks: int, redu
     return rows
 
 
+def per_rank_rows(num_experts: int, top_k: int, tokens: int, ranks: int, redundant: int, nodes: int = 1,
+                  groups: int = 1, seed: int = 0) -> list[dict]:
+    """One row per rank (module docstring, "per rank"): picks served in each trace's last window
+    before and after balancing with `redundant` extra slots, then a row of max/mean."""
+    contiguous, before, after = ReplicaPlan.contiguous(num_experts, ranks), {}, {}
+    for trace in TRACES:
+        last = window_counts(trace, num_experts, top_k, tokens, seed)[0][-1]
+        before[trace] = rank_loads(last, contiguous)
+        after[trace] = rank_loads(last, plan_replicas(last, num_experts + redundant, ranks, nodes, groups))
+    rows: list[dict] = [{"rank": r, **{f"{t} {when}": loads[t][r].item() for t in TRACES
+                                       for when, loads in (("before", before), ("after", after))}}
+                        for r in range(ranks)]
+    ratio = lambda v: (v.max() / v.mean()).item() if v.sum() > 0 else 1.0  # noqa: E731
+    rows.append({"rank": "max/mean", **{f"{t} {when}": ratio(loads[t]) for t in TRACES
+                                        for when, loads in (("before", before), ("after", after))}})
+    return rows
+
+
 def main(args: argparse.Namespace) -> int:
     """`epmoe bench eplb` (arguments from epmoe/cli.py: preset, experts, world, tokens, redundant, nodes, json)."""
     cfg = MoEConfig.from_preset(args.preset)
@@ -134,6 +156,8 @@ def main(args: argparse.Namespace) -> int:
                              n_group=1, topk_group=1, top_k=min(cfg.top_k, num_experts))
         rows = bench_eplb(num_experts, min(cfg.top_k, num_experts), tokens, ranks, redundant, args.nodes, groups,
                           timing=timing, device=device)
+        ranked = per_rank_rows(num_experts, min(cfg.top_k, num_experts), tokens[0], ranks, max(redundant),
+                               args.nodes, groups)
     except ValueError as exc:
         print(f"epmoe bench eplb: {exc}", file=sys.stderr)
         return 2
@@ -148,6 +172,11 @@ def main(args: argparse.Namespace) -> int:
     shown = [{k: (f"{v:.0f}" if k.startswith("us_") else f"{v:.3f}") if isinstance(v, float) else v
               for k, v in r.items()} for r in rows]
     print(format_table(shown))
+    print(f"\nper rank: picks served in the last window of each trace (T={tokens[0]}), before = contiguous blocks, "
+          f"after = its plan with R={max(redundant)} redundant slots")
+    print(format_table([{k: v if isinstance(v, (int, str)) else f"{v:.3f}" if r["rank"] == "max/mean" else f"{v:.1f}"
+                         for k, v in r.items()} for r in ranked]))
+    meta["per_rank"] = ranked
     if args.json:
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
