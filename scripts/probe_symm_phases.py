@@ -13,6 +13,7 @@ programs per SM and combine warps.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -63,7 +64,7 @@ def _rank(group, presets: list[str], tokens: list[int], variants: list[tuple[str
                 sy._row_warps = (lambda h, w=warps: w) if warps else row_warps
                 b = sy.SymmA2A(cfg, group, placement, max_tokens_per_rank=T, device=dev, dtype=torch.bfloat16,
                                check_errors=False, combine_mode=mode)
-                b._max_programs = mult * sms
+                b._kernel_ws = dataclasses.replace(b._kernel_ws, max_programs=mult * sms)
                 M = W * T * b.slot_experts
                 out = torch.zeros(M, cfg.hidden, device=dev, dtype=torch.bfloat16)
                 y = torch.empty(T, cfg.hidden, device=dev, dtype=torch.bfloat16)
