@@ -39,10 +39,8 @@ class Routing:
         if self.weights.dtype != torch.float32:
             raise ValueError(f"Routing.weights must be float32, got {self.weights.dtype}")
         if self.ids.dim() != 2 or self.ids.shape != self.weights.shape:
-            raise ValueError(
-                f"Routing ids and weights must both be [T, K], got {tuple(self.ids.shape)} and "
-                f"{tuple(self.weights.shape)}"
-            )
+            raise ValueError(f"Routing ids and weights must both be [T, K], got {tuple(self.ids.shape)} and "
+                             f"{tuple(self.weights.shape)}")
 
     @property
     def num_tokens(self) -> int:
@@ -84,15 +82,11 @@ def check_routing(routing: Routing, num_experts: int) -> None:
     lo, hi, repeats, nonfinite = torch.stack([
         ids.min().long(), ids.max().long(), dup.any().long(), (~torch.isfinite(weights)).any().long()]).tolist()
     if lo < 0 or hi >= num_experts:
-        raise ValueError(
-            f"routing ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]"
-        )
+        raise ValueError(f"routing ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
     if repeats:
         token = int(dup.nonzero()[0, 0])
-        raise ValueError(
-            f"routing ids repeat an expert within token {token}: {ids[token].tolist()}; "
-            "each token's k experts must be distinct"
-        )
+        raise ValueError(f"routing ids repeat an expert within token {token}: {ids[token].tolist()}; "
+                         "each token's k experts must be distinct")
     if nonfinite:
         raise ValueError("routing weights contain NaN or inf")
 
@@ -110,23 +104,16 @@ def check_correction_bias(correction_bias: torch.Tensor, num_experts: int) -> No
         raise ValueError(f"correction_bias must be [{num_experts}], got {tuple(correction_bias.shape)}")
     if not bool(torch.isfinite(correction_bias).all()):
         bad = (~torch.isfinite(correction_bias)).nonzero().flatten().tolist()
-        raise ValueError(
-            f"correction_bias (e_score_correction_bias) holds NaN or inf at experts {bad[:8]}; it would "
-            "route every token to the lowest expert ids. Check the checkpoint or how the bias was computed"
-        )
+        raise ValueError(f"correction_bias (e_score_correction_bias) holds NaN or inf at experts {bad[:8]}; it "
+                         "would route every token to the lowest expert ids. Check the checkpoint or how the bias "
+                         "was computed")
 
 
 IMPLS = ("auto", "torch", "triton")
 
 
-def route(
-    router_logits: torch.Tensor,
-    cfg: MoEConfig,
-    correction_bias: torch.Tensor | None = None,
-    num_valid: torch.Tensor | None = None,
-    impl: str = "auto",
-    check_values: bool = True,
-) -> Routing:
+def route(router_logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | None = None,
+          num_valid: torch.Tensor | None = None, impl: str = "auto", check_values: bool = True) -> Routing:
     """Route tokens from router logits [T, E] (any float dtype) by `cfg.routing`.
 
     correction_bias: [E] float, required by the "sigmoid_bias" and "sigmoid_grouped" modes
@@ -155,19 +142,12 @@ def check_finite_logits(router_logits: torch.Tensor) -> None:
         raise ValueError("router_logits contain NaN or inf; check the router input")
 
 
-def check_route_inputs(
-    router_logits: torch.Tensor,
-    cfg: MoEConfig,
-    correction_bias: torch.Tensor | None,
-    num_valid: torch.Tensor | None,
-    check_values: bool = True,
-) -> None:
+def check_route_inputs(router_logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | None,
+                       num_valid: torch.Tensor | None, check_values: bool = True) -> None:
     """Validate route()'s inputs. With check_values, outside CUDA-graph captures, this reads the
     logits and the bias on the host (NaN / inf checks); otherwise only metadata is checked."""
     if router_logits.dim() != 2 or router_logits.shape[1] != cfg.num_experts:
-        raise ValueError(
-            f"router_logits must be [T, {cfg.num_experts}], got {tuple(router_logits.shape)}"
-        )
+        raise ValueError(f"router_logits must be [T, {cfg.num_experts}], got {tuple(router_logits.shape)}")
     if not router_logits.is_floating_point():
         raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
     capturing = not check_values or (router_logits.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -179,20 +159,14 @@ def check_route_inputs(
         if not capturing:
             check_correction_bias(correction_bias, cfg.num_experts)
         if correction_bias.device != router_logits.device:
-            raise ValueError(
-                f"correction_bias is on {correction_bias.device} but router_logits on "
-                f"{router_logits.device}; move the bias to the logits' device once, at load"
-            )
-    if num_valid is not None and (
-        not isinstance(num_valid, torch.Tensor) or num_valid.dtype != torch.int32
-        or num_valid.numel() != 1 or num_valid.device != router_logits.device
-    ):
+            raise ValueError(f"correction_bias is on {correction_bias.device} but router_logits on "
+                             f"{router_logits.device}; move the bias to the logits' device once, at load")
+    if num_valid is not None and (not isinstance(num_valid, torch.Tensor) or num_valid.dtype != torch.int32
+                                  or num_valid.numel() != 1 or num_valid.device != router_logits.device):
         got = (f"{num_valid.dtype} {tuple(num_valid.shape)} on {num_valid.device}"
                if isinstance(num_valid, torch.Tensor) else type(num_valid).__name__)
-        raise ValueError(
-            f"num_valid must be an int32 tensor of one element on {router_logits.device}, got {got}; "
-            "e.g. torch.tensor(n, dtype=torch.int32, device=router_logits.device)"
-        )
+        raise ValueError(f"num_valid must be an int32 tensor of one element on {router_logits.device}, got {got}; "
+                         "e.g. torch.tensor(n, dtype=torch.int32, device=router_logits.device)")
 
 
 def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,13 +175,8 @@ def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return sorted_vals[..., :k], order[..., :k]
 
 
-def route_torch(
-    router_logits: torch.Tensor,
-    cfg: MoEConfig,
-    correction_bias: torch.Tensor | None = None,
-    num_valid: torch.Tensor | None = None,
-    check_values: bool = True,
-) -> Routing:
+def route_torch(router_logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | None = None,
+                num_valid: torch.Tensor | None = None, check_values: bool = True) -> Routing:
     """Plain-PyTorch twin of `route_triton` (same arguments, see `route`)."""
     check_route_inputs(router_logits, cfg, correction_bias, num_valid, check_values)
     logits = router_logits.float()  # [T, E]
@@ -267,10 +236,8 @@ class RoutingCapture:
     def record(self, routing: Routing) -> None:
         t = routing.num_tokens
         if t > self.ids.shape[0] or routing.top_k != self.ids.shape[1]:
-            raise ValueError(
-                f"RoutingCapture holds [{self.ids.shape[0]}, {self.ids.shape[1]}] ids, got "
-                f"[{t}, {routing.top_k}]; allocate it with a larger max_tokens or matching top_k"
-            )
+            raise ValueError(f"RoutingCapture holds [{self.ids.shape[0]}, {self.ids.shape[1]}] ids, got "
+                             f"[{t}, {routing.top_k}]; allocate it with a larger max_tokens or matching top_k")
         self.ids[:t].copy_(routing.ids)
         self.num_tokens_dev.fill_(t)
         self.num_tokens = t
