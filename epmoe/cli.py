@@ -211,16 +211,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     gpu = torch.cuda.is_available()
     device, world = "cuda" if gpu else "cpu", max(torch.cuda.device_count(), 2)
     runner = pick_runner(device, "bf16")
-    lines = [
-        ("python", platform.python_version()), ("torch", torch.__version__), ("triton", triton_version),
-        ("CUDA (torch build)", torch.version.cuda or "none (CPU build)"),
-        ("GPUs", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
-        ("symmetric memory", _symmetric_memory_status()),
-        ("comm backends", ", ".join(f"{n} ({'/'.join(c.layouts)}{', host sync' if c.needs_host_sync else ''})"
-                                    for n, c in sorted(COMM_BACKENDS.items()))),
-        ("expert runners", ", ".join(sorted(RUNNERS))),
-        ("runner=auto", f"{runner} ({'GPU present' if gpu else 'no GPU: the plain-torch reference'})"),
-    ]
+    lines = [("python", platform.python_version()), ("torch", torch.__version__), ("triton", triton_version),
+             ("CUDA (torch build)", torch.version.cuda or "none (CPU build)"),
+             ("GPUs", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
+             ("symmetric memory", _symmetric_memory_status()),
+             ("comm backends", ", ".join(f"{n} ({'/'.join(c.layouts)}{', host sync' if c.needs_host_sync else ''})"
+                                         for n, c in sorted(COMM_BACKENDS.items()))),
+             ("expert runners", ", ".join(sorted(RUNNERS))),
+             ("runner=auto", f"{runner} ({'GPU present' if gpu else 'no GPU: the plain-torch reference'})")]
     cands = [n for n in comm_candidates(Combo(runner=runner, layout="dp", world=world, device=device)) if n != "none"]
     ladder, source = crossovers(torch.cuda.get_device_name(0) if gpu else "cpu", world)
     if cands:

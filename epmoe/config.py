@@ -285,8 +285,7 @@ def _config_from_hf(c: Any) -> MoEConfig:
     elif m.shared:  # that many shared experts of the routed width, fused into one MLP
         shared = getattr(c, m.shared, 0) or 0
     grouped = {"n_group": c.n_group or 1, "topk_group": c.topk_group or 1} if m.routing == "sigmoid_grouped" else {}
-    return MoEConfig(**common, intermediate=intermediate,
-                     activation=_hf_activation(c), routing=m.routing,
+    return MoEConfig(**common, intermediate=intermediate, activation=_hf_activation(c), routing=m.routing,
                      norm_topk_prob=bool(c.norm_topk_prob) if m.norm is None else m.norm,
                      routed_scaling_factor=float(getattr(c, m.scale) or 1.0) if m.scale else 1.0,
                      shared_experts=shared, shared_intermediate=width, **grouped)

@@ -91,8 +91,7 @@ def _row(name: str, payload: str, world: int, T: int, ranks: str, timing: str, t
     return {"backend": name, "payload": payload, "world": world, "tokens": T, "ranks": ranks, "timing": timing,
             "dispatch_us": disp_us, "combine_us": comb_us, "dispatch_bytes": int(disp_b),
             "combine_bytes": int(comb_b), "bytes_per_rank": int(disp_b + comb_b), "copied_bytes": int(copied),
-            "GB/s": gbps,
-            "dispatch GB/s": moved_d / (disp_us * 1e3) if disp_us > 0 else 0.0,
+            "GB/s": gbps, "dispatch GB/s": moved_d / (disp_us * 1e3) if disp_us > 0 else 0.0,
             "link": f"{link[0]} {link[1]:.0f} GB/s" if link is not None else None, "link_frac": frac}
 
 

@@ -127,8 +127,7 @@ def main(args: argparse.Namespace) -> int:
     hidden = getattr(args, "hidden", None) or (cfg.hidden if on_gpu else 256)
     intermediate = getattr(args, "intermediate", None) or (cfg.intermediate if on_gpu else 96)
     try:
-        tokens, redundant = ([int(v) for v in text.split(",") if v] for text in (args.tokens or "4096",
-                                                                                   args.redundant))
+        tokens, redundant = ([int(v) for v in text.split(",") if v] for text in (args.tokens or "4096", args.redundant))
         # the runner reads shapes and the activation only: routing fields reset so any E fits
         timing = cfg.replace(hidden=hidden, intermediate=intermediate, num_experts=num_experts, routing="softmax",
                              n_group=1, topk_group=1, top_k=min(cfg.top_k, num_experts))

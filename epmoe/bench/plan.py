@@ -151,11 +151,9 @@ def plan(cfg: MoEConfig, gpus: list[int], tokens: list[int], links: Links = Link
 
 # --- predicted vs measured ---
 
-_NOTES = {
-    "virtual": "virtual ranks: every byte through one GPU's HBM, not a link",
-    "gloo": "gloo on the CPU: not the modelled links; no time ratio",
-    "cpu": "run on the CPU: the model's rates are a GPU's; no time ratio",
-}
+_NOTES = {"virtual": "virtual ranks: every byte through one GPU's HBM, not a link",
+          "gloo": "gloo on the CPU: not the modelled links; no time ratio",
+          "cpu": "run on the CPU: the model's rates are a GPU's; no time ratio"}
 
 
 def preset_of(meta: dict[str, Any]) -> str | None:

@@ -25,16 +25,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from epmoe.comm.base import (
-    CommBackend,
-    CommOptions,
-    Dispatched,
-    agree,
-    call_bound,
-    capturing,
-    config_code,
-    finish,
-)
+from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree, call_bound, capturing, config_code, finish
 from epmoe.comm.payload import (
     PAYLOADS,
     RowLayout,
@@ -148,12 +139,11 @@ class WireBackend(CommBackend):
         else:  # x may be anything here: zeros stand in, the failure is what the peers read
             T, bad, counts = 0, 0, ()
             shape = {"hidden": 0, "top_k": 0, "x dtype": 0}
-        fields = {
-            **shape, "experts": E, "config": config_code(self.cfg), "payload": PAYLOADS.index(self.payload),
-            "combine dtype": 0 if self.combine_dtype == torch.float32 else 1,
-            "max_tokens_per_rank": self.max_tokens_per_rank or 0, "static_shapes": int(self.static_shapes),
-            "input_scale": scale_code(self.input_scale), "max_tokens of the call": cap,
-            "call number (a rank skipped a call)": self.calls}
+        fields = {**shape, "experts": E, "config": config_code(self.cfg), "payload": PAYLOADS.index(self.payload),
+                  "combine dtype": 0 if self.combine_dtype == torch.float32 else 1,
+                  "max_tokens_per_rank": self.max_tokens_per_rank or 0, "static_shapes": int(self.static_shapes),
+                  "input_scale": scale_code(self.input_scale), "max_tokens of the call": cap,
+                  "call number (a rank skipped a call)": self.calls}
         limit = self.max_tokens_per_rank
 
         def report(table: list[list[int]]) -> list[str]:
