@@ -25,7 +25,7 @@ import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, VirtualGroup
 from epmoe.bench.comm import ladder_from_rows, run_comm_bench
-from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs
+from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs, rank_device
 from epmoe.bench.eplb import main as bench_eplb
 from epmoe.bench.experts import bench_experts
 from epmoe.bench.generate import main as bench_generate
@@ -112,11 +112,10 @@ def _fail(cmd: str, message: str) -> int:
 
 def _demo_process(group: Any, cfg: Any, tokens: int) -> list[dict]:
     """One process rank of the demo: its own GPU under NCCL, else the CPU under gloo."""
-    use_cuda = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
-    if not use_cuda:
+    device, dtype = rank_device()
+    if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // group.world))
-    return demo_rank(group, cfg, tokens, torch.device(f"cuda:{group.rank}" if use_cuda else "cpu"),
-                     torch.bfloat16 if use_cuda else torch.float32)
+    return demo_rank(group, cfg, tokens, device, dtype)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -11,8 +11,7 @@
           bytes a rank writes by staging copies in one call (dispatch + combine, largest over ranks;
           the handles' dispatch_copied / combine_copied: packing, unpacking, own chunks, casts)
 
-Uniform routing, equal tokens per rank, no expert stage (combine reads zeros). Virtual ranks (W ranks on
-one GPU) are rated against the HBM copy bandwidth measured in the run. Bytes counted, why: docs/bench.md.
+Uniform routing, equal tokens per rank, no expert stage (combine reads zeros); bytes, virtual ranks: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from epmoe.bench.core import hbm_copy_gbps, options_for, random_inputs, timed
+from epmoe.bench.core import hbm_copy_gbps, options_for, random_inputs, rank_device, timed
 from epmoe.bench.plan import Links
 from epmoe.comm import COMM_BACKENDS, get_comm
 from epmoe.comm.symmetric import SymmA2A
@@ -249,11 +248,9 @@ def _payload_name(payload: str | None, dtype: torch.dtype) -> str:
 def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: list[int], payloads: list[str],
                 iters: int, static: bool, symm_combine: tuple[str, ...] = ("push",)) -> list[dict[str, Any]]:
     """One process rank: its own GPU under NCCL (rated against the cost model's NVLink), else the CPU in fp32."""
-    on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    device, dtype = rank_device()
     return [r for p in payloads for r in bench_comm(cfg, backends, tokens, group, dtype, p, iters, device=device,
-                                                    link_gbps=Links().nvlink_gbps if on_gpu else None,
+                                                    link_gbps=Links().nvlink_gbps if device.type == "cuda" else None,
                                                     static=static, symm_combine=symm_combine)]
 
 
