@@ -2,14 +2,10 @@
 
     logits [T, E] --route(cfg)--> Routing(ids [T, K] int32, weights [T, K] fp32)
 
-All modes compute in fp32. Ties break deterministically towards the lowest expert id (and the
-lowest group id for grouped top-k): `_topk` sorts stably instead of calling `torch.topk`,
-whose order among equal values is unspecified.
-
-Two implementations: `route_torch` (plain PyTorch, ~15 ops, here) and `route_triton`
-(epmoe/ops/routing.py: one launch of kernels/routing.py, which repeats the argmax k times with
-the same tie rule). `route` picks the kernel for CUDA logits: at decode the torch path's launch
-overhead dominates the layer.
+All modes compute in fp32; ties go to the lowest expert (and group) id: `_topk` sorts stably
+(torch.topk's order among equal values is unspecified). `route_torch` (here) is the twin of
+`route_triton` (epmoe/ops/routing.py, one launch, the same tie rule), which `route` picks for CUDA
+logits: at decode the torch path's launch overhead dominates the layer.
 """
 
 from __future__ import annotations
@@ -52,13 +48,8 @@ class Routing:
 
     @classmethod
     def external(cls, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, validate: bool = True) -> Routing:
-        """Routing given by the caller (routed mode, e.g. RL routing replay).
-
-        ids may be int32 or int64 (converted once here); weights any float dtype (converted to
-        fp32). With `validate` (the default) the ids are checked to lie in [0, num_experts) and
-        to be distinct per token, and the weights to be finite; this reads the values on the
-        host, so pass validate=False inside a CUDA graph capture.
-        """
+        """Routing given by the caller (routed mode, e.g. RL routing replay): ids int32/int64, weights any
+        float dtype. `validate` runs `check_routing` (a host read: pass False inside a CUDA graph capture)."""
         if ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"routing ids must be int32 or int64, got {ids.dtype}")
         if not weights.is_floating_point():
@@ -92,11 +83,8 @@ def check_routing(routing: Routing, num_experts: int) -> None:
 
 
 def check_correction_bias(correction_bias: torch.Tensor, num_experts: int) -> None:
-    """Raise ValueError unless `correction_bias` is a finite float [E] tensor.
-
-    A NaN in the bias makes every biased score NaN, and the stable sort then sends every token
-    to experts 0, 1, ...: silently wrong routing, so it is refused here (reads the values on the
-    host; the layer checks once at construction)."""
+    """Raise ValueError unless `correction_bias` is a finite float [E] tensor (a NaN would silently send
+    every token to experts 0, 1, ...); a host read, which the layer does once at construction."""
     if not isinstance(correction_bias, torch.Tensor) or not correction_bias.is_floating_point():
         got = correction_bias.dtype if isinstance(correction_bias, torch.Tensor) else type(correction_bias).__name__
         raise ValueError(f"correction_bias must be a float tensor [{num_experts}], got {got}")
@@ -116,16 +104,12 @@ def route(router_logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Te
           num_valid: torch.Tensor | None = None, impl: str = "auto", check_values: bool = True) -> Routing:
     """Route tokens from router logits [T, E] (any float dtype) by `cfg.routing`.
 
-    correction_bias: [E] float, required by the "sigmoid_bias" and "sigmoid_grouped" modes
-    (checkpoint name `e_score_correction_bias`); it changes which experts are picked, never the
-    weights.
-    num_valid: optional int32 scalar tensor on the logits' device: rows t >= num_valid (the
-    padding rows of a CUDA-graph bucket) get ids -1 and weights 0. Read on the device only.
-    impl: "triton" (`route_triton`, one kernel launch), "torch" (`route_torch`, its twin) or
-    "auto": Triton for CUDA logits when the kernel takes the config, torch otherwise.
-    check_values: read the logits (NaN / inf) and the bias on the host first (a sync); False
-    checks shapes and dtypes only (MoELayer checks the bias once at construction and the logits
-    in its one read per call).
+    correction_bias: [E] float, for "sigmoid_bias" / "sigmoid_grouped" (`e_score_correction_bias`):
+    it changes which experts are picked, never the weights.
+    num_valid: int32 scalar on the logits' device: rows t >= num_valid (a CUDA-graph bucket's
+    padding) get ids -1 and weights 0 (read on the device only).
+    impl: "triton", "torch" or "auto" (Triton for CUDA logits when the kernel takes the config).
+    check_values: read the logits and bias on the host for NaN / inf (a sync); False: metadata only.
     """
     from epmoe.ops.routing import kernel_supports, route_triton
 
@@ -218,13 +202,9 @@ def route_torch(router_logits: torch.Tensor, cfg: MoEConfig, correction_bias: to
 
 
 class RoutingCapture:
-    """A preallocated buffer that a layer writes the routing ids it used into.
-
-    ids: [max_tokens, K] int32 on the layer's device. After each forward, `ids[:num_tokens]`
-    holds the ids of that call; `num_tokens` is a host int (outside CUDA graphs) and
-    `num_tokens_dev` a device int32 scalar written in the same stream, so replays of a
-    captured graph report their real token count too.
-    """
+    """A preallocated buffer a layer writes the routing ids it used into: ids [max_tokens, K] int32,
+    `ids[:num_tokens]` the last call's; `num_tokens_dev` (device int32, written in the same stream)
+    counts graph replays too, the host int `num_tokens` eager calls only."""
 
     def __init__(self, max_tokens: int, top_k: int, device: torch.device | str = "cpu") -> None:
         if max_tokens <= 0 or top_k <= 0:
