@@ -142,12 +142,8 @@ class MoEConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> MoEConfig:
-        """The config of the MoE layers of a Hugging Face model (`HF_MODEL_TYPES`; else a ValueError).
-
-            cfg = MoEConfig.from_hf("/models/Qwen3-30B-A3B")   # reads config.json there
-
-        hf_config: a transformers config object, the dict of a ``config.json``, its path or its folder.
-        """
+        """The MoE layers' config of a Hugging Face model (`HF_MODEL_TYPES`), e.g. from_hf("/models/Qwen3-30B-A3B").
+        hf_config: a transformers config object, the dict of a ``config.json``, its path or its folder."""
         return _config_from_hf(_hf_text_config(hf_config))
 
 

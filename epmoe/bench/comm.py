@@ -41,16 +41,11 @@ def _inputs(cfg: MoEConfig, rank: int, T: int, device: torch.device, dtype: torc
 
 
 def _options(cls: type, T: int, payload: str | None, static: bool) -> dict[str, Any]:
-    """Options for a backend built for T tokens per rank (only those `cls` takes)."""
-    wanted: dict[str, Any] = {"max_tokens_per_rank": max(T, 1), "check_errors": False}
-    if payload is not None:
-        wanted["payload"] = payload
-    if static:
-        wanted["static_shapes"] = True
-    return options_for(cls, **wanted)
+    """Options for a backend built for T tokens per rank (only those `cls` takes; None, False: the defaults)."""
+    return options_for(cls, max_tokens_per_rank=max(T, 1), check_errors=False, payload=payload, static_shapes=static)
 
 
-def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], check: Callable[[], None] | None,
+def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], check: Callable[[], Any],
                  device: torch.device, warmup: int, iters: int, barrier: Callable[[], None]
                  ) -> tuple[list[float], list[float], Any]:
     """(dispatch µs, combine µs, the captured dispatch's result): each phase captured in a CUDA
@@ -69,8 +64,7 @@ def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], che
         gc.replay()
         events[3 * i + 2].record()
     torch.cuda.synchronize(device)
-    if check is not None:
-        check()
+    check()
     times = [[events[3 * i + j].elapsed_time(events[3 * i + j + 1]) * 1e3 for i in range(warmup, warmup + iters)]
              for j in (0, 1)]
     return times[0], times[1], d
@@ -135,8 +129,7 @@ def bench_comm(cfg: MoEConfig, backends: Sequence[str], tokens: Sequence[int], g
             opts = _options(cls, T, payload, static) | ({} if mode is None else {"combine_mode": mode})
             backend = cls(cfg, group, placement, cls.make_options(**opts), device=device, dtype=dtype)
             x, routing = _inputs(cfg, rank, T, device, dtype)
-            capturable = graphs and device.type == "cuda" and not virtual and not getattr(
-                backend, "needs_host_sync", True)
+            capturable = graphs and device.type == "cuda" and not virtual and not backend.needs_host_sync
             mine, timing = _time_backend(backend, x, routing, capturable, warmup, iters, barrier)
             table = group.all_gather(torch.tensor(mine, device=device)).tolist() if world > 1 else [mine]
             label = name + (" static" if static and cls.static_capable else "")
@@ -155,13 +148,12 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
     d = backend.dispatch(x, routing)  # every dispatch is paired with its combine
     expert_out = torch.zeros(d.num_pairs, x.shape[1], dtype=x.dtype, device=device)  # [M, H]
     backend.combine(expert_out, d)
-    check = getattr(backend, "check", None)
     if capturable:
         for _ in range(warmup):  # eager warm-up: compiles kernels, settles allocations
             backend.combine(expert_out, backend.dispatch(x, routing))
         times_d, times_c, d = _graph_times(lambda: backend.dispatch(x, routing),
                                            lambda d: backend.combine(expert_out, d),
-                                           check, device, warmup, iters, barrier)
+                                           backend.check, device, warmup, iters, barrier)
         timing = "graph"
     else:
         times = []
@@ -171,8 +163,7 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
             barrier()
             times.append((td, timed(lambda d=d: backend.combine(expert_out, d), device)[0]))
         times_d, times_c = zip(*times[warmup:])
-        if check is not None:
-            check()
+        backend.check()
         timing = "events" if device.type == "cuda" else "cpu"
     h = d.handle
     return [statistics.median(times_d), statistics.median(times_c), float(getattr(h, "dispatch_bytes", 0)),
