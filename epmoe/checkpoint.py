@@ -4,15 +4,11 @@
     layer = MoELayer(cfg, ckpt.experts, group, gate=ckpt.gate, gate_bias=ckpt.gate_bias,
                      correction_bias=ckpt.correction_bias, shared=ckpt.shared)
 
-`path`: a directory (with `model.safetensors` or `model.safetensors.index.json`), one `.safetensors`
-file or an index `.json`; only this rank's tensors are read (fused 3-D tensors: its expert slices).
-Names (docs/formats.md has the table): per expert `layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.*`
-(Qwen, DeepSeek, OLMoE) or `layers.{L}.block_sparse_moe.experts.{e}.{w1,w3,w2}.*` (Mixtral, MiniMax), or
-fused `experts.gate_up_proj` / `down_proj` (transformers v5, GPT-OSS); router, correction bias, shared experts.
-Formats (bf16, DeepSeek-V3 fp8_block, ModelOpt fp8 / nvfp4) are recognised from dtypes and sibling
-tensors (`_weight_format`; their tensors: `_proj_tensors`); every scale multiplies. Shared experts are
-dequantized; the runner's `prepare` runs once at the end. Static `input_scale`s are not applied to the
-experts (dynamic activation scales): `MoELayerWeights.input_scales` returns them for payload quantization.
+`path`: a folder (`model.safetensors` or its `.index.json`), one `.safetensors` file or an index; only
+this rank's tensors (of fused 3-D tensors, its expert slices) are read. Names and formats (bf16,
+DeepSeek-V3 fp8_block, ModelOpt fp8 / nvfp4, recognised by `_weight_format`): docs/formats.md. Shared
+experts are dequantized; the runner's `prepare` runs once at the end; static `input_scale`s are not
+applied (`MoELayerWeights.input_scales` returns them for payload quantization).
 """
 
 from __future__ import annotations
@@ -161,7 +157,6 @@ class MoELayerWeights:
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-
 @dataclass
 class _Layout:
     moe: str  # e.g. "model.layers.3.mlp"
@@ -221,7 +216,6 @@ def _check_expert_count(files: CheckpointFiles, lay: _Layout, E: int) -> None:
         n = sum(1 for k in files.files if re.fullmatch(rf"{re.escape(lay.moe)}\.experts\.\d+\.{g}\.weight", k))
         raise ValueError(f"{lay.moe} in {files.origin} has {n} experts, MoEConfig.num_experts is {E}; fix the "
                          "config or the layer index")
-
 
 
 @dataclass
@@ -317,7 +311,6 @@ def _fuse(gate: _Proj, up: _Proj, fmt: str) -> _Proj:
     return _Proj(data, torch.cat([gate.scales, up.scales]), g)
 
 
-
 def _expect_fused(files: CheckpointFiles, lay: _Layout, cfg: MoEConfig) -> tuple[str, str]:
     """Check the fused gate_up / down tensors (GPT-OSS layout when swiglu_clamped); return their names."""
     H, I, E = cfg.hidden, cfg.intermediate, cfg.num_experts
@@ -373,15 +366,11 @@ def load_moe_layer(path: str | Path, cfg: MoEConfig, layer: int, rank: int = 0, 
                    replicas: ReplicaPlan | None = None) -> MoELayerWeights:
     """Read MoE layer `layer` of the checkpoint at `path` for EP rank `rank` of `world`.
 
-    Experts come by local index of `placement` (default `Placement.contiguous(E, world)`); with
-    `replicas` (an epmoe.eplb.ReplicaPlan, instead of placement) by this rank's slots, each slot
-    holding its logical expert (`replicas.rank_experts(rank)`: copies are read once per slot).
-    dtype: cast float weights (bf16 checkpoints, shared experts) to it; default: as stored
-    (shared experts of quantized checkpoints: fp32). Quantized weights keep their format.
-    runner: applies that runner's load-time `prepare`; "auto" (the default) is the runner
-    `MoELayer(runner="auto")` picks for `device` and the format (select.pick_runner). Build the layer with it.
-    check_finite: raise a ValueError naming the expert when this rank's float (bf16 / fp16 / fp32)
-    expert weights or biases hold NaN or inf (one read of each, before any cast); False skips it.
+    Experts by local index of `placement` (default contiguous), or with `replicas` (a ReplicaPlan) by
+    this rank's slots. dtype: cast float weights (default: as stored; quantized checkpoints' shared
+    experts fp32). runner: whose `prepare` runs ("auto": `select.pick_runner` for `device`, as
+    `MoELayer(runner="auto")`). check_finite: a ValueError naming the expert whose float weights or
+    biases hold NaN / inf.
     """
     E = cfg.num_experts
     if replicas is not None:

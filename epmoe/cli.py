@@ -25,13 +25,14 @@ import torch
 
 from epmoe import ExpertWeights, MoEConfig, MoELayer, VirtualGroup
 from epmoe.bench.comm import ladder_from_rows, run_comm_bench, sm_budgets
-from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs
+from epmoe.bench.core import bench, device_name, emit, format_table, options_for, random_inputs, rank_device
 from epmoe.bench.eplb import main as bench_eplb
 from epmoe.bench.experts import bench_experts
 from epmoe.bench.generate import main as bench_generate
 from epmoe.bench.layer import bench_layer, default_world, host_rows
 from epmoe.bench.plan import Links, compare, plan, preset_of
 from epmoe.comm import COMM_BACKENDS
+from epmoe.comm.payload import PAYLOADS
 from epmoe.comm.symmetric import SymmA2A
 from epmoe.config import preset_names
 from epmoe.experts import RUNNERS
@@ -112,11 +113,10 @@ def _fail(cmd: str, message: str) -> int:
 
 def _demo_process(group: Any, cfg: Any, tokens: int) -> list[dict]:
     """One process rank of the demo: its own GPU under NCCL, else the CPU under gloo."""
-    use_cuda = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
-    if not use_cuda:
+    device, dtype = rank_device()
+    if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // group.world))
-    return demo_rank(group, cfg, tokens, torch.device(f"cuda:{group.rank}" if use_cuda else "cpu"),
-                     torch.bfloat16 if use_cuda else torch.float32)
+    return demo_rank(group, cfg, tokens, device, dtype)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -211,16 +211,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     gpu = torch.cuda.is_available()
     device, world = "cuda" if gpu else "cpu", max(torch.cuda.device_count(), 2)
     runner = pick_runner(device, "bf16")
-    lines = [
-        ("python", platform.python_version()), ("torch", torch.__version__), ("triton", triton_version),
-        ("CUDA (torch build)", torch.version.cuda or "none (CPU build)"),
-        ("GPUs", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
-        ("symmetric memory", _symmetric_memory_status()),
-        ("comm backends", ", ".join(f"{n} ({'/'.join(c.layouts)}{', host sync' if c.needs_host_sync else ''})"
-                                    for n, c in sorted(COMM_BACKENDS.items()))),
-        ("expert runners", ", ".join(sorted(RUNNERS))),
-        ("runner=auto", f"{runner} ({'GPU present' if gpu else 'no GPU: the plain-torch reference'})"),
-    ]
+    lines = [("python", platform.python_version()), ("torch", torch.__version__), ("triton", triton_version),
+             ("CUDA (torch build)", torch.version.cuda or "none (CPU build)"),
+             ("GPUs", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
+             ("symmetric memory", _symmetric_memory_status()),
+             ("comm backends", ", ".join(f"{n} ({'/'.join(c.layouts)}{', host sync' if c.needs_host_sync else ''})"
+                                         for n, c in sorted(COMM_BACKENDS.items()))),
+             ("expert runners", ", ".join(sorted(RUNNERS))),
+             ("runner=auto", f"{runner} ({'GPU present' if gpu else 'no GPU: the plain-torch reference'})")]
     cands = [n for n in comm_candidates(Combo(runner=runner, layout="dp", world=world, device=device)) if n != "none"]
     ladder, source = crossovers(torch.cuda.get_device_name(0) if gpu else "cpu", world)
     if cands:
@@ -457,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="epmoe", description=__doc__, formatter_class=_TopHelp)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,doctor,bench,plan}")
 
-    def parser(name: str, text: str, fn: Any, description: str | None = None) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=text, description=description or text, formatter_class=_Help)
+    def parser(name: str, text: str, fn: Any) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=text, description=text, formatter_class=_Help)
         sp.set_defaults(fn=fn)
         return sp
 
@@ -468,75 +466,58 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(f"--{k}", type=int, default=CPU_SHAPES[k] if fixed else None, help=text if fixed else
                             f"scale the preset: {text} (default: the preset's on a GPU, {CPU_SHAPES[k]} on the CPU)")
 
-    d = parser("demo", "run every comm backend on several ranks against the single-rank reference", cmd_demo,
-               "Run every comm backend on several ranks (gloo processes on the CPU, one GPU each, or virtual ranks "
-               "on one GPU) against the single-rank fp32 reference, at the preset's features and scaled-down shapes.")
+    d = parser("demo", "run every comm backend on several ranks against the single-rank reference", cmd_demo)
     d.add_argument("--preset", default="qwen3-30b-a3b", choices=preset_names(), help="model whose layer to scale down")
     d.add_argument("--world", type=int, default=2, help="ranks (processes, or virtual ranks on one GPU); must divide E")
     d.add_argument("--tokens", type=int, default=64, help="tokens per rank")
     shape(d, fixed=True)
     d.add_argument("--timeout", type=float, default=300, help="seconds before a rank that does not answer fails")
     parser("doctor", "versions, GPUs and links, symmetric memory, default choices", cmd_doctor)
-    b = parser("bench", "benchmarks: comm, layer, experts (GPU only), generate, eplb", cmd_bench,
-               "Benchmarks. comm: dispatch + combine per backend; layer: the whole layer forward per backend (on the "
-               "CPU: gloo ranks, fp32, the preset scaled down, no roofline); experts: the expert runners against the "
-               "GPU roofline (needs a CUDA GPU); generate: HF generate() with HF's experts vs patched with epmoe; "
-               "eplb: expert load balance of contiguous blocks vs replica plans on routing traces.")
+    b = parser("bench", "benchmarks: comm, layer, experts (GPU only), generate, eplb (docs/bench.md)", cmd_bench)
     b.add_argument("what", choices=["comm", "experts", "layer", "generate", "eplb"], help="what to time")
     b.add_argument("--preset", default="deepseek-v3", choices=preset_names(),
                    help="model whose layer to time (bench generate: qwen3-30b-a3b, the whole model fits one GPU)")
     shape(b, fixed=False)
     b.add_argument("--full", action="store_true", help="on the CPU too, the preset's full shapes (slow, large)")
-    b.add_argument("--tokens", help=f"tokens per rank, comma-separated (default: {GPU_TOKENS} on a GPU, {CPU_TOKENS} "
-                                    "on the CPU)")
+    b.add_argument("--tokens", help=f"tokens per rank, comma-separated (default: {GPU_TOKENS}; CPU: {CPU_TOKENS})")
     b.add_argument("--backend", default="all", help="comm: comma-separated backends or 'all'")
     b.add_argument("--comm", default="all", help="layer: comma-separated backends, 'auto' or 'all' (each + auto)")
     b.add_argument("--runner", default="auto", help="layer: expert runner or 'auto'")
-    b.add_argument("--world", type=int, help="ranks: processes or virtual ranks on one GPU (default: comm 2, "
-                                             "layer one per GPU, 1 on the CPU)")
+    b.add_argument("--world", type=int, help="ranks (default: comm 2, layer one per GPU, 1 on the CPU)")
     b.add_argument("--payload", default="bf16", help="comm: payload format(s), comma-separated")
     b.add_argument("--iters", type=int, default=20, help="comm: timed iterations per row")
     b.add_argument("--symm-combine", default="push,pull", help="comm: symm_a2a combine modes (push, pull) to time")
     b.add_argument("--sm-budget", metavar="SMS", help="comm, layer: symm_a2a rows per SM budget, comma-separated SM "
                    "counts its kernels may occupy or 'all' (its default grids), e.g. 8,16,all (default: all)")
     b.add_argument("--static", action="store_true", help="comm: allgather/nccl_a2a with static_shapes (graphs on GPUs)")
-    b.add_argument("--store-crossovers", nargs="?", const=True, metavar="PATH", help="comm: store the fastest "
-                   "backend per token count as comm='auto' ladder (default: epmoe/tuning/crossovers.json)")
+    b.add_argument("--store-crossovers", nargs="?", const=True, metavar="PATH",
+                   help="comm: store the comm='auto' ladder (default PATH: epmoe/tuning/crossovers.json)")
     b.add_argument("--format", default="bf16", help="experts: weight formats, comma-separated")
-    b.add_argument("--shared-stream", metavar="MODES", help="layer: rows per mode, comma-separated: on / off (the "
-                   "shared experts beside the exchange on a side stream, or not), default, routed (no shared experts), "
-                   "shared (the shared experts alone); e.g. on,off,routed,shared")
-    b.add_argument("--host", action="store_true", help="layer: host µs per call of the preset's transformers model "
-                                                       "(HF block, patched, MoELayer eager, graph), next to GPU µs")
+    b.add_argument("--shared-stream", metavar="MODES", help="layer: comma-separated on,off,default,routed,shared")
+    b.add_argument("--host", action="store_true", help="layer: host µs per call next to GPU µs (transformers model)")
     b.add_argument("--batch", default="1,16,64", help="generate: comma-separated batch sizes")
     b.add_argument("--prompt", type=int, help="generate: prompt tokens (default: 512 on a GPU, 16 on the CPU)")
     b.add_argument("--new", type=int, help="generate: new tokens (default: 32 on a GPU, 4 on the CPU)")
     b.add_argument("--mode", default="eager,static", help="generate: eager and/or static (static cache, compiled)")
     b.add_argument("--layers", type=int, help="generate: decoder layers (default: the model's own)")
-    b.add_argument("--graphs", type=int, default=0, help="generate (GPU): also time the patched model with CUDA "
-                   "graphs captured on first use for calls of up to this many tokens (0: skip)")
+    b.add_argument("--graphs", type=int, default=0, help="generate (GPU): also time CUDA graphs up to this many tokens")
     b.add_argument("--redundant", default="0,8,32,64", help="eplb: redundant expert slots, comma-separated")
     b.add_argument("--nodes", type=int, default=1, help="eplb: nodes the ranks span (hierarchical balancing)")
     b.add_argument("--json", help="write the rows as JSON here (`epmoe plan --measured` reads it)")
     b.add_argument("--plot", help="write a PNG plot of time vs tokens here")
-    pl = parser("plan", "predict each backend's time from bytes moved and link rates", cmd_plan,
-                "Predict each backend's time of one layer forward from bytes moved and link / HBM / tensor-core "
-                "rates; with --measured, set the predictions next to the rows of a bench run.")
-    pl.add_argument("--preset", choices=preset_names(), help=f"model (default: {PLAN_DEFAULTS['preset']}; with "
-                                                             "--measured: the file's)")
+    pl = parser("plan", "predict each backend's time from bytes moved and link rates", cmd_plan)
+    pl.add_argument("--preset", choices=preset_names(), help=f"model ({PLAN_DEFAULTS['preset']}, or the file's)")
     for flag, text in (("gpus", "comma-separated EP world sizes"), ("tokens", "tokens per rank")):
         pl.add_argument(f"--{flag}", help=f"{text} (default: {PLAN_DEFAULTS[flag]}; with --measured: selects rows)")
     pl.add_argument("--nvlink-gbps", type=float, default=450.0, help="per-GPU NVLink bandwidth, GB/s")
     pl.add_argument("--net-gbps", type=float, default=50.0, help="per-GPU network bandwidth, GB/s")
     pl.add_argument("--gpus-per-node", type=int, default=8, help="ranks sharing one NVLink domain")
     for flag, text in (("payload", "dispatch payload format"), ("weights", "expert weight format")):
-        pl.add_argument(f"--{flag}", default="bf16", choices=["bf16", "fp8", "fp8_block", "nvfp4"], help=text)
-    pl.add_argument("--combine-bytes", type=int, default=4, choices=[2, 4],
-                    help="bytes per partial-sum element on the combine wire (4: fp32; 2: bf16)")
+        pl.add_argument(f"--{flag}", default="bf16", choices=PAYLOADS, help=text)
+    pl.add_argument("--combine-bytes", type=int, default=4, choices=[2, 4], help="combine wire bytes per element")
     pl.add_argument("--hbm-tbps", type=float, help="HBM bandwidth, TB/s (default: the model's, 4.2)")
     pl.add_argument("--tflops", type=float, help="dense bf16 tensor-core TFLOP/s (default: the model's, 790)")
-    pl.add_argument("--measured", metavar="FILE.json", help="rows of `epmoe bench comm|layer --json`: predicted and "
-                                                            "measured side by side with their ratio")
+    pl.add_argument("--measured", metavar="FILE.json", help="`epmoe bench comm|layer --json` rows to compare with")
     return p
 
 

@@ -142,12 +142,8 @@ class MoEConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> MoEConfig:
-        """The config of the MoE layers of a Hugging Face model (`HF_MODEL_TYPES`; else a ValueError).
-
-            cfg = MoEConfig.from_hf("/models/Qwen3-30B-A3B")   # reads config.json there
-
-        hf_config: a transformers config object, the dict of a ``config.json``, its path or its folder.
-        """
+        """The MoE layers' config of a Hugging Face model (`HF_MODEL_TYPES`), e.g. from_hf("/models/Qwen3-30B-A3B").
+        hf_config: a transformers config object, the dict of a ``config.json``, its path or its folder."""
         return _config_from_hf(_hf_text_config(hf_config))
 
 
@@ -285,8 +281,7 @@ def _config_from_hf(c: Any) -> MoEConfig:
     elif m.shared:  # that many shared experts of the routed width, fused into one MLP
         shared = getattr(c, m.shared, 0) or 0
     grouped = {"n_group": c.n_group or 1, "topk_group": c.topk_group or 1} if m.routing == "sigmoid_grouped" else {}
-    return MoEConfig(**common, intermediate=intermediate,
-                     activation=_hf_activation(c), routing=m.routing,
+    return MoEConfig(**common, intermediate=intermediate, activation=_hf_activation(c), routing=m.routing,
                      norm_topk_prob=bool(c.norm_topk_prob) if m.norm is None else m.norm,
                      routed_scaling_factor=float(getattr(c, m.scale) or 1.0) if m.scale else 1.0,
                      shared_experts=shared, shared_intermediate=width, **grouped)

@@ -134,13 +134,9 @@ class RankGroup:
 class EPGroup(RankGroup):
     """A `RankGroup` over a torch.distributed process group (default: the world group).
 
-    nodes: the hosts the group spans; unless given, counted at construction with one all-gather
-    of a hash of each host name (every rank constructs its EPGroup; with NCCL set the CUDA device first).
-    timeout: seconds a collective may wait before it raises `CollectiveTimeoutError` naming the
-    ranks that did not arrive (found through the store) and the `call`; so does a collective a
-    peer left. gloo: each collective waits at most this long (None: the process group's timeout).
-    NCCL: collectives are bounded by the process group's timeout and its watchdog
-    (TORCH_NCCL_ASYNC_ERROR_HANDLING aborts one that ran past it); host-side failures are named alike.
+    nodes: hosts spanned; default: counted with one all-gather of host-name hashes (NCCL: set the device first).
+    timeout: seconds a gloo collective may wait (None: the process group's; NCCL: its watchdog) before
+    a `CollectiveTimeoutError` names the ranks that did not arrive (from the store) and the `call`.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, nodes: int | None = None,
@@ -167,9 +163,8 @@ class EPGroup(RankGroup):
         self.nodes = nodes
 
     def _post(self, op: str, start: Callable[..., Any], out: torch.Tensor) -> Pending[torch.Tensor]:
-        """Post one collective (`start(async_op=True)`: a torch.distributed work object) whose
-        result is `out`; the wait is bounded by `timeout` on gloo, and a failure or timeout (at the
-        post or the wait) becomes a `CollectiveTimeoutError` naming the late ranks and the call."""
+        """Post `start(async_op=True)` whose result is `out`; a failure or timeout (gloo: `timeout`) at
+        the post or the wait becomes a `CollectiveTimeoutError` naming the late ranks and the call."""
         self._ops += 1
         limit = timedelta(seconds=self.timeout) if self.backend == "gloo" and self.timeout is not None else None
         try:
@@ -249,8 +244,7 @@ class EPGroup(RankGroup):
 
 
 class CollectiveTimeoutError(RuntimeError):
-    """A collective did not complete in time, or failed because a peer left; the message names
-    the ranks that did not arrive (`missing`; None when unknown) and the call."""
+    """A collective timed out or a peer left; `missing`: the ranks that did not arrive (None: unknown)."""
 
     def __init__(self, message: str, missing: list[int] | None) -> None:
         super().__init__(message)
@@ -258,9 +252,7 @@ class CollectiveTimeoutError(RuntimeError):
 
 
 class PeerFailedError(ValueError):
-    """Another rank failed its own checks of this call (or of construction) and told its peers
-    through the agreement; raised on every other rank. ranks: the failing ranks; reasons: rank ->
-    the start of its error message."""
+    """Raised on every other rank when `ranks` failed their own checks (`reasons`: rank -> its message's start)."""
 
     def __init__(self, message: str, ranks: list[int], reasons: dict[int, str]) -> None:
         super().__init__(message)
@@ -344,14 +336,9 @@ class _VirtualRank(RankGroup):
 
 
 class VirtualGroup:
-    """W ranks inside one process (one thread each), sharing one device; backend, nodes, virtual
-    are what each of its ranks declares.
-
-    `run(fn)` calls fn(group) on each virtual rank concurrently and returns [result of rank 0,
-    ...]. A rank that raises aborts the others' pending collectives, and the first error is
-    re-raised naming its rank; a collective that waits longer than `timeout` seconds fails
-    naming the ranks that never arrived.
-    """
+    """W ranks in one process, one thread each, sharing one device. `run(fn)` calls fn(rank group) on
+    every rank and returns their results; a rank that raises aborts the others' collectives and its
+    error is re-raised naming it; a collective waiting over `timeout` s names the ranks never arrived."""
 
     backend = "virtual"
     nodes = 1

@@ -8,13 +8,9 @@ Every scale *multiplies* the stored value on dequantization (docs/formats.md: co
     nvfp4      x ~ e2m1(nibble) * block_scale[16] * global  block_scale e4m3, global fp32 (ModelOpt
                                                             `weight_scale`, `weight_scale_2`, `input_scale`)
 
-`QuantizedTensor` is one quantized tensor (weights [E, N, K] or [N, K], activation rows [T, H]) with its
-scales; comm backends move it like a tensor (row selection, `cat`, `.to`, exact `nbytes`), runners call
-`.dequantize()`. Scale layout, one rule for every format: `scales` has the logical number of dims; along
-dim d a scale of size 1 broadcasts, any other size covers `block[d]` consecutive elements (the last block
-may be partial); `global_scale` (nvfp4) broadcasts the same way with block 1.
-The `*_torch` functions are the plain-torch reference; `quantize_*_triton` (epmoe/ops/quant.py) wrap the
-Triton activation kernels, which match them bit for bit; `quantize_activations` picks one.
+`QuantizedTensor` (weights [E, N, K] / [N, K], activation rows [T, H]) moves like a tensor (rows, `cat`,
+`.to`, exact `nbytes`); runners call `.dequantize()`. The `*_torch` functions are the reference;
+`quantize_*_triton` (epmoe/ops/quant.py) match them bit for bit; `quantize_activations` picks one.
 """
 
 from __future__ import annotations
@@ -182,9 +178,8 @@ def expand_scales(scales: torch.Tensor, block: Sequence[int], shape: Sequence[in
 
 
 def div_rn(t: torch.Tensor, c: float) -> torch.Tensor:
-    """t / c with IEEE round-to-nearest division on every device. PyTorch's CUDA kernels divide by a
-    Python scalar as a multiply by its reciprocal (1 ulp off at times: other fp8 scales on a GPU than on
-    the CPU); a 0-dim tensor on t's device divides truly everywhere (as the Triton kernels' div_rn)."""
+    """t / c rounded to nearest on every device: CUDA divides by a Python scalar as a multiply by its
+    reciprocal (1 ulp off at times); a 0-dim tensor divides truly everywhere (as the kernels' div_rn)."""
     return t / torch.full((), c, dtype=t.dtype, device=t.device)
 
 
@@ -307,12 +302,9 @@ def quantize_nvfp4_torch(x: torch.Tensor, global_scale: torch.Tensor | None = No
 
 def quantize_activations(x: torch.Tensor, fmt: str, scale: torch.Tensor | None = None,
                          backend: str = "auto") -> QuantizedTensor:
-    """Quantize activation rows [T, H] for the wire in `fmt` ("fp8", "fp8_block", "nvfp4").
-
-    scale: a static per-tensor scale (the checkpoint `input_scale`: fp8's scale, nvfp4's global
-    scale), shared by every rank so that rows can be concatenated; None: dynamic from x's amax.
-    fp8_block activations always use dynamic per-token-group scales.
-    backend: "torch", "triton", or "auto" (Triton on CUDA, torch elsewhere)."""
+    """Quantize activation rows [T, H] in `fmt` ("fp8", "fp8_block", "nvfp4"). scale: a static per-tensor
+    scale (checkpoint `input_scale`; fp8_block: always dynamic) or None (from x's amax). backend: "torch",
+    "triton" or "auto" (Triton on CUDA)."""
     from epmoe.ops.quant import quantize_fp8_groups_triton, quantize_nvfp4_triton
 
     if fmt == "fp8_block" and scale is not None:

@@ -2,14 +2,10 @@
 
     logits [T, E] --route(cfg)--> Routing(ids [T, K] int32, weights [T, K] fp32)
 
-All modes compute in fp32. Ties break deterministically towards the lowest expert id (and the
-lowest group id for grouped top-k): `_topk` sorts stably instead of calling `torch.topk`,
-whose order among equal values is unspecified.
-
-Two implementations: `route_torch` (plain PyTorch, ~15 ops, here) and `route_triton`
-(epmoe/ops/routing.py: one launch of kernels/routing.py, which repeats the argmax k times with
-the same tie rule). `route` picks the kernel for CUDA logits: at decode the torch path's launch
-overhead dominates the layer.
+All modes compute in fp32; ties go to the lowest expert (and group) id: `_topk` sorts stably
+(torch.topk's order among equal values is unspecified). `route_torch` (here) is the twin of
+`route_triton` (epmoe/ops/routing.py, one launch, the same tie rule), which `route` picks for CUDA
+logits: at decode the torch path's launch overhead dominates the layer.
 """
 
 from __future__ import annotations
@@ -39,10 +35,8 @@ class Routing:
         if self.weights.dtype != torch.float32:
             raise ValueError(f"Routing.weights must be float32, got {self.weights.dtype}")
         if self.ids.dim() != 2 or self.ids.shape != self.weights.shape:
-            raise ValueError(
-                f"Routing ids and weights must both be [T, K], got {tuple(self.ids.shape)} and "
-                f"{tuple(self.weights.shape)}"
-            )
+            raise ValueError(f"Routing ids and weights must both be [T, K], got {tuple(self.ids.shape)} and "
+                             f"{tuple(self.weights.shape)}")
 
     @property
     def num_tokens(self) -> int:
@@ -54,13 +48,8 @@ class Routing:
 
     @classmethod
     def external(cls, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, validate: bool = True) -> Routing:
-        """Routing given by the caller (routed mode, e.g. RL routing replay).
-
-        ids may be int32 or int64 (converted once here); weights any float dtype (converted to
-        fp32). With `validate` (the default) the ids are checked to lie in [0, num_experts) and
-        to be distinct per token, and the weights to be finite; this reads the values on the
-        host, so pass validate=False inside a CUDA graph capture.
-        """
+        """Routing given by the caller (routed mode, e.g. RL routing replay): ids int32/int64, weights any
+        float dtype. `validate` runs `check_routing` (a host read: pass False inside a CUDA graph capture)."""
         if ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"routing ids must be int32 or int64, got {ids.dtype}")
         if not weights.is_floating_point():
@@ -84,25 +73,18 @@ def check_routing(routing: Routing, num_experts: int) -> None:
     lo, hi, repeats, nonfinite = torch.stack([
         ids.min().long(), ids.max().long(), dup.any().long(), (~torch.isfinite(weights)).any().long()]).tolist()
     if lo < 0 or hi >= num_experts:
-        raise ValueError(
-            f"routing ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]"
-        )
+        raise ValueError(f"routing ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
     if repeats:
         token = int(dup.nonzero()[0, 0])
-        raise ValueError(
-            f"routing ids repeat an expert within token {token}: {ids[token].tolist()}; "
-            "each token's k experts must be distinct"
-        )
+        raise ValueError(f"routing ids repeat an expert within token {token}: {ids[token].tolist()}; "
+                         "each token's k experts must be distinct")
     if nonfinite:
         raise ValueError("routing weights contain NaN or inf")
 
 
 def check_correction_bias(correction_bias: torch.Tensor, num_experts: int) -> None:
-    """Raise ValueError unless `correction_bias` is a finite float [E] tensor.
-
-    A NaN in the bias makes every biased score NaN, and the stable sort then sends every token
-    to experts 0, 1, ...: silently wrong routing, so it is refused here (reads the values on the
-    host; the layer checks once at construction)."""
+    """Raise ValueError unless `correction_bias` is a finite float [E] tensor (a NaN would silently send
+    every token to experts 0, 1, ...); a host read, which the layer does once at construction."""
     if not isinstance(correction_bias, torch.Tensor) or not correction_bias.is_floating_point():
         got = correction_bias.dtype if isinstance(correction_bias, torch.Tensor) else type(correction_bias).__name__
         raise ValueError(f"correction_bias must be a float tensor [{num_experts}], got {got}")
@@ -110,35 +92,24 @@ def check_correction_bias(correction_bias: torch.Tensor, num_experts: int) -> No
         raise ValueError(f"correction_bias must be [{num_experts}], got {tuple(correction_bias.shape)}")
     if not bool(torch.isfinite(correction_bias).all()):
         bad = (~torch.isfinite(correction_bias)).nonzero().flatten().tolist()
-        raise ValueError(
-            f"correction_bias (e_score_correction_bias) holds NaN or inf at experts {bad[:8]}; it would "
-            "route every token to the lowest expert ids. Check the checkpoint or how the bias was computed"
-        )
+        raise ValueError(f"correction_bias (e_score_correction_bias) holds NaN or inf at experts {bad[:8]}; it "
+                         "would route every token to the lowest expert ids. Check the checkpoint or how the bias "
+                         "was computed")
 
 
 IMPLS = ("auto", "torch", "triton")
 
 
-def route(
-    router_logits: torch.Tensor,
-    cfg: MoEConfig,
-    correction_bias: torch.Tensor | None = None,
-    num_valid: torch.Tensor | None = None,
-    impl: str = "auto",
-    check_values: bool = True,
-) -> Routing:
+def route(router_logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | None = None,
+          num_valid: torch.Tensor | None = None, impl: str = "auto", check_values: bool = True) -> Routing:
     """Route tokens from router logits [T, E] (any float dtype) by `cfg.routing`.
 
-    correction_bias: [E] float, required by the "sigmoid_bias" and "sigmoid_grouped" modes
-    (checkpoint name `e_score_correction_bias`); it changes which experts are picked, never the
-    weights.
-    num_valid: optional int32 scalar tensor on the logits' device: rows t >= num_valid (the
-    padding rows of a CUDA-graph bucket) get ids -1 and weights 0. Read on the device only.
-    impl: "triton" (`route_triton`, one kernel launch), "torch" (`route_torch`, its twin) or
-    "auto": Triton for CUDA logits when the kernel takes the config, torch otherwise.
-    check_values: read the logits (NaN / inf) and the bias on the host first (a sync); False
-    checks shapes and dtypes only (MoELayer checks the bias once at construction and the logits
-    in its one read per call).
+    correction_bias: [E] float, for "sigmoid_bias" / "sigmoid_grouped" (`e_score_correction_bias`):
+    it changes which experts are picked, never the weights.
+    num_valid: int32 scalar on the logits' device: rows t >= num_valid (a CUDA-graph bucket's
+    padding) get ids -1 and weights 0 (read on the device only).
+    impl: "triton", "torch" or "auto" (Triton for CUDA logits when the kernel takes the config).
+    check_values: read the logits and bias on the host for NaN / inf (a sync); False: metadata only.
     """
     from epmoe.ops.routing import kernel_supports, route_triton
 
@@ -155,19 +126,12 @@ def check_finite_logits(router_logits: torch.Tensor) -> None:
         raise ValueError("router_logits contain NaN or inf; check the router input")
 
 
-def check_route_inputs(
-    router_logits: torch.Tensor,
-    cfg: MoEConfig,
-    correction_bias: torch.Tensor | None,
-    num_valid: torch.Tensor | None,
-    check_values: bool = True,
-) -> None:
+def check_route_inputs(router_logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | None,
+                       num_valid: torch.Tensor | None, check_values: bool = True) -> None:
     """Validate route()'s inputs. With check_values, outside CUDA-graph captures, this reads the
     logits and the bias on the host (NaN / inf checks); otherwise only metadata is checked."""
     if router_logits.dim() != 2 or router_logits.shape[1] != cfg.num_experts:
-        raise ValueError(
-            f"router_logits must be [T, {cfg.num_experts}], got {tuple(router_logits.shape)}"
-        )
+        raise ValueError(f"router_logits must be [T, {cfg.num_experts}], got {tuple(router_logits.shape)}")
     if not router_logits.is_floating_point():
         raise ValueError(f"router_logits must be floating point, got {router_logits.dtype}")
     capturing = not check_values or (router_logits.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -179,20 +143,14 @@ def check_route_inputs(
         if not capturing:
             check_correction_bias(correction_bias, cfg.num_experts)
         if correction_bias.device != router_logits.device:
-            raise ValueError(
-                f"correction_bias is on {correction_bias.device} but router_logits on "
-                f"{router_logits.device}; move the bias to the logits' device once, at load"
-            )
-    if num_valid is not None and (
-        not isinstance(num_valid, torch.Tensor) or num_valid.dtype != torch.int32
-        or num_valid.numel() != 1 or num_valid.device != router_logits.device
-    ):
+            raise ValueError(f"correction_bias is on {correction_bias.device} but router_logits on "
+                             f"{router_logits.device}; move the bias to the logits' device once, at load")
+    if num_valid is not None and (not isinstance(num_valid, torch.Tensor) or num_valid.dtype != torch.int32
+                                  or num_valid.numel() != 1 or num_valid.device != router_logits.device):
         got = (f"{num_valid.dtype} {tuple(num_valid.shape)} on {num_valid.device}"
                if isinstance(num_valid, torch.Tensor) else type(num_valid).__name__)
-        raise ValueError(
-            f"num_valid must be an int32 tensor of one element on {router_logits.device}, got {got}; "
-            "e.g. torch.tensor(n, dtype=torch.int32, device=router_logits.device)"
-        )
+        raise ValueError(f"num_valid must be an int32 tensor of one element on {router_logits.device}, got {got}; "
+                         "e.g. torch.tensor(n, dtype=torch.int32, device=router_logits.device)")
 
 
 def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,13 +159,8 @@ def _topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return sorted_vals[..., :k], order[..., :k]
 
 
-def route_torch(
-    router_logits: torch.Tensor,
-    cfg: MoEConfig,
-    correction_bias: torch.Tensor | None = None,
-    num_valid: torch.Tensor | None = None,
-    check_values: bool = True,
-) -> Routing:
+def route_torch(router_logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | None = None,
+                num_valid: torch.Tensor | None = None, check_values: bool = True) -> Routing:
     """Plain-PyTorch twin of `route_triton` (same arguments, see `route`)."""
     check_route_inputs(router_logits, cfg, correction_bias, num_valid, check_values)
     logits = router_logits.float()  # [T, E]
@@ -249,13 +202,9 @@ def route_torch(
 
 
 class RoutingCapture:
-    """A preallocated buffer that a layer writes the routing ids it used into.
-
-    ids: [max_tokens, K] int32 on the layer's device. After each forward, `ids[:num_tokens]`
-    holds the ids of that call; `num_tokens` is a host int (outside CUDA graphs) and
-    `num_tokens_dev` a device int32 scalar written in the same stream, so replays of a
-    captured graph report their real token count too.
-    """
+    """A preallocated buffer a layer writes the routing ids it used into: ids [max_tokens, K] int32,
+    `ids[:num_tokens]` the last call's; `num_tokens_dev` (device int32, written in the same stream)
+    counts graph replays too, the host int `num_tokens` eager calls only."""
 
     def __init__(self, max_tokens: int, top_k: int, device: torch.device | str = "cpu") -> None:
         if max_tokens <= 0 or top_k <= 0:
@@ -267,10 +216,8 @@ class RoutingCapture:
     def record(self, routing: Routing) -> None:
         t = routing.num_tokens
         if t > self.ids.shape[0] or routing.top_k != self.ids.shape[1]:
-            raise ValueError(
-                f"RoutingCapture holds [{self.ids.shape[0]}, {self.ids.shape[1]}] ids, got "
-                f"[{t}, {routing.top_k}]; allocate it with a larger max_tokens or matching top_k"
-            )
+            raise ValueError(f"RoutingCapture holds [{self.ids.shape[0]}, {self.ids.shape[1]}] ids, got "
+                             f"[{t}, {routing.top_k}]; allocate it with a larger max_tokens or matching top_k")
         self.ids[:t].copy_(routing.ids)
         self.num_tokens_dev.fill_(t)
         self.num_tokens = t

@@ -2,11 +2,9 @@
 
     check(Combo(comm="nccl_a2a", runner="triton", ...)) -> (ok, reason)
 
-Every rule lives in `_rules` (with `_comm_rules` and `_runner_rules`), read off the registered
-classes' declared capabilities (CommBackend's in comm/base.py, ExpertRunner's in experts/base.py),
-never off their names. `ensure(combo)` raises a ValueError with the reason and the valid
-alternatives. The crossover ladder that comm="auto" follows (`crossovers`, `pick_comm`) is data:
-epmoe/tuning/crossovers.json.
+Every rule lives in `_rules`, read off the registered classes' declared capabilities (comm/base.py,
+experts/base.py), never their names; `ensure(combo)` raises the reason and the valid alternatives.
+comm="auto" follows a crossover ladder (`crossovers`, `pick_comm`) stored in epmoe/tuning/crossovers.json.
 """
 
 from __future__ import annotations
@@ -153,10 +151,8 @@ def all_combos(worlds: tuple[int, ...] = (1, 2, 3, 4), devices: tuple[str, ...] 
 # --- auto -------------------------------------------------------------------------------
 
 _CROSSOVER_FILE = Path(__file__).parent / "tuning" / "crossovers.json"
-# The ladder where nothing was measured for the GPU model and world size: the shipped file's
-# "default" entry (decode-sized batches to the one-sided backend, larger ones to the NCCL
-# all-to-all). Thresholds are tokens per rank (the largest over ranks); replaced per GPU model by
-# `epmoe bench comm --store-crossovers`.
+# The ladder where nothing was measured for the GPU and world size (the file's "default"); thresholds
+# are tokens per rank (the largest over ranks), measured per GPU by `epmoe bench comm --store-crossovers`.
 DEFAULT_CROSSOVERS: list[tuple[int | None, str]] = [
     (row[0], row[1]) for row in json.loads(_CROSSOVER_FILE.read_text())["default"]["*"]]
 
@@ -198,11 +194,9 @@ def comm_capacity(backend: CommBackend) -> int | None:
 
 def pick_comm(tokens: int, candidates: list[str], ladder: list[tuple[int | None, str]],
               capacities: Mapping[str, int | None] | None = None) -> str:
-    """The first backend of the ladder whose limit covers `tokens`, that is a candidate and
-    whose capacity holds `tokens`; falls back along the ladder, then to the first candidate.
-
-    capacities: backend name -> `comm_capacity` (None or absent = unbounded). When no candidate
-    fits, the largest one is returned (its call raises the error that names max_tokens_per_rank)."""
+    """The first ladder backend whose limit covers `tokens`, a candidate whose capacity (name ->
+    `comm_capacity`, None / absent: unbounded) holds them; else along the ladder, then the first
+    candidate; none fits: the largest (its call raises the error naming max_tokens_per_rank)."""
     caps = capacities or {}
     fits = [n for n in candidates if caps.get(n) is None or tokens <= caps[n]]
     if not fits:

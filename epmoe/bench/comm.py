@@ -11,8 +11,7 @@
           bytes a rank writes by staging copies in one call (dispatch + combine, largest over ranks;
           the handles' dispatch_copied / combine_copied: packing, unpacking, own chunks, casts)
 
-Uniform routing, equal tokens per rank, no expert stage (combine reads zeros). Virtual ranks (W ranks on
-one GPU) are rated against the HBM copy bandwidth measured in the run. Bytes counted, why: docs/bench.md.
+Uniform routing, equal tokens per rank, no expert stage (combine reads zeros); bytes, virtual ranks: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from epmoe.bench.core import hbm_copy_gbps, options_for, random_inputs, timed
+from epmoe.bench.core import hbm_copy_gbps, options_for, random_inputs, rank_device, timed
 from epmoe.bench.plan import Links
 from epmoe.comm import COMM_BACKENDS, get_comm
 from epmoe.comm.symmetric import SymmA2A
@@ -57,16 +56,12 @@ def _budget_label(budget: int | None) -> str:
 
 
 def _options(cls: type, T: int, payload: str | None, static: bool, sm_budget: int | None = None) -> dict[str, Any]:
-    """Options for a backend built for T tokens per rank (only those `cls` takes)."""
-    wanted: dict[str, Any] = {"max_tokens_per_rank": max(T, 1), "check_errors": False, "sm_budget": sm_budget}
-    if payload is not None:
-        wanted["payload"] = payload
-    if static:
-        wanted["static_shapes"] = True
-    return options_for(cls, **wanted)
+    """Options for a backend built for T tokens per rank (only those `cls` takes; None, False: the defaults)."""
+    return options_for(cls, max_tokens_per_rank=max(T, 1), check_errors=False, payload=payload, static_shapes=static,
+                       sm_budget=sm_budget)
 
 
-def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], check: Callable[[], None] | None,
+def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], check: Callable[[], Any],
                  device: torch.device, warmup: int, iters: int, barrier: Callable[[], None]
                  ) -> tuple[list[float], list[float], Any]:
     """(dispatch µs, combine µs, the captured dispatch's result): each phase captured in a CUDA
@@ -85,8 +80,7 @@ def _graph_times(dispatch: Callable[[], Any], combine: Callable[[Any], Any], che
         gc.replay()
         events[3 * i + 2].record()
     torch.cuda.synchronize(device)
-    if check is not None:
-        check()
+    check()
     times = [[events[3 * i + j].elapsed_time(events[3 * i + j + 1]) * 1e3 for i in range(warmup, warmup + iters)]
              for j in (0, 1)]
     return times[0], times[1], d
@@ -106,8 +100,7 @@ def _row(name: str, payload: str, world: int, T: int, ranks: str, timing: str, t
     return {"backend": name, "payload": payload, "world": world, "tokens": T, "ranks": ranks, "timing": timing,
             "dispatch_us": disp_us, "combine_us": comb_us, "dispatch_bytes": int(disp_b),
             "combine_bytes": int(comb_b), "bytes_per_rank": int(disp_b + comb_b), "copied_bytes": int(copied),
-            "GB/s": gbps,
-            "dispatch GB/s": moved_d / (disp_us * 1e3) if disp_us > 0 else 0.0,
+            "GB/s": gbps, "dispatch GB/s": moved_d / (disp_us * 1e3) if disp_us > 0 else 0.0,
             "link": f"{link[0]} {link[1]:.0f} GB/s" if link is not None else None, "link_frac": frac}
 
 
@@ -155,8 +148,7 @@ def bench_comm(cfg: MoEConfig, backends: Sequence[str], tokens: Sequence[int], g
             opts = _options(cls, T, payload, static, budget) | ({} if mode is None else {"combine_mode": mode})
             backend = cls(cfg, group, placement, cls.make_options(**opts), device=device, dtype=dtype)
             x, routing = _inputs(cfg, rank, T, device, dtype)
-            capturable = graphs and device.type == "cuda" and not virtual and not getattr(
-                backend, "needs_host_sync", True)
+            capturable = graphs and device.type == "cuda" and not virtual and not backend.needs_host_sync
             mine, timing = _time_backend(backend, x, routing, capturable, warmup, iters, barrier)
             table = group.all_gather(torch.tensor(mine, device=device)).tolist() if world > 1 else [mine]
             label = name + (" static" if static and cls.static_capable else "")
@@ -175,13 +167,12 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
     d = backend.dispatch(x, routing)  # every dispatch is paired with its combine
     expert_out = torch.zeros(d.num_pairs, x.shape[1], dtype=x.dtype, device=device)  # [M, H]
     backend.combine(expert_out, d)
-    check = getattr(backend, "check", None)
     if capturable:
         for _ in range(warmup):  # eager warm-up: compiles kernels, settles allocations
             backend.combine(expert_out, backend.dispatch(x, routing))
         times_d, times_c, d = _graph_times(lambda: backend.dispatch(x, routing),
                                            lambda d: backend.combine(expert_out, d),
-                                           check, device, warmup, iters, barrier)
+                                           backend.check, device, warmup, iters, barrier)
         timing = "graph"
     else:
         times = []
@@ -191,8 +182,7 @@ def _time_backend(backend: Any, x: torch.Tensor, routing: Routing, capturable: b
             barrier()
             times.append((td, timed(lambda d=d: backend.combine(expert_out, d), device)[0]))
         times_d, times_c = zip(*times[warmup:])
-        if check is not None:
-            check()
+        backend.check()
         timing = "events" if device.type == "cuda" else "cpu"
     h = d.handle
     return [statistics.median(times_d), statistics.median(times_c), float(getattr(h, "dispatch_bytes", 0)),
@@ -270,11 +260,9 @@ def _bench_rank(group: RankGroup, cfg: MoEConfig, backends: list[str], tokens: l
                 iters: int, static: bool, symm_combine: tuple[str, ...] = ("push",),
                 sm_budget: tuple[int | None, ...] = (None,)) -> list[dict[str, Any]]:
     """One process rank: its own GPU under NCCL (rated against the cost model's NVLink), else the CPU in fp32."""
-    on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    device, dtype = rank_device()
     return [r for p in payloads for r in bench_comm(cfg, backends, tokens, group, dtype, p, iters, device=device,
-                                                    link_gbps=Links().nvlink_gbps if on_gpu else None,
+                                                    link_gbps=Links().nvlink_gbps if device.type == "cuda" else None,
                                                     static=static, symm_combine=symm_combine, sm_budget=sm_budget)]
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from epmoe.bench.plan import Links
+
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}  # per device, 256 MiB: larger than any Hopper L2 (50-60 MB)
 
 
@@ -82,6 +84,20 @@ def hbm_copy_gbps(device: torch.device | str, nbytes: int = 1 << 30, iters: int 
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def rank_device(world: int = 2) -> tuple[torch.device, torch.dtype]:
+    """This process rank's (device, dtype): its GPU in bf16 under NCCL (or alone on a GPU), else the CPU in fp32."""
+    if torch.cuda.is_available() and (world == 1 or torch.distributed.get_backend() == "nccl"):
+        return torch.device(f"cuda:{torch.cuda.current_device()}"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def device_links(device: torch.device) -> tuple[Links | None, str]:
+    """The cost model's rates measured on a GPU (a 1 GiB copy, an 8192^3 GEMM); None on the CPU."""
+    if device.type != "cuda":
+        return None, "timed on the CPU: no roofline (the cost model's rates are a GPU's)"
+    return Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device)), "measured on this GPU"
 
 
 def options_for(cls: type, **wanted: Any) -> dict[str, Any]:

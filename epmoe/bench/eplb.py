@@ -13,14 +13,8 @@
         eplb       = the same for plan_replicas(counts of window w), measured on window w
         eplb_next  = the plan of window w measured on window w + 1: a plan one window stale, as a
                      server that rebalances from the load it last counted
-        us_contiguous, us_eplb = the experts stage of the slowest rank (µs) on the last window's
-                     picks, each token on rank t % W: contiguous blocks, then that window's plan
-                     (`ReplicaMap` picks the copies, as a layer with `replicas=` does). Each
-                     rank's pairs run through the runner picked for this device (on the GPU:
-                     triton, bf16, the preset's H and I; on the CPU: reference, fp32, H and I of
-                     --hidden/--intermediate, default 256 / 96), one rank after another, timed
-                     by `bench`: the time a layer's ranks wait for their straggler, before and
-                     after a rebalance. The comm stages are not in it (`epmoe bench layer`).
+        us_contiguous, us_eplb = the slowest rank's experts stage (µs) on the last window's picks, token
+                     t on rank t % W, contiguous blocks vs that window's plan (docs/bench.md)
     per rank: one row per rank of the picks it serves in the last window of each trace (the
               first --tokens value), before (contiguous blocks) and after (that window's plan with
               the largest R; a copy serves an even share of its expert, `rank_loads`), and a
@@ -149,8 +143,7 @@ def main(args: argparse.Namespace) -> int:
     hidden = getattr(args, "hidden", None) or (cfg.hidden if on_gpu else 256)
     intermediate = getattr(args, "intermediate", None) or (cfg.intermediate if on_gpu else 96)
     try:
-        tokens, redundant = ([int(v) for v in text.split(",") if v] for text in (args.tokens or "4096",
-                                                                                   args.redundant))
+        tokens, redundant = ([int(v) for v in text.split(",") if v] for text in (args.tokens or "4096", args.redundant))
         # the runner reads shapes and the activation only: routing fields reset so any E fits
         timing = cfg.replace(hidden=hidden, intermediate=intermediate, num_experts=num_experts, routing="softmax",
                              n_group=1, topk_group=1, top_k=min(cfg.top_k, num_experts))

@@ -1,8 +1,7 @@
 """`epmoe bench generate`: Hugging Face `generate()` of a preset's model, HF's experts vs epmoe's.
 
-    model  = transformers model built from the preset's published config, random weights
-             (full size on a GPU, `--layers` to cut its depth; a scaled-down model on the CPU,
-             so the command always runs)
+    model  = the preset's published config, random weights (full size on a GPU, `--layers` cuts its
+             depth; scaled down on the CPU)
     for mode in eager, static (cache_implementation="static": transformers compiles the decode step):
         hf      = the model as transformers runs it (experts_implementation="grouped_mm")
         epmoe   = the same weights with every MoE block patched (`patch_model`)

@@ -9,21 +9,11 @@
         row = slowest rank's median µs, next to the expert-stage roofline of `plan.predict` (GPU rows only):
               max(touched expert weight bytes / HBM TB/s, FLOPs / TFLOP/s), uniform routing
 
-`--shared-stream on,off,routed,shared` (`SHARED_MODES`): one row per mode and (comm, T), the layer
-with its shared experts beside the exchange on a side stream (on) or after the experts on one
-stream (off), the layer without shared experts (routed), the shared experts alone (shared); the
-side stream's target is on <= 1.1 x max(routed, shared) at decode.
+`--shared-stream` (`SHARED_MODES`): one row per mode and (comm, T). Ranks, modes, `--host`: docs/bench.md.
 
-Ranks: NCCL processes (one GPU each), gloo processes (CPU) or virtual ranks on one GPU (always
-eager); rows carry `ranks` and `world` for `epmoe plan --measured`. More in docs/bench.md.
-
-`epmoe bench layer --host` (`host_rows`): what the CPU spends per call, next to the GPU time.
-
-    host us  = median wall time of the Python call itself (no synchronisation inside the timed
-               region; the GPU queue is drained between calls so a full queue never blocks a launch)
+`epmoe bench layer --host` (`host_rows`), for T in tokens: the HF block | patched block | epmoe eager | graph:
+    host us  = median wall time of the Python call (GPU queue drained between calls)
     gpu us   = median CUDA-event time of the same call (eager), or of a graph replay
-    for T in tokens:  epmoe eager call | epmoe graph replay | the HF block (when transformers has the
-                      preset's family), same weights, same x
 """
 
 from __future__ import annotations
@@ -36,7 +26,7 @@ from typing import Any
 
 import torch
 
-from epmoe.bench.core import bench, hbm_copy_gbps, matmul_tflops, options_for, progress, random_inputs, timed
+from epmoe.bench.core import bench, device_links, options_for, progress, random_inputs, rank_device, timed
 from epmoe.bench.experts import random_weights
 from epmoe.bench.generate import build_model, hf_config
 from epmoe.bench.plan import Links, predict
@@ -51,14 +41,6 @@ from epmoe.select import Combo, check, comm_candidates, pick_runner
 
 # --shared-stream values: MoELayer(shared_stream=...) (None: the layer's default), or the two parts alone
 SHARED_MODES = {"default": None, "on": True, "off": False, "routed": None, "shared": None}
-CPU_RATES = "timed on the CPU: no roofline (the cost model's rates are a GPU's)"
-
-
-def device_links(device: torch.device) -> tuple[Links | None, str]:
-    """The cost model's rates measured on a GPU (a 1 GiB copy, an 8192^3 GEMM); None on the CPU."""
-    if device.type != "cuda":
-        return None, CPU_RATES
-    return Links(hbm_tbps=hbm_copy_gbps(device) / 1e3, tflops=matmul_tflops(device)), "measured on this GPU"
 
 
 def _roofline_us(cfg: MoEConfig, world: int, tokens: int, links: Links) -> float:
@@ -135,9 +117,7 @@ def layer_rank(group: RankGroup | None, cfg: MoEConfig, tokens: list[int], comms
     """Time every (comm, tokens) on this rank; rows carry the slowest rank's time."""
     world, rank = (group.world, group.rank) if group is not None else (1, 0)
     backend = torch.distributed.get_backend() if world > 1 else None
-    on_gpu = torch.cuda.is_available() and (world == 1 or backend == "nccl")
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    device, dtype = rank_device(world)
     links, source = device_links(device)
     layers = _layers(cfg, group, comms, runner, device, dtype, max(tokens), modes)
     cases = [(c, m, t) for c in comms for m in modes for t in tokens]

@@ -29,17 +29,14 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
+from epmoe.comm.payload import check_payload, payload_parts
 from epmoe.config import MoEConfig
 from epmoe.experts import tuning
 
-# bytes per activation row of each payload format, with its scales (wire.row_layout); bench comm
-# rows name unquantized payloads by their dtype
-_PAYLOAD_BYTES = {
-    "bf16": lambda h: 2 * h, "bfloat16": lambda h: 2 * h, "float16": lambda h: 2 * h, "float32": lambda h: 4 * h,
-    "fp8": lambda h: h + 4,  # one fp32 scale per row
-    "fp8_block": lambda h: h + 4 * math.ceil(h / 128),  # fp32 scale per 128 values
-    "nvfp4": lambda h: h // 2 + math.ceil(h / 16) + 4,  # e2m1 pairs + e4m3 scale per 16 + fp32 global
-}
+# bench comm rows name unquantized payloads by their dtype
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp8_block": 1.0 + 4 / 128 / 128, "nvfp4": 0.5 + 1 / 16}
 BACKENDS = ("symm_a2a", "nccl_a2a", "allgather")
 # what `plan` predicts: "none" first, so that at one GPU (where every backend moves 0 bytes) it is the pick
@@ -78,7 +75,9 @@ def predict(cfg: MoEConfig, world: int, tokens: int, backend: str, links: Links 
     G = min(links.gpus_per_node, world)
     if backend == "symm_a2a" and world > links.gpus_per_node:
         return None
-    row = _PAYLOAD_BYTES[payload](cfg.hidden)
+    # bytes per activation row with its scales (comm/payload.py)
+    row = sum(n * d.itemsize for d, n in payload_parts(check_payload("bf16" if payload in _DTYPES else payload),
+                                                       cfg.hidden, _DTYPES.get(payload, torch.bfloat16)))
     wire_row = row + 8 * cfg.top_k  # + K int32 ids and K fp32 weights (nccl_a2a, allgather)
     out_row = combine_bytes * cfg.hidden
     local_share = (G - 1) / max(world - 1, 1)  # share of the other ranks inside this node
@@ -151,11 +150,9 @@ def plan(cfg: MoEConfig, gpus: list[int], tokens: list[int], links: Links = Link
 
 # --- predicted vs measured ---
 
-_NOTES = {
-    "virtual": "virtual ranks: every byte through one GPU's HBM, not a link",
-    "gloo": "gloo on the CPU: not the modelled links; no time ratio",
-    "cpu": "run on the CPU: the model's rates are a GPU's; no time ratio",
-}
+_NOTES = {"virtual": "virtual ranks: every byte through one GPU's HBM, not a link",
+          "gloo": "gloo on the CPU: not the modelled links; no time ratio",
+          "cpu": "run on the CPU: the model's rates are a GPU's; no time ratio"}
 
 
 def preset_of(meta: dict[str, Any]) -> str | None:

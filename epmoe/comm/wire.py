@@ -5,16 +5,12 @@ payload, its scales and the token's routing together:
 
     row = [ payload bytes | scale bytes (quantized payloads) | ids int32 [K] | weights fp32 [K] ]
 
-`WireBackend` holds what both share: the options, the capabilities, the check that every rank
-called with the same config and call number (folded into the count exchange: no extra
-collective; a rank whose own checks fail still takes part, its failure in the row, so every peer
-raises `PeerFailedError` naming it), packing and unpacking rows, and the fp32 reduction at home.
-
-Each call exchanges counts on the host (`needs_host_sync`). With `static_shapes=True` (and
-`max_tokens_per_rank`) every collective has a fixed size and the instance's `needs_host_sync` is
-False: a call can be captured in a CUDA graph; eager static calls still run the config and
-routing-id check (one small all-gather), captures skip it. Both run across nodes (torch.distributed
-collectives only; launch: docs/design.md "Multi-node launch").
+`WireBackend` holds what both share: options, capabilities, packing, the fp32 reduction at home, and
+the cross-rank check of config and call number, folded into the count exchange (a rank whose own
+checks fail still takes part, so every peer raises `PeerFailedError` naming it).
+Counts travel on the host each call; with `static_shapes=True` every collective has a fixed size and
+a call can be captured in a CUDA graph (eager static calls still run the check; captures skip it).
+Both run across nodes (docs/design.md "Multi-node launch").
 """
 
 from __future__ import annotations
@@ -25,16 +21,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from epmoe.comm.base import (
-    CommBackend,
-    CommOptions,
-    Dispatched,
-    agree,
-    call_bound,
-    capturing,
-    config_code,
-    finish,
-)
+from epmoe.comm.base import CommBackend, CommOptions, Dispatched, agree, call_bound, capturing, config_code, finish
 from epmoe.comm.payload import (
     PAYLOADS,
     RowLayout,
@@ -148,12 +135,11 @@ class WireBackend(CommBackend):
         else:  # x may be anything here: zeros stand in, the failure is what the peers read
             T, bad, counts = 0, 0, ()
             shape = {"hidden": 0, "top_k": 0, "x dtype": 0}
-        fields = {
-            **shape, "experts": E, "config": config_code(self.cfg), "payload": PAYLOADS.index(self.payload),
-            "combine dtype": 0 if self.combine_dtype == torch.float32 else 1,
-            "max_tokens_per_rank": self.max_tokens_per_rank or 0, "static_shapes": int(self.static_shapes),
-            "input_scale": scale_code(self.input_scale), "max_tokens of the call": cap,
-            "call number (a rank skipped a call)": self.calls}
+        fields = {**shape, "experts": E, "config": config_code(self.cfg), "payload": PAYLOADS.index(self.payload),
+                  "combine dtype": 0 if self.combine_dtype == torch.float32 else 1,
+                  "max_tokens_per_rank": self.max_tokens_per_rank or 0, "static_shapes": int(self.static_shapes),
+                  "input_scale": scale_code(self.input_scale), "max_tokens of the call": cap,
+                  "call number (a rank skipped a call)": self.calls}
         limit = self.max_tokens_per_rank
 
         def report(table: list[list[int]]) -> list[str]:
@@ -175,18 +161,16 @@ class WireBackend(CommBackend):
         return [row[2:] for row in table]
 
     def fail(self, failure: BaseException, device: torch.device) -> NoReturn:
-        """Take part in this call's count exchange with `failure` (peers raise `PeerFailedError`
-        naming this rank and its reason), then raise it; on one rank or while a CUDA graph is
-        captured (no exchange) just raise it."""
+        """Report `failure` in this call's count exchange (peers raise `PeerFailedError`), then raise it
+        (one rank, or a CUDA graph capture: just raise it)."""
         if self.world > 1 and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             self._exchange(torch.empty(0, 0, device=device), torch.empty(0, 0, dtype=torch.int32, device=device),
                            failure=failure)
         raise failure
 
     def _checked(self, x: torch.Tensor, ids: torch.Tensor, max_tokens: int | None) -> int:
-        """This rank's own checks of a call; a failure travels in the count exchange (`fail`), so
-        the peers raise too. A static call returns its rows per rank pair (dispatch's `max_tokens`
-        or max_tokens_per_rank) after, when eager, the exchange of a counted call's checks; else 0."""
+        """This rank's checks of a call (a failure goes to the peers by `fail`); returns a static call's
+        rows per rank pair (after the check exchange, when eager), else 0."""
         try:
             self._check_local(x, ids)
             if not self.static_shapes:
@@ -223,15 +207,9 @@ class WireBackend(CommBackend):
 
 @dataclass
 class WireHandle:
-    """What combine needs of every wire dispatch: the pairs computed here (with their weights), the
-    output dtype (x's) and the bytes this rank sends to other ranks in each phase.
-
-    dispatch_copied, combine_copied: bytes this rank writes in each phase by staging copies, copies
-    that only move or re-lay data on this rank (packing rows into the send buffer, the
-    collective's chunk to itself, unpacking scales / ids / weights, casts to and from the combine
-    wire dtype, gathers of received partial sums); not the bytes sent to peers, nor what
-    quantization, the experts or the reductions compute. Counted from the call's shapes (host
-    ints), for `epmoe bench comm` (the number zero-copy work lowers)."""
+    """What combine needs of a wire dispatch: the pairs computed here, the output dtype (x's), the
+    bytes sent to other ranks per phase, and the bytes written by staging copies per phase
+    (`*_copied`: host ints from the call's shapes, for `epmoe bench comm`; docs/bench.md)."""
 
     pairs: Pairs
     dtype: torch.dtype
@@ -252,9 +230,8 @@ def unpacked_bytes(rows: int, layout: RowLayout) -> int:
 
 
 def sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
-    """[W, T, H] per-rank partial sums (any float dtype) -> [T, H] fp32, added in rank order (one
-    rank: parts[0] itself when fp32; callers only read it). The first add writes a new tensor,
-    so no copy of parts[0] is made (the clone it replaced wrote T * H * 4 bytes a call)."""
+    """[W, T, H] per-rank partial sums (any float dtype) -> [T, H] fp32, added in rank order; no copy of
+    parts[0] (one rank: parts[0] itself when fp32, read only)."""
     if not parts.shape[0]:
         return parts.new_zeros(parts.shape[1:], dtype=torch.float32)
     if parts.shape[0] == 1:
