@@ -17,8 +17,9 @@ ranks every call first agrees on the largest T over ranks, so every rank replays
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -33,6 +34,26 @@ if TYPE_CHECKING:
 def default_buckets(max_tokens: int) -> list[int]:
     """Powers of two up to max_tokens, and max_tokens itself."""
     return sorted({min(2**i, max_tokens) for i in range(max_tokens.bit_length() + 1)})
+
+
+def warm_up(device: torch.device, bodies: list[Callable[[], Any]]) -> None:
+    """Run each body once on a side stream (allocations, compilation and autotuning happen outside
+    any graph), then make the current stream wait for it."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for body in bodies:
+            body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def capture_graph(body: Callable[[], Any], pool: tuple[int, int] | None
+                  ) -> tuple[torch.cuda.CUDAGraph, Any, tuple[int, int]]:
+    """(graph, body's output, memory pool): body captured in `pool` (None: the graph's own, returned)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = body()
+    return graph, out, pool or graph.pool()
 
 
 @dataclass
@@ -136,20 +157,11 @@ class LayerGraphs:
         if auto is not None:
             auto.allowed = names  # only capturable candidates; the bucket size picks among them
         try:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
             todo = sorted(buckets or self.buckets, reverse=True)
             self._valid_now = None
-            with torch.cuda.stream(stream):
-                for b in todo:  # warm up every shape outside the graph (allocations, autotuning)
-                    self.valid.fill_(b)
-                    self._body(b)
-            torch.cuda.current_stream(device).wait_stream(stream)
+            warm_up(device, [lambda b=b: (self.valid.fill_(b), self._body(b)) for b in todo])
             for b in todo:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool):
-                    out = self._body(b)
-                self.pool = self.pool or g.pool()
+                g, out, self.pool = capture_graph(lambda b=b: self._body(b), self.pool)
                 self.graphs[b] = Bucket(b, g, out, layer.comm)
             torch.cuda.synchronize(device)
         finally:
@@ -247,6 +259,5 @@ class LayerGraphs:
             layer.auto.current = b.comm
         b.comm.after_replay()  # a bounded wait in the graph only records its timeout: read it here
         if layer.capture is not None:
-            layer.capture.num_tokens = T
-            layer.capture.num_tokens_dev.fill_(T)
+            layer.capture.replayed(T)
         return b.out[:T].clone()

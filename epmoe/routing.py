@@ -222,6 +222,11 @@ class RoutingCapture:
         self.num_tokens_dev.fill_(t)
         self.num_tokens = t
 
+    def replayed(self, tokens: int) -> None:
+        """A graph replay of `tokens` real rows wrote the ids (the captured call wrote its bucket's count)."""
+        self.num_tokens_dev.fill_(tokens)
+        self.num_tokens = tokens
+
     def captured(self) -> torch.Tensor:
         """The ids of the last call: [num_tokens, K] int32 (reads the device count)."""
         return self.ids[: int(self.num_tokens_dev)]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from epmoe.comm.base import capturing
-from epmoe.graphs import LayerGraphs, default_buckets
+from epmoe.graphs import LayerGraphs, capture_graph, default_buckets, warm_up
 
 if TYPE_CHECKING:
     from epmoe.integrations.hf import HFMoEBlock
@@ -87,10 +87,8 @@ class BlockGraphs:
             self._valid_now = T
         graph, out = self.graphs[b]
         graph.replay()
-        layer = self.block.moe
-        if layer.capture is not None:
-            layer.capture.num_tokens = T
-            layer.capture.num_tokens_dev.fill_(T)
+        if self.block.moe.capture is not None:
+            self.block.moe.capture.replayed(T)
         if isinstance(out, tuple):
             return out[0][:T].clone().reshape(shape), out[1][:T].clone()
         return out[:T].clone().reshape(shape)
@@ -100,18 +98,9 @@ class BlockGraphs:
         return self.block.body(self.x[:b], self.valid)
 
     def _capture(self, b: int) -> None:
-        """Warm bucket b up on a side stream (allocations, compilation), then capture it."""
-        device = self.x.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        self.valid.fill_(b)
+        """Warm bucket b up on a side stream (allocations, compilation), then capture it (graphs.py)."""
         self._valid_now = None
-        with torch.cuda.stream(stream), torch.no_grad():
-            self._body(b)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
-            out = self._body(b)
-        self.pool = self.pool or graph.pool()
+        warm_up(self.x.device, [lambda: (self.valid.fill_(b), self._body(b))])
+        graph, out, self.pool = capture_graph(lambda: self._body(b), self.pool)  # no grad: `serves` asks for it
         self.graphs[b] = (graph, out)
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(self.x.device)
